@@ -1,0 +1,144 @@
+// Command cells-proxy is the TLS front for a Pydio Cells server: one port
+// for the web UI, REST, S3, WebDAV, websockets and the gRPC of Cells Sync,
+// configured only by environment variables.
+//
+// Usage:
+//
+//	cells-proxy              serve (configured by the environment)
+//	cells-proxy healthcheck  ask the running proxy whether it and Cells are ready
+//	cells-proxy env          list the environment variables
+//	cells-proxy version      print the version
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+
+	"github.com/cells-proxy/cells-proxy/proxy"
+)
+
+// version is set at build time: -ldflags "-X main.version=v1.2.3".
+var version = "dev"
+
+// errUsage marks a configuration or usage problem: exit status 2.
+var errUsage = errors.New("usage")
+
+// errUnhealthy marks a failed healthcheck: exit status 1, its line printed.
+var errUnhealthy = errors.New("unhealthy")
+
+func main() {
+	err := run(context.Background(), os.Args[1:], os.Stdout, os.Stderr)
+	switch {
+	case err == nil:
+	case errors.Is(err, errUsage):
+		os.Exit(2)
+	default:
+		if !errors.Is(err, errUnhealthy) {
+			fmt.Fprintln(os.Stderr, "cells-proxy:", err)
+		}
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	cmd := ""
+	if len(args) > 0 {
+		cmd = args[0]
+	}
+	switch cmd {
+	case "", "serve":
+		return serve(ctx, stderr)
+	case "healthcheck":
+		return healthcheck(ctx, stdout, stderr)
+	case "env":
+		printEnv(stdout)
+		return nil
+	case "version", "-version", "--version":
+		fmt.Fprintln(stdout, "cells-proxy", version)
+		return nil
+	case "help", "-h", "-help", "--help":
+		usage(stdout)
+		return nil
+	}
+	fmt.Fprintf(stderr, "cells-proxy: unknown command %q\n", cmd)
+	usage(stderr)
+	return errUsage
+}
+
+func usage(w io.Writer) {
+	fmt.Fprint(w, `usage: cells-proxy [serve|healthcheck|env|version]
+cells-proxy is configured by environment variables: run "cells-proxy env" to list them.
+`)
+}
+
+// loadConfig prints every configuration problem, one a line.
+func loadConfig(stderr io.Writer) (*proxy.Config, error) {
+	cfg, err := proxy.Load()
+	if err != nil {
+		for line := range strings.SplitSeq(err.Error(), "\n") {
+			fmt.Fprintln(stderr, "cells-proxy: config:", line)
+		}
+		return nil, errUsage
+	}
+	return cfg, nil
+}
+
+func serve(ctx context.Context, stderr io.Writer) error {
+	cfg, err := loadConfig(stderr)
+	if err != nil {
+		return err
+	}
+	log := newLogger(cfg, stderr)
+	// docker stop sends SIGTERM: drain instead of dying mid-upload.
+	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	s, err := proxy.New(cfg, log)
+	if err != nil {
+		return err
+	}
+	log.Info("starting", "version", version)
+	return s.Run(ctx)
+}
+
+func newLogger(cfg *proxy.Config, w io.Writer) *slog.Logger {
+	opts := &slog.HandlerOptions{Level: cfg.LogLevel}
+	if cfg.LogFormat == "text" {
+		return slog.New(slog.NewTextHandler(w, opts))
+	}
+	return slog.New(slog.NewJSONHandler(w, opts))
+}
+
+func healthcheck(ctx context.Context, stdout, stderr io.Writer) error {
+	cfg, err := loadConfig(stderr)
+	if err != nil {
+		return err
+	}
+	msg, err := proxy.Probe(ctx, cfg.HealthAddr)
+	if err != nil {
+		fmt.Fprintln(stdout, "unhealthy:", err)
+		return errUnhealthy
+	}
+	fmt.Fprintln(stdout, "healthy:", msg)
+	return nil
+}
+
+func printEnv(w io.Writer) {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "VARIABLE\tDEFAULT\tMEANING")
+	for _, v := range proxy.Variables() {
+		def := v.Default
+		if def == "" {
+			def = "-"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\n", v.Name, def, v.Desc)
+	}
+	tw.Flush()
+}

@@ -1,0 +1,394 @@
+package proxy
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"net/url"
+	"reflect"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/kelseyhightower/envconfig"
+)
+
+// env is the process environment as cells-proxy reads it. Every field is a
+// string so that Load can report every bad value at once: envconfig stops at
+// the first field it cannot decode. The desc tags are the documentation:
+// `cells-proxy env` prints them and the README table is checked against them.
+type env struct {
+	Upstream           string `envconfig:"CELLS_UPSTREAM" desc:"Cells main port: https://cells:8080 (Cells keeps TLS, recommended) or http://cells:8080 (Cells with CELLS_SITE_NO_TLS=1). Required"`
+	UpstreamCAFile     string `envconfig:"CELLS_UPSTREAM_CA_FILE" desc:"PEM bundle that verifies the upstream certificate (Cells writes its self-signed root to <working dir>/certs/rootCA.pem)"`
+	UpstreamServerName string `envconfig:"CELLS_UPSTREAM_SERVER_NAME" desc:"name verified in the upstream certificate; default: the host of CELLS_UPSTREAM"`
+	UpstreamInsecure   string `envconfig:"CELLS_UPSTREAM_INSECURE" default:"false" desc:"true: do not verify the upstream certificate (logged as a warning at start)"`
+	GRPCUpstream       string `envconfig:"CELLS_GRPC_UPSTREAM" desc:"where gRPC goes: https://host:port (h2 over TLS) or h2c://host:port (cleartext HTTP/2). Default: CELLS_UPSTREAM when it is https; when it is http and PYDIO_GRPC_EXTERNAL is set, h2c://<upstream host>:<that port>"`
+	GRPCExternal       string `envconfig:"PYDIO_GRPC_EXTERNAL" desc:"a port: also serve gRPC over TLS on it, on the host of PROXY_HTTPS_ADDR (the classic 33060 setup for Cells Sync)"`
+	GRPCExternalAlias  string `envconfig:"CELLS_GRPC_EXTERNAL" desc:"alias of PYDIO_GRPC_EXTERNAL (the Cells v3+ name); if both are set they must agree"`
+	CertFile           string `envconfig:"TLS_CERT_FILE" desc:"public certificate chain (PEM). With TLS_KEY_FILE; both absent: a self-signed certificate is generated in memory"`
+	KeyFile            string `envconfig:"TLS_KEY_FILE" desc:"private key of TLS_CERT_FILE (PEM)"`
+	HTTPSAddr          string `envconfig:"PROXY_HTTPS_ADDR" default:":8443" desc:"public listener: TLS (or cleartext with PROXY_TLS=off), HTTP/1.1, HTTP/2 and gRPC"`
+	HTTPAddr           string `envconfig:"PROXY_HTTP_ADDR" default:":8080" desc:"plain listener that answers 301 to https; off disables it"`
+	RedirectPort       string `envconfig:"PROXY_REDIRECT_HTTPS_PORT" default:"443" desc:"port written in redirects: the one users reach from outside, not the container's"`
+	ServerNames        string `envconfig:"PROXY_SERVER_NAMES" desc:"comma list of public host names; other Host values get 421 on HTTPS and 404 on the redirect port. Empty: any"`
+	TLS                string `envconfig:"PROXY_TLS" default:"on" desc:"off: the public port speaks cleartext (a load balancer terminates TLS in front) and cmux splits h2c prior knowledge from HTTP/1"`
+	TrustedProxies     string `envconfig:"PROXY_TRUSTED_PROXIES" desc:"comma list of CIDRs whose X-Forwarded-For and X-Forwarded-Proto are kept and appended to. Empty: none"`
+	MaxBodySize        string `envconfig:"PROXY_MAX_BODY_SIZE" default:"0" desc:"largest request body, e.g. 200MiB or 1G; larger bodies get 413. 0: no limit"`
+	IdleTimeout        string `envconfig:"PROXY_IDLE_TIMEOUT" default:"10m" desc:"a proxied HTTP exchange with no byte moving either way for this long is cut (nginx proxy_read_timeout and proxy_send_timeout)"`
+	WSIdleTimeout      string `envconfig:"PROXY_WS_IDLE_TIMEOUT" default:"24h" desc:"the same for websockets (Cells pings every 54 s)"`
+	ShutdownTimeout    string `envconfig:"PROXY_SHUTDOWN_TIMEOUT" default:"30s" desc:"how long in-flight requests may finish after SIGTERM before connections are closed"`
+	HealthAddr         string `envconfig:"PROXY_HEALTH_ADDR" default:"127.0.0.1:8099" desc:"loopback listener for /livez and /readyz, used by cells-proxy healthcheck; off disables it"`
+	LogLevel           string `envconfig:"PROXY_LOG_LEVEL" default:"info" desc:"debug, info, warn or error"`
+	LogFormat          string `envconfig:"PROXY_LOG_FORMAT" default:"json" desc:"json or text"`
+	AccessLog          string `envconfig:"PROXY_ACCESS_LOG" default:"true" desc:"true: one log line per request"`
+}
+
+// Variable describes one environment variable cells-proxy reads.
+type Variable struct {
+	Name    string
+	Default string
+	Desc    string
+}
+
+// Variables lists every environment variable cells-proxy reads, in the order
+// of the documentation.
+func Variables() []Variable {
+	t := reflect.TypeFor[env]()
+	vars := make([]Variable, 0, t.NumField())
+	for f := range t.Fields() {
+		vars = append(vars, Variable{
+			Name:    f.Tag.Get("envconfig"),
+			Default: f.Tag.Get("default"),
+			Desc:    f.Tag.Get("desc"),
+		})
+	}
+	return vars
+}
+
+// Config is the validated configuration of a Server. Its zero value is not
+// usable: build it with Load, or fill it in (tests do) and call Validate.
+type Config struct {
+	// Upstream is the Cells main port, scheme http or https.
+	Upstream *url.URL
+	// UpstreamCAFile verifies the upstream certificate; empty: the system roots.
+	UpstreamCAFile string
+	// UpstreamServerName is the name checked in the upstream certificate;
+	// empty: the host of Upstream.
+	UpstreamServerName string
+	// UpstreamInsecure skips upstream certificate verification.
+	UpstreamInsecure bool
+	// GRPCUpstream receives gRPC calls, scheme https or h2c. Nil: gRPC calls
+	// get UNAVAILABLE with a message naming the variable to set.
+	GRPCUpstream *url.URL
+	// GRPCAddr, when not empty, is the dedicated gRPC listener (PYDIO_GRPC_EXTERNAL).
+	GRPCAddr string
+
+	// CertFile and KeyFile hold the public certificate; both empty: self-signed.
+	CertFile, KeyFile string
+	// HTTPSAddr is the public listener.
+	HTTPSAddr string
+	// HTTPAddr is the redirect listener; empty: none.
+	HTTPAddr string
+	// RedirectPort is written in redirects, unless it is 443.
+	RedirectPort int
+	// ServerNames are the accepted Host names, lower case; empty: any.
+	ServerNames []string
+	// TLS is false when a load balancer terminates TLS in front of the proxy.
+	TLS bool
+	// TrustedProxies are the peers whose forwarding headers are believed.
+	TrustedProxies []netip.Prefix
+	// MaxBodySize caps request bodies; 0: no limit.
+	MaxBodySize int64
+	// IdleTimeout cuts an HTTP exchange in which no byte moved for this long.
+	IdleTimeout time.Duration
+	// WSIdleTimeout does the same for websockets.
+	WSIdleTimeout time.Duration
+	// ShutdownTimeout bounds the drain after SIGTERM.
+	ShutdownTimeout time.Duration
+	// HealthAddr serves /livez and /readyz; empty: none.
+	HealthAddr string
+
+	LogLevel  slog.Level
+	LogFormat string // "json" or "text"
+	AccessLog bool
+}
+
+// Load reads the configuration from the process environment. The error joins
+// one line per problem, each naming its variable and the fix.
+func Load() (*Config, error) {
+	var e env
+	if err := envconfig.Process("", &e); err != nil {
+		// Only strings are decoded, so this cannot fail on a value.
+		return nil, fmt.Errorf("reading the environment: %w", err)
+	}
+	return e.parse()
+}
+
+func (e *env) parse() (*Config, error) {
+	var errs []error
+	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
+	c := &Config{
+		UpstreamCAFile:     e.UpstreamCAFile,
+		UpstreamServerName: e.UpstreamServerName,
+		CertFile:           e.CertFile,
+		KeyFile:            e.KeyFile,
+		HTTPSAddr:          e.HTTPSAddr,
+		HTTPAddr:           e.HTTPAddr,
+		HealthAddr:         e.HealthAddr,
+	}
+
+	switch {
+	case e.Upstream == "":
+		bad("CELLS_UPSTREAM is required: set it to the Cells main port, e.g. https://cells:8080")
+	default:
+		u, err := parseUpstream(e.Upstream, "http", "https")
+		if err != nil {
+			bad("CELLS_UPSTREAM %v, e.g. https://cells:8080", err)
+		}
+		c.Upstream = u
+	}
+
+	var err error
+	if c.UpstreamInsecure, err = parseBool(e.UpstreamInsecure); err != nil {
+		bad("CELLS_UPSTREAM_INSECURE must be true or false, got %q", e.UpstreamInsecure)
+	}
+	if c.UpstreamInsecure && c.UpstreamCAFile != "" {
+		bad("CELLS_UPSTREAM_INSECURE=true and CELLS_UPSTREAM_CA_FILE contradict each other: set only one")
+	}
+
+	grpcPort := e.GRPCExternal
+	if e.GRPCExternalAlias != "" {
+		if grpcPort != "" && grpcPort != e.GRPCExternalAlias {
+			bad("PYDIO_GRPC_EXTERNAL=%q and CELLS_GRPC_EXTERNAL=%q disagree: set only one", e.GRPCExternal, e.GRPCExternalAlias)
+		}
+		grpcPort = e.GRPCExternalAlias
+	}
+	if grpcPort != "" {
+		if p, err := strconv.Atoi(grpcPort); err != nil || p < 1 || p > 65535 {
+			bad("PYDIO_GRPC_EXTERNAL must be a port number from 1 to 65535, got %q", grpcPort)
+			grpcPort = ""
+		}
+	}
+
+	if e.GRPCUpstream != "" {
+		u, err := parseUpstream(e.GRPCUpstream, "https", "h2c")
+		if err != nil {
+			bad("CELLS_GRPC_UPSTREAM %v, e.g. h2c://cells:33060 or https://cells:8080", err)
+		}
+		c.GRPCUpstream = u
+	} else if c.Upstream != nil {
+		switch {
+		case c.Upstream.Scheme == "https":
+			c.GRPCUpstream = &url.URL{Scheme: "https", Host: c.Upstream.Host}
+		case grpcPort != "":
+			c.GRPCUpstream = &url.URL{Scheme: "h2c", Host: net.JoinHostPort(c.Upstream.Hostname(), grpcPort)}
+		}
+	}
+
+	if (c.CertFile == "") != (c.KeyFile == "") {
+		bad("TLS_CERT_FILE and TLS_KEY_FILE go together: set both, or neither for a self-signed certificate")
+	}
+
+	if c.TLS, err = parseOnOff(e.TLS); err != nil {
+		bad("PROXY_TLS must be on or off, got %q", e.TLS)
+	}
+	if _, _, err := net.SplitHostPort(c.HTTPSAddr); err != nil {
+		bad("PROXY_HTTPS_ADDR must be host:port or :port, got %q", c.HTTPSAddr)
+	} else if grpcPort != "" {
+		host, _, _ := net.SplitHostPort(c.HTTPSAddr)
+		c.GRPCAddr = net.JoinHostPort(host, grpcPort)
+	}
+	if off(c.HTTPAddr) {
+		c.HTTPAddr = ""
+	} else if _, _, err := net.SplitHostPort(c.HTTPAddr); err != nil {
+		bad("PROXY_HTTP_ADDR must be host:port, :port or off, got %q", c.HTTPAddr)
+	}
+	if off(c.HealthAddr) {
+		c.HealthAddr = ""
+	} else if _, _, err := net.SplitHostPort(c.HealthAddr); err != nil {
+		bad("PROXY_HEALTH_ADDR must be host:port or off, got %q", c.HealthAddr)
+	}
+	if p, err := strconv.Atoi(e.RedirectPort); err != nil || p < 1 || p > 65535 {
+		bad("PROXY_REDIRECT_HTTPS_PORT must be a port number from 1 to 65535, got %q", e.RedirectPort)
+	} else {
+		c.RedirectPort = p
+	}
+
+	for _, n := range splitList(e.ServerNames) {
+		n = strings.ToLower(strings.TrimSuffix(n, "."))
+		if strings.ContainsAny(n, ":/ ") || n == "" {
+			bad("PROXY_SERVER_NAMES takes host names without port or scheme, got %q", n)
+			continue
+		}
+		c.ServerNames = append(c.ServerNames, n)
+	}
+	for _, s := range splitList(e.TrustedProxies) {
+		p, err := parsePrefix(s)
+		if err != nil {
+			bad("PROXY_TRUSTED_PROXIES takes CIDRs or addresses such as 10.0.0.0/8, got %q", s)
+			continue
+		}
+		c.TrustedProxies = append(c.TrustedProxies, p)
+	}
+
+	if c.MaxBodySize, err = ParseSize(e.MaxBodySize); err != nil {
+		bad("PROXY_MAX_BODY_SIZE must be a size such as 200MiB, 1G or 0 for no limit, got %q", e.MaxBodySize)
+	}
+	dur := func(name, v string, d *time.Duration) {
+		x, err := time.ParseDuration(v)
+		if err != nil || x <= 0 {
+			bad("%s must be a positive duration such as 90s or 10m, got %q", name, v)
+			return
+		}
+		*d = x
+	}
+	dur("PROXY_IDLE_TIMEOUT", e.IdleTimeout, &c.IdleTimeout)
+	dur("PROXY_WS_IDLE_TIMEOUT", e.WSIdleTimeout, &c.WSIdleTimeout)
+	dur("PROXY_SHUTDOWN_TIMEOUT", e.ShutdownTimeout, &c.ShutdownTimeout)
+
+	if err := c.LogLevel.UnmarshalText([]byte(e.LogLevel)); err != nil {
+		bad("PROXY_LOG_LEVEL must be debug, info, warn or error, got %q", e.LogLevel)
+	}
+	switch c.LogFormat = strings.ToLower(e.LogFormat); c.LogFormat {
+	case "json", "text":
+	default:
+		bad("PROXY_LOG_FORMAT must be json or text, got %q", e.LogFormat)
+	}
+	if c.AccessLog, err = parseBool(e.AccessLog); err != nil {
+		bad("PROXY_ACCESS_LOG must be true or false, got %q", e.AccessLog)
+	}
+
+	if len(errs) > 0 {
+		return nil, errors.Join(errs...)
+	}
+	return c, nil
+}
+
+// parseUpstream accepts an absolute URL with one of schemes, a host and no
+// path, query or credentials. Its error never repeats a password.
+func parseUpstream(s string, schemes ...string) (*url.URL, error) {
+	u, err := url.Parse(s)
+	if err != nil || u.Host == "" || u.Hostname() == "" {
+		return nil, fmt.Errorf("must be a %s URL with a host, got %q", strings.Join(schemes, ":// or ")+"://", redactURL(s))
+	}
+	ok := false
+	for _, sc := range schemes {
+		ok = ok || u.Scheme == sc
+	}
+	if !ok {
+		return nil, fmt.Errorf("must be a %s URL, got scheme %q", strings.Join(schemes, ":// or ")+"://", u.Scheme)
+	}
+	if u.User != nil {
+		return nil, fmt.Errorf("must not carry credentials, got %q", redactURL(s))
+	}
+	if (u.Path != "" && u.Path != "/") || u.RawQuery != "" || u.Fragment != "" {
+		return nil, fmt.Errorf("must have no path or query (Cells is served from /), got %q", redactURL(s))
+	}
+	if p := u.Port(); p != "" {
+		if n, err := strconv.Atoi(p); err != nil || n < 1 || n > 65535 {
+			return nil, fmt.Errorf("has a bad port %q", p)
+		}
+	}
+	return &url.URL{Scheme: u.Scheme, Host: u.Host}, nil
+}
+
+// redactURL hides a password so that an error line never leaks it.
+func redactURL(s string) string {
+	scheme, rest, ok := strings.Cut(s, "://")
+	if !ok {
+		return s
+	}
+	userinfo, host, ok := strings.Cut(rest, "@")
+	if !ok || strings.ContainsAny(userinfo, "/?#") {
+		return s
+	}
+	if user, _, hasPass := strings.Cut(userinfo, ":"); hasPass {
+		return scheme + "://" + user + ":xxxxx@" + host
+	}
+	return s
+}
+
+func parsePrefix(s string) (netip.Prefix, error) {
+	if strings.Contains(s, "/") {
+		p, err := netip.ParsePrefix(s)
+		return p.Masked(), err
+	}
+	a, err := netip.ParseAddr(s)
+	if err != nil {
+		return netip.Prefix{}, err
+	}
+	return netip.PrefixFrom(a, a.BitLen()), nil
+}
+
+func splitList(s string) []string {
+	var out []string
+	for f := range strings.SplitSeq(s, ",") {
+		if f = strings.TrimSpace(f); f != "" {
+			out = append(out, f)
+		}
+	}
+	return out
+}
+
+func off(s string) bool { return strings.EqualFold(strings.TrimSpace(s), "off") }
+
+func parseOnOff(s string) (bool, error) {
+	switch strings.ToLower(strings.TrimSpace(s)) {
+	case "on", "true", "1", "yes":
+		return true, nil
+	case "off", "false", "0", "no":
+		return false, nil
+	}
+	return false, errors.New("not on or off")
+}
+
+func parseBool(s string) (bool, error) { return parseOnOff(s) }
+
+// ParseSize reads a byte count: a plain number, or a number with a unit
+// (k, M, G, T for powers of 1000 or 1024: "KiB", "MiB", "GiB", "TiB" and the
+// nginx-style "k", "m", "g" are powers of 1024; "KB", "MB", "GB", "TB" are
+// powers of 1000). Units are case-insensitive except that a lone "b" is a byte.
+func ParseSize(s string) (int64, error) {
+	t := strings.TrimSpace(s)
+	i := 0
+	for i < len(t) && t[i] >= '0' && t[i] <= '9' {
+		i++
+	}
+	if i == 0 {
+		return 0, fmt.Errorf("size %q: no number", s)
+	}
+	n, err := strconv.ParseInt(t[:i], 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("size %q: %w", s, err)
+	}
+	unit := strings.ToLower(strings.TrimSpace(t[i:]))
+	var mult int64
+	switch unit {
+	case "", "b":
+		mult = 1
+	case "k", "kib", "ki":
+		mult = 1 << 10
+	case "m", "mib", "mi":
+		mult = 1 << 20
+	case "g", "gib", "gi":
+		mult = 1 << 30
+	case "t", "tib", "ti":
+		mult = 1 << 40
+	case "kb":
+		mult = 1e3
+	case "mb":
+		mult = 1e6
+	case "gb":
+		mult = 1e9
+	case "tb":
+		mult = 1e12
+	default:
+		return 0, fmt.Errorf("size %q: unknown unit %q", s, unit)
+	}
+	if n > (1<<63-1)/mult {
+		return 0, fmt.Errorf("size %q: too large", s)
+	}
+	return n * mult, nil
+}

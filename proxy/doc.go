@@ -1,0 +1,16 @@
+// Package proxy is cells-proxy: the TLS front for a Pydio Cells server.
+//
+// The path of a connection: the public listener (PROXY_HTTPS_ADDR) accepts
+// TCP, terminates TLS (TLS 1.2+, ALPN h2 and http/1.1), and hands the
+// decrypted stream to cmux, which sends a connection that opens with the
+// HTTP/2 preface to an HTTP/2 server and every other one to an HTTP/1
+// server. Both servers share one handler, the forwarder: a request whose
+// content type is application/grpc goes to the gRPC upstream (Cells itself
+// over TLS, or its cleartext gRPC port), a websocket upgrade becomes a
+// frame-aware tunnel, and everything else goes through an
+// httputil.ReverseProxy to CELLS_UPSTREAM, with the Host, the request target
+// and the body passed on unchanged and the forwarding headers replaced. The
+// dedicated gRPC listener (PYDIO_GRPC_EXTERNAL) is TLS and HTTP/2 only and
+// sends everything to the gRPC upstream. A plain listener redirects to
+// https, and a loopback listener answers health checks.
+package proxy

@@ -1,0 +1,187 @@
+package proxy
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// exchange wraps one proxied request: it counts the bytes each way for the
+// access log and, for plain HTTP, runs the idle watchdog that cuts an
+// exchange in which no byte has moved either way for PROXY_IDLE_TIMEOUT.
+// It is the http.ResponseWriter the ReverseProxy writes to; Unwrap gives
+// http.ResponseController (flush, hijack, deadlines) the real one.
+type exchange struct {
+	http.ResponseWriter
+	req   *http.Request
+	start time.Time
+	kind  string // h1, h2, grpc or ws, for the access log
+
+	status      int
+	wroteHeader bool
+	bytesOut    int64
+	bytesIn     atomic.Int64
+
+	// Watchdog state. last is the UnixNano of the last byte moved.
+	idle   time.Duration
+	last   atomic.Int64
+	timer  *time.Timer
+	done   atomic.Bool
+	cancel context.CancelCauseFunc
+}
+
+func (e *exchange) Unwrap() http.ResponseWriter { return e.ResponseWriter }
+
+func (e *exchange) WriteHeader(code int) {
+	if code >= 200 && !e.wroteHeader {
+		e.status, e.wroteHeader = code, true
+	}
+	e.ResponseWriter.WriteHeader(code)
+}
+
+func (e *exchange) Write(p []byte) (int, error) {
+	if !e.wroteHeader {
+		e.status, e.wroteHeader = http.StatusOK, true
+	}
+	n, err := e.ResponseWriter.Write(p)
+	if n > 0 {
+		e.bytesOut += int64(n)
+		e.touch()
+	}
+	return n, err
+}
+
+func (e *exchange) touch() {
+	if e.timer != nil {
+		e.last.Store(time.Now().UnixNano())
+	}
+}
+
+// watch starts the idle watchdog and returns the request to forward, whose
+// context ends with errIdle when it fires.
+func (e *exchange) watch(r *http.Request, idle time.Duration) *http.Request {
+	ctx, cancel := context.WithCancelCause(r.Context())
+	e.idle, e.cancel = idle, cancel
+	e.last.Store(time.Now().UnixNano())
+	e.timer = time.AfterFunc(idle, e.check)
+	return r.WithContext(ctx)
+}
+
+func (e *exchange) check() {
+	if e.done.Load() {
+		return
+	}
+	quiet := time.Duration(time.Now().UnixNano() - e.last.Load())
+	if quiet < e.idle {
+		e.timer.Reset(e.idle - quiet)
+		return
+	}
+	e.cancel(errIdle)
+	// Unblock a read from, or a write to, a client that stopped moving:
+	// cancelling the upstream side alone would leave them waiting.
+	rc := http.NewResponseController(e.ResponseWriter)
+	now := time.Now()
+	_ = rc.SetReadDeadline(now)
+	_ = rc.SetWriteDeadline(now)
+}
+
+// stop ends the watchdog. Safe to call when none runs.
+func (e *exchange) stop() {
+	e.done.Store(true)
+	if e.timer != nil {
+		e.timer.Stop()
+	}
+	if e.cancel != nil {
+		e.cancel(context.Canceled)
+	}
+}
+
+// countingBody counts request body bytes and feeds the watchdog.
+type countingBody struct {
+	io.ReadCloser
+	ex *exchange
+}
+
+func (b *countingBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if n > 0 {
+		b.ex.bytesIn.Add(int64(n))
+		b.ex.touch()
+	}
+	return n, err
+}
+
+// logAccess writes the access log line. Secrets in the query are redacted;
+// headers are not logged at all.
+func (e *exchange) logAccess(log *slog.Logger) {
+	status := e.status
+	if status == 0 {
+		status = statusClientClosed
+	}
+	r := e.req
+	log.LogAttrs(r.Context(), slog.LevelInfo, "request",
+		slog.String("proto", e.kind),
+		slog.String("method", r.Method),
+		slog.String("host", r.Host),
+		slog.String("path", redactPath(r)),
+		slog.Int("status", status),
+		slog.Int64("bytes_in", e.bytesIn.Load()),
+		slog.Int64("bytes_out", e.bytesOut),
+		slog.Duration("duration", time.Since(e.start)),
+		slog.String("client", r.RemoteAddr),
+	)
+}
+
+// secretParams are query parameters that carry credentials: Cells' JWT and
+// the parts of an S3 presigned URL that would let a log reader replay it.
+var secretParams = []string{"pydio_jwt", "x-amz-signature", "x-amz-credential", "x-amz-security-token", "access_token", "id_token", "code"}
+
+// redactPath is the request path and query with secret values replaced.
+func redactPath(r *http.Request) string {
+	p := requestPath(r)
+	q := r.URL.RawQuery
+	if q == "" {
+		return p
+	}
+	var b strings.Builder
+	b.Grow(len(p) + 1 + len(q))
+	b.WriteString(p)
+	b.WriteByte('?')
+	for i, kv := range strings.Split(q, "&") {
+		if i > 0 {
+			b.WriteByte('&')
+		}
+		k, _, hasValue := strings.Cut(kv, "=")
+		if hasValue && isSecretParam(k) {
+			b.WriteString(k)
+			b.WriteString("=REDACTED")
+			continue
+		}
+		b.WriteString(kv)
+	}
+	return b.String()
+}
+
+func isSecretParam(k string) bool {
+	for _, s := range secretParams {
+		if strings.EqualFold(k, s) {
+			return true
+		}
+	}
+	return false
+}
+
+// pool is a typed sync.Pool.
+type pool[T any] struct{ p sync.Pool }
+
+func newPool[T any](mk func() T) *pool[T] {
+	return &pool[T]{p: sync.Pool{New: func() any { return mk() }}}
+}
+
+func (p *pool[T]) Get() T  { return p.p.Get().(T) }
+func (p *pool[T]) Put(x T) { p.p.Put(x) }

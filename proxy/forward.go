@@ -1,0 +1,586 @@
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/netip"
+	"net/url"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/net/http/httpguts"
+)
+
+// Errors that end an exchange on the proxy's side, recorded as the cause of
+// the request context so that the error handler can tell them apart from a
+// client that went away.
+var (
+	errIdle         = errors.New("no byte moved for PROXY_IDLE_TIMEOUT")
+	errGRPCDeadline = errors.New("grpc-timeout expired")
+	errShutdown     = errors.New("proxy shutting down")
+)
+
+// forwarder sends requests to Cells: HTTP (and websockets) to the main
+// upstream, gRPC to the gRPC upstream.
+type forwarder struct {
+	cfg   *Config
+	log   *slog.Logger
+	proto string // X-Forwarded-Proto told to Cells for untrusted peers
+
+	httpTarget    *url.URL
+	httpTransport *http.Transport
+	http          *httputil.ReverseProxy
+
+	grpcTarget    *url.URL // nil: no gRPC upstream
+	grpcTransport *http.Transport
+	grpc          *httputil.ReverseProxy
+
+	ws *tunnels
+}
+
+func newForwarder(cfg *Config, log *slog.Logger) (*forwarder, error) {
+	roots, err := upstreamRoots(cfg.UpstreamCAFile)
+	if err != nil {
+		return nil, err
+	}
+	f := &forwarder{cfg: cfg, log: log, proto: "https", ws: newTunnels()}
+	if !cfg.TLS {
+		f.proto = "http"
+	}
+	upTLS := func(u *url.URL, alpn ...string) *tls.Config {
+		name := cfg.UpstreamServerName
+		if name == "" {
+			name = u.Hostname()
+		}
+		return &tls.Config{
+			RootCAs:            roots,
+			ServerName:         name,
+			InsecureSkipVerify: cfg.UpstreamInsecure,
+			MinVersion:         tls.VersionTLS12,
+			NextProtos:         alpn,
+			// Resumption saves a full handshake when a pooled
+			// connection is replaced.
+			ClientSessionCache: tls.NewLRUClientSessionCache(64),
+		}
+	}
+	dialer := &net.Dialer{
+		// Cells is next door: a connect that takes this long will not succeed.
+		Timeout:   10 * time.Second,
+		KeepAlive: 30 * time.Second,
+	}
+
+	f.httpTarget = cfg.Upstream
+	f.httpTransport = &http.Transport{
+		DialContext:     dialer.DialContext,
+		TLSClientConfig: upTLS(cfg.Upstream, "http/1.1"),
+		// A stuck TLS handshake with Cells is an upstream failure (502), not
+		// something to wait for.
+		TLSHandshakeTimeout: 10 * time.Second,
+		// Pass bodies as they are: never add Accept-Encoding and decompress.
+		DisableCompression: true,
+		// Keep enough connections for a busy web UI; Cells is one host.
+		MaxIdleConns:        1024,
+		MaxIdleConnsPerHost: 1024,
+		// Close pooled connections before Cells (Go's default 90 s idle
+		// timeout on its side too) would, so a reused one is rarely dead.
+		IdleConnTimeout: 60 * time.Second,
+		// S3 clients send Expect: 100-continue. Wait this long for Cells'
+		// 100 before sending the body anyway, as curl does.
+		ExpectContinueTimeout: time.Second,
+		// No ResponseHeaderTimeout: the exchange watchdog cuts an exchange
+		// in which nothing moves for PROXY_IDLE_TIMEOUT, which also covers
+		// a Cells that takes long to answer after a large upload.
+		ReadBufferSize:  32 << 10,
+		WriteBufferSize: 32 << 10,
+	}
+	// One connection per exchange: websocket and idle handling stay per
+	// request, and Cells' HTTP/1.1 server is what its docs proxy to.
+	f.httpTransport.Protocols = new(http.Protocols)
+	f.httpTransport.Protocols.SetHTTP1(true)
+	f.http = f.reverseProxy(f.httpTarget, f.httpTransport, false)
+
+	if u := cfg.GRPCUpstream; u != nil {
+		t := &http.Transport{
+			DialContext:         dialer.DialContext,
+			TLSHandshakeTimeout: 10 * time.Second,
+			DisableCompression:  true,
+			MaxIdleConnsPerHost: 16,
+			HTTP2: &http.HTTP2Config{
+				// gRPC streams such as StreamChanges stay quiet for hours:
+				// no idle cut-off, but a ping proves the connection alive
+				// and a dead Cells is noticed within 45 s.
+				SendPingTimeout: 30 * time.Second,
+				PingTimeout:     15 * time.Second,
+				// Room for a bulk stream without stalling on window updates.
+				MaxReceiveBufferPerConnection: 8 << 20,
+				MaxReceiveBufferPerStream:     4 << 20,
+			},
+		}
+		t.Protocols = new(http.Protocols)
+		target := &url.URL{Scheme: "https", Host: u.Host}
+		if u.Scheme == "h2c" {
+			t.Protocols.SetUnencryptedHTTP2(true)
+			target.Scheme = "http"
+		} else {
+			t.Protocols.SetHTTP2(true)
+			t.TLSClientConfig = upTLS(u, "h2")
+		}
+		f.grpcTarget, f.grpcTransport = target, t
+		f.grpc = f.reverseProxy(target, t, true)
+	}
+	return f, nil
+}
+
+func (f *forwarder) reverseProxy(target *url.URL, t http.RoundTripper, grpc bool) *httputil.ReverseProxy {
+	rp := &httputil.ReverseProxy{
+		Rewrite:   func(pr *httputil.ProxyRequest) { f.rewrite(pr, target) },
+		Transport: t,
+		// Stream: write every chunk as soon as it arrives (zips built on the
+		// fly, gRPC messages, server-sent events).
+		FlushInterval: -1,
+		BufferPool:    bufferPool{},
+		ErrorLog:      slog.NewLogLogger(f.log.Handler(), slog.LevelWarn),
+		ErrorHandler:  f.errorHandler,
+	}
+	if grpc {
+		rp.ModifyResponse = grpcResponse
+	}
+	return rp
+}
+
+// rewrite builds the request Cells receives: same method, Host, request
+// target bytes and query; forwarding headers replaced, not appended, unless
+// the peer is a trusted proxy.
+func (f *forwarder) rewrite(pr *httputil.ProxyRequest, target *url.URL) {
+	in, out := pr.In, pr.Out
+	out.URL.Scheme = target.Scheme
+	out.URL.Host = target.Host
+	setTarget(out.URL, requestPath(in))
+	// ReverseProxy drops query parameters that url.ParseQuery rejects (a
+	// ';' for one): S3 signatures cover the query, so restore it verbatim.
+	out.URL.RawQuery = in.URL.RawQuery
+	out.URL.ForceQuery = in.URL.ForceQuery
+	out.Host = in.Host
+	f.setForwarded(in, out)
+}
+
+// requestPath is the path part of the request-target exactly as the client
+// sent it. Go's URL parsing would re-encode raw UTF-8 and normalise escapes.
+func requestPath(r *http.Request) string {
+	uri := r.RequestURI
+	if i := strings.IndexByte(uri, '?'); i >= 0 {
+		uri = uri[:i]
+	}
+	if strings.HasPrefix(uri, "/") || uri == "*" {
+		return uri
+	}
+	// Absolute form (GET http://host/path HTTP/1.1): keep the path bytes;
+	// the named host is never contacted, only the upstream is.
+	if _, rest, ok := strings.Cut(uri, "://"); ok {
+		if i := strings.IndexByte(rest, '/'); i >= 0 {
+			return rest[i:]
+		}
+		return "/"
+	}
+	return r.URL.EscapedPath()
+}
+
+// setTarget makes u's request-target exactly p. URL.Opaque is written as is
+// by both transports, except that an Opaque starting with "//" would become
+// scheme-relative: such paths go through RawPath instead.
+func setTarget(u *url.URL, p string) {
+	if !strings.HasPrefix(p, "//") {
+		u.Opaque = p
+		return
+	}
+	u.Opaque = ""
+	if dec, err := url.PathUnescape(p); err == nil {
+		u.Path, u.RawPath = dec, p
+	}
+}
+
+func (f *forwarder) trusted(a netip.Addr) bool {
+	for _, p := range f.cfg.TrustedProxies {
+		if p.Contains(a) {
+			return true
+		}
+	}
+	return false
+}
+
+// setForwarded writes X-Forwarded-For, X-Real-IP, X-Forwarded-Proto and
+// X-Forwarded-Host. Cells takes the first X-Forwarded-For entry as the
+// client and believes it, so a client's own value reaches Cells only from a
+// peer in PROXY_TRUSTED_PROXIES. ReverseProxy has already removed the
+// client's Forwarded and X-Forwarded-* headers from out.
+func (f *forwarder) setForwarded(in, out *http.Request) {
+	out.Header.Del("X-Real-Ip")
+	ap, err := netip.ParseAddrPort(in.RemoteAddr)
+	if err != nil {
+		return
+	}
+	peer := ap.Addr().Unmap()
+	client := peer.String()
+	proto, host := f.proto, in.Host
+	if len(f.cfg.TrustedProxies) > 0 && f.trusted(peer) {
+		if prior := in.Header.Values("X-Forwarded-For"); len(prior) > 0 {
+			chain := strings.Join(prior, ", ")
+			out.Header.Set("X-Forwarded-For", chain+", "+client)
+			client = f.realIP(chain, client)
+		} else {
+			out.Header.Set("X-Forwarded-For", client)
+		}
+		if p := in.Header.Get("X-Forwarded-Proto"); p == "http" || p == "https" {
+			proto = p
+		}
+		if h := in.Header.Get("X-Forwarded-Host"); h != "" {
+			host = h
+		}
+	} else {
+		out.Header.Set("X-Forwarded-For", client)
+	}
+	out.Header.Set("X-Real-Ip", client)
+	out.Header.Set("X-Forwarded-Proto", proto)
+	out.Header.Set("X-Forwarded-Host", host)
+}
+
+// realIP walks a trusted X-Forwarded-For chain from the right and returns
+// the first address that is not a trusted proxy (nginx's real_ip_recursive).
+func (f *forwarder) realIP(chain, peer string) string {
+	entries := strings.Split(chain, ",")
+	for i := len(entries) - 1; i >= 0; i-- {
+		a, err := netip.ParseAddr(strings.TrimSpace(entries[i]))
+		if err != nil {
+			return peer
+		}
+		if !f.trusted(a.Unmap()) {
+			return a.Unmap().String()
+		}
+	}
+	if a, err := netip.ParseAddr(strings.TrimSpace(entries[0])); err == nil {
+		return a.Unmap().String()
+	}
+	return peer
+}
+
+// isGRPC reports whether r is a gRPC call: HTTP/2 and a gRPC content type,
+// the same test Cells uses to split its own port.
+func isGRPC(r *http.Request) bool {
+	return r.ProtoMajor == 2 && strings.HasPrefix(r.Header.Get("Content-Type"), "application/grpc")
+}
+
+// isWebSocket reports whether r asks to upgrade to a websocket. It is the
+// only upgrade cells-proxy forwards: h2c and anything else are dropped.
+func isWebSocket(r *http.Request) bool {
+	return r.ProtoMajor == 1 &&
+		httpguts.HeaderValuesContainsToken(r.Header["Connection"], "upgrade") &&
+		httpguts.HeaderValuesContainsToken(r.Header["Upgrade"], "websocket")
+}
+
+// errorHandler answers for a request that did not reach Cells, or whose
+// response broke before its header. Responses from Cells, errors included,
+// are never replaced.
+func (f *forwarder) errorHandler(w http.ResponseWriter, r *http.Request, err error) {
+	status, msg := f.classify(r, err)
+	if status == 0 {
+		// The client went away: nobody to answer. Recorded for the access log.
+		if ex, ok := w.(*exchange); ok {
+			ex.status = statusClientClosed
+		}
+		return
+	}
+	if status >= 500 {
+		f.log.Warn("upstream error", "method", r.Method, "host", r.Host, "path", redactPath(r), "status", status, "err", err)
+	}
+	if isGRPC(r) {
+		writeGRPCStatus(w, grpcCode(status), msg)
+		return
+	}
+	h := w.Header()
+	h.Set("Content-Type", "text/plain; charset=utf-8")
+	h.Set("X-Content-Type-Options", "nosniff")
+	h.Set("Cache-Control", "no-store")
+	w.WriteHeader(status)
+	io.WriteString(w, msg+"\n")
+}
+
+// statusClientClosed is nginx's 499, used only in the access log.
+const statusClientClosed = 499
+
+// classify maps a transport error to the status the client gets: 0 when the
+// client itself has gone.
+func (f *forwarder) classify(r *http.Request, err error) (int, string) {
+	ctx := r.Context()
+	switch cause := context.Cause(ctx); {
+	case errors.Is(cause, errIdle):
+		return http.StatusGatewayTimeout, "cells-proxy: upstream timed out (PROXY_IDLE_TIMEOUT)"
+	case errors.Is(cause, errGRPCDeadline):
+		return http.StatusGatewayTimeout, "cells-proxy: deadline exceeded waiting for upstream"
+	case errors.Is(cause, errShutdown):
+		return http.StatusServiceUnavailable, "cells-proxy: shutting down"
+	case ctx.Err() != nil:
+		return 0, ""
+	}
+	var maxBytes *http.MaxBytesError
+	var unknownAuthority x509.UnknownAuthorityError
+	var hostname x509.HostnameError
+	var netErr net.Error
+	switch {
+	case errors.As(err, &maxBytes):
+		return http.StatusRequestEntityTooLarge, "cells-proxy: request body larger than PROXY_MAX_BODY_SIZE"
+	case errors.As(err, &unknownAuthority), errors.As(err, &hostname):
+		f.log.Error("upstream certificate not trusted: set CELLS_UPSTREAM_CA_FILE (Cells' certs/rootCA.pem) or CELLS_UPSTREAM_SERVER_NAME, or CELLS_UPSTREAM_INSECURE=true", "err", err)
+		return http.StatusBadGateway, "cells-proxy: upstream certificate not trusted"
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return http.StatusBadGateway, "cells-proxy: upstream refused the connection"
+	case errors.As(err, &netErr) && netErr.Timeout():
+		return http.StatusGatewayTimeout, "cells-proxy: upstream timed out"
+	}
+	return http.StatusBadGateway, "cells-proxy: upstream unavailable"
+}
+
+// grpcCode maps the proxy's HTTP status to a gRPC status code
+// (https://github.com/grpc/grpc/blob/master/doc/statuscodes.md).
+func grpcCode(status int) int {
+	switch status {
+	case http.StatusGatewayTimeout:
+		return 4 // DEADLINE_EXCEEDED
+	case http.StatusRequestEntityTooLarge:
+		return 8 // RESOURCE_EXHAUSTED
+	case http.StatusMisdirectedRequest:
+		return 12 // UNIMPLEMENTED: no such service here
+	}
+	return 14 // UNAVAILABLE
+}
+
+// writeGRPCStatus answers a gRPC call with a trailers-only response, the
+// form grpc-go clients read a status from. HTTP status 200 is what the gRPC
+// protocol requires even for errors.
+func writeGRPCStatus(w http.ResponseWriter, code int, msg string) {
+	h := w.Header()
+	h.Set("Content-Type", "application/grpc")
+	h.Set("Grpc-Status", strconv.Itoa(code))
+	h.Set("Grpc-Message", grpcEscape(msg))
+	w.WriteHeader(http.StatusOK)
+}
+
+// grpcEscape percent-encodes a grpc-message as the gRPC HTTP/2 spec asks.
+func grpcEscape(s string) string {
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if c >= ' ' && c <= '~' && c != '%' {
+			b.WriteByte(c)
+		} else {
+			fmt.Fprintf(&b, "%%%02X", c)
+		}
+	}
+	return b.String()
+}
+
+// grpcResponse makes a broken gRPC response end with a gRPC status instead
+// of a reset stream: when the body from Cells fails mid-way, the client gets
+// UNAVAILABLE (or DEADLINE_EXCEEDED) in the trailers.
+func grpcResponse(res *http.Response) error {
+	if res.Trailer == nil {
+		res.Trailer = make(http.Header)
+	}
+	res.Body = &grpcBody{ReadCloser: res.Body, res: res}
+	return nil
+}
+
+type grpcBody struct {
+	io.ReadCloser
+	res *http.Response
+}
+
+func (b *grpcBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if err == nil || err == io.EOF {
+		return n, err
+	}
+	ctx := b.res.Request.Context()
+	code, msg := 14, "cells-proxy: upstream stream broke: "+err.Error()
+	switch cause := context.Cause(ctx); {
+	case errors.Is(cause, errGRPCDeadline):
+		code, msg = 4, "cells-proxy: deadline exceeded"
+	case errors.Is(cause, errShutdown):
+		msg = "cells-proxy: shutting down"
+	case ctx.Err() != nil:
+		return n, err // the client is gone: nothing to tell it
+	}
+	if b.res.Trailer.Get("Grpc-Status") == "" {
+		b.res.Trailer.Set("Grpc-Status", strconv.Itoa(code))
+		b.res.Trailer.Set("Grpc-Message", grpcEscape(msg))
+	}
+	return n, io.EOF
+}
+
+// parseGRPCTimeout reads the grpc-timeout header: up to 8 digits and a unit.
+func parseGRPCTimeout(s string) (time.Duration, bool) {
+	if len(s) < 2 || len(s) > 9 {
+		return 0, false
+	}
+	n, err := strconv.ParseInt(s[:len(s)-1], 10, 64)
+	if err != nil || n < 0 {
+		return 0, false
+	}
+	var unit time.Duration
+	switch s[len(s)-1] {
+	case 'H':
+		unit = time.Hour
+	case 'M':
+		unit = time.Minute
+	case 'S':
+		unit = time.Second
+	case 'm':
+		unit = time.Millisecond
+	case 'u':
+		unit = time.Microsecond
+	case 'n':
+		unit = time.Nanosecond
+	default:
+		return 0, false
+	}
+	return time.Duration(n) * unit, true
+}
+
+// bufferPool lends ReverseProxy the 32 KiB copy buffers, so a download
+// does not allocate one per request.
+type bufferPool struct{}
+
+var copyBuffers = newPool(func() []byte { return make([]byte, 32<<10) })
+
+func (bufferPool) Get() []byte  { return copyBuffers.Get() }
+func (bufferPool) Put(b []byte) { copyBuffers.Put(b) }
+
+// ServeHTTP is the handler of the public port: every request goes to Cells,
+// gRPC calls to the gRPC upstream, websockets through a tunnel, the rest
+// through the HTTP reverse proxy. Nothing is routed by path: Cells registers
+// its routes at run time.
+func (f *forwarder) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	f.serve(w, r, false)
+}
+
+// grpcHandler serves the dedicated gRPC port (PYDIO_GRPC_EXTERNAL): every
+// request is a gRPC call for the gRPC upstream.
+func (f *forwarder) grpcHandler() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { f.serve(w, r, true) })
+}
+
+func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool) {
+	ex := &exchange{ResponseWriter: w, req: r, start: time.Now()}
+	switch {
+	case grpcOnly || isGRPC(r):
+		ex.kind = "grpc"
+	case isWebSocket(r):
+		ex.kind = "ws"
+	case r.ProtoMajor == 2:
+		ex.kind = "h2"
+	default:
+		ex.kind = "h1"
+	}
+	defer func() {
+		ex.stop()
+		if f.cfg.AccessLog {
+			ex.logAccess(f.log)
+		}
+	}()
+
+	if !f.hostAllowed(r.Host) {
+		if ex.kind == "grpc" {
+			writeGRPCStatus(ex, grpcCode(http.StatusMisdirectedRequest), "cells-proxy: unknown host "+r.Host)
+			return
+		}
+		http.Error(ex, "cells-proxy: unknown host (PROXY_SERVER_NAMES)", http.StatusMisdirectedRequest)
+		return
+	}
+
+	if ex.kind == "grpc" {
+		f.serveGRPC(ex, r)
+		return
+	}
+
+	// Upgrade is forwarded only as websocket: an h2c upgrade (or any other)
+	// through the proxy would open a tunnel past every check here.
+	if ex.kind != "ws" && r.Header.Get("Upgrade") != "" {
+		r.Header.Del("Upgrade")
+	}
+
+	if max := f.cfg.MaxBodySize; max > 0 {
+		if r.ContentLength > max {
+			// Say so before reading anything; the connection closes after,
+			// since the unread body cannot be skipped cheaply.
+			ex.Header().Set("Connection", "close")
+			http.Error(ex, "cells-proxy: request body larger than PROXY_MAX_BODY_SIZE", http.StatusRequestEntityTooLarge)
+			return
+		}
+		if r.Body != nil && r.Body != http.NoBody {
+			r.Body = http.MaxBytesReader(w, r.Body, max)
+		}
+	}
+	if r.Body != nil && r.Body != http.NoBody {
+		r.Body = &countingBody{ReadCloser: r.Body, ex: ex}
+	}
+
+	if ex.kind == "ws" {
+		f.ws.serve(f, ex, r)
+		return
+	}
+	r = ex.watch(r, f.cfg.IdleTimeout)
+	f.http.ServeHTTP(ex, r)
+}
+
+func (f *forwarder) serveGRPC(ex *exchange, r *http.Request) {
+	if f.grpc == nil {
+		writeGRPCStatus(ex, 14, "cells-proxy: no gRPC upstream: set PYDIO_GRPC_EXTERNAL to Cells' gRPC port or CELLS_GRPC_UPSTREAM")
+		return
+	}
+	if r.Body != nil && r.Body != http.NoBody {
+		r.Body = &countingBody{ReadCloser: r.Body, ex: ex}
+	}
+	// Honour the caller's deadline on the proxy too, so that a silent
+	// upstream answers DEADLINE_EXCEEDED from here. Streams without one
+	// may stay idle for hours (Cells Sync's StreamChanges).
+	if d, ok := parseGRPCTimeout(r.Header.Get("Grpc-Timeout")); ok {
+		ctx, cancel := context.WithTimeoutCause(r.Context(), d, errGRPCDeadline)
+		defer cancel()
+		r = r.WithContext(ctx)
+	}
+	f.grpc.ServeHTTP(ex, r)
+}
+
+// hostAllowed applies PROXY_SERVER_NAMES to a Host or :authority value.
+func (f *forwarder) hostAllowed(hostport string) bool {
+	if len(f.cfg.ServerNames) == 0 {
+		return true
+	}
+	host := hostOnly(hostport)
+	for _, n := range f.cfg.ServerNames {
+		if strings.EqualFold(host, n) {
+			return true
+		}
+	}
+	return false
+}
+
+// hostOnly strips the port (and IPv6 brackets) and a trailing dot.
+func hostOnly(hostport string) string {
+	host := hostport
+	if h, _, err := net.SplitHostPort(hostport); err == nil {
+		host = h
+	} else {
+		host = strings.TrimSuffix(strings.TrimPrefix(host, "["), "]")
+	}
+	return strings.TrimSuffix(host, ".")
+}

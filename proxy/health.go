@@ -1,0 +1,140 @@
+package proxy
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+)
+
+// health serves the loopback-only health listener (PROXY_HEALTH_ADDR):
+//
+//	/livez   200 while the process serves; 503 once it drains.
+//	/readyz  200 when Cells answers on its main port; 503 while it is
+//	         starting (303 to starting.html), down, or the proxy drains.
+//
+// `cells-proxy healthcheck` asks /readyz.
+type health struct {
+	s      *Server
+	client *http.Client
+
+	mu      sync.Mutex
+	checked time.Time
+	ok      bool
+	detail  string
+}
+
+// readyCache bounds how often a busy healthcheck reaches Cells.
+const readyCache = 2 * time.Second
+
+func newHealth(s *Server) *health {
+	return &health{
+		s: s,
+		client: &http.Client{
+			Transport: s.fwd.httpTransport,
+			// A starting Cells redirects to starting.html: see it, do not follow.
+			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+			Timeout:       5 * time.Second,
+		},
+	}
+}
+
+func (h *health) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.Header().Set("Cache-Control", "no-store")
+	draining := h.s.draining.Load()
+	switch r.URL.Path {
+	case "/livez":
+		if draining {
+			http.Error(w, "draining", http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ok")
+	case "/readyz":
+		if draining {
+			http.Error(w, "draining", http.StatusServiceUnavailable)
+			return
+		}
+		ok, detail := h.ready(r.Context())
+		if !ok {
+			http.Error(w, detail, http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, detail)
+	default:
+		http.NotFound(w, r)
+	}
+}
+
+func (h *health) ready(ctx context.Context) (bool, string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if time.Since(h.checked) < readyCache {
+		return h.ok, h.detail
+	}
+	h.ok, h.detail = h.probe(ctx)
+	h.checked = time.Now()
+	return h.ok, h.detail
+}
+
+// probe asks Cells for its front page, as a browser would.
+func (h *health) probe(ctx context.Context) (bool, string) {
+	up := h.s.cfg.Upstream
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, up.String()+"/", nil)
+	if err != nil {
+		return false, err.Error()
+	}
+	if names := h.s.cfg.ServerNames; len(names) > 0 {
+		req.Host = names[0]
+	}
+	req.Header.Set("User-Agent", "cells-proxy-healthcheck")
+	res, err := h.client.Do(req)
+	if err != nil {
+		return false, "cells unreachable: " + err.Error()
+	}
+	res.Body.Close()
+	loc := res.Header.Get("Location")
+	switch {
+	case res.StatusCode >= 300 && res.StatusCode < 400 && strings.Contains(loc, "starting"):
+		return false, "cells is starting"
+	case res.StatusCode >= 500:
+		return false, fmt.Sprintf("cells answers %d", res.StatusCode)
+	}
+	return true, fmt.Sprintf("ok: cells answers %d", res.StatusCode)
+}
+
+// Probe is what `cells-proxy healthcheck` runs: it asks the health listener
+// of a running proxy whether it is ready.
+func Probe(ctx context.Context, healthAddr string) (string, error) {
+	if healthAddr == "" {
+		return "", fmt.Errorf("PROXY_HEALTH_ADDR is off: nothing to ask")
+	}
+	host, port, err := net.SplitHostPort(healthAddr)
+	if err != nil {
+		return "", fmt.Errorf("PROXY_HEALTH_ADDR %q: %w", healthAddr, err)
+	}
+	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+		host = "127.0.0.1"
+	}
+	ctx, cancel := context.WithTimeout(ctx, 8*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+net.JoinHostPort(host, port)+"/readyz", nil)
+	if err != nil {
+		return "", err
+	}
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return "", fmt.Errorf("proxy not answering on %s: %w", healthAddr, err)
+	}
+	defer res.Body.Close()
+	body, _ := io.ReadAll(io.LimitReader(res.Body, 512))
+	msg := strings.TrimSpace(string(body))
+	if res.StatusCode != http.StatusOK {
+		return "", fmt.Errorf("not ready: %s", msg)
+	}
+	return msg, nil
+}

@@ -1,0 +1,326 @@
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/soheilhy/cmux"
+)
+
+// Server is cells-proxy: its listeners and the forwarder behind them.
+type Server struct {
+	cfg *Config
+	log *slog.Logger
+	fwd *forwarder
+	tls *tls.Config // nil when PROXY_TLS=off
+
+	cert     atomic.Pointer[tls.Certificate]
+	draining atomic.Bool
+
+	// Set by Listen.
+	mainLn, grpcLn, httpLn, healthLn net.Listener
+
+	// baseCtx is every request's parent; cancelling it with errShutdown
+	// ends the exchanges still running when the drain deadline passes.
+	baseCtx    context.Context
+	cancelBase context.CancelCauseFunc
+
+	health *health
+}
+
+// New checks what the configuration names on disk (certificates, CA file)
+// and builds the server. It opens no socket.
+func New(cfg *Config, log *slog.Logger) (*Server, error) {
+	fwd, err := newForwarder(cfg, log)
+	if err != nil {
+		return nil, err
+	}
+	s := &Server{cfg: cfg, log: log, fwd: fwd}
+	s.baseCtx, s.cancelBase = context.WithCancelCause(context.Background())
+	s.health = newHealth(s)
+	if cfg.TLS || cfg.GRPCAddr != "" {
+		var cert tls.Certificate
+		if cfg.CertFile != "" {
+			if cert, err = loadKeyPair(cfg.CertFile, cfg.KeyFile); err != nil {
+				return nil, err
+			}
+		} else {
+			names := append([]string{"localhost", "127.0.0.1", "::1"}, cfg.ServerNames...)
+			if cert, err = SelfSigned(names...); err != nil {
+				return nil, err
+			}
+			log.Warn("no TLS_CERT_FILE: serving a self-signed certificate; browsers and Cells Sync will not trust it", "names", names)
+		}
+		s.cert.Store(&cert)
+		s.tls = s.tlsConfig()
+	}
+	if cfg.UpstreamInsecure {
+		log.Warn("CELLS_UPSTREAM_INSECURE=true: the upstream certificate is not verified")
+	}
+	if cfg.GRPCUpstream == nil {
+		log.Warn("no gRPC upstream: Cells Sync will not work; set PYDIO_GRPC_EXTERNAL, or use an https CELLS_UPSTREAM")
+	}
+	return s, nil
+}
+
+// tlsConfig is the public TLS policy: TLS 1.2 and 1.3, forward-secret AEAD
+// suites only, ALPN h2 and http/1.1 (grpc-go refuses a server without h2).
+func (s *Server) tlsConfig() *tls.Config {
+	return &tls.Config{
+		MinVersion: tls.VersionTLS12,
+		CipherSuites: []uint16{
+			tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+			tls.TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+			tls.TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+			tls.TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+			tls.TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+			tls.TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+		},
+		NextProtos: []string{"h2", "http/1.1"},
+		GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+			return s.cert.Load(), nil
+		},
+	}
+}
+
+// Listen opens every configured listener. Run calls it when it was not
+// called before; tests call it first to learn the ports.
+func (s *Server) Listen() error {
+	var errs []error
+	listen := func(name, addr string) net.Listener {
+		if addr == "" {
+			return nil
+		}
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", name, err))
+			return nil
+		}
+		return ln
+	}
+	s.mainLn = listen("PROXY_HTTPS_ADDR", s.cfg.HTTPSAddr)
+	s.grpcLn = listen("PYDIO_GRPC_EXTERNAL", s.cfg.GRPCAddr)
+	s.httpLn = listen("PROXY_HTTP_ADDR", s.cfg.HTTPAddr)
+	s.healthLn = listen("PROXY_HEALTH_ADDR", s.cfg.HealthAddr)
+	if err := errors.Join(errs...); err != nil {
+		s.closeListeners()
+		return err
+	}
+	return nil
+}
+
+func (s *Server) closeListeners() {
+	for _, ln := range []net.Listener{s.mainLn, s.grpcLn, s.httpLn, s.healthLn} {
+		if ln != nil {
+			ln.Close()
+		}
+	}
+}
+
+// Addr is the public listener's address, once Listen has run.
+func (s *Server) Addr() net.Addr { return addrOf(s.mainLn) }
+
+// GRPCAddr is the dedicated gRPC listener's address, or nil.
+func (s *Server) GRPCAddr() net.Addr { return addrOf(s.grpcLn) }
+
+// RedirectAddr is the plain HTTP listener's address, or nil.
+func (s *Server) RedirectAddr() net.Addr { return addrOf(s.httpLn) }
+
+// HealthAddr is the health listener's address, or nil.
+func (s *Server) HealthAddr() net.Addr { return addrOf(s.healthLn) }
+
+func addrOf(ln net.Listener) net.Addr {
+	if ln == nil {
+		return nil
+	}
+	return ln.Addr()
+}
+
+// newHTTPServer sets up an http.Server with the timeouts every listener
+// shares. There is deliberately no ReadTimeout or WriteTimeout: uploads of
+// several GB and gRPC streams that live for hours cross these servers; the
+// exchange watchdog and PROXY_WS_IDLE_TIMEOUT bound idleness instead.
+func (s *Server) newHTTPServer(h http.Handler, protos func(*http.Protocols)) *http.Server {
+	srv := &http.Server{
+		Handler: h,
+		// Slowloris: the request line and headers must all arrive in time.
+		ReadHeaderTimeout: 30 * time.Second,
+		// Keep-alive between requests, as nginx's keepalive_timeout.
+		IdleTimeout: 75 * time.Second,
+		// Cells' cookies and JWTs fit well within this; nginx allows 32 KiB.
+		MaxHeaderBytes: 64 << 10,
+		ErrorLog:       slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
+		BaseContext:    func(net.Listener) context.Context { return s.baseCtx },
+		HTTP2: &http.HTTP2Config{
+			// Enough for a browser's page load and Cells Sync's calls.
+			MaxConcurrentStreams: 250,
+			// Large windows keep uploads and gRPC bulk streams moving on
+			// links with latency; memory is taken only as data arrives.
+			MaxReceiveBufferPerConnection: 8 << 20,
+			MaxReceiveBufferPerStream:     4 << 20,
+			// Keep NAT paths of idle Cells Sync connections open and
+			// notice dead clients.
+			SendPingTimeout: 60 * time.Second,
+			PingTimeout:     20 * time.Second,
+		},
+	}
+	srv.Protocols = new(http.Protocols)
+	protos(srv.Protocols)
+	return srv
+}
+
+// serving tracks the http.Servers that Run must drain.
+type serving struct {
+	servers []*http.Server
+	errc    chan error
+	wg      sync.WaitGroup
+}
+
+func (sv *serving) serve(srv *http.Server, ln net.Listener) {
+	sv.servers = append(sv.servers, srv)
+	sv.wg.Go(func() {
+		if err := srv.Serve(ln); !isClosed(err) {
+			sv.errc <- fmt.Errorf("serving %s: %w", ln.Addr(), err)
+		}
+	})
+}
+
+// isClosed recognises the errors of a listener closed on purpose.
+func isClosed(err error) bool {
+	return err == nil || errors.Is(err, http.ErrServerClosed) || errors.Is(err, net.ErrClosed) ||
+		errors.Is(err, cmux.ErrListenerClosed) || errors.Is(err, cmux.ErrServerClosed)
+}
+
+// Run serves until ctx ends, then shuts down in this order: readiness turns
+// 503 and listeners stop accepting; in-flight requests get
+// PROXY_SHUTDOWN_TIMEOUT to finish (HTTP/2 clients get GOAWAY); websockets
+// are closed with 1001; whatever still runs is cancelled and closed.
+func (s *Server) Run(ctx context.Context) error {
+	if s.mainLn == nil {
+		if err := s.Listen(); err != nil {
+			return err
+		}
+	}
+	sv := &serving{errc: make(chan error, 8)}
+
+	// The public port: TLS, then cmux sends the HTTP/2 preface to an
+	// HTTP/2-only server and everything else to an HTTP/1 server. Behind
+	// cmux the connection is no *tls.Conn, so the HTTP/2 server runs as
+	// "unencrypted" HTTP/2 over the already-decrypted stream.
+	root := s.mainLn
+	if s.tls != nil && s.cfg.TLS {
+		root = tls.NewListener(root, s.tls)
+	}
+	mux := cmux.New(root)
+	// A connection must finish its TLS handshake and show its first bytes
+	// within this, or it is dropped before it costs a server goroutine.
+	mux.SetReadTimeout(10 * time.Second)
+	h2ln := mux.Match(cmux.HTTP2())
+	h1ln := mux.Match(cmux.Any())
+	sv.serve(s.newHTTPServer(s.fwd, func(p *http.Protocols) { p.SetUnencryptedHTTP2(true) }), h2ln)
+	sv.serve(s.newHTTPServer(s.fwd, func(p *http.Protocols) { p.SetHTTP1(true) }), h1ln)
+	sv.wg.Go(func() {
+		if err := mux.Serve(); !isClosed(err) {
+			sv.errc <- fmt.Errorf("accepting on %s: %w", s.mainLn.Addr(), err)
+		}
+	})
+	s.log.Info("listening", "addr", s.mainLn.Addr().String(), "tls", s.cfg.TLS, "upstream", s.cfg.Upstream.String())
+
+	if s.grpcLn != nil {
+		// The dedicated gRPC port (the classic nginx 33060): always TLS and
+		// HTTP/2, every request to the gRPC upstream.
+		srv := s.newHTTPServer(s.fwd.grpcHandler(), func(p *http.Protocols) { p.SetHTTP2(true) })
+		srv.TLSConfig = s.tls.Clone()
+		srv.TLSConfig.NextProtos = []string{"h2"}
+		sv.servers = append(sv.servers, srv)
+		ln := tls.NewListener(s.grpcLn, srv.TLSConfig)
+		sv.wg.Go(func() {
+			if err := srv.Serve(ln); !isClosed(err) {
+				sv.errc <- fmt.Errorf("serving %s: %w", s.grpcLn.Addr(), err)
+			}
+		})
+		s.log.Info("listening", "addr", s.grpcLn.Addr().String(), "grpc_upstream", s.cfg.GRPCUpstream.String())
+	}
+	if s.httpLn != nil {
+		srv := s.newHTTPServer(http.HandlerFunc(s.redirect), func(p *http.Protocols) { p.SetHTTP1(true) })
+		sv.serve(srv, s.httpLn)
+		s.log.Info("listening", "addr", s.httpLn.Addr().String(), "redirect_port", s.cfg.RedirectPort)
+	}
+	var healthSrv *http.Server
+	if s.healthLn != nil {
+		healthSrv = &http.Server{
+			Handler: s.health,
+			// Only the local healthcheck talks here; it must not hang.
+			ReadHeaderTimeout: 5 * time.Second,
+			WriteTimeout:      10 * time.Second,
+			ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
+		}
+		ln := s.healthLn
+		sv.wg.Go(func() {
+			if err := healthSrv.Serve(ln); !isClosed(err) {
+				sv.errc <- fmt.Errorf("serving %s: %w", ln.Addr(), err)
+			}
+		})
+	}
+
+	var runErr error
+	select {
+	case <-ctx.Done():
+		s.log.Info("shutting down", "timeout", s.cfg.ShutdownTimeout.String())
+	case runErr = <-sv.errc:
+		s.log.Error("listener failed, shutting down", "err", runErr)
+	}
+	s.shutdown(mux, sv.servers)
+	if healthSrv != nil {
+		healthSrv.Close()
+	}
+	sv.wg.Wait()
+	return runErr
+}
+
+func (s *Server) shutdown(mux cmux.CMux, servers []*http.Server) {
+	s.draining.Store(true)
+	// Stop accepting on every port at once; http.Server.Shutdown closes
+	// its listener too, but cmux's children share one root listener.
+	mux.Close()
+	s.mainLn.Close()
+
+	drainCtx, cancel := context.WithTimeout(context.Background(), s.cfg.ShutdownTimeout)
+	defer cancel()
+	var wg sync.WaitGroup
+	for _, srv := range servers {
+		wg.Go(func() {
+			// Shutdown sends GOAWAY to HTTP/2 clients and waits for
+			// in-flight requests; hijacked websockets are not waited for.
+			if err := srv.Shutdown(drainCtx); err != nil && !isClosed(err) && !errors.Is(err, context.DeadlineExceeded) {
+				s.log.Warn("shutdown", "err", err)
+			}
+		})
+	}
+	wg.Wait()
+	s.fwd.ws.closeAll()
+	if drainCtx.Err() != nil {
+		// The drain deadline passed: end what still runs. Cancelling with
+		// a cause lets gRPC calls end with UNAVAILABLE rather than a reset.
+		s.log.Warn("drain deadline passed, closing remaining connections")
+		s.cancelBase(errShutdown)
+		time.Sleep(50 * time.Millisecond)
+		for _, srv := range servers {
+			srv.Close()
+		}
+	}
+	s.cancelBase(context.Canceled)
+	s.fwd.httpTransport.CloseIdleConnections()
+	if s.fwd.grpcTransport != nil {
+		s.fwd.grpcTransport.CloseIdleConnections()
+	}
+	s.log.Info("stopped")
+}

@@ -1,0 +1,394 @@
+package proxy
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptrace"
+	"net/url"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/net/http/httpguts"
+)
+
+// Websocket close codes (RFC 6455, section 7.4.1).
+const (
+	closeGoingAway = 1001
+)
+
+// tunnels tracks the open websockets so that shutdown can close each with
+// 1001 (going away) at a frame boundary, instead of cutting a frame.
+type tunnels struct {
+	mu      sync.Mutex
+	open    map[*tunnel]struct{}
+	closing bool
+}
+
+func newTunnels() *tunnels { return &tunnels{open: make(map[*tunnel]struct{})} }
+
+func (ts *tunnels) add(t *tunnel) bool {
+	ts.mu.Lock()
+	defer ts.mu.Unlock()
+	if ts.closing {
+		return false
+	}
+	ts.open[t] = struct{}{}
+	return true
+}
+
+func (ts *tunnels) remove(t *tunnel) {
+	ts.mu.Lock()
+	delete(ts.open, t)
+	ts.mu.Unlock()
+}
+
+// count is the number of open websockets.
+func (ts *tunnels) count() int {
+	ts.mu.Lock()
+	defer ts.mu.Unlock()
+	return len(ts.open)
+}
+
+// closeAll sends 1001 to both ends of every websocket and closes them. New
+// websockets are refused from now on.
+func (ts *tunnels) closeAll() {
+	ts.mu.Lock()
+	ts.closing = true
+	open := make([]*tunnel, 0, len(ts.open))
+	for t := range ts.open {
+		open = append(open, t)
+	}
+	ts.mu.Unlock()
+	var wg sync.WaitGroup
+	for _, t := range open {
+		wg.Go(func() { t.close(closeGoingAway, "server shutting down") })
+	}
+	wg.Wait()
+}
+
+// serve forwards a websocket upgrade to Cells and, once Cells agrees (101),
+// copies frames both ways until either side closes or nothing moves for
+// PROXY_WS_IDLE_TIMEOUT.
+func (ts *tunnels) serve(f *forwarder, ex *exchange, r *http.Request) {
+	// The handshake itself must not hang: it gets the HTTP idle timeout.
+	ctx, cancel := context.WithCancelCause(r.Context())
+	defer cancel(context.Canceled)
+	handshake := time.AfterFunc(f.cfg.IdleTimeout, func() { cancel(errIdle) })
+
+	out := r.Clone(ctx)
+	out.RequestURI = ""
+	out.URL = &url.URL{Scheme: f.httpTarget.Scheme, Host: f.httpTarget.Host, RawQuery: r.URL.RawQuery}
+	setTarget(out.URL, requestPath(r))
+	out.Host = r.Host
+	removeHopByHop(out.Header)
+	out.Header.Set("Connection", "Upgrade")
+	out.Header.Set("Upgrade", "websocket")
+	for _, h := range []string{"Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto"} {
+		out.Header.Del(h)
+	}
+	f.setForwarded(r, out)
+	if r.ContentLength == 0 {
+		out.Body = nil
+	}
+	var upConn net.Conn
+	trace := &httptrace.ClientTrace{GotConn: func(i httptrace.GotConnInfo) { upConn = i.Conn }}
+	out = out.WithContext(httptrace.WithClientTrace(ctx, trace))
+
+	res, err := f.httpTransport.RoundTrip(out)
+	handshake.Stop()
+	if err != nil {
+		f.errorHandler(ex, out, err)
+		return
+	}
+	if res.StatusCode != http.StatusSwitchingProtocols {
+		// Cells said no (401, 404, ...): pass its answer on untouched.
+		defer res.Body.Close()
+		removeHopByHop(res.Header)
+		copyHeader(ex.Header(), res.Header)
+		ex.WriteHeader(res.StatusCode)
+		buf := copyBuffers.Get()
+		defer copyBuffers.Put(buf)
+		io.CopyBuffer(ex, res.Body, buf)
+		return
+	}
+	upstream, ok := res.Body.(io.ReadWriteCloser)
+	if !ok || upConn == nil || !httpguts.HeaderValuesContainsToken(res.Header["Upgrade"], "websocket") {
+		res.Body.Close()
+		f.errorHandler(ex, out, errors.New("upstream switched to something other than websocket"))
+		return
+	}
+	defer upstream.Close()
+
+	client, brw, err := http.NewResponseController(ex).Hijack()
+	if err != nil {
+		f.log.Warn("websocket hijack failed", "err", err)
+		return
+	}
+	defer client.Close()
+
+	// Relay Cells' 101 with its headers (Sec-WebSocket-Accept, the chosen
+	// protocol and extensions).
+	removeHopByHop(res.Header)
+	brw.WriteString("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n")
+	res.Header.Write(brw)
+	brw.WriteString("\r\n")
+	if err := brw.Flush(); err != nil {
+		return
+	}
+	ex.status, ex.wroteHeader = http.StatusSwitchingProtocols, true
+
+	t := &tunnel{
+		idle:       f.cfg.WSIdleTimeout,
+		clientConn: client,
+		upConn:     upConn,
+		ex:         ex,
+	}
+	t.up = pump{src: brw.Reader, dst: upstream, dstConn: upConn, mask: true}
+	t.down = pump{src: upstream, dst: client, dstConn: client}
+	if !ts.add(t) {
+		t.stopPumps()
+		t.sendClose(closeGoingAway, "server shutting down")
+		return
+	}
+	defer ts.remove(t)
+	t.run()
+}
+
+// tunnel is one open websocket.
+type tunnel struct {
+	idle       time.Duration
+	clientConn net.Conn
+	upConn     net.Conn
+	ex         *exchange
+
+	up   pump // client to Cells
+	down pump // Cells to client
+
+	last      atomic.Int64 // UnixNano of the last byte read either way
+	timerMu   sync.Mutex
+	timer     *time.Timer
+	ended     bool // guarded by timerMu: no re-arming after run returns
+	closeOnce sync.Once
+	wg        sync.WaitGroup
+	stopped   chan struct{}
+}
+
+// pump copies frames from src to dst. Knowing where frames start lets the
+// proxy add a close frame of its own without corrupting the stream.
+type pump struct {
+	src     io.Reader
+	dst     io.Writer
+	dstConn net.Conn
+	mask    bool // frames to dst must be masked (client to server)
+
+	midFrame bool // a frame has been started on dst and not finished
+	broken   bool // dst failed: nothing more may be written to it
+}
+
+func (t *tunnel) run() {
+	t.stopped = make(chan struct{})
+	t.last.Store(time.Now().UnixNano())
+	t.timerMu.Lock()
+	t.timer = time.AfterFunc(t.idle, t.checkIdle)
+	t.timerMu.Unlock()
+	defer func() {
+		t.timerMu.Lock()
+		t.ended = true
+		t.timer.Stop()
+		t.timerMu.Unlock()
+	}()
+
+	done := make(chan struct{}, 2)
+	t.wg.Add(2)
+	go func() { defer t.wg.Done(); t.up.run(t, false); done <- struct{}{} }()
+	go func() { defer t.wg.Done(); t.down.run(t, true); done <- struct{}{} }()
+	select {
+	case <-done:
+		// One side ended (a close handshake, or a dropped connection):
+		// the tunnel is over. Unblock the other pump.
+		t.stopPumps()
+	case <-t.stopped:
+	}
+	t.wg.Wait()
+	t.closeOnce.Do(func() {})
+}
+
+func (t *tunnel) checkIdle() {
+	quiet := time.Duration(time.Now().UnixNano() - t.last.Load())
+	if quiet < t.idle {
+		// Reset of a fired AfterFunc timer re-arms it.
+		t.timerMu.Lock()
+		if !t.ended {
+			t.timer.Reset(t.idle - quiet)
+		}
+		t.timerMu.Unlock()
+		return
+	}
+	t.close(closeGoingAway, "idle timeout")
+}
+
+// stopPumps interrupts both pumps and waits for them.
+func (t *tunnel) stopPumps() {
+	now := time.Now()
+	t.clientConn.SetDeadline(now)
+	t.upConn.SetDeadline(now)
+}
+
+// close ends the tunnel with a close frame to each side that is at a frame
+// boundary, then closes both connections.
+func (t *tunnel) close(code uint16, reason string) {
+	t.closeOnce.Do(func() {
+		t.stopPumps()
+		t.wg.Wait()
+		t.sendClose(code, reason)
+		t.clientConn.Close()
+		t.upConn.Close()
+		if t.stopped != nil {
+			close(t.stopped)
+		}
+	})
+}
+
+// sendClose writes a close frame to each side that can take one. The pumps
+// must be stopped.
+func (t *tunnel) sendClose(code uint16, reason string) {
+	deadline := time.Now().Add(2 * time.Second)
+	for _, p := range []*pump{&t.up, &t.down} {
+		if p.midFrame || p.broken {
+			continue
+		}
+		p.dstConn.SetWriteDeadline(deadline)
+		p.dst.Write(closeFrame(code, reason, p.mask))
+	}
+}
+
+func closeFrame(code uint16, reason string, mask bool) []byte {
+	payload := make([]byte, 2+len(reason))
+	binary.BigEndian.PutUint16(payload, code)
+	copy(payload[2:], reason)
+	f := []byte{0x88, byte(len(payload))} // FIN + close; payload < 126
+	if mask {
+		var key [4]byte
+		rand.Read(key[:])
+		f[1] |= 0x80
+		f = append(f, key[:]...)
+		for i := range payload {
+			payload[i] ^= key[i%4]
+		}
+	}
+	return append(f, payload...)
+}
+
+// run copies frames until src ends or fails. fromUpstream marks the
+// direction for the access log's byte counts.
+func (p *pump) run(t *tunnel, fromUpstream bool) {
+	var hdr [14]byte
+	for {
+		// Read the fixed part of a frame header, then its extensions.
+		if _, err := io.ReadFull(p.src, hdr[:2]); err != nil {
+			return
+		}
+		t.touch()
+		n := 2
+		switch l := hdr[1] & 0x7f; l {
+		case 126:
+			n += 2
+		case 127:
+			n += 8
+		}
+		if hdr[1]&0x80 != 0 {
+			n += 4
+		}
+		if _, err := io.ReadFull(p.src, hdr[2:n]); err != nil {
+			return
+		}
+		var length uint64
+		switch l := hdr[1] & 0x7f; l {
+		case 126:
+			length = uint64(binary.BigEndian.Uint16(hdr[2:4]))
+		case 127:
+			length = binary.BigEndian.Uint64(hdr[2:10])
+		default:
+			length = uint64(l)
+		}
+		if length > 1<<62 {
+			return // not a websocket: stop rather than guess
+		}
+		p.midFrame = true
+		if _, err := p.dst.Write(hdr[:n]); err != nil {
+			p.broken = true
+			return
+		}
+		if length > 0 {
+			if err := p.copyPayload(t, int64(length)); err != nil {
+				return
+			}
+		}
+		p.midFrame = false
+		if fromUpstream {
+			t.ex.bytesOut += int64(n) + int64(length)
+		} else {
+			t.ex.bytesIn.Add(int64(n) + int64(length))
+		}
+	}
+}
+
+func (p *pump) copyPayload(t *tunnel, length int64) error {
+	buf := copyBuffers.Get()
+	defer copyBuffers.Put(buf)
+	for length > 0 {
+		chunk := buf
+		if int64(len(chunk)) > length {
+			chunk = chunk[:length]
+		}
+		nr, err := p.src.Read(chunk)
+		if nr > 0 {
+			t.touch()
+			if _, werr := p.dst.Write(chunk[:nr]); werr != nil {
+				p.broken = true
+				return werr
+			}
+			length -= int64(nr)
+		}
+		if err != nil {
+			if length == 0 {
+				return nil
+			}
+			return err
+		}
+	}
+	return nil
+}
+
+func (t *tunnel) touch() { t.last.Store(time.Now().UnixNano()) }
+
+// hopHeaders are the hop-by-hop headers of RFC 9110, section 7.6.1, plus
+// the non-standard ones that proxies have used.
+var hopHeaders = []string{
+	"Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate",
+	"Proxy-Authorization", "Te", "Trailer", "Transfer-Encoding", "Upgrade",
+}
+
+// removeHopByHop deletes hop-by-hop headers and those named in Connection.
+func removeHopByHop(h http.Header) {
+	for _, v := range h["Connection"] {
+		for _, name := range splitList(v) {
+			h.Del(name)
+		}
+	}
+	for _, name := range hopHeaders {
+		h.Del(name)
+	}
+}
+
+func copyHeader(dst, src http.Header) {
+	for k, vv := range src {
+		dst[k] = append(dst[k], vv...)
+	}
+}
