@@ -1,0 +1,299 @@
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+)
+
+// TestMain checks that no test leaves a goroutine behind: every server,
+// tunnel and upstream request must be gone when its test ends.
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
+
+// upstreamKind is how a test upstream listens.
+type upstreamKind int
+
+const (
+	upTLS   upstreamKind = iota // TLS, ALPN h2 and http/1.1: Cells' default
+	upPlain                     // cleartext HTTP/1.1: CELLS_SITE_NO_TLS=1
+	upH2C                       // cleartext HTTP/2 prior knowledge: Cells' gRPC port
+)
+
+// testUpstream is a real server on 127.0.0.1 standing in for Cells.
+type testUpstream struct {
+	URL    *url.URL // scheme https, http or h2c
+	CAFile string   // PEM of its certificate, for CELLS_UPSTREAM_CA_FILE
+	Srv    *http.Server
+	ln     net.Listener
+}
+
+// newUpstream starts h on 127.0.0.1:0. It stops when the test ends.
+func newUpstream(t testing.TB, kind upstreamKind, h http.Handler) *testUpstream {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	u := &testUpstream{ln: ln, Srv: &http.Server{
+		Handler:  h,
+		ErrorLog: slog.NewLogLogger(slog.DiscardHandler, slog.LevelError),
+	}}
+	u.Srv.Protocols = new(http.Protocols)
+	serveLn := ln
+	switch kind {
+	case upTLS:
+		cert, err := SelfSigned("localhost", "127.0.0.1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		u.CAFile = writeCertPEM(t, cert)
+		u.Srv.Protocols.SetHTTP1(true)
+		u.Srv.Protocols.SetHTTP2(true)
+		u.Srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{"h2", "http/1.1"}}
+		serveLn = tls.NewListener(ln, u.Srv.TLSConfig)
+		u.URL = &url.URL{Scheme: "https", Host: ln.Addr().String()}
+	case upPlain:
+		u.Srv.Protocols.SetHTTP1(true)
+		u.URL = &url.URL{Scheme: "http", Host: ln.Addr().String()}
+	case upH2C:
+		u.Srv.Protocols.SetUnencryptedHTTP2(true)
+		u.URL = &url.URL{Scheme: "h2c", Host: ln.Addr().String()}
+	}
+	go u.Srv.Serve(serveLn)
+	t.Cleanup(func() { u.Close() })
+	return u
+}
+
+// Close stops the upstream at once, dropping its connections.
+func (u *testUpstream) Close() { u.Srv.Close() }
+
+// Addr is the upstream's host:port.
+func (u *testUpstream) Addr() string { return u.ln.Addr().String() }
+
+func writeCertPEM(t testing.TB, cert tls.Certificate) string {
+	t.Helper()
+	f := filepath.Join(t.TempDir(), "ca.pem")
+	b := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Certificate[0]})
+	if err := os.WriteFile(f, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
+// testConfig is the configuration of a proxy under test for upstream up:
+// every listener on 127.0.0.1:0, the redirect and health listeners on,
+// access log off unless a test turns it on.
+func testConfig(up *testUpstream) *Config {
+	c := &Config{
+		HTTPSAddr:       "127.0.0.1:0",
+		HTTPAddr:        "127.0.0.1:0",
+		HealthAddr:      "127.0.0.1:0",
+		RedirectPort:    443,
+		TLS:             true,
+		IdleTimeout:     time.Minute,
+		WSIdleTimeout:   time.Hour,
+		ShutdownTimeout: 5 * time.Second,
+		LogFormat:       "text",
+	}
+	if up != nil {
+		c.Upstream = &url.URL{Scheme: up.URL.Scheme, Host: up.URL.Host}
+		if up.URL.Scheme == "https" {
+			c.UpstreamCAFile = up.CAFile
+			c.GRPCUpstream = &url.URL{Scheme: "https", Host: up.URL.Host}
+		}
+	}
+	return c
+}
+
+// testProxy is a running cells-proxy with clients that trust it.
+type testProxy struct {
+	*Server
+	URL     string // https://127.0.0.1:port of the public listener
+	Roots   *x509.CertPool
+	H1, H2  *http.Client
+	Log     *syncBuffer
+	stop    context.CancelFunc
+	stopped chan error
+}
+
+// startProxy runs a Server for cfg until the test ends (or tp.Shutdown).
+func startProxy(t testing.TB, cfg *Config) *testProxy {
+	t.Helper()
+	logBuf := &syncBuffer{}
+	log := slog.New(slog.NewTextHandler(logBuf, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	s, err := New(cfg, log)
+	if err != nil {
+		t.Fatalf("proxy.New: %v", err)
+	}
+	if err := s.Listen(); err != nil {
+		t.Fatalf("Listen: %v", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	tp := &testProxy{Server: s, Log: logBuf, stop: cancel, stopped: make(chan error, 1)}
+	go func() { tp.stopped <- s.Run(ctx) }()
+	scheme := "https"
+	if !cfg.TLS {
+		scheme = "http"
+	}
+	tp.URL = scheme + "://" + s.Addr().String()
+	if c := s.cert.Load(); c != nil {
+		tp.Roots = x509.NewCertPool()
+		tp.Roots.AddCert(c.Leaf)
+	}
+	tp.H1 = tp.client(false)
+	tp.H2 = tp.client(true)
+	t.Cleanup(func() {
+		tp.H1.CloseIdleConnections()
+		tp.H2.CloseIdleConnections()
+		if err := tp.Shutdown(); err != nil {
+			t.Errorf("proxy Run: %v", err)
+		}
+		if t.Failed() {
+			t.Logf("proxy log:\n%s", logBuf.String())
+		}
+	})
+	return tp
+}
+
+// Shutdown stops the proxy as SIGTERM does and returns Run's error.
+func (tp *testProxy) Shutdown() error {
+	tp.stop()
+	select {
+	case err, ok := <-tp.stopped:
+		if ok {
+			close(tp.stopped)
+			return err
+		}
+		return nil
+	case <-time.After(30 * time.Second):
+		return context.DeadlineExceeded
+	}
+}
+
+// client is an HTTP client for the proxy, HTTP/2 or HTTP/1.1 only.
+func (tp *testProxy) client(h2 bool) *http.Client {
+	tr := &http.Transport{
+		TLSClientConfig:    &tls.Config{RootCAs: tp.Roots},
+		DisableCompression: true,
+	}
+	tr.Protocols = new(http.Protocols)
+	switch {
+	case h2 && tp.Roots != nil:
+		tr.Protocols.SetHTTP2(true)
+	case h2:
+		tr.Protocols.SetUnencryptedHTTP2(true)
+	default:
+		tr.Protocols.SetHTTP1(true)
+	}
+	return &http.Client{
+		Transport:     tr,
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+	}
+}
+
+// TLSConfig is a client TLS config that trusts the proxy, for raw clients.
+func (tp *testProxy) TLSConfig(alpn ...string) *tls.Config {
+	return &tls.Config{RootCAs: tp.Roots, NextProtos: alpn, ServerName: "127.0.0.1"}
+}
+
+// syncBuffer is a log sink safe for concurrent writers.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.String()
+}
+
+// seen is what a recording upstream saw of one request.
+type seen struct {
+	Method     string
+	Host       string
+	RequestURI string
+	Proto      string
+	Header     http.Header
+	Body       []byte
+	Remote     netip.AddrPort
+}
+
+// recorder is an upstream handler that records every request and answers
+// 200 with "ok" (or what Respond says).
+type recorder struct {
+	mu      sync.Mutex
+	reqs    []seen
+	Respond func(w http.ResponseWriter, r *http.Request)
+}
+
+func (rec *recorder) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	body, _ := io.ReadAll(r.Body)
+	ap, _ := netip.ParseAddrPort(r.RemoteAddr)
+	rec.mu.Lock()
+	rec.reqs = append(rec.reqs, seen{r.Method, r.Host, r.RequestURI, r.Proto, r.Header.Clone(), body, ap})
+	rec.mu.Unlock()
+	if rec.Respond != nil {
+		rec.Respond(w, r)
+		return
+	}
+	io.WriteString(w, "ok")
+}
+
+// last is the last request seen; the test fails if there was none.
+func (rec *recorder) last(t testing.TB) seen {
+	t.Helper()
+	rec.mu.Lock()
+	defer rec.mu.Unlock()
+	if len(rec.reqs) == 0 {
+		t.Fatal("upstream saw no request")
+	}
+	return rec.reqs[len(rec.reqs)-1]
+}
+
+// count is how many requests reached the upstream.
+func (rec *recorder) count() int {
+	rec.mu.Lock()
+	defer rec.mu.Unlock()
+	return len(rec.reqs)
+}
+
+// rawRequest sends raw bytes over a new TLS (HTTP/1.1) connection to the
+// proxy and returns everything read until the proxy closes or timeout.
+func (tp *testProxy) rawRequest(t testing.TB, raw string) string {
+	t.Helper()
+	conn, err := tls.Dial("tcp", tp.Addr().String(), tp.TLSConfig("http/1.1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.WriteString(conn, raw); err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(conn)
+	return string(b)
+}
