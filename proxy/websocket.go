@@ -151,13 +151,7 @@ func (ts *tunnels) serve(f *forwarder, ex *exchange, r *http.Request) {
 	}
 	t.up = pump{src: brw.Reader, dst: upstream, dstConn: upConn, mask: true}
 	t.down = pump{src: upstream, dst: client, dstConn: client}
-	if !ts.add(t) {
-		t.stopPumps()
-		t.sendClose(closeGoingAway, "server shutting down")
-		return
-	}
-	defer ts.remove(t)
-	t.run()
+	t.run(ts)
 }
 
 // tunnel is one open websocket.
@@ -191,7 +185,9 @@ type pump struct {
 	broken   bool // dst failed: nothing more may be written to it
 }
 
-func (t *tunnel) run() {
+// run pumps until the tunnel ends. The tunnel joins ts only once its
+// state is set and its pumps run: from then on closeAll may close it.
+func (t *tunnel) run(ts *tunnels) {
 	t.stopped = make(chan struct{})
 	t.last.Store(time.Now().UnixNano())
 	t.timerMu.Lock()
@@ -208,6 +204,11 @@ func (t *tunnel) run() {
 	t.wg.Add(2)
 	go func() { defer t.wg.Done(); t.up.run(t, false); done <- struct{}{} }()
 	go func() { defer t.wg.Done(); t.down.run(t, true); done <- struct{}{} }()
+	if ts.add(t) {
+		defer ts.remove(t)
+	} else {
+		t.close(closeGoingAway, "server shutting down")
+	}
 	select {
 	case <-done:
 		// One side ended (a close handshake, or a dropped connection):
