@@ -212,8 +212,10 @@ func (t *tunnel) run(ts *tunnels) {
 	select {
 	case <-done:
 		// One side ended (a close handshake, or a dropped connection):
-		// the tunnel is over. Unblock the other pump.
-		t.stopPumps()
+		// the tunnel is over. Unblock the other pump, unless close (idle
+		// timeout, shutdown) already does: its deadline would cut the
+		// close frames close is writing, mid TLS record.
+		t.closeOnce.Do(t.stopPumps)
 	case <-t.stopped:
 	}
 	t.wg.Wait()
