@@ -626,10 +626,29 @@ func TestForwardedGRPC(t *testing.T) {
 // credentials and conditions do, untouched.
 func TestHopByHop(t *testing.T) {
 	t.Parallel()
-	rec := &recorder{}
+	// Cells' side of the hop has its own connection headers, which must
+	// not reach the client either.
+	rec := &recorder{Respond: func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Connection", "X-Up-Secret")
+		w.Header().Set("X-Up-Secret", "upstream hop only")
+		w.Header().Set("Keep-Alive", "timeout=9")
+		w.Header().Set("X-Up-Kept", "end to end")
+		io.WriteString(w, "ok")
+	}}
 	up := newUpstream(t, upTLS, rec)
 	tp := startProxy(t, testConfig(up))
 	host := tp.Addr().String()
+	wantResponse := func(t *testing.T, h http.Header) {
+		t.Helper()
+		for _, k := range []string{"X-Up-Secret", "Keep-Alive"} {
+			if v := h.Values(k); v != nil {
+				t.Errorf("response %s = %q, want none", k, v)
+			}
+		}
+		if v := h.Get("X-Up-Kept"); v != "end to end" {
+			t.Errorf("response X-Up-Kept = %q, want %q", v, "end to end")
+		}
+	}
 	passed := map[string]string{
 		"Authorization":        "AWS4-HMAC-SHA256 Credential=AKIA/20260101/us-east-1/s3/aws4_request, SignedHeaders=host;x-amz-date, Signature=00ff",
 		"X-Amz-Date":           "20260101T000000Z",
@@ -691,6 +710,10 @@ func TestHopByHop(t *testing.T) {
 			t.Errorf("upstream body = %q, want %q", got.Body, "hello world")
 		}
 		wantPassed(t, got.Header)
+		wantResponse(t, res.Header)
+		if v := res.Header.Get("Connection"); v != "" && v != "close" {
+			t.Errorf("response Connection = %q, want close or none", v)
+		}
 	})
 
 	t.Run("h1/TE without trailers", func(t *testing.T) {
@@ -719,6 +742,10 @@ func TestHopByHop(t *testing.T) {
 			t.Errorf("upstream X-Kept = %q, want %q", v, "end to end")
 		}
 		wantPassed(t, got.Header)
+		wantResponse(t, res.Header)
+		if v := res.Header.Values("Connection"); v != nil {
+			t.Errorf("response Connection = %q, want none", v)
+		}
 	})
 }
 
