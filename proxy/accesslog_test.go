@@ -261,7 +261,7 @@ func testAccessLog(t *testing.T, format string) {
 
 	from := 0
 	requests := 0
-	for _, pc := range protoClients(tp) {
+	for _, pc := range h1h2Clients(tp) {
 		t.Run(pc.name, func(t *testing.T) {
 			path := "/io/personal/" + pc.name + ".txt?partNumber=1"
 			req, _ := http.NewRequest("PUT", tp.URL+path, strings.NewReader("hello world"))
@@ -368,7 +368,7 @@ func TestAccessLogSecrets(t *testing.T) {
 			sink := newLogSink()
 			tp := startLoggedProxy(t, cfg, sink, format)
 			from := 0
-			for _, pc := range protoClients(tp) {
+			for _, pc := range h1h2Clients(tp) {
 				for _, path := range []string{"/io/personal/f.txt", "/broken/f.txt"} {
 					req, _ := http.NewRequest("GET", tp.URL+path+query, nil)
 					for k, v := range secrets {

@@ -161,8 +161,9 @@ func h2Fields(method, authority, path string, fields ...string) [][2]string {
 	return fs
 }
 
-// protoClient is one of the proxy's clients, for tables over h1 and h2.
-func protoClients(tp *testProxy) []struct {
+// h1h2Clients are the proxy's HTTP/1.1 and HTTP/2 clients, named, for
+// tables run over both.
+func h1h2Clients(tp *testProxy) []struct {
 	name string
 	c    *http.Client
 } {
@@ -243,7 +244,7 @@ func TestMethodsPass(t *testing.T) {
 		io.WriteString(w, tt.resBody)
 	}
 
-	for _, pc := range protoClients(tp) {
+	for _, pc := range h1h2Clients(tp) {
 		for _, tt := range tests {
 			t.Run(pc.name+"/"+tt.method, func(t *testing.T) {
 				var body io.Reader
@@ -401,7 +402,7 @@ func TestRequestTargetOpaqueClient(t *testing.T) {
 	up := newUpstream(t, upTLS, rec)
 	tp := startProxy(t, testConfig(up))
 	const target = "/a/meta/bulk/path%2Fto%2Ffolder,'x';y+z"
-	for _, pc := range protoClients(tp) {
+	for _, pc := range h1h2Clients(tp) {
 		t.Run(pc.name, func(t *testing.T) {
 			req, err := http.NewRequest("GET", tp.URL, nil)
 			if err != nil {
@@ -468,7 +469,7 @@ func TestForwardedUntrusted(t *testing.T) {
 		"X-Forwarded-Host":  "evil.example",
 		"Forwarded":         "for=203.0.113.9;proto=http;host=evil.example",
 	}
-	for _, pc := range protoClients(tp) {
+	for _, pc := range h1h2Clients(tp) {
 		t.Run(pc.name, func(t *testing.T) {
 			req, _ := http.NewRequest("GET", tp.URL+"/a/frontend/bootconf", nil)
 			for k, v := range spoof {
@@ -542,7 +543,7 @@ func TestForwardedTrusted(t *testing.T) {
 			fwdHost: tp.Addr().String(),
 		},
 	}
-	for _, pc := range protoClients(tp) {
+	for _, pc := range h1h2Clients(tp) {
 		for _, tt := range tests {
 			t.Run(pc.name+"/"+tt.name, func(t *testing.T) {
 				req, _ := http.NewRequest("GET", tp.URL+"/a/frontend/bootconf", nil)
@@ -823,7 +824,7 @@ func TestUpstreamErrorsPass(t *testing.T) {
 	}}
 	up := newUpstream(t, upTLS, rec)
 	tp := startProxy(t, testConfig(up))
-	for _, pc := range protoClients(tp) {
+	for _, pc := range h1h2Clients(tp) {
 		for path, e := range errs {
 			t.Run(pc.name+path, func(t *testing.T) {
 				res, err := pc.c.Get(tp.URL + path)

@@ -200,7 +200,7 @@ func TestSigV4(t *testing.T) {
 	}
 
 	public := tp.Addr().String()
-	for _, pc := range protoClients(tp) {
+	for _, pc := range h1h2Clients(tp) {
 		tests := []struct {
 			name   string
 			req    func(*testing.T, string) *http.Request
