@@ -22,8 +22,9 @@ type Server struct {
 	fwd *forwarder
 	tls *tls.Config // nil when PROXY_TLS=off
 
-	cert     atomic.Pointer[tls.Certificate]
-	draining atomic.Bool
+	cert      atomic.Pointer[tls.Certificate]
+	certFiles *certFiles // nil with the self-signed certificate
+	draining  atomic.Bool
 
 	// Set by Listen.
 	mainLn, grpcLn, httpLn, healthLn net.Listener
@@ -47,19 +48,20 @@ func New(cfg *Config, log *slog.Logger) (*Server, error) {
 	s.baseCtx, s.cancelBase = context.WithCancelCause(context.Background())
 	s.health = newHealth(s)
 	if cfg.TLS || cfg.GRPCAddr != "" {
-		var cert tls.Certificate
 		if cfg.CertFile != "" {
-			if cert, err = loadKeyPair(cfg.CertFile, cfg.KeyFile); err != nil {
+			s.certFiles = &certFiles{certFile: cfg.CertFile, keyFile: cfg.KeyFile, log: log, cert: &s.cert}
+			if _, err := s.certFiles.load(true); err != nil {
 				return nil, err
 			}
 		} else {
 			names := append([]string{"localhost", "127.0.0.1", "::1"}, cfg.ServerNames...)
-			if cert, err = SelfSigned(names...); err != nil {
+			cert, err := SelfSigned(names...)
+			if err != nil {
 				return nil, err
 			}
 			log.Warn("no TLS_CERT_FILE: serving a self-signed certificate; browsers and Cells Sync will not trust it", "names", names)
+			s.cert.Store(&cert)
 		}
-		s.cert.Store(&cert)
 		s.tls = s.tlsConfig()
 	}
 	if cfg.UpstreamInsecure {
@@ -225,8 +227,12 @@ func (s *Server) Run(ctx context.Context) error {
 	mux.SetReadTimeout(10 * time.Second)
 	h2ln := mux.Match(cmux.HTTP2())
 	h1ln := mux.Match(cmux.Any())
-	sv.serve(s.newHTTPServer(s.fwd, func(p *http.Protocols) { p.SetUnencryptedHTTP2(true) }), h2ln)
-	sv.serve(s.newHTTPServer(s.fwd, func(p *http.Protocols) { p.SetHTTP1(true) }), h1ln)
+	var public http.Handler = s.fwd
+	if s.cfg.TLS && s.cfg.HSTS != "" {
+		public = hsts(public, s.cfg.HSTS)
+	}
+	sv.serve(s.newHTTPServer(public, func(p *http.Protocols) { p.SetUnencryptedHTTP2(true) }), h2ln)
+	sv.serve(s.newHTTPServer(public, func(p *http.Protocols) { p.SetHTTP1(true) }), h1ln)
 	sv.wg.Go(func() {
 		if err := mux.Serve(); !isClosed(err) {
 			sv.errc <- fmt.Errorf("accepting on %s: %w", s.mainLn.Addr(), err)
@@ -271,6 +277,13 @@ func (s *Server) Run(ctx context.Context) error {
 		})
 	}
 
+	// A renewed certificate on disk is served without a restart.
+	watchCtx, stopWatch := context.WithCancel(ctx)
+	defer stopWatch()
+	if s.certFiles != nil {
+		sv.wg.Go(func() { s.certFiles.watch(watchCtx) })
+	}
+
 	var runErr error
 	select {
 	case <-ctx.Done():
@@ -278,6 +291,7 @@ func (s *Server) Run(ctx context.Context) error {
 	case runErr = <-sv.errc:
 		s.log.Error("listener failed, shutting down", "err", runErr)
 	}
+	stopWatch()
 	s.shutdown(mux, sv.servers)
 	if healthSrv != nil {
 		healthSrv.Close()
@@ -323,4 +337,46 @@ func (s *Server) shutdown(mux cmux.CMux, servers []*http.Server) {
 		s.fwd.grpcTransport.CloseIdleConnections()
 	}
 	s.log.Info("stopped")
+}
+
+// hsts adds Strict-Transport-Security to every response of h that has none
+// (Cells' own value wins). Only the TLS public port uses it: RFC 6797 §7.2
+// forbids it over cleartext, where it would be ignored anyway.
+func hsts(h http.Handler, value string) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		h.ServeHTTP(&hstsWriter{ResponseWriter: w, value: value}, r)
+	})
+}
+
+type hstsWriter struct {
+	http.ResponseWriter
+	value string
+	done  bool
+}
+
+// Unwrap lets http.ResponseController flush and hijack.
+func (w *hstsWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+func (w *hstsWriter) WriteHeader(code int) {
+	// Informational responses (100, 103) share the header map: wait for
+	// the final one.
+	if code >= 200 {
+		w.set()
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *hstsWriter) Write(p []byte) (int, error) {
+	w.set()
+	return w.ResponseWriter.Write(p)
+}
+
+func (w *hstsWriter) set() {
+	if w.done {
+		return
+	}
+	w.done = true
+	if h := w.Header(); h.Get("Strict-Transport-Security") == "" {
+		h.Set("Strict-Transport-Security", w.value)
+	}
 }
