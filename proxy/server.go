@@ -247,7 +247,10 @@ func (s *Server) Run(ctx context.Context) error {
 		srv.TLSConfig = s.tls.Clone()
 		srv.TLSConfig.NextProtos = []string{"h2"}
 		sv.servers = append(sv.servers, srv)
-		ln := tls.NewListener(s.grpcLn, srv.TLSConfig)
+		// The listener gets its own copy: Serve's HTTP/2 setup appends
+		// "http/1.1" to srv.TLSConfig.NextProtos, which would advertise
+		// HTTP/1.1 on a port that then hangs up on it.
+		ln := tls.NewListener(s.grpcLn, srv.TLSConfig.Clone())
 		sv.wg.Go(func() {
 			if err := srv.Serve(ln); !isClosed(err) {
 				sv.errc <- fmt.Errorf("serving %s: %w", s.grpcLn.Addr(), err)
