@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -225,7 +226,11 @@ func (s *Server) Run(ctx context.Context) error {
 	// A connection must finish its TLS handshake and show its first bytes
 	// within this, or it is dropped before it costs a server goroutine.
 	mux.SetReadTimeout(10 * time.Second)
-	h2ln := mux.Match(cmux.HTTP2())
+	// A TLS connection that agreed h2 in ALPN speaks HTTP/2 whatever its
+	// first bytes (RFC 9113 §3.3): a bad preface must end the connection,
+	// not reach the HTTP/1 server as a request to answer with 400. Without
+	// ALPN, and in cleartext, the preface decides.
+	h2ln := mux.MatchWithWriters(alpnH2, preface(cmux.HTTP2()))
 	h1ln := mux.Match(cmux.Any())
 	var public http.Handler = s.fwd
 	if s.cfg.TLS && s.cfg.HSTS != "" {
@@ -340,6 +345,19 @@ func (s *Server) shutdown(mux cmux.CMux, servers []*http.Server) {
 		s.fwd.grpcTransport.CloseIdleConnections()
 	}
 	s.log.Info("stopped")
+}
+
+// alpnH2 matches a TLS connection that agreed h2 in ALPN. cmux hands a
+// matcher the connection itself as its writer; cmux's read deadline bounds
+// the handshake.
+func alpnH2(w io.Writer, _ io.Reader) bool {
+	tc, ok := w.(*tls.Conn)
+	return ok && tc.Handshake() == nil && tc.ConnectionState().NegotiatedProtocol == "h2"
+}
+
+// preface adapts a cmux.Matcher to MatchWithWriters.
+func preface(m cmux.Matcher) cmux.MatchWriter {
+	return func(_ io.Writer, r io.Reader) bool { return m(r) }
 }
 
 // hsts adds Strict-Transport-Security to every response of h that has none
