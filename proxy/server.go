@@ -165,6 +165,11 @@ func (s *Server) newHTTPServer(h http.Handler, protos func(*http.Protocols)) *ht
 		HTTP2: &http.HTTP2Config{
 			// Enough for a browser's page load and Cells Sync's calls.
 			MaxConcurrentStreams: 250,
+			// The RFC 9113 default frame size, as nginx and Envoy keep
+			// it: Go's 1 MiB buys a client nothing but more memory held
+			// per frame read, and a HEADERS frame above it is a
+			// connection error (RFC 9113 §4.2, h2spec 4.2/3).
+			MaxReadFrameSize: 16 << 10,
 			// Large windows keep uploads and gRPC bulk streams moving on
 			// links with latency; memory is taken only as data arrives.
 			MaxReceiveBufferPerConnection: 8 << 20,
