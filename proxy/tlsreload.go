@@ -95,15 +95,16 @@ func (c *certFiles) read() (sum [sha256.Size]byte, cert *tls.Certificate, err er
 func (c *certFiles) poll() {
 	switch out, err := c.load(false); out {
 	case reloaded:
-		c.logServed("TLS certificate reloaded")
+		c.logServed("poll")
 	case refused:
-		c.log.Error("TLS certificate not reloaded, the current one keeps serving", "err", err)
+		c.log.Error("TLS certificate not reloaded, the current one keeps serving", "trigger", "poll", "err", err)
 	}
 }
 
-func (c *certFiles) logServed(msg string) {
+// logServed logs the certificate now served; trigger is poll or reload.
+func (c *certFiles) logServed(trigger string) {
 	leaf := c.cert.Load().Leaf
-	c.log.Info(msg, "file", c.certFile, "subject", leaf.Subject.String(),
+	c.log.Info("TLS certificate reloaded", "trigger", trigger, "file", c.certFile, "subject", leaf.Subject.String(),
 		"serial", leaf.SerialNumber.Text(16), "not_after", leaf.NotAfter.UTC().Format(time.RFC3339))
 }
 
@@ -132,9 +133,9 @@ func (s *Server) Reload() error {
 		return nil
 	}
 	if _, err := s.certFiles.load(true); err != nil {
-		s.log.Error("TLS certificate not reloaded, the current one keeps serving", "err", err)
+		s.log.Error("TLS certificate not reloaded, the current one keeps serving", "trigger", "reload", "err", err)
 		return err
 	}
-	s.certFiles.logServed("TLS certificate reloaded")
+	s.certFiles.logServed("reload")
 	return nil
 }
