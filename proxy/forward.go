@@ -479,6 +479,11 @@ func (f *forwarder) grpcHandler() http.Handler {
 }
 
 func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool) {
+	// Work on a copy: net/http looks at its own request's Body after the
+	// handler, and when it is no longer its Expect: 100-continue reader it
+	// waits to drain a body the client holds back until a 100 that never
+	// comes (a refused S3 upload then stalls for the client's timeout).
+	r = r.WithContext(r.Context())
 	ex := &exchange{ResponseWriter: w, req: r, start: time.Now()}
 	switch {
 	case grpcOnly || isGRPC(r):
