@@ -24,6 +24,7 @@ type exchange struct {
 
 	status      int
 	wroteHeader bool
+	sent        atomic.Bool // wroteHeader, for the watchdog's goroutine
 	bytesOut    int64
 	bytesIn     atomic.Int64
 
@@ -40,6 +41,7 @@ func (e *exchange) Unwrap() http.ResponseWriter { return e.ResponseWriter }
 func (e *exchange) WriteHeader(code int) {
 	if code >= 200 && !e.wroteHeader {
 		e.status, e.wroteHeader = code, true
+		e.sent.Store(true)
 	}
 	e.ResponseWriter.WriteHeader(code)
 }
@@ -47,6 +49,7 @@ func (e *exchange) WriteHeader(code int) {
 func (e *exchange) Write(p []byte) (int, error) {
 	if !e.wroteHeader {
 		e.status, e.wroteHeader = http.StatusOK, true
+		e.sent.Store(true)
 	}
 	n, err := e.ResponseWriter.Write(p)
 	if n > 0 {
@@ -83,11 +86,16 @@ func (e *exchange) check() {
 	}
 	e.cancel(errIdle)
 	// Unblock a read from, or a write to, a client that stopped moving:
-	// cancelling the upstream side alone would leave them waiting.
+	// cancelling the upstream side alone would leave them waiting. Before
+	// the response has started, the client must still get its 504: a
+	// passed write deadline would break that (HTTP/2 resets the stream,
+	// TLS is left unusable), so only reads are cut then.
 	rc := http.NewResponseController(e.ResponseWriter)
 	now := time.Now()
 	_ = rc.SetReadDeadline(now)
-	_ = rc.SetWriteDeadline(now)
+	if e.sent.Load() {
+		_ = rc.SetWriteDeadline(now)
+	}
 }
 
 // stop ends the watchdog. Safe to call when none runs.
