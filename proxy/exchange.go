@@ -32,6 +32,7 @@ type exchange struct {
 	idle   time.Duration
 	last   atomic.Int64
 	timer  *time.Timer
+	mu     sync.Mutex // held by check while it uses the ResponseWriter
 	done   atomic.Bool
 	cancel context.CancelCauseFunc
 }
@@ -76,6 +77,10 @@ func (e *exchange) watch(r *http.Request, idle time.Duration) *http.Request {
 }
 
 func (e *exchange) check() {
+	// The ResponseWriter must not be touched once the handler has
+	// returned (HTTP/2 recycles it): stop takes mu before it returns.
+	e.mu.Lock()
+	defer e.mu.Unlock()
 	if e.done.Load() {
 		return
 	}
@@ -100,7 +105,9 @@ func (e *exchange) check() {
 
 // stop ends the watchdog. Safe to call when none runs.
 func (e *exchange) stop() {
+	e.mu.Lock()
 	e.done.Store(true)
+	e.mu.Unlock()
 	if e.timer != nil {
 		e.timer.Stop()
 	}
