@@ -89,6 +89,9 @@ func (e *exchange) check() {
 		e.timer.Reset(e.idle - quiet)
 		return
 	}
+	// Read before cancelling: the cancellation wakes the handler, whose
+	// 504 must not count as a response already under way.
+	sent := e.sent.Load()
 	e.cancel(errIdle)
 	// Unblock a read from, or a write to, a client that stopped moving:
 	// cancelling the upstream side alone would leave them waiting. Before
@@ -98,7 +101,7 @@ func (e *exchange) check() {
 	rc := http.NewResponseController(e.ResponseWriter)
 	now := time.Now()
 	_ = rc.SetReadDeadline(now)
-	if e.sent.Load() {
+	if sent {
 		_ = rc.SetWriteDeadline(now)
 	}
 }
