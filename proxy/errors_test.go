@@ -25,11 +25,12 @@ import (
 // upstream that stalls mid-body breaks the response, so that the client
 // never takes a truncated body for a complete one.
 func TestIdleTimeout(t *testing.T) {
-	const idle = 400 * time.Millisecond
-	// A tick of a quarter of the idle timeout leaves 300 ms of slack for a
-	// slow scheduler; 12 ticks make the exchange last three idle periods.
-	const tick, ticks = idle / 4, 12
-	payload := "0123456789ab"[:ticks]
+	// The slow exchanges move a byte every tick: a tenth of the idle
+	// timeout leaves 900 ms for a loaded machine to run late; 25 ticks make
+	// them last two and a half idle periods.
+	const idle = time.Second
+	const tick, ticks = idle / 10, 25
+	payload := "abcdefghijklmnopqrstuvwxyz"[:ticks]
 
 	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		rc := http.NewResponseController(w)
