@@ -103,7 +103,9 @@ func (ts *tunnels) serve(f *forwarder, ex *exchange, r *http.Request) {
 	res, err := f.httpTransport.RoundTrip(out)
 	handshake.Stop()
 	if err != nil {
-		f.errorHandler(ex, out, err)
+		// The inbound request with the handshake's context: the log line
+		// names the client's path, and classify sees errIdle.
+		f.errorHandler(ex, r.WithContext(ctx), err)
 		return
 	}
 	if res.StatusCode != http.StatusSwitchingProtocols {
@@ -120,7 +122,7 @@ func (ts *tunnels) serve(f *forwarder, ex *exchange, r *http.Request) {
 	upstream, ok := res.Body.(io.ReadWriteCloser)
 	if !ok || upConn == nil || !httpguts.HeaderValuesContainsToken(res.Header["Upgrade"], "websocket") {
 		res.Body.Close()
-		f.errorHandler(ex, out, errors.New("upstream switched to something other than websocket"))
+		f.errorHandler(ex, r.WithContext(ctx), errors.New("upstream switched to something other than websocket"))
 		return
 	}
 	defer upstream.Close()
