@@ -511,6 +511,14 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool)
 		return
 	}
 
+	// CONNECT would make the proxy open a tunnel to wherever the client
+	// names; Cells has no use for it (nginx refuses it too).
+	if r.Method == http.MethodConnect {
+		ex.Header().Set("Allow", "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, PROPFIND, PROPPATCH, MKCOL, COPY, MOVE, LOCK, UNLOCK")
+		http.Error(ex, "cells-proxy: CONNECT is not supported", http.StatusMethodNotAllowed)
+		return
+	}
+
 	// Upgrade is forwarded only as websocket: an h2c upgrade (or any other)
 	// through the proxy would open a tunnel past every check here.
 	if ex.kind != "ws" && r.Header.Get("Upgrade") != "" {
