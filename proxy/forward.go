@@ -519,6 +519,18 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool)
 		return
 	}
 
+	// Request smuggling: Go's HTTP/1 parser frames a request that carries
+	// both Transfer-Encoding: chunked and Content-Length by the chunks and
+	// drops Content-Length before the handler sees it, and it ignores
+	// Transfer-Encoding on HTTP/1.0. A front that framed such a request the
+	// other way would read the bytes after it differently; RFC 9112,
+	// section 6.1 requires closing the connection after answering. The
+	// proxy cannot tell whether the header was there, so it closes after
+	// every chunked HTTP/1.1 request and every HTTP/1.0 request with a body.
+	if r.ProtoMajor == 1 && (len(r.TransferEncoding) > 0 || (r.ProtoMinor == 0 && r.ContentLength != 0)) {
+		ex.Header().Set("Connection", "close")
+	}
+
 	// Upgrade is forwarded only as websocket: an h2c upgrade (or any other)
 	// through the proxy would open a tunnel past every check here.
 	if ex.kind != "ws" && r.Header.Get("Upgrade") != "" {
