@@ -26,6 +26,9 @@ type exchange struct {
 	wroteHeader bool
 	bytesOut    int64
 	bytesIn     atomic.Int64
+	// bodyFailed is set when reading the request body failed other than
+	// by its end: the client's fault, answered 400 rather than 502.
+	bodyFailed atomic.Bool
 
 	// Watchdog state. last is the UnixNano of the last byte moved.
 	idle   time.Duration
@@ -112,6 +115,9 @@ func (b *countingBody) Read(p []byte) (int, error) {
 	if n > 0 {
 		b.ex.bytesIn.Add(int64(n))
 		b.ex.touch()
+	}
+	if err != nil && err != io.EOF {
+		b.ex.bodyFailed.Store(true)
 	}
 	return n, err
 }

@@ -292,6 +292,13 @@ func isWebSocket(r *http.Request) bool {
 // are never replaced.
 func (f *forwarder) errorHandler(w http.ResponseWriter, r *http.Request, err error) {
 	status, msg := f.classify(r, err)
+	if ex, ok := w.(*exchange); ok && status == http.StatusBadGateway && ex.bodyFailed.Load() {
+		// Reading the client's body failed (a malformed chunk, a client
+		// that stopped mid-body): the request is at fault, not Cells, and
+		// the connection cannot carry another request.
+		status, msg = http.StatusBadRequest, "cells-proxy: malformed or incomplete request body"
+		w.Header().Set("Connection", "close")
+	}
 	if status == 0 {
 		// The client went away: nobody to answer. Recorded for the access log.
 		if ex, ok := w.(*exchange); ok {
