@@ -36,6 +36,9 @@ type exchange struct {
 	timer  *time.Timer
 	done   atomic.Bool
 	cancel context.CancelCauseFunc
+	// responding is set once the response head is written: the watchdog
+	// reads it from its own goroutine.
+	responding atomic.Bool
 }
 
 func (e *exchange) Unwrap() http.ResponseWriter { return e.ResponseWriter }
@@ -43,6 +46,7 @@ func (e *exchange) Unwrap() http.ResponseWriter { return e.ResponseWriter }
 func (e *exchange) WriteHeader(code int) {
 	if code >= 200 && !e.wroteHeader {
 		e.status, e.wroteHeader = code, true
+		e.responding.Store(true)
 	}
 	e.ResponseWriter.WriteHeader(code)
 }
@@ -50,6 +54,7 @@ func (e *exchange) WriteHeader(code int) {
 func (e *exchange) Write(p []byte) (int, error) {
 	if !e.wroteHeader {
 		e.status, e.wroteHeader = http.StatusOK, true
+		e.responding.Store(true)
 	}
 	n, err := e.ResponseWriter.Write(p)
 	if n > 0 {
@@ -86,11 +91,16 @@ func (e *exchange) check() {
 	}
 	e.cancel(errIdle)
 	// Unblock a read from, or a write to, a client that stopped moving:
-	// cancelling the upstream side alone would leave them waiting.
+	// cancelling the upstream side alone would leave them waiting. A
+	// write can only be stuck once the response has started; before that
+	// the client must still receive the 504 (a write deadline in the past
+	// turned it into a reset HTTP/2 stream or a broken TLS record).
 	rc := http.NewResponseController(e.ResponseWriter)
 	now := time.Now()
 	_ = rc.SetReadDeadline(now)
-	_ = rc.SetWriteDeadline(now)
+	if e.responding.Load() {
+		_ = rc.SetWriteDeadline(now)
+	}
 }
 
 // stop ends the watchdog. Safe to call when none runs.
