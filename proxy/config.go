@@ -309,16 +309,20 @@ func parseUpstream(s string, schemes ...string) (*url.URL, error) {
 	return &url.URL{Scheme: u.Scheme, Host: u.Host}, nil
 }
 
-// redactURL hides a password so that an error line never leaks it.
+// redactURL hides a password so that an error line never leaks it. The
+// password is whatever follows the first ':' of everything up to the last
+// '@': a password may itself hold '@', '/' or '#', and the URL is being
+// reported because it does not parse as the user meant.
 func redactURL(s string) string {
 	scheme, rest, ok := strings.Cut(s, "://")
 	if !ok {
 		return s
 	}
-	userinfo, host, ok := strings.Cut(rest, "@")
-	if !ok || strings.ContainsAny(userinfo, "/?#") {
+	at := strings.LastIndexByte(rest, '@')
+	if at < 0 {
 		return s
 	}
+	userinfo, host := rest[:at], rest[at+1:]
 	if user, _, hasPass := strings.Cut(userinfo, ":"); hasPass {
 		return scheme + "://" + user + ":xxxxx@" + host
 	}
