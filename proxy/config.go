@@ -130,7 +130,19 @@ func Load() (*Config, error) {
 		// Only strings are decoded, so this cannot fail on a value.
 		return nil, fmt.Errorf("reading the environment: %w", err)
 	}
+	e.applyDefaults()
 	return e.parse()
+}
+
+// applyDefaults gives a variable that is set but empty its default, as if
+// unset: "PROXY_IDLE_TIMEOUT=" in a compose file means "the default".
+func (e *env) applyDefaults() {
+	v := reflect.ValueOf(e).Elem()
+	for i, f := range reflect.VisibleFields(v.Type()) {
+		if d := f.Tag.Get("default"); d != "" && strings.TrimSpace(v.Field(i).String()) == "" {
+			v.Field(i).SetString(d)
+		}
+	}
 }
 
 func (e *env) parse() (*Config, error) {
@@ -286,14 +298,14 @@ func (e *env) parse() (*Config, error) {
 func parseUpstream(s string, schemes ...string) (*url.URL, error) {
 	u, err := url.Parse(s)
 	if err != nil || u.Host == "" || u.Hostname() == "" {
-		return nil, fmt.Errorf("must be a %s URL with a host, got %q", strings.Join(schemes, ":// or ")+"://", redactURL(s))
+		return nil, fmt.Errorf("must be a URL (%s) with a host, got %q", strings.Join(schemes, ":// or ")+"://", redactURL(s))
 	}
 	ok := false
 	for _, sc := range schemes {
 		ok = ok || u.Scheme == sc
 	}
 	if !ok {
-		return nil, fmt.Errorf("must be a %s URL, got scheme %q", strings.Join(schemes, ":// or ")+"://", u.Scheme)
+		return nil, fmt.Errorf("must be a URL (%s), got %q", strings.Join(schemes, ":// or ")+"://", redactURL(s))
 	}
 	if u.User != nil {
 		return nil, fmt.Errorf("must not carry credentials, got %q", redactURL(s))

@@ -5,6 +5,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"net/url"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -168,22 +169,38 @@ func redactPath(r *http.Request) string {
 	b.Grow(len(p) + 1 + len(q))
 	b.WriteString(p)
 	b.WriteByte('?')
-	for i, kv := range strings.Split(q, "&") {
-		if i > 0 {
-			b.WriteByte('&')
+	// Parameters end at '&' or ';': Go's url.ParseQuery rejects ';', but
+	// other servers split on it and the value is a credential either way.
+	for len(q) > 0 {
+		kv := q
+		sep := strings.IndexAny(q, "&;")
+		if sep >= 0 {
+			kv, q = q[:sep], q[sep:]
+		} else {
+			q = ""
 		}
 		k, _, hasValue := strings.Cut(kv, "=")
 		if hasValue && isSecretParam(k) {
 			b.WriteString(k)
 			b.WriteString("=REDACTED")
-			continue
+		} else {
+			b.WriteString(kv)
 		}
-		b.WriteString(kv)
+		if sep >= 0 {
+			b.WriteByte(q[0])
+			q = q[1:]
+		}
 	}
 	return b.String()
 }
 
+// isSecretParam reports whether query key k names a credential. The key is
+// compared unescaped, as servers read it: X%2DAmz%2DSignature is
+// X-Amz-Signature to S3.
 func isSecretParam(k string) bool {
+	if u, err := url.QueryUnescape(k); err == nil {
+		k = u
+	}
 	for _, s := range secretParams {
 		if strings.EqualFold(k, s) {
 			return true
