@@ -73,7 +73,11 @@ func run() error {
 	out := flag.String("out", "", "also write the report to this file")
 	flag.IntVar(&b.wsConns, "ws", 2000, "idle websockets")
 	flag.Int64Var(&b.transfer, "transfer", 1<<30, "bytes per download and upload")
+	from := flag.String("report", "", "only print the report of an earlier run's results.json")
 	flag.Parse()
+	if *from != "" {
+		return b.reportFrom(*from, *only, *quick)
+	}
 	if b.bin == "" || b.work == "" {
 		return errors.New("-bin and -work are required")
 	}
@@ -166,7 +170,7 @@ func run() error {
 		}
 	}
 
-	raw, _ := json.MarshalIndent(map[string]any{"results": b.results, "notes": b.notes}, "", "  ")
+	raw, _ := json.MarshalIndent(map[string]any{"results": b.results, "notes": b.notes, "rounds": b.rounds, "load": b.loadStart}, "", "  ")
 	_ = os.WriteFile(filepath.Join(b.work, "results.json"), raw, 0o644)
 
 	report := b.report(time.Since(started))
@@ -176,6 +180,37 @@ func run() error {
 			return err
 		}
 	}
+	return nil
+}
+
+// reportFrom renders the report of a saved results.json again.
+func (b *bench) reportFrom(path, only string, quick bool) error {
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	var saved struct {
+		Results map[string]map[string][]float64
+		Notes   map[string][]string
+		Rounds  int
+		Load    string
+	}
+	if err := json.Unmarshal(raw, &saved); err != nil {
+		return fmt.Errorf("%s: %w", path, err)
+	}
+	b.results, b.notes, b.rounds, b.loadStart = saved.Results, saved.Notes, saved.Rounds, saved.Load
+	if b.rounds == 0 {
+		b.rounds = 3
+		if quick {
+			b.rounds = 1
+		}
+	}
+	for name := range strings.SplitSeq(only, ",") {
+		if _, ok := b.results[name]; ok {
+			b.targets = append(b.targets, &target{name: name, about: abouts[name]})
+		}
+	}
+	fmt.Print(b.report(0))
 	return nil
 }
 

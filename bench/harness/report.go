@@ -67,6 +67,30 @@ func median(v []float64) float64 {
 	return (s[n/2-1] + s[n/2]) / 2
 }
 
+// ratio compares a target with direct. When both have a value for every
+// round it is the median of the per-round ratios: a round measures direct and
+// the proxies within a minute or two, so pairing them cancels most of the
+// drift of a machine whose load changes; otherwise the ratio of the medians.
+func (b *bench) ratio(target, key string) (float64, bool) {
+	v, d := b.results[target][key], b.results["direct"][key]
+	if len(v) == b.rounds && len(d) == b.rounds {
+		rs := make([]float64, 0, len(v))
+		for i := range v {
+			if d[i] == 0 {
+				return 0, false
+			}
+			rs = append(rs, v[i]/d[i])
+		}
+		return median(rs), true
+	}
+	tv, ok1 := b.value(target, key)
+	dv, ok2 := b.value("direct", key)
+	if !ok1 || !ok2 || dv == 0 {
+		return 0, false
+	}
+	return tv / dv, true
+}
+
 // value is the figure of a row for a target: the median of the rounds, or
 // their sum; ok is false when it was never measured.
 func (b *bench) value(target, key string) (float64, bool) {
@@ -88,8 +112,11 @@ func (b *bench) value(target, key string) (float64, bool) {
 
 func (b *bench) report(elapsed time.Duration) string {
 	var s strings.Builder
-	fmt.Fprintf(&s, "\n## Results\n\nMachine: %s.\n%d round(s), median of rounds; ratio = value / direct. Elapsed %s. Load average at start %s, at end %s.\n\n",
-		machine(), b.rounds, elapsed.Round(time.Second), b.loadStart, loadAvg())
+	fmt.Fprintf(&s, "\n## Results\n\nMachine: %s.\n%d round(s), median of rounds; (ratio to direct: median of the per-round ratios).", machine(), b.rounds)
+	if elapsed > 0 {
+		fmt.Fprintf(&s, " Elapsed %s. Load average at start %s, at end %s.", elapsed.Round(time.Second), b.loadStart, loadAvg())
+	}
+	fmt.Fprintf(&s, "\n\n")
 	fmt.Fprintf(&s, "| metric |")
 	for _, t := range b.targets {
 		fmt.Fprintf(&s, " %s |", t.name)
@@ -110,7 +137,8 @@ func (b *bench) report(elapsed time.Duration) string {
 			case !ok:
 				fmt.Fprintf(&s, " – |")
 			case r.ratio && haveDirect && direct != 0 && t.name != "direct":
-				fmt.Fprintf(&s, " %s (%.2f×) |", num(v*r.scale, r.prec), v/direct)
+				ratio, _ := b.ratio(t.name, r.key)
+				fmt.Fprintf(&s, " %s (%.2f×) |", num(v*r.scale, r.prec), ratio)
 			default:
 				fmt.Fprintf(&s, " %s |", num(v*r.scale, r.prec))
 			}
@@ -161,14 +189,7 @@ func (b *bench) goals() string {
 	const cp = "cells-proxy"
 	var s strings.Builder
 	fmt.Fprintf(&s, "\n### Issue 5 targets (cells-proxy)\n\n")
-	ratio := func(key string) (float64, bool) {
-		v, ok1 := b.value(cp, key)
-		d, ok2 := b.value("direct", key)
-		if !ok1 || !ok2 || d == 0 {
-			return 0, false
-		}
-		return v / d, true
-	}
+	ratio := func(key string) (float64, bool) { return b.ratio(cp, key) }
 	line := func(name string, ok, measured bool, detail string) {
 		verdict := "not met"
 		switch {
@@ -181,7 +202,7 @@ func (b *bench) goals() string {
 	}
 	atLeast := func(name, key string, want float64) {
 		r, ok := ratio(key)
-		line(name, r >= want, ok, fmt.Sprintf("%.2f× direct, want ≥ %.1f×", r, want))
+		line(name, r >= want, ok, fmt.Sprintf("%.3f× direct, want ≥ %.1f×", r, want))
 	}
 	atMost := func(name, key string, scale, want float64, unit string) {
 		v, ok := b.value(cp, key)
@@ -204,7 +225,7 @@ func (b *bench) goals() string {
 		f1, _ := b.value(cp, "grpc_bidi1_failed")
 		f8, _ := b.value(cp, "grpc_bidi8_failed")
 		line("gRPC bidi ≥ 1.0× direct, zero failed streams", r1 >= 1 && r8 >= 1 && f1+f8 == 0, ok1 && ok8,
-			fmt.Sprintf("1 stream %.2f×, 8 streams %.2f×, %.0f failed streams", r1, r8, f1+f8))
+			fmt.Sprintf("1 stream %.3f×, 8 streams %.3f×, %.0f failed streams", r1, r8, f1+f8))
 	}
 	atLeast("1 GiB download ≥ 0.6× direct", "dl_MBps", 0.6)
 	atLeast("1 GiB upload ≥ 0.8× direct", "ul_MBps", 0.8)

@@ -38,6 +38,15 @@ func (t *target) restart(ctx context.Context) error {
 	return t.err
 }
 
+// abouts describes each target in the report.
+var abouts = map[string]string{
+	"direct":        "stub-upstream itself (Go net/http + grpc ServeHTTP), no proxy",
+	"cells-proxy":   "this repository, default settings, upstream https://127.0.0.1 verified with the stub's CA file",
+	"nginx-classic": "classic Cells config: HTTP/1.0 upstream, no keepalive, buffering defaults, grpc_pass without keepalive",
+	"nginx-tuned":   "upstream keepalive, HTTP/1.1, keepalive_requests raised, request buffering off, 64k proxy buffers and no temp files, grpc_pass with keepalive",
+	"haproxy":       "HTTP mode, h2+http/1.1 public, HTTP/1.1 upstream with reuse, gRPC by content-type to an h2 backend",
+}
+
 type upstream struct {
 	port   int    // stub-upstream -https port
 	caFile string // its certificate
@@ -46,7 +55,7 @@ type upstream struct {
 func startDirect(up upstream) *target {
 	return &target{
 		name:  "direct",
-		about: "stub-upstream itself (Go net/http + grpc ServeHTTP), no proxy",
+		about: abouts["direct"],
 		port:  up.port,
 	}
 }
@@ -54,7 +63,7 @@ func startDirect(up upstream) *target {
 func startCellsProxy(ctx context.Context, work, bin string, up upstream) *target {
 	t := &target{
 		name:   "cells-proxy",
-		about:  "this repository, default settings, upstream https://127.0.0.1 verified with the stub's CA file",
+		about:  abouts["cells-proxy"],
 		binary: bin,
 	}
 	port, err := freePort()
@@ -128,6 +137,9 @@ http {
         proxy_read_timeout 3600s;
         proxy_send_timeout 3600s;
 {{- if .Tuned}}
+        # nginx closes a client connection (h2 included) after 1000
+        # requests by default; h2load counts the streams cut by that GOAWAY.
+        keepalive_requests 1000000;
         proxy_http_version 1.1;
         proxy_set_header Upgrade $http_upgrade;
         proxy_set_header Connection $connection_upgrade;
@@ -173,11 +185,11 @@ http {
 `
 
 func startNginx(ctx context.Context, work string, tuned bool, up upstream, cert, key string) *target {
-	name, about := "nginx-classic", "classic Cells config: HTTP/1.0 upstream, no keepalive, buffering defaults, grpc_pass without keepalive"
+	name := "nginx-classic"
 	if tuned {
-		name, about = "nginx-tuned", "upstream keepalive, HTTP/1.1, request buffering off, 64k proxy buffers and no temp files, grpc_pass with keepalive"
+		name = "nginx-tuned"
 	}
-	t := &target{name: name, about: about, binary: "/usr/sbin/nginx"}
+	t := &target{name: name, about: abouts[name], binary: "/usr/sbin/nginx"}
 	dir := filepath.Join(work, name)
 	port, err := freePort()
 	if err != nil {
@@ -234,7 +246,7 @@ backend cells_grpc
 func startHAProxy(ctx context.Context, work string, up upstream, pem string) *target {
 	t := &target{
 		name:   "haproxy",
-		about:  "HTTP mode, h2+http/1.1 public, HTTP/1.1 upstream with reuse, gRPC by content-type to an h2 backend",
+		about:  abouts["haproxy"],
 		binary: "/usr/sbin/haproxy",
 	}
 	dir := filepath.Join(work, "haproxy")
