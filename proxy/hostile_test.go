@@ -192,7 +192,7 @@ func TestH1Smuggling(t *testing.T) {
 		// Content-Length; cells-proxy closes.
 		{"CL+TE", head + "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", "cells-proxy", []int{200}, upReframed, ""},
 		{"TE+CL", head + "Transfer-Encoding: chunked\r\nContent-Length: 35\r\n\r\n5\r\nhello\r\n0\r\n\r\n", "cells-proxy", []int{200}, upReframed, "hello"},
-		{"CL+TE smuggled in body", head + "Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk(inner) + "0\r\n\r\n", "cells-proxy", []int{200}, upReframed, inner},
+		{"CL+TE smuggled in body", head + "Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n" + oneChunk(inner) + "0\r\n\r\n", "cells-proxy", []int{200}, upReframed, inner},
 		{"CL+TE OWS value", head + "Content-Length: 5\r\nTransfer-Encoding:  chunked \r\n\r\n0\r\n\r\n", "cells-proxy", []int{200}, upReframed, ""},
 		{"CL+TE tab value", head + "Content-Length: 5\r\nTransfer-Encoding:\tchunked\r\n\r\n0\r\n\r\n", "cells-proxy", []int{200}, upReframed, ""},
 		{"CL+TE obs-fold", head + "Content-Length: 5\r\nTransfer-Encoding:\r\n chunked\r\n\r\n0\r\n\r\n", "cells-proxy", []int{200}, upReframed, ""},
@@ -293,8 +293,8 @@ func TestH1Smuggling(t *testing.T) {
 	}
 }
 
-// chunk frames s as one chunk of a chunked body.
-func chunk(s string) string { return strconv.FormatInt(int64(len(s)), 16) + "\r\n" + s + "\r\n" }
+// oneChunk frames s as one chunk of a chunked body.
+func oneChunk(s string) string { return strconv.FormatInt(int64(len(s)), 16) + "\r\n" + s + "\r\n" }
 
 func containsInt(s []int, v int) bool {
 	for _, x := range s {
@@ -393,8 +393,8 @@ func TestOversizeHeadH1(t *testing.T) {
 	})
 }
 
-// h2Conn is a frame-level HTTP/2 client over TLS (ALPN h2).
-type h2Conn struct {
+// frameConn is a frame-level HTTP/2 client over TLS (ALPN h2).
+type frameConn struct {
 	conn *tls.Conn
 	fr   *http2.Framer
 	wmu  sync.Mutex // guards fr's writes and enc
@@ -413,7 +413,7 @@ type h2Event struct {
 	Code     http2.ErrCode // of RST_STREAM or GOAWAY
 }
 
-func dialH2(t testing.TB, tp *testProxy) *h2Conn {
+func dialH2(t testing.TB, tp *testProxy) *frameConn {
 	t.Helper()
 	conn, err := tls.Dial("tcp", tp.Addr().String(), tp.TLSConfig("h2"))
 	if err != nil {
@@ -423,7 +423,7 @@ func dialH2(t testing.TB, tp *testProxy) *h2Conn {
 		conn.Close()
 		t.Fatalf("ALPN = %q, want h2", p)
 	}
-	c := &h2Conn{conn: conn, fr: http2.NewFramer(conn, conn), events: make(chan h2Event, 1024)}
+	c := &frameConn{conn: conn, fr: http2.NewFramer(conn, conn), events: make(chan h2Event, 1024)}
 	c.enc = hpack.NewEncoder(&c.ebuf)
 	c.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
 	c.fr.MaxHeaderListSize = 1 << 20
@@ -438,13 +438,13 @@ func dialH2(t testing.TB, tp *testProxy) *h2Conn {
 	return c
 }
 
-func (c *h2Conn) Close() {
+func (c *frameConn) Close() {
 	c.conn.Close()
 	for range c.events {
 	}
 }
 
-func (c *h2Conn) readLoop() {
+func (c *frameConn) readLoop() {
 	defer close(c.events)
 	for {
 		f, err := c.fr.ReadFrame()
@@ -485,7 +485,7 @@ func (c *h2Conn) readLoop() {
 }
 
 // block hpack-encodes header fields given as name, value pairs.
-func (c *h2Conn) block(kv ...string) []byte {
+func (c *frameConn) block(kv ...string) []byte {
 	c.ebuf.Reset()
 	for i := 0; i+1 < len(kv); i += 2 {
 		c.enc.WriteField(hpack.HeaderField{Name: kv[i], Value: kv[i+1]})
@@ -494,21 +494,21 @@ func (c *h2Conn) block(kv ...string) []byte {
 }
 
 // request sends a HEADERS frame with END_STREAM: a request without body.
-func (c *h2Conn) request(id uint32, kv ...string) error {
+func (c *frameConn) request(id uint32, kv ...string) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	return c.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: c.block(kv...), EndStream: true, EndHeaders: true})
 }
 
-// get builds the pseudo-headers of a request to the proxy.
-func get(tp *testProxy, method, path string, extra ...string) []string {
+// pseudo builds the pseudo-headers of a request to the proxy.
+func pseudo(tp *testProxy, method, path string, extra ...string) []string {
 	kv := []string{":method", method, ":scheme", "https", ":authority", tp.Addr().String(), ":path", path}
 	return append(kv, extra...)
 }
 
 // wait returns the first event for which match is true, or fails once the
 // connection ends or 10 s pass.
-func (c *h2Conn) wait(t testing.TB, what string, match func(h2Event) bool) h2Event {
+func (c *frameConn) wait(t testing.TB, what string, match func(h2Event) bool) h2Event {
 	t.Helper()
 	timeout := time.After(10 * time.Second)
 	for {
@@ -528,7 +528,7 @@ func (c *h2Conn) wait(t testing.TB, what string, match func(h2Event) bool) h2Eve
 
 // ended reports whether the server ended the connection (GOAWAY or close)
 // within 10 s, draining events.
-func (c *h2Conn) ended() (goaway bool, closed bool) {
+func (c *frameConn) ended() (goaway bool, closed bool) {
 	timeout := time.After(10 * time.Second)
 	for {
 		select {
@@ -569,7 +569,7 @@ func TestOversizeHeadH2(t *testing.T) {
 		for i := range 10000 {
 			kv = append(kv, "x-h"+strconv.Itoa(i), "v")
 		}
-		blk := c.block(append(get(tp, "GET", "/many"), kv...)...)
+		blk := c.block(append(pseudo(tp, "GET", "/many"), kv...)...)
 		c.wmu.Lock()
 		err := writeHeaderBlock(c.fr, 1, blk)
 		c.wmu.Unlock()
@@ -587,7 +587,7 @@ func TestOversizeHeadH2(t *testing.T) {
 
 	t.Run("1MB header", func(t *testing.T) {
 		c := dialH2(t, tp)
-		blk := c.block(get(tp, "GET", "/big", "x-big", strings.Repeat("a", 1<<20))...)
+		blk := c.block(pseudo(tp, "GET", "/big", "x-big", strings.Repeat("a", 1<<20))...)
 		c.wmu.Lock()
 		err := writeHeaderBlock(c.fr, 1, blk)
 		c.wmu.Unlock()
@@ -609,7 +609,7 @@ func TestOversizeHeadH2(t *testing.T) {
 		// Every fragment is a valid never-indexed literal, so the server's
 		// decoder has real work to do and no table to grow.
 		c.wmu.Lock()
-		first := c.block(get(tp, "GET", "/flood")...)
+		first := c.block(pseudo(tp, "GET", "/flood")...)
 		c.ebuf.Reset()
 		c.enc.WriteField(hpack.HeaderField{Name: "x-flood", Value: strings.Repeat("f", 16000), Sensitive: true})
 		frag := append([]byte(nil), c.ebuf.Bytes()...)
@@ -684,7 +684,7 @@ func TestH2RapidReset(t *testing.T) {
 		c.conn.SetWriteDeadline(deadline)
 		for i := 0; i < 5000 && time.Now().Before(deadline); i++ {
 			id := uint32(2*i + 1)
-			if err := c.request(id, get(tp, "GET", "/reset/"+strconv.Itoa(i))...); err != nil {
+			if err := c.request(id, pseudo(tp, "GET", "/reset/"+strconv.Itoa(i))...); err != nil {
 				return pairs, err
 			}
 			c.wmu.Lock()
