@@ -40,6 +40,7 @@ type exchange struct {
 	// responding is set once the response head is written: the watchdog
 	// reads it from its own goroutine.
 	responding atomic.Bool
+	checking   sync.Mutex // held by a running check
 }
 
 func (e *exchange) Unwrap() http.ResponseWriter { return e.ResponseWriter }
@@ -82,6 +83,10 @@ func (e *exchange) watch(r *http.Request, idle time.Duration) *http.Request {
 }
 
 func (e *exchange) check() {
+	// stop waits for a check under way: once the handler has returned,
+	// the ResponseWriter must not be touched (an HTTP/2 one is recycled).
+	e.checking.Lock()
+	defer e.checking.Unlock()
 	if e.done.Load() {
 		return
 	}
@@ -107,6 +112,8 @@ func (e *exchange) check() {
 // stop ends the watchdog. Safe to call when none runs.
 func (e *exchange) stop() {
 	e.done.Store(true)
+	e.checking.Lock()
+	e.checking.Unlock()
 	if e.timer != nil {
 		e.timer.Stop()
 	}
