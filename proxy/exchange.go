@@ -40,7 +40,8 @@ type exchange struct {
 	// responding is set once the response head is written: the watchdog
 	// reads it from its own goroutine.
 	responding atomic.Bool
-	checking   sync.Mutex // held by a running check
+	checking   sync.Mutex  // held by a running check
+	bodyOpen   atomic.Bool // a request body is being read and has not ended
 }
 
 func (e *exchange) Unwrap() http.ResponseWriter { return e.ResponseWriter }
@@ -95,16 +96,23 @@ func (e *exchange) check() {
 		e.timer.Reset(e.idle - quiet)
 		return
 	}
+	// Read before cancelling: the cancel lets the handler write its 504.
+	started := e.responding.Load()
 	e.cancel(errIdle)
 	// Unblock a read from, or a write to, a client that stopped moving:
 	// cancelling the upstream side alone would leave them waiting. A
 	// write can only be stuck once the response has started; before that
 	// the client must still receive the 504 (a write deadline in the past
 	// turned it into a reset HTTP/2 stream or a broken TLS record).
+	// Only a request body still being read needs its read unblocked: on
+	// HTTP/1.1 a read deadline also cancels the connection's context, which
+	// would fail the next request on it (the 504 then closes it).
 	rc := http.NewResponseController(e.ResponseWriter)
 	now := time.Now()
-	_ = rc.SetReadDeadline(now)
-	if e.responding.Load() {
+	if e.bodyOpen.Load() {
+		_ = rc.SetReadDeadline(now)
+	}
+	if started {
 		_ = rc.SetWriteDeadline(now)
 	}
 }
@@ -134,8 +142,11 @@ func (b *countingBody) Read(p []byte) (int, error) {
 		b.ex.bytesIn.Add(int64(n))
 		b.ex.touch()
 	}
-	if err != nil && err != io.EOF {
-		b.ex.bodyFailed.Store(true)
+	if err != nil {
+		b.ex.bodyOpen.Store(false)
+		if err != io.EOF {
+			b.ex.bodyFailed.Store(true)
+		}
 	}
 	return n, err
 }

@@ -292,6 +292,11 @@ func isWebSocket(r *http.Request) bool {
 // are never replaced.
 func (f *forwarder) errorHandler(w http.ResponseWriter, r *http.Request, err error) {
 	status, msg := f.classify(r, err)
+	if errors.Is(context.Cause(r.Context()), errIdle) && r.ProtoMajor == 1 {
+		// The watchdog may have set a read deadline on the connection,
+		// which cancels its context: it cannot carry another request.
+		w.Header().Set("Connection", "close")
+	}
 	if ex, ok := w.(*exchange); ok && status == http.StatusBadGateway && ex.bodyFailed.Load() {
 		// Reading the client's body failed (a malformed chunk, a client
 		// that stopped mid-body): the request is at fault, not Cells, and
@@ -558,6 +563,7 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool)
 	}
 	if r.Body != nil && r.Body != http.NoBody {
 		r.Body = &countingBody{ReadCloser: r.Body, ex: ex}
+		ex.bodyOpen.Store(true)
 	}
 
 	if ex.kind == "ws" {
