@@ -15,6 +15,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -507,7 +508,15 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool)
 		if f.cfg.AccessLog {
 			ex.logAccess(f.log)
 		}
+		if g, ok := r.Context().Value(connGuardKey{}).(*connGuard); ok && r.ProtoMajor == 2 {
+			reset := r.Context().Err() != nil && (ex.status == 0 || ex.status == statusClientClosed)
+			g.done(reset, f.log, r.RemoteAddr)
+		}
 	}()
+	if r.Context().Err() != nil {
+		// The client already reset the stream: nothing to forward.
+		return
+	}
 
 	if !f.hostAllowed(r.Host) {
 		if ex.kind == "grpc" {
@@ -616,4 +625,37 @@ func hostOnly(hostport string) string {
 		host = strings.TrimSuffix(strings.TrimPrefix(host, "["), "]")
 	}
 	return strings.TrimSuffix(host, ".")
+}
+
+// connGuard counts, per client connection, the HTTP/2 requests the client
+// cancelled before they were answered. net/http runs at most
+// MaxConcurrentStreams handlers per connection (its CVE-2023-44487 fix),
+// but a stream reset just after its HEADERS may still have reached Cells
+// when its handler started first, and a client can do that in a loop. A
+// connection that resets more than maxResets streams and more than twice
+// as many as were answered is closed, as nginx does.
+type connGuard struct {
+	conn     net.Conn
+	resets   atomic.Int64
+	answered atomic.Int64
+	closed   atomic.Bool
+}
+
+type connGuardKey struct{}
+
+// maxResets is how many client-cancelled requests a connection may have
+// before the ratio to answered ones is checked: browsers cancel requests
+// when users navigate, Cells Sync cancels streams, but not by the hundred.
+const maxResets = 100
+
+func (g *connGuard) done(reset bool, log *slog.Logger, client string) {
+	if !reset {
+		g.answered.Add(1)
+		return
+	}
+	n := g.resets.Add(1)
+	if n > maxResets && n > 2*g.answered.Load() && g.closed.CompareAndSwap(false, true) {
+		log.Warn("closing a connection that resets most of its requests (HTTP/2 rapid reset)", "client", client, "resets", n, "answered", g.answered.Load())
+		g.conn.Close()
+	}
 }

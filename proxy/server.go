@@ -172,6 +172,10 @@ func (s *Server) newHTTPServer(h http.Handler, protos func(*http.Protocols)) *ht
 		MaxHeaderBytes: maxHeader,
 		ErrorLog:       slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
 		BaseContext:    func(net.Listener) context.Context { return s.baseCtx },
+		// Per-connection state for the HTTP/2 rapid-reset guard (forward.go).
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			return context.WithValue(ctx, connGuardKey{}, &connGuard{conn: c})
+		},
 		HTTP2: &http.HTTP2Config{
 			// Enough for a browser's page load and Cells Sync's calls.
 			MaxConcurrentStreams: 250,
