@@ -669,9 +669,10 @@ func writeHeaderBlock(fr *http2.Framer, id uint32, blk []byte) error {
 }
 
 // TestH2RapidReset opens streams and resets them at once (CVE-2023-44487),
-// 5,000 times on one connection, while a well-behaved client uses another:
-// the upstream sees at most a small share of the reset requests, and the
-// well-behaved client gets every answer.
+// up to 5,000 times on one connection, while a well-behaved client uses
+// another: the upstream sees at most a small share of the reset requests
+// (the proxy closes the attacking connection), and the well-behaved client
+// gets every answer.
 func TestH2RapidReset(t *testing.T) {
 	rec := &wireRecorder{}
 	up := newUpstream(t, upTLS, rec)

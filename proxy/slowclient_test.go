@@ -40,7 +40,7 @@ func raiseFileLimit(t *testing.T, need uint64) {
 
 // slowConn is one slow client and what became of it.
 type slowConn struct {
-	opened   bool
+	opened   atomic.Bool
 	cutAfter time.Duration // from the end of the trickle to the server's close
 	cut      bool          // the server closed (or answered and closed)
 	status   string        // a status line, if the server answered
@@ -102,7 +102,7 @@ func TestSlowClients(t *testing.T) {
 			t.Errorf("first write: %v", err)
 			return
 		}
-		sc.opened = true
+		sc.opened.Store(true)
 		closed := make(chan string, 1)
 		go func() {
 			// Read until the server closes: an answer (a 504 for a cut
@@ -149,7 +149,7 @@ func TestSlowClients(t *testing.T) {
 			sem <- struct{}{}
 			go func() {
 				// Release the slot once the first bytes are out.
-				for !sc.opened {
+				for !sc.opened.Load() {
 					select {
 					case <-stop:
 						<-sem

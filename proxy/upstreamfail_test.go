@@ -258,10 +258,14 @@ func TestUpstreamSilent(t *testing.T) {
 				results <- err.Error()
 				return
 			}
-			io.Copy(io.Discard, res.Body)
+			body, _ := io.ReadAll(res.Body)
 			res.Body.Close()
 			if took := time.Since(start); took > 20*time.Second {
 				results <- fmt.Sprintf("504 after %v", took)
+				return
+			}
+			if res.StatusCode != http.StatusGatewayTimeout {
+				results <- fmt.Sprintf("%s %s (%q, %v, after %v)", res.Proto, res.Status, body, res.Header, time.Since(start))
 				return
 			}
 			results <- res.Status
