@@ -25,6 +25,7 @@ type exchange struct {
 
 	status      int
 	wroteHeader bool
+	sent        atomic.Bool // wroteHeader, for the watchdog's goroutine
 	bytesOut    int64
 	bytesIn     atomic.Int64
 	// bodyFailed is set when reading the request body failed other than
@@ -35,13 +36,11 @@ type exchange struct {
 	idle   time.Duration
 	last   atomic.Int64
 	timer  *time.Timer
+	mu     sync.Mutex // held by check while it uses the ResponseWriter
 	done   atomic.Bool
 	cancel context.CancelCauseFunc
-	// responding is set once the response head is written: the watchdog
-	// reads it from its own goroutine.
-	responding atomic.Bool
-	checking   sync.Mutex  // held by a running check
-	bodyOpen   atomic.Bool // a request body is being read and has not ended
+	// bodyOpen: a request body is being read and has not ended.
+	bodyOpen atomic.Bool
 }
 
 func (e *exchange) Unwrap() http.ResponseWriter { return e.ResponseWriter }
@@ -49,7 +48,7 @@ func (e *exchange) Unwrap() http.ResponseWriter { return e.ResponseWriter }
 func (e *exchange) WriteHeader(code int) {
 	if code >= 200 && !e.wroteHeader {
 		e.status, e.wroteHeader = code, true
-		e.responding.Store(true)
+		e.sent.Store(true)
 	}
 	e.ResponseWriter.WriteHeader(code)
 }
@@ -57,7 +56,7 @@ func (e *exchange) WriteHeader(code int) {
 func (e *exchange) Write(p []byte) (int, error) {
 	if !e.wroteHeader {
 		e.status, e.wroteHeader = http.StatusOK, true
-		e.responding.Store(true)
+		e.sent.Store(true)
 	}
 	n, err := e.ResponseWriter.Write(p)
 	if n > 0 {
@@ -84,10 +83,10 @@ func (e *exchange) watch(r *http.Request, idle time.Duration) *http.Request {
 }
 
 func (e *exchange) check() {
-	// stop waits for a check under way: once the handler has returned,
-	// the ResponseWriter must not be touched (an HTTP/2 one is recycled).
-	e.checking.Lock()
-	defer e.checking.Unlock()
+	// The ResponseWriter must not be touched once the handler has
+	// returned (HTTP/2 recycles it): stop takes mu before it returns.
+	e.mu.Lock()
+	defer e.mu.Unlock()
 	if e.done.Load() {
 		return
 	}
@@ -96,32 +95,33 @@ func (e *exchange) check() {
 		e.timer.Reset(e.idle - quiet)
 		return
 	}
-	// Read before cancelling: the cancel lets the handler write its 504.
-	started := e.responding.Load()
+	// Read before cancelling: the cancellation wakes the handler, whose
+	// 504 must not count as a response already under way.
+	sent := e.sent.Load()
 	e.cancel(errIdle)
 	// Unblock a read from, or a write to, a client that stopped moving:
-	// cancelling the upstream side alone would leave them waiting. A
-	// write can only be stuck once the response has started; before that
-	// the client must still receive the 504 (a write deadline in the past
-	// turned it into a reset HTTP/2 stream or a broken TLS record).
-	// Only a request body still being read needs its read unblocked: on
-	// HTTP/1.1 a read deadline also cancels the connection's context, which
-	// would fail the next request on it (the 504 then closes it).
+	// cancelling the upstream side alone would leave them waiting. Before
+	// the response has started, the client must still get its 504: a
+	// passed write deadline would break that (HTTP/2 resets the stream,
+	// TLS is left unusable), so only reads are cut then.
+	// Only a request body still being read needs its read cut: on
+	// HTTP/1.1 a read deadline also cancels the connection's context,
+	// which would fail the next request on it (the 504 then closes it).
 	rc := http.NewResponseController(e.ResponseWriter)
 	now := time.Now()
 	if e.bodyOpen.Load() {
 		_ = rc.SetReadDeadline(now)
 	}
-	if started {
+	if sent {
 		_ = rc.SetWriteDeadline(now)
 	}
 }
 
 // stop ends the watchdog. Safe to call when none runs.
 func (e *exchange) stop() {
+	e.mu.Lock()
 	e.done.Store(true)
-	e.checking.Lock()
-	e.checking.Unlock()
+	e.mu.Unlock()
 	if e.timer != nil {
 		e.timer.Stop()
 	}

@@ -87,9 +87,9 @@ func (rec *wireRecorder) count(pathPrefix string) int {
 	return n
 }
 
-// settle stops the proxy and then the upstream, waiting for their
+// quiesce stops the proxy and then the upstream, waiting for their
 // handlers, so that everything that reached the upstream is recorded.
-func settle(t *testing.T, tp *testProxy, up *testUpstream) {
+func quiesce(t *testing.T, tp *testProxy, up *testUpstream) {
 	t.Helper()
 	if err := tp.Shutdown(); err != nil {
 		t.Errorf("proxy Run: %v", err)
@@ -242,7 +242,7 @@ func TestH1Smuggling(t *testing.T) {
 			up := newUpstream(t, upTLS, rec)
 			tp := startProxy(t, testConfig(up))
 			got := rawExchange(t, tp, tt.raw+smuggled)
-			settle(t, tp, up)
+			quiesce(t, tp, up)
 
 			t.Logf("layer %s: client got %v", tt.layer, got.statuses())
 			if len(got.Responses) != 1 {
@@ -318,7 +318,7 @@ func TestH1LenientSyntax(t *testing.T) {
 	tp := startProxy(t, testConfig(up))
 	got := rawExchange(t, tp, "GET /lf HTTP/1.1\nHost: 127.0.0.1\nX-Lf: 1\n\n"+
 		"GET /fold HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Fold: a\r\n  b\r\nConnection: close\r\n\r\n")
-	settle(t, tp, up)
+	quiesce(t, tp, up)
 	if got, want := fmt.Sprint(got.statuses()), "[200 200]"; got != want {
 		t.Errorf("statuses = %s, want %s", got, want)
 	}
@@ -356,7 +356,7 @@ func TestOversizeHeadH1(t *testing.T) {
 			up := newUpstream(t, upTLS, rec)
 			tp := startProxy(t, testConfig(up))
 			got := rawExchange(t, tp, "GET /big HTTP/1.1\r\nHost: 127.0.0.1\r\n"+tt.headers+"\r\n")
-			settle(t, tp, up)
+			quiesce(t, tp, up)
 			if got, want := fmt.Sprint(got.statuses()), "[431]"; got != want {
 				t.Errorf("statuses = %s, want %s", got, want)
 			}
@@ -386,7 +386,7 @@ func TestOversizeHeadH1(t *testing.T) {
 		if got, want := fmt.Sprint(got.statuses()), "[200]"; got != want {
 			t.Errorf("6 KiB head with an 8 KiB limit: statuses = %s, want %s", got, want)
 		}
-		settle(t, tp, up)
+		quiesce(t, tp, up)
 		if got, want := len(rec.all()), 1; got != want {
 			t.Errorf("upstream saw %d requests, want %d", got, want)
 		}
@@ -545,7 +545,7 @@ func (c *frameConn) ended() (goaway bool, closed bool) {
 	}
 }
 
-func heapInUse() uint64 {
+func h2HeapInUse() uint64 {
 	runtime.GC()
 	var m runtime.MemStats
 	runtime.ReadMemStats(&m)
@@ -604,7 +604,7 @@ func TestOversizeHeadH2(t *testing.T) {
 	})
 
 	t.Run("CONTINUATION flood", func(t *testing.T) {
-		before := heapInUse()
+		before := h2HeapInUse()
 		c := dialH2(t, tp)
 		// Every fragment is a valid never-indexed literal, so the server's
 		// decoder has real work to do and no table to grow.
@@ -640,12 +640,12 @@ func TestOversizeHeadH2(t *testing.T) {
 		if !closed {
 			t.Errorf("connection still open 10 s after the flood (GOAWAY sent: %v)", goaway)
 		}
-		if grew := int64(heapInUse()) - int64(before); grew > 32<<20 {
+		if grew := int64(h2HeapInUse()) - int64(before); grew > 32<<20 {
 			t.Errorf("heap in use grew by %d MiB during the flood, want it bounded (< 32 MiB)", grew>>20)
 		}
 	})
 
-	settle(t, tp, up)
+	quiesce(t, tp, up)
 	if n := len(rec.all()); n != 0 {
 		t.Errorf("upstream saw %d requests, want none", n)
 	}
@@ -737,7 +737,7 @@ func TestH2RapidReset(t *testing.T) {
 	})
 	wg.Wait()
 	tp.H2.CloseIdleConnections()
-	settle(t, tp, up)
+	quiesce(t, tp, up)
 
 	reached := rec.count("/reset/")
 	t.Logf("attack: %d HEADERS+RST_STREAM pairs (ended by %v); %d reached the upstream; normal client: %d served, %d failed",

@@ -2,6 +2,6 @@
 
 package proxy
 
-// raceEnabled is true under the race detector, which makes heavy tests
-// several times slower: they use smaller sizes then.
+// raceEnabled is true when the tests run under the race detector, which
+// makes byte-crunching loops about ten times slower: heavy tests shrink.
 const raceEnabled = false

@@ -236,7 +236,7 @@ func TestSlowClients(t *testing.T) {
 		}
 	}
 
-	settle(t, tp, up)
+	quiesce(t, tp, up)
 	var slow, complete int
 	for _, w := range rec.all() {
 		switch {
@@ -322,7 +322,7 @@ func TestClientAbortsUpload(t *testing.T) {
 	t.Run("h1 close", func(t *testing.T) {
 		t.Parallel()
 		tp, up, started, results := newUp(t)
-		defer settle(t, tp, up)
+		defer quiesce(t, tp, up)
 		conn, err := tls.Dial("tcp", tp.Addr().String(), tp.TLSConfig("http/1.1"))
 		if err != nil {
 			t.Fatal(err)
@@ -338,7 +338,7 @@ func TestClientAbortsUpload(t *testing.T) {
 	t.Run("h2 reset", func(t *testing.T) {
 		t.Parallel()
 		tp, up, started, results := newUp(t)
-		defer settle(t, tp, up)
+		defer quiesce(t, tp, up)
 		ctx, cancel := context.WithCancel(context.Background())
 		defer cancel()
 		pr, pw := io.Pipe()

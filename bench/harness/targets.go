@@ -122,7 +122,7 @@ http {
     client_max_body_size 0;
 {{- if .Tuned}}
     map $http_upgrade $connection_upgrade { default upgrade; '' ''; }
-    upstream cells { server 127.0.0.1:{{.Up}}; keepalive 64; }
+    upstream cells { server 127.0.0.1:{{.Up}}; keepalive 512; }  # per worker; h2load keeps 256 requests in flight
     upstream cells_grpc { server 127.0.0.1:{{.Up}}; keepalive 16; }
 {{- end}}
     server {
