@@ -401,12 +401,12 @@ type frameConn struct {
 	enc  *hpack.Encoder
 	ebuf bytes.Buffer
 
-	events  chan h2Event // frames the server sent; closed when reading ends
+	events  chan frameEvent // frames the server sent; closed when reading ends
 	readErr error        // why reading ended, valid once events is closed
 }
 
-// h2Event is one frame from the server, reduced to what tests look at.
-type h2Event struct {
+// frameEvent is one frame from the server, reduced to what tests look at.
+type frameEvent struct {
 	Type     http2.FrameType
 	StreamID uint32
 	Status   string        // :status of a HEADERS frame
@@ -423,7 +423,7 @@ func dialH2(t testing.TB, tp *testProxy) *frameConn {
 		conn.Close()
 		t.Fatalf("ALPN = %q, want h2", p)
 	}
-	c := &frameConn{conn: conn, fr: http2.NewFramer(conn, conn), events: make(chan h2Event, 1024)}
+	c := &frameConn{conn: conn, fr: http2.NewFramer(conn, conn), events: make(chan frameEvent, 1024)}
 	c.enc = hpack.NewEncoder(&c.ebuf)
 	c.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
 	c.fr.MaxHeaderListSize = 1 << 20
@@ -452,7 +452,7 @@ func (c *frameConn) readLoop() {
 			c.readErr = err
 			return
 		}
-		ev := h2Event{Type: f.Header().Type, StreamID: f.Header().StreamID}
+		ev := frameEvent{Type: f.Header().Type, StreamID: f.Header().StreamID}
 		switch f := f.(type) {
 		case *http2.SettingsFrame:
 			if !f.IsAck() {
@@ -508,7 +508,7 @@ func pseudo(tp *testProxy, method, path string, extra ...string) []string {
 
 // wait returns the first event for which match is true, or fails once the
 // connection ends or 10 s pass.
-func (c *frameConn) wait(t testing.TB, what string, match func(h2Event) bool) h2Event {
+func (c *frameConn) wait(t testing.TB, what string, match func(frameEvent) bool) frameEvent {
 	t.Helper()
 	timeout := time.After(10 * time.Second)
 	for {
@@ -576,7 +576,7 @@ func TestOversizeHeadH2(t *testing.T) {
 		if err != nil {
 			t.Logf("writing the head: %v (the server may close first)", err)
 		}
-		ev := c.wait(t, "431, RST_STREAM or GOAWAY", func(ev h2Event) bool {
+		ev := c.wait(t, "431, RST_STREAM or GOAWAY", func(ev frameEvent) bool {
 			return ev.Type == http2.FrameGoAway || ev.Type == http2.FrameRSTStream || ev.Status != ""
 		})
 		t.Logf("answer: %v, :status %q, code %v", ev.Type, ev.Status, ev.Code)
@@ -594,7 +594,7 @@ func TestOversizeHeadH2(t *testing.T) {
 		if err != nil {
 			t.Logf("writing the head: %v (the server may close first)", err)
 		}
-		ev := c.wait(t, "431, RST_STREAM or GOAWAY", func(ev h2Event) bool {
+		ev := c.wait(t, "431, RST_STREAM or GOAWAY", func(ev frameEvent) bool {
 			return ev.Type == http2.FrameGoAway || ev.Type == http2.FrameRSTStream || ev.Status != ""
 		})
 		t.Logf("answer: %v, :status %q, code %v", ev.Type, ev.Status, ev.Code)
@@ -837,7 +837,7 @@ func TestOpenProxy(t *testing.T) {
 		if err := c.request(1, ":method", "CONNECT", ":authority", evil); err != nil {
 			t.Fatal(err)
 		}
-		ev := c.wait(t, "the answer to CONNECT", func(ev h2Event) bool { return ev.StreamID == 1 })
+		ev := c.wait(t, "the answer to CONNECT", func(ev frameEvent) bool { return ev.StreamID == 1 })
 		if got, want := ev.Status, "405"; got != want {
 			t.Errorf("CONNECT :status = %q (frame %v, code %v), want %q", got, ev.Type, ev.Code, want)
 		}
@@ -852,7 +852,7 @@ func TestOpenProxy(t *testing.T) {
 		if err := c.request(1, ":method", "GET", ":scheme", "https", ":authority", evil, ":path", "/steal"); err != nil {
 			t.Fatal(err)
 		}
-		ev := c.wait(t, "the answer", func(ev h2Event) bool { return ev.StreamID == 1 })
+		ev := c.wait(t, "the answer", func(ev frameEvent) bool { return ev.StreamID == 1 })
 		if got, want := ev.Status, "200"; got != want {
 			t.Errorf(":status = %q, want %q", got, want)
 		}
@@ -871,7 +871,7 @@ func TestOpenProxy(t *testing.T) {
 		if err := c.request(1, ":method", "GET", ":scheme", "https", ":authority", "127.0.0.1", ":path", "http://"+evil+"/steal"); err != nil {
 			t.Fatal(err)
 		}
-		ev := c.wait(t, "the answer", func(ev h2Event) bool { return ev.StreamID == 1 })
+		ev := c.wait(t, "the answer", func(ev frameEvent) bool { return ev.StreamID == 1 })
 		t.Logf("answer: type %v, :status %q, code %v", ev.Type, ev.Status, ev.Code)
 		for _, w := range rec.all()[before:] {
 			if strings.Contains(w.RequestURI, "://") {
