@@ -4,9 +4,10 @@
 #
 #   bash ci/docker/test.sh
 #
-# 1. Installs Docker's engine from Debian (docker.io) and Docker Compose v2 (built from its Go module, once, into
-#    $CELLS_PROXY_CI_CACHE), and starts a private dockerd under a temp dir: its own data root and socket, no
-#    bridge, no iptables. Every container uses host networking; all traffic stays on 127.0.0.1.
+# 1. Installs Docker's engine from Debian (docker.io) and Docker Compose v2 (built from its Go module, once per
+#    machine, into $CELLS_PROXY_CI_CACHE, default /var/cache/cells-proxy-ci: minutes of CPU on a new machine,
+#    in the background while steps 2 and 3 run), and starts a private dockerd under a temp dir: its own data
+#    root and socket, no bridge, no iptables. Every container uses host networking; traffic stays on 127.0.0.1.
 # 2. Builds, from local files only, stand-ins under the exact names the Dockerfile's FROM lines use: the golang
 #    builder (this machine's Go toolchain, a static busybox as /bin/sh, this machine's CA bundle and Go proxy
 #    settings) and the distroless base (/etc/passwd with nonroot 65532, a CA bundle, /tmp).
@@ -65,7 +66,8 @@ die() {
 
 WORK=$(mktemp -d /tmp/cells-proxy-docker.XXXXXX)
 chmod 755 "$WORK"
-PIDS=()
+PIDS=()           # background processes to stop at the end
+GROUPS_TO_KILL=() # background process groups (setsid) to stop at the end
 
 cleanup() {
 	local rc=$?
@@ -82,6 +84,9 @@ cleanup() {
 	fi
 	for pid in "${PIDS[@]}"; do
 		kill "$pid" 2>/dev/null
+	done
+	for pgid in "${GROUPS_TO_KILL[@]}"; do
+		kill -- "-$pgid" 2>/dev/null
 	done
 	if [ -f "$WORK/docker.pid" ]; then
 		local dpid
@@ -148,21 +153,26 @@ fi
 file -L /bin/busybox | grep -q 'statically linked' || die "/bin/busybox is not the static busybox"
 
 # Compose v2: Debian 12 has only the Python docker-compose 1.29, whose client refuses host networking together
-# with published ports, so the test override could not run compose.example.yml unchanged. Build the Compose
-# v2 CLI plugin from its Go module (served by the Go module proxy), once per machine.
+# with published ports, so the test override could not run compose.example.yml unchanged. Unless the machine
+# has the v2 plugin, build it from its Go module (served by the Go module proxy), once per machine, in the
+# background: it is needed only in step 4, and its downloads overlap the image build.
 export DOCKER_CONFIG=$WORK/docker-config
 mkdir -p "$DOCKER_CONFIG/cli-plugins"
 compose_bin=$CACHE/docker-compose-$COMPOSE_VERSION
-if [ ! -x "$compose_bin" ]; then
-	echo "building Docker Compose $COMPOSE_VERSION from its Go module (once per machine; a few minutes)"
+compose_pid=
+if $DOCKER compose version >/dev/null 2>&1; then
+	echo "using the machine's Docker Compose plugin"
+elif [ -x "$compose_bin" ]; then
+	ln -sf "$compose_bin" "$DOCKER_CONFIG/cli-plugins/docker-compose"
+else
+	echo "building Docker Compose $COMPOSE_VERSION from its Go module in the background (once per machine)"
 	mkdir -p "$CACHE"
-	(
-		set -e
-		cd "$WORK"
+	# Its go.mod has exclude directives, so `go install pkg@version` refuses it: build inside a copy.
+	build_compose() {
+		local dir
 		dir=$(go mod download -json "github.com/docker/compose/v2@$COMPOSE_VERSION" |
 			sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
 		[ -d "$dir" ]
-		# Its go.mod has exclude directives, so `go install pkg@version` refuses it: build inside a copy.
 		cp -r "$dir" "$WORK/compose-src"
 		chmod -R u+w "$WORK/compose-src"
 		cd "$WORK/compose-src"
@@ -170,10 +180,14 @@ if [ ! -x "$compose_bin" ]; then
 			-ldflags "-s -w -X github.com/docker/compose/v2/internal.Version=$COMPOSE_VERSION" \
 			-o "$compose_bin.tmp" ./cmd
 		mv "$compose_bin.tmp" "$compose_bin"
-	) >"$WORK/compose-build.log" 2>&1 || { tail -n 20 "$WORK/compose-build.log"; die "build Docker Compose $COMPOSE_VERSION"; }
-	rm -rf "$WORK/compose-src"
+		rm -rf "$WORK/compose-src"
+	}
+	# setsid: a process group of its own, which cleanup can stop whole.
+	COMPOSE_VERSION=$COMPOSE_VERSION WORK=$WORK compose_bin=$compose_bin \
+		setsid -w bash -euc "$(declare -f build_compose); build_compose" >"$WORK/compose-build.log" 2>&1 </dev/null &
+	compose_pid=$!
+	GROUPS_TO_KILL+=("$compose_pid")
 fi
-ln -sf "$compose_bin" "$DOCKER_CONFIG/cli-plugins/docker-compose"
 
 export DOCKER_HOST=unix://$WORK/docker.sock
 dockerd --data-root "$WORK/data" --exec-root "$WORK/exec" --pidfile "$WORK/docker.pid" \
@@ -182,7 +196,6 @@ dockerd --data-root "$WORK/data" --exec-root "$WORK/exec" --pidfile "$WORK/docke
 PIDS+=($!)
 wait_for 60 "dockerd answers on $DOCKER_HOST" $DOCKER version || exit 1
 pass "dockerd $($DOCKER version -f '{{.Server.Version}}') on $DOCKER_HOST (no bridge, no iptables)"
-require "docker compose" $DOCKER compose version --short
 
 # ---------------------------------------------------------------------------------------------------------
 step "2. stand-in base images, from local files"
@@ -264,8 +277,7 @@ pass "base stand-in $BASE ($base_size bytes: passwd, group, CA bundle, /tmp)"
 step "3. the image"
 
 mkdir -p "$WORK/bin"
-(cd "$ROOT" && CGO_ENABLED=0 go build -o "$WORK/bin/stub-upstream" ./cmd/stub-upstream &&
-	go build -o "$WORK/bin/probe" ./ci/docker/probe) >"$WORK/go-build.log" 2>&1 ||
+(cd "$ROOT" && CGO_ENABLED=0 go build -o "$WORK/bin/" ./cmd/stub-upstream ./ci/docker/probe) >"$WORK/go-build.log" 2>&1 ||
 	{ cat "$WORK/go-build.log"; die "go build the test upstream and the probe"; }
 probe=$WORK/bin/probe
 
@@ -429,6 +441,18 @@ fi
 
 # ---------------------------------------------------------------------------------------------------------
 step "4. compose.example.yml with docker compose up"
+
+if [ -n "$compose_pid" ]; then
+	t0=$SECONDS
+	if wait "$compose_pid"; then
+		ln -sf "$compose_bin" "$DOCKER_CONFIG/cli-plugins/docker-compose"
+		pass "built Docker Compose $COMPOSE_VERSION (waited $((SECONDS - t0))s for it here)"
+	else
+		tail -n 20 "$WORK/compose-build.log"
+		die "build Docker Compose $COMPOSE_VERSION"
+	fi
+fi
+require "docker compose" $DOCKER compose version --short
 
 s=$WORK/stub-image
 mkdir -p "$s"
