@@ -504,7 +504,7 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool)
 	// waits to drain a body the client holds back until a 100 that never
 	// comes (a refused S3 upload then stalls for the client's timeout).
 	r = r.WithContext(r.Context())
-	ex := &exchange{ResponseWriter: w, req: r, start: time.Now()}
+	ex := &exchange{ResponseWriter: w, req: r, start: time.Now(), declared: -1}
 	switch {
 	case grpcOnly || isGRPC(r):
 		ex.kind = "grpc"
