@@ -30,9 +30,9 @@ type exchange struct {
 	// that many bytes are written, flushing is left to the handler's end,
 	// which then sends the last bytes and the end of the response together.
 	declared int64
-	sent        atomic.Bool // wroteHeader, for the watchdog's goroutine
-	bytesOut    int64
-	bytesIn     atomic.Int64
+	sent     atomic.Bool // wroteHeader, for the watchdog's goroutine
+	bytesOut int64
+	bytesIn  atomic.Int64
 	// bodyFailed is set when reading the request body failed other than
 	// by its end: the client's fault, answered 400 rather than 502.
 	bodyFailed atomic.Bool
