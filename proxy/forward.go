@@ -154,6 +154,24 @@ func (f *forwarder) reverseProxy(target *url.URL, t http.RoundTripper, grpc bool
 	}
 	if grpc {
 		rp.ModifyResponse = grpcResponse
+		rp.Rewrite = func(pr *httputil.ProxyRequest) {
+			f.rewrite(pr, target)
+			if pr.Out.Body != nil {
+				// ReverseProxy hides Close from the transport, which then
+				// cannot stop its request writer while that waits for the
+				// client's next message. A bidirectional stream that Cells
+				// ends (status in the trailers, or a dead connection)
+				// before the client half-closes would then hang: closing
+				// the response body waits for that writer, so the status
+				// never reaches the client, who waits for it. The call is
+				// over when the transport closes the body: let it end the
+				// client's body (an HTTP/2 body's Close never blocks).
+				pr.Out.Body = struct {
+					io.Reader
+					io.Closer
+				}{pr.Out.Body, pr.In.Body}
+			}
+		}
 	}
 	return rp
 }
