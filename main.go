@@ -104,6 +104,21 @@ func serve(ctx context.Context, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	// certbot and cert-manager renewals are picked up by polling; SIGHUP
+	// forces a reload now (a deploy hook: docker kill -s HUP).
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	go func() {
+		for {
+			select {
+			case <-hup:
+				s.Reload() // logs its outcome
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
 	log.Info("starting", "version", version)
 	return s.Run(ctx)
 }

@@ -7,7 +7,6 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
-	"errors"
 	"fmt"
 	"math/big"
 	"net"
@@ -53,19 +52,6 @@ func SelfSigned(names ...string) (tls.Certificate, error) {
 		return tls.Certificate{}, err
 	}
 	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}, nil
-}
-
-// loadKeyPair reads a PEM certificate chain and key and checks that the
-// leaf is usable now.
-func loadKeyPair(certFile, keyFile string) (tls.Certificate, error) {
-	cert, err := tls.LoadX509KeyPair(certFile, keyFile)
-	if err != nil {
-		return tls.Certificate{}, fmt.Errorf("loading TLS_CERT_FILE %q and TLS_KEY_FILE %q: %w", certFile, keyFile, err)
-	}
-	if cert.Leaf == nil {
-		return tls.Certificate{}, errors.New("loading TLS_CERT_FILE: no certificate")
-	}
-	return cert, nil
 }
 
 // upstreamRoots reads CELLS_UPSTREAM_CA_FILE; nil means the system roots.

@@ -29,6 +29,7 @@ type env struct {
 	GRPCExternalAlias  string `envconfig:"CELLS_GRPC_EXTERNAL" desc:"alias of PYDIO_GRPC_EXTERNAL (the Cells v3+ name); if both are set they must agree"`
 	CertFile           string `envconfig:"TLS_CERT_FILE" desc:"public certificate chain (PEM). With TLS_KEY_FILE; both absent: a self-signed certificate is generated in memory"`
 	KeyFile            string `envconfig:"TLS_KEY_FILE" desc:"private key of TLS_CERT_FILE (PEM)"`
+	HSTS               string `envconfig:"PROXY_HSTS" default:"auto" desc:"Strict-Transport-Security added to HTTPS responses that lack one: auto (max-age=31536000 with TLS_CERT_FILE, none with the self-signed certificate), off, or the header value, e.g. max-age=63072000; includeSubDomains"`
 	HTTPSAddr          string `envconfig:"PROXY_HTTPS_ADDR" default:":8443" desc:"public listener: TLS (or cleartext with PROXY_TLS=off), HTTP/1.1, HTTP/2 and gRPC"`
 	HTTPAddr           string `envconfig:"PROXY_HTTP_ADDR" default:":8080" desc:"plain listener that answers 301 to https; off disables it"`
 	RedirectPort       string `envconfig:"PROXY_REDIRECT_HTTPS_PORT" default:"443" desc:"port written in redirects: the one users reach from outside, not the container's"`
@@ -87,6 +88,9 @@ type Config struct {
 
 	// CertFile and KeyFile hold the public certificate; both empty: self-signed.
 	CertFile, KeyFile string
+	// HSTS is the Strict-Transport-Security value added to the responses of
+	// the public port when TLS is on and Cells sent none; empty: none.
+	HSTS string
 	// HTTPSAddr is the public listener.
 	HTTPSAddr string
 	// HTTPAddr is the redirect listener; empty: none.
@@ -123,7 +127,19 @@ func Load() (*Config, error) {
 		// Only strings are decoded, so this cannot fail on a value.
 		return nil, fmt.Errorf("reading the environment: %w", err)
 	}
+	e.applyDefaults()
 	return e.parse()
+}
+
+// applyDefaults gives a variable that is set but empty its default, as if
+// unset: "PROXY_IDLE_TIMEOUT=" in a compose file means "the default".
+func (e *env) applyDefaults() {
+	v := reflect.ValueOf(e).Elem()
+	for i, f := range reflect.VisibleFields(v.Type()) {
+		if d := f.Tag.Get("default"); d != "" && strings.TrimSpace(v.Field(i).String()) == "" {
+			v.Field(i).SetString(d)
+		}
+	}
 }
 
 func (e *env) parse() (*Config, error) {
@@ -193,6 +209,9 @@ func (e *env) parse() (*Config, error) {
 
 	if c.TLS, err = parseOnOff(e.TLS); err != nil {
 		bad("PROXY_TLS must be on or off, got %q", e.TLS)
+	}
+	if c.HSTS, err = parseHSTS(e.HSTS, c.CertFile != ""); err != nil {
+		bad("PROXY_HSTS must be auto, off or a Strict-Transport-Security value such as max-age=31536000, got %q: %v", e.HSTS, err)
 	}
 	if _, _, err := net.SplitHostPort(c.HTTPSAddr); err != nil {
 		bad("PROXY_HTTPS_ADDR must be host:port or :port, got %q", c.HTTPSAddr)
@@ -271,14 +290,14 @@ func (e *env) parse() (*Config, error) {
 func parseUpstream(s string, schemes ...string) (*url.URL, error) {
 	u, err := url.Parse(s)
 	if err != nil || u.Host == "" || u.Hostname() == "" {
-		return nil, fmt.Errorf("must be a %s URL with a host, got %q", strings.Join(schemes, ":// or ")+"://", redactURL(s))
+		return nil, fmt.Errorf("must be a URL (%s) with a host, got %q", strings.Join(schemes, ":// or ")+"://", redactURL(s))
 	}
 	ok := false
 	for _, sc := range schemes {
 		ok = ok || u.Scheme == sc
 	}
 	if !ok {
-		return nil, fmt.Errorf("must be a %s URL, got scheme %q", strings.Join(schemes, ":// or ")+"://", u.Scheme)
+		return nil, fmt.Errorf("must be a URL (%s), got %q", strings.Join(schemes, ":// or ")+"://", redactURL(s))
 	}
 	if u.User != nil {
 		return nil, fmt.Errorf("must not carry credentials, got %q", redactURL(s))
@@ -342,6 +361,48 @@ func parseOnOff(s string) (bool, error) {
 		return false, nil
 	}
 	return false, errors.New("not on or off")
+}
+
+// defaultHSTS is one year, the minimum the HSTS preload list asks for.
+const defaultHSTS = "max-age=31536000"
+
+// parseHSTS reads PROXY_HSTS. "auto" turns HSTS on only with a real
+// certificate: pinning browsers to https for a year on a self-signed one
+// would lock users out once they click through the warning (RFC 6797 §8.4
+// makes certificate errors fatal on an HSTS host).
+func parseHSTS(s string, realCert bool) (string, error) {
+	v := strings.TrimSpace(s)
+	switch strings.ToLower(v) {
+	case "", "auto":
+		if realCert {
+			return defaultHSTS, nil
+		}
+		return "", nil
+	case "off", "false", "0", "no", "none":
+		return "", nil
+	}
+	// RFC 6797 §6.1: directives separated by ';', max-age required.
+	maxAge := false
+	for d := range strings.SplitSeq(v, ";") {
+		name, val, _ := strings.Cut(strings.TrimSpace(d), "=")
+		if !strings.EqualFold(strings.TrimSpace(name), "max-age") {
+			continue
+		}
+		val = strings.Trim(strings.TrimSpace(val), `"`)
+		if _, err := strconv.ParseUint(val, 10, 63); err != nil {
+			return "", fmt.Errorf("max-age %q is not a number of seconds", val)
+		}
+		maxAge = true
+	}
+	if !maxAge {
+		return "", errors.New("no max-age directive")
+	}
+	for _, c := range v {
+		if c < ' ' || c > '~' {
+			return "", errors.New("not printable ASCII")
+		}
+	}
+	return v, nil
 }
 
 func parseBool(s string) (bool, error) { return parseOnOff(s) }

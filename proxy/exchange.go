@@ -5,6 +5,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"net/url"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -24,6 +25,7 @@ type exchange struct {
 
 	status      int
 	wroteHeader bool
+	sent        atomic.Bool // wroteHeader, for the watchdog's goroutine
 	bytesOut    int64
 	bytesIn     atomic.Int64
 
@@ -31,6 +33,7 @@ type exchange struct {
 	idle   time.Duration
 	last   atomic.Int64
 	timer  *time.Timer
+	mu     sync.Mutex // held by check while it uses the ResponseWriter
 	done   atomic.Bool
 	cancel context.CancelCauseFunc
 }
@@ -40,6 +43,7 @@ func (e *exchange) Unwrap() http.ResponseWriter { return e.ResponseWriter }
 func (e *exchange) WriteHeader(code int) {
 	if code >= 200 && !e.wroteHeader {
 		e.status, e.wroteHeader = code, true
+		e.sent.Store(true)
 	}
 	e.ResponseWriter.WriteHeader(code)
 }
@@ -47,6 +51,7 @@ func (e *exchange) WriteHeader(code int) {
 func (e *exchange) Write(p []byte) (int, error) {
 	if !e.wroteHeader {
 		e.status, e.wroteHeader = http.StatusOK, true
+		e.sent.Store(true)
 	}
 	n, err := e.ResponseWriter.Write(p)
 	if n > 0 {
@@ -73,6 +78,10 @@ func (e *exchange) watch(r *http.Request, idle time.Duration) *http.Request {
 }
 
 func (e *exchange) check() {
+	// The ResponseWriter must not be touched once the handler has
+	// returned (HTTP/2 recycles it): stop takes mu before it returns.
+	e.mu.Lock()
+	defer e.mu.Unlock()
 	if e.done.Load() {
 		return
 	}
@@ -81,18 +90,28 @@ func (e *exchange) check() {
 		e.timer.Reset(e.idle - quiet)
 		return
 	}
+	// Read before cancelling: the cancellation wakes the handler, whose
+	// 504 must not count as a response already under way.
+	sent := e.sent.Load()
 	e.cancel(errIdle)
 	// Unblock a read from, or a write to, a client that stopped moving:
-	// cancelling the upstream side alone would leave them waiting.
+	// cancelling the upstream side alone would leave them waiting. Before
+	// the response has started, the client must still get its 504: a
+	// passed write deadline would break that (HTTP/2 resets the stream,
+	// TLS is left unusable), so only reads are cut then.
 	rc := http.NewResponseController(e.ResponseWriter)
 	now := time.Now()
 	_ = rc.SetReadDeadline(now)
-	_ = rc.SetWriteDeadline(now)
+	if sent {
+		_ = rc.SetWriteDeadline(now)
+	}
 }
 
 // stop ends the watchdog. Safe to call when none runs.
 func (e *exchange) stop() {
+	e.mu.Lock()
 	e.done.Store(true)
+	e.mu.Unlock()
 	if e.timer != nil {
 		e.timer.Stop()
 	}
@@ -152,22 +171,38 @@ func redactPath(r *http.Request) string {
 	b.Grow(len(p) + 1 + len(q))
 	b.WriteString(p)
 	b.WriteByte('?')
-	for i, kv := range strings.Split(q, "&") {
-		if i > 0 {
-			b.WriteByte('&')
+	// Parameters end at '&' or ';': Go's url.ParseQuery rejects ';', but
+	// other servers split on it and the value is a credential either way.
+	for len(q) > 0 {
+		kv := q
+		sep := strings.IndexAny(q, "&;")
+		if sep >= 0 {
+			kv, q = q[:sep], q[sep:]
+		} else {
+			q = ""
 		}
 		k, _, hasValue := strings.Cut(kv, "=")
 		if hasValue && isSecretParam(k) {
 			b.WriteString(k)
 			b.WriteString("=REDACTED")
-			continue
+		} else {
+			b.WriteString(kv)
 		}
-		b.WriteString(kv)
+		if sep >= 0 {
+			b.WriteByte(q[0])
+			q = q[1:]
+		}
 	}
 	return b.String()
 }
 
+// isSecretParam reports whether query key k names a credential. The key is
+// compared unescaped, as servers read it: X%2DAmz%2DSignature is
+// X-Amz-Signature to S3.
 func isSecretParam(k string) bool {
+	if u, err := url.QueryUnescape(k); err == nil {
+		k = u
+	}
 	for _, s := range secretParams {
 		if strings.EqualFold(k, s) {
 			return true

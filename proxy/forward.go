@@ -315,7 +315,14 @@ func (f *forwarder) errorHandler(w http.ResponseWriter, r *http.Request, err err
 		if ex, ok := w.(*exchange); ok {
 			ex.status = statusClientClosed
 		}
-		return
+		// Abort rather than return: should the connection still be there,
+		// returning would let net/http answer an empty 200.
+		panic(http.ErrAbortHandler)
+	}
+	if r.ProtoMajor == 1 && errors.Is(context.Cause(r.Context()), errIdle) {
+		// The watchdog cut reads on this connection, which ended its
+		// context: a next request on it would start out cancelled.
+		w.Header().Set("Connection", "close")
 	}
 	if status >= 500 {
 		f.log.Warn("upstream error", "method", r.Method, "host", r.Host, "path", redactPath(r), "status", status, "err", err)
@@ -511,6 +518,11 @@ func (f *forwarder) grpcHandler() http.Handler {
 }
 
 func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool) {
+	// Work on a copy: net/http looks at its own request's Body after the
+	// handler, and when it is no longer its Expect: 100-continue reader it
+	// waits to drain a body the client holds back until a 100 that never
+	// comes (a refused S3 upload then stalls for the client's timeout).
+	r = r.WithContext(r.Context())
 	ex := &exchange{ResponseWriter: w, req: r, start: time.Now()}
 	switch {
 	case grpcOnly || isGRPC(r):

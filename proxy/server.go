@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -22,8 +23,9 @@ type Server struct {
 	fwd *forwarder
 	tls *tls.Config // nil when PROXY_TLS=off
 
-	cert     atomic.Pointer[tls.Certificate]
-	draining atomic.Bool
+	cert      atomic.Pointer[tls.Certificate]
+	certFiles *certFiles // nil with the self-signed certificate
+	draining  atomic.Bool
 
 	// Set by Listen.
 	mainLn, grpcLn, httpLn, healthLn net.Listener
@@ -47,19 +49,20 @@ func New(cfg *Config, log *slog.Logger) (*Server, error) {
 	s.baseCtx, s.cancelBase = context.WithCancelCause(context.Background())
 	s.health = newHealth(s)
 	if cfg.TLS || cfg.GRPCAddr != "" {
-		var cert tls.Certificate
 		if cfg.CertFile != "" {
-			if cert, err = loadKeyPair(cfg.CertFile, cfg.KeyFile); err != nil {
+			s.certFiles = &certFiles{certFile: cfg.CertFile, keyFile: cfg.KeyFile, log: log, cert: &s.cert}
+			if _, err := s.certFiles.load(true); err != nil {
 				return nil, err
 			}
 		} else {
 			names := append([]string{"localhost", "127.0.0.1", "::1"}, cfg.ServerNames...)
-			if cert, err = SelfSigned(names...); err != nil {
+			cert, err := SelfSigned(names...)
+			if err != nil {
 				return nil, err
 			}
 			log.Warn("no TLS_CERT_FILE: serving a self-signed certificate; browsers and Cells Sync will not trust it", "names", names)
+			s.cert.Store(&cert)
 		}
-		s.cert.Store(&cert)
 		s.tls = s.tlsConfig()
 	}
 	if cfg.UpstreamInsecure {
@@ -162,6 +165,11 @@ func (s *Server) newHTTPServer(h http.Handler, protos func(*http.Protocols)) *ht
 		HTTP2: &http.HTTP2Config{
 			// Enough for a browser's page load and Cells Sync's calls.
 			MaxConcurrentStreams: 250,
+			// The RFC 9113 default frame size, as nginx and Envoy keep
+			// it: Go's 1 MiB buys a client nothing but more memory held
+			// per frame read, and a HEADERS frame above it is a
+			// connection error (RFC 9113 §4.2, h2spec 4.2/3).
+			MaxReadFrameSize: 16 << 10,
 			// Large windows keep uploads and gRPC bulk streams moving on
 			// links with latency; memory is taken only as data arrives.
 			MaxReceiveBufferPerConnection: 8 << 20,
@@ -223,10 +231,18 @@ func (s *Server) Run(ctx context.Context) error {
 	// A connection must finish its TLS handshake and show its first bytes
 	// within this, or it is dropped before it costs a server goroutine.
 	mux.SetReadTimeout(10 * time.Second)
-	h2ln := mux.Match(cmux.HTTP2())
+	// A TLS connection that agreed h2 in ALPN speaks HTTP/2 whatever its
+	// first bytes (RFC 9113 §3.3): a bad preface must end the connection,
+	// not reach the HTTP/1 server as a request to answer with 400. Without
+	// ALPN, and in cleartext, the preface decides.
+	h2ln := mux.MatchWithWriters(alpnH2, preface(cmux.HTTP2()))
 	h1ln := mux.Match(cmux.Any())
-	sv.serve(s.newHTTPServer(s.fwd, func(p *http.Protocols) { p.SetUnencryptedHTTP2(true) }), h2ln)
-	sv.serve(s.newHTTPServer(s.fwd, func(p *http.Protocols) { p.SetHTTP1(true) }), h1ln)
+	var public http.Handler = s.fwd
+	if s.cfg.TLS && s.cfg.HSTS != "" {
+		public = hsts(public, s.cfg.HSTS)
+	}
+	sv.serve(s.newHTTPServer(public, func(p *http.Protocols) { p.SetUnencryptedHTTP2(true) }), h2ln)
+	sv.serve(s.newHTTPServer(public, func(p *http.Protocols) { p.SetHTTP1(true) }), h1ln)
 	sv.wg.Go(func() {
 		if err := mux.Serve(); !isClosed(err) {
 			sv.errc <- fmt.Errorf("accepting on %s: %w", s.mainLn.Addr(), err)
@@ -241,7 +257,10 @@ func (s *Server) Run(ctx context.Context) error {
 		srv.TLSConfig = s.tls.Clone()
 		srv.TLSConfig.NextProtos = []string{"h2"}
 		sv.servers = append(sv.servers, srv)
-		ln := tls.NewListener(s.grpcLn, srv.TLSConfig)
+		// The listener gets its own copy: Serve's HTTP/2 setup appends
+		// "http/1.1" to srv.TLSConfig.NextProtos, which would advertise
+		// HTTP/1.1 on a port that then hangs up on it.
+		ln := tls.NewListener(s.grpcLn, srv.TLSConfig.Clone())
 		sv.wg.Go(func() {
 			if err := srv.Serve(ln); !isClosed(err) {
 				sv.errc <- fmt.Errorf("serving %s: %w", s.grpcLn.Addr(), err)
@@ -275,6 +294,13 @@ func (s *Server) Run(ctx context.Context) error {
 		})
 	}
 
+	// A renewed certificate on disk is served without a restart.
+	watchCtx, stopWatch := context.WithCancel(ctx)
+	defer stopWatch()
+	if s.certFiles != nil {
+		sv.wg.Go(func() { s.certFiles.watch(watchCtx) })
+	}
+
 	var runErr error
 	select {
 	case <-ctx.Done():
@@ -282,6 +308,7 @@ func (s *Server) Run(ctx context.Context) error {
 	case runErr = <-sv.errc:
 		s.log.Error("listener failed, shutting down", "err", runErr)
 	}
+	stopWatch()
 	s.shutdown(mux, sv.servers)
 	if healthSrv != nil {
 		healthSrv.Close()
@@ -327,4 +354,59 @@ func (s *Server) shutdown(mux cmux.CMux, servers []*http.Server) {
 		s.fwd.grpcTransport.CloseIdleConnections()
 	}
 	s.log.Info("stopped")
+}
+
+// alpnH2 matches a TLS connection that agreed h2 in ALPN. cmux hands a
+// matcher the connection itself as its writer; cmux's read deadline bounds
+// the handshake.
+func alpnH2(w io.Writer, _ io.Reader) bool {
+	tc, ok := w.(*tls.Conn)
+	return ok && tc.Handshake() == nil && tc.ConnectionState().NegotiatedProtocol == "h2"
+}
+
+// preface adapts a cmux.Matcher to MatchWithWriters.
+func preface(m cmux.Matcher) cmux.MatchWriter {
+	return func(_ io.Writer, r io.Reader) bool { return m(r) }
+}
+
+// hsts adds Strict-Transport-Security to every response of h that has none
+// (Cells' own value wins). Only the TLS public port uses it: RFC 6797 §7.2
+// forbids it over cleartext, where it would be ignored anyway.
+func hsts(h http.Handler, value string) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		h.ServeHTTP(&hstsWriter{ResponseWriter: w, value: value}, r)
+	})
+}
+
+type hstsWriter struct {
+	http.ResponseWriter
+	value string
+	done  bool
+}
+
+// Unwrap lets http.ResponseController flush and hijack.
+func (w *hstsWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+func (w *hstsWriter) WriteHeader(code int) {
+	// Informational responses (100, 103) share the header map: wait for
+	// the final one.
+	if code >= 200 {
+		w.set()
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *hstsWriter) Write(p []byte) (int, error) {
+	w.set()
+	return w.ResponseWriter.Write(p)
+}
+
+func (w *hstsWriter) set() {
+	if w.done {
+		return
+	}
+	w.done = true
+	if h := w.Header(); h.Get("Strict-Transport-Security") == "" {
+		h.Set("Strict-Transport-Security", w.value)
+	}
 }

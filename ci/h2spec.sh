@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# ci/h2spec.sh: HTTP/2 conformance of cells-proxy with h2spec (github.com/summerwind/h2spec).
+#
+#   bash ci/h2spec.sh
+#
+# Installs h2spec with `go install` into a temporary GOBIN, builds cells-proxy and cmd/stub-upstream, starts
+# the stub as a TLS upstream (it drains request bodies and answers 200) and cells-proxy in front of it on
+# 127.0.0.1 with the dedicated gRPC port on, then runs every h2spec case (-t -k: TLS, self-signed
+# certificate) against the public port and against the gRPC port. Prints h2spec's summary for each port and
+# exits non-zero if any case fails that is not in KNOWN_FAILURES below. About 30 seconds.
+set -Eeuo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export PATH=/usr/local/go/bin:$PATH
+# v2.2.1 is h2spec's last release; it has no go.mod, so its dependencies resolve to their latest versions.
+H2SPEC_VERSION=${CELLS_PROXY_H2SPEC_VERSION:-v2.2.1+incompatible}
+
+# KNOWN_FAILURES: h2spec cases that fail because of net/http's own HTTP/2 server (Go 1.26), which
+# cells-proxy cannot change without replacing it. Each was checked against the Go source
+# (src/net/http/h2_bundle.go). A case that starts passing is reported so that it can be removed.
+KNOWN_FAILURES=(
+	# "Sends multiple values of SETTINGS_INITIAL_WINDOW_SIZE" (RFC 9113 §6.5.3). net/http hangs up with
+	# GOAWAY PROTOCOL_ERROR on a SETTINGS frame that repeats a setting: processSettings,
+	# `f.NumSettings() > 100 || f.HasDuplicates()`, commented "This isn't actually in the spec, but hang
+	# up on suspiciously large settings frames or those with duplicate entries". A hardening choice; no
+	# real client repeats a setting.
+	http2/6.5.3/1
+	# "Sends a HEADERS frame that contains the connection-specific header field" and "... the TE header
+	# field with any value other than trailers" (RFC 9113 §8.2.2). net/http refuses the request, before
+	# any handler runs, with a complete "400 Bad Request" response (checkValidHTTP2RequestHeaders ->
+	# new400Handler) rather than RST_STREAM PROTOCOL_ERROR. RFC 9113 §8.1.1 allows it ("a server MAY send
+	# an HTTP response prior to closing or resetting the stream"); h2spec accepts only a reset. The
+	# request never reaches Cells either way.
+	http2/8.1.2.2/1
+	http2/8.1.2.2/2
+)
+
+TMP=$(mktemp -d)
+PIDS=()
+cleanup() {
+	for pid in "${PIDS[@]}"; do
+		kill "$pid" 2>/dev/null || true
+	done
+	for pid in "${PIDS[@]}"; do
+		wait "$pid" 2>/dev/null || true
+	done
+	rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+step() { printf '\n--- %s (%s)\n' "$*" "$(date +%T)"; }
+die() {
+	printf 'FAIL: %s\n' "$*"
+	exit 1
+}
+
+# wait_for FILE REGEX: wait up to 15 s for a line matching REGEX in FILE, print it.
+wait_for() {
+	local i
+	for i in $(seq 150); do
+		if grep -E -m1 "$2" "$1" 2>/dev/null; then
+			return 0
+		fi
+		sleep 0.1
+	done
+	return 1
+}
+
+step "install h2spec $H2SPEC_VERSION"
+GOBIN=$TMP/bin go install "github.com/summerwind/h2spec/cmd/h2spec@$H2SPEC_VERSION"
+H2SPEC=$TMP/bin/h2spec
+"$H2SPEC" --version
+
+step "build cells-proxy and stub-upstream"
+cd "$ROOT"
+go build -o "$TMP/cells-proxy" .
+go build -o "$TMP/stub-upstream" ./cmd/stub-upstream
+
+step "start the upstream and cells-proxy"
+"$TMP/stub-upstream" -https 127.0.0.1:0 -write-ca "$TMP/upstream-ca.pem" >"$TMP/stub.out" 2>"$TMP/stub.err" &
+PIDS+=($!)
+UPSTREAM=$(wait_for "$TMP/stub.out" '^listening https ' | awk '{print $3}') || die "stub-upstream did not start: $(cat "$TMP/stub.err")"
+echo "upstream: https://$UPSTREAM"
+
+# PYDIO_GRPC_EXTERNAL takes a port number, not 0: try a few random ones.
+MAIN="" GRPC=""
+for attempt in 1 2 3 4 5; do
+	GRPC=$((20000 + RANDOM % 40000))
+	env -i PATH="$PATH" \
+		CELLS_UPSTREAM="https://$UPSTREAM" CELLS_UPSTREAM_CA_FILE="$TMP/upstream-ca.pem" \
+		PROXY_HTTPS_ADDR=127.0.0.1:0 PYDIO_GRPC_EXTERNAL=$GRPC PROXY_HTTP_ADDR=off PROXY_HEALTH_ADDR=off \
+		PROXY_ACCESS_LOG=false PROXY_LOG_FORMAT=text \
+		"$TMP/cells-proxy" >"$TMP/proxy.log" 2>&1 &
+	pid=$!
+	if line=$(wait_for "$TMP/proxy.log" 'msg=listening addr=[^ ]+ tls=true'); then
+		PIDS+=($pid)
+		MAIN=$(sed -E 's/.*addr=127\.0\.0\.1:([0-9]+).*/\1/' <<<"$line")
+		break
+	fi
+	kill "$pid" 2>/dev/null || true
+	wait "$pid" 2>/dev/null || true
+	echo "attempt $attempt: cells-proxy did not start:"
+	cat "$TMP/proxy.log"
+done
+[ -n "$MAIN" ] || die "cells-proxy did not start"
+echo "cells-proxy: public port $MAIN, gRPC port $GRPC"
+
+# failed_ids JUNIT: the IDs (http2/6.5.3/1) of the failed cases, one a line. h2spec numbers the cases of
+# a section from 1 in the order it runs them, as its own output does.
+failed_ids() {
+	awk '
+		/<testcase / {
+			match($0, /package="[^"]*"/)
+			pkg = substr($0, RSTART + 9, RLENGTH - 10)
+			cur = pkg "/" (++n[pkg])
+		}
+		/<(error|failure)[ >]/ { print cur }
+	' "$1" | sort -u
+}
+
+known() {
+	local id=$1 k
+	for k in "${KNOWN_FAILURES[@]}"; do
+		[ "$k" = "$id" ] && return 0
+	done
+	return 1
+}
+
+status=0
+for target in "public:$MAIN" "grpc:$GRPC"; do
+	name=${target%%:*} port=${target#*:}
+	step "h2spec against the $name port (127.0.0.1:$port)"
+	# h2spec exits 1 on any failure; what counts is decided below.
+	"$H2SPEC" -t -k -h 127.0.0.1 -p "$port" -o 5 -j "$TMP/$name.xml" >"$TMP/$name.out" 2>&1 || true
+	sed -n '/^Failures:/,$p' "$TMP/$name.out"
+	grep -q 'tests, ' "$TMP/$name.out" || {
+		cat "$TMP/$name.out"
+		die "h2spec did not complete against the $name port"
+	}
+	failed=$(failed_ids "$TMP/$name.xml")
+	for id in $failed; do
+		if known "$id"; then
+			echo "known failure (net/http, see KNOWN_FAILURES): $id"
+		else
+			echo "FAIL: $name port: $id"
+			status=1
+		fi
+	done
+	for k in "${KNOWN_FAILURES[@]}"; do
+		grep -qx "$k" <<<"$failed" || echo "note: known failure $k passes now on the $name port: remove it from KNOWN_FAILURES"
+	done
+done
+
+if [ "$status" -ne 0 ]; then
+	echo
+	echo "cells-proxy log:"
+	cat "$TMP/proxy.log"
+	die "h2spec: unexpected failures"
+fi
+echo
+echo "PASS: h2spec, public and gRPC ports: no failure outside KNOWN_FAILURES (${#KNOWN_FAILURES[@]} cases)"

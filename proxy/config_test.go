@@ -1,0 +1,268 @@
+package proxy
+
+import (
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+)
+
+// setEnv sets every variable cells-proxy reads: the given ones, the rest
+// empty so that the process environment cannot leak into the test.
+func setEnv(t *testing.T, vars map[string]string) {
+	t.Helper()
+	for _, v := range Variables() {
+		t.Setenv(v.Name, "")
+	}
+	for k, v := range vars {
+		t.Setenv(k, v)
+	}
+}
+
+func TestLoadDefaults(t *testing.T) {
+	setEnv(t, map[string]string{"CELLS_UPSTREAM": "https://cells:8080"})
+	// envconfig applies a default only when the variable is unset, not
+	// empty: unset the ones with defaults.
+	for _, v := range Variables() {
+		if v.Default != "" {
+			unsetEnv(t, v.Name)
+		}
+	}
+	c, err := Load()
+	if err != nil {
+		t.Fatalf("Load: %v", err)
+	}
+	if got, want := c.Upstream.String(), "https://cells:8080"; got != want {
+		t.Errorf("Upstream = %q, want %q", got, want)
+	}
+	if got, want := c.GRPCUpstream.String(), "https://cells:8080"; got != want {
+		t.Errorf("GRPCUpstream = %q, want %q (the https upstream splits gRPC itself)", got, want)
+	}
+	checks := []struct {
+		name      string
+		got, want any
+	}{
+		{"HTTPSAddr", c.HTTPSAddr, ":8443"},
+		{"HTTPAddr", c.HTTPAddr, ":8080"},
+		{"HealthAddr", c.HealthAddr, "127.0.0.1:8099"},
+		{"GRPCAddr", c.GRPCAddr, ""},
+		{"RedirectPort", c.RedirectPort, 443},
+		{"TLS", c.TLS, true},
+		{"MaxBodySize", c.MaxBodySize, int64(0)},
+		{"IdleTimeout", c.IdleTimeout, 10 * time.Minute},
+		{"WSIdleTimeout", c.WSIdleTimeout, 24 * time.Hour},
+		{"ShutdownTimeout", c.ShutdownTimeout, 30 * time.Second},
+		{"LogFormat", c.LogFormat, "json"},
+		{"AccessLog", c.AccessLog, true},
+		{"UpstreamInsecure", c.UpstreamInsecure, false},
+	}
+	for _, ch := range checks {
+		if ch.got != ch.want {
+			t.Errorf("%s = %v, want %v", ch.name, ch.got, ch.want)
+		}
+	}
+}
+
+func TestLoadTopologyB(t *testing.T) {
+	setEnv(t, map[string]string{
+		"CELLS_UPSTREAM":          "http://cells:8080",
+		"PYDIO_GRPC_EXTERNAL":     "33060",
+		"PROXY_HTTPS_ADDR":        "0.0.0.0:443",
+		"PROXY_HTTP_ADDR":         "off",
+		"PROXY_TRUSTED_PROXIES":   "10.0.0.0/8, 192.168.1.7",
+		"PROXY_SERVER_NAMES":      "Files.Example.com, cells.example.org.",
+		"PROXY_MAX_BODY_SIZE":     "200MiB",
+		"PROXY_IDLE_TIMEOUT":      "90s",
+		"PROXY_WS_IDLE_TIMEOUT":   "1h",
+		"PROXY_SHUTDOWN_TIMEOUT":  "5s",
+		"PROXY_HEALTH_ADDR":       "127.0.0.1:9000",
+		"PROXY_LOG_LEVEL":         "debug",
+		"PROXY_LOG_FORMAT":        "text",
+		"PROXY_ACCESS_LOG":        "false",
+		"PROXY_TLS":               "on",
+		"CELLS_UPSTREAM_INSECURE": "false",
+	})
+	unsetEnv(t, "PROXY_REDIRECT_HTTPS_PORT")
+	c, err := Load()
+	if err != nil {
+		t.Fatalf("Load: %v", err)
+	}
+	if got, want := c.GRPCUpstream.String(), "h2c://cells:33060"; got != want {
+		t.Errorf("GRPCUpstream = %q, want %q", got, want)
+	}
+	if got, want := c.GRPCAddr, "0.0.0.0:33060"; got != want {
+		t.Errorf("GRPCAddr = %q, want %q (the host of PROXY_HTTPS_ADDR)", got, want)
+	}
+	if c.HTTPAddr != "" {
+		t.Errorf("HTTPAddr = %q, want empty for off", c.HTTPAddr)
+	}
+	if got, want := c.MaxBodySize, int64(200<<20); got != want {
+		t.Errorf("MaxBodySize = %d, want %d", got, want)
+	}
+	if got, want := strings.Join(c.ServerNames, ","), "files.example.com,cells.example.org"; got != want {
+		t.Errorf("ServerNames = %q, want %q", got, want)
+	}
+	wantProxies := []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8"), netip.MustParsePrefix("192.168.1.7/32")}
+	if len(c.TrustedProxies) != 2 || c.TrustedProxies[0] != wantProxies[0] || c.TrustedProxies[1] != wantProxies[1] {
+		t.Errorf("TrustedProxies = %v, want %v", c.TrustedProxies, wantProxies)
+	}
+	if c.AccessLog || c.LogFormat != "text" || c.LogLevel.String() != "DEBUG" {
+		t.Errorf("logging = %v %q %v, want false text DEBUG", c.AccessLog, c.LogFormat, c.LogLevel)
+	}
+}
+
+func TestLoadGRPCAlias(t *testing.T) {
+	setEnv(t, map[string]string{"CELLS_UPSTREAM": "http://cells:8080", "CELLS_GRPC_EXTERNAL": "33060"})
+	c, err := Load()
+	if err != nil {
+		t.Fatalf("Load: %v", err)
+	}
+	if got, want := c.GRPCUpstream.String(), "h2c://cells:33060"; got != want {
+		t.Errorf("GRPCUpstream = %q, want %q", got, want)
+	}
+
+	setEnv(t, map[string]string{"CELLS_UPSTREAM": "http://cells:8080", "CELLS_GRPC_EXTERNAL": "33060", "PYDIO_GRPC_EXTERNAL": "33061"})
+	if _, err := Load(); err == nil || !strings.Contains(err.Error(), "CELLS_GRPC_EXTERNAL") {
+		t.Errorf("Load with disagreeing aliases: err = %v, want one naming both", err)
+	}
+}
+
+// TestLoadReportsEveryProblem: an operator fixes everything in one go.
+func TestLoadReportsEveryProblem(t *testing.T) {
+	bad := map[string]string{
+		"CELLS_UPSTREAM":            "cells:8080",
+		"CELLS_UPSTREAM_INSECURE":   "maybe",
+		"CELLS_GRPC_UPSTREAM":       "grpc://cells:33060",
+		"PYDIO_GRPC_EXTERNAL":       "70000",
+		"TLS_CERT_FILE":             "/certs/cert.pem",
+		"PROXY_HTTPS_ADDR":          "8443",
+		"PROXY_HTTP_ADDR":           "eighty",
+		"PROXY_REDIRECT_HTTPS_PORT": "https",
+		"PROXY_SERVER_NAMES":        "https://files.example.com",
+		"PROXY_TLS":                 "sometimes",
+		"PROXY_TRUSTED_PROXIES":     "10.0.0.0/33",
+		"PROXY_MAX_BODY_SIZE":       "lots",
+		"PROXY_IDLE_TIMEOUT":        "10",
+		"PROXY_WS_IDLE_TIMEOUT":     "-1s",
+		"PROXY_SHUTDOWN_TIMEOUT":    "soon",
+		"PROXY_HEALTH_ADDR":         "health",
+		"PROXY_LOG_LEVEL":           "loud",
+		"PROXY_LOG_FORMAT":          "xml",
+		"PROXY_ACCESS_LOG":          "yes please",
+	}
+	setEnv(t, bad)
+	_, err := Load()
+	if err == nil {
+		t.Fatal("Load succeeded with every variable wrong")
+	}
+	lines := strings.Split(err.Error(), "\n")
+	for name, value := range bad {
+		if name == "TLS_CERT_FILE" {
+			value = "TLS_KEY_FILE" // the problem is the missing partner
+		}
+		found := false
+		for _, l := range lines {
+			if strings.HasPrefix(l, name) && (strings.Contains(l, value) || name == "TLS_CERT_FILE") {
+				found = true
+			}
+		}
+		if !found {
+			t.Errorf("no error line names %s=%q; got:\n%s", name, bad[name], err)
+		}
+	}
+	for _, l := range lines {
+		if strings.Contains(l, "goroutine") || strings.Contains(l, "panic") {
+			t.Errorf("error line looks like a crash: %q", l)
+		}
+	}
+}
+
+func TestLoadRequiresUpstream(t *testing.T) {
+	setEnv(t, nil)
+	_, err := Load()
+	if err == nil || !strings.Contains(err.Error(), "CELLS_UPSTREAM is required") {
+		t.Errorf("Load without CELLS_UPSTREAM: err = %v", err)
+	}
+}
+
+func TestUpstreamURLs(t *testing.T) {
+	for _, tc := range []struct {
+		in      string
+		want    string // "" = error
+		notInEr string // must not appear in the error
+	}{
+		{"https://cells:8080", "https://cells:8080", ""},
+		{"https://cells:8080/", "https://cells:8080", ""},
+		{"http://[::1]:8080", "http://[::1]:8080", ""},
+		{"https://cells", "https://cells", ""},
+		{"ftp://cells:8080", "", ""},
+		{"https://cells:8080/cells", "", ""},
+		{"https://cells:99999", "", ""},
+		{"https://admin:s3cret@cells:8080", "", "s3cret"},
+		{"https://:8080", "", ""},
+		{"", "", ""},
+	} {
+		t.Run(tc.in, func(t *testing.T) {
+			u, err := parseUpstream(tc.in, "http", "https")
+			if tc.want == "" {
+				if err == nil {
+					t.Fatalf("parseUpstream(%q) = %v, want an error", tc.in, u)
+				}
+				if tc.notInEr != "" && strings.Contains(err.Error(), tc.notInEr) {
+					t.Errorf("error %q leaks %q", err, tc.notInEr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("parseUpstream(%q): %v", tc.in, err)
+			}
+			if got := u.String(); got != tc.want {
+				t.Errorf("parseUpstream(%q) = %q, want %q", tc.in, got, tc.want)
+			}
+		})
+	}
+}
+
+func TestParseSize(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want int64
+		ok   bool
+	}{
+		{"0", 0, true},
+		{"1024", 1024, true},
+		{"200MiB", 200 << 20, true},
+		{"200m", 200 << 20, true},
+		{"1G", 1 << 30, true},
+		{"1g", 1 << 30, true},
+		{"1GB", 1e9, true},
+		{"5 KiB", 5 << 10, true},
+		{"2TiB", 2 << 40, true},
+		{"12b", 12, true},
+		{"", 0, false},
+		{"MiB", 0, false},
+		{"-1", 0, false},
+		{"1.5G", 0, false},
+		{"10 parsecs", 0, false},
+		{"9223372036854775807", 1<<63 - 1, true},
+		{"9223372036854775807k", 0, false},
+	} {
+		got, err := ParseSize(tc.in)
+		if (err == nil) != tc.ok || got != tc.want {
+			t.Errorf("ParseSize(%q) = %d, %v; want %d, ok=%v", tc.in, got, err, tc.want, tc.ok)
+		}
+	}
+}
+
+func TestVariablesDocumented(t *testing.T) {
+	seen := map[string]bool{}
+	for _, v := range Variables() {
+		if v.Name == "" || v.Desc == "" {
+			t.Errorf("variable %+v lacks a name or a description", v)
+		}
+		if seen[v.Name] {
+			t.Errorf("variable %s listed twice", v.Name)
+		}
+		seen[v.Name] = true
+	}
+}

@@ -1,0 +1,464 @@
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// Tests for issue 2, points 9 and 10: what the client gets when the
+// upstream is down, silent, stalled or untrusted, and what the upstream
+// sees when the client goes away.
+
+// TestIdleTimeout checks PROXY_IDLE_TIMEOUT: a silent upstream gets 504
+// after it; exchanges that keep moving, however slowly, are not cut; an
+// upstream that stalls mid-body breaks the response, so that the client
+// never takes a truncated body for a complete one.
+func TestIdleTimeout(t *testing.T) {
+	// The slow exchanges move a byte every tick: a tenth of the idle
+	// timeout leaves 900 ms for a loaded machine to run late; 25 ticks make
+	// them last two and a half idle periods.
+	const idle = time.Second
+	const tick, ticks = idle / 10, 25
+	payload := "abcdefghijklmnopqrstuvwxyz"[:ticks]
+
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		rc := http.NewResponseController(w)
+		switch r.URL.Path {
+		case "/silent":
+			<-r.Context().Done()
+		case "/fast":
+			io.WriteString(w, "fast")
+		case "/slow-download":
+			w.Header().Set("Content-Length", strconv.Itoa(len(payload)))
+			for i := range len(payload) {
+				time.Sleep(tick)
+				io.WriteString(w, payload[i:i+1])
+				if err := rc.Flush(); err != nil {
+					return
+				}
+			}
+		case "/slow-upload":
+			b, err := io.ReadAll(r.Body)
+			if err != nil {
+				return
+			}
+			w.Write(b)
+		case "/stall", "/stall-sized":
+			if r.URL.Path == "/stall-sized" {
+				w.Header().Set("Content-Length", "1000")
+			}
+			io.WriteString(w, "partial")
+			rc.Flush()
+			<-r.Context().Done()
+		}
+	}))
+	settle(t, up)
+	cfg := testConfig(up)
+	cfg.IdleTimeout = idle
+	tp := startProxy(t, cfg)
+
+	for _, pc := range protoClients(tp) {
+		t.Run(pc.name+"/silent", func(t *testing.T) {
+			start := time.Now()
+			res, err := pc.c.Get(tp.URL + "/silent")
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, _ := io.ReadAll(res.Body)
+			res.Body.Close()
+			if got, want := res.StatusCode, http.StatusGatewayTimeout; got != want {
+				t.Errorf("status = %d (%s), want %d", got, b, want)
+			}
+			if d := time.Since(start); d < idle {
+				t.Errorf("504 after %v, before the idle timeout %v", d, idle)
+			}
+			// The client may reuse its connection: the next request must
+			// be served, not find a connection the watchdog has spoiled.
+			res, err = pc.c.Get(tp.URL + "/fast")
+			if err != nil {
+				t.Fatalf("next request: %v", err)
+			}
+			b, err = io.ReadAll(res.Body)
+			res.Body.Close()
+			if got, want := string(b), "fast"; err != nil || res.StatusCode != http.StatusOK || got != want {
+				t.Errorf("next request: got %d %q (err %v), want 200 %q", res.StatusCode, got, err, want)
+			}
+		})
+		t.Run(pc.name+"/slow-download", func(t *testing.T) {
+			res, err := pc.c.Get(tp.URL + "/slow-download")
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, err := io.ReadAll(res.Body)
+			res.Body.Close()
+			if err != nil {
+				t.Fatalf("reading the body: %v (got %q)", err, b)
+			}
+			if got, want := string(b), payload; res.StatusCode != http.StatusOK || got != want {
+				t.Errorf("got %d %q, want 200 %q", res.StatusCode, got, want)
+			}
+		})
+		t.Run(pc.name+"/slow-upload", func(t *testing.T) {
+			pr, pw := io.Pipe()
+			go func() {
+				for i := range len(payload) {
+					time.Sleep(tick)
+					if _, err := io.WriteString(pw, payload[i:i+1]); err != nil {
+						return
+					}
+				}
+				pw.Close()
+			}()
+			req, err := http.NewRequest(http.MethodPut, tp.URL+"/slow-upload", pr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			res, err := pc.c.Do(req)
+			pr.Close()
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, err := io.ReadAll(res.Body)
+			res.Body.Close()
+			if err != nil {
+				t.Fatalf("reading the body: %v", err)
+			}
+			if got, want := string(b), payload; res.StatusCode != http.StatusOK || got != want {
+				t.Errorf("got %d %q, want 200 %q", res.StatusCode, got, want)
+			}
+		})
+		for _, path := range []string{"/stall", "/stall-sized"} {
+			t.Run(pc.name+path, func(t *testing.T) {
+				res, err := pc.c.Get(tp.URL + path)
+				if err != nil {
+					t.Fatal(err)
+				}
+				b, err := io.ReadAll(res.Body)
+				res.Body.Close()
+				if err == nil {
+					t.Errorf("body %q read to a clean end, want an error (connection closed or stream reset)", b)
+				}
+				if got, want := string(b), "partial"; got != want {
+					t.Errorf("body before the error = %q, want %q", got, want)
+				}
+			})
+		}
+	}
+}
+
+// refusedAddr is a 127.0.0.1 address on which nothing listens.
+func refusedAddr(t *testing.T) string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	return addr
+}
+
+// TestUpstreamRefused: Cells down answers 502 at once, not after a timeout.
+func TestUpstreamRefused(t *testing.T) {
+	for _, scheme := range []string{"https", "http"} {
+		cfg := testConfig(nil)
+		cfg.Upstream = &url.URL{Scheme: scheme, Host: refusedAddr(t)}
+		tp := startProxy(t, cfg)
+		for _, pc := range protoClients(tp) {
+			t.Run(scheme+"/"+pc.name, func(t *testing.T) {
+				start := time.Now()
+				res, err := pc.c.Get(tp.URL + "/a/frontend/bootconf")
+				if err != nil {
+					t.Fatal(err)
+				}
+				b, _ := io.ReadAll(res.Body)
+				res.Body.Close()
+				// A refused connect takes well under 100 ms on loopback.
+				if d := time.Since(start); d > 2*time.Second {
+					t.Errorf("502 after %v, want it at once", d)
+				}
+				if got, want := res.StatusCode, http.StatusBadGateway; got != want {
+					t.Errorf("status = %d (%s), want %d", got, b, want)
+				}
+			})
+		}
+	}
+}
+
+// TestUpstreamErrorsPassUntouched: S3 clients parse Cells' own error
+// bodies, so the proxy must not replace them.
+func TestUpstreamErrorsPassUntouched(t *testing.T) {
+	errs := []struct {
+		path, contentType, body string
+		status                  int
+	}{
+		{"/io/bucket/missing", "application/xml", `<?xml version="1.0" encoding="UTF-8"?>` + "\n<Error><Code>NoSuchKey</Code><Message>The specified key does not exist.</Message></Error>", http.StatusNotFound},
+		{"/a/tree/stats", "application/json", `{"Title":"internal error","Detail":"boom"}`, http.StatusInternalServerError},
+		{"/a/frontend/bootconf", "text/html; charset=utf-8", "<html>Bad Gateway from Cells itself</html>", http.StatusBadGateway},
+		{"/dav/locked", "text/plain", "", http.StatusLocked},
+	}
+	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		for _, e := range errs {
+			if r.URL.Path == e.path {
+				w.Header().Set("Content-Type", e.contentType)
+				w.Header().Set("X-Amz-Request-Id", "4442587FB7D0A2F9")
+				w.WriteHeader(e.status)
+				io.WriteString(w, e.body)
+				return
+			}
+		}
+	})
+	for _, kind := range []struct {
+		name string
+		kind upstreamKind
+	}{{"tls", upTLS}, {"plain", upPlain}} {
+		up := newUpstream(t, kind.kind, h)
+		settle(t, up)
+		tp := startProxy(t, testConfig(up))
+		for _, pc := range protoClients(tp) {
+			for _, e := range errs {
+				t.Run(kind.name+"/"+pc.name+"/"+strconv.Itoa(e.status), func(t *testing.T) {
+					res, err := pc.c.Get(tp.URL + e.path)
+					if err != nil {
+						t.Fatal(err)
+					}
+					b, err := io.ReadAll(res.Body)
+					res.Body.Close()
+					if err != nil {
+						t.Fatal(err)
+					}
+					if got, want := res.StatusCode, e.status; got != want {
+						t.Errorf("status = %d, want %d", got, want)
+					}
+					if got, want := string(b), e.body; got != want {
+						t.Errorf("body = %q, want %q", got, want)
+					}
+					if got, want := res.Header.Get("Content-Type"), e.contentType; got != want {
+						t.Errorf("Content-Type = %q, want %q", got, want)
+					}
+					if got, want := res.Header.Get("X-Amz-Request-Id"), "4442587FB7D0A2F9"; got != want {
+						t.Errorf("X-Amz-Request-Id = %q, want %q", got, want)
+					}
+				})
+			}
+		}
+	}
+}
+
+// namedUpstream is a TLS upstream on 127.0.0.1 whose certificate names only
+// names: reached by IP, it verifies only with CELLS_UPSTREAM_SERVER_NAME.
+func namedUpstream(t *testing.T, names ...string) *testUpstream {
+	t.Helper()
+	cert, err := SelfSigned(names...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	u := &testUpstream{
+		ln:     ln,
+		URL:    &url.URL{Scheme: "https", Host: ln.Addr().String()},
+		CAFile: writeCertPEM(t, cert),
+		Srv: &http.Server{
+			Handler:  http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") }),
+			ErrorLog: slog.NewLogLogger(slog.DiscardHandler, slog.LevelError),
+		},
+	}
+	go u.Srv.Serve(tls.NewListener(ln, &tls.Config{Certificates: []tls.Certificate{cert}}))
+	t.Cleanup(u.Close)
+	return u
+}
+
+// TestUpstreamCertificate: an upstream certificate the proxy cannot verify
+// is a 502 and a log line that names the fix; CELLS_UPSTREAM_INSECURE and
+// CELLS_UPSTREAM_SERVER_NAME are the two ways past it.
+func TestUpstreamCertificate(t *testing.T) {
+	up := namedUpstream(t, "cells.internal")
+	tests := []struct {
+		name   string
+		config func(*Config)
+		want   int
+	}{
+		{"no-ca-file", func(c *Config) { c.UpstreamCAFile = "" }, http.StatusBadGateway},
+		{"insecure", func(c *Config) { c.UpstreamCAFile, c.UpstreamInsecure = "", true }, http.StatusOK},
+		{"ca-file-but-name-mismatch", func(c *Config) {}, http.StatusBadGateway},
+		{"ca-file-and-server-name", func(c *Config) { c.UpstreamServerName = "cells.internal" }, http.StatusOK},
+		{"ca-file-and-wrong-server-name", func(c *Config) { c.UpstreamServerName = "other.internal" }, http.StatusBadGateway},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg := testConfig(nil)
+			cfg.Upstream = &url.URL{Scheme: "https", Host: up.Addr()}
+			cfg.UpstreamCAFile = up.CAFile
+			tt.config(cfg)
+			tp := startProxy(t, cfg)
+			for _, pc := range protoClients(tp) {
+				res, err := pc.c.Get(tp.URL + "/a/frontend/bootconf")
+				if err != nil {
+					t.Fatal(err)
+				}
+				b, _ := io.ReadAll(res.Body)
+				res.Body.Close()
+				if got := res.StatusCode; got != tt.want {
+					t.Errorf("%s: status = %d (%s), want %d", pc.name, got, b, tt.want)
+				}
+			}
+			if logged := tp.Log.String(); tt.want == http.StatusBadGateway && !strings.Contains(logged, "CELLS_UPSTREAM_CA_FILE") {
+				t.Errorf("log does not name CELLS_UPSTREAM_CA_FILE:\n%s", logged)
+			}
+		})
+	}
+}
+
+// TestClientGoneCancelsUpstream: when the client goes away, the upstream
+// request ends too: the upstream handler's context is done, and a body it
+// is reading fails rather than ending as if complete.
+func TestClientGoneCancelsUpstream(t *testing.T) {
+	// The upstream reads this much of an upload before telling the test to
+	// drop the client; the client has sent partSent, more than partRead plus
+	// the proxy's 32 KiB write buffer.
+	const partRead, partSent, total = 64 << 10, 128 << 10, 1 << 20
+	type outcome struct {
+		bodyErr error // the upload's read error after the client left
+		ctxDone bool
+	}
+	entered := make(chan struct{}, 1)
+	outcomes := make(chan outcome, 1)
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var o outcome
+		upload := r.Method == http.MethodPut
+		if upload {
+			if _, err := io.ReadFull(r.Body, make([]byte, partRead)); err != nil {
+				o.bodyErr = fmt.Errorf("reading the first part: %w", err)
+				outcomes <- o
+				return
+			}
+		}
+		entered <- struct{}{}
+		if upload {
+			n, err := io.Copy(io.Discard, r.Body)
+			o.bodyErr = err
+			if err == nil {
+				o.bodyErr = fmt.Errorf("body ended cleanly after %d more bytes", n)
+				o.bodyErr = errors.Join(o.bodyErr, errCleanEOF)
+			}
+		}
+		select {
+		case <-r.Context().Done():
+			o.ctxDone = true
+		case <-time.After(10 * time.Second):
+		}
+		outcomes <- o
+	}))
+	settle(t, up)
+	tp := startProxy(t, testConfig(up))
+
+	check := func(t *testing.T, upload bool) {
+		t.Helper()
+		var o outcome
+		select {
+		case o = <-outcomes:
+		case <-time.After(15 * time.Second):
+			t.Fatal("the upstream handler did not finish")
+		}
+		if !o.ctxDone {
+			t.Errorf("upstream request context not done 10 s after the client left")
+		}
+		if upload && (o.bodyErr == nil || errors.Is(o.bodyErr, errCleanEOF)) {
+			t.Errorf("upstream body read: %v, want a failed read", o.bodyErr)
+		}
+	}
+	waitEntered := func(t *testing.T) {
+		t.Helper()
+		select {
+		case <-entered:
+		case o := <-outcomes:
+			t.Fatalf("upstream handler ended early: %+v", o)
+		case <-time.After(10 * time.Second):
+			t.Fatal("request never reached the upstream")
+		}
+	}
+
+	// HTTP/1.1: the client closes its connection.
+	h1 := []struct {
+		name, head string
+		body       []byte
+	}{
+		{"wait", "GET /a/tree/stats HTTP/1.1\r\nHost: cells.example\r\n\r\n", nil},
+		{"upload-content-length", "PUT /io/obj HTTP/1.1\r\nHost: cells.example\r\nContent-Length: " + strconv.Itoa(total) + "\r\n\r\n",
+			make([]byte, partSent)},
+		{"upload-chunked", "PUT /io/obj HTTP/1.1\r\nHost: cells.example\r\nTransfer-Encoding: chunked\r\n\r\n",
+			append(fmt.Appendf(nil, "%x\r\n", partSent), append(make([]byte, partSent), "\r\n"...)...)},
+	}
+	for _, tt := range h1 {
+		t.Run("h1/"+tt.name, func(t *testing.T) {
+			conn, err := tls.Dial("tcp", tp.Addr().String(), tp.TLSConfig("http/1.1"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			if _, err := conn.Write(append([]byte(tt.head), tt.body...)); err != nil {
+				t.Fatal(err)
+			}
+			waitEntered(t)
+			conn.Close()
+			check(t, tt.body != nil)
+		})
+	}
+
+	// HTTP/2: the client cancels the request, which resets the stream.
+	for _, tt := range []struct {
+		name   string
+		upload bool
+		length int64
+	}{{"wait", false, 0}, {"upload-content-length", true, total}, {"upload-no-content-length", true, -1}} {
+		t.Run("h2/"+tt.name, func(t *testing.T) {
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			method, path := http.MethodGet, "/a/tree/stats"
+			var body io.Reader
+			var pw *io.PipeWriter
+			if tt.upload {
+				var pr *io.PipeReader
+				pr, pw = io.Pipe()
+				defer pw.Close()
+				body, method, path = pr, http.MethodPut, "/io/obj"
+				go pw.Write(make([]byte, partSent))
+			}
+			req, err := http.NewRequestWithContext(ctx, method, tp.URL+path, body)
+			if err != nil {
+				t.Fatal(err)
+			}
+			req.ContentLength = tt.length
+			done := make(chan error, 1)
+			go func() {
+				res, err := tp.H2.Do(req)
+				if err == nil {
+					res.Body.Close()
+				}
+				done <- err
+			}()
+			waitEntered(t)
+			cancel()
+			check(t, tt.upload)
+			if err := <-done; err == nil {
+				t.Errorf("client request succeeded after it was cancelled")
+			}
+		})
+	}
+}
+
+// errCleanEOF marks an upload body that ended as if complete.
+var errCleanEOF = errors.New("clean EOF")

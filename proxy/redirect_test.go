@@ -1,0 +1,127 @@
+package proxy
+
+import (
+	"bufio"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+)
+
+// rawPlain sends raw, one complete HTTP/1.x request, to the redirect
+// listener over plain TCP and reads one response.
+func rawPlain(t testing.TB, tp *testProxy, raw string) *http.Response {
+	t.Helper()
+	conn, err := net.Dial("tcp", tp.RedirectAddr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.WriteString(conn, raw); err != nil {
+		t.Fatal(err)
+	}
+	method, _, _ := strings.Cut(raw, " ")
+	res, err := http.ReadResponse(bufio.NewReader(conn), &http.Request{Method: method})
+	if err != nil {
+		t.Fatalf("reading the response to %.60q: %v", raw, err)
+	}
+	io.Copy(io.Discard, res.Body)
+	res.Body.Close()
+	return res
+}
+
+// TestRedirect checks the plain listener: 301 to https on the same host,
+// the configured public port (443 left out), the request-target kept byte
+// for byte, IPv6 hosts bracketed; Cells is never contacted.
+func TestRedirect(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name   string
+		port   int
+		method string
+		target string
+		host   string
+		want   string
+	}{
+		{"encoded slash and query", 443, "GET", "/a/meta/bulk/path%2Fto%2Ffolder?pydio_jwt=x.y&a=%20;b", "cells.example.com",
+			"https://cells.example.com/a/meta/bulk/path%2Fto%2Ffolder?pydio_jwt=x.y&a=%20;b"},
+		{"host port dropped", 443, "GET", "/", "cells.example.com:80", "https://cells.example.com/"},
+		{"redirect port", 8443, "GET", "/dav/a%20b/?x=1", "cells.example.com:8080", "https://cells.example.com:8443/dav/a%20b/?x=1"},
+		{"IPv6", 443, "GET", "/x", "[2001:db8::1]:80", "https://[2001:db8::1]/x"},
+		{"IPv6 redirect port", 8443, "GET", "/x", "[2001:db8::1]", "https://[2001:db8::1]:8443/x"},
+		{"IPv4", 8443, "GET", "/x", "192.0.2.10:8080", "https://192.0.2.10:8443/x"},
+		{"double slashes", 443, "GET", "//a//b/../c", "cells.example.com", "https://cells.example.com//a//b/../c"},
+		{"raw UTF-8", 443, "GET", "/io/caf\xc3\xa9", "cells.example.com", "https://cells.example.com/io/caf\xc3\xa9"},
+		{"empty query", 443, "GET", "/a/f?", "cells.example.com", "https://cells.example.com/a/f?"},
+		{"absolute form", 443, "GET", "http://cells.example.com/x%2Fy?q=1", "cells.example.com", "https://cells.example.com/x%2Fy?q=1"},
+		{"HEAD", 443, "HEAD", "/io/f", "cells.example.com", "https://cells.example.com/io/f"},
+		{"PUT", 443, "PUT", "/io/f?partNumber=1", "cells.example.com", "https://cells.example.com/io/f?partNumber=1"},
+	}
+	rec := &recorder{}
+	up := newUpstream(t, upTLS, rec)
+	proxies := make(map[int]*testProxy)
+	for _, port := range []int{443, 8443} {
+		cfg := testConfig(up)
+		cfg.RedirectPort = port
+		proxies[port] = startProxy(t, cfg)
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			raw := tt.method + " " + tt.target + " HTTP/1.1\r\nHost: " + tt.host + "\r\n"
+			if tt.method == "PUT" {
+				raw += "Content-Length: 0\r\n"
+			}
+			res := rawPlain(t, proxies[tt.port], raw+"\r\n")
+			if got, want := res.StatusCode, http.StatusMovedPermanently; got != want {
+				t.Errorf("status = %d, want %d", got, want)
+			}
+			if got := res.Header.Get("Location"); got != tt.want {
+				t.Errorf("Location = %q, want %q", got, tt.want)
+			}
+		})
+	}
+	if n := rec.count(); n != 0 {
+		t.Errorf("upstream saw %d requests, want 0", n)
+	}
+}
+
+// TestRedirectServerNames: a Host outside ServerNames gets 404 on the
+// redirect port, as nginx's default server, and is not sent anywhere.
+func TestRedirectServerNames(t *testing.T) {
+	t.Parallel()
+	rec := &recorder{}
+	up := newUpstream(t, upTLS, rec)
+	cfg := testConfig(up)
+	cfg.ServerNames = []string{"cells.example.com"}
+	tp := startProxy(t, cfg)
+	tests := []struct {
+		name   string
+		raw    string
+		status int
+		loc    string
+	}{
+		{"foreign host", "GET /x HTTP/1.1\r\nHost: evil.example\r\n\r\n", http.StatusNotFound, ""},
+		{"foreign host with port", "GET /x HTTP/1.1\r\nHost: evil.example:80\r\n\r\n", http.StatusNotFound, ""},
+		{"suffix of a name", "GET /x HTTP/1.1\r\nHost: example.com\r\n\r\n", http.StatusNotFound, ""},
+		{"no host", "GET /x HTTP/1.0\r\n\r\n", http.StatusNotFound, ""},
+		{"absolute form for a foreign host", "GET http://evil.example/x HTTP/1.1\r\nHost: cells.example.com\r\n\r\n", http.StatusNotFound, ""},
+		{"known host", "GET /x?y HTTP/1.1\r\nHost: Cells.Example.Com:80\r\n\r\n", http.StatusMovedPermanently, "https://Cells.Example.Com/x?y"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			res := rawPlain(t, tp, tt.raw)
+			if got := res.StatusCode; got != tt.status {
+				t.Errorf("status = %d, want %d", got, tt.status)
+			}
+			if got := res.Header.Get("Location"); got != tt.loc {
+				t.Errorf("Location = %q, want %q", got, tt.loc)
+			}
+		})
+	}
+	if n := rec.count(); n != 0 {
+		t.Errorf("upstream saw %d requests, want 0", n)
+	}
+}

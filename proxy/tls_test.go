@@ -1,0 +1,475 @@
+package proxy
+
+import (
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"errors"
+	"io"
+	"math/big"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// selfSignedRSA is SelfSigned with an RSA 2048 key: most certificates in
+// the field are RSA, and only with one can a client even ask for the
+// ECDHE_RSA and static-RSA suites.
+func selfSignedRSA(t testing.TB, names ...string) tls.Certificate {
+	t.Helper()
+	key, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          serial,
+		Subject:               pkix.Name{CommonName: "cells-proxy test RSA"},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(24 * time.Hour),
+		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment | x509.KeyUsageCertSign,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+	}
+	for _, n := range names {
+		if ip := net.ParseIP(n); ip != nil {
+			tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
+		} else {
+			tmpl.DNSNames = append(tmpl.DNSNames, n)
+		}
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaf, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}
+}
+
+// pemPair is the PEM encoding of a certificate and its key, as files hold them.
+func pemPair(t testing.TB, cert tls.Certificate) (certPEM, keyPEM []byte) {
+	t.Helper()
+	for _, der := range cert.Certificate {
+		certPEM = append(certPEM, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})...)
+	}
+	der, err := x509.MarshalPKCS8PrivateKey(cert.PrivateKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return certPEM, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})
+}
+
+// writePair writes cert to certFile and keyFile, replacing them in place.
+func writePair(t testing.TB, cert tls.Certificate, certFile, keyFile string) {
+	t.Helper()
+	c, k := pemPair(t, cert)
+	if err := os.WriteFile(certFile, c, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(keyFile, k, 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// certKinds are the two key types a real certificate comes with.
+var certKinds = []struct {
+	name string
+	make func(t testing.TB) tls.Certificate
+}{
+	{"ECDSA", func(t testing.TB) tls.Certificate {
+		c, err := SelfSigned("localhost", "127.0.0.1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}},
+	{"RSA", func(t testing.TB) tls.Certificate { return selfSignedRSA(t, "localhost", "127.0.0.1") }},
+}
+
+// startTLSProxy runs a proxy that serves cert from TLS_CERT_FILE, with the
+// dedicated gRPC port open too.
+func startTLSProxy(t *testing.T, cert tls.Certificate) *testProxy {
+	t.Helper()
+	up := newUpstream(t, upTLS, &recorder{})
+	cfg := testConfig(up)
+	dir := t.TempDir()
+	cfg.CertFile, cfg.KeyFile = filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+	writePair(t, cert, cfg.CertFile, cfg.KeyFile)
+	cfg.GRPCAddr = "127.0.0.1:0"
+	return startProxy(t, cfg)
+}
+
+// handshake dials addr with c and returns the connection state, or the
+// handshake error.
+func handshake(addr string, c *tls.Config) (tls.ConnectionState, error) {
+	d := &tls.Dialer{NetDialer: &net.Dialer{Timeout: 10 * time.Second}, Config: c}
+	conn, err := d.Dial("tcp", addr)
+	if err != nil {
+		return tls.ConnectionState{}, err
+	}
+	defer conn.Close()
+	return conn.(*tls.Conn).ConnectionState(), nil
+}
+
+// wantRefused checks that the server, not the client, ended the handshake:
+// the client got a TLS alert back ("remote error"), so it did send its hello.
+func wantRefused(t *testing.T, err error, what string) {
+	t.Helper()
+	var op *net.OpError
+	switch {
+	case err == nil:
+		t.Errorf("%s: handshake succeeded, want it refused", what)
+	case !errors.As(err, &op) || op.Op != "remote error":
+		t.Errorf("%s: handshake error %v, want a TLS alert from the server", what, err)
+	}
+}
+
+func TestTLSVersions(t *testing.T) {
+	for _, kind := range certKinds {
+		t.Run(kind.name, func(t *testing.T) {
+			tp := startTLSProxy(t, kind.make(t))
+			ports := map[string]string{"public": tp.Addr().String(), "grpc": tp.GRPCAddr().String()}
+			for port, addr := range ports {
+				t.Run(port, func(t *testing.T) {
+					for _, tc := range []struct {
+						name     string
+						min, max uint16
+						want     uint16 // 0: refused
+					}{
+						{"TLS1.0", tls.VersionTLS10, tls.VersionTLS10, 0},
+						{"TLS1.1", tls.VersionTLS10, tls.VersionTLS11, 0},
+						{"TLS1.2", tls.VersionTLS12, tls.VersionTLS12, tls.VersionTLS12},
+						{"TLS1.3", tls.VersionTLS13, tls.VersionTLS13, tls.VersionTLS13},
+						{"any", tls.VersionTLS10, tls.VersionTLS13, tls.VersionTLS13},
+					} {
+						c := tp.TLSConfig("h2")
+						c.MinVersion, c.MaxVersion = tc.min, tc.max
+						st, err := handshake(addr, c)
+						if tc.want == 0 {
+							wantRefused(t, err, tc.name)
+							continue
+						}
+						if err != nil {
+							t.Errorf("%s: %v", tc.name, err)
+							continue
+						}
+						if got := st.Version; got != tc.want {
+							t.Errorf("%s: version = %s, want %s", tc.name, tls.VersionName(got), tls.VersionName(tc.want))
+						}
+					}
+				})
+			}
+		})
+	}
+}
+
+func TestTLS12CipherSuites(t *testing.T) {
+	// Suites a TLS 1.2 client may offer. Each is offered alone: the
+	// handshake succeeds only if the server accepts that very suite.
+	refused := []uint16{
+		// CBC (Lucky13, BEAST-class padding oracles).
+		tls.TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA,
+		tls.TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA,
+		tls.TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA256,
+		tls.TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA,
+		tls.TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA,
+		tls.TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA256,
+		// Static RSA key exchange: no forward secrecy, ROBOT.
+		tls.TLS_RSA_WITH_AES_128_GCM_SHA256,
+		tls.TLS_RSA_WITH_AES_256_GCM_SHA384,
+		tls.TLS_RSA_WITH_AES_128_CBC_SHA,
+		tls.TLS_RSA_WITH_AES_256_CBC_SHA,
+		tls.TLS_RSA_WITH_AES_128_CBC_SHA256,
+		// 3DES (Sweet32) and RC4.
+		tls.TLS_ECDHE_RSA_WITH_3DES_EDE_CBC_SHA,
+		tls.TLS_RSA_WITH_3DES_EDE_CBC_SHA,
+		tls.TLS_ECDHE_RSA_WITH_RC4_128_SHA,
+		tls.TLS_ECDHE_ECDSA_WITH_RC4_128_SHA,
+		tls.TLS_RSA_WITH_RC4_128_SHA,
+	}
+	accepted := map[string][]uint16{
+		"ECDSA": {
+			tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+			tls.TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+			tls.TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+		},
+		"RSA": {
+			tls.TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+			tls.TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+			tls.TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+		},
+	}
+	for _, kind := range certKinds {
+		t.Run(kind.name, func(t *testing.T) {
+			tp := startTLSProxy(t, kind.make(t))
+			ports := map[string]string{"public": tp.Addr().String(), "grpc": tp.GRPCAddr().String()}
+			for port, addr := range ports {
+				t.Run(port, func(t *testing.T) {
+					offer := func(suite uint16) (tls.ConnectionState, error) {
+						c := tp.TLSConfig("h2")
+						c.MaxVersion = tls.VersionTLS12
+						c.CipherSuites = []uint16{suite}
+						return handshake(addr, c)
+					}
+					for _, suite := range refused {
+						_, err := offer(suite)
+						wantRefused(t, err, tls.CipherSuiteName(suite))
+					}
+					for _, suite := range accepted[kind.name] {
+						st, err := offer(suite)
+						if err != nil {
+							t.Errorf("%s: %v", tls.CipherSuiteName(suite), err)
+							continue
+						}
+						if got, want := tls.CipherSuiteName(st.CipherSuite), tls.CipherSuiteName(suite); got != want {
+							t.Errorf("negotiated suite = %s, want %s", got, want)
+						}
+					}
+					// A client offering everything Go knows gets a
+					// forward-secret AEAD suite.
+					c := tp.TLSConfig("h2")
+					c.MaxVersion = tls.VersionTLS12
+					for _, s := range append(tls.CipherSuites(), tls.InsecureCipherSuites()...) {
+						c.CipherSuites = append(c.CipherSuites, s.ID)
+					}
+					st, err := handshake(addr, c)
+					if err != nil {
+						t.Fatalf("all suites offered: %v", err)
+					}
+					if name := tls.CipherSuiteName(st.CipherSuite); !strings.HasPrefix(name, "TLS_ECDHE_") ||
+						!(strings.Contains(name, "_GCM_") || strings.Contains(name, "CHACHA20")) {
+						t.Errorf("all suites offered: negotiated %s, want ECDHE with GCM or ChaCha20", name)
+					}
+				})
+			}
+		})
+	}
+}
+
+func TestALPN(t *testing.T) {
+	cert, err := SelfSigned("localhost", "127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tp := startTLSProxy(t, cert)
+	for _, tc := range []struct {
+		port  string
+		offer []string
+		want  string
+	}{
+		{"public", []string{"h2", "http/1.1"}, "h2"},
+		{"public", []string{"http/1.1", "h2"}, "h2"}, // the server's preference wins
+		{"public", []string{"http/1.1"}, "http/1.1"},
+		{"public", []string{"h2"}, "h2"},
+		{"public", nil, ""},
+		{"grpc", []string{"h2", "http/1.1"}, "h2"},
+		{"grpc", []string{"h2"}, "h2"},
+		// HTTP/1.1 cannot carry gRPC. Go's TLS server lets an http/1.1
+		// client of an h2-only server connect without ALPN rather than
+		// refuse it (crypto/tls negotiateALPN, golang/go#46310); what
+		// matters is that http/1.1 is never agreed.
+		{"grpc", []string{"http/1.1"}, ""},
+	} {
+		name := tc.port + "/" + strings.Join(tc.offer, ",")
+		t.Run(name, func(t *testing.T) {
+			addr := tp.Addr().String()
+			if tc.port == "grpc" {
+				addr = tp.GRPCAddr().String()
+			}
+			for _, v := range []uint16{tls.VersionTLS12, tls.VersionTLS13} {
+				c := tp.TLSConfig(tc.offer...)
+				c.MinVersion, c.MaxVersion = v, v
+				st, err := handshake(addr, c)
+				if err != nil {
+					t.Fatalf("%s: %v", tls.VersionName(v), err)
+				}
+				if got := st.NegotiatedProtocol; got != tc.want {
+					t.Errorf("%s: ALPN = %q, want %q", tls.VersionName(v), got, tc.want)
+				}
+			}
+		})
+	}
+
+	// A client without ALPN is served HTTP/1.1 on the public port.
+	conn, err := tls.Dial("tcp", tp.Addr().String(), tp.TLSConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	io.WriteString(conn, "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+	b, _ := io.ReadAll(conn)
+	if got, want := strings.SplitN(string(b), "\r\n", 2)[0], "HTTP/1.1 200 OK"; got != want {
+		t.Errorf("public port, no ALPN: status line = %q, want %q", got, want)
+	}
+
+	// The gRPC port speaks only HTTP/2: an HTTP/1.1 request there is not
+	// answered, the connection is closed.
+	conn, err = tls.Dial("tcp", tp.GRPCAddr().String(), tp.TLSConfig("http/1.1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	io.WriteString(conn, "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+	b, err = io.ReadAll(conn)
+	if len(b) != 0 || err != nil {
+		t.Errorf("gRPC port, HTTP/1.1 request: read %q, %v; want the connection closed", b, err)
+	}
+}
+
+func TestParseHSTS(t *testing.T) {
+	for _, tc := range []struct {
+		value    string
+		realCert bool
+		want     string
+		wantErr  bool
+	}{
+		{"auto", true, "max-age=31536000", false},
+		{"auto", false, "", false},
+		{"AUTO", true, "max-age=31536000", false},
+		{"off", true, "", false},
+		{"off", false, "", false},
+		{"max-age=63072000; includeSubDomains", true, "max-age=63072000; includeSubDomains", false},
+		{"max-age=63072000; includeSubDomains; preload", false, "max-age=63072000; includeSubDomains; preload", false},
+		{`includeSubDomains; max-age="600"`, true, `includeSubDomains; max-age="600"`, false},
+		{"max-age=0", true, "max-age=0", false}, // RFC 6797 §6.1.1: how a site withdraws HSTS
+		{"includeSubDomains", true, "", true},
+		{"max-age=a year", true, "", true},
+		{"max-age=-1", true, "", true},
+		{"on", true, "", true},
+		{"max-age=600\n", true, "max-age=600", false},
+		{"max-age=600;\x7fx", true, "", true},
+	} {
+		got, err := parseHSTS(tc.value, tc.realCert)
+		if (err != nil) != tc.wantErr {
+			t.Errorf("parseHSTS(%q, %v) error = %v, want error: %v", tc.value, tc.realCert, err, tc.wantErr)
+			continue
+		}
+		if got != tc.want {
+			t.Errorf("parseHSTS(%q, %v) = %q, want %q", tc.value, tc.realCert, got, tc.want)
+		}
+	}
+}
+
+func TestLoadHSTS(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		vars map[string]string
+		want string
+	}{
+		{"unset, self-signed", map[string]string{}, ""},
+		{"unset, TLS_CERT_FILE", map[string]string{"TLS_CERT_FILE": "/c.pem", "TLS_KEY_FILE": "/k.pem"}, "max-age=31536000"},
+		{"off", map[string]string{"PROXY_HSTS": "off", "TLS_CERT_FILE": "/c.pem", "TLS_KEY_FILE": "/k.pem"}, ""},
+		{"explicit, self-signed", map[string]string{"PROXY_HSTS": "max-age=600"}, "max-age=600"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			vars := map[string]string{"CELLS_UPSTREAM": "https://cells:8080"}
+			for k, v := range tc.vars {
+				vars[k] = v
+			}
+			setEnv(t, vars)
+			c, err := Load()
+			if err != nil {
+				t.Fatalf("Load: %v", err)
+			}
+			if got := c.HSTS; got != tc.want {
+				t.Errorf("HSTS = %q, want %q", got, tc.want)
+			}
+		})
+	}
+	setEnv(t, map[string]string{"CELLS_UPSTREAM": "https://cells:8080", "PROXY_HSTS": "includeSubDomains"})
+	_, err := Load()
+	if err == nil || !strings.Contains(err.Error(), "PROXY_HSTS") {
+		t.Errorf("PROXY_HSTS=includeSubDomains: Load error = %v, want one naming PROXY_HSTS", err)
+	}
+}
+
+func TestHSTS(t *testing.T) {
+	const value = "max-age=63072000; includeSubDomains"
+	const cells = "max-age=600"
+	rec := &recorder{Respond: func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/own" {
+			w.Header().Set("Strict-Transport-Security", cells)
+		}
+		if r.URL.Path == "/missing" {
+			http.NotFound(w, r)
+			return
+		}
+		io.WriteString(w, "ok")
+	}}
+	up := newUpstream(t, upTLS, rec)
+
+	t.Run("TLS", func(t *testing.T) {
+		cfg := testConfig(up)
+		cfg.HSTS = value
+		cfg.ServerNames = []string{"127.0.0.1"}
+		cfg.GRPCAddr = "127.0.0.1:0"
+		tp := startProxy(t, cfg)
+		for _, tc := range []struct {
+			path string
+			host string
+			want string
+		}{
+			{"/a/frontend/bootconf", "", value},
+			{"/missing", "", value},       // Cells' errors too
+			{"/own", "", cells},           // Cells' own value wins
+			{"/", "other.example", value}, // the proxy's own 421
+		} {
+			for _, c := range []*http.Client{tp.H1, tp.H2} {
+				req, _ := http.NewRequest("GET", tp.URL+tc.path, nil)
+				if tc.host != "" {
+					req.Host = tc.host
+				}
+				res, err := c.Do(req)
+				if err != nil {
+					t.Fatal(err)
+				}
+				io.Copy(io.Discard, res.Body)
+				res.Body.Close()
+				if got := res.Header.Values("Strict-Transport-Security"); len(got) != 1 || got[0] != tc.want {
+					t.Errorf("%s %s (status %d): Strict-Transport-Security = %q, want [%q]", res.Proto, tc.path, res.StatusCode, got, tc.want)
+				}
+			}
+		}
+
+		// Never on the cleartext redirect port (RFC 6797 §7.2).
+		res, err := tp.H1.Get("http://" + tp.RedirectAddr().String() + "/x")
+		if err != nil {
+			t.Fatal(err)
+		}
+		res.Body.Close()
+		if got := res.Header.Get("Strict-Transport-Security"); got != "" {
+			t.Errorf("redirect port: Strict-Transport-Security = %q, want none", got)
+		}
+	})
+
+	t.Run("cleartext", func(t *testing.T) {
+		cfg := testConfig(up)
+		cfg.HSTS = value
+		cfg.TLS = false
+		tp := startProxy(t, cfg)
+		res, err := tp.H1.Get(tp.URL + "/a/frontend/bootconf")
+		if err != nil {
+			t.Fatal(err)
+		}
+		res.Body.Close()
+		if got := res.Header.Get("Strict-Transport-Security"); got != "" {
+			t.Errorf("PROXY_TLS=off: Strict-Transport-Security = %q, want none", got)
+		}
+	})
+}

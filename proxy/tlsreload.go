@@ -1,0 +1,141 @@
+package proxy
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// certPollInterval is how often TLS_CERT_FILE and TLS_KEY_FILE are read to
+// notice a renewed certificate. Reading two small files this often costs
+// nothing, and it needs no inotify: certbot replaces symlinks and
+// cert-manager swaps a "..data" symlink directory, which a watch on the file
+// itself would miss. Tests shorten it.
+var certPollInterval = 5 * time.Second
+
+// certFiles keeps the certificate served from TLS_CERT_FILE and TLS_KEY_FILE
+// current. A new pair replaces the old one only once it parses and its key
+// matches its certificate: a half-written or mismatched pair is refused with
+// an error in the log, and the old certificate keeps serving. Connections
+// already open are not touched; new handshakes get the new certificate.
+type certFiles struct {
+	certFile, keyFile string
+	log               *slog.Logger
+	cert              *atomic.Pointer[tls.Certificate] // the Server's, read by GetCertificate
+
+	mu     sync.Mutex
+	served [sha256.Size]byte // the content of the pair being served
+	failed [sha256.Size]byte // the content of the last pair refused, not to log it at every poll
+}
+
+// outcome is what a check of the files did.
+type outcome int
+
+const (
+	unchanged    outcome = iota // same content as served
+	reloaded                    // a new pair is served
+	refused                     // a new pair did not load
+	refusedAgain                // the pair refused at the previous check, still
+)
+
+// load reads both files and, if they make a usable pair, serves it. With
+// force the pair is parsed even when its content is the one served (SIGHUP).
+func (c *certFiles) load(force bool) (outcome, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	sum, cert, err := c.read()
+	if err == nil && sum == c.served && !force {
+		return unchanged, nil
+	}
+	if err == nil {
+		c.served, c.failed = sum, [sha256.Size]byte{}
+		c.cert.Store(cert)
+		return reloaded, nil
+	}
+	if sum == c.failed {
+		return refusedAgain, err
+	}
+	c.failed = sum
+	return refused, err
+}
+
+// read loads the pair; sum identifies the content read (or the error).
+func (c *certFiles) read() (sum [sha256.Size]byte, cert *tls.Certificate, err error) {
+	certPEM, errCert := os.ReadFile(c.certFile)
+	keyPEM, errKey := os.ReadFile(c.keyFile)
+	if err := errors.Join(errCert, errKey); err != nil {
+		err = fmt.Errorf("reading TLS_CERT_FILE and TLS_KEY_FILE: %w", err)
+		return sha256.Sum256([]byte(err.Error())), nil, err
+	}
+	// The length of the first file is hashed too, so that moving bytes
+	// from one file to the other changes the sum.
+	h := sha256.New()
+	fmt.Fprintf(h, "%d\n", len(certPEM))
+	h.Write(certPEM)
+	h.Write(keyPEM)
+	h.Sum(sum[:0])
+	pair, err := tls.X509KeyPair(certPEM, keyPEM)
+	if err == nil && pair.Leaf == nil {
+		err = errors.New("no certificate")
+	}
+	if err != nil {
+		return sum, nil, fmt.Errorf("loading TLS_CERT_FILE %q and TLS_KEY_FILE %q: %w", c.certFile, c.keyFile, err)
+	}
+	return sum, &pair, nil
+}
+
+// poll is one periodic check. A pair that stays broken is logged once.
+func (c *certFiles) poll() {
+	switch out, err := c.load(false); out {
+	case reloaded:
+		c.logServed("poll")
+	case refused:
+		c.log.Error("TLS certificate not reloaded, the current one keeps serving", "trigger", "poll", "err", err)
+	}
+}
+
+// logServed logs the certificate now served; trigger is poll or reload.
+func (c *certFiles) logServed(trigger string) {
+	leaf := c.cert.Load().Leaf
+	c.log.Info("TLS certificate reloaded", "trigger", trigger, "file", c.certFile, "subject", leaf.Subject.String(),
+		"serial", leaf.SerialNumber.Text(16), "not_after", leaf.NotAfter.UTC().Format(time.RFC3339))
+}
+
+// watch polls the files until ctx ends.
+func (c *certFiles) watch(ctx context.Context) {
+	t := time.NewTicker(certPollInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			c.poll()
+		}
+	}
+}
+
+// Reload reads TLS_CERT_FILE and TLS_KEY_FILE again, as SIGHUP asks: new
+// handshakes get the new certificate, open connections keep theirs. A pair
+// that does not load is refused, logged and returned, and the current
+// certificate keeps serving. With the self-signed certificate there is
+// nothing to reload.
+func (s *Server) Reload() error {
+	if s.certFiles == nil {
+		s.log.Info("TLS certificate not reloaded: no TLS_CERT_FILE")
+		return nil
+	}
+	if _, err := s.certFiles.load(true); err != nil {
+		s.log.Error("TLS certificate not reloaded, the current one keeps serving", "trigger", "reload", "err", err)
+		return err
+	}
+	s.certFiles.logServed("reload")
+	return nil
+}

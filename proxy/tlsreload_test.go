@@ -1,0 +1,357 @@
+package proxy
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"io"
+	"log/slog"
+	"math/big"
+	"net/http"
+	"net/http/httptrace"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// setCertPollInterval changes how often the certificate files are polled
+// for the test. Tests that call it must not be parallel: the proxy's Run
+// reads the variable.
+func setCertPollInterval(t *testing.T, d time.Duration) {
+	t.Helper()
+	old := certPollInterval
+	certPollInterval = d
+	t.Cleanup(func() { certPollInterval = old })
+}
+
+// newCert is a fresh self-signed certificate for 127.0.0.1, its serial
+// unique.
+func newCert(t testing.TB) tls.Certificate {
+	t.Helper()
+	c, err := SelfSigned("localhost", "127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// reloadProxy is a proxy serving certFile and keyFile, with a gRPC port,
+// and a pool that trusts every certificate the test will serve.
+type reloadProxy struct {
+	*testProxy
+	certFile, keyFile string
+	roots             *x509.CertPool
+}
+
+func startReloadProxy(t *testing.T, certFile, keyFile string, trust ...tls.Certificate) *reloadProxy {
+	t.Helper()
+	up := newUpstream(t, upTLS, &recorder{})
+	cfg := testConfig(up)
+	cfg.CertFile, cfg.KeyFile = certFile, keyFile
+	cfg.GRPCAddr = "127.0.0.1:0"
+	rp := &reloadProxy{testProxy: startProxy(t, cfg), certFile: certFile, keyFile: keyFile, roots: x509.NewCertPool()}
+	for _, c := range trust {
+		rp.roots.AddCert(c.Leaf)
+	}
+	return rp
+}
+
+// serial is the serial of the certificate a new handshake on addr gets.
+func (rp *reloadProxy) serial(t *testing.T, addr string) *big.Int {
+	t.Helper()
+	st, err := handshake(addr, &tls.Config{RootCAs: rp.roots, ServerName: "127.0.0.1", NextProtos: []string{"h2"}})
+	if err != nil {
+		t.Fatalf("handshake with %s: %v", addr, err)
+	}
+	return st.PeerCertificates[0].SerialNumber
+}
+
+// waitSerial waits until new handshakes on addr get the certificate want.
+// The poller runs every few milliseconds in these tests; the bound is
+// generous for a loaded machine.
+func (rp *reloadProxy) waitSerial(t *testing.T, addr string, want tls.Certificate) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		got := rp.serial(t, addr)
+		if got.Cmp(want.Leaf.SerialNumber) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s still serves serial %x after 20s, want %x\nproxy log:\n%s", addr, got, want.Leaf.SerialNumber, rp.Log)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func (rp *reloadProxy) wantSerial(t *testing.T, addr string, want tls.Certificate, when string) {
+	t.Helper()
+	if got := rp.serial(t, addr); got.Cmp(want.Leaf.SerialNumber) != 0 {
+		t.Errorf("%s: %s serves serial %x, want %x", when, addr, got, want.Leaf.SerialNumber)
+	}
+}
+
+// h2Client is an HTTP/2 client that trusts rp's certificates.
+func (rp *reloadProxy) h2Client() *http.Client {
+	tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: rp.roots, ServerName: "127.0.0.1"}}
+	tr.Protocols = new(http.Protocols)
+	tr.Protocols.SetHTTP2(true)
+	return &http.Client{Transport: tr}
+}
+
+// get does GET url with c and reports the certificate of the connection
+// it went over and whether that connection was reused.
+func get(t *testing.T, c *http.Client, url string) (serial *big.Int, reused bool) {
+	t.Helper()
+	req, _ := http.NewRequest("GET", url, nil)
+	req = req.WithContext(httptrace.WithClientTrace(req.Context(), &httptrace.ClientTrace{
+		GotConn: func(i httptrace.GotConnInfo) { reused = i.Reused },
+	}))
+	res, err := c.Do(req)
+	if err != nil {
+		t.Fatalf("GET %s: %v", url, err)
+	}
+	io.Copy(io.Discard, res.Body)
+	res.Body.Close()
+	if res.StatusCode != http.StatusOK || res.ProtoMajor != 2 {
+		t.Fatalf("GET %s: %s %s, want HTTP/2 200", url, res.Proto, res.Status)
+	}
+	return res.TLS.PeerCertificates[0].SerialNumber, reused
+}
+
+// TestCertReloadRewrite: files rewritten in place (a script, cp) are picked
+// up by the poller; an HTTP/2 connection opened before keeps working on
+// its certificate, and the gRPC port serves the new one too.
+func TestCertReloadRewrite(t *testing.T) {
+	setCertPollInterval(t, 10*time.Millisecond)
+	dir := t.TempDir()
+	certFile, keyFile := filepath.Join(dir, "fullchain.pem"), filepath.Join(dir, "privkey.pem")
+	a, b := newCert(t), newCert(t)
+	writePair(t, a, certFile, keyFile)
+	rp := startReloadProxy(t, certFile, keyFile, a, b)
+	pub, grpc := rp.Addr().String(), rp.GRPCAddr().String()
+	rp.wantSerial(t, pub, a, "before")
+	rp.wantSerial(t, grpc, a, "before")
+
+	c := rp.h2Client()
+	defer c.CloseIdleConnections()
+	if serial, _ := get(t, c, rp.URL+"/before"); serial.Cmp(a.Leaf.SerialNumber) != 0 {
+		t.Fatalf("first request: serial %x, want %x", serial, a.Leaf.SerialNumber)
+	}
+
+	writePair(t, b, certFile, keyFile)
+	rp.waitSerial(t, pub, b)
+	rp.wantSerial(t, grpc, b, "after the rewrite")
+	if !strings.Contains(rp.Log.String(), "TLS certificate reloaded") {
+		t.Errorf("no \"TLS certificate reloaded\" in the log:\n%s", rp.Log)
+	}
+
+	// The connection opened before is still up and still on a.
+	serial, reused := get(t, c, rp.URL+"/after")
+	if !reused {
+		t.Errorf("request after the reload opened a new connection, want the open one reused")
+	}
+	if serial.Cmp(a.Leaf.SerialNumber) != 0 {
+		t.Errorf("open connection: serial %x, want the old %x", serial, a.Leaf.SerialNumber)
+	}
+}
+
+// TestCertReloadSymlinks replays how certbot and cert-manager renew: the
+// files named in TLS_CERT_FILE and TLS_KEY_FILE are symlinks, and a renewal
+// repoints them without touching the old files.
+func TestCertReloadSymlinks(t *testing.T) {
+	setCertPollInterval(t, 10*time.Millisecond)
+	symlink := func(t *testing.T, target, link string) {
+		t.Helper()
+		// Atomic replace, as both tools do: a new link, renamed over.
+		tmp := link + ".tmp"
+		if err := os.Symlink(target, tmp); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(tmp, link); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mkdir := func(t *testing.T, d string) {
+		t.Helper()
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	t.Run("certbot", func(t *testing.T) {
+		// /etc/letsencrypt/live/NAME/fullchain.pem -> ../../archive/NAME/fullchainN.pem
+		root := t.TempDir()
+		live, archive := filepath.Join(root, "live", "cells"), filepath.Join(root, "archive", "cells")
+		mkdir(t, live)
+		mkdir(t, archive)
+		a, b := newCert(t), newCert(t)
+		writePair(t, a, filepath.Join(archive, "fullchain1.pem"), filepath.Join(archive, "privkey1.pem"))
+		certFile, keyFile := filepath.Join(live, "fullchain.pem"), filepath.Join(live, "privkey.pem")
+		symlink(t, "../../archive/cells/fullchain1.pem", certFile)
+		symlink(t, "../../archive/cells/privkey1.pem", keyFile)
+		rp := startReloadProxy(t, certFile, keyFile, a, b)
+		rp.wantSerial(t, rp.Addr().String(), a, "before")
+
+		writePair(t, b, filepath.Join(archive, "fullchain2.pem"), filepath.Join(archive, "privkey2.pem"))
+		symlink(t, "../../archive/cells/privkey2.pem", keyFile)
+		symlink(t, "../../archive/cells/fullchain2.pem", certFile)
+		rp.waitSerial(t, rp.Addr().String(), b)
+		rp.wantSerial(t, rp.GRPCAddr().String(), b, "after the renewal")
+	})
+
+	t.Run("cert-manager", func(t *testing.T) {
+		// A Kubernetes secret volume: tls.crt -> ..data/tls.crt,
+		// ..data -> ..2024_01_01_00_00_00.1; an update writes a new
+		// timestamped directory and renames a new ..data link over the
+		// old one (kubernetes AtomicWriter).
+		vol := t.TempDir()
+		a, b := newCert(t), newCert(t)
+		v1, v2 := filepath.Join(vol, "..2024_01_01_00_00_00.1"), filepath.Join(vol, "..2024_03_01_00_00_00.2")
+		mkdir(t, v1)
+		writePair(t, a, filepath.Join(v1, "tls.crt"), filepath.Join(v1, "tls.key"))
+		symlink(t, filepath.Base(v1), filepath.Join(vol, "..data"))
+		certFile, keyFile := filepath.Join(vol, "tls.crt"), filepath.Join(vol, "tls.key")
+		symlink(t, "..data/tls.crt", certFile)
+		symlink(t, "..data/tls.key", keyFile)
+		rp := startReloadProxy(t, certFile, keyFile, a, b)
+		rp.wantSerial(t, rp.Addr().String(), a, "before")
+
+		mkdir(t, v2)
+		writePair(t, b, filepath.Join(v2, "tls.crt"), filepath.Join(v2, "tls.key"))
+		symlink(t, filepath.Base(v2), filepath.Join(vol, "..data"))
+		if err := os.RemoveAll(v1); err != nil {
+			t.Fatal(err)
+		}
+		rp.waitSerial(t, rp.Addr().String(), b)
+		rp.wantSerial(t, rp.GRPCAddr().String(), b, "after the update")
+	})
+}
+
+// TestCertReloadRefusesBrokenPair: a pair that does not load leaves the
+// current certificate serving, with an error in the log that names
+// TLS_CERT_FILE, logged once however many polls see it; once the files are
+// fixed, the fixed pair is served.
+func TestCertReloadRefusesBrokenPair(t *testing.T) {
+	a, b := newCert(t), newCert(t)
+	bCert, bKey := pemPair(t, b)
+	_, aKey := pemPair(t, a)
+	for _, tc := range []struct {
+		name      string
+		cert, key []byte
+	}{
+		{"mismatched key", bCert, aKey},
+		{"garbage", []byte("-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n"), bKey},
+		{"half-written certificate", bCert[:len(bCert)/2], bKey},
+		{"half-written key", bCert, bKey[:len(bKey)/2]},
+		{"empty", nil, nil},
+		{"key in both", bKey, bKey},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			certFile, keyFile := filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+			writePair(t, a, certFile, keyFile)
+			setCertPollInterval(t, time.Hour) // the test drives the checks
+			rp := startReloadProxy(t, certFile, keyFile, a, b)
+
+			if err := os.WriteFile(certFile, tc.cert, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(keyFile, tc.key, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			// Three polls see the broken pair: one error line.
+			for range 3 {
+				rp.certFiles.poll()
+			}
+			rp.wantSerial(t, rp.Addr().String(), a, "after a broken pair")
+			rp.wantSerial(t, rp.GRPCAddr().String(), a, "after a broken pair")
+			if got, want := strings.Count(rp.Log.String(), "TLS certificate not reloaded"), 1; got != want {
+				t.Errorf("%d error lines for one broken pair, want %d; log:\n%s", got, want, rp.Log)
+			}
+			if !strings.Contains(rp.Log.String(), "level=ERROR") || !strings.Contains(rp.Log.String(), "TLS_CERT_FILE") {
+				t.Errorf("the log does not name TLS_CERT_FILE in an error:\n%s", rp.Log)
+			}
+			// Reload (SIGHUP) says so too, and returns the error.
+			if err := rp.Reload(); err == nil || !strings.Contains(err.Error(), "TLS_CERT_FILE") {
+				t.Errorf("Reload() = %v, want an error naming TLS_CERT_FILE", err)
+			}
+			rp.wantSerial(t, rp.Addr().String(), a, "after Reload of a broken pair")
+
+			// The renewal completes: the next poll serves it.
+			writePair(t, b, certFile, keyFile)
+			rp.certFiles.poll()
+			rp.wantSerial(t, rp.Addr().String(), b, "after the pair was fixed")
+		})
+	}
+
+	t.Run("files gone", func(t *testing.T) {
+		dir := t.TempDir()
+		certFile, keyFile := filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+		writePair(t, a, certFile, keyFile)
+		setCertPollInterval(t, time.Hour)
+		rp := startReloadProxy(t, certFile, keyFile, a)
+		os.Remove(certFile)
+		rp.certFiles.poll()
+		rp.wantSerial(t, rp.Addr().String(), a, "after the file was removed")
+		if !strings.Contains(rp.Log.String(), "TLS_CERT_FILE") {
+			t.Errorf("the log does not name TLS_CERT_FILE:\n%s", rp.Log)
+		}
+	})
+}
+
+// TestReload: Server.Reload, what SIGHUP calls, serves the new files at
+// once, with no poll in between.
+func TestReload(t *testing.T) {
+	setCertPollInterval(t, time.Hour)
+	dir := t.TempDir()
+	certFile, keyFile := filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+	a, b := newCert(t), newCert(t)
+	writePair(t, a, certFile, keyFile)
+	rp := startReloadProxy(t, certFile, keyFile, a, b)
+
+	writePair(t, b, certFile, keyFile)
+	rp.wantSerial(t, rp.Addr().String(), a, "before Reload (no poll for an hour)")
+	if err := rp.Reload(); err != nil {
+		t.Fatalf("Reload: %v", err)
+	}
+	rp.wantSerial(t, rp.Addr().String(), b, "after Reload")
+	rp.wantSerial(t, rp.GRPCAddr().String(), b, "after Reload")
+	// Reloading the same files again is harmless.
+	if err := rp.Reload(); err != nil {
+		t.Fatalf("second Reload: %v", err)
+	}
+	rp.wantSerial(t, rp.Addr().String(), b, "after a second Reload")
+}
+
+// TestReloadSelfSigned: with no TLS_CERT_FILE there is nothing to reload;
+// Reload says so and the generated certificate keeps serving.
+func TestReloadSelfSigned(t *testing.T) {
+	up := newUpstream(t, upTLS, &recorder{})
+	tp := startProxy(t, testConfig(up))
+	before := tp.cert.Load()
+	if err := tp.Reload(); err != nil {
+		t.Fatalf("Reload: %v", err)
+	}
+	if tp.cert.Load() != before {
+		t.Errorf("Reload replaced the self-signed certificate")
+	}
+}
+
+// TestNewRefusesBrokenPair: at start a bad pair is an error naming the
+// variables, not a server with no certificate.
+func TestNewRefusesBrokenPair(t *testing.T) {
+	a, b := newCert(t), newCert(t)
+	dir := t.TempDir()
+	certFile, keyFile := filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+	bCert, _ := pemPair(t, b)
+	_, aKey := pemPair(t, a)
+	os.WriteFile(certFile, bCert, 0o600)
+	os.WriteFile(keyFile, aKey, 0o600)
+	cfg := testConfig(newUpstream(t, upTLS, &recorder{}))
+	cfg.CertFile, cfg.KeyFile = certFile, keyFile
+	if _, err := New(cfg, slog.New(slog.DiscardHandler)); err == nil || !strings.Contains(err.Error(), "TLS_CERT_FILE") {
+		t.Errorf("New with a mismatched pair: error %v, want one naming TLS_CERT_FILE", err)
+	}
+}
