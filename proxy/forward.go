@@ -349,7 +349,7 @@ func (f *forwarder) classify(r *http.Request, err error) (int, string) {
 	switch cause := context.Cause(ctx); {
 	case errors.Is(cause, errIdle):
 		return http.StatusGatewayTimeout, "cells-proxy: upstream timed out (PROXY_IDLE_TIMEOUT)"
-	case errors.Is(cause, errGRPCDeadline):
+	case errors.Is(cause, errGRPCDeadline), pastDeadline(ctx):
 		return http.StatusGatewayTimeout, "cells-proxy: deadline exceeded waiting for upstream"
 	case errors.Is(cause, errShutdown):
 		return http.StatusServiceUnavailable, "cells-proxy: shutting down"
@@ -451,7 +451,7 @@ func (b *grpcBody) Read(p []byte) (int, error) {
 	ctx := b.res.Request.Context()
 	code, msg := 14, "cells-proxy: upstream stream broke: "+err.Error()
 	switch cause := context.Cause(ctx); {
-	case errors.Is(cause, errGRPCDeadline):
+	case errors.Is(cause, errGRPCDeadline), pastDeadline(ctx):
 		code, msg = 4, "cells-proxy: deadline exceeded"
 	case errors.Is(cause, errShutdown):
 		msg = "cells-proxy: shutting down"
@@ -463,6 +463,16 @@ func (b *grpcBody) Read(p []byte) (int, error) {
 		b.res.Trailer.Set("Grpc-Message", grpcEscape(msg))
 	}
 	return n, io.EOF
+}
+
+// pastDeadline reports whether the gRPC call's deadline (grpc-timeout) has
+// passed. grpc-go's server resets a call (RST_STREAM CANCEL) when its copy
+// of the deadline passes, which can beat the proxy's own timer by a hair:
+// as grpc-go's client does, a failure after the deadline is
+// DEADLINE_EXCEEDED, not UNAVAILABLE.
+func pastDeadline(ctx context.Context) bool {
+	d, ok := ctx.Deadline()
+	return ok && !time.Now().Before(d)
 }
 
 // parseGRPCTimeout reads the grpc-timeout header: up to 8 digits and a unit.
