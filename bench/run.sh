@@ -2,7 +2,7 @@
 # Benchmark of cells-proxy against direct access, nginx and HAProxy (issue 5).
 #
 #   bench/run.sh            full run: 3 rounds, about 12 minutes on 2 cores
-#   QUICK=1 bench/run.sh    1 round, shorter loads, about 4 minutes
+#   QUICK=1 bench/run.sh    1 round, shorter loads, about 3 minutes
 #
 # Environment:
 #   QUICK=1        short run

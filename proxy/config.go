@@ -40,6 +40,8 @@ type env struct {
 	IdleTimeout        string `envconfig:"PROXY_IDLE_TIMEOUT" default:"10m" desc:"a proxied HTTP exchange with no byte moving either way for this long is cut (nginx proxy_read_timeout and proxy_send_timeout)"`
 	WSIdleTimeout      string `envconfig:"PROXY_WS_IDLE_TIMEOUT" default:"24h" desc:"the same for websockets (Cells pings every 54 s)"`
 	ShutdownTimeout    string `envconfig:"PROXY_SHUTDOWN_TIMEOUT" default:"30s" desc:"how long in-flight requests may finish after SIGTERM before connections are closed"`
+	ReadHeaderTimeout  string `envconfig:"PROXY_READ_HEADER_TIMEOUT" default:"30s" desc:"a client must send a whole request head (request line and headers) within this, or its connection is closed (slowloris)"`
+	MaxHeaderBytes     string `envconfig:"PROXY_MAX_HEADER_BYTES" default:"64KiB" desc:"largest request head, HTTP/1.1 and HTTP/2 alike; larger heads get 431 (nginx allows 32 KiB)"`
 	HealthAddr         string `envconfig:"PROXY_HEALTH_ADDR" default:"127.0.0.1:8099" desc:"loopback listener for /livez and /readyz, used by cells-proxy healthcheck; off disables it"`
 	LogLevel           string `envconfig:"PROXY_LOG_LEVEL" default:"info" desc:"debug, info, warn or error"`
 	LogFormat          string `envconfig:"PROXY_LOG_FORMAT" default:"json" desc:"json or text"`
@@ -111,6 +113,11 @@ type Config struct {
 	WSIdleTimeout time.Duration
 	// ShutdownTimeout bounds the drain after SIGTERM.
 	ShutdownTimeout time.Duration
+	// ReadHeaderTimeout bounds the time a client takes to send a request
+	// head; zero: 30 s.
+	ReadHeaderTimeout time.Duration
+	// MaxHeaderBytes caps the size of a request head; zero: 64 KiB.
+	MaxHeaderBytes int
 	// HealthAddr serves /livez and /readyz; empty: none.
 	HealthAddr string
 
@@ -266,6 +273,14 @@ func (e *env) parse() (*Config, error) {
 	dur("PROXY_IDLE_TIMEOUT", e.IdleTimeout, &c.IdleTimeout)
 	dur("PROXY_WS_IDLE_TIMEOUT", e.WSIdleTimeout, &c.WSIdleTimeout)
 	dur("PROXY_SHUTDOWN_TIMEOUT", e.ShutdownTimeout, &c.ShutdownTimeout)
+	dur("PROXY_READ_HEADER_TIMEOUT", e.ReadHeaderTimeout, &c.ReadHeaderTimeout)
+	// A head of at least 4 KiB: browsers' cookies and Cells' JWTs need it.
+	// At most 16 MiB: more is no header but an attack on memory.
+	if n, err := ParseSize(e.MaxHeaderBytes); err != nil || n < 4<<10 || n > 16<<20 {
+		bad("PROXY_MAX_HEADER_BYTES must be a size from 4KiB to 16MiB such as 64KiB, got %q", e.MaxHeaderBytes)
+	} else {
+		c.MaxHeaderBytes = int(n)
+	}
 
 	if err := c.LogLevel.UnmarshalText([]byte(e.LogLevel)); err != nil {
 		bad("PROXY_LOG_LEVEL must be debug, info, warn or error, got %q", e.LogLevel)
@@ -313,16 +328,20 @@ func parseUpstream(s string, schemes ...string) (*url.URL, error) {
 	return &url.URL{Scheme: u.Scheme, Host: u.Host}, nil
 }
 
-// redactURL hides a password so that an error line never leaks it.
+// redactURL hides a password so that an error line never leaks it. The
+// password is whatever follows the first ':' of everything up to the last
+// '@': a password may itself hold '@', '/' or '#', and the URL is being
+// reported because it does not parse as the user meant.
 func redactURL(s string) string {
 	scheme, rest, ok := strings.Cut(s, "://")
 	if !ok {
 		return s
 	}
-	userinfo, host, ok := strings.Cut(rest, "@")
-	if !ok || strings.ContainsAny(userinfo, "/?#") {
+	at := strings.LastIndexByte(rest, '@')
+	if at < 0 {
 		return s
 	}
+	userinfo, host := rest[:at], rest[at+1:]
 	if user, _, hasPass := strings.Cut(userinfo, ":"); hasPass {
 		return scheme + "://" + user + ":xxxxx@" + host
 	}

@@ -28,6 +28,9 @@ type exchange struct {
 	sent        atomic.Bool // wroteHeader, for the watchdog's goroutine
 	bytesOut    int64
 	bytesIn     atomic.Int64
+	// bodyFailed is set when reading the request body failed other than
+	// by its end: the client's fault, answered 400 rather than 502.
+	bodyFailed atomic.Bool
 
 	// Watchdog state. last is the UnixNano of the last byte moved.
 	idle   time.Duration
@@ -36,6 +39,8 @@ type exchange struct {
 	mu     sync.Mutex // held by check while it uses the ResponseWriter
 	done   atomic.Bool
 	cancel context.CancelCauseFunc
+	// bodyOpen: a request body is being read and has not ended.
+	bodyOpen atomic.Bool
 }
 
 func (e *exchange) Unwrap() http.ResponseWriter { return e.ResponseWriter }
@@ -99,9 +104,14 @@ func (e *exchange) check() {
 	// the response has started, the client must still get its 504: a
 	// passed write deadline would break that (HTTP/2 resets the stream,
 	// TLS is left unusable), so only reads are cut then.
+	// Only a request body still being read needs its read cut: on
+	// HTTP/1.1 a read deadline also cancels the connection's context,
+	// which would fail the next request on it (the 504 then closes it).
 	rc := http.NewResponseController(e.ResponseWriter)
 	now := time.Now()
-	_ = rc.SetReadDeadline(now)
+	if e.bodyOpen.Load() {
+		_ = rc.SetReadDeadline(now)
+	}
 	if sent {
 		_ = rc.SetWriteDeadline(now)
 	}
@@ -131,6 +141,12 @@ func (b *countingBody) Read(p []byte) (int, error) {
 	if n > 0 {
 		b.ex.bytesIn.Add(int64(n))
 		b.ex.touch()
+	}
+	if err != nil {
+		b.ex.bodyOpen.Store(false)
+		if err != io.EOF {
+			b.ex.bodyFailed.Store(true)
+		}
 	}
 	return n, err
 }

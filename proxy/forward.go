@@ -15,6 +15,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -310,6 +311,18 @@ func isWebSocket(r *http.Request) bool {
 // are never replaced.
 func (f *forwarder) errorHandler(w http.ResponseWriter, r *http.Request, err error) {
 	status, msg := f.classify(r, err)
+	if errors.Is(context.Cause(r.Context()), errIdle) && r.ProtoMajor == 1 {
+		// The watchdog may have set a read deadline on the connection,
+		// which cancels its context: it cannot carry another request.
+		w.Header().Set("Connection", "close")
+	}
+	if ex, ok := w.(*exchange); ok && status == http.StatusBadGateway && ex.bodyFailed.Load() {
+		// Reading the client's body failed (a malformed chunk, a client
+		// that stopped mid-body): the request is at fault, not Cells, and
+		// the connection cannot carry another request.
+		status, msg = http.StatusBadRequest, "cells-proxy: malformed or incomplete request body"
+		w.Header().Set("Connection", "close")
+	}
 	if status == 0 {
 		// The client went away: nobody to answer. Recorded for the access log.
 		if ex, ok := w.(*exchange); ok {
@@ -549,7 +562,15 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool)
 		if f.cfg.AccessLog {
 			ex.logAccess(f.log)
 		}
+		if g, ok := r.Context().Value(connGuardKey{}).(*connGuard); ok && r.ProtoMajor == 2 {
+			reset := r.Context().Err() != nil && (ex.status == 0 || ex.status == statusClientClosed)
+			g.done(reset, f.log, r.RemoteAddr)
+		}
 	}()
+	if r.Context().Err() != nil {
+		// The client already reset the stream: nothing to forward.
+		return
+	}
 
 	if !f.hostAllowed(r.Host) {
 		if ex.kind == "grpc" {
@@ -563,6 +584,26 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool)
 	if ex.kind == "grpc" {
 		f.serveGRPC(ex, r)
 		return
+	}
+
+	// CONNECT would make the proxy open a tunnel to wherever the client
+	// names; Cells has no use for it (nginx refuses it too).
+	if r.Method == http.MethodConnect {
+		ex.Header().Set("Allow", "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, PROPFIND, PROPPATCH, MKCOL, COPY, MOVE, LOCK, UNLOCK")
+		http.Error(ex, "cells-proxy: CONNECT is not supported", http.StatusMethodNotAllowed)
+		return
+	}
+
+	// Request smuggling: Go's HTTP/1 parser frames a request that carries
+	// both Transfer-Encoding: chunked and Content-Length by the chunks and
+	// drops Content-Length before the handler sees it, and it ignores
+	// Transfer-Encoding on HTTP/1.0. A front that framed such a request the
+	// other way would read the bytes after it differently; RFC 9112,
+	// section 6.1 requires closing the connection after answering. The
+	// proxy cannot tell whether the header was there, so it closes after
+	// every chunked HTTP/1.1 request and every HTTP/1.0 request with a body.
+	if r.ProtoMajor == 1 && (len(r.TransferEncoding) > 0 || (r.ProtoMinor == 0 && r.ContentLength != 0)) {
+		ex.Header().Set("Connection", "close")
 	}
 
 	// Upgrade is forwarded only as websocket: an h2c upgrade (or any other)
@@ -585,6 +626,7 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool)
 	}
 	if r.Body != nil && r.Body != http.NoBody {
 		r.Body = &countingBody{ReadCloser: r.Body, ex: ex}
+		ex.bodyOpen.Store(true)
 	}
 
 	if ex.kind == "ws" {
@@ -637,4 +679,37 @@ func hostOnly(hostport string) string {
 		host = strings.TrimSuffix(strings.TrimPrefix(host, "["), "]")
 	}
 	return strings.TrimSuffix(host, ".")
+}
+
+// connGuard counts, per client connection, the HTTP/2 requests the client
+// cancelled before they were answered. net/http runs at most
+// MaxConcurrentStreams handlers per connection (its CVE-2023-44487 fix),
+// but a stream reset just after its HEADERS may still have reached Cells
+// when its handler started first, and a client can do that in a loop. A
+// connection that resets more than maxResets streams and more than twice
+// as many as were answered is closed, as nginx does.
+type connGuard struct {
+	conn     net.Conn
+	resets   atomic.Int64
+	answered atomic.Int64
+	closed   atomic.Bool
+}
+
+type connGuardKey struct{}
+
+// maxResets is how many client-cancelled requests a connection may have
+// before the ratio to answered ones is checked: browsers cancel requests
+// when users navigate, Cells Sync cancels streams, but not by the hundred.
+const maxResets = 100
+
+func (g *connGuard) done(reset bool, log *slog.Logger, client string) {
+	if !reset {
+		g.answered.Add(1)
+		return
+	}
+	n := g.resets.Add(1)
+	if n > maxResets && n > 2*g.answered.Load() && g.closed.CompareAndSwap(false, true) {
+		log.Warn("closing a connection that resets most of its requests (HTTP/2 rapid reset)", "client", client, "resets", n, "answered", g.answered.Load())
+		g.conn.Close()
+	}
 }

@@ -152,16 +152,30 @@ func addrOf(ln net.Listener) net.Addr {
 // several GB and gRPC streams that live for hours cross these servers; the
 // exchange watchdog and PROXY_WS_IDLE_TIMEOUT bound idleness instead.
 func (s *Server) newHTTPServer(h http.Handler, protos func(*http.Protocols)) *http.Server {
+	readHeader, maxHeader := s.cfg.ReadHeaderTimeout, s.cfg.MaxHeaderBytes
+	if readHeader <= 0 {
+		readHeader = 30 * time.Second
+	}
+	if maxHeader <= 0 {
+		maxHeader = 64 << 10
+	}
 	srv := &http.Server{
 		Handler: h,
-		// Slowloris: the request line and headers must all arrive in time.
-		ReadHeaderTimeout: 30 * time.Second,
+		// Slowloris: the request line and headers must all arrive in time
+		// (PROXY_READ_HEADER_TIMEOUT).
+		ReadHeaderTimeout: readHeader,
 		// Keep-alive between requests, as nginx's keepalive_timeout.
 		IdleTimeout: 75 * time.Second,
-		// Cells' cookies and JWTs fit well within this; nginx allows 32 KiB.
-		MaxHeaderBytes: 64 << 10,
+		// Cells' cookies and JWTs fit well within the default 64 KiB; nginx
+		// allows 32 KiB. The HTTP/2 server derives SETTINGS_MAX_HEADER_LIST_SIZE
+		// from it and closes a connection whose CONTINUATION frames go past it.
+		MaxHeaderBytes: maxHeader,
 		ErrorLog:       slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
 		BaseContext:    func(net.Listener) context.Context { return s.baseCtx },
+		// Per-connection state for the HTTP/2 rapid-reset guard (forward.go).
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			return context.WithValue(ctx, connGuardKey{}, &connGuard{conn: c})
+		},
 		HTTP2: &http.HTTP2Config{
 			// Enough for a browser's page load and Cells Sync's calls.
 			MaxConcurrentStreams: 250,

@@ -103,7 +103,9 @@ func (ts *tunnels) serve(f *forwarder, ex *exchange, r *http.Request) {
 	res, err := f.httpTransport.RoundTrip(out)
 	handshake.Stop()
 	if err != nil {
-		f.errorHandler(ex, out, err)
+		// The inbound request with the handshake's context: the log line
+		// names the client's path, and classify sees errIdle.
+		f.errorHandler(ex, r.WithContext(ctx), err)
 		return
 	}
 	if res.StatusCode != http.StatusSwitchingProtocols {
@@ -120,7 +122,7 @@ func (ts *tunnels) serve(f *forwarder, ex *exchange, r *http.Request) {
 	upstream, ok := res.Body.(io.ReadWriteCloser)
 	if !ok || upConn == nil || !httpguts.HeaderValuesContainsToken(res.Header["Upgrade"], "websocket") {
 		res.Body.Close()
-		f.errorHandler(ex, out, errors.New("upstream switched to something other than websocket"))
+		f.errorHandler(ex, r.WithContext(ctx), errors.New("upstream switched to something other than websocket"))
 		return
 	}
 	defer upstream.Close()
@@ -151,13 +153,7 @@ func (ts *tunnels) serve(f *forwarder, ex *exchange, r *http.Request) {
 	}
 	t.up = pump{src: brw.Reader, dst: upstream, dstConn: upConn, mask: true}
 	t.down = pump{src: upstream, dst: client, dstConn: client}
-	if !ts.add(t) {
-		t.stopPumps()
-		t.sendClose(closeGoingAway, "server shutting down")
-		return
-	}
-	defer ts.remove(t)
-	t.run()
+	t.run(ts)
 }
 
 // tunnel is one open websocket.
@@ -191,7 +187,9 @@ type pump struct {
 	broken   bool // dst failed: nothing more may be written to it
 }
 
-func (t *tunnel) run() {
+// run pumps until the tunnel ends. The tunnel joins ts only once its
+// state is set and its pumps run: from then on closeAll may close it.
+func (t *tunnel) run(ts *tunnels) {
 	t.stopped = make(chan struct{})
 	t.last.Store(time.Now().UnixNano())
 	t.timerMu.Lock()
@@ -208,11 +206,18 @@ func (t *tunnel) run() {
 	t.wg.Add(2)
 	go func() { defer t.wg.Done(); t.up.run(t, false); done <- struct{}{} }()
 	go func() { defer t.wg.Done(); t.down.run(t, true); done <- struct{}{} }()
+	if ts.add(t) {
+		defer ts.remove(t)
+	} else {
+		t.close(closeGoingAway, "server shutting down")
+	}
 	select {
 	case <-done:
 		// One side ended (a close handshake, or a dropped connection):
-		// the tunnel is over. Unblock the other pump.
-		t.stopPumps()
+		// the tunnel is over. Unblock the other pump, unless close (idle
+		// timeout, shutdown) already does: its deadline would cut the
+		// close frames close is writing, mid TLS record.
+		t.closeOnce.Do(t.stopPumps)
 	case <-t.stopped:
 	}
 	t.wg.Wait()

@@ -1,0 +1,633 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/coder/websocket"
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+)
+
+// shutdownAsync stops tp as SIGTERM does, without waiting: Run's result
+// arrives on the channel.
+func shutdownAsync(tp *testProxy) <-chan error {
+	done := make(chan error, 1)
+	go func() { done <- tp.Shutdown() }()
+	return done
+}
+
+// readyz is the status of /readyz on the health listener.
+func readyz(t *testing.T, tp *testProxy) int {
+	t.Helper()
+	c := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}, Timeout: 10 * time.Second}
+	res, err := c.Get("http://" + tp.HealthAddr().String() + "/readyz")
+	if err != nil {
+		t.Fatalf("GET /readyz: %v", err)
+	}
+	io.Copy(io.Discard, res.Body)
+	res.Body.Close()
+	return res.StatusCode
+}
+
+// waitDraining waits until /readyz answers 503: the drain has begun.
+func waitDraining(t *testing.T, tp *testProxy) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+		if readyz(t, tp) == http.StatusServiceUnavailable {
+			return
+		}
+	}
+	t.Fatal("/readyz did not turn 503 after shutdown began")
+}
+
+// waitRefused waits until a new connection to the public port is refused.
+func waitRefused(t *testing.T, tp *testProxy) {
+	t.Helper()
+	var err error
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+		var c net.Conn
+		c, err = net.DialTimeout("tcp", tp.Addr().String(), 5*time.Second)
+		if err != nil {
+			return
+		}
+		c.Close()
+	}
+	t.Fatal("the public port still accepts connections while draining")
+}
+
+// gate is a handler that answers "done" to every request once released.
+// arrived receives each request's path as it reaches the upstream.
+type gate struct {
+	arrived chan string
+	release chan struct{}
+	once    sync.Once
+}
+
+func newGate(t *testing.T) *gate {
+	g := &gate{arrived: make(chan string, 16), release: make(chan struct{})}
+	t.Cleanup(g.open)
+	return g
+}
+
+func (g *gate) open() { g.once.Do(func() { close(g.release) }) }
+
+func (g *gate) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	g.arrived <- r.URL.Path
+	select {
+	case <-g.release:
+	case <-r.Context().Done():
+		return
+	}
+	io.WriteString(w, "done")
+}
+
+func (g *gate) wait(t *testing.T) string {
+	t.Helper()
+	select {
+	case p := <-g.arrived:
+		return p
+	case <-time.After(30 * time.Second):
+		t.Fatal("request did not reach the upstream")
+		return ""
+	}
+}
+
+// TestShutdownDrainsUpload stops the proxy while an HTTP/1.1 upload is
+// half sent: readiness turns 503, the public port refuses new
+// connections, the upload completes (Cells gets every byte, the client
+// gets 200), and Run returns nil.
+func TestShutdownDrainsUpload(t *testing.T) {
+	t.Parallel()
+	const size = 8 << 20
+	body := randomMessage(websocket.MessageBinary, size)
+
+	firstBytes := make(chan struct{})
+	var got struct {
+		sync.Mutex
+		n   int64
+		sum [sha256.Size]byte
+	}
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/io/bucket/file.bin" {
+			io.WriteString(w, "ok") // the readiness probe
+			return
+		}
+		h := sha256.New()
+		buf := make([]byte, 32<<10)
+		var n int64
+		var once sync.Once
+		for {
+			m, err := r.Body.Read(buf)
+			h.Write(buf[:m])
+			n += int64(m)
+			if n > 0 {
+				once.Do(func() { close(firstBytes) })
+			}
+			if err != nil {
+				break
+			}
+		}
+		got.Lock()
+		got.n = n
+		h.Sum(got.sum[:0])
+		got.Unlock()
+		fmt.Fprintf(w, `{"bytes":%d}`, n)
+	}))
+	cfg := testConfig(up)
+	// Long enough for the second half to cross on a busy machine; the
+	// test does not wait for it to pass.
+	cfg.ShutdownTimeout = 30 * time.Second
+	tp := startProxy(t, cfg)
+	if got, want := readyz(t, tp), http.StatusOK; got != want {
+		t.Fatalf("/readyz before shutdown = %d, want %d", got, want)
+	}
+
+	pr, pw := io.Pipe()
+	defer pw.Close()
+	req, err := http.NewRequest(http.MethodPut, tp.URL+"/io/bucket/file.bin", pr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.ContentLength = size
+	type result struct {
+		status int
+		body   string
+		err    error
+	}
+	resc := make(chan result, 1)
+	go func() {
+		res, err := tp.H1.Do(req)
+		if err != nil {
+			resc <- result{err: err}
+			return
+		}
+		b, err := io.ReadAll(res.Body)
+		res.Body.Close()
+		resc <- result{res.StatusCode, string(b), err}
+	}()
+	if _, err := pw.Write(body[:size/2]); err != nil {
+		t.Fatalf("first half of the upload: %v", err)
+	}
+	<-firstBytes
+
+	stopped := shutdownAsync(tp)
+	waitDraining(t, tp)
+	waitRefused(t, tp)
+	select {
+	case r := <-resc:
+		t.Fatalf("upload ended before its body was sent: %+v", r)
+	default:
+	}
+
+	if _, err := pw.Write(body[size/2:]); err != nil {
+		t.Fatalf("second half of the upload, while draining: %v", err)
+	}
+	pw.Close()
+	r := <-resc
+	if r.err != nil {
+		t.Fatalf("upload during the drain: %v", r.err)
+	}
+	if r.status != http.StatusOK || r.body != fmt.Sprintf(`{"bytes":%d}`, size) {
+		t.Errorf("upload during the drain: %d %s, want 200 {\"bytes\":%d}", r.status, r.body, size)
+	}
+	got.Lock()
+	if got.n != size || got.sum != sha256.Sum256(body) {
+		t.Errorf("upstream received %d bytes (same content: %v), want %d", got.n, got.sum == sha256.Sum256(body), size)
+	}
+	got.Unlock()
+	if err := <-stopped; err != nil {
+		t.Errorf("Run = %v, want nil", err)
+	}
+}
+
+// h2Event is what h2Reader reports of one frame (frames themselves are
+// only valid until the next read).
+type h2Event struct {
+	frame    http2.FrameType
+	streamID uint32
+	status   string // :status of a HEADERS frame
+	data     []byte
+	end      bool // END_STREAM
+	lastID   uint32
+	code     http2.ErrCode
+	err      error
+}
+
+// h2Reader reads frames until the connection ends, answering SETTINGS and
+// PING as a client must.
+func h2Reader(fr *http2.Framer, events chan<- h2Event) {
+	defer close(events)
+	for {
+		f, err := fr.ReadFrame()
+		if err != nil {
+			events <- h2Event{err: err}
+			return
+		}
+		ev := h2Event{frame: f.Header().Type, streamID: f.Header().StreamID}
+		switch f := f.(type) {
+		case *http2.SettingsFrame:
+			if !f.IsAck() {
+				fr.WriteSettingsAck()
+			}
+		case *http2.PingFrame:
+			if !f.IsAck() {
+				fr.WritePing(true, f.Data)
+			}
+		case *http2.MetaHeadersFrame:
+			ev.status = f.PseudoValue("status")
+			ev.end = f.StreamEnded()
+		case *http2.DataFrame:
+			ev.data = bytes.Clone(f.Data())
+			ev.end = f.StreamEnded()
+		case *http2.GoAwayFrame:
+			ev.lastID, ev.code = f.LastStreamID, f.ErrCode
+		case *http2.RSTStreamFrame:
+			ev.code = f.ErrCode
+		}
+		events <- ev
+	}
+}
+
+// TestShutdownGOAWAY stops the proxy while an HTTP/2 request is in flight:
+// the client gets GOAWAY (no error, the in-flight stream included), then
+// the whole response; the net/http HTTP/2 client's in-flight request
+// completes too, and its next request cannot get a connection.
+func TestShutdownGOAWAY(t *testing.T) {
+	t.Parallel()
+	g := newGate(t)
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/" {
+			io.WriteString(w, "ok")
+			return
+		}
+		g.ServeHTTP(w, r)
+	}))
+	cfg := testConfig(up)
+	cfg.ShutdownTimeout = 30 * time.Second
+	tp := startProxy(t, cfg)
+
+	// A raw HTTP/2 client, to see the frames.
+	conn, err := tls.Dial("tcp", tp.Addr().String(), tp.TLSConfig("h2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if got, want := conn.ConnectionState().NegotiatedProtocol, "h2"; got != want {
+		t.Fatalf("ALPN = %q, want %q", got, want)
+	}
+	if _, err := io.WriteString(conn, http2.ClientPreface); err != nil {
+		t.Fatal(err)
+	}
+	fr := http2.NewFramer(conn, conn)
+	fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+	var hb bytes.Buffer
+	enc := hpack.NewEncoder(&hb)
+	for _, f := range [][2]string{{":method", "GET"}, {":scheme", "https"}, {":authority", tp.Addr().String()}, {":path", "/raw"}} {
+		enc.WriteField(hpack.HeaderField{Name: f[0], Value: f[1]})
+	}
+	if err := fr.WriteSettings(); err != nil {
+		t.Fatal(err)
+	}
+	if err := fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: hb.Bytes(), EndStream: true, EndHeaders: true}); err != nil {
+		t.Fatal(err)
+	}
+	events := make(chan h2Event, 64)
+	go h2Reader(fr, events)
+	if got, want := g.wait(t), "/raw"; got != want {
+		t.Fatalf("upstream got %q, want %q", got, want)
+	}
+
+	// The net/http HTTP/2 client, with a request in flight too.
+	type result struct {
+		proto int
+		body  string
+		err   error
+	}
+	resc := make(chan result, 1)
+	go func() {
+		res, err := tp.H2.Get(tp.URL + "/std")
+		if err != nil {
+			resc <- result{err: err}
+			return
+		}
+		b, err := io.ReadAll(res.Body)
+		res.Body.Close()
+		resc <- result{res.ProtoMajor, string(b), err}
+	}()
+	if got, want := g.wait(t), "/std"; got != want {
+		t.Fatalf("upstream got %q, want %q", got, want)
+	}
+
+	stopped := shutdownAsync(tp)
+	next := func() h2Event {
+		t.Helper()
+		select {
+		case ev, ok := <-events:
+			if !ok {
+				t.Fatal("connection ended")
+			}
+			if ev.err != nil {
+				t.Fatalf("reading frames: %v", ev.err)
+			}
+			return ev
+		case <-time.After(30 * time.Second):
+			t.Fatal("no frame for 30 s")
+			return h2Event{}
+		}
+	}
+	for {
+		ev := next()
+		if ev.frame == http2.FrameRSTStream {
+			t.Fatalf("stream %d reset (%v) before GOAWAY", ev.streamID, ev.code)
+		}
+		if ev.frame != http2.FrameGoAway {
+			continue
+		}
+		if ev.code != http2.ErrCodeNo {
+			t.Errorf("GOAWAY error code = %v, want NO_ERROR", ev.code)
+		}
+		if ev.lastID < 1 {
+			t.Errorf("GOAWAY last stream = %d: the in-flight stream 1 would be dropped", ev.lastID)
+		}
+		break
+	}
+	waitDraining(t, tp)
+	waitRefused(t, tp)
+
+	g.open()
+	var status, body string
+	for ended := false; !ended; {
+		ev := next()
+		switch {
+		case ev.frame == http2.FrameRSTStream:
+			t.Fatalf("stream %d reset (%v) while draining", ev.streamID, ev.code)
+		case ev.streamID != 1:
+		case ev.frame == http2.FrameHeaders:
+			status, ended = ev.status, ev.end
+		case ev.frame == http2.FrameData:
+			body += string(ev.data)
+			ended = ev.end
+		}
+	}
+	if status != "200" || body != "done" {
+		t.Errorf("in-flight raw HTTP/2 stream: %s %q, want 200 \"done\"", status, body)
+	}
+
+	r := <-resc
+	if r.err != nil || r.proto != 2 || r.body != "done" {
+		t.Errorf("in-flight net/http HTTP/2 request: HTTP/%d %q, %v; want HTTP/2 \"done\"", r.proto, r.body, r.err)
+	}
+	if res, err := tp.H2.Get(tp.URL + "/after"); err == nil {
+		res.Body.Close()
+		t.Errorf("request after GOAWAY: status %d, want a connection error", res.StatusCode)
+	}
+	if err := <-stopped; err != nil {
+		t.Errorf("Run = %v, want nil", err)
+	}
+}
+
+// TestShutdownWebSocket: websockets stay open during the drain and are
+// closed with 1001 at both ends once in-flight requests are done.
+func TestShutdownWebSocket(t *testing.T) {
+	t.Parallel()
+	g := newGate(t)
+	wsUp := newWSUpstream(nil)
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/slow" {
+			g.ServeHTTP(w, r)
+			return
+		}
+		wsUp.ServeHTTP(w, r)
+	}))
+	cfg := testConfig(up)
+	cfg.ShutdownTimeout = 30 * time.Second
+	tp := startProxy(t, cfg)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+
+	// Several sockets: each close races with its own tunnel's end.
+	const n = 8
+	var socks []*websocket.Conn
+	for i := range n {
+		c, _ := dialWS(t, tp, fmt.Sprintf("/ws/event?i=%d", i), nil)
+		socks = append(socks, c)
+	}
+	echoAll := func(msg string) error {
+		for i, c := range socks {
+			if err := c.Write(ctx, websocket.MessageText, []byte(msg)); err != nil {
+				return fmt.Errorf("socket %d: %w", i, err)
+			}
+			_, b, err := c.Read(ctx)
+			if err == nil && string(b) != msg {
+				err = fmt.Errorf("echo %q, want %q", b, msg)
+			}
+			if err != nil {
+				return fmt.Errorf("socket %d: %w", i, err)
+			}
+		}
+		return nil
+	}
+	if err := echoAll("before"); err != nil {
+		t.Fatal(err)
+	}
+
+	slow := make(chan error, 1)
+	go func() {
+		res, err := tp.H1.Get(tp.URL + "/slow")
+		if err == nil {
+			var b []byte
+			b, err = io.ReadAll(res.Body)
+			res.Body.Close()
+			if err == nil && (res.StatusCode != 200 || string(b) != "done") {
+				err = fmt.Errorf("%d %q, want 200 \"done\"", res.StatusCode, b)
+			}
+		}
+		slow <- err
+	}()
+	g.wait(t)
+
+	stopped := shutdownAsync(tp)
+	waitDraining(t, tp)
+	if err := echoAll("during the drain"); err != nil {
+		t.Fatalf("websocket during the drain: %v", err)
+	}
+
+	g.open()
+	if err := <-slow; err != nil {
+		t.Errorf("in-flight request during the drain: %v", err)
+	}
+	for i, c := range socks {
+		_, _, err := c.Read(ctx)
+		if code, reason := closeErr(err); code != websocket.StatusGoingAway {
+			t.Errorf("client %d after the drain: close %d %q, want 1001", i, code, reason)
+		}
+	}
+	for range n {
+		if code, reason := closeErr(wsUp.end(t)); code != websocket.StatusGoingAway {
+			t.Errorf("upstream after the drain: close %d %q, want 1001", code, reason)
+		}
+	}
+	if err := <-stopped; err != nil {
+		t.Errorf("Run = %v, want nil", err)
+	}
+}
+
+// TestShutdownWebSocketsInHandshake stops the proxy while websocket
+// handshakes are in flight: each socket that opens is closed with 1001 at
+// both ends, and (under -race) the tunnel bookkeeping does not race with
+// shutdown.
+func TestShutdownWebSocketsInHandshake(t *testing.T) {
+	t.Parallel()
+	const n = 16
+	g := newGate(t)
+	wsUp := newWSUpstream(nil)
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Upgrade") != "" {
+			g.arrived <- r.URL.Path
+			<-g.release
+		}
+		wsUp.ServeHTTP(w, r)
+	}))
+	cfg := testConfig(up)
+	cfg.ShutdownTimeout = 30 * time.Second
+	tp := startProxy(t, cfg)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	errs := make(chan error, n)
+	for range n {
+		go func() {
+			c, _, err := websocket.Dial(ctx, wsURL(tp, "/ws/event"), &websocket.DialOptions{HTTPClient: tp.H1})
+			if err != nil {
+				errs <- fmt.Errorf("dial: %w", err)
+				return
+			}
+			defer c.CloseNow()
+			_, _, err = c.Read(ctx)
+			if code, reason := closeErr(err); code != websocket.StatusGoingAway {
+				errs <- fmt.Errorf("client: close %d %q, want 1001", code, reason)
+				return
+			}
+			errs <- nil
+		}()
+	}
+	for range n {
+		g.wait(t)
+	}
+	stopped := shutdownAsync(tp)
+	waitDraining(t, tp)
+	g.open()
+	for range n {
+		if err := <-errs; err != nil {
+			t.Error(err)
+		}
+	}
+	for range n {
+		if code, reason := closeErr(wsUp.end(t)); code != websocket.StatusGoingAway {
+			t.Errorf("upstream: close %d %q, want 1001", code, reason)
+		}
+	}
+	if err := <-stopped; err != nil {
+		t.Errorf("Run = %v, want nil", err)
+	}
+}
+
+// TestShutdownDeadline: when requests outlive PROXY_SHUTDOWN_TIMEOUT, Run
+// still returns soon after it, and their clients get an error (a 503 from
+// the proxy, or a broken connection or body), never a clean answer.
+func TestShutdownDeadline(t *testing.T) {
+	t.Parallel()
+	const partial = 1000
+	arrived := make(chan string, 8)
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/":
+			io.WriteString(w, "ok")
+			return
+		case "/mid-body":
+			// A download that stalls after its first bytes.
+			w.Header().Set("Content-Length", strconv.Itoa(100*partial))
+			w.Write(bytes.Repeat([]byte("x"), partial))
+			w.(http.Flusher).Flush()
+		}
+		arrived <- r.URL.Path
+		<-r.Context().Done() // never answers: only the proxy ends this
+	}))
+	cfg := testConfig(up)
+	cfg.ShutdownTimeout = time.Second
+	tp := startProxy(t, cfg)
+
+	type result struct {
+		name   string
+		status int
+		err    error
+	}
+	results := make(chan result, 3)
+	get := func(name string, c *http.Client, path string, prefix int) {
+		res, err := c.Get(tp.URL + path)
+		if err != nil {
+			results <- result{name: name, err: err}
+			return
+		}
+		defer res.Body.Close()
+		if prefix > 0 {
+			if _, err := io.ReadFull(res.Body, make([]byte, prefix)); err != nil {
+				results <- result{name, res.StatusCode, fmt.Errorf("first bytes: %w", err)}
+				return
+			}
+			arrived <- path + " (client)"
+		}
+		_, err = io.ReadAll(res.Body)
+		results <- result{name, res.StatusCode, err}
+	}
+	go get("h1 waiting for headers", tp.H1, "/no-answer", 0)
+	go get("h2 waiting for headers", tp.H2, "/no-answer", 0)
+	go get("h1 mid-body", tp.H1, "/mid-body", partial)
+	// Four arrivals: both /no-answer, /mid-body at the upstream and its
+	// first bytes at the client.
+	for i := range 4 {
+		select {
+		case <-arrived:
+		case <-time.After(30 * time.Second):
+			t.Fatalf("only %d of 4 requests in flight", i)
+		}
+	}
+
+	start := time.Now()
+	err := tp.Shutdown()
+	took := time.Since(start)
+	if err != nil {
+		t.Errorf("Run = %v, want nil", err)
+	}
+	if took < cfg.ShutdownTimeout {
+		t.Errorf("Run returned after %v, before PROXY_SHUTDOWN_TIMEOUT=%v with requests in flight", took, cfg.ShutdownTimeout)
+	}
+	// 20 times the expected overrun on a busy machine.
+	if limit := cfg.ShutdownTimeout + 5*time.Second; took > limit {
+		t.Errorf("Run returned after %v, want within %v", took, limit)
+	}
+	for range 3 {
+		select {
+		case r := <-results:
+			switch {
+			case r.err != nil:
+			case r.status == http.StatusServiceUnavailable:
+			default:
+				t.Errorf("%s: status %d and a complete body, want an error", r.name, r.status)
+			}
+		case <-time.After(30 * time.Second):
+			t.Fatal("a stuck request's client got no error after Run returned")
+		}
+	}
+}

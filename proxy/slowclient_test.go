@@ -1,0 +1,367 @@
+package proxy
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// raiseFileLimit lifts RLIMIT_NOFILE to its hard limit: the slow-client
+// test holds several thousand sockets (both ends of every connection live
+// in this process).
+func raiseFileLimit(t *testing.T, need uint64) {
+	t.Helper()
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		t.Fatal(err)
+	}
+	if lim.Cur < lim.Max {
+		lim.Cur = lim.Max
+		if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+			t.Logf("raising RLIMIT_NOFILE: %v", err)
+		}
+		syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim)
+	}
+	if lim.Cur < need {
+		t.Skipf("reason: RLIMIT_NOFILE is %d, the test needs %d sockets", lim.Cur, need)
+	}
+}
+
+// slowConn is one slow client and what became of it.
+type slowConn struct {
+	opened   atomic.Bool
+	cutAfter time.Duration // from the end of the trickle to the server's close
+	cut      bool          // the server closed (or answered and closed)
+	status   string        // a status line, if the server answered
+}
+
+// TestSlowClients holds 1,000 slowloris connections (TLS done, then a
+// request head trickled a byte every 2 s, never finished) and 1,000 slow
+// uploads (a head with Content-Length 1 MiB, then the body trickled) at
+// once, while a normal client makes 60 requests: every one is answered.
+// Once the trickles stop, the proxy cuts every slow connection: the heads
+// at PROXY_READ_HEADER_TIMEOUT, the uploads at PROXY_IDLE_TIMEOUT (both
+// shortened here), and Cells sees each cut upload fail, never complete.
+//
+// Under the race detector 300 of each: TLS handshakes are many times
+// slower there and 2,000 of them would not fit in the time.
+func TestSlowClients(t *testing.T) {
+	n := 1000
+	if raceEnabled {
+		n = 300
+	}
+	if testing.Short() {
+		n = 100
+	}
+	// Per slow upload four sockets (client, proxy, proxy to upstream,
+	// upstream), per slowloris two, and room for the rest.
+	raiseFileLimit(t, uint64(6*n+1024))
+
+	var inflight atomic.Int32
+	rec := &wireRecorder{}
+	up := newUpstream(t, upPlain, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/upload" {
+			inflight.Add(1)
+			defer inflight.Add(-1)
+		}
+		rec.ServeHTTP(w, r)
+	}))
+	cfg := testConfig(up)
+	cfg.ReadHeaderTimeout = 15 * time.Second
+	cfg.IdleTimeout = 15 * time.Second
+	tp := startProxy(t, cfg)
+
+	stop := make(chan struct{}) // ends every trickle
+	var stopOnce sync.Once
+	stopTrickles := func() { stopOnce.Do(func() { close(stop) }) }
+	defer stopTrickles()
+	var stoppedAt atomic.Int64
+
+	// run opens one slow connection: it sends first, then a byte every
+	// 2 s until stop, then waits for the server to close it.
+	run := func(sc *slowConn, first, trickle string) {
+		d := net.Dialer{Timeout: 20 * time.Second}
+		conn, err := tls.DialWithDialer(&d, "tcp", tp.Addr().String(), tp.TLSConfig("http/1.1"))
+		if err != nil {
+			t.Errorf("dial: %v", err)
+			return
+		}
+		defer conn.Close()
+		if _, err := io.WriteString(conn, first); err != nil {
+			t.Errorf("first write: %v", err)
+			return
+		}
+		sc.opened.Store(true)
+		closed := make(chan string, 1)
+		go func() {
+			// Read until the server closes: an answer (a 504 for a cut
+			// upload), then EOF, or EOF alone.
+			conn.SetReadDeadline(time.Now().Add(3 * time.Minute))
+			line, _ := bufio.NewReader(conn).ReadString('\n')
+			io.Copy(io.Discard, conn)
+			closed <- strings.TrimSpace(line)
+		}()
+		tick := time.NewTicker(2 * time.Second)
+		defer tick.Stop()
+		for i := 0; ; i++ {
+			select {
+			case <-tick.C:
+				conn.SetWriteDeadline(time.Now().Add(5 * time.Second))
+				if _, err := io.WriteString(conn, trickle[i%len(trickle):i%len(trickle)+1]); err == nil {
+					continue
+				}
+				// The server cut us while we trickled: that is allowed.
+			case <-stop:
+			case sc.status = <-closed:
+				sc.cut = true
+				return
+			}
+			break
+		}
+		select {
+		case sc.status = <-closed:
+			sc.cut = true
+			sc.cutAfter = time.Since(time.Unix(0, stoppedAt.Load()))
+		case <-time.After(2 * time.Minute):
+		}
+	}
+
+	loris := make([]slowConn, n)
+	uploads := make([]slowConn, n)
+	var wg sync.WaitGroup
+	// Open at most 64 at a time, so that the handshakes do not all queue
+	// at once on a two-core machine.
+	sem := make(chan struct{}, 64)
+	opened := make(chan struct{}, 2*n)
+	open := func(sc *slowConn, first, trickle string) {
+		wg.Go(func() {
+			sem <- struct{}{}
+			go func() {
+				// Release the slot once the first bytes are out.
+				for !sc.opened.Load() {
+					select {
+					case <-stop:
+						<-sem
+						return
+					case <-time.After(10 * time.Millisecond):
+					}
+				}
+				opened <- struct{}{}
+				<-sem
+			}()
+			run(sc, first, trickle)
+		})
+	}
+	start := time.Now()
+	for i := range n {
+		open(&loris[i], "GET /slow HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ", "abcdefgh")
+		open(&uploads[i], "PUT /upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1048576\r\n\r\nx", "0123456789")
+	}
+	for i := 0; i < 2*n; i++ {
+		select {
+		case <-opened:
+		case <-time.After(60 * time.Second):
+			t.Fatalf("only %d of %d slow connections opened", i, 2*n)
+		}
+	}
+	t.Logf("%d slowloris and %d slow uploads open in %v", n, n, time.Since(start).Round(time.Millisecond))
+
+	// Every upload reached Cells and is held there, at once.
+	for deadline := time.Now().Add(30 * time.Second); int(inflight.Load()) < n; {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d slow uploads in flight at the upstream, want %d", inflight.Load(), n)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+
+	// Meanwhile a normal client is served, over HTTP/1.1 and HTTP/2.
+	for i := range 60 {
+		c := tp.H1
+		if i%2 == 1 {
+			c = tp.H2
+		}
+		res, err := c.Get(tp.URL + fmt.Sprintf("/normal/%d", i))
+		if err != nil {
+			t.Errorf("normal request %d: %v", i, err)
+			continue
+		}
+		io.Copy(io.Discard, res.Body)
+		res.Body.Close()
+		if res.StatusCode != http.StatusOK {
+			t.Errorf("normal request %d: status %d, want 200", i, res.StatusCode)
+		}
+	}
+	t.Logf("normal client served %v after the start", time.Since(start).Round(time.Millisecond))
+
+	stoppedAt.Store(time.Now().UnixNano())
+	stopTrickles()
+	wg.Wait()
+	tp.H1.CloseIdleConnections()
+	tp.H2.CloseIdleConnections()
+
+	var lorisCut, uploadsCut int
+	var worst time.Duration
+	statuses := map[string]int{}
+	for i := range n {
+		if loris[i].cut {
+			lorisCut++
+		}
+		if uploads[i].cut {
+			uploadsCut++
+			statuses[uploads[i].status]++
+		}
+		worst = max(worst, loris[i].cutAfter, uploads[i].cutAfter)
+	}
+	t.Logf("cut: %d slowloris, %d uploads (answers %v); the last %v after the trickles stopped", lorisCut, uploadsCut, statuses, worst.Round(time.Millisecond))
+	if lorisCut != n {
+		t.Errorf("the proxy closed %d of %d slowloris connections, want all", lorisCut, n)
+	}
+	if uploadsCut != n {
+		t.Errorf("the proxy closed %d of %d stalled uploads, want all", uploadsCut, n)
+	}
+	for s := range statuses {
+		if s != "" && !strings.HasPrefix(s, "HTTP/1.1 504") {
+			t.Errorf("a stalled upload got %q, want a 504 or a closed connection", s)
+		}
+	}
+
+	quiesce(t, tp, up)
+	var slow, complete int
+	for _, w := range rec.all() {
+		switch {
+		case w.RequestURI == "/slow":
+			slow++
+		case w.RequestURI == "/upload" && w.BodyErr == nil:
+			complete++
+		}
+	}
+	if slow != 0 {
+		t.Errorf("%d unfinished heads reached the upstream, want none", slow)
+	}
+	if complete != 0 {
+		t.Errorf("the upstream read %d cut uploads to a clean end, want every one to fail", complete)
+	}
+}
+
+// TestClientAbortsUpload stops an upload half-way: over HTTP/1.1 the
+// client closes its connection, over HTTP/2 it resets the stream. The
+// upstream's read of the body fails promptly (an error, not a short body
+// ending in io.EOF), so Cells can never take the half as the whole.
+func TestClientAbortsUpload(t *testing.T) {
+	t.Parallel()
+	const size = 1 << 20
+	type result struct {
+		n   int
+		err error
+	}
+	newUp := func(t *testing.T) (*testProxy, *testUpstream, chan struct{}, chan result) {
+		started := make(chan struct{}, 1)
+		results := make(chan result, 1)
+		up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			buf := make([]byte, 32<<10)
+			n := 0
+			var err error
+			for {
+				var m int
+				m, err = r.Body.Read(buf)
+				n += m
+				if n > 0 {
+					select {
+					case started <- struct{}{}:
+					default:
+					}
+				}
+				if err != nil {
+					break
+				}
+			}
+			if err == io.EOF {
+				err = nil
+			}
+			results <- result{n, err}
+			if err != nil {
+				http.Error(w, "broken body", http.StatusBadRequest)
+				return
+			}
+			io.WriteString(w, "ok")
+		}))
+		return startProxy(t, testConfig(up)), up, started, results
+	}
+	check := func(t *testing.T, started chan struct{}, results chan result, abort func()) {
+		select {
+		case <-started:
+		case <-time.After(20 * time.Second):
+			t.Fatal("the upstream got no body byte")
+		}
+		abort()
+		select {
+		case r := <-results:
+			if r.err == nil {
+				t.Errorf("upstream read %d bytes and a clean end, want a read error", r.n)
+			}
+			if r.n >= size {
+				t.Errorf("upstream read %d bytes, want fewer than %d", r.n, size)
+			}
+			t.Logf("upstream read %d bytes, then %v", r.n, r.err)
+		case <-time.After(20 * time.Second):
+			t.Fatal("the upstream's body read did not fail within 20 s of the abort")
+		}
+	}
+
+	t.Run("h1 close", func(t *testing.T) {
+		t.Parallel()
+		tp, up, started, results := newUp(t)
+		defer quiesce(t, tp, up)
+		conn, err := tls.Dial("tcp", tp.Addr().String(), tp.TLSConfig("http/1.1"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		fmt.Fprintf(conn, "PUT /io/bucket/file HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n", size)
+		if _, err := conn.Write(make([]byte, size/2)); err != nil {
+			t.Fatal(err)
+		}
+		check(t, started, results, func() { conn.Close() })
+	})
+
+	t.Run("h2 reset", func(t *testing.T) {
+		t.Parallel()
+		tp, up, started, results := newUp(t)
+		defer quiesce(t, tp, up)
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		pr, pw := io.Pipe()
+		req, _ := http.NewRequestWithContext(ctx, "PUT", tp.URL+"/io/bucket/file", pr)
+		req.ContentLength = size
+		done := make(chan error, 1)
+		go func() {
+			res, err := tp.H2.Do(req)
+			if err == nil {
+				io.Copy(io.Discard, res.Body)
+				res.Body.Close()
+				err = fmt.Errorf("status %d", res.StatusCode)
+			}
+			done <- err
+		}()
+		go func() {
+			pw.Write(make([]byte, size/2))
+			<-ctx.Done()
+			pw.CloseWithError(ctx.Err())
+		}()
+		check(t, started, results, cancel)
+		if err := <-done; !errors.Is(err, context.Canceled) {
+			t.Errorf("client: %v, want context.Canceled", err)
+		}
+	})
+}

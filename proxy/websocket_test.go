@@ -1,0 +1,569 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/coder/websocket"
+)
+
+// maxTestMessage is the read limit on both ends of test websockets: the
+// largest message a test sends is 10 MiB.
+const maxTestMessage = 11 << 20
+
+// wsUpstream is a websocket server standing in for Cells' /ws/event and
+// /ws/chat. It records each upgrade request, refuses /ws/refused with 401
+// and a body, as Cells does without a valid token, negotiates chat.v2 or
+// chat.v1, and hands the socket to serve (wsEcho when nil). What ended
+// each socket goes to ended; the payloads of pings it got go to pings.
+type wsUpstream struct {
+	serve func(ctx context.Context, c *websocket.Conn) error
+
+	ended chan error
+	pings chan []byte
+
+	mu   sync.Mutex
+	reqs []seen
+}
+
+func newWSUpstream(serve func(ctx context.Context, c *websocket.Conn) error) *wsUpstream {
+	return &wsUpstream{serve: serve, ended: make(chan error, 16), pings: make(chan []byte, 16)}
+}
+
+// refusedBody is what the upstream answers to an upgrade it refuses.
+const refusedBody = `{"code":"Unauthorized","message":"no token"}`
+
+func (u *wsUpstream) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	u.mu.Lock()
+	u.reqs = append(u.reqs, seen{Method: r.Method, Host: r.Host, RequestURI: r.RequestURI, Proto: r.Proto, Header: r.Header.Clone()})
+	u.mu.Unlock()
+	if r.URL.Path == "/ws/refused" {
+		w.Header().Set("WWW-Authenticate", `Bearer realm="cells"`)
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusUnauthorized)
+		io.WriteString(w, refusedBody)
+		return
+	}
+	if r.Header.Get("Upgrade") == "" {
+		io.WriteString(w, "ok") // the readiness probe
+		return
+	}
+	c, err := websocket.Accept(w, r, &websocket.AcceptOptions{
+		Subprotocols: []string{"chat.v2", "chat.v1"},
+		OnPingReceived: func(_ context.Context, p []byte) bool {
+			u.pings <- bytes.Clone(p)
+			return true
+		},
+	})
+	if err != nil {
+		u.ended <- fmt.Errorf("accept: %w", err)
+		return
+	}
+	defer c.CloseNow()
+	c.SetReadLimit(maxTestMessage)
+	serve := u.serve
+	if serve == nil {
+		serve = wsEcho
+	}
+	u.ended <- serve(r.Context(), c)
+}
+
+// last is the last upgrade request the upstream saw.
+func (u *wsUpstream) last(t *testing.T) seen {
+	t.Helper()
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if len(u.reqs) == 0 {
+		t.Fatal("upstream saw no upgrade request")
+	}
+	return u.reqs[len(u.reqs)-1]
+}
+
+// end waits for the upstream side of a socket to end and returns why.
+func (u *wsUpstream) end(t *testing.T) error {
+	t.Helper()
+	select {
+	case err := <-u.ended:
+		return err
+	case <-time.After(30 * time.Second):
+		t.Fatal("upstream websocket did not end")
+		return nil
+	}
+}
+
+// wsEcho echoes every message with its type. Two text messages are
+// commands: "close-me" makes it close with 4001 "server bye", and
+// "ping-me" makes it ping the client and answer "pong-ok" once the pong is
+// back (Cells pings its browsers every 54 s).
+func wsEcho(ctx context.Context, c *websocket.Conn) error {
+	var pinging sync.WaitGroup
+	defer pinging.Wait()
+	for {
+		typ, b, err := c.Read(ctx)
+		if err != nil {
+			return err
+		}
+		switch {
+		case typ == websocket.MessageText && string(b) == "close-me":
+			return c.Close(4001, "server bye")
+		case typ == websocket.MessageText && string(b) == "ping-me":
+			// Ping waits for the pong, which only this loop's Read
+			// receives: ping from another goroutine.
+			pinging.Go(func() {
+				msg := "pong-ok"
+				if err := c.Ping(ctx); err != nil {
+					msg = "ping failed: " + err.Error()
+				}
+				c.Write(ctx, websocket.MessageText, []byte(msg))
+			})
+			continue
+		}
+		if err := c.Write(ctx, typ, b); err != nil {
+			return err
+		}
+	}
+}
+
+// wsURL is the wss:// (or ws://) URL of path on the proxy.
+func wsURL(tp *testProxy, path string) string {
+	return "ws" + strings.TrimPrefix(tp.URL, "http") + path
+}
+
+// dialWS opens a websocket through the proxy with its HTTP/1.1 client.
+func dialWS(t *testing.T, tp *testProxy, path string, opts *websocket.DialOptions) (*websocket.Conn, *http.Response) {
+	t.Helper()
+	if opts == nil {
+		opts = &websocket.DialOptions{}
+	}
+	opts.HTTPClient = tp.H1
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, res, err := websocket.Dial(ctx, wsURL(tp, path), opts)
+	if err != nil {
+		t.Fatalf("websocket dial %s: %v", path, err)
+	}
+	c.SetReadLimit(maxTestMessage)
+	t.Cleanup(func() { c.CloseNow() })
+	return c, res
+}
+
+// closeErr is the close code and reason in err, or -1 and the error text.
+func closeErr(err error) (websocket.StatusCode, string) {
+	var ce websocket.CloseError
+	if errors.As(err, &ce) {
+		return ce.Code, ce.Reason
+	}
+	return -1, fmt.Sprint(err)
+}
+
+func randomMessage(typ websocket.MessageType, n int) []byte {
+	b := make([]byte, n)
+	rand.NewChaCha8([32]byte{byte(n), byte(typ)}).Read(b)
+	if typ == websocket.MessageText {
+		const letters = "abcdefghijklmnopqrstuvwxyz0123456789 -"
+		for i, c := range b {
+			b[i] = letters[int(c)%len(letters)]
+		}
+	}
+	return b
+}
+
+// TestWebSocket opens websockets through the proxy on Cells' paths and on
+// any other path, to a TLS and to a plain-HTTP upstream, and checks the
+// upgrade request Cells sees, echo across the frame-length boundaries of
+// RFC 6455 (125, 126, 65535, 65536 bytes) and a 10 MiB message, pings
+// both ways, and close handshakes started by either side.
+func TestWebSocket(t *testing.T) {
+	for _, kind := range []struct {
+		name string
+		kind upstreamKind
+	}{{"tls-upstream", upTLS}, {"plain-upstream", upPlain}} {
+		t.Run(kind.name, func(t *testing.T) {
+			t.Parallel()
+			wsUp := newWSUpstream(nil)
+			up := newUpstream(t, kind.kind, wsUp)
+			tp := startProxy(t, testConfig(up))
+			proxyHost := tp.Addr().String()
+
+			for _, path := range []string{"/ws/event", "/ws/chat", "/other?x=1"} {
+				t.Run(strings.TrimPrefix(path, "/"), func(t *testing.T) {
+					ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+					defer cancel()
+					clientPings := make(chan []byte, 4)
+					c, res := dialWS(t, tp, path, &websocket.DialOptions{
+						Subprotocols: []string{"chat.v2"},
+						HTTPHeader: http.Header{
+							// A browser's Origin: Cells checks it against
+							// Host, which the proxy keeps.
+							"Origin": {"https://" + proxyHost},
+							// Spoofed: must not reach Cells.
+							"X-Forwarded-For": {"203.0.113.9"},
+							"X-Real-Ip":       {"203.0.113.9"},
+						},
+						OnPingReceived: func(_ context.Context, p []byte) bool {
+							clientPings <- bytes.Clone(p)
+							return true
+						},
+					})
+					if got, want := res.StatusCode, http.StatusSwitchingProtocols; got != want {
+						t.Errorf("handshake status = %d, want %d", got, want)
+					}
+					if got, want := c.Subprotocol(), "chat.v2"; got != want {
+						t.Errorf("negotiated subprotocol = %q, want %q", got, want)
+					}
+
+					r := wsUp.last(t)
+					for _, h := range []struct{ name, got, want string }{
+						{"request target", r.RequestURI, path},
+						{"Host", r.Host, proxyHost},
+						{"X-Forwarded-For", strings.Join(r.Header.Values("X-Forwarded-For"), ", "), "127.0.0.1"},
+						{"X-Real-Ip", r.Header.Get("X-Real-Ip"), "127.0.0.1"},
+						{"X-Forwarded-Proto", r.Header.Get("X-Forwarded-Proto"), "https"},
+						{"X-Forwarded-Host", r.Header.Get("X-Forwarded-Host"), proxyHost},
+						{"Sec-WebSocket-Protocol", r.Header.Get("Sec-WebSocket-Protocol"), "chat.v2"},
+						{"Origin", r.Header.Get("Origin"), "https://" + proxyHost},
+						{"Upgrade", r.Header.Get("Upgrade"), "websocket"},
+					} {
+						if h.got != h.want {
+							t.Errorf("upstream upgrade request %s = %q, want %q", h.name, h.got, h.want)
+						}
+					}
+
+					sizes := []int{0, 1, 125, 126, 127, 65535, 65536, 65537}
+					if path == "/ws/event" {
+						sizes = append(sizes, 10<<20)
+					}
+					for _, typ := range []websocket.MessageType{websocket.MessageText, websocket.MessageBinary} {
+						for _, n := range sizes {
+							msg := randomMessage(typ, n)
+							if err := c.Write(ctx, typ, msg); err != nil {
+								t.Fatalf("write %v message of %d bytes: %v", typ, n, err)
+							}
+							gotTyp, got, err := c.Read(ctx)
+							if err != nil {
+								t.Fatalf("read echo of %v message of %d bytes: %v", typ, n, err)
+							}
+							if gotTyp != typ || !bytes.Equal(got, msg) {
+								t.Errorf("echo of %v message of %d bytes: got %v message of %d bytes (equal: %v)",
+									typ, n, gotTyp, len(got), bytes.Equal(got, msg))
+							}
+						}
+					}
+
+					// Ping from the client: a reader must run for the pong
+					// to be seen. It reads the next message, "last".
+					read := make(chan string, 1)
+					go func() {
+						_, b, err := c.Read(ctx)
+						if err != nil {
+							read <- err.Error()
+							return
+						}
+						read <- string(b)
+					}()
+					if err := c.Ping(ctx); err != nil {
+						t.Errorf("client ping through the proxy: %v", err)
+					}
+					select {
+					case <-wsUp.pings:
+					case <-ctx.Done():
+						t.Errorf("upstream saw no ping from the client")
+					}
+					if err := c.Write(ctx, websocket.MessageText, []byte("last")); err != nil {
+						t.Fatal(err)
+					}
+					if got, want := <-read, "last"; got != want {
+						t.Fatalf("read after ping = %q, want %q", got, want)
+					}
+
+					// Ping from the upstream, as Cells does every 54 s.
+					if err := c.Write(ctx, websocket.MessageText, []byte("ping-me")); err != nil {
+						t.Fatal(err)
+					}
+					if _, b, err := c.Read(ctx); err != nil || string(b) != "pong-ok" {
+						t.Errorf("upstream ping through the proxy: got %q, %v; want \"pong-ok\"", b, err)
+					}
+					select {
+					case <-clientPings:
+					default:
+						t.Errorf("client saw no ping from the upstream")
+					}
+
+					// Close started by the client, with a code and reason.
+					if err := c.Close(4000, "client bye"); err != nil {
+						t.Errorf("client close handshake: %v", err)
+					}
+					code, reason := closeErr(wsUp.end(t))
+					if code != 4000 || reason != "client bye" {
+						t.Errorf("upstream saw close %d %q, want 4000 \"client bye\"", code, reason)
+					}
+
+					// Close started by the upstream.
+					c2, _ := dialWS(t, tp, path, nil)
+					if err := c2.Write(ctx, websocket.MessageText, []byte("close-me")); err != nil {
+						t.Fatal(err)
+					}
+					_, _, err := c2.Read(ctx)
+					code, reason = closeErr(err)
+					if code != 4001 || reason != "server bye" {
+						t.Errorf("client saw close %d %q, want 4001 \"server bye\"", code, reason)
+					}
+					if err := wsUp.end(t); err != nil {
+						t.Errorf("upstream close handshake: %v", err)
+					}
+				})
+			}
+
+			t.Run("refused", func(t *testing.T) {
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				defer cancel()
+				c, res, err := websocket.Dial(ctx, wsURL(tp, "/ws/refused"), &websocket.DialOptions{HTTPClient: tp.H1})
+				if err == nil {
+					c.CloseNow()
+					t.Fatal("dial of a refused upgrade succeeded")
+				}
+				if res == nil {
+					t.Fatalf("dial of a refused upgrade: no response: %v", err)
+				}
+				body, _ := io.ReadAll(res.Body)
+				if got, want := res.StatusCode, http.StatusUnauthorized; got != want {
+					t.Errorf("refused upgrade: status = %d, want %d", got, want)
+				}
+				if got, want := string(body), refusedBody; got != want {
+					t.Errorf("refused upgrade: body = %q, want %q", got, want)
+				}
+				if got, want := res.Header.Get("WWW-Authenticate"), `Bearer realm="cells"`; got != want {
+					t.Errorf("refused upgrade: WWW-Authenticate = %q, want %q", got, want)
+				}
+			})
+		})
+	}
+}
+
+// wsIdle is PROXY_WS_IDLE_TIMEOUT in the idle tests. Traffic every wsIdle/3
+// leaves a delayed write 2/3 of it in slack on a busy machine.
+const wsIdle = 1500 * time.Millisecond
+
+// TestWebSocketIdle proves the idle logic with a short
+// PROXY_WS_IDLE_TIMEOUT: traffic in either direction alone keeps a socket
+// open for several idle periods, and a silent one is closed with 1001 at
+// both ends once the timeout passes.
+func TestWebSocketIdle(t *testing.T) {
+	const periods = 4
+	ticks := periods * 3
+
+	t.Run("client-to-server-traffic", func(t *testing.T) {
+		t.Parallel()
+		// The upstream only reads: nothing moves towards the client.
+		got := make(chan int, 1)
+		wsUp := newWSUpstream(func(ctx context.Context, c *websocket.Conn) error {
+			n := 0
+			for {
+				_, _, err := c.Read(ctx)
+				if err != nil {
+					got <- n
+					return err
+				}
+				n++
+			}
+		})
+		up := newUpstream(t, upTLS, wsUp)
+		cfg := testConfig(up)
+		cfg.WSIdleTimeout = wsIdle
+		tp := startProxy(t, cfg)
+		c, _ := dialWS(t, tp, "/ws/event", nil)
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		tick := time.NewTicker(wsIdle / 3)
+		defer tick.Stop()
+		for i := range ticks {
+			<-tick.C
+			if err := c.Write(ctx, websocket.MessageText, []byte("tick")); err != nil {
+				t.Fatalf("write %d: %v", i, err)
+			}
+		}
+		if err := c.Close(websocket.StatusNormalClosure, ""); err != nil {
+			t.Errorf("close after %d idle periods of client traffic: %v", periods, err)
+		}
+		if code, reason := closeErr(wsUp.end(t)); code != websocket.StatusNormalClosure {
+			t.Errorf("upstream saw close %d %q, want 1000", code, reason)
+		}
+		if n := <-got; n != ticks {
+			t.Errorf("upstream got %d messages, want %d", n, ticks)
+		}
+	})
+
+	t.Run("server-to-client-traffic", func(t *testing.T) {
+		t.Parallel()
+		// The upstream writes on a ticker; the client only reads.
+		wsUp := newWSUpstream(func(ctx context.Context, c *websocket.Conn) error {
+			tick := time.NewTicker(wsIdle / 3)
+			defer tick.Stop()
+			for range ticks {
+				<-tick.C
+				if err := c.Write(ctx, websocket.MessageText, []byte("event")); err != nil {
+					return err
+				}
+			}
+			_, _, err := c.Read(ctx) // the client's close
+			return err
+		})
+		up := newUpstream(t, upTLS, wsUp)
+		cfg := testConfig(up)
+		cfg.WSIdleTimeout = wsIdle
+		tp := startProxy(t, cfg)
+		c, _ := dialWS(t, tp, "/ws/event", nil)
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		for i := range ticks {
+			if _, _, err := c.Read(ctx); err != nil {
+				t.Fatalf("read %d: %v", i, err)
+			}
+		}
+		if err := c.Close(websocket.StatusNormalClosure, ""); err != nil {
+			t.Errorf("close after %d idle periods of server traffic: %v", periods, err)
+		}
+		if code, reason := closeErr(wsUp.end(t)); code != websocket.StatusNormalClosure {
+			t.Errorf("upstream saw close %d %q, want 1000", code, reason)
+		}
+	})
+
+	t.Run("silent", func(t *testing.T) {
+		t.Parallel()
+		// The same silent socket through two proxies: one with the short
+		// timeout, one with the default 24h. The first is closed with
+		// 1001 at both ends; the second is still open after twice as long
+		// and still echoes. (With the default, a socket silent for Cells'
+		// 60 s ping period survives; this shows it without waiting 60 s.)
+		wsUp := newWSUpstream(nil)
+		up := newUpstream(t, upTLS, wsUp)
+		short := testConfig(up)
+		short.WSIdleTimeout = wsIdle
+		long := testConfig(up)
+		def := variableDefault(t, "PROXY_WS_IDLE_TIMEOUT")
+		d, err := time.ParseDuration(def)
+		if err != nil || d != 24*time.Hour {
+			t.Fatalf("default PROXY_WS_IDLE_TIMEOUT = %q, want 24h", def)
+		}
+		long.WSIdleTimeout = d
+		tpShort, tpLong := startProxy(t, short), startProxy(t, long)
+
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		start := time.Now()
+		cShort, _ := dialWS(t, tpShort, "/ws/event", nil)
+		cLong, _ := dialWS(t, tpLong, "/ws/event", nil)
+
+		_, _, err = cShort.Read(ctx)
+		quiet := time.Since(start)
+		if code, reason := closeErr(err); code != websocket.StatusGoingAway {
+			t.Errorf("client of a silent socket: close %d %q, want 1001", code, reason)
+		}
+		if quiet < wsIdle {
+			t.Errorf("silent socket closed after %v, before PROXY_WS_IDLE_TIMEOUT=%v", quiet, wsIdle)
+		}
+		if code, reason := closeErr(wsUp.end(t)); code != websocket.StatusGoingAway {
+			t.Errorf("upstream of a silent socket: close %d %q, want 1001", code, reason)
+		}
+
+		time.Sleep(2*wsIdle - time.Since(start))
+		if err := cLong.Write(ctx, websocket.MessageText, []byte("still here")); err != nil {
+			t.Fatalf("write on a socket silent for %v with the default timeout: %v", time.Since(start), err)
+		}
+		if _, b, err := cLong.Read(ctx); err != nil || string(b) != "still here" {
+			t.Errorf("echo on a socket silent for %v with the default timeout: %q, %v", time.Since(start), b, err)
+		}
+		if err := cLong.Close(websocket.StatusNormalClosure, ""); err != nil {
+			t.Errorf("close: %v", err)
+		}
+		wsUp.end(t)
+	})
+}
+
+// variableDefault is the documented default of an environment variable.
+func variableDefault(t *testing.T, name string) string {
+	t.Helper()
+	for _, v := range Variables() {
+		if v.Name == name {
+			return v.Default
+		}
+	}
+	t.Fatalf("no variable %s", name)
+	return ""
+}
+
+// wsFrameLen is the size on the wire of a websocket frame with an n-byte
+// payload (RFC 6455, section 5.2); client frames carry a 4-byte mask key.
+func wsFrameLen(n int, masked bool) int64 {
+	l := int64(2 + n)
+	switch {
+	case n > 65535:
+		l += 8
+	case n > 125:
+		l += 2
+	}
+	if masked {
+		l += 4
+	}
+	return l
+}
+
+// TestWebSocketAccessLog checks the access log line of a websocket: status
+// 101 and the bytes of every frame that crossed each way, close frames
+// included.
+func TestWebSocketAccessLog(t *testing.T) {
+	t.Parallel()
+	wsUp := newWSUpstream(nil)
+	up := newUpstream(t, upTLS, wsUp)
+	cfg := testConfig(up)
+	cfg.AccessLog = true
+	tp := startProxy(t, cfg)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+
+	c, _ := dialWS(t, tp, "/ws/chat", nil)
+	var in, out int64
+	for _, n := range []int{100, 200, 70000} {
+		if err := c.Write(ctx, websocket.MessageBinary, make([]byte, n)); err != nil {
+			t.Fatal(err)
+		}
+		if _, _, err := c.Read(ctx); err != nil {
+			t.Fatal(err)
+		}
+		in += wsFrameLen(n, true)
+		out += wsFrameLen(n, false)
+	}
+	if err := c.Close(websocket.StatusNormalClosure, "bye"); err != nil {
+		t.Fatal(err)
+	}
+	// The close frame each way: code and reason.
+	in += wsFrameLen(2+len("bye"), true)
+	out += wsFrameLen(2+len("bye"), false)
+	wsUp.end(t)
+
+	var line string
+	for deadline := time.Now().Add(10 * time.Second); line == "" && time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+		for l := range strings.SplitSeq(tp.Log.String(), "\n") {
+			if strings.Contains(l, "msg=request") && strings.Contains(l, "proto=ws") {
+				line = l
+			}
+		}
+	}
+	if line == "" {
+		t.Fatal("no access log line for the websocket")
+	}
+	for _, want := range []string{"status=101", "path=/ws/chat", fmt.Sprintf("bytes_in=%d", in), fmt.Sprintf("bytes_out=%d", out)} {
+		if !strings.Contains(line, " "+want+" ") {
+			t.Errorf("access log line %q: want %s", line, want)
+		}
+	}
+}
