@@ -155,6 +155,24 @@ func (f *forwarder) reverseProxy(target *url.URL, t http.RoundTripper, grpc bool
 	}
 	if grpc {
 		rp.ModifyResponse = grpcResponse
+		rp.Rewrite = func(pr *httputil.ProxyRequest) {
+			f.rewrite(pr, target)
+			if pr.Out.Body != nil {
+				// ReverseProxy hides Close from the transport, which then
+				// cannot stop its request writer while that waits for the
+				// client's next message. A bidirectional stream that Cells
+				// ends (status in the trailers, or a dead connection)
+				// before the client half-closes would then hang: closing
+				// the response body waits for that writer, so the status
+				// never reaches the client, who waits for it. The call is
+				// over when the transport closes the body: let it end the
+				// client's body (an HTTP/2 body's Close never blocks).
+				pr.Out.Body = struct {
+					io.Reader
+					io.Closer
+				}{pr.Out.Body, pr.In.Body}
+			}
+		}
 	}
 	return rp
 }
@@ -344,7 +362,7 @@ func (f *forwarder) classify(r *http.Request, err error) (int, string) {
 	switch cause := context.Cause(ctx); {
 	case errors.Is(cause, errIdle):
 		return http.StatusGatewayTimeout, "cells-proxy: upstream timed out (PROXY_IDLE_TIMEOUT)"
-	case errors.Is(cause, errGRPCDeadline):
+	case errors.Is(cause, errGRPCDeadline), pastDeadline(ctx):
 		return http.StatusGatewayTimeout, "cells-proxy: deadline exceeded waiting for upstream"
 	case errors.Is(cause, errShutdown):
 		return http.StatusServiceUnavailable, "cells-proxy: shutting down"
@@ -419,6 +437,20 @@ func grpcResponse(res *http.Response) error {
 	return nil
 }
 
+// FlushError flushes the response to the client, except the headers of a
+// gRPC Trailers-Only response (grpc-status in the headers: Cells' answer to
+// a call that fails at once), which must leave in one HEADERS frame that
+// ends the stream. ReverseProxy flushes headers as soon as it has written
+// them (FlushInterval -1); grpc-go ignores a grpc-status in headers that do
+// not end the stream and fails the call with Internal "server closed the
+// stream without sending trailers". The handler's return sends them.
+func (e *exchange) FlushError() error {
+	if e.kind == "grpc" && e.bytesOut == 0 && e.Header().Get("Grpc-Status") != "" {
+		return nil
+	}
+	return http.NewResponseController(e.ResponseWriter).Flush()
+}
+
 type grpcBody struct {
 	io.ReadCloser
 	res *http.Response
@@ -432,7 +464,7 @@ func (b *grpcBody) Read(p []byte) (int, error) {
 	ctx := b.res.Request.Context()
 	code, msg := 14, "cells-proxy: upstream stream broke: "+err.Error()
 	switch cause := context.Cause(ctx); {
-	case errors.Is(cause, errGRPCDeadline):
+	case errors.Is(cause, errGRPCDeadline), pastDeadline(ctx):
 		code, msg = 4, "cells-proxy: deadline exceeded"
 	case errors.Is(cause, errShutdown):
 		msg = "cells-proxy: shutting down"
@@ -444,6 +476,16 @@ func (b *grpcBody) Read(p []byte) (int, error) {
 		b.res.Trailer.Set("Grpc-Message", grpcEscape(msg))
 	}
 	return n, io.EOF
+}
+
+// pastDeadline reports whether the gRPC call's deadline (grpc-timeout) has
+// passed. grpc-go's server resets a call (RST_STREAM CANCEL) when its copy
+// of the deadline passes, which can beat the proxy's own timer by a hair:
+// as grpc-go's client does, a failure after the deadline is
+// DEADLINE_EXCEEDED, not UNAVAILABLE.
+func pastDeadline(ctx context.Context) bool {
+	d, ok := ctx.Deadline()
+	return ok && !time.Now().Before(d)
 }
 
 // parseGRPCTimeout reads the grpc-timeout header: up to 8 digits and a unit.
