@@ -77,12 +77,23 @@ func (e *exchange) Write(p []byte) (int, error) {
 }
 
 // FlushError is what http.ResponseController and ReverseProxy's immediate
-// flushing call. A response whose declared length has been written in full
-// needs no flush of its own: the handler's end flushes it, and on HTTP/2
-// that puts the data and END_STREAM in one frame instead of two. Every
-// partial body is flushed at once, so streaming is unchanged.
+// flushing (FlushInterval -1) call. Two kinds of response are better left
+// to the handler's end, which flushes them anyway:
+//
+//   - a response whose declared length has been written in full: on
+//     HTTP/2 its last data and END_STREAM then leave in one frame, not two;
+//   - the headers of a gRPC Trailers-Only response (grpc-status in the
+//     headers: Cells' answer to a call that fails at once), which must be
+//     one HEADERS frame that ends the stream: grpc-go ignores a grpc-status
+//     in headers that do not end it, and fails the call with Internal
+//     "server closed the stream without sending trailers".
+//
+// Every partial body is flushed at once, so streaming is unchanged.
 func (e *exchange) FlushError() error {
 	if e.declared >= 0 && e.bytesOut >= e.declared {
+		return nil
+	}
+	if e.kind == "grpc" && e.bytesOut == 0 && e.Header().Get("Grpc-Status") != "" {
 		return nil
 	}
 	return http.NewResponseController(e.ResponseWriter).Flush()

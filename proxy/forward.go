@@ -437,20 +437,6 @@ func grpcResponse(res *http.Response) error {
 	return nil
 }
 
-// FlushError flushes the response to the client, except the headers of a
-// gRPC Trailers-Only response (grpc-status in the headers: Cells' answer to
-// a call that fails at once), which must leave in one HEADERS frame that
-// ends the stream. ReverseProxy flushes headers as soon as it has written
-// them (FlushInterval -1); grpc-go ignores a grpc-status in headers that do
-// not end the stream and fails the call with Internal "server closed the
-// stream without sending trailers". The handler's return sends them.
-func (e *exchange) FlushError() error {
-	if e.kind == "grpc" && e.bytesOut == 0 && e.Header().Get("Grpc-Status") != "" {
-		return nil
-	}
-	return http.NewResponseController(e.ResponseWriter).Flush()
-}
-
 type grpcBody struct {
 	io.ReadCloser
 	res *http.Response
