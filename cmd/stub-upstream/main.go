@@ -31,12 +31,7 @@ package main
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/json"
 	"encoding/pem"
 	"errors"
@@ -44,7 +39,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"math/big"
 	"net"
 	"net/http"
 	"os"
@@ -55,6 +49,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/cells-proxy/cells-proxy/proxy"
 	"github.com/coder/websocket"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/health"
@@ -376,38 +371,18 @@ func loadOrGenerateCert(certFile, keyFile, caFile string) (tls.Certificate, erro
 		}
 		return cert, nil
 	}
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	// The same self-signed certificate cells-proxy makes for itself: its own
+	// CA, so the PEM written by -write-ca serves as a client's CA file.
+	cert, err := proxy.SelfSigned("localhost", "127.0.0.1", "::1")
 	if err != nil {
-		return tls.Certificate{}, fmt.Errorf("generate key: %w", err)
+		return tls.Certificate{}, err
 	}
-	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 128))
-	if err != nil {
-		return tls.Certificate{}, fmt.Errorf("generate serial: %w", err)
-	}
-	now := time.Now()
-	tmpl := &x509.Certificate{
-		SerialNumber: serial,
-		Subject:      pkix.Name{CommonName: "localhost", Organization: []string{"cells-proxy stub-upstream"}},
-		NotBefore:    now.Add(-time.Hour), // tolerate a little clock skew
-		NotAfter:     now.Add(365 * 24 * time.Hour),
-		// A self-signed leaf that is also its own CA, so that the PEM
-		// written by -write-ca can be used as a client's CA file.
-		IsCA:                  true,
-		BasicConstraintsValid: true,
-		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
-		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		DNSNames:              []string{"localhost"},
-		IPAddresses:           []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		return tls.Certificate{}, fmt.Errorf("create certificate: %w", err)
-	}
+	der := cert.Certificate[0]
 	if caFile != "" {
 		p := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
 		if err := os.WriteFile(caFile, p, 0o644); err != nil {
 			return tls.Certificate{}, fmt.Errorf("write CA file: %w", err)
 		}
 	}
-	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}, nil
+	return cert, nil
 }
