@@ -515,14 +515,10 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool)
 	default:
 		ex.kind = "h1"
 	}
+	detached := false // a websocket tunnel finishes the exchange
 	defer func() {
-		ex.stop()
-		if f.cfg.AccessLog {
-			ex.logAccess(f.log)
-		}
-		if g, ok := r.Context().Value(connGuardKey{}).(*connGuard); ok && r.ProtoMajor == 2 {
-			reset := r.Context().Err() != nil && (ex.status == 0 || ex.status == statusClientClosed)
-			g.done(reset, f.log, r.RemoteAddr)
+		if !detached {
+			f.finish(ex, r)
 		}
 	}()
 	if r.Context().Err() != nil {
@@ -588,11 +584,24 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool)
 	}
 
 	if ex.kind == "ws" {
-		f.ws.serve(f, ex, r)
+		detached = f.ws.serve(f, ex, r)
 		return
 	}
 	r = ex.watch(r, f.cfg.IdleTimeout)
 	f.http.ServeHTTP(ex, r)
+}
+
+// finish ends an exchange: its watchdog, its access log line, and the
+// HTTP/2 rapid-reset bookkeeping.
+func (f *forwarder) finish(ex *exchange, r *http.Request) {
+	ex.stop()
+	if f.cfg.AccessLog {
+		ex.logAccess(f.log)
+	}
+	if g, ok := r.Context().Value(connGuardKey{}).(*connGuard); ok && r.ProtoMajor == 2 {
+		reset := r.Context().Err() != nil && (ex.status == 0 || ex.status == statusClientClosed)
+		g.done(reset, f.log, r.RemoteAddr)
+	}
 }
 
 func (f *forwarder) serveGRPC(ex *exchange, r *http.Request) {
