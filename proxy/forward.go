@@ -40,6 +40,7 @@ type forwarder struct {
 
 	httpTarget    *url.URL
 	httpTransport *http.Transport
+	wsTransport   *http.Transport // websocket handshakes
 	http          *httputil.ReverseProxy
 
 	grpcTarget    *url.URL // nil: no gRPC upstream
@@ -109,6 +110,12 @@ func newForwarder(cfg *Config, log *slog.Logger) (*forwarder, error) {
 	f.httpTransport.Protocols = new(http.Protocols)
 	f.httpTransport.Protocols.SetHTTP1(true)
 	f.http = f.reverseProxy(f.httpTarget, f.httpTransport, false)
+	// Websocket handshakes are small, and the connection's buffers are
+	// dropped after the 101: the 32 KiB ones above would only be garbage
+	// to collect, and memory held until it is, for each websocket opened.
+	f.wsTransport = f.httpTransport.Clone()
+	f.wsTransport.ReadBufferSize = 4 << 10
+	f.wsTransport.WriteBufferSize = 4 << 10
 
 	if u := cfg.GRPCUpstream; u != nil {
 		t := &http.Transport{

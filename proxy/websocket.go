@@ -106,7 +106,7 @@ func (ts *tunnels) serve(f *forwarder, ex *exchange, r *http.Request) (detached 
 	trace := &httptrace.ClientTrace{GotConn: func(i httptrace.GotConnInfo) { upConn = i.Conn }}
 	out = out.WithContext(httptrace.WithClientTrace(ctx, trace))
 
-	res, err := f.httpTransport.RoundTrip(out)
+	res, err := f.wsTransport.RoundTrip(out)
 	handshake.Stop()
 	if err != nil {
 		// The inbound request with the handshake's context: the log line
