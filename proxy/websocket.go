@@ -162,6 +162,11 @@ func (ts *tunnels) serve(f *forwarder, ex *exchange, r *http.Request) (detached 
 		clientSrc = io.MultiReader(bytes.NewReader(bytes.Clone(early)), client)
 	}
 	ex.ResponseWriter = nil // hijacked: it must not be used again
+	// The access log needs only these of the request: not its headers,
+	// nor its contexts, which would stay in memory as long as the tunnel.
+	r = &http.Request{Method: r.Method, Host: r.Host, RequestURI: r.RequestURI, URL: r.URL,
+		ProtoMajor: r.ProtoMajor, RemoteAddr: r.RemoteAddr}
+	ex.req = r
 
 	t := &tunnel{
 		idle:       f.cfg.WSIdleTimeout,
