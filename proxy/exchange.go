@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -25,9 +26,13 @@ type exchange struct {
 
 	status      int
 	wroteHeader bool
-	sent        atomic.Bool // wroteHeader, for the watchdog's goroutine
-	bytesOut    int64
-	bytesIn     atomic.Int64
+	// declared is the Content-Length of the response, -1 if none: once
+	// that many bytes are written, flushing is left to the handler's end,
+	// which then sends the last bytes and the end of the response together.
+	declared int64
+	sent     atomic.Bool // wroteHeader, for the watchdog's goroutine
+	bytesOut int64
+	bytesIn  atomic.Int64
 	// bodyFailed is set when reading the request body failed other than
 	// by its end: the client's fault, answered 400 rather than 502.
 	bodyFailed atomic.Bool
@@ -48,6 +53,12 @@ func (e *exchange) Unwrap() http.ResponseWriter { return e.ResponseWriter }
 func (e *exchange) WriteHeader(code int) {
 	if code >= 200 && !e.wroteHeader {
 		e.status, e.wroteHeader = code, true
+		e.declared = -1
+		if cl := e.Header().Get("Content-Length"); cl != "" {
+			if n, err := strconv.ParseInt(cl, 10, 64); err == nil {
+				e.declared = n
+			}
+		}
 		e.sent.Store(true)
 	}
 	e.ResponseWriter.WriteHeader(code)
@@ -55,8 +66,7 @@ func (e *exchange) WriteHeader(code int) {
 
 func (e *exchange) Write(p []byte) (int, error) {
 	if !e.wroteHeader {
-		e.status, e.wroteHeader = http.StatusOK, true
-		e.sent.Store(true)
+		e.WriteHeader(http.StatusOK)
 	}
 	n, err := e.ResponseWriter.Write(p)
 	if n > 0 {
@@ -64,6 +74,29 @@ func (e *exchange) Write(p []byte) (int, error) {
 		e.touch()
 	}
 	return n, err
+}
+
+// FlushError is what http.ResponseController and ReverseProxy's immediate
+// flushing (FlushInterval -1) call. Two kinds of response are better left
+// to the handler's end, which flushes them anyway:
+//
+//   - a response whose declared length has been written in full: on
+//     HTTP/2 its last data and END_STREAM then leave in one frame, not two;
+//   - the headers of a gRPC Trailers-Only response (grpc-status in the
+//     headers: Cells' answer to a call that fails at once), which must be
+//     one HEADERS frame that ends the stream: grpc-go ignores a grpc-status
+//     in headers that do not end it, and fails the call with Internal
+//     "server closed the stream without sending trailers".
+//
+// Every partial body is flushed at once, so streaming is unchanged.
+func (e *exchange) FlushError() error {
+	if e.declared >= 0 && e.bytesOut >= e.declared {
+		return nil
+	}
+	if e.kind == "grpc" && e.bytesOut == 0 && e.Header().Get("Grpc-Status") != "" {
+		return nil
+	}
+	return http.NewResponseController(e.ResponseWriter).Flush()
 }
 
 func (e *exchange) touch() {

@@ -162,6 +162,24 @@ func (f *forwarder) reverseProxy(target *url.URL, t http.RoundTripper, grpc bool
 	}
 	if grpc {
 		rp.ModifyResponse = grpcResponse
+		rp.Rewrite = func(pr *httputil.ProxyRequest) {
+			f.rewrite(pr, target)
+			if pr.Out.Body != nil {
+				// ReverseProxy hides Close from the transport, which then
+				// cannot stop its request writer while that waits for the
+				// client's next message. A bidirectional stream that Cells
+				// ends (status in the trailers, or a dead connection)
+				// before the client half-closes would then hang: closing
+				// the response body waits for that writer, so the status
+				// never reaches the client, who waits for it. The call is
+				// over when the transport closes the body: let it end the
+				// client's body (an HTTP/2 body's Close never blocks).
+				pr.Out.Body = struct {
+					io.Reader
+					io.Closer
+				}{pr.Out.Body, pr.In.Body}
+			}
+		}
 	}
 	return rp
 }
@@ -351,7 +369,7 @@ func (f *forwarder) classify(r *http.Request, err error) (int, string) {
 	switch cause := context.Cause(ctx); {
 	case errors.Is(cause, errIdle):
 		return http.StatusGatewayTimeout, "cells-proxy: upstream timed out (PROXY_IDLE_TIMEOUT)"
-	case errors.Is(cause, errGRPCDeadline):
+	case errors.Is(cause, errGRPCDeadline), pastDeadline(ctx):
 		return http.StatusGatewayTimeout, "cells-proxy: deadline exceeded waiting for upstream"
 	case errors.Is(cause, errShutdown):
 		return http.StatusServiceUnavailable, "cells-proxy: shutting down"
@@ -439,7 +457,7 @@ func (b *grpcBody) Read(p []byte) (int, error) {
 	ctx := b.res.Request.Context()
 	code, msg := 14, "cells-proxy: upstream stream broke: "+err.Error()
 	switch cause := context.Cause(ctx); {
-	case errors.Is(cause, errGRPCDeadline):
+	case errors.Is(cause, errGRPCDeadline), pastDeadline(ctx):
 		code, msg = 4, "cells-proxy: deadline exceeded"
 	case errors.Is(cause, errShutdown):
 		msg = "cells-proxy: shutting down"
@@ -451,6 +469,16 @@ func (b *grpcBody) Read(p []byte) (int, error) {
 		b.res.Trailer.Set("Grpc-Message", grpcEscape(msg))
 	}
 	return n, io.EOF
+}
+
+// pastDeadline reports whether the gRPC call's deadline (grpc-timeout) has
+// passed. grpc-go's server resets a call (RST_STREAM CANCEL) when its copy
+// of the deadline passes, which can beat the proxy's own timer by a hair:
+// as grpc-go's client does, a failure after the deadline is
+// DEADLINE_EXCEEDED, not UNAVAILABLE.
+func pastDeadline(ctx context.Context) bool {
+	d, ok := ctx.Deadline()
+	return ok && !time.Now().Before(d)
 }
 
 // parseGRPCTimeout reads the grpc-timeout header: up to 8 digits and a unit.
@@ -511,7 +539,7 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool)
 	// waits to drain a body the client holds back until a 100 that never
 	// comes (a refused S3 upload then stalls for the client's timeout).
 	r = r.WithContext(r.Context())
-	ex := &exchange{ResponseWriter: w, req: r, start: time.Now()}
+	ex := &exchange{ResponseWriter: w, req: r, start: time.Now(), declared: -1}
 	switch {
 	case grpcOnly || isGRPC(r):
 		ex.kind = "grpc"

@@ -192,6 +192,8 @@ func (tp *testProxy) client(h2 bool) *http.Client {
 	tr := &http.Transport{
 		TLSClientConfig:    &tls.Config{RootCAs: tp.Roots},
 		DisableCompression: true,
+		// Parallel tests and benchmarks reuse connections, as browsers do.
+		MaxIdleConnsPerHost: 64,
 	}
 	tr.Protocols = new(http.Protocols)
 	switch {

@@ -402,7 +402,7 @@ type frameConn struct {
 	ebuf bytes.Buffer
 
 	events  chan frameEvent // frames the server sent; closed when reading ends
-	readErr error        // why reading ended, valid once events is closed
+	readErr error           // why reading ended, valid once events is closed
 }
 
 // frameEvent is one frame from the server, reduced to what tests look at.

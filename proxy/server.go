@@ -280,7 +280,11 @@ func (s *Server) Run(ctx context.Context) error {
 				sv.errc <- fmt.Errorf("serving %s: %w", s.grpcLn.Addr(), err)
 			}
 		})
-		s.log.Info("listening", "addr", s.grpcLn.Addr().String(), "grpc_upstream", s.cfg.GRPCUpstream.String())
+		up := "none" // calls get UNAVAILABLE naming PYDIO_GRPC_EXTERNAL
+		if s.cfg.GRPCUpstream != nil {
+			up = s.cfg.GRPCUpstream.String()
+		}
+		s.log.Info("listening", "addr", s.grpcLn.Addr().String(), "grpc_upstream", up)
 	}
 	if s.httpLn != nil {
 		srv := s.newHTTPServer(http.HandlerFunc(s.redirect), func(p *http.Protocols) { p.SetHTTP1(true) })

@@ -72,7 +72,7 @@ GROUPS_TO_KILL=() # background process groups (setsid) to stop at the end
 cleanup() {
 	local rc=$?
 	set +e
-	trap - EXIT INT TERM
+	trap - EXIT INT TERM ERR
 	step "cleanup"
 	if [ -S "$WORK/docker.sock" ]; then
 		if [ -n "${COMPOSE_ARGS:-}" ]; then
@@ -116,6 +116,7 @@ cleanup() {
 	exit "$rc"
 }
 trap cleanup EXIT
+trap 'fail "unexpected error at line $LINENO: $BASH_COMMAND"' ERR
 trap 'fail "interrupted"; exit 130' INT TERM
 
 # wait_for SECONDS DESCRIPTION CMD...: retry CMD every 0.2s until it succeeds or time runs out.
@@ -505,4 +506,4 @@ $DOCKER compose "${COMPOSE_ARGS[@]}" stop cells-proxy >>"$WORK/compose-up.log" 2
 check "compose: cells-proxy stops with exit 0" test "$($DOCKER inspect -f '{{.State.ExitCode}}' "$proxy_cid")" = 0
 $DOCKER compose "${COMPOSE_ARGS[@]}" down -v --timeout 5 >>"$WORK/compose-up.log" 2>&1 && unset COMPOSE_ARGS
 
-[ "$failed" -eq 0 ]
+[ "$failed" -eq 0 ] || exit 1
