@@ -40,6 +40,7 @@ type forwarder struct {
 
 	httpTarget    *url.URL
 	httpTransport *http.Transport
+	wsTransport   *http.Transport // websocket handshakes
 	http          *httputil.ReverseProxy
 
 	grpcTarget    *url.URL // nil: no gRPC upstream
@@ -109,6 +110,12 @@ func newForwarder(cfg *Config, log *slog.Logger) (*forwarder, error) {
 	f.httpTransport.Protocols = new(http.Protocols)
 	f.httpTransport.Protocols.SetHTTP1(true)
 	f.http = f.reverseProxy(f.httpTarget, f.httpTransport, false)
+	// Websocket handshakes are small, and the connection's buffers are
+	// dropped after the 101: the 32 KiB ones above would only be garbage
+	// to collect, and memory held until it is, for each websocket opened.
+	f.wsTransport = f.httpTransport.Clone()
+	f.wsTransport.ReadBufferSize = 4 << 10
+	f.wsTransport.WriteBufferSize = 4 << 10
 
 	if u := cfg.GRPCUpstream; u != nil {
 		t := &http.Transport{
@@ -543,14 +550,10 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool)
 	default:
 		ex.kind = "h1"
 	}
+	detached := false // a websocket tunnel finishes the exchange
 	defer func() {
-		ex.stop()
-		if f.cfg.AccessLog {
-			ex.logAccess(f.log)
-		}
-		if g, ok := r.Context().Value(connGuardKey{}).(*connGuard); ok && r.ProtoMajor == 2 {
-			reset := r.Context().Err() != nil && (ex.status == 0 || ex.status == statusClientClosed)
-			g.done(reset, f.log, r.RemoteAddr)
+		if !detached {
+			f.finish(ex, r)
 		}
 	}()
 	if r.Context().Err() != nil {
@@ -616,11 +619,24 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool)
 	}
 
 	if ex.kind == "ws" {
-		f.ws.serve(f, ex, r)
+		detached = f.ws.serve(f, ex, r)
 		return
 	}
 	r = ex.watch(r, f.cfg.IdleTimeout)
 	f.http.ServeHTTP(ex, r)
+}
+
+// finish ends an exchange: its watchdog, its access log line, and the
+// HTTP/2 rapid-reset bookkeeping.
+func (f *forwarder) finish(ex *exchange, r *http.Request) {
+	ex.stop()
+	if f.cfg.AccessLog {
+		ex.logAccess(f.log)
+	}
+	if g, ok := r.Context().Value(connGuardKey{}).(*connGuard); ok && r.ProtoMajor == 2 {
+		reset := r.Context().Err() != nil && (ex.status == 0 || ex.status == statusClientClosed)
+		g.done(reset, f.log, r.RemoteAddr)
+	}
 }
 
 func (f *forwarder) serveGRPC(ex *exchange, r *http.Request) {

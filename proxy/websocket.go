@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/binary"
@@ -73,9 +74,14 @@ func (ts *tunnels) closeAll() {
 }
 
 // serve forwards a websocket upgrade to Cells and, once Cells agrees (101),
-// copies frames both ways until either side closes or nothing moves for
-// PROXY_WS_IDLE_TIMEOUT.
-func (ts *tunnels) serve(f *forwarder, ex *exchange, r *http.Request) {
+// hands the connections to a tunnel that copies frames both ways until
+// either side closes or nothing moves for PROXY_WS_IDLE_TIMEOUT. It reports
+// whether the tunnel took the exchange over: the tunnel then runs on its
+// own goroutines and writes the access log line when it ends, and the
+// handler returns at once, so that net/http frees the connection's state
+// (its bufio buffers, the response, the handler's stack) for the long
+// life of an idle websocket.
+func (ts *tunnels) serve(f *forwarder, ex *exchange, r *http.Request) (detached bool) {
 	// The handshake itself must not hang: it gets the HTTP idle timeout.
 	ctx, cancel := context.WithCancelCause(r.Context())
 	defer cancel(context.Canceled)
@@ -100,13 +106,13 @@ func (ts *tunnels) serve(f *forwarder, ex *exchange, r *http.Request) {
 	trace := &httptrace.ClientTrace{GotConn: func(i httptrace.GotConnInfo) { upConn = i.Conn }}
 	out = out.WithContext(httptrace.WithClientTrace(ctx, trace))
 
-	res, err := f.httpTransport.RoundTrip(out)
+	res, err := f.wsTransport.RoundTrip(out)
 	handshake.Stop()
 	if err != nil {
 		// The inbound request with the handshake's context: the log line
 		// names the client's path, and classify sees errIdle.
 		f.errorHandler(ex, r.WithContext(ctx), err)
-		return
+		return false
 	}
 	if res.StatusCode != http.StatusSwitchingProtocols {
 		// Cells said no (401, 404, ...): pass its answer on untouched.
@@ -117,22 +123,21 @@ func (ts *tunnels) serve(f *forwarder, ex *exchange, r *http.Request) {
 		buf := copyBuffers.Get()
 		defer copyBuffers.Put(buf)
 		io.CopyBuffer(ex, res.Body, buf)
-		return
+		return false
 	}
 	upstream, ok := res.Body.(io.ReadWriteCloser)
 	if !ok || upConn == nil || !httpguts.HeaderValuesContainsToken(res.Header["Upgrade"], "websocket") {
 		res.Body.Close()
 		f.errorHandler(ex, r.WithContext(ctx), errors.New("upstream switched to something other than websocket"))
-		return
+		return false
 	}
-	defer upstream.Close()
 
 	client, brw, err := http.NewResponseController(ex).Hijack()
 	if err != nil {
+		upstream.Close()
 		f.log.Warn("websocket hijack failed", "err", err)
-		return
+		return false
 	}
-	defer client.Close()
 
 	// Relay Cells' 101 with its headers (Sec-WebSocket-Accept, the chosen
 	// protocol and extensions).
@@ -141,9 +146,27 @@ func (ts *tunnels) serve(f *forwarder, ex *exchange, r *http.Request) {
 	res.Header.Write(brw)
 	brw.WriteString("\r\n")
 	if err := brw.Flush(); err != nil {
-		return
+		upstream.Close()
+		client.Close()
+		return false
 	}
 	ex.status, ex.wroteHeader = http.StatusSwitchingProtocols, true
+
+	// Frames the client sent right behind its handshake are in the
+	// hijacked reader's buffer: keep a copy of just those bytes, and read
+	// the client's connection directly from then on. Nothing of net/http's
+	// connection (brw, the response) stays referenced once serve returns.
+	var clientSrc io.Reader = client
+	if n := brw.Reader.Buffered(); n > 0 {
+		early, _ := brw.Reader.Peek(n)
+		clientSrc = io.MultiReader(bytes.NewReader(bytes.Clone(early)), client)
+	}
+	ex.ResponseWriter = nil // hijacked: it must not be used again
+	// The access log needs only these of the request: not its headers,
+	// nor its contexts, which would stay in memory as long as the tunnel.
+	r = &http.Request{Method: r.Method, Host: r.Host, RequestURI: r.RequestURI, URL: r.URL,
+		ProtoMajor: r.ProtoMajor, RemoteAddr: r.RemoteAddr}
+	ex.req = r
 
 	t := &tunnel{
 		idle:       f.cfg.WSIdleTimeout,
@@ -151,9 +174,15 @@ func (ts *tunnels) serve(f *forwarder, ex *exchange, r *http.Request) {
 		upConn:     upConn,
 		ex:         ex,
 	}
-	t.up = pump{src: brw.Reader, dst: upstream, dstConn: upConn, mask: true}
+	t.up = pump{src: clientSrc, dst: upstream, dstConn: upConn, mask: true}
 	t.down = pump{src: upstream, dst: client, dstConn: client}
-	t.run(ts)
+	go func() {
+		defer f.finish(ex, r)
+		defer client.Close()
+		defer upstream.Close()
+		t.run(ts)
+	}()
+	return true
 }
 
 // tunnel is one open websocket.
@@ -171,8 +200,7 @@ type tunnel struct {
 	timer     *time.Timer
 	ended     bool // guarded by timerMu: no re-arming after run returns
 	closeOnce sync.Once
-	wg        sync.WaitGroup
-	stopped   chan struct{}
+	wg        sync.WaitGroup // the two pumps, until their loops return
 }
 
 // pump copies frames from src to dst. Knowing where frames start lets the
@@ -187,10 +215,10 @@ type pump struct {
 	broken   bool // dst failed: nothing more may be written to it
 }
 
-// run pumps until the tunnel ends. The tunnel joins ts only once its
-// state is set and its pumps run: from then on closeAll may close it.
+// run pumps until the tunnel ends: the client-to-Cells pump on a goroutine
+// of its own, the other on the caller's. The tunnel joins ts only once its
+// state is set: from then on closeAll may close it.
 func (t *tunnel) run(ts *tunnels) {
-	t.stopped = make(chan struct{})
 	t.last.Store(time.Now().UnixNano())
 	t.timerMu.Lock()
 	t.timer = time.AfterFunc(t.idle, t.checkIdle)
@@ -202,26 +230,31 @@ func (t *tunnel) run(ts *tunnels) {
 		t.timerMu.Unlock()
 	}()
 
-	done := make(chan struct{}, 2)
+	// A pump that ends (a close handshake, or a dropped connection) ends
+	// the tunnel: it unblocks the other pump, unless close (idle timeout,
+	// shutdown) already does. close waits for both pump loops (wg), so a
+	// pump leaves wg before it may wait on closeOnce; and a second
+	// stopPumps would cut the close frames close is writing, mid TLS
+	// record.
+	upExited := make(chan struct{})
 	t.wg.Add(2)
-	go func() { defer t.wg.Done(); t.up.run(t, false); done <- struct{}{} }()
-	go func() { defer t.wg.Done(); t.down.run(t, true); done <- struct{}{} }()
-	if ts.add(t) {
-		defer ts.remove(t)
-	} else {
-		t.close(closeGoingAway, "server shutting down")
-	}
-	select {
-	case <-done:
-		// One side ended (a close handshake, or a dropped connection):
-		// the tunnel is over. Unblock the other pump, unless close (idle
-		// timeout, shutdown) already does: its deadline would cut the
-		// close frames close is writing, mid TLS record.
+	go func() {
+		defer close(upExited)
+		t.up.run(t, false)
+		t.wg.Done()
 		t.closeOnce.Do(t.stopPumps)
-	case <-t.stopped:
+	}()
+	if !ts.add(t) {
+		t.wg.Done() // the down pump does not run
+		t.close(closeGoingAway, "server shutting down")
+		<-upExited
+		return
 	}
-	t.wg.Wait()
-	t.closeOnce.Do(func() {})
+	defer ts.remove(t)
+	t.down.run(t, true)
+	t.wg.Done()
+	t.closeOnce.Do(t.stopPumps)
+	<-upExited
 }
 
 func (t *tunnel) checkIdle() {
@@ -254,9 +287,6 @@ func (t *tunnel) close(code uint16, reason string) {
 		t.sendClose(code, reason)
 		t.clientConn.Close()
 		t.upConn.Close()
-		if t.stopped != nil {
-			close(t.stopped)
-		}
 	})
 }
 
