@@ -2,7 +2,6 @@ package proxy
 
 import (
 	"context"
-	"crypto/x509"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -87,32 +86,7 @@ func startLoggedProxy(t testing.TB, cfg *Config, sink *logSink, format string) *
 		h = slog.NewTextHandler(sink, opts)
 	}
 	cfg.LogFormat = format
-	s, err := New(cfg, slog.New(h))
-	if err != nil {
-		t.Fatalf("proxy.New: %v", err)
-	}
-	if err := s.Listen(); err != nil {
-		t.Fatalf("Listen: %v", err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	tp := &testProxy{Server: s, Log: &syncBuffer{}, stop: cancel, stopped: make(chan error, 1)}
-	go func() { tp.stopped <- s.Run(ctx) }()
-	tp.URL = "https://" + s.Addr().String()
-	tp.Roots = x509.NewCertPool()
-	tp.Roots.AddCert(s.cert.Load().Leaf)
-	tp.H1 = tp.client(false)
-	tp.H2 = tp.client(true)
-	t.Cleanup(func() {
-		tp.H1.CloseIdleConnections()
-		tp.H2.CloseIdleConnections()
-		if err := tp.Shutdown(); err != nil {
-			t.Errorf("proxy Run: %v", err)
-		}
-		if t.Failed() {
-			t.Logf("proxy log:\n%s", sink.String())
-		}
-	})
-	return tp
+	return startProxyLog(t, cfg, slog.New(h), sink.String)
 }
 
 // parseLogLine reads one record of either format into strings: JSON

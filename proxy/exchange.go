@@ -77,11 +77,14 @@ func (e *exchange) Write(p []byte) (int, error) {
 }
 
 // FlushError is what http.ResponseController and ReverseProxy's immediate
-// flushing (FlushInterval -1) call. Two kinds of response are better left
-// to the handler's end, which flushes them anyway:
+// flushing (FlushInterval -1) call. Some flushes only cost a write system
+// call (and, on HTTP/2, a frame) of their own and are left to what follows:
 //
-//   - a response whose declared length has been written in full: on
-//     HTTP/2 its last data and END_STREAM then leave in one frame, not two;
+//   - the headers of a response with a declared length, which ReverseProxy
+//     flushes from a timer before the body: they leave with the first body
+//     bytes, which are flushed as soon as they are written;
+//   - a response whose declared length has been written in full: the
+//     handler's end flushes it, on HTTP/2 with END_STREAM in the same frame;
 //   - the headers of a gRPC Trailers-Only response (grpc-status in the
 //     headers: Cells' answer to a call that fails at once), which must be
 //     one HEADERS frame that ends the stream: grpc-go ignores a grpc-status
@@ -90,7 +93,7 @@ func (e *exchange) Write(p []byte) (int, error) {
 //
 // Every partial body is flushed at once, so streaming is unchanged.
 func (e *exchange) FlushError() error {
-	if e.declared >= 0 && e.bytesOut >= e.declared {
+	if e.declared >= 0 && (e.bytesOut == 0 || e.bytesOut >= e.declared) {
 		return nil
 	}
 	if e.kind == "grpc" && e.bytesOut == 0 && e.Header().Get("Grpc-Status") != "" {

@@ -133,11 +133,21 @@ type testProxy struct {
 	stopped chan error
 }
 
-// startProxy runs a Server for cfg until the test ends (or tp.Shutdown).
+// startProxy runs a Server for cfg until the test ends (or tp.Shutdown),
+// logging as text at debug level into tp.Log.
 func startProxy(t testing.TB, cfg *Config) *testProxy {
 	t.Helper()
 	logBuf := &syncBuffer{}
 	log := slog.New(slog.NewTextHandler(logBuf, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	tp := startProxyLog(t, cfg, log, logBuf.String)
+	tp.Log = logBuf
+	return tp
+}
+
+// startProxyLog is startProxy with the caller's logger; logText gives what
+// it wrote, shown when the test fails.
+func startProxyLog(t testing.TB, cfg *Config, log *slog.Logger, logText func() string) *testProxy {
+	t.Helper()
 	s, err := New(cfg, log)
 	if err != nil {
 		t.Fatalf("proxy.New: %v", err)
@@ -146,7 +156,7 @@ func startProxy(t testing.TB, cfg *Config) *testProxy {
 		t.Fatalf("Listen: %v", err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	tp := &testProxy{Server: s, Log: logBuf, stop: cancel, stopped: make(chan error, 1)}
+	tp := &testProxy{Server: s, Log: &syncBuffer{}, stop: cancel, stopped: make(chan error, 1)}
 	go func() { tp.stopped <- s.Run(ctx) }()
 	scheme := "https"
 	if !cfg.TLS {
@@ -166,7 +176,7 @@ func startProxy(t testing.TB, cfg *Config) *testProxy {
 			t.Errorf("proxy Run: %v", err)
 		}
 		if t.Failed() {
-			t.Logf("proxy log:\n%s", logBuf.String())
+			t.Logf("proxy log:\n%s", logText())
 		}
 	})
 	return tp
