@@ -35,35 +35,11 @@ KNOWN_FAILURES=(
 	http2/8.1.2.2/2
 )
 
-TMP=$(mktemp -d)
-PIDS=()
-cleanup() {
-	for pid in "${PIDS[@]}"; do
-		kill "$pid" 2>/dev/null || true
-	done
-	for pid in "${PIDS[@]}"; do
-		wait "$pid" 2>/dev/null || true
-	done
-	rm -rf "$TMP"
-}
-trap cleanup EXIT
-
-step() { printf '\n--- %s (%s)\n' "$*" "$(date +%T)"; }
+# shellcheck source=ci/lib.sh
+source "$ROOT/ci/lib.sh"
 die() {
 	printf 'FAIL: %s\n' "$*"
 	exit 1
-}
-
-# wait_for FILE REGEX: wait up to 15 s for a line matching REGEX in FILE, print it.
-wait_for() {
-	local i
-	for i in $(seq 150); do
-		if grep -E -m1 "$2" "$1" 2>/dev/null; then
-			return 0
-		fi
-		sleep 0.1
-	done
-	return 1
 }
 
 step "install h2spec $H2SPEC_VERSION"
@@ -71,39 +47,9 @@ GOBIN=$TMP/bin go install "github.com/summerwind/h2spec/cmd/h2spec@$H2SPEC_VERSI
 H2SPEC=$TMP/bin/h2spec
 "$H2SPEC" --version
 
-step "build cells-proxy and stub-upstream"
-cd "$ROOT"
-go build -o "$TMP/cells-proxy" .
-go build -o "$TMP/stub-upstream" ./cmd/stub-upstream
-
-step "start the upstream and cells-proxy"
-"$TMP/stub-upstream" -https 127.0.0.1:0 -write-ca "$TMP/upstream-ca.pem" >"$TMP/stub.out" 2>"$TMP/stub.err" &
-PIDS+=($!)
-UPSTREAM=$(wait_for "$TMP/stub.out" '^listening https ' | awk '{print $3}') || die "stub-upstream did not start: $(cat "$TMP/stub.err")"
-echo "upstream: https://$UPSTREAM"
-
-# PYDIO_GRPC_EXTERNAL takes a port number, not 0: try a few random ones.
-MAIN="" GRPC=""
-for attempt in 1 2 3 4 5; do
-	GRPC=$((20000 + RANDOM % 40000))
-	env -i PATH="$PATH" \
-		CELLS_UPSTREAM="https://$UPSTREAM" CELLS_UPSTREAM_CA_FILE="$TMP/upstream-ca.pem" \
-		PROXY_HTTPS_ADDR=127.0.0.1:0 PYDIO_GRPC_EXTERNAL=$GRPC PROXY_HTTP_ADDR=off PROXY_HEALTH_ADDR=off \
-		PROXY_ACCESS_LOG=false PROXY_LOG_FORMAT=text \
-		"$TMP/cells-proxy" >"$TMP/proxy.log" 2>&1 &
-	pid=$!
-	if line=$(wait_for "$TMP/proxy.log" 'msg=listening addr=[^ ]+ tls=true'); then
-		PIDS+=($pid)
-		MAIN=$(sed -E 's/.*addr=127\.0\.0\.1:([0-9]+).*/\1/' <<<"$line")
-		break
-	fi
-	kill "$pid" 2>/dev/null || true
-	wait "$pid" 2>/dev/null || true
-	echo "attempt $attempt: cells-proxy did not start:"
-	cat "$TMP/proxy.log"
-done
-[ -n "$MAIN" ] || die "cells-proxy did not start"
-echo "cells-proxy: public port $MAIN, gRPC port $GRPC"
+step "build and start the upstream and cells-proxy"
+start_upstream
+start_proxy proxy
 
 # failed_ids JUNIT: the IDs (http2/6.5.3/1) of the failed cases, one a line. h2spec numbers the cases of
 # a section from 1 in the order it runs them, as its own output does.

@@ -28,36 +28,13 @@ fail() {
 	failed=$((failed + 1))
 	printf 'FAIL: %s\n' "$*"
 }
-step() { printf '\n--- %s (%s)\n' "$*" "$(date +%T)"; }
 die() {
 	fail "$*"
 	exit 1
 }
 
-TMP=$(mktemp -d)
-PIDS=()
-cleanup() {
-	for pid in "${PIDS[@]}"; do
-		kill "$pid" 2>/dev/null || true
-	done
-	for pid in "${PIDS[@]}"; do
-		wait "$pid" 2>/dev/null || true
-	done
-	rm -rf "$TMP"
-}
-trap cleanup EXIT
-
-# wait_for FILE REGEX: wait up to 15 s for a line matching REGEX in FILE, print it.
-wait_for() {
-	local i
-	for i in $(seq 150); do
-		if grep -E -m1 "$2" "$1" 2>/dev/null; then
-			return 0
-		fi
-		sleep 0.1
-	done
-	return 1
-}
+# shellcheck source=ci/lib.sh
+source "$ROOT/ci/lib.sh"
 
 step "tools"
 if ! command -v sslscan >/dev/null; then
@@ -70,12 +47,7 @@ weak=$(openssl ciphers 'ALL:COMPLEMENTOFALL:@SECLEVEL=0' 2>/dev/null | tr ':' '\
 echo "local OpenSSL can offer $weak weak suites (CBC, RC4, 3DES, NULL, anonymous, static RSA) for the scan"
 
 step "build cells-proxy and stub-upstream"
-cd "$ROOT"
-go build -o "$TMP/cells-proxy" .
-go build -o "$TMP/stub-upstream" ./cmd/stub-upstream
-"$TMP/stub-upstream" -https 127.0.0.1:0 -write-ca "$TMP/upstream-ca.pem" >"$TMP/stub.out" 2>"$TMP/stub.err" &
-PIDS+=($!)
-UPSTREAM=$(wait_for "$TMP/stub.out" '^listening https ' | awk '{print $3}') || die "stub-upstream did not start: $(cat "$TMP/stub.err")"
+start_upstream
 
 # rsa_pair DIR: a self-signed RSA 2048 certificate for 127.0.0.1 in DIR/cert.pem and DIR/key.pem.
 rsa_pair() {
@@ -83,34 +55,6 @@ rsa_pair() {
 	openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=cells-proxy tlsscan" \
 		-addext "subjectAltName=IP:127.0.0.1,DNS:localhost" \
 		-keyout "$1/key.pem" -out "$1/cert.pem" 2>/dev/null
-}
-
-# start NAME [VAR=VALUE...]: run cells-proxy with the extra variables; sets PROXY_PID, MAIN and GRPC.
-start() {
-	local name=$1 attempt line
-	shift
-	MAIN="" GRPC=""
-	# PYDIO_GRPC_EXTERNAL takes a port number, not 0: try a few random ones.
-	for attempt in 1 2 3 4 5; do
-		GRPC=$((20000 + RANDOM % 40000))
-		env -i PATH="$PATH" \
-			CELLS_UPSTREAM="https://$UPSTREAM" CELLS_UPSTREAM_CA_FILE="$TMP/upstream-ca.pem" \
-			PROXY_HTTPS_ADDR=127.0.0.1:0 PYDIO_GRPC_EXTERNAL=$GRPC PROXY_HTTP_ADDR=off PROXY_HEALTH_ADDR=off \
-			PROXY_ACCESS_LOG=false PROXY_LOG_FORMAT=text "$@" \
-			"$TMP/cells-proxy" >"$TMP/$name.log" 2>&1 &
-		PROXY_PID=$!
-		if line=$(wait_for "$TMP/$name.log" 'msg=listening addr=[^ ]+ tls=true'); then
-			PIDS+=($PROXY_PID)
-			MAIN=$(sed -E 's/.*addr=127\.0\.0\.1:([0-9]+).*/\1/' <<<"$line")
-			wait_for "$TMP/$name.log" 'msg=listening addr=[^ ]+ grpc_upstream=' >/dev/null || die "$name: no gRPC listener"
-			echo "$name: public port $MAIN, gRPC port $GRPC"
-			return 0
-		fi
-		kill "$PROXY_PID" 2>/dev/null || true
-		wait "$PROXY_PID" 2>/dev/null || true
-	done
-	cat "$TMP/$name.log"
-	die "$name: cells-proxy did not start"
 }
 
 # stop NAME: SIGTERM, and the process must exit 0.
@@ -189,7 +133,7 @@ hsts() {
 }
 
 step "self-signed ECDSA certificate"
-start selfsigned
+start_proxy selfsigned
 scan "self-signed, public port" "$MAIN" ECDSA
 scan "self-signed, gRPC port" "$GRPC" ECDSA
 got=$(hsts "$MAIN")
@@ -201,7 +145,7 @@ rsa_pair "$TMP/a"
 rsa_pair "$TMP/b"
 mkdir -p "$TMP/live"
 cp "$TMP/a/cert.pem" "$TMP/a/key.pem" "$TMP/live/"
-start rsa TLS_CERT_FILE="$TMP/live/cert.pem" TLS_KEY_FILE="$TMP/live/key.pem"
+start_proxy rsa TLS_CERT_FILE="$TMP/live/cert.pem" TLS_KEY_FILE="$TMP/live/key.pem"
 scan "RSA, public port" "$MAIN" RSA
 scan "RSA, gRPC port" "$GRPC" RSA
 got=$(hsts "$MAIN")
