@@ -239,21 +239,11 @@ func testAccessLog(t *testing.T, format string) {
 		t.Run(pc.name, func(t *testing.T) {
 			path := "/io/personal/" + pc.name + ".txt?partNumber=1"
 			req, _ := http.NewRequest("PUT", tp.URL+path, strings.NewReader("hello world"))
-			res, err := pc.c.Do(req)
-			if err != nil {
-				t.Fatal(err)
-			}
-			io.Copy(io.Discard, res.Body)
-			res.Body.Close()
+			doDrain(t, pc.c, req)
 			requests++
 			from = check(t, from, want{pc.name, public, "PUT", path, 200, 11, 5})
 
-			res, err = pc.c.Get(tp.URL + "/io/missing")
-			if err != nil {
-				t.Fatal(err)
-			}
-			io.Copy(io.Discard, res.Body)
-			res.Body.Close()
+			getWith(t, pc.c, tp.URL+"/io/missing", nil)
 			requests++
 			from = check(t, from, want{pc.name, public, "GET", "/io/missing", 404, 0, int64(len("<Error><Code>NoSuchKey</Code></Error>"))})
 		})
@@ -344,16 +334,7 @@ func TestAccessLogSecrets(t *testing.T) {
 			from := 0
 			for _, pc := range h1h2Clients(tp) {
 				for _, path := range []string{"/io/personal/f.txt", "/broken/f.txt"} {
-					req, _ := http.NewRequest("GET", tp.URL+path+query, nil)
-					for k, v := range secrets {
-						req.Header.Set(k, v)
-					}
-					res, err := pc.c.Do(req)
-					if err != nil {
-						t.Fatal(err)
-					}
-					io.Copy(io.Discard, res.Body)
-					res.Body.Close()
+					getWith(t, pc.c, tp.URL+path+query, secrets)
 					line, i := sink.wait(t, from, isAccess(t, path+redacted))
 					from = i + 1
 					if f := parseLogLine(t, line); f["path"] != path+redacted {

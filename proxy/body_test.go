@@ -132,17 +132,6 @@ func settle(t testing.TB, up *testUpstream) {
 	})
 }
 
-// protoClients are the proxy's two clients, named for subtests.
-func protoClients(tp *testProxy) []struct {
-	name string
-	c    *http.Client
-} {
-	return []struct {
-		name string
-		c    *http.Client
-	}{{"h1", tp.H1}, {"h2", tp.H2}}
-}
-
 // TestLargeBodiesStreamWithFlatMemory sends 1 GiB up and 1 GiB down through
 // the proxy over HTTP/1.1 and HTTP/2 and checks every byte (count and CRC at
 // the far end) while the heap stays flat: no body is ever held whole. Under
@@ -172,7 +161,7 @@ func TestLargeBodiesStreamWithFlatMemory(t *testing.T) {
 	settle(t, up)
 	tp := startProxy(t, testConfig(up))
 
-	for _, pc := range protoClients(tp) {
+	for _, pc := range h1h2Clients(tp) {
 		t.Run(pc.name+"/upload", func(t *testing.T) {
 			req, err := http.NewRequest(http.MethodPut, tp.URL+"/io/big", &pattern{n: size})
 			if err != nil {
@@ -348,7 +337,7 @@ func TestSlowResponseFlushedAsItArrives(t *testing.T) {
 		}))
 		settle(t, up)
 		tp := startProxy(t, testConfig(up))
-		for _, pc := range protoClients(tp) {
+		for _, pc := range h1h2Clients(tp) {
 			t.Run(pc.name+"/"+map[bool]string{false: "no-content-length", true: "content-length"}[withLength], func(t *testing.T) {
 				res, err := pc.c.Get(tp.URL + "/a/tree/zip")
 				if err != nil {
@@ -421,7 +410,7 @@ func TestMaxBodySize(t *testing.T) {
 		return c.Do(req)
 	}
 
-	for _, pc := range protoClients(tp) {
+	for _, pc := range h1h2Clients(tp) {
 		t.Run(pc.name+"/content-length-over", func(t *testing.T) {
 			before := calls.Load()
 			res, err := send(t, tp, pc.c, limit+1, true)
@@ -480,7 +469,7 @@ func TestMaxBodySize(t *testing.T) {
 		cfg := testConfig(up)
 		cfg.MaxBodySize = 0
 		tp := startProxy(t, cfg)
-		for _, pc := range protoClients(tp) {
+		for _, pc := range h1h2Clients(tp) {
 			for _, withLength := range []bool{true, false} {
 				res, err := send(t, tp, pc.c, 8*limit, withLength)
 				if err != nil {
@@ -520,7 +509,7 @@ func TestExpectContinue(t *testing.T) {
 		}))
 		settle(t, up)
 		tp := startProxy(t, testConfig(up))
-		for _, pc := range protoClients(tp) {
+		for _, pc := range h1h2Clients(tp) {
 			// The client waits this long for the 100 before sending the
 			// body anyway; long enough that a proxy that never relays the
 			// 100 shows up as Got100Continue not called.

@@ -68,7 +68,7 @@ func TestIdleTimeout(t *testing.T) {
 	cfg.IdleTimeout = idle
 	tp := startProxy(t, cfg)
 
-	for _, pc := range protoClients(tp) {
+	for _, pc := range h1h2Clients(tp) {
 		t.Run(pc.name+"/silent", func(t *testing.T) {
 			start := time.Now()
 			res, err := pc.c.Get(tp.URL + "/silent")
@@ -174,7 +174,7 @@ func TestUpstreamRefused(t *testing.T) {
 		cfg := testConfig(nil)
 		cfg.Upstream = &url.URL{Scheme: scheme, Host: refusedAddr(t)}
 		tp := startProxy(t, cfg)
-		for _, pc := range protoClients(tp) {
+		for _, pc := range h1h2Clients(tp) {
 			t.Run(scheme+"/"+pc.name, func(t *testing.T) {
 				start := time.Now()
 				res, err := pc.c.Get(tp.URL + "/a/frontend/bootconf")
@@ -225,7 +225,7 @@ func TestUpstreamErrorsPassUntouched(t *testing.T) {
 		up := newUpstream(t, kind.kind, h)
 		settle(t, up)
 		tp := startProxy(t, testConfig(up))
-		for _, pc := range protoClients(tp) {
+		for _, pc := range h1h2Clients(tp) {
 			for _, e := range errs {
 				t.Run(kind.name+"/"+pc.name+"/"+strconv.Itoa(e.status), func(t *testing.T) {
 					res, err := pc.c.Get(tp.URL + e.path)
@@ -304,7 +304,7 @@ func TestUpstreamCertificate(t *testing.T) {
 			cfg.UpstreamCAFile = up.CAFile
 			tt.config(cfg)
 			tp := startProxy(t, cfg)
-			for _, pc := range protoClients(tp) {
+			for _, pc := range h1h2Clients(tp) {
 				res, err := pc.c.Get(tp.URL + "/a/frontend/bootconf")
 				if err != nil {
 					t.Fatal(err)

@@ -13,6 +13,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -308,4 +309,54 @@ func (tp *testProxy) rawRequest(t testing.TB, raw string) string {
 	}
 	b, _ := io.ReadAll(conn)
 	return string(b)
+}
+
+// protoClient is one of the proxy's clients, named for subtests.
+type protoClient struct {
+	name string
+	c    *http.Client
+}
+
+// h1h2Clients are the proxy's HTTP/1.1 and HTTP/2 clients, named, for
+// tables run over both.
+func h1h2Clients(tp *testProxy) []protoClient {
+	return []protoClient{{"h1", tp.H1}, {"h2", tp.H2}}
+}
+
+// doDrain sends req through c, reads the response body to its end and
+// closes it. The test fails at once if the request fails.
+func doDrain(t testing.TB, c *http.Client, req *http.Request) *http.Response {
+	t.Helper()
+	res, err := c.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(io.Discard, res.Body)
+	res.Body.Close()
+	return res
+}
+
+// getWith is doDrain for a GET of url with header set on the request.
+func getWith(t testing.TB, c *http.Client, url string, header map[string]string) *http.Response {
+	t.Helper()
+	req, err := http.NewRequest("GET", url, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k, v := range header {
+		req.Header.Set(k, v)
+	}
+	return doDrain(t, c, req)
+}
+
+// checkUpstreamHeader reports every field of want whose values in h, the
+// header the upstream saw, differ; a nil want is a field that must be
+// absent.
+func checkUpstreamHeader(t testing.TB, h http.Header, want map[string][]string) {
+	t.Helper()
+	for k, v := range want {
+		if got := h.Values(k); !slices.Equal(got, v) {
+			t.Errorf("upstream %s = %q, want %q", k, got, v)
+		}
+	}
 }

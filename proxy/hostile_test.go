@@ -944,22 +944,14 @@ func TestSpoofedForwardingHeaders(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 
-	for _, c := range []struct {
-		name   string
-		client *http.Client
-	}{{"h1", tp.H1}, {"h2", tp.H2}} {
-		t.Run(c.name, func(t *testing.T) {
+	for _, pc := range h1h2Clients(tp) {
+		t.Run(pc.name, func(t *testing.T) {
 			req, _ := http.NewRequestWithContext(ctx, "GET", tp.URL+"/a/frontend/bootconf", nil)
 			for i := 0; i < len(spoofHeaders); i += 2 {
 				req.Header.Add(spoofHeaders[i], spoofHeaders[i+1])
 			}
 			req.Header.Add("X-Forwarded-For", "7.7.7.7, 8.8.8.8")
-			res, err := c.client.Do(req)
-			if err != nil {
-				t.Fatal(err)
-			}
-			io.Copy(io.Discard, res.Body)
-			res.Body.Close()
+			res := doDrain(t, pc.c, req)
 			if res.StatusCode != 200 {
 				t.Fatalf("status = %d, want 200", res.StatusCode)
 			}

@@ -435,12 +435,7 @@ func TestHSTS(t *testing.T) {
 				if tc.host != "" {
 					req.Host = tc.host
 				}
-				res, err := c.Do(req)
-				if err != nil {
-					t.Fatal(err)
-				}
-				io.Copy(io.Discard, res.Body)
-				res.Body.Close()
+				res := doDrain(t, c, req)
 				if got := res.Header.Values("Strict-Transport-Security"); len(got) != 1 || got[0] != tc.want {
 					t.Errorf("%s %s (status %d): Strict-Transport-Security = %q, want [%q]", res.Proto, tc.path, res.StatusCode, got, tc.want)
 				}
