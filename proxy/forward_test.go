@@ -1,7 +1,6 @@
 package proxy
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/tls"
@@ -24,33 +23,6 @@ import (
 	"google.golang.org/grpc/metadata"
 )
 
-// rawH1 sends raw, one complete HTTP/1.1 request, on a new TLS connection to
-// the proxy and reads one response. Go's client would normalise the
-// request-target and drop hop-by-hop headers; this sends the bytes as given.
-func rawH1(t testing.TB, tp *testProxy, raw string) (*http.Response, []byte) {
-	t.Helper()
-	conn, err := tls.Dial("tcp", tp.Addr().String(), tp.TLSConfig("http/1.1"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(10 * time.Second))
-	if _, err := io.WriteString(conn, raw); err != nil {
-		t.Fatal(err)
-	}
-	method, _, _ := strings.Cut(raw, " ")
-	res, err := http.ReadResponse(bufio.NewReader(conn), &http.Request{Method: method})
-	if err != nil {
-		t.Fatalf("reading the response to %.60q: %v", raw, err)
-	}
-	defer res.Body.Close()
-	body, err := io.ReadAll(res.Body)
-	if err != nil {
-		t.Fatalf("reading the response body: %v", err)
-	}
-	return res, body
-}
-
 // h2Response is what rawH2 read back.
 type h2Response struct {
 	Status int
@@ -63,15 +35,8 @@ type h2Response struct {
 // client rewrites :path or :authority, and reads the response of stream 1.
 func rawH2(t testing.TB, tp *testProxy, fields [][2]string, body []byte) h2Response {
 	t.Helper()
-	conn, err := tls.Dial("tcp", tp.Addr().String(), tp.TLSConfig("h2"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	conn := tp.dialRawH2(t, tp.Addr().String())
 	defer conn.Close()
-	if got, want := conn.ConnectionState().NegotiatedProtocol, "h2"; got != want {
-		t.Fatalf("ALPN = %q, want %q", got, want)
-	}
-	conn.SetDeadline(time.Now().Add(10 * time.Second))
 	if _, err := io.WriteString(conn, http2.ClientPreface); err != nil {
 		t.Fatal(err)
 	}

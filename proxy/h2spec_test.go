@@ -6,7 +6,6 @@ import (
 	"io"
 	"strings"
 	"testing"
-	"time"
 
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
@@ -20,15 +19,7 @@ import (
 // framer on it.
 func h2Conn(t *testing.T, tp *testProxy, addr string) (*tls.Conn, *http2.Framer) {
 	t.Helper()
-	conn, err := tls.Dial("tcp", addr, tp.TLSConfig("h2"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	if got := conn.ConnectionState().NegotiatedProtocol; got != "h2" {
-		t.Fatalf("ALPN = %q, want h2", got)
-	}
-	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	conn := tp.dialRawH2(t, addr)
 	return conn, http2.NewFramer(conn, conn)
 }
 
@@ -53,12 +44,7 @@ func TestH2InvalidPreface(t *testing.T) {
 
 	// Without ALPN the first bytes still decide, as before: HTTP/1.1
 	// and h2 prior knowledge both work on the public port.
-	conn, err := tls.Dial("tcp", tp.Addr().String(), tp.TLSConfig())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	conn := tp.dialRaw(t, tp.Addr().String())
 	io.WriteString(conn, http2.ClientPreface)
 	fr := http2.NewFramer(conn, conn)
 	if err := fr.WriteSettings(); err != nil {

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bufio"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -294,21 +295,73 @@ func (rec *recorder) count() int {
 	return len(rec.reqs)
 }
 
+// dialRaw opens a TLS connection to addr that trusts the proxy and offers
+// alpn, with a 10 s deadline for the whole exchange, for raw clients. It is
+// closed when the test ends, if the caller has not closed it before.
+func (tp *testProxy) dialRaw(t testing.TB, addr string, alpn ...string) *tls.Conn {
+	t.Helper()
+	conn, err := tls.Dial("tcp", addr, tp.TLSConfig(alpn...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	return conn
+}
+
+// dialRawH2 is dialRaw offering only h2; the test fails unless the server
+// agreed it.
+func (tp *testProxy) dialRawH2(t testing.TB, addr string) *tls.Conn {
+	t.Helper()
+	conn := tp.dialRaw(t, addr, "h2")
+	if got, want := conn.ConnectionState().NegotiatedProtocol, "h2"; got != want {
+		t.Fatalf("ALPN = %q, want %q", got, want)
+	}
+	return conn
+}
+
 // rawRequest sends raw bytes over a new TLS (HTTP/1.1) connection to the
 // proxy and returns everything read until the proxy closes or timeout.
 func (tp *testProxy) rawRequest(t testing.TB, raw string) string {
 	t.Helper()
-	conn, err := tls.Dial("tcp", tp.Addr().String(), tp.TLSConfig("http/1.1"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	conn := tp.dialRaw(t, tp.Addr().String(), "http/1.1")
 	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(10 * time.Second))
 	if _, err := io.WriteString(conn, raw); err != nil {
 		t.Fatal(err)
 	}
 	b, _ := io.ReadAll(conn)
 	return string(b)
+}
+
+// rawH1 sends raw, one complete HTTP/1.1 request, on a new TLS connection to
+// the proxy and reads one response. Go's client would normalise the
+// request-target and drop hop-by-hop headers; this sends the bytes as given.
+func rawH1(t testing.TB, tp *testProxy, raw string) (*http.Response, []byte) {
+	t.Helper()
+	conn := tp.dialRaw(t, tp.Addr().String(), "http/1.1")
+	defer conn.Close()
+	res := rawResponse(t, conn, raw)
+	defer res.Body.Close()
+	body, err := io.ReadAll(res.Body)
+	if err != nil {
+		t.Fatalf("reading the response body: %v", err)
+	}
+	return res, body
+}
+
+// rawResponse writes raw, one complete HTTP/1.x request, to conn and reads
+// the head of its response; the caller reads and closes the body.
+func rawResponse(t testing.TB, conn net.Conn, raw string) *http.Response {
+	t.Helper()
+	if _, err := io.WriteString(conn, raw); err != nil {
+		t.Fatal(err)
+	}
+	method, _, _ := strings.Cut(raw, " ")
+	res, err := http.ReadResponse(bufio.NewReader(conn), &http.Request{Method: method})
+	if err != nil {
+		t.Fatalf("reading the response to %.60q: %v", raw, err)
+	}
+	return res
 }
 
 // protoClient is one of the proxy's clients, named for subtests.

@@ -123,12 +123,7 @@ func (r rawResult) statuses() []int {
 // everything (a 431, say) does not block the test.
 func rawExchange(t *testing.T, tp *testProxy, raw string) rawResult {
 	t.Helper()
-	conn, err := tls.Dial("tcp", tp.Addr().String(), tp.TLSConfig("http/1.1"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	conn := tp.dialRaw(t, tp.Addr().String(), "http/1.1")
 	wrote := make(chan struct{})
 	go func() {
 		defer close(wrote)

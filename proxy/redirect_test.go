@@ -1,11 +1,9 @@
 package proxy
 
 import (
-	"bufio"
 	"io"
 	"net"
 	"net/http"
-	"strings"
 	"testing"
 	"time"
 )
@@ -20,14 +18,7 @@ func rawPlain(t testing.TB, tp *testProxy, raw string) *http.Response {
 	}
 	defer conn.Close()
 	conn.SetDeadline(time.Now().Add(10 * time.Second))
-	if _, err := io.WriteString(conn, raw); err != nil {
-		t.Fatal(err)
-	}
-	method, _, _ := strings.Cut(raw, " ")
-	res, err := http.ReadResponse(bufio.NewReader(conn), &http.Request{Method: method})
-	if err != nil {
-		t.Fatalf("reading the response to %.60q: %v", raw, err)
-	}
+	res := rawResponse(t, conn, raw)
 	io.Copy(io.Discard, res.Body)
 	res.Body.Close()
 	return res

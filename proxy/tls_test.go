@@ -305,12 +305,7 @@ func TestALPN(t *testing.T) {
 	}
 
 	// A client without ALPN is served HTTP/1.1 on the public port.
-	conn, err := tls.Dial("tcp", tp.Addr().String(), tp.TLSConfig())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	conn := tp.dialRaw(t, tp.Addr().String())
 	io.WriteString(conn, "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
 	b, _ := io.ReadAll(conn)
 	if got, want := strings.SplitN(string(b), "\r\n", 2)[0], "HTTP/1.1 200 OK"; got != want {
@@ -319,12 +314,7 @@ func TestALPN(t *testing.T) {
 
 	// The gRPC port speaks only HTTP/2: an HTTP/1.1 request there is not
 	// answered, the connection is closed.
-	conn, err = tls.Dial("tcp", tp.GRPCAddr().String(), tp.TLSConfig("http/1.1"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	conn = tp.dialRaw(t, tp.GRPCAddr().String(), "http/1.1")
 	io.WriteString(conn, "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
 	b, err = io.ReadAll(conn)
 	if len(b) != 0 || err != nil {
