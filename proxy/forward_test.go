@@ -311,41 +311,41 @@ func checkTarget(t *testing.T, got, want string) {
 	t.Errorf("upstream request-target = %q, want %q", got, want)
 }
 
-// TestRequestTargetH1 sends each target as raw HTTP/1.1 and compares the
+// rawGet sends GET target, with Host (h1) or :authority (h2) host, as
+// given on a new raw connection to the proxy, and returns the status.
+func rawGet(t testing.TB, tp *testProxy, proto, host, target string) int {
+	t.Helper()
+	if proto == "h2" {
+		return rawH2(t, tp, h2Fields("GET", host, target), nil).Status
+	}
+	res, _ := rawH1(t, tp, "GET "+target+" HTTP/1.1\r\nHost: "+host+"\r\n\r\n")
+	return res.StatusCode
+}
+
+// testRequestTarget sends each target over proto and compares the
 // upstream's RequestURI with it.
-func TestRequestTargetH1(t *testing.T) {
+func testRequestTarget(t *testing.T, proto string) {
 	t.Parallel()
 	rec := &recorder{}
 	up := newUpstream(t, upTLS, rec)
 	tp := startProxy(t, testConfig(up))
 	for _, tt := range requestTargets {
 		t.Run(tt.name, func(t *testing.T) {
-			res, _ := rawH1(t, tp, "GET "+tt.target+" HTTP/1.1\r\nHost: "+tp.Addr().String()+"\r\n\r\n")
-			if res.StatusCode != http.StatusOK {
-				t.Fatalf("status = %d, want 200", res.StatusCode)
+			if status := rawGet(t, tp, proto, tp.Addr().String(), tt.target); status != http.StatusOK {
+				t.Fatalf("status = %d, want 200", status)
 			}
 			checkTarget(t, rec.last(t).RequestURI, tt.target)
 		})
 	}
 }
 
+// TestRequestTargetH1 sends each target as raw HTTP/1.1 and compares the
+// upstream's RequestURI with it.
+func TestRequestTargetH1(t *testing.T) { testRequestTarget(t, "h1") }
+
 // TestRequestTargetH2 sends each target as an exact :path in a HEADERS
 // frame and compares the upstream's RequestURI with it.
-func TestRequestTargetH2(t *testing.T) {
-	t.Parallel()
-	rec := &recorder{}
-	up := newUpstream(t, upTLS, rec)
-	tp := startProxy(t, testConfig(up))
-	for _, tt := range requestTargets {
-		t.Run(tt.name, func(t *testing.T) {
-			res := rawH2(t, tp, h2Fields("GET", tp.Addr().String(), tt.target), nil)
-			if res.Status != http.StatusOK {
-				t.Fatalf("status = %d, want 200", res.Status)
-			}
-			checkTarget(t, rec.last(t).RequestURI, tt.target)
-		})
-	}
-}
+func TestRequestTargetH2(t *testing.T) { testRequestTarget(t, "h2") }
 
 // TestRequestTargetOpaqueClient checks the case net/http clients produce
 // themselves: a URL.Opaque request-target over h1 and h2.
@@ -388,18 +388,14 @@ func TestHostExact(t *testing.T) {
 		"[2001:db8::1]",
 	}
 	for _, host := range hosts {
-		t.Run("h1/"+host, func(t *testing.T) {
-			rawH1(t, tp, "GET /a/frontend/state HTTP/1.1\r\nHost: "+host+"\r\n\r\n")
-			if got := rec.last(t).Host; got != host {
-				t.Errorf("upstream Host = %q, want %q", got, host)
-			}
-		})
-		t.Run("h2/"+host, func(t *testing.T) {
-			rawH2(t, tp, h2Fields("GET", host, "/a/frontend/state"), nil)
-			if got := rec.last(t).Host; got != host {
-				t.Errorf("upstream Host = %q, want %q", got, host)
-			}
-		})
+		for _, proto := range []string{"h1", "h2"} {
+			t.Run(proto+"/"+host, func(t *testing.T) {
+				rawGet(t, tp, proto, host, "/a/frontend/state")
+				if got := rec.last(t).Host; got != host {
+					t.Errorf("upstream Host = %q, want %q", got, host)
+				}
+			})
+		}
 	}
 }
 
