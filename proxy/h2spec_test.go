@@ -29,7 +29,7 @@ func h2Conn(t *testing.T, tp *testProxy, addr string) (*tls.Conn, *http2.Framer)
 // connection reached the HTTP/1 server and got a "400 Bad Request".
 func TestH2InvalidPreface(t *testing.T) {
 	tp := startTLSProxy(t, newCert(t))
-	for port, addr := range map[string]string{"public": tp.Addr().String(), "grpc": tp.GRPCAddr().String()} {
+	for port, addr := range tlsPorts(tp) {
 		t.Run(port, func(t *testing.T) {
 			conn, _ := h2Conn(t, tp, addr)
 			io.WriteString(conn, "INVALID CONNECTION PREFACE\r\n\r\n")
@@ -64,7 +64,7 @@ func TestH2InvalidPreface(t *testing.T) {
 // HEADERS frame above it is a connection error FRAME_SIZE_ERROR.
 func TestH2MaxFrameSize(t *testing.T) {
 	tp := startTLSProxy(t, newCert(t))
-	for port, addr := range map[string]string{"public": tp.Addr().String(), "grpc": tp.GRPCAddr().String()} {
+	for port, addr := range tlsPorts(tp) {
 		t.Run(port, func(t *testing.T) {
 			conn, fr := h2Conn(t, tp, addr)
 			io.WriteString(conn, http2.ClientPreface)

@@ -113,6 +113,24 @@ func startTLSProxy(t *testing.T, cert tls.Certificate) *testProxy {
 	return startProxy(t, cfg)
 }
 
+// tlsPorts are the proxy's two TLS listeners, named for subtests.
+func tlsPorts(tp *testProxy) map[string]string {
+	return map[string]string{"public": tp.Addr().String(), "grpc": tp.GRPCAddr().String()}
+}
+
+// eachCertPort runs f as the subtest kind/port for each certificate kind,
+// on both TLS ports of a proxy serving a certificate of that kind.
+func eachCertPort(t *testing.T, f func(t *testing.T, kind string, tp *testProxy, addr string)) {
+	for _, kind := range certKinds {
+		t.Run(kind.name, func(t *testing.T) {
+			tp := startTLSProxy(t, kind.make(t))
+			for port, addr := range tlsPorts(tp) {
+				t.Run(port, func(t *testing.T) { f(t, kind.name, tp, addr) })
+			}
+		})
+	}
+}
+
 // handshake dials addr with c and returns the connection state, or the
 // handshake error.
 func handshake(addr string, c *tls.Config) (tls.ConnectionState, error) {
@@ -139,42 +157,34 @@ func wantRefused(t *testing.T, err error, what string) {
 }
 
 func TestTLSVersions(t *testing.T) {
-	for _, kind := range certKinds {
-		t.Run(kind.name, func(t *testing.T) {
-			tp := startTLSProxy(t, kind.make(t))
-			ports := map[string]string{"public": tp.Addr().String(), "grpc": tp.GRPCAddr().String()}
-			for port, addr := range ports {
-				t.Run(port, func(t *testing.T) {
-					for _, tc := range []struct {
-						name     string
-						min, max uint16
-						want     uint16 // 0: refused
-					}{
-						{"TLS1.0", tls.VersionTLS10, tls.VersionTLS10, 0},
-						{"TLS1.1", tls.VersionTLS10, tls.VersionTLS11, 0},
-						{"TLS1.2", tls.VersionTLS12, tls.VersionTLS12, tls.VersionTLS12},
-						{"TLS1.3", tls.VersionTLS13, tls.VersionTLS13, tls.VersionTLS13},
-						{"any", tls.VersionTLS10, tls.VersionTLS13, tls.VersionTLS13},
-					} {
-						c := tp.TLSConfig("h2")
-						c.MinVersion, c.MaxVersion = tc.min, tc.max
-						st, err := handshake(addr, c)
-						if tc.want == 0 {
-							wantRefused(t, err, tc.name)
-							continue
-						}
-						if err != nil {
-							t.Errorf("%s: %v", tc.name, err)
-							continue
-						}
-						if got := st.Version; got != tc.want {
-							t.Errorf("%s: version = %s, want %s", tc.name, tls.VersionName(got), tls.VersionName(tc.want))
-						}
-					}
-				})
+	eachCertPort(t, func(t *testing.T, kind string, tp *testProxy, addr string) {
+		for _, tc := range []struct {
+			name     string
+			min, max uint16
+			want     uint16 // 0: refused
+		}{
+			{"TLS1.0", tls.VersionTLS10, tls.VersionTLS10, 0},
+			{"TLS1.1", tls.VersionTLS10, tls.VersionTLS11, 0},
+			{"TLS1.2", tls.VersionTLS12, tls.VersionTLS12, tls.VersionTLS12},
+			{"TLS1.3", tls.VersionTLS13, tls.VersionTLS13, tls.VersionTLS13},
+			{"any", tls.VersionTLS10, tls.VersionTLS13, tls.VersionTLS13},
+		} {
+			c := tp.TLSConfig("h2")
+			c.MinVersion, c.MaxVersion = tc.min, tc.max
+			st, err := handshake(addr, c)
+			if tc.want == 0 {
+				wantRefused(t, err, tc.name)
+				continue
 			}
-		})
-	}
+			if err != nil {
+				t.Errorf("%s: %v", tc.name, err)
+				continue
+			}
+			if got := st.Version; got != tc.want {
+				t.Errorf("%s: version = %s, want %s", tc.name, tls.VersionName(got), tls.VersionName(tc.want))
+			}
+		}
+	})
 }
 
 func TestTLS12CipherSuites(t *testing.T) {
@@ -213,51 +223,43 @@ func TestTLS12CipherSuites(t *testing.T) {
 			tls.TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
 		},
 	}
-	for _, kind := range certKinds {
-		t.Run(kind.name, func(t *testing.T) {
-			tp := startTLSProxy(t, kind.make(t))
-			ports := map[string]string{"public": tp.Addr().String(), "grpc": tp.GRPCAddr().String()}
-			for port, addr := range ports {
-				t.Run(port, func(t *testing.T) {
-					offer := func(suite uint16) (tls.ConnectionState, error) {
-						c := tp.TLSConfig("h2")
-						c.MaxVersion = tls.VersionTLS12
-						c.CipherSuites = []uint16{suite}
-						return handshake(addr, c)
-					}
-					for _, suite := range refused {
-						_, err := offer(suite)
-						wantRefused(t, err, tls.CipherSuiteName(suite))
-					}
-					for _, suite := range accepted[kind.name] {
-						st, err := offer(suite)
-						if err != nil {
-							t.Errorf("%s: %v", tls.CipherSuiteName(suite), err)
-							continue
-						}
-						if got, want := tls.CipherSuiteName(st.CipherSuite), tls.CipherSuiteName(suite); got != want {
-							t.Errorf("negotiated suite = %s, want %s", got, want)
-						}
-					}
-					// A client offering everything Go knows gets a
-					// forward-secret AEAD suite.
-					c := tp.TLSConfig("h2")
-					c.MaxVersion = tls.VersionTLS12
-					for _, s := range append(tls.CipherSuites(), tls.InsecureCipherSuites()...) {
-						c.CipherSuites = append(c.CipherSuites, s.ID)
-					}
-					st, err := handshake(addr, c)
-					if err != nil {
-						t.Fatalf("all suites offered: %v", err)
-					}
-					if name := tls.CipherSuiteName(st.CipherSuite); !strings.HasPrefix(name, "TLS_ECDHE_") ||
-						!(strings.Contains(name, "_GCM_") || strings.Contains(name, "CHACHA20")) {
-						t.Errorf("all suites offered: negotiated %s, want ECDHE with GCM or ChaCha20", name)
-					}
-				})
+	eachCertPort(t, func(t *testing.T, kind string, tp *testProxy, addr string) {
+		offer := func(suite uint16) (tls.ConnectionState, error) {
+			c := tp.TLSConfig("h2")
+			c.MaxVersion = tls.VersionTLS12
+			c.CipherSuites = []uint16{suite}
+			return handshake(addr, c)
+		}
+		for _, suite := range refused {
+			_, err := offer(suite)
+			wantRefused(t, err, tls.CipherSuiteName(suite))
+		}
+		for _, suite := range accepted[kind] {
+			st, err := offer(suite)
+			if err != nil {
+				t.Errorf("%s: %v", tls.CipherSuiteName(suite), err)
+				continue
 			}
-		})
-	}
+			if got, want := tls.CipherSuiteName(st.CipherSuite), tls.CipherSuiteName(suite); got != want {
+				t.Errorf("negotiated suite = %s, want %s", got, want)
+			}
+		}
+		// A client offering everything Go knows gets a
+		// forward-secret AEAD suite.
+		c := tp.TLSConfig("h2")
+		c.MaxVersion = tls.VersionTLS12
+		for _, s := range append(tls.CipherSuites(), tls.InsecureCipherSuites()...) {
+			c.CipherSuites = append(c.CipherSuites, s.ID)
+		}
+		st, err := handshake(addr, c)
+		if err != nil {
+			t.Fatalf("all suites offered: %v", err)
+		}
+		if name := tls.CipherSuiteName(st.CipherSuite); !strings.HasPrefix(name, "TLS_ECDHE_") ||
+			!(strings.Contains(name, "_GCM_") || strings.Contains(name, "CHACHA20")) {
+			t.Errorf("all suites offered: negotiated %s, want ECDHE with GCM or ChaCha20", name)
+		}
+	})
 }
 
 func TestALPN(t *testing.T) {
