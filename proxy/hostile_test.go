@@ -558,45 +558,35 @@ func TestOversizeHeadH2(t *testing.T) {
 	up := newUpstream(t, upTLS, rec)
 	tp := startProxy(t, testConfig(up))
 
-	t.Run("10000 headers", func(t *testing.T) {
-		c := dialH2(t, tp)
-		var kv []string
-		for i := range 10000 {
-			kv = append(kv, "x-h"+strconv.Itoa(i), "v")
-		}
-		blk := c.block(append(pseudo(tp, "GET", "/many"), kv...)...)
-		c.wmu.Lock()
-		err := writeHeaderBlock(c.fr, 1, blk)
-		c.wmu.Unlock()
-		if err != nil {
-			t.Logf("writing the head: %v (the server may close first)", err)
-		}
-		ev := c.wait(t, "431, RST_STREAM or GOAWAY", func(ev frameEvent) bool {
-			return ev.Type == http2.FrameGoAway || ev.Type == http2.FrameRSTStream || ev.Status != ""
+	many := pseudo(tp, "GET", "/many")
+	for i := range 10000 {
+		many = append(many, "x-h"+strconv.Itoa(i), "v")
+	}
+	for _, tt := range []struct {
+		name string
+		kv   []string // pseudo-headers and fields
+	}{
+		{"10000 headers", many},
+		{"1MB header", pseudo(tp, "GET", "/big", "x-big", strings.Repeat("a", 1<<20))},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			c := dialH2(t, tp)
+			blk := c.block(tt.kv...)
+			c.wmu.Lock()
+			err := writeHeaderBlock(c.fr, 1, blk)
+			c.wmu.Unlock()
+			if err != nil {
+				t.Logf("writing the head: %v (the server may close first)", err)
+			}
+			ev := c.wait(t, "431, RST_STREAM or GOAWAY", func(ev frameEvent) bool {
+				return ev.Type == http2.FrameGoAway || ev.Type == http2.FrameRSTStream || ev.Status != ""
+			})
+			t.Logf("answer: %v, :status %q, code %v", ev.Type, ev.Status, ev.Code)
+			if ev.Status != "" && ev.Status != "431" {
+				t.Errorf(":status = %s, want 431 (or the stream or connection refused)", ev.Status)
+			}
 		})
-		t.Logf("answer: %v, :status %q, code %v", ev.Type, ev.Status, ev.Code)
-		if ev.Status != "" && ev.Status != "431" {
-			t.Errorf(":status = %s, want 431 (or the stream or connection refused)", ev.Status)
-		}
-	})
-
-	t.Run("1MB header", func(t *testing.T) {
-		c := dialH2(t, tp)
-		blk := c.block(pseudo(tp, "GET", "/big", "x-big", strings.Repeat("a", 1<<20))...)
-		c.wmu.Lock()
-		err := writeHeaderBlock(c.fr, 1, blk)
-		c.wmu.Unlock()
-		if err != nil {
-			t.Logf("writing the head: %v (the server may close first)", err)
-		}
-		ev := c.wait(t, "431, RST_STREAM or GOAWAY", func(ev frameEvent) bool {
-			return ev.Type == http2.FrameGoAway || ev.Type == http2.FrameRSTStream || ev.Status != ""
-		})
-		t.Logf("answer: %v, :status %q, code %v", ev.Type, ev.Status, ev.Code)
-		if ev.Status != "" && ev.Status != "431" {
-			t.Errorf(":status = %s, want 431 (or the stream or connection refused)", ev.Status)
-		}
-	})
+	}
 
 	t.Run("CONTINUATION flood", func(t *testing.T) {
 		before := h2HeapInUse()
