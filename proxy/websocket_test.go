@@ -360,6 +360,16 @@ const wsIdle = 1500 * time.Millisecond
 func TestWebSocketIdle(t *testing.T) {
 	const periods = 4
 	ticks := periods * 3
+	// idleSocket opens a socket to wsUp through a proxy whose
+	// PROXY_WS_IDLE_TIMEOUT is wsIdle.
+	idleSocket := func(t *testing.T, wsUp *wsUpstream) *websocket.Conn {
+		t.Helper()
+		up := newUpstream(t, upTLS, wsUp)
+		cfg := testConfig(up)
+		cfg.WSIdleTimeout = wsIdle
+		c, _ := dialWS(t, startProxy(t, cfg), "/ws/event", nil)
+		return c
+	}
 
 	t.Run("client-to-server-traffic", func(t *testing.T) {
 		t.Parallel()
@@ -376,11 +386,7 @@ func TestWebSocketIdle(t *testing.T) {
 				n++
 			}
 		})
-		up := newUpstream(t, upTLS, wsUp)
-		cfg := testConfig(up)
-		cfg.WSIdleTimeout = wsIdle
-		tp := startProxy(t, cfg)
-		c, _ := dialWS(t, tp, "/ws/event", nil)
+		c := idleSocket(t, wsUp)
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
 		tick := time.NewTicker(wsIdle / 3)
@@ -417,11 +423,7 @@ func TestWebSocketIdle(t *testing.T) {
 			_, _, err := c.Read(ctx) // the client's close
 			return err
 		})
-		up := newUpstream(t, upTLS, wsUp)
-		cfg := testConfig(up)
-		cfg.WSIdleTimeout = wsIdle
-		tp := startProxy(t, cfg)
-		c, _ := dialWS(t, tp, "/ws/event", nil)
+		c := idleSocket(t, wsUp)
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
 		for i := range ticks {
