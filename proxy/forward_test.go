@@ -35,8 +35,9 @@ type h2Response struct {
 // client rewrites :path or :authority, and reads the response of stream 1.
 func rawH2(t testing.TB, tp *testProxy, fields [][2]string, body []byte) h2Response {
 	t.Helper()
-	conn := tp.dialRawH2(t, tp.Addr().String())
+	conn := tp.dialTLSH2(t, tp.Addr().String())
 	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
 	if _, err := io.WriteString(conn, http2.ClientPreface); err != nil {
 		t.Fatal(err)
 	}

@@ -6,6 +6,7 @@ import (
 	"io"
 	"strings"
 	"testing"
+	"time"
 
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
@@ -19,7 +20,8 @@ import (
 // framer on it.
 func h2Conn(t *testing.T, tp *testProxy, addr string) (*tls.Conn, *http2.Framer) {
 	t.Helper()
-	conn := tp.dialRawH2(t, addr)
+	conn := tp.dialTLSH2(t, addr)
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
 	return conn, http2.NewFramer(conn, conn)
 }
 

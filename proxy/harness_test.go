@@ -295,28 +295,35 @@ func (rec *recorder) count() int {
 	return len(rec.reqs)
 }
 
-// dialRaw opens a TLS connection to addr that trusts the proxy and offers
-// alpn, with a 10 s deadline for the whole exchange, for raw clients. It is
-// closed when the test ends, if the caller has not closed it before.
-func (tp *testProxy) dialRaw(t testing.TB, addr string, alpn ...string) *tls.Conn {
+// dialTLS opens a TLS connection to addr that trusts the proxy and offers
+// alpn, for raw clients. It is closed when the test ends, if the caller has
+// not closed it before.
+func (tp *testProxy) dialTLS(t testing.TB, addr string, alpn ...string) *tls.Conn {
 	t.Helper()
 	conn, err := tls.Dial("tcp", addr, tp.TLSConfig(alpn...))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
-	conn.SetDeadline(time.Now().Add(10 * time.Second))
 	return conn
 }
 
-// dialRawH2 is dialRaw offering only h2; the test fails unless the server
+// dialTLSH2 is dialTLS offering only h2; the test fails unless the server
 // agreed it.
-func (tp *testProxy) dialRawH2(t testing.TB, addr string) *tls.Conn {
+func (tp *testProxy) dialTLSH2(t testing.TB, addr string) *tls.Conn {
 	t.Helper()
-	conn := tp.dialRaw(t, addr, "h2")
+	conn := tp.dialTLS(t, addr, "h2")
 	if got, want := conn.ConnectionState().NegotiatedProtocol, "h2"; got != want {
 		t.Fatalf("ALPN = %q, want %q", got, want)
 	}
+	return conn
+}
+
+// dialRaw is dialTLS with a 10 s deadline for the whole exchange.
+func (tp *testProxy) dialRaw(t testing.TB, addr string, alpn ...string) *tls.Conn {
+	t.Helper()
+	conn := tp.dialTLS(t, addr, alpn...)
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
 	return conn
 }
 

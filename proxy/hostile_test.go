@@ -410,14 +410,7 @@ type frameEvent struct {
 
 func dialH2(t testing.TB, tp *testProxy) *frameConn {
 	t.Helper()
-	conn, err := tls.Dial("tcp", tp.Addr().String(), tp.TLSConfig("h2"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if p := conn.ConnectionState().NegotiatedProtocol; p != "h2" {
-		conn.Close()
-		t.Fatalf("ALPN = %q, want h2", p)
-	}
+	conn := tp.dialTLSH2(t, tp.Addr().String())
 	c := &frameConn{conn: conn, fr: http2.NewFramer(conn, conn), events: make(chan frameEvent, 1024)}
 	c.enc = hpack.NewEncoder(&c.ebuf)
 	c.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
-	"crypto/tls"
 	"fmt"
 	"io"
 	"net"
@@ -278,14 +277,8 @@ func TestShutdownGOAWAY(t *testing.T) {
 	tp := startProxy(t, cfg)
 
 	// A raw HTTP/2 client, to see the frames.
-	conn, err := tls.Dial("tcp", tp.Addr().String(), tp.TLSConfig("h2"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	conn := tp.dialTLSH2(t, tp.Addr().String())
 	defer conn.Close()
-	if got, want := conn.ConnectionState().NegotiatedProtocol, "h2"; got != want {
-		t.Fatalf("ALPN = %q, want %q", got, want)
-	}
 	if _, err := io.WriteString(conn, http2.ClientPreface); err != nil {
 		t.Fatal(err)
 	}
