@@ -33,7 +33,7 @@ type h2Response struct {
 // rawH2 sends one request on a new HTTP/2 connection to the proxy, with the
 // header fields (pseudo-headers first) hpack-encoded exactly as given, so no
 // client rewrites :path or :authority, and reads the response of stream 1.
-func rawH2(t testing.TB, tp *testProxy, fields [][2]string, body []byte) h2Response {
+func rawH2(t testing.TB, tp *testProxy, fields []string, body []byte) h2Response {
 	t.Helper()
 	conn := tp.dialTLSH2(t, tp.Addr().String())
 	defer conn.Close()
@@ -47,16 +47,9 @@ func rawH2(t testing.TB, tp *testProxy, fields [][2]string, body []byte) h2Respo
 	if err := fr.WriteSettings(); err != nil {
 		t.Fatal(err)
 	}
-	var block bytes.Buffer
-	enc := hpack.NewEncoder(&block)
-	for _, f := range fields {
-		if err := enc.WriteField(hpack.HeaderField{Name: f[0], Value: f[1]}); err != nil {
-			t.Fatal(err)
-		}
-	}
 	if err := fr.WriteHeaders(http2.HeadersFrameParam{
 		StreamID:      1,
-		BlockFragment: block.Bytes(),
+		BlockFragment: hpackBlock(fields...),
 		EndHeaders:    true,
 		EndStream:     len(body) == 0,
 	}); err != nil {
@@ -116,15 +109,6 @@ func rawH2(t testing.TB, tp *testProxy, fields [][2]string, body []byte) h2Respo
 			}
 		}
 	}
-}
-
-// h2Fields is the header list of a request: pseudo-headers, then fields.
-func h2Fields(method, authority, path string, fields ...string) [][2]string {
-	fs := [][2]string{{":method", method}, {":scheme", "https"}, {":authority", authority}, {":path", path}}
-	for i := 0; i+1 < len(fields); i += 2 {
-		fs = append(fs, [2]string{fields[i], fields[i+1]})
-	}
-	return fs
 }
 
 // TestMethodsPass sends every method Cells serves, WebDAV's included, with

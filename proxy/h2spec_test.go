@@ -91,16 +91,9 @@ func TestH2MaxFrameSize(t *testing.T) {
 			fr.WriteSettingsAck()
 
 			// A GET whose header block is 20 KB in one frame.
-			var block bytes.Buffer
-			enc := hpack.NewEncoder(&block)
-			for _, hf := range []hpack.HeaderField{
-				{Name: ":method", Value: "GET"}, {Name: ":scheme", Value: "https"},
-				{Name: ":path", Value: "/"}, {Name: ":authority", Value: "127.0.0.1"},
-				{Name: "x-dummy", Value: strings.Repeat("x", 20000)},
-			} {
-				enc.WriteField(hf)
-			}
-			fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: block.Bytes(), EndStream: true, EndHeaders: true})
+			block := hpackBlock(":method", "GET", ":scheme", "https", ":path", "/", ":authority", "127.0.0.1",
+				"x-dummy", strings.Repeat("x", 20000))
+			fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: block, EndStream: true, EndHeaders: true})
 			for {
 				f, err := fr.ReadFrame()
 				if err != nil {
@@ -139,15 +132,8 @@ func TestH2ConnectionHeaders(t *testing.T) {
 			conn, fr := h2Conn(t, tp, tp.Addr().String())
 			io.WriteString(conn, http2.ClientPreface)
 			fr.WriteSettings()
-			var block bytes.Buffer
-			enc := hpack.NewEncoder(&block)
-			for _, f := range []hpack.HeaderField{
-				{Name: ":method", Value: "GET"}, {Name: ":scheme", Value: "https"},
-				{Name: ":path", Value: "/"}, {Name: ":authority", Value: "127.0.0.1"}, hf,
-			} {
-				enc.WriteField(f)
-			}
-			fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: block.Bytes(), EndStream: true, EndHeaders: true})
+			block := hpackBlock(":method", "GET", ":scheme", "https", ":path", "/", ":authority", "127.0.0.1", hf.Name, hf.Value)
+			fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: block, EndStream: true, EndHeaders: true})
 			dec := hpack.NewDecoder(4096, nil)
 			for {
 				f, err := fr.ReadFrame()

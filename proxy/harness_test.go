@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -21,6 +22,7 @@ import (
 	"time"
 
 	"go.uber.org/goleak"
+	"golang.org/x/net/http2/hpack"
 )
 
 // TestMain checks that no test leaves a goroutine behind: every server,
@@ -419,4 +421,25 @@ func checkUpstreamHeader(t testing.TB, h http.Header, want map[string][]string) 
 			t.Errorf("upstream %s = %q, want %q", k, got, v)
 		}
 	}
+}
+
+// h2Fields is the header list of a request, name then value: pseudo-headers,
+// then fields.
+func h2Fields(method, authority, path string, fields ...string) []string {
+	kv := []string{":method", method, ":scheme", "https", ":authority", authority, ":path", path}
+	for i := 0; i+1 < len(fields); i += 2 {
+		kv = append(kv, fields[i], fields[i+1])
+	}
+	return kv
+}
+
+// hpackBlock is the header block of kv (name, value, ...), encoded as given
+// by a new encoder, for raw HTTP/2 clients.
+func hpackBlock(kv ...string) []byte {
+	var b bytes.Buffer
+	enc := hpack.NewEncoder(&b)
+	for i := 0; i+1 < len(kv); i += 2 {
+		enc.WriteField(hpack.HeaderField{Name: kv[i], Value: kv[i+1]})
+	}
+	return b.Bytes()
 }

@@ -490,8 +490,7 @@ func (c *frameConn) request(id uint32, kv ...string) error {
 
 // pseudo builds the pseudo-headers of a request to the proxy.
 func pseudo(tp *testProxy, method, path string, extra ...string) []string {
-	kv := []string{":method", method, ":scheme", "https", ":authority", tp.Addr().String(), ":path", path}
-	return append(kv, extra...)
+	return h2Fields(method, tp.Addr().String(), path, extra...)
 }
 
 // wait returns the first event for which match is true, or fails once the

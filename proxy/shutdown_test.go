@@ -284,15 +284,10 @@ func TestShutdownGOAWAY(t *testing.T) {
 	}
 	fr := http2.NewFramer(conn, conn)
 	fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
-	var hb bytes.Buffer
-	enc := hpack.NewEncoder(&hb)
-	for _, f := range [][2]string{{":method", "GET"}, {":scheme", "https"}, {":authority", tp.Addr().String()}, {":path", "/raw"}} {
-		enc.WriteField(hpack.HeaderField{Name: f[0], Value: f[1]})
-	}
 	if err := fr.WriteSettings(); err != nil {
 		t.Fatal(err)
 	}
-	if err := fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: hb.Bytes(), EndStream: true, EndHeaders: true}); err != nil {
+	if err := fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: hpackBlock(h2Fields("GET", tp.Addr().String(), "/raw")...), EndStream: true, EndHeaders: true}); err != nil {
 		t.Fatal(err)
 	}
 	events := make(chan h2Event, 64)
