@@ -457,14 +457,10 @@ func TestShutdownWebSocket(t *testing.T) {
 	}
 	for i, c := range socks {
 		_, _, err := c.Read(ctx)
-		if code, reason := closeErr(err); code != websocket.StatusGoingAway {
-			t.Errorf("client %d after the drain: close %d %q, want 1001", i, code, reason)
-		}
+		wantGoingAway(t, err, fmt.Sprintf("client %d after the drain", i))
 	}
 	for range n {
-		if code, reason := closeErr(wsUp.end(t)); code != websocket.StatusGoingAway {
-			t.Errorf("upstream after the drain: close %d %q, want 1001", code, reason)
-		}
+		wantGoingAway(t, wsUp.end(t), "upstream after the drain")
 	}
 	if err := <-stopped; err != nil {
 		t.Errorf("Run = %v, want nil", err)
@@ -522,9 +518,7 @@ func TestShutdownWebSocketsInHandshake(t *testing.T) {
 		}
 	}
 	for range n {
-		if code, reason := closeErr(wsUp.end(t)); code != websocket.StatusGoingAway {
-			t.Errorf("upstream: close %d %q, want 1001", code, reason)
-		}
+		wantGoingAway(t, wsUp.end(t), "upstream")
 	}
 	if err := <-stopped; err != nil {
 		t.Errorf("Run = %v, want nil", err)

@@ -165,6 +165,15 @@ func closeErr(err error) (websocket.StatusCode, string) {
 	return -1, fmt.Sprint(err)
 }
 
+// wantGoingAway checks that err, from the end of a socket (what), is a
+// close with 1001: the proxy shut the socket down.
+func wantGoingAway(t *testing.T, err error, what string) {
+	t.Helper()
+	if code, reason := closeErr(err); code != websocket.StatusGoingAway {
+		t.Errorf("%s: close %d %q, want 1001", what, code, reason)
+	}
+}
+
 func randomMessage(typ websocket.MessageType, n int) []byte {
 	b := make([]byte, n)
 	rand.NewChaCha8([32]byte{byte(n), byte(typ)}).Read(b)
@@ -467,15 +476,11 @@ func TestWebSocketIdle(t *testing.T) {
 
 		_, _, err = cShort.Read(ctx)
 		quiet := time.Since(start)
-		if code, reason := closeErr(err); code != websocket.StatusGoingAway {
-			t.Errorf("client of a silent socket: close %d %q, want 1001", code, reason)
-		}
+		wantGoingAway(t, err, "client of a silent socket")
 		if quiet < wsIdle {
 			t.Errorf("silent socket closed after %v, before PROXY_WS_IDLE_TIMEOUT=%v", quiet, wsIdle)
 		}
-		if code, reason := closeErr(wsUp.end(t)); code != websocket.StatusGoingAway {
-			t.Errorf("upstream of a silent socket: close %d %q, want 1001", code, reason)
-		}
+		wantGoingAway(t, wsUp.end(t), "upstream of a silent socket")
 
 		time.Sleep(2*wsIdle - time.Since(start))
 		if err := cLong.Write(ctx, websocket.MessageText, []byte("still here")); err != nil {
