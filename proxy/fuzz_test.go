@@ -277,6 +277,9 @@ func FuzzRewrite(f *testing.F) {
 				if i := strings.IndexByte(rest, '/'); i >= 0 {
 					want = rest[i:]
 				}
+				if strings.HasPrefix(want, "//") && !rfc3986Path(want) {
+					t.Skip("reason: a //-path with bytes outside RFC 3986 paths cannot be sent verbatim by net/http (see above)")
+				}
 				if upath != want {
 					t.Errorf("absolute-form %q became upstream path %q, want %q", target, upath, want)
 				}
