@@ -28,6 +28,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/cells-proxy/cells-proxy/bench/internal/loadstat"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
@@ -134,19 +135,6 @@ func check(ctx context.Context, tc testgrpc.TestServiceClient) result {
 	return result{Mode: "check", Seconds: time.Since(start).Seconds(), OK: 12}
 }
 
-type errList struct {
-	mu   sync.Mutex
-	errs []string
-}
-
-func (l *errList) add(err error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if len(l.errs) < 5 {
-		l.errs = append(l.errs, err.Error())
-	}
-}
-
 func unary(ctx context.Context, tc testgrpc.TestServiceClient, conc, size int, d time.Duration, maxOps int64) result {
 	req := &testpb.SimpleRequest{
 		ResponseType: testpb.PayloadType_COMPRESSABLE,
@@ -155,7 +143,7 @@ func unary(ctx context.Context, tc testgrpc.TestServiceClient, conc, size int, d
 	}
 	var (
 		issued, failed atomic.Int64
-		errs           errList
+		errs           loadstat.Errors
 		wg             sync.WaitGroup
 		lats           = make([][]time.Duration, conc)
 	)
@@ -167,7 +155,7 @@ func unary(ctx context.Context, tc testgrpc.TestServiceClient, conc, size int, d
 				t0 := time.Now()
 				if _, err := tc.UnaryCall(ctx, req); err != nil {
 					failed.Add(1)
-					errs.add(err)
+					errs.Add(err)
 					continue
 				}
 				lats[i] = append(lats[i], time.Since(t0))
@@ -184,9 +172,9 @@ func unary(ctx context.Context, tc testgrpc.TestServiceClient, conc, size int, d
 		OK:      int64(len(all)),
 		Failed:  failed.Load(),
 		Rate:    float64(len(all)) / elapsed.Seconds(),
-		P50ms:   ms(pct(all, 0.50)),
-		P99ms:   ms(pct(all, 0.99)),
-		Errors:  errs.errs,
+		P50ms:   loadstat.Ms(loadstat.Pct(all, 0.50)),
+		P99ms:   loadstat.Ms(loadstat.Pct(all, 0.99)),
+		Errors:  errs.List(),
 	}
 }
 
@@ -199,7 +187,7 @@ func bidi(ctx context.Context, tc testgrpc.TestServiceClient, streams, window, s
 	var (
 		sent, received atomic.Int64
 		failedStreams  atomic.Int64
-		errs           errList
+		errs           loadstat.Errors
 		wg             sync.WaitGroup
 		start          = time.Now()
 		deadline       = start.Add(d)
@@ -212,7 +200,7 @@ func bidi(ctx context.Context, tc testgrpc.TestServiceClient, streams, window, s
 		wg.Go(func() {
 			if err := oneStream(ctx, tc, req, window, deadline, maxOps, &sent, &received); err != nil {
 				failedStreams.Add(1)
-				errs.add(err)
+				errs.Add(err)
 			}
 		})
 	}
@@ -227,7 +215,7 @@ func bidi(ctx context.Context, tc testgrpc.TestServiceClient, streams, window, s
 		Rate:          float64(n) / elapsed.Seconds(),
 		Streams:       streams,
 		FailedStreams: int(failedStreams.Load()),
-		Errors:        errs.errs,
+		Errors:        errs.List(),
 	}
 }
 
@@ -292,12 +280,3 @@ func oneStream(ctx context.Context, tc testgrpc.TestServiceClient, req *testpb.S
 	}
 	return nil
 }
-
-func pct(sorted []time.Duration, p float64) time.Duration {
-	if len(sorted) == 0 {
-		return 0
-	}
-	return sorted[min(len(sorted)-1, int(float64(len(sorted))*p))]
-}
-
-func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }

@@ -23,6 +23,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/cells-proxy/cells-proxy/bench/internal/loadstat"
 	"github.com/coder/websocket"
 )
 
@@ -70,7 +71,7 @@ func run() error {
 	}}
 	var res result
 	res.Conns = *n
-	var errs errList
+	var errs loadstat.Errors
 
 	before, err := rss(*pids)
 	if err != nil {
@@ -92,7 +93,7 @@ func run() error {
 			c, _, err := websocket.Dial(dctx, *url, &websocket.DialOptions{HTTPClient: client})
 			if err != nil {
 				failed.Add(1)
-				errs.add(err)
+				errs.Add(err)
 				return
 			}
 			conns[i] = c
@@ -146,13 +147,13 @@ func run() error {
 					t0 := time.Now()
 					if err := c.Write(ctx, websocket.MessageText, msg); err != nil {
 						rttFailed.Add(1)
-						errs.add(err)
+						errs.Add(err)
 						break
 					}
 					_, got, err := c.Read(ctx)
 					if err != nil || string(got) != string(msg) {
 						rttFailed.Add(1)
-						errs.add(fmt.Errorf("echo: %v (%d bytes)", err, len(got)))
+						errs.Add(fmt.Errorf("echo: %v (%d bytes)", err, len(got)))
 						break
 					}
 					lats[w] = append(lats[w], time.Since(t0))
@@ -165,9 +166,9 @@ func run() error {
 	slices.Sort(all)
 	res.RoundTrips = len(all)
 	res.RTTFailed = rttFailed.Load()
-	res.P50ms = ms(pct(all, 0.50))
-	res.P99ms = ms(pct(all, 0.99))
-	res.Errors = errs.errs
+	res.P50ms = loadstat.Ms(loadstat.Pct(all, 0.50))
+	res.P99ms = loadstat.Ms(loadstat.Pct(all, 0.99))
+	res.Errors = errs.List()
 	return json.NewEncoder(os.Stdout).Encode(res)
 }
 
@@ -197,25 +198,3 @@ func rss(pids string) (int64, error) {
 	}
 	return total, nil
 }
-
-type errList struct {
-	mu   sync.Mutex
-	errs []string
-}
-
-func (l *errList) add(err error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if len(l.errs) < 5 {
-		l.errs = append(l.errs, err.Error())
-	}
-}
-
-func pct(sorted []time.Duration, p float64) time.Duration {
-	if len(sorted) == 0 {
-		return 0
-	}
-	return sorted[min(len(sorted)-1, int(float64(len(sorted))*p))]
-}
-
-func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
