@@ -108,14 +108,14 @@ func (e *exchange) touch() {
 	}
 }
 
-// watch starts the idle watchdog and returns the request to forward, whose
-// context ends with errIdle when it fires.
-func (e *exchange) watch(r *http.Request, idle time.Duration) *http.Request {
-	ctx, cancel := context.WithCancelCause(r.Context())
+// watch starts the idle watchdog and returns the context to forward with,
+// which ends with errIdle when it fires.
+func (e *exchange) watch(parent context.Context, idle time.Duration) context.Context {
+	ctx, cancel := context.WithCancelCause(parent)
 	e.idle, e.cancel = idle, cancel
 	e.last.Store(time.Now().UnixNano())
 	e.timer = time.AfterFunc(idle, e.check)
-	return r.WithContext(ctx)
+	return ctx
 }
 
 func (e *exchange) check() {

@@ -534,12 +534,7 @@ func (f *forwarder) grpcHandler() http.Handler {
 }
 
 func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool) {
-	// Work on a copy: net/http looks at its own request's Body after the
-	// handler, and when it is no longer its Expect: 100-continue reader it
-	// waits to drain a body the client holds back until a 100 that never
-	// comes (a refused S3 upload then stalls for the client's timeout).
-	r = r.WithContext(r.Context())
-	ex := &exchange{ResponseWriter: w, req: r, start: time.Now(), declared: -1}
+	ex := &exchange{ResponseWriter: w, start: time.Now(), declared: -1}
 	switch {
 	case grpcOnly || isGRPC(r):
 		ex.kind = "grpc"
@@ -550,6 +545,19 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool)
 	default:
 		ex.kind = "h1"
 	}
+	ctx := r.Context()
+	if ex.kind == "h1" || ex.kind == "h2" {
+		// Plain HTTP gets the idle watchdog; gRPC streams may stay
+		// quiet for hours and websockets have their own idle limit.
+		ctx = ex.watch(ctx, f.cfg.IdleTimeout)
+	}
+	// Work on a copy (made once, with the forwarding context): net/http
+	// looks at its own request's Body after the handler, and when it is no
+	// longer its Expect: 100-continue reader it waits to drain a body the
+	// client holds back until a 100 that never comes (a refused S3 upload
+	// then stalls for the client's timeout).
+	r = r.WithContext(ctx)
+	ex.req = r
 	detached := false // a websocket tunnel finishes the exchange
 	defer func() {
 		if !detached {
@@ -622,7 +630,6 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool)
 		detached = f.ws.serve(f, ex, r)
 		return
 	}
-	r = ex.watch(r, f.cfg.IdleTimeout)
 	f.http.ServeHTTP(ex, r)
 }
 
