@@ -7,6 +7,7 @@
 # Environment:
 #   QUICK=1        short run
 #   TARGETS=a,b    subset of direct,cells-proxy,nginx-classic,nginx-tuned,haproxy
+#   SCENARIOS=a,b  subset of idle,download,upload,websocket,http1,http2,grpc-unary,grpc-bidi-1,grpc-bidi-8
 #   OUT=FILE       also write the markdown report there (default bench/results/<date>.md)
 #   WORK=DIR       scratch directory (default: a new one under /tmp, removed at the end)
 #   INSTALL=0      do not apt-get install missing tools
@@ -73,6 +74,7 @@ out=${OUT:-bench/results/$(date +%Y%m%d-%H%M%S).md}
 args=(-bin "$WORK/bin" -work "$WORK" -out "$out")
 [ "${QUICK:-0}" = 1 ] && args+=(-quick)
 [ -n "${TARGETS:-}" ] && args+=(-targets "$TARGETS")
+[ -n "${SCENARIOS:-}" ] && args+=(-scenarios "$SCENARIOS")
 
 {
 	echo "# cells-proxy benchmark $(date -u +%Y-%m-%dT%H:%MZ)"

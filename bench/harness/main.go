@@ -71,6 +71,7 @@ func run() error {
 	quick := flag.Bool("quick", false, "1 round and shorter loads")
 	only := flag.String("targets", "direct,cells-proxy,nginx-classic,nginx-tuned,haproxy", "comma-separated targets to run")
 	out := flag.String("out", "", "also write the report to this file")
+	onlyScen := flag.String("scenarios", "", "comma-separated scenarios to run (idle,download,upload,websocket,http1,http2,grpc-unary,grpc-bidi-1,grpc-bidi-8); empty: all")
 	flag.IntVar(&b.wsConns, "ws", 2000, "idle websockets")
 	flag.Int64Var(&b.transfer, "transfer", 1<<30, "bytes per download and upload")
 	from := flag.String("report", "", "only print the report of an earlier run's results.json")
@@ -80,6 +81,13 @@ func run() error {
 	}
 	if b.bin == "" || b.work == "" {
 		return errors.New("-bin and -work are required")
+	}
+	if *onlyScen != "" {
+		for name := range strings.SplitSeq(*onlyScen, ",") {
+			if !slices.ContainsFunc(scenarios(), func(sc scenario) bool { return sc.name == name }) {
+				return fmt.Errorf("unknown scenario %q", name)
+			}
+		}
 	}
 	b.rounds, b.dur, b.bidiDur, b.wsSettle = 3, 4*time.Second, 3*time.Second, 3*time.Second
 	if *quick {
@@ -141,6 +149,9 @@ func run() error {
 	for r := 1; r <= b.rounds; r++ {
 		for _, t := range b.live() {
 			for _, sc := range scenarios() {
+				if *onlyScen != "" && !slices.Contains(strings.Split(*onlyScen, ","), sc.name) {
+					continue
+				}
 				if ctx.Err() != nil {
 					return ctx.Err()
 				}
