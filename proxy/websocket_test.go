@@ -1,12 +1,17 @@
 package proxy
 
 import (
+	"bufio"
 	"bytes"
 	"context"
+	"crypto/sha1"
+	"crypto/tls"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"net"
 	"net/http"
 	"strings"
 	"sync"
@@ -573,4 +578,163 @@ func TestWebSocketAccessLog(t *testing.T) {
 			t.Errorf("access log line %q: want %s", line, want)
 		}
 	}
+}
+
+// TestWebSocketBuffered sends frames that reach the proxy together with
+// other bytes, so that they wait in a buffer above the socket (the upgrade
+// response's bufio, crypto/tls) while the socket itself has nothing more to
+// read. A pump that waited on the socket without taking them first would
+// never forward them: the test would fail on its deadline.
+func TestWebSocketBuffered(t *testing.T) {
+	t.Run("upstream-frames-behind-101", func(t *testing.T) {
+		t.Parallel()
+		msgs := []string{"one", "two", "three"}
+		done := make(chan struct{})
+		up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.Header.Get("Upgrade") == "" {
+				io.WriteString(w, "ok") // the readiness probe
+				return
+			}
+			defer close(done)
+			conn, brw, err := http.NewResponseController(w).Hijack()
+			if err != nil {
+				t.Errorf("upstream hijack: %v", err)
+				return
+			}
+			defer conn.Close()
+			// The 101 and three frames in one write, so in one TLS record.
+			brw.WriteString("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
+				"Sec-WebSocket-Accept: " + wsAccept(r.Header.Get("Sec-WebSocket-Key")) + "\r\n\r\n")
+			for _, m := range msgs {
+				brw.Write(wsFrame(m, false))
+			}
+			brw.Flush()
+			io.Copy(io.Discard, brw) // until the proxy closes
+		}))
+		tp := startProxy(t, testConfig(up))
+		c, _ := dialWS(t, tp, "/ws/event", nil)
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		for _, want := range msgs {
+			_, got, err := c.Read(ctx)
+			if err != nil {
+				t.Fatalf("read %q: %v", want, err)
+			}
+			if string(got) != want {
+				t.Errorf("message = %q, want %q", got, want)
+			}
+		}
+		c.CloseNow()
+		<-done
+	})
+
+	t.Run("client-records-in-one-segment", func(t *testing.T) {
+		t.Parallel()
+		wsUp := newWSUpstream(nil)
+		tp := startProxy(t, testConfig(newUpstream(t, upTLS, wsUp)))
+		tcp, err := net.Dial("tcp", tp.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		held := &heldConn{Conn: tcp}
+		conn := tls.Client(held, tp.TLSConfig("http/1.1"))
+		defer conn.Close()
+		conn.SetDeadline(time.Now().Add(10 * time.Second))
+		if err := conn.Handshake(); err != nil {
+			t.Fatal(err)
+		}
+		// Each Write is a TLS record of its own; heldConn sends them in one
+		// TCP write. The proxy reads them all at once: net/http takes the
+		// request, the frames stay in crypto/tls.
+		send := func(parts ...string) {
+			t.Helper()
+			held.hold = true
+			for _, p := range parts {
+				if _, err := io.WriteString(conn, p); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := held.release(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		send("GET /ws/event HTTP/1.1\r\nHost: "+tp.Addr().String()+"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
+			"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+			string(wsFrame("one", true)), string(wsFrame("two", true)))
+		br := bufio.NewReader(conn)
+		res, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got, want := res.StatusCode, http.StatusSwitchingProtocols; got != want {
+			t.Fatalf("handshake status = %d, want %d", got, want)
+		}
+		readEcho := func(want string) {
+			t.Helper()
+			var hdr [2]byte
+			if _, err := io.ReadFull(br, hdr[:]); err != nil {
+				t.Fatalf("echo of %q: %v", want, err)
+			}
+			got := make([]byte, hdr[1]&0x7f)
+			if _, err := io.ReadFull(br, got); err != nil {
+				t.Fatalf("echo of %q: %v", want, err)
+			}
+			if string(got) != want {
+				t.Errorf("echo = %q, want %q", got, want)
+			}
+		}
+		readEcho("one")
+		readEcho("two")
+		// Again once the tunnel has gone quiet between frames.
+		send(string(wsFrame("three", true)), string(wsFrame("four", true)))
+		readEcho("three")
+		readEcho("four")
+		conn.Close()
+		wsUp.end(t)
+	})
+}
+
+// heldConn keeps what is written to it while hold is set, until release
+// sends it in one write.
+type heldConn struct {
+	net.Conn
+	hold bool
+	buf  []byte
+}
+
+func (c *heldConn) Write(p []byte) (int, error) {
+	if c.hold {
+		c.buf = append(c.buf, p...)
+		return len(p), nil
+	}
+	return c.Conn.Write(p)
+}
+
+func (c *heldConn) release() error {
+	c.hold = false
+	_, err := c.Conn.Write(c.buf)
+	c.buf = nil
+	return err
+}
+
+// wsFrame is a final text frame carrying s (shorter than 126 bytes),
+// masked as a client's must be.
+func wsFrame(s string, masked bool) []byte {
+	f := []byte{0x81, byte(len(s))}
+	if !masked {
+		return append(f, s...)
+	}
+	key := [4]byte{0x37, 0xfa, 0x21, 0x3d}
+	f[1] |= 0x80
+	f = append(f, key[:]...)
+	for i := range len(s) {
+		f = append(f, s[i]^key[i%4])
+	}
+	return f
+}
+
+// wsAccept is the Sec-WebSocket-Accept for key (RFC 6455, section 4.2.2).
+func wsAccept(key string) string {
+	h := sha1.Sum([]byte(key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"))
+	return base64.StdEncoding.EncodeToString(h[:])
 }
