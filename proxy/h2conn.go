@@ -100,6 +100,9 @@ func (h *h2conn) Read(p []byte) (int, error) {
 		case len(h.out) > 0:
 			n := copy(p, h.out)
 			h.out = h.out[n:]
+			if len(h.out) == 0 && cap(h.buf) > 4<<10 {
+				h.buf = nil // a large header frame is rare: do not keep its room
+			}
 			return n, nil
 		case h.off:
 			return h.Conn.Read(p)
