@@ -2,7 +2,6 @@ package proxy
 
 import (
 	"bytes"
-	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -15,79 +14,6 @@ import (
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
 )
-
-// h2Session is a frame-level HTTP/2 client whose HPACK encoder indexes
-// what it sends, as browsers' and Go's do, so later blocks refer to the
-// dynamic table that the server (and h2conn) must keep in step.
-type h2Session struct {
-	t    *testing.T
-	conn *tls.Conn
-	fr   *http2.Framer
-	enc  *hpack.Encoder
-	ebuf bytes.Buffer
-}
-
-func openH2(t *testing.T, tp *testProxy, addr string, settings ...http2.Setting) *h2Session {
-	t.Helper()
-	conn, fr := h2Conn(t, tp, addr)
-	s := &h2Session{t: t, conn: conn, fr: fr}
-	s.enc = hpack.NewEncoder(&s.ebuf)
-	fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
-	io.WriteString(conn, http2.ClientPreface)
-	if err := fr.WriteSettings(settings...); err != nil {
-		t.Fatal(err)
-	}
-	return s
-}
-
-func (s *h2Session) block(kv ...string) []byte {
-	s.ebuf.Reset()
-	for i := 0; i+1 < len(kv); i += 2 {
-		s.enc.WriteField(hpack.HeaderField{Name: kv[i], Value: kv[i+1]})
-	}
-	return bytes.Clone(s.ebuf.Bytes())
-}
-
-// get sends a GET without body on stream id.
-func (s *h2Session) get(id uint32, kv ...string) {
-	s.t.Helper()
-	if err := s.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: s.block(kv...), EndStream: true, EndHeaders: true}); err != nil {
-		s.t.Fatal(err)
-	}
-}
-
-// answer reads frames until stream id is answered (":status 200"), reset
-// ("RST_STREAM PROTOCOL_ERROR") or the connection goes away ("GOAWAY
-// FLOW_CONTROL_ERROR").
-func (s *h2Session) answer(id uint32) string {
-	s.t.Helper()
-	for {
-		f, err := s.fr.ReadFrame()
-		if err != nil {
-			s.t.Fatalf("stream %d: no answer: %v", id, err)
-		}
-		switch f := f.(type) {
-		case *http2.SettingsFrame:
-			if !f.IsAck() {
-				s.fr.WriteSettingsAck()
-			}
-		case *http2.PingFrame:
-			if !f.IsAck() {
-				s.fr.WritePing(true, f.Data)
-			}
-		case *http2.MetaHeadersFrame:
-			if f.StreamID == id {
-				return ":status " + f.PseudoValue("status")
-			}
-		case *http2.RSTStreamFrame:
-			if f.StreamID == id {
-				return "RST_STREAM " + f.ErrCode.String()
-			}
-		case *http2.GoAwayFrame:
-			return "GOAWAY " + f.ErrCode.String()
-		}
-	}
-}
 
 // startH2Proxy is a proxy with both TLS ports in front of rec.
 func startH2Proxy(t *testing.T, rec *recorder) *testProxy {
@@ -107,43 +33,63 @@ func TestH2ConnectionHeaders(t *testing.T) {
 	tp := startH2Proxy(t, rec)
 	for port, addr := range tlsPorts(tp) {
 		t.Run(port, func(t *testing.T) {
-			s := openH2(t, tp, addr)
+			c := dialH2At(t, tp, addr)
 			get := func(path string, kv ...string) []string { return h2Fields("GET", addr, "/"+port+path, kv...) }
+			// Writes outside frameConn's helpers hold its lock.
+			write := func(f func()) {
+				c.wmu.Lock()
+				defer c.wmu.Unlock()
+				f()
+			}
 			const reset, ok = "RST_STREAM PROTOCOL_ERROR", ":status 200"
 
 			steps := []struct {
 				name string
-				send func(id uint32)
+				send func(id uint32) error
 				want string
 			}{
-				{"connection", func(id uint32) { s.get(id, get("/bad", "x-trace", "one", "connection", "keep-alive")...) }, reset},
+				{"connection", func(id uint32) error {
+					return c.request(id, get("/bad", "x-trace", "one", "connection", "keep-alive")...)
+				}, reset},
 				// Both fields now come from the dynamic table.
-				{"indexed connection", func(id uint32) { s.get(id, get("/bad", "x-trace", "one", "connection", "keep-alive")...) }, reset},
-				{"indexed x-trace", func(id uint32) { s.get(id, get("/good", "x-trace", "one")...) }, ok},
-				{"keep-alive", func(id uint32) { s.get(id, get("/bad", "keep-alive", "timeout=5")...) }, reset},
-				{"proxy-connection", func(id uint32) { s.get(id, get("/bad", "proxy-connection", "close")...) }, reset},
-				{"transfer-encoding", func(id uint32) { s.get(id, get("/bad", "transfer-encoding", "chunked")...) }, reset},
-				{"upgrade", func(id uint32) { s.get(id, get("/bad", "upgrade", "websocket")...) }, reset},
-				{"te gzip", func(id uint32) { s.get(id, get("/bad", "te", "trailers, deflate")...) }, reset},
-				{"two te", func(id uint32) { s.get(id, get("/bad", "te", "trailers", "te", "trailers")...) }, reset},
-				{"te trailers", func(id uint32) { s.get(id, get("/good", "te", "trailers")...) }, ok},
-				{"padded, with priority, over CONTINUATION", func(id uint32) {
-					b := s.block(get("/bad", "te", "gzip", "x-filler", "0123456789abcdef")...)
-					s.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: b[:len(b)/2], EndStream: true,
-						PadLength: 7, Priority: http2.PriorityParam{Weight: 9}})
-					s.fr.WriteContinuation(id, true, b[len(b)/2:])
+				{"indexed connection", func(id uint32) error {
+					return c.request(id, get("/bad", "x-trace", "one", "connection", "keep-alive")...)
 				}, reset},
-				{"in trailers", func(id uint32) {
-					s.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: s.block(h2Fields("POST", addr, "/"+port+"/trailers")...), EndHeaders: true})
-					s.fr.WriteData(id, false, []byte("body"))
-					s.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: s.block("transfer-encoding", "chunked"), EndStream: true, EndHeaders: true})
+				{"indexed x-trace", func(id uint32) error { return c.request(id, get("/good", "x-trace", "one")...) }, ok},
+				{"keep-alive", func(id uint32) error { return c.request(id, get("/bad", "keep-alive", "timeout=5")...) }, reset},
+				{"proxy-connection", func(id uint32) error { return c.request(id, get("/bad", "proxy-connection", "close")...) }, reset},
+				{"transfer-encoding", func(id uint32) error { return c.request(id, get("/bad", "transfer-encoding", "chunked")...) }, reset},
+				{"upgrade", func(id uint32) error { return c.request(id, get("/bad", "upgrade", "websocket")...) }, reset},
+				{"te gzip", func(id uint32) error { return c.request(id, get("/bad", "te", "trailers, deflate")...) }, reset},
+				{"two te", func(id uint32) error { return c.request(id, get("/bad", "te", "trailers", "te", "trailers")...) }, reset},
+				{"te trailers", func(id uint32) error { return c.request(id, get("/good", "te", "trailers")...) }, ok},
+				{"padded, with priority, over CONTINUATION", func(id uint32) (err error) {
+					write(func() {
+						b := c.block(get("/bad", "te", "gzip", "x-filler", "0123456789abcdef")...)
+						err = errors.Join(
+							c.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: b[:len(b)/2], EndStream: true,
+								PadLength: 7, Priority: http2.PriorityParam{Weight: 9}}),
+							c.fr.WriteContinuation(id, true, b[len(b)/2:]))
+					})
+					return err
 				}, reset},
-				{"after all that", func(id uint32) { s.get(id, get("/good", "x-trace", "one")...) }, ok},
+				{"in trailers", func(id uint32) (err error) {
+					write(func() {
+						err = errors.Join(
+							c.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: c.block(h2Fields("POST", addr, "/"+port+"/trailers")...), EndHeaders: true}),
+							c.fr.WriteData(id, false, []byte("body")),
+							c.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: c.block("transfer-encoding", "chunked"), EndStream: true, EndHeaders: true}))
+					})
+					return err
+				}, reset},
+				{"after all that", func(id uint32) error { return c.request(id, get("/good", "x-trace", "one")...) }, ok},
 			}
 			for i, step := range steps {
 				id := uint32(2*i + 1)
-				step.send(id)
-				if got := s.answer(id); got != step.want {
+				if err := step.send(id); err != nil {
+					t.Fatal(err)
+				}
+				if got := c.answer(t, id).String(); got != step.want {
 					t.Errorf("%s (stream %d): got %s, want %s", step.name, id, got, step.want)
 				}
 			}
@@ -173,23 +119,16 @@ func TestH2RepeatedSettings(t *testing.T) {
 	for port, addr := range tlsPorts(tp) {
 		t.Run(port, func(t *testing.T) {
 			t.Run("last value holds", func(t *testing.T) {
-				h := openH2(t, tp, addr, s(http2.SettingInitialWindowSize, 100), s(http2.SettingInitialWindowSize, 1))
-				h.get(1, h2Fields("GET", addr, "/")...)
-				if got := h.answer(1); got != ":status 200" {
-					t.Fatalf("got %s, want :status 200", got)
+				c := dialH2At(t, tp, addr, s(http2.SettingInitialWindowSize, 100), s(http2.SettingInitialWindowSize, 1))
+				if err := c.request(1, h2Fields("GET", addr, "/")...); err != nil {
+					t.Fatal(err)
 				}
-				var first []byte
-				for first == nil {
-					f, err := h.fr.ReadFrame()
-					if err != nil {
-						t.Fatalf("no DATA: %v", err)
-					}
-					if f, ok := f.(*http2.DataFrame); ok && f.StreamID == 1 && len(f.Data()) > 0 {
-						first = bytes.Clone(f.Data())
-					}
+				if got, want := c.answer(t, 1).String(), ":status 200"; got != want {
+					t.Fatalf("got %s, want %s", got, want)
 				}
-				if len(first) != 1 {
-					t.Errorf("first DATA frame carries %d bytes, want 1 (the last SETTINGS_INITIAL_WINDOW_SIZE)", len(first))
+				first := c.wait(t, "DATA", func(ev frameEvent) bool { return ev.Type == http2.FrameData && ev.StreamID == 1 && ev.Len > 0 })
+				if first.Len != 1 {
+					t.Errorf("first DATA frame carries %d bytes, want 1 (the last SETTINGS_INITIAL_WINDOW_SIZE)", first.Len)
 				}
 			})
 			for _, tc := range []struct {
@@ -203,9 +142,9 @@ func TestH2RepeatedSettings(t *testing.T) {
 				{"frame size", []http2.Setting{s(http2.SettingMaxFrameSize, 1<<14), s(http2.SettingMaxFrameSize, 1<<24)}, "GOAWAY PROTOCOL_ERROR"},
 			} {
 				t.Run(tc.name, func(t *testing.T) {
-					h := openH2(t, tp, addr, tc.settings...)
-					h.get(1, h2Fields("GET", addr, "/")...)
-					if got := h.answer(1); got != tc.want {
+					c := dialH2At(t, tp, addr, tc.settings...)
+					c.request(1, h2Fields("GET", addr, "/")...)
+					if got := c.answer(t, 1).String(); got != tc.want {
 						t.Errorf("got %s, want %s", got, tc.want)
 					}
 				})
