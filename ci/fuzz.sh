@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs each fuzz target of ./proxy for a short while (FUZZTIME, default 15s;
-# four targets: under two minutes with the builds). The committed corpus in
+# five targets: about two minutes with the builds). The committed corpus in
 # proxy/testdata/fuzz/ runs first; a failure leaves the failing input there,
 # to be committed with the fix.
 set -euo pipefail

@@ -7,33 +7,17 @@
 # the stub as a TLS upstream (it drains request bodies and answers 200) and cells-proxy in front of it on
 # 127.0.0.1 with the dedicated gRPC port on, then runs every h2spec case (-t -k: TLS, self-signed
 # certificate) against the public port and against the gRPC port. Prints h2spec's summary for each port and
-# exits non-zero if any case fails that is not in KNOWN_FAILURES below. About 30 seconds.
+# exits non-zero if any case fails. About 30 seconds.
+#
+# Three cases pass only thanks to proxy/h2conn.go, the filter in front of net/http's HTTP/2 server:
+# http2/6.5.3/1 (a SETTINGS frame that repeats a setting), http2/8.1.2.2/1 and /2 (connection-specific
+# header fields and TE other than "trailers" must be reset with PROTOCOL_ERROR, not answered with 400).
 set -Eeuo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export PATH=/usr/local/go/bin:$PATH
 # v2.2.1 is h2spec's last release; it has no go.mod, so its dependencies resolve to their latest versions.
 H2SPEC_VERSION=${CELLS_PROXY_H2SPEC_VERSION:-v2.2.1+incompatible}
-
-# KNOWN_FAILURES: h2spec cases that fail because of net/http's own HTTP/2 server (Go 1.26), which
-# cells-proxy cannot change without replacing it. Each was checked against the Go source
-# (src/net/http/h2_bundle.go). A case that starts passing is reported so that it can be removed.
-KNOWN_FAILURES=(
-	# "Sends multiple values of SETTINGS_INITIAL_WINDOW_SIZE" (RFC 9113 §6.5.3). net/http hangs up with
-	# GOAWAY PROTOCOL_ERROR on a SETTINGS frame that repeats a setting: processSettings,
-	# `f.NumSettings() > 100 || f.HasDuplicates()`, commented "This isn't actually in the spec, but hang
-	# up on suspiciously large settings frames or those with duplicate entries". A hardening choice; no
-	# real client repeats a setting.
-	http2/6.5.3/1
-	# "Sends a HEADERS frame that contains the connection-specific header field" and "... the TE header
-	# field with any value other than trailers" (RFC 9113 §8.2.2). net/http refuses the request, before
-	# any handler runs, with a complete "400 Bad Request" response (checkValidHTTP2RequestHeaders ->
-	# new400Handler) rather than RST_STREAM PROTOCOL_ERROR. RFC 9113 §8.1.1 allows it ("a server MAY send
-	# an HTTP response prior to closing or resetting the stream"); h2spec accepts only a reset. The
-	# request never reaches Cells either way.
-	http2/8.1.2.2/1
-	http2/8.1.2.2/2
-)
 
 # shellcheck source=ci/lib.sh
 source "$ROOT/ci/lib.sh"
@@ -64,14 +48,6 @@ failed_ids() {
 	' "$1" | sort -u
 }
 
-known() {
-	local id=$1 k
-	for k in "${KNOWN_FAILURES[@]}"; do
-		[ "$k" = "$id" ] && return 0
-	done
-	return 1
-}
-
 status=0
 for target in "public:$MAIN" "grpc:$GRPC"; do
 	name=${target%%:*} port=${target#*:}
@@ -83,17 +59,10 @@ for target in "public:$MAIN" "grpc:$GRPC"; do
 		cat "$TMP/$name.out"
 		die "h2spec did not complete against the $name port"
 	}
-	failed=$(failed_ids "$TMP/$name.xml")
-	for id in $failed; do
-		if known "$id"; then
-			echo "known failure (net/http, see KNOWN_FAILURES): $id"
-		else
-			echo "FAIL: $name port: $id"
-			status=1
-		fi
-	done
-	for k in "${KNOWN_FAILURES[@]}"; do
-		grep -qx "$k" <<<"$failed" || echo "note: known failure $k passes now on the $name port: remove it from KNOWN_FAILURES"
+	grep -E '^[0-9]+ tests, ' "$TMP/$name.out"
+	for id in $(failed_ids "$TMP/$name.xml"); do
+		echo "FAIL: $name port: $id"
+		status=1
 	done
 done
 
@@ -104,4 +73,4 @@ if [ "$status" -ne 0 ]; then
 	die "h2spec: unexpected failures"
 fi
 echo
-echo "PASS: h2spec, public and gRPC ports: no failure outside KNOWN_FAILURES (${#KNOWN_FAILURES[@]} cases)"
+echo "PASS: h2spec, public and gRPC ports: every case"

@@ -290,6 +290,13 @@ func (rec *recorder) last(t testing.TB) seen {
 	return rec.reqs[len(rec.reqs)-1]
 }
 
+// all is every request seen so far.
+func (rec *recorder) all() []seen {
+	rec.mu.Lock()
+	defer rec.mu.Unlock()
+	return slices.Clone(rec.reqs)
+}
+
 // count is how many requests reached the upstream.
 func (rec *recorder) count() int {
 	rec.mu.Lock()

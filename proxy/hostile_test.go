@@ -406,11 +406,32 @@ type frameEvent struct {
 	StreamID uint32
 	Status   string        // :status of a HEADERS frame
 	Code     http2.ErrCode // of RST_STREAM or GOAWAY
+	Len      int           // of a DATA frame's data
 }
 
+// String is how tests print an answer: ":status 200", "RST_STREAM
+// PROTOCOL_ERROR", "GOAWAY FLOW_CONTROL_ERROR", "DATA 17".
+func (ev frameEvent) String() string {
+	switch ev.Type {
+	case http2.FrameHeaders:
+		return ":status " + ev.Status
+	case http2.FrameRSTStream, http2.FrameGoAway:
+		return ev.Type.String() + " " + ev.Code.String()
+	case http2.FrameData:
+		return fmt.Sprintf("DATA %d", ev.Len)
+	}
+	return ev.Type.String()
+}
+
+// dialH2 opens a frameConn to the public port with a 1 MiB stream window.
 func dialH2(t testing.TB, tp *testProxy) *frameConn {
+	return dialH2At(t, tp, tp.Addr().String(), http2.Setting{ID: http2.SettingInitialWindowSize, Val: 1 << 20})
+}
+
+// dialH2At opens a frameConn to addr, the client's SETTINGS as given.
+func dialH2At(t testing.TB, tp *testProxy, addr string, settings ...http2.Setting) *frameConn {
 	t.Helper()
-	conn := tp.dialTLSH2(t, tp.Addr().String())
+	conn := tp.dialTLSH2(t, addr)
 	c := &frameConn{conn: conn, fr: http2.NewFramer(conn, conn), events: make(chan frameEvent, 1024)}
 	c.enc = hpack.NewEncoder(&c.ebuf)
 	c.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
@@ -418,7 +439,7 @@ func dialH2(t testing.TB, tp *testProxy) *frameConn {
 	if _, err := io.WriteString(conn, http2.ClientPreface); err != nil {
 		t.Fatal(err)
 	}
-	if err := c.fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 1 << 20}); err != nil {
+	if err := c.fr.WriteSettings(settings...); err != nil {
 		t.Fatal(err)
 	}
 	go c.readLoop()
@@ -456,8 +477,10 @@ func (c *frameConn) readLoop() {
 				c.wmu.Unlock()
 			}
 			continue
-		case *http2.WindowUpdateFrame, *http2.DataFrame:
+		case *http2.WindowUpdateFrame:
 			continue
+		case *http2.DataFrame:
+			ev.Len = len(f.Data())
 		case *http2.MetaHeadersFrame:
 			ev.Status = f.PseudoValue("status")
 		case *http2.RSTStreamFrame:
@@ -479,6 +502,16 @@ func (c *frameConn) block(kv ...string) []byte {
 		c.enc.WriteField(hpack.HeaderField{Name: kv[i], Value: kv[i+1]})
 	}
 	return append([]byte(nil), c.ebuf.Bytes()...)
+}
+
+// answer waits for what ends stream id's wait for an answer: its response
+// HEADERS, its RST_STREAM, or a GOAWAY.
+func (c *frameConn) answer(t testing.TB, id uint32) frameEvent {
+	t.Helper()
+	return c.wait(t, fmt.Sprintf("an answer on stream %d", id), func(ev frameEvent) bool {
+		return ev.Type == http2.FrameGoAway ||
+			ev.StreamID == id && (ev.Type == http2.FrameHeaders || ev.Type == http2.FrameRSTStream)
+	})
 }
 
 // request sends a HEADERS frame with END_STREAM: a request without body.

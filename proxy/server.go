@@ -152,12 +152,9 @@ func addrOf(ln net.Listener) net.Addr {
 // several GB and gRPC streams that live for hours cross these servers; the
 // exchange watchdog and PROXY_WS_IDLE_TIMEOUT bound idleness instead.
 func (s *Server) newHTTPServer(h http.Handler, protos func(*http.Protocols)) *http.Server {
-	readHeader, maxHeader := s.cfg.ReadHeaderTimeout, s.cfg.MaxHeaderBytes
+	readHeader, maxHeader := s.cfg.ReadHeaderTimeout, s.maxHeaderBytes()
 	if readHeader <= 0 {
 		readHeader = 30 * time.Second
-	}
-	if maxHeader <= 0 {
-		maxHeader = 64 << 10
 	}
 	srv := &http.Server{
 		Handler: h,
@@ -183,7 +180,7 @@ func (s *Server) newHTTPServer(h http.Handler, protos func(*http.Protocols)) *ht
 			// it: Go's 1 MiB buys a client nothing but more memory held
 			// per frame read, and a HEADERS frame above it is a
 			// connection error (RFC 9113 §4.2, h2spec 4.2/3).
-			MaxReadFrameSize: 16 << 10,
+			MaxReadFrameSize: maxFrameSize,
 			// Large windows keep uploads and gRPC bulk streams moving on
 			// links with latency; memory is taken only as data arrives.
 			MaxReceiveBufferPerConnection: 8 << 20,
@@ -197,6 +194,22 @@ func (s *Server) newHTTPServer(h http.Handler, protos func(*http.Protocols)) *ht
 	srv.Protocols = new(http.Protocols)
 	protos(srv.Protocols)
 	return srv
+}
+
+// maxFrameSize is the HTTP/2 servers' SETTINGS_MAX_FRAME_SIZE.
+const maxFrameSize = 16 << 10
+
+func (s *Server) maxHeaderBytes() int {
+	if s.cfg.MaxHeaderBytes > 0 {
+		return s.cfg.MaxHeaderBytes
+	}
+	return 64 << 10
+}
+
+// h2Listener puts h2conn's filter in front of an HTTP/2 server. Its HPACK
+// strings may be as long as net/http's (MaxHeaderBytes and 4 KiB) and more.
+func (s *Server) h2Listener(ln net.Listener) net.Listener {
+	return h2Listener{Listener: ln, maxFrame: maxFrameSize, maxString: 2*s.maxHeaderBytes() + 8<<10}
 }
 
 // serving tracks the http.Servers that Run must drain.
@@ -255,7 +268,7 @@ func (s *Server) Run(ctx context.Context) error {
 	if s.cfg.TLS && s.cfg.HSTS != "" {
 		public = hsts(public, s.cfg.HSTS)
 	}
-	sv.serve(s.newHTTPServer(public, func(p *http.Protocols) { p.SetUnencryptedHTTP2(true) }), h2ln)
+	sv.serve(s.newHTTPServer(public, func(p *http.Protocols) { p.SetUnencryptedHTTP2(true) }), s.h2Listener(h2ln))
 	sv.serve(s.newHTTPServer(public, func(p *http.Protocols) { p.SetHTTP1(true) }), h1ln)
 	sv.wg.Go(func() {
 		if err := mux.Serve(); !isClosed(err) {
@@ -267,19 +280,12 @@ func (s *Server) Run(ctx context.Context) error {
 	if s.grpcLn != nil {
 		// The dedicated gRPC port (the classic nginx 33060): always TLS and
 		// HTTP/2, every request to the gRPC upstream.
-		srv := s.newHTTPServer(s.fwd.grpcHandler(), func(p *http.Protocols) { p.SetHTTP2(true) })
-		srv.TLSConfig = s.tls.Clone()
-		srv.TLSConfig.NextProtos = []string{"h2"}
-		sv.servers = append(sv.servers, srv)
-		// The listener gets its own copy: Serve's HTTP/2 setup appends
-		// "http/1.1" to srv.TLSConfig.NextProtos, which would advertise
-		// HTTP/1.1 on a port that then hangs up on it.
-		ln := tls.NewListener(s.grpcLn, srv.TLSConfig.Clone())
-		sv.wg.Go(func() {
-			if err := srv.Serve(ln); !isClosed(err) {
-				sv.errc <- fmt.Errorf("serving %s: %w", s.grpcLn.Addr(), err)
-			}
-		})
+		// As behind cmux, the TLS is ours and the HTTP/2 server runs as
+		// "unencrypted" HTTP/2 behind h2conn. ALPN offers h2 alone.
+		srv := s.newHTTPServer(s.fwd.grpcHandler(), func(p *http.Protocols) { p.SetUnencryptedHTTP2(true) })
+		tc := s.tls.Clone()
+		tc.NextProtos = []string{"h2"}
+		sv.serve(srv, s.h2Listener(tls.NewListener(s.grpcLn, tc)))
 		up := "none" // calls get UNAVAILABLE naming PYDIO_GRPC_EXTERNAL
 		if s.cfg.GRPCUpstream != nil {
 			up = s.cfg.GRPCUpstream.String()

@@ -1,0 +1,364 @@
+package proxy
+
+import (
+	"encoding/binary"
+	"errors"
+	"io"
+	"net"
+	"strings"
+
+	"golang.org/x/net/http/httpguts"
+	"golang.org/x/net/http2/hpack"
+)
+
+// h2conn filters what an HTTP/2 client sends, on its way to net/http's
+// HTTP/2 server, where that server departs from RFC 9113:
+//
+//   - A request or trailer carrying a connection-specific header field
+//     (Connection, Keep-Alive, Proxy-Connection, Transfer-Encoding, Upgrade)
+//     or a TE other than "trailers" is malformed and must be reset with
+//     PROTOCOL_ERROR (§8.2.2, §8.1.1). net/http answers it with a complete
+//     400 response instead. h2conn appends to such a header block one
+//     CONTINUATION frame with a field whose name is not lowercase, which
+//     net/http's own framer resets as PROTOCOL_ERROR; the connection and
+//     its other streams go on.
+//   - A SETTINGS frame may repeat a setting; they are processed in order
+//     (§6.5.3). net/http hangs up on any repeat. h2conn keeps the last value
+//     of each setting, which is what processing them in order leaves. An
+//     invalid value still reaches net/http, with nothing after it.
+//
+// To know a header block's fields h2conn decodes every block with its own
+// HPACK decoder, in step with net/http's: both see the same bytes, and the
+// appended field is not indexed, so their dynamic tables stay equal. Other
+// frames go through unread, DATA payloads straight into the server's buffer.
+//
+// net/http remains the judge of everything else: whenever the stream is not
+// what h2conn expects (a frame over the size limit, a CONTINUATION out of
+// place, an HPACK error, a cut connection), h2conn passes that frame and
+// everything after it through untouched, and net/http answers the
+// connection error it finds there.
+type h2conn struct {
+	net.Conn
+	maxFrame int // the largest frame payload h2conn inspects
+
+	pass int    // bytes to pass through before the next frame header
+	out  []byte // inspected bytes not yet read
+	off  bool   // pass everything through from here on
+	hdr  [frameHeaderLen]byte
+	buf  []byte // a frame being inspected
+
+	dec     *hpack.Decoder
+	inBlock bool   // inside a header block that has not ended
+	stream  uint32 // the stream of that block
+	bad     bool   // the block holds a connection-specific field
+	invalid bool   // net/http resets the block's stream without help
+	regular bool   // a regular field was seen (pseudo fields come first)
+	sawTE   bool
+}
+
+const (
+	frameHeaderLen = 9
+
+	frameHeaders      = 0x1
+	frameSettings     = 0x4
+	frameContinuation = 0x9
+
+	flagAck        = 0x1
+	flagEndHeaders = 0x4
+	flagPadded     = 0x8
+	flagPriority   = 0x20
+
+	// The HPACK dynamic table size net/http's server decodes with: it never
+	// announces SETTINGS_HEADER_TABLE_SIZE, so the RFC's initial 4,096.
+	hpackTableSize = 4096
+)
+
+// clientPreface is what an HTTP/2 client sends before its first frame.
+const clientPreface = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+// malformedField is a CONTINUATION frame payload: one header field, a
+// literal not indexed (RFC 7541 §6.2.2), whose upper-case name net/http's
+// framer refuses with a stream error of type PROTOCOL_ERROR.
+var malformedField = func() []byte {
+	const name = "Connection-Specific-Field"
+	return append([]byte{0x00, byte(len(name))}, append([]byte(name), 0x00)...)
+}()
+
+// newH2Conn filters c, whose reader is about to send the client preface.
+// maxFrame is the server's SETTINGS_MAX_FRAME_SIZE and maxString the longest
+// header string it accepts (net/http: MaxHeaderBytes and a little).
+func newH2Conn(c net.Conn, maxFrame, maxString int) *h2conn {
+	h := &h2conn{Conn: c, maxFrame: maxFrame, pass: len(clientPreface)}
+	h.dec = hpack.NewDecoder(hpackTableSize, h.field)
+	h.dec.SetMaxStringLength(maxString)
+	return h
+}
+
+func (h *h2conn) Read(p []byte) (int, error) {
+	for {
+		switch {
+		case len(h.out) > 0:
+			n := copy(p, h.out)
+			h.out = h.out[n:]
+			if len(h.out) == 0 && cap(h.buf) > 4<<10 {
+				h.buf = nil // a large header frame is rare: do not keep its room
+			}
+			return n, nil
+		case h.off:
+			return h.Conn.Read(p)
+		case h.pass > 0:
+			if len(p) > h.pass {
+				p = p[:h.pass]
+			}
+			n, err := h.Conn.Read(p)
+			h.pass -= n
+			return n, err
+		}
+		if err := h.frame(); err != nil {
+			return 0, err
+		}
+	}
+}
+
+// frame reads the next frame header and either lets the payload pass or
+// reads and inspects the whole frame, leaving what to deliver in h.out.
+func (h *h2conn) frame() error {
+	hdr := h.hdr[:frameHeaderLen]
+	if n, err := io.ReadFull(h.Conn, hdr); err != nil {
+		return h.giveUp(hdr[:n], err)
+	}
+	length := int(hdr[0])<<16 | int(hdr[1])<<8 | int(hdr[2])
+	typ, flags := hdr[3], hdr[4]
+	stream := binary.BigEndian.Uint32(hdr[5:]) & (1<<31 - 1)
+
+	inspect := typ == frameHeaders || typ == frameContinuation || typ == frameSettings && flags&flagAck == 0
+	if h.inBlock && typ != frameContinuation || length > h.maxFrame {
+		// A connection error for net/http (RFC 9113 §6.10, §4.2).
+		h.off, inspect = true, false
+	}
+	if !inspect {
+		h.out, h.pass = hdr, length
+		return nil
+	}
+	if cap(h.buf) < frameHeaderLen+length {
+		h.buf = make([]byte, frameHeaderLen+length, max(frameHeaderLen+length, 512))
+	}
+	f := h.buf[:frameHeaderLen+length]
+	copy(f, hdr)
+	if n, err := io.ReadFull(h.Conn, f[frameHeaderLen:]); err != nil {
+		return h.giveUp(f[:frameHeaderLen+n], err)
+	}
+	h.out = f
+	switch typ {
+	case frameSettings:
+		if stream == 0 && length%6 == 0 {
+			h.out = f[:frameHeaderLen+lastSettings(f[frameHeaderLen:])]
+			putLength(h.out, len(h.out)-frameHeaderLen)
+		}
+	case frameHeaders:
+		frag, err := headersFragment(f[frameHeaderLen:], flags)
+		switch {
+		case stream == 0 || err == errShortHeaders:
+			h.off = true // a connection error for net/http
+			return nil
+		case err != nil:
+			// net/http resets the stream without decoding the block.
+			return nil
+		}
+		h.inBlock, h.stream = true, stream
+		h.bad, h.invalid, h.regular, h.sawTE = false, false, false, false
+		h.decode(frag, flags)
+	case frameContinuation:
+		if !h.inBlock || stream != h.stream {
+			h.off = true // a connection error for net/http
+			return nil
+		}
+		h.decode(f[frameHeaderLen:], flags)
+	}
+	return nil
+}
+
+// decode feeds a header block fragment to the decoder. At the end of a
+// block that holds a connection-specific field, the frame in h.out loses
+// its END_HEADERS flag and a CONTINUATION frame with malformedField follows.
+func (h *h2conn) decode(frag []byte, flags byte) {
+	if _, err := h.dec.Write(frag); err != nil {
+		h.off = true // net/http meets the same error: COMPRESSION_ERROR
+		return
+	}
+	if flags&flagEndHeaders == 0 {
+		return
+	}
+	h.inBlock = false
+	if err := h.dec.Close(); err != nil {
+		h.off = true
+		return
+	}
+	if !h.bad || h.invalid {
+		// A CONTINUATION after an invalid field would make net/http's
+		// stream error a connection error.
+		return
+	}
+	h.out[4] &^= flagEndHeaders
+	var c [frameHeaderLen]byte
+	putLength(c[:], len(malformedField))
+	c[3], c[4] = frameContinuation, flagEndHeaders
+	binary.BigEndian.PutUint32(c[5:], h.stream)
+	h.out = append(append(h.out, c[:]...), malformedField...)
+	h.buf = h.out[:0]
+}
+
+// field is the decoder's emit function. Besides connection-specific
+// fields it notes what net/http's framer already refuses with a stream
+// error: values with bytes outside RFC 9110's field-value, names that are
+// not lowercase tokens, pseudo fields after regular ones.
+func (h *h2conn) field(f hpack.HeaderField) {
+	if !httpguts.ValidHeaderFieldValue(f.Value) {
+		h.invalid = true
+	}
+	if strings.HasPrefix(f.Name, ":") {
+		h.invalid = h.invalid || h.regular
+		return
+	}
+	h.regular = true
+	if !validWireName(f.Name) {
+		h.invalid = true
+	}
+	switch f.Name {
+	case "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade":
+		h.bad = true
+	case "te":
+		// net/http lets an empty TE through too; one TE only.
+		if h.sawTE || f.Value != "trailers" && f.Value != "" {
+			h.bad = true
+		}
+		h.sawTE = true
+	}
+}
+
+// validWireName reports whether name is a lowercase token (RFC 9113 §8.2.1).
+func validWireName(name string) bool {
+	if name == "" {
+		return false
+	}
+	for _, r := range name {
+		if !httpguts.IsTokenRune(r) || 'A' <= r && r <= 'Z' {
+			return false
+		}
+	}
+	return true
+}
+
+// giveUp hands on the bytes read before err and passes everything after.
+func (h *h2conn) giveUp(read []byte, err error) error {
+	h.off = true
+	if len(read) == 0 {
+		return err
+	}
+	h.out = read
+	return nil
+}
+
+var (
+	errShortHeaders = errors.New("HEADERS frame too short for its padding or priority")
+	errPadding      = errors.New("HEADERS frame padding longer than its payload")
+)
+
+// headersFragment returns the header block fragment of a HEADERS payload
+// (RFC 9113 §6.2). Like net/http's framer, it calls a frame too short to
+// hold its pad length and priority fields a connection error, and padding
+// longer than the rest a stream error.
+func headersFragment(p []byte, flags byte) ([]byte, error) {
+	pad := 0
+	if flags&flagPadded != 0 {
+		if len(p) < 1 {
+			return nil, errShortHeaders
+		}
+		pad, p = int(p[0]), p[1:]
+	}
+	if flags&flagPriority != 0 {
+		if len(p) < 5 {
+			return nil, errShortHeaders
+		}
+		p = p[5:]
+	}
+	if pad > len(p) {
+		return nil, errPadding
+	}
+	return p[:len(p)-pad], nil
+}
+
+// lastSettings rewrites a SETTINGS payload in place so each setting appears
+// once, with its last value, and returns the new length. It stops after the
+// first invalid value (net/http refuses it before looking further), and
+// leaves a frame with more than 100 settings alone (net/http hangs up on
+// those, as a defence). Keeping the last value is what processing them in
+// order leaves, with one theoretical difference: an intermediate
+// SETTINGS_INITIAL_WINDOW_SIZE that would overflow a stream's window is not
+// seen.
+func lastSettings(p []byte) int {
+	n := len(p) / 6
+	if n < 2 || n > 100 {
+		return len(p)
+	}
+	id := func(i int) uint16 { return binary.BigEndian.Uint16(p[6*i:]) }
+	dup := false
+	for i := range n {
+		for j := range i {
+			dup = dup || id(j) == id(i)
+		}
+	}
+	if !dup {
+		return len(p)
+	}
+	end := n
+	for i := range n {
+		if !validSetting(id(i), binary.BigEndian.Uint32(p[6*i+2:])) {
+			end = i + 1
+			break
+		}
+	}
+	w := 0
+	for i := range end {
+		later := false
+		for j := i + 1; j < end && !later; j++ {
+			later = id(j) == id(i)
+		}
+		if !later {
+			copy(p[6*w:6*w+6], p[6*i:6*i+6])
+			w++
+		}
+	}
+	return 6 * w
+}
+
+// validSetting mirrors RFC 9113 §6.5.2 as net/http checks it.
+func validSetting(id uint16, v uint32) bool {
+	switch id {
+	case 0x2, 0x8: // ENABLE_PUSH, ENABLE_CONNECT_PROTOCOL
+		return v <= 1
+	case 0x4: // INITIAL_WINDOW_SIZE
+		return v <= 1<<31-1
+	case 0x5: // MAX_FRAME_SIZE
+		return v >= 1<<14 && v <= 1<<24-1
+	}
+	return true
+}
+
+func putLength(hdr []byte, n int) {
+	hdr[0], hdr[1], hdr[2] = byte(n>>16), byte(n>>8), byte(n)
+}
+
+// h2Listener hands out h2conns.
+type h2Listener struct {
+	net.Listener
+	maxFrame, maxString int
+}
+
+func (l h2Listener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return newH2Conn(c, l.maxFrame, l.maxString), nil
+}
