@@ -372,8 +372,11 @@ const wsIdle = 1500 * time.Millisecond
 // open for several idle periods, and a silent one is closed with 1001 at
 // both ends once the timeout passes.
 func TestWebSocketIdle(t *testing.T) {
-	const periods = 4
-	ticks := periods * 3
+	// A message every sixth of the timeout: the socket stays open unless
+	// the test itself stalls for over 1.2 s, which a loaded machine running
+	// the suite with -race has been seen to do at a third.
+	const periods, perPeriod = 4, 6
+	ticks := periods * perPeriod
 	// idleSocket opens a socket to wsUp through a proxy whose
 	// PROXY_WS_IDLE_TIMEOUT is wsIdle.
 	idleSocket := func(t *testing.T, wsUp *wsUpstream) *websocket.Conn {
@@ -403,7 +406,7 @@ func TestWebSocketIdle(t *testing.T) {
 		c := idleSocket(t, wsUp)
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
-		tick := time.NewTicker(wsIdle / 3)
+		tick := time.NewTicker(wsIdle / perPeriod)
 		defer tick.Stop()
 		for i := range ticks {
 			<-tick.C
@@ -426,7 +429,7 @@ func TestWebSocketIdle(t *testing.T) {
 		t.Parallel()
 		// The upstream writes on a ticker; the client only reads.
 		wsUp := newWSUpstream(func(ctx context.Context, c *websocket.Conn) error {
-			tick := time.NewTicker(wsIdle / 3)
+			tick := time.NewTicker(wsIdle / perPeriod)
 			defer tick.Stop()
 			for range ticks {
 				<-tick.C
