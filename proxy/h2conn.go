@@ -68,8 +68,9 @@ const (
 	flagPadded     = 0x8
 	flagPriority   = 0x20
 
-	// The HPACK dynamic table size net/http's server decodes with: it never
-	// announces SETTINGS_HEADER_TABLE_SIZE, so the RFC's initial 4,096.
+	// The HPACK dynamic table size of the HTTP/2 servers' decoders
+	// (HTTP2Config.MaxDecoderHeaderTableSize) and h2conn's: the RFC's
+	// initial 4,096.
 	hpackTableSize = 4096
 )
 

@@ -181,6 +181,9 @@ func (s *Server) newHTTPServer(h http.Handler, protos func(*http.Protocols)) *ht
 			// per frame read, and a HEADERS frame above it is a
 			// connection error (RFC 9113 §4.2, h2spec 4.2/3).
 			MaxReadFrameSize: maxFrameSize,
+			// h2conn decodes every header block in step with the server,
+			// with the same table size.
+			MaxDecoderHeaderTableSize: hpackTableSize,
 			// Large windows keep uploads and gRPC bulk streams moving on
 			// links with latency; memory is taken only as data arrives.
 			MaxReceiveBufferPerConnection: 8 << 20,
