@@ -126,9 +126,9 @@ func TestH2RepeatedSettings(t *testing.T) {
 				if got, want := c.answer(t, 1).String(), ":status 200"; got != want {
 					t.Fatalf("got %s, want %s", got, want)
 				}
-				first := c.wait(t, "DATA", func(ev frameEvent) bool { return ev.Type == http2.FrameData && ev.StreamID == 1 && ev.Len > 0 })
-				if first.Len != 1 {
-					t.Errorf("first DATA frame carries %d bytes, want 1 (the last SETTINGS_INITIAL_WINDOW_SIZE)", first.Len)
+				first := c.wait(t, "DATA", func(ev frameEvent) bool { return ev.Type == http2.FrameData && ev.StreamID == 1 && len(ev.Data) > 0 })
+				if len(first.Data) != 1 {
+					t.Errorf("first DATA frame carries %d bytes, want 1 (the last SETTINGS_INITIAL_WINDOW_SIZE)", len(first.Data))
 				}
 			})
 			for _, tc := range []struct {

@@ -406,7 +406,9 @@ type frameEvent struct {
 	StreamID uint32
 	Status   string        // :status of a HEADERS frame
 	Code     http2.ErrCode // of RST_STREAM or GOAWAY
-	Len      int           // of a DATA frame's data
+	Data     []byte        // of a DATA frame
+	End      bool          // END_STREAM on HEADERS or DATA
+	LastID   uint32        // of a GOAWAY
 }
 
 // String is how tests print an answer: ":status 200", "RST_STREAM
@@ -418,7 +420,7 @@ func (ev frameEvent) String() string {
 	case http2.FrameRSTStream, http2.FrameGoAway:
 		return ev.Type.String() + " " + ev.Code.String()
 	case http2.FrameData:
-		return fmt.Sprintf("DATA %d", ev.Len)
+		return fmt.Sprintf("DATA %d", len(ev.Data))
 	}
 	return ev.Type.String()
 }
@@ -480,13 +482,13 @@ func (c *frameConn) readLoop() {
 		case *http2.WindowUpdateFrame:
 			continue
 		case *http2.DataFrame:
-			ev.Len = len(f.Data())
+			ev.Data, ev.End = bytes.Clone(f.Data()), f.StreamEnded()
 		case *http2.MetaHeadersFrame:
-			ev.Status = f.PseudoValue("status")
+			ev.Status, ev.End = f.PseudoValue("status"), f.StreamEnded()
 		case *http2.RSTStreamFrame:
 			ev.Code = f.ErrCode
 		case *http2.GoAwayFrame:
-			ev.Code = f.ErrCode
+			ev.Code, ev.LastID = f.ErrCode, f.LastStreamID
 		}
 		select {
 		case c.events <- ev:

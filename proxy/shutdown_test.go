@@ -15,7 +15,6 @@ import (
 
 	"github.com/coder/websocket"
 	"golang.org/x/net/http2"
-	"golang.org/x/net/http2/hpack"
 )
 
 // shutdownAsync stops tp as SIGTERM does, without waiting: Run's result
@@ -210,54 +209,6 @@ func TestShutdownDrainsUpload(t *testing.T) {
 	}
 }
 
-// h2Event is what h2Reader reports of one frame (frames themselves are
-// only valid until the next read).
-type h2Event struct {
-	frame    http2.FrameType
-	streamID uint32
-	status   string // :status of a HEADERS frame
-	data     []byte
-	end      bool // END_STREAM
-	lastID   uint32
-	code     http2.ErrCode
-	err      error
-}
-
-// h2Reader reads frames until the connection ends, answering SETTINGS and
-// PING as a client must.
-func h2Reader(fr *http2.Framer, events chan<- h2Event) {
-	defer close(events)
-	for {
-		f, err := fr.ReadFrame()
-		if err != nil {
-			events <- h2Event{err: err}
-			return
-		}
-		ev := h2Event{frame: f.Header().Type, streamID: f.Header().StreamID}
-		switch f := f.(type) {
-		case *http2.SettingsFrame:
-			if !f.IsAck() {
-				fr.WriteSettingsAck()
-			}
-		case *http2.PingFrame:
-			if !f.IsAck() {
-				fr.WritePing(true, f.Data)
-			}
-		case *http2.MetaHeadersFrame:
-			ev.status = f.PseudoValue("status")
-			ev.end = f.StreamEnded()
-		case *http2.DataFrame:
-			ev.data = bytes.Clone(f.Data())
-			ev.end = f.StreamEnded()
-		case *http2.GoAwayFrame:
-			ev.lastID, ev.code = f.LastStreamID, f.ErrCode
-		case *http2.RSTStreamFrame:
-			ev.code = f.ErrCode
-		}
-		events <- ev
-	}
-}
-
 // TestShutdownGOAWAY stops the proxy while an HTTP/2 request is in flight:
 // the client gets GOAWAY (no error, the in-flight stream included), then
 // the whole response; the net/http HTTP/2 client's in-flight request
@@ -277,21 +228,10 @@ func TestShutdownGOAWAY(t *testing.T) {
 	tp := startProxy(t, cfg)
 
 	// A raw HTTP/2 client, to see the frames.
-	conn := tp.dialTLSH2(t, tp.Addr().String())
-	defer conn.Close()
-	if _, err := io.WriteString(conn, http2.ClientPreface); err != nil {
+	c := dialH2At(t, tp, tp.Addr().String())
+	if err := c.request(1, h2Fields("GET", tp.Addr().String(), "/raw")...); err != nil {
 		t.Fatal(err)
 	}
-	fr := http2.NewFramer(conn, conn)
-	fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
-	if err := fr.WriteSettings(); err != nil {
-		t.Fatal(err)
-	}
-	if err := fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: hpackBlock(h2Fields("GET", tp.Addr().String(), "/raw")...), EndStream: true, EndHeaders: true}); err != nil {
-		t.Fatal(err)
-	}
-	events := make(chan h2Event, 64)
-	go h2Reader(fr, events)
 	if got, want := g.wait(t), "/raw"; got != want {
 		t.Fatalf("upstream got %q, want %q", got, want)
 	}
@@ -318,35 +258,32 @@ func TestShutdownGOAWAY(t *testing.T) {
 	}
 
 	stopped := shutdownAsync(tp)
-	next := func() h2Event {
+	next := func() frameEvent {
 		t.Helper()
 		select {
-		case ev, ok := <-events:
+		case ev, ok := <-c.events:
 			if !ok {
-				t.Fatal("connection ended")
-			}
-			if ev.err != nil {
-				t.Fatalf("reading frames: %v", ev.err)
+				t.Fatalf("reading frames: %v", c.readErr)
 			}
 			return ev
 		case <-time.After(30 * time.Second):
 			t.Fatal("no frame for 30 s")
-			return h2Event{}
+			return frameEvent{}
 		}
 	}
 	for {
 		ev := next()
-		if ev.frame == http2.FrameRSTStream {
-			t.Fatalf("stream %d reset (%v) before GOAWAY", ev.streamID, ev.code)
+		if ev.Type == http2.FrameRSTStream {
+			t.Fatalf("stream %d reset (%v) before GOAWAY", ev.StreamID, ev.Code)
 		}
-		if ev.frame != http2.FrameGoAway {
+		if ev.Type != http2.FrameGoAway {
 			continue
 		}
-		if ev.code != http2.ErrCodeNo {
-			t.Errorf("GOAWAY error code = %v, want NO_ERROR", ev.code)
+		if ev.Code != http2.ErrCodeNo {
+			t.Errorf("GOAWAY error code = %v, want NO_ERROR", ev.Code)
 		}
-		if ev.lastID < 1 {
-			t.Errorf("GOAWAY last stream = %d: the in-flight stream 1 would be dropped", ev.lastID)
+		if ev.LastID < 1 {
+			t.Errorf("GOAWAY last stream = %d: the in-flight stream 1 would be dropped", ev.LastID)
 		}
 		break
 	}
@@ -358,14 +295,14 @@ func TestShutdownGOAWAY(t *testing.T) {
 	for ended := false; !ended; {
 		ev := next()
 		switch {
-		case ev.frame == http2.FrameRSTStream:
-			t.Fatalf("stream %d reset (%v) while draining", ev.streamID, ev.code)
-		case ev.streamID != 1:
-		case ev.frame == http2.FrameHeaders:
-			status, ended = ev.status, ev.end
-		case ev.frame == http2.FrameData:
-			body += string(ev.data)
-			ended = ev.end
+		case ev.Type == http2.FrameRSTStream:
+			t.Fatalf("stream %d reset (%v) while draining", ev.StreamID, ev.Code)
+		case ev.StreamID != 1:
+		case ev.Type == http2.FrameHeaders:
+			status, ended = ev.Status, ev.End
+		case ev.Type == http2.FrameData:
+			body += string(ev.Data)
+			ended = ev.End
 		}
 	}
 	if status != "200" || body != "done" {
