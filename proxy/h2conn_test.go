@@ -431,15 +431,6 @@ func h2FilterSeeds() [][]byte {
 	return seeds
 }
 
-func TestH2FilterSeeds(t *testing.T) {
-	for i, seed := range h2FilterSeeds() {
-		t.Run(fmt.Sprint(i), func(t *testing.T) {
-			in := append([]byte(http2.ClientPreface), seed...)
-			checkH2Filter(t, in, filterBytes(t, in))
-		})
-	}
-}
-
 // FuzzH2Filter: whatever a client sends after the preface, net/http reads
 // through h2conn the frames it would have read without it, except that a
 // malformed header block resets its stream and a SETTINGS frame loses its
