@@ -318,17 +318,24 @@ func closeFrame(code uint16, reason string, mask bool) []byte {
 	payload := make([]byte, 2+len(reason))
 	binary.BigEndian.PutUint16(payload, code)
 	copy(payload[2:], reason)
-	f := []byte{0x88, byte(len(payload))} // FIN + close; payload < 126
-	if mask {
-		var key [4]byte
-		rand.Read(key[:])
-		f[1] |= 0x80
-		f = append(f, key[:]...)
-		for i := range payload {
-			payload[i] ^= key[i%4]
-		}
+	return shortFrame(0x8, payload, mask)
+}
+
+// shortFrame is a final frame of opcode op with a payload under 126 bytes,
+// masked with a random key when mask is set (RFC 6455 §5.2, §5.3).
+func shortFrame(op byte, payload []byte, mask bool) []byte {
+	f := []byte{0x80 | op, byte(len(payload))}
+	if !mask {
+		return append(f, payload...)
 	}
-	return append(f, payload...)
+	var key [4]byte
+	rand.Read(key[:])
+	f[1] |= 0x80
+	f = append(f, key[:]...)
+	for i, b := range payload {
+		f = append(f, b^key[i%4])
+	}
+	return f
 }
 
 // run copies frames until src ends or fails. fromUpstream marks the

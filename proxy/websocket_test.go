@@ -721,20 +721,8 @@ func (c *heldConn) release() error {
 }
 
 // wsFrame is a final text frame carrying s (shorter than 126 bytes),
-// masked as a client's must be.
-func wsFrame(s string, masked bool) []byte {
-	f := []byte{0x81, byte(len(s))}
-	if !masked {
-		return append(f, s...)
-	}
-	key := [4]byte{0x37, 0xfa, 0x21, 0x3d}
-	f[1] |= 0x80
-	f = append(f, key[:]...)
-	for i := range len(s) {
-		f = append(f, s[i]^key[i%4])
-	}
-	return f
-}
+// masked when masked is set, as a client's must be.
+func wsFrame(s string, masked bool) []byte { return shortFrame(0x1, []byte(s), masked) }
 
 // wsAccept is the Sec-WebSocket-Accept for key (RFC 6455, section 4.2.2).
 func wsAccept(key string) string {
