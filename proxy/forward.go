@@ -40,6 +40,7 @@ type forwarder struct {
 
 	httpTarget    *url.URL
 	httpTransport *http.Transport
+	httpUp        *h1Upstream     // bodiless requests; the rest to httpTransport
 	wsTransport   *http.Transport // websocket handshakes
 	http          *httputil.ReverseProxy
 
@@ -104,12 +105,16 @@ func newForwarder(cfg *Config, log *slog.Logger) (*forwarder, error) {
 		// a Cells that takes long to answer after a large upload.
 		ReadBufferSize:  32 << 10,
 		WriteBufferSize: 32 << 10,
+		// Cells' largest headers are cookies and JWTs; Go's default is
+		// 10 MB. h1Upstream applies the same limit.
+		MaxResponseHeaderBytes: 1 << 20,
 	}
 	// One connection per exchange: websocket and idle handling stay per
 	// request, and Cells' HTTP/1.1 server is what its docs proxy to.
 	f.httpTransport.Protocols = new(http.Protocols)
 	f.httpTransport.Protocols.SetHTTP1(true)
-	f.http = f.reverseProxy(f.httpTarget, f.httpTransport, false)
+	f.httpUp = newH1Upstream(f.httpTarget, f.httpTransport, dialer)
+	f.http = f.reverseProxy(f.httpTarget, f.httpUp, false)
 	// Websocket handshakes are small, and the connection's buffers are
 	// dropped after the 101: the 32 KiB ones above would only be garbage
 	// to collect, and memory held until it is, for each websocket opened.

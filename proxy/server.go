@@ -372,7 +372,7 @@ func (s *Server) shutdown(mux cmux.CMux, servers []*http.Server) {
 		}
 	}
 	s.cancelBase(context.Canceled)
-	s.fwd.httpTransport.CloseIdleConnections()
+	s.fwd.httpUp.CloseIdleConnections()
 	s.fwd.wsTransport.CloseIdleConnections()
 	if s.fwd.grpcTransport != nil {
 		s.fwd.grpcTransport.CloseIdleConnections()

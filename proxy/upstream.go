@@ -1,0 +1,406 @@
+package proxy
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptrace"
+	"net/textproto"
+	"net/url"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/net/http/httpguts"
+)
+
+// h1Upstream sends requests without a body (GET, HEAD, OPTIONS: the web
+// UI's assets and REST reads, downloads) to Cells over HTTP/1.1 on the
+// handler's own goroutine: it writes the request, reads the response and
+// hands the body back, with no goroutine of its own per connection.
+// http.Transport runs a reader and a writer goroutine for each connection
+// and passes every request and response between three goroutines; on a
+// small GET that hand-off and its allocations cost about a fifth of the
+// proxy's CPU. Everything else (request bodies, whose writing must overlap the
+// response, websockets, non-idempotent methods) goes to the Transport.
+//
+// It keeps what the Transport guarantees for these requests: the same
+// bytes on the wire (Request.Write is the Transport's writer), header
+// fields checked before they are written, the response header limit, idle
+// connections reused newest first and closed after IdleConnTimeout, a
+// request sent again on another connection when a reused one turns out to
+// be closed before any byte of the response, 1xx responses passed to the
+// request's httptrace hook, and the request's context ending the exchange.
+// Where the Transport's reader notices an idle connection closed by Cells,
+// a peek at the socket before reuse does (nginx watches its cached
+// upstream connections the same way).
+type h1Upstream struct {
+	fallback *http.Transport
+	network  string
+	addr     string
+	dialer   *net.Dialer
+	tls      *tls.Config // nil: cleartext
+
+	handshakeTimeout time.Duration
+	idleTimeout      time.Duration
+	maxIdle          int
+	bufSize          int
+	maxHeader        int64
+
+	mu   sync.Mutex
+	idle []*upConn // newest last
+}
+
+func newH1Upstream(target *url.URL, t *http.Transport, dialer *net.Dialer) *h1Upstream {
+	u := &h1Upstream{
+		fallback:         t,
+		network:          "tcp",
+		addr:             hostPortDefault(target),
+		dialer:           dialer,
+		handshakeTimeout: t.TLSHandshakeTimeout,
+		idleTimeout:      t.IdleConnTimeout,
+		maxIdle:          t.MaxIdleConnsPerHost,
+		bufSize:          t.ReadBufferSize,
+		maxHeader:        t.MaxResponseHeaderBytes,
+	}
+	if u.maxHeader <= 0 {
+		u.maxHeader = 10 << 20 // http.Transport's default
+	}
+	if target.Scheme == "https" {
+		u.tls = t.TLSClientConfig
+	}
+	return u
+}
+
+// hostPortDefault is u's host with the scheme's port when it names none.
+func hostPortDefault(u *url.URL) string {
+	port := u.Port()
+	if port == "" {
+		port = "80"
+		if u.Scheme == "https" {
+			port = "443"
+		}
+	}
+	return net.JoinHostPort(u.Hostname(), port)
+}
+
+// upConn is one connection to Cells, owned by one exchange at a time.
+type upConn struct {
+	u     *h1Upstream
+	nc    net.Conn
+	br    *bufio.Reader
+	bw    *bufio.Writer
+	raw   syscall.RawConn // nc's socket, for the idle check; nil if none
+	read  int64           // bytes read from nc in the current exchange
+	limit int64           // bytes the response header may still take
+	reuse bool            // taken from the idle list
+
+	idleAt time.Time
+	timer  *time.Timer // closes the connection once idle too long
+	pooled bool        // in u.idle; guarded by u.mu
+}
+
+// Read counts what the exchange read, for telling a closed idle connection
+// (nothing read: safe to retry) from a failure mid-response.
+// While the header is read, limit caps it as http.Transport's
+// MaxResponseHeaderBytes does.
+func (c *upConn) Read(p []byte) (int, error) {
+	if c.limit <= 0 {
+		return 0, fmt.Errorf("cells-proxy: upstream response header larger than %d bytes", c.u.maxHeader)
+	}
+	if int64(len(p)) > c.limit {
+		p = p[:c.limit]
+	}
+	n, err := c.nc.Read(p)
+	c.read += int64(n)
+	c.limit -= int64(n)
+	return n, err
+}
+
+// fastPath reports whether r can go on the handler's goroutine: no body to
+// write while the response may already be coming, and safe to send again
+// should a kept-alive connection turn out dead (http.Transport's rule for
+// retrying).
+func fastPath(r *http.Request) bool {
+	if r.Body != nil && r.Body != http.NoBody || r.ContentLength != 0 || len(r.TransferEncoding) > 0 {
+		return false
+	}
+	if _, ok := r.Header["Upgrade"]; ok {
+		return false
+	}
+	switch r.Method {
+	case http.MethodGet, http.MethodHead, http.MethodOptions:
+		return true
+	}
+	return false
+}
+
+func (u *h1Upstream) RoundTrip(r *http.Request) (*http.Response, error) {
+	if !fastPath(r) {
+		return u.fallback.RoundTrip(r)
+	}
+	// What http.Transport checks before it writes a header: a field
+	// that is not a token or a value with CR or LF would let one request
+	// smuggle another onto the connection.
+	for k, vv := range r.Header {
+		if !httpguts.ValidHeaderFieldName(k) {
+			return nil, fmt.Errorf("net/http: invalid header field name %q", k)
+		}
+		for _, v := range vv {
+			if !httpguts.ValidHeaderFieldValue(v) {
+				return nil, fmt.Errorf("net/http: invalid header field value for %q", k)
+			}
+		}
+	}
+	ctx := r.Context()
+	for {
+		c, err := u.get(ctx)
+		if err != nil {
+			return nil, err
+		}
+		res, err := c.exchange(r)
+		if err == nil {
+			return res, nil
+		}
+		c.close()
+		// A kept-alive connection that Cells closed while it sat idle
+		// fails before a byte of the response: send again on another.
+		if !c.reuse || c.read != 0 || ctx.Err() != nil {
+			return nil, err
+		}
+	}
+}
+
+// get takes the newest idle connection, or dials one.
+func (u *h1Upstream) get(ctx context.Context) (*upConn, error) {
+	for {
+		u.mu.Lock()
+		n := len(u.idle)
+		if n == 0 {
+			u.mu.Unlock()
+			return u.dial(ctx)
+		}
+		c := u.idle[n-1]
+		u.idle[n-1] = nil
+		u.idle = u.idle[:n-1]
+		c.pooled = false
+		c.timer.Stop()
+		fresh := time.Since(c.idleAt) < u.idleTimeout
+		u.mu.Unlock()
+		if fresh && c.quiet() {
+			c.reuse, c.read = true, 0
+			return c, nil
+		}
+		// Expired (its timer is about to close it), closed by Cells, or
+		// sent something unasked: done with.
+		c.close()
+	}
+}
+
+func (u *h1Upstream) dial(ctx context.Context) (*upConn, error) {
+	raw, err := u.dialer.DialContext(ctx, u.network, u.addr)
+	if err != nil {
+		return nil, err
+	}
+	nc := raw
+	if u.tls != nil {
+		tc := tls.Client(nc, u.tls)
+		hctx, cancel := context.WithTimeout(ctx, u.handshakeTimeout)
+		err := tc.HandshakeContext(hctx)
+		cancel()
+		if err != nil {
+			nc.Close()
+			return nil, err
+		}
+		nc = tc
+	}
+	c := &upConn{u: u, nc: nc}
+	if sc, ok := raw.(syscall.Conn); ok {
+		c.raw = rawConnOf(sc)
+	}
+	c.br = bufio.NewReaderSize(c, u.bufSize)
+	c.bw = bufio.NewWriterSize(nc, 4<<10)
+	return c, nil
+}
+
+// exchange writes r and reads the response header. The body is read by
+// the caller through the returned response, which gives the connection
+// back when it ends.
+func (c *upConn) exchange(r *http.Request) (*http.Response, error) {
+	ctx := r.Context()
+	// The request's end (client gone, idle watchdog, shutdown) must
+	// interrupt a read or write on the connection, which then cannot be
+	// reused: stop reports whether that happened.
+	stop := context.AfterFunc(ctx, func() { c.nc.SetDeadline(time.Unix(1, 0)) })
+	if err := r.Write(c.bw); err != nil {
+		stop()
+		return nil, err
+	}
+	if err := c.bw.Flush(); err != nil {
+		stop()
+		return nil, err
+	}
+	var res *http.Response
+	c.limit = c.u.maxHeader
+	for {
+		var err error
+		res, err = http.ReadResponse(c.br, r)
+		if err != nil {
+			stop()
+			return nil, err
+		}
+		code := res.StatusCode
+		if code < 100 || code >= 200 {
+			break
+		}
+		if code == http.StatusSwitchingProtocols {
+			// Nothing asked to switch (Upgrade goes to the Transport).
+			stop()
+			return nil, fmt.Errorf("cells-proxy: upstream switched protocols unasked")
+		}
+		// Informational (103 Early Hints): to the client through
+		// ReverseProxy's hook, each with a header limit of its own, as
+		// http.Transport does.
+		if trace := httptrace.ContextClientTrace(ctx); trace != nil && trace.Got1xxResponse != nil {
+			if err := trace.Got1xxResponse(code, textproto.MIMEHeader(res.Header)); err != nil {
+				stop()
+				return nil, err
+			}
+			c.limit = c.u.maxHeader
+		}
+	}
+	c.limit = 1<<63 - 1
+	reusable := !res.Close && !r.Close
+	if res.Body == http.NoBody {
+		c.release(stop, reusable)
+		return res, nil
+	}
+	res.Body = &upBody{body: res.Body, c: c, stop: stop, reusable: reusable}
+	return res, nil
+}
+
+// release ends an exchange whose response was read in full.
+func (c *upConn) release(stop func() bool, reusable bool) {
+	if !stop() || !reusable || c.br.Buffered() > 0 {
+		// Cancelled (the deadline is set), not kept alive, or Cells sent
+		// more than the response: the connection is done.
+		c.close()
+		return
+	}
+	c.u.put(c)
+}
+
+func (c *upConn) close() { c.nc.Close() }
+
+// quiet reports whether an idle connection has nothing to read: no end of
+// stream (Cells closed it) and no bytes (a response nobody asked for).
+// nginx watches its cached upstream connections for the same events; a
+// non-blocking peek at the socket is one system call, cheaper than a
+// request written to a dead connection and sent again.
+func (c *upConn) quiet() bool {
+	if c.raw == nil {
+		return true // no socket to look at: the retry covers it
+	}
+	readable := false
+	err := c.raw.Read(func(fd uintptr) bool {
+		readable = parkRead(fd)
+		return true
+	})
+	return err == nil && !readable
+}
+
+func (u *h1Upstream) put(c *upConn) {
+	u.mu.Lock()
+	if len(u.idle) >= u.maxIdle {
+		u.mu.Unlock()
+		c.close()
+		return
+	}
+	c.idleAt = time.Now()
+	c.pooled = true
+	u.idle = append(u.idle, c)
+	if c.timer == nil {
+		c.timer = time.AfterFunc(u.idleTimeout, c.expire)
+	} else {
+		c.timer.Reset(u.idleTimeout)
+	}
+	u.mu.Unlock()
+}
+
+// expire closes a connection that stayed idle for IdleConnTimeout.
+func (c *upConn) expire() {
+	u := c.u
+	u.mu.Lock()
+	if !c.pooled || time.Since(c.idleAt) < u.idleTimeout {
+		u.mu.Unlock()
+		return
+	}
+	for i, p := range u.idle {
+		if p == c {
+			u.idle = append(u.idle[:i], u.idle[i+1:]...)
+			break
+		}
+	}
+	c.pooled = false
+	u.mu.Unlock()
+	c.close()
+}
+
+// CloseIdleConnections closes the idle connections of both paths.
+func (u *h1Upstream) CloseIdleConnections() {
+	u.mu.Lock()
+	idle := u.idle
+	u.idle = nil
+	for _, c := range idle {
+		c.pooled = false
+	}
+	u.mu.Unlock()
+	for _, c := range idle {
+		c.close()
+	}
+	u.fallback.CloseIdleConnections()
+}
+
+// upBody is a response body read from an upConn.
+type upBody struct {
+	body     io.ReadCloser
+	c        *upConn
+	stop     func() bool
+	reusable bool
+	err      error // the error that ended the body; the connection is gone
+}
+
+func (b *upBody) Read(p []byte) (int, error) {
+	if b.err != nil {
+		return 0, b.err
+	}
+	n, err := b.body.Read(p)
+	if err != nil {
+		b.err = err
+		if err == io.EOF {
+			b.c.release(b.stop, b.reusable)
+		} else {
+			b.stop()
+			b.c.close()
+		}
+	}
+	return n, err
+}
+
+// Close before the end closes the connection: what is left of the body is
+// not read (http.Transport does the same).
+func (b *upBody) Close() error {
+	if b.err == nil {
+		b.err = errBodyClosed
+		b.stop()
+		b.c.close()
+	}
+	return nil
+}
+
+var errBodyClosed = errors.New("cells-proxy: read on closed response body")

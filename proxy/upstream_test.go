@@ -1,0 +1,444 @@
+package proxy
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptrace"
+	"net/textproto"
+	"net/url"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// rawUpstream is a cleartext HTTP/1.1 upstream written by hand: serve
+// gets each connection's number (from 1) and the request read from it,
+// and writes whatever it likes. It stops when the test ends.
+type rawUpstream struct {
+	ln    net.Listener
+	conns atomic.Int64
+	reqs  atomic.Int64
+	wg    sync.WaitGroup
+	mu    sync.Mutex
+	open  map[net.Conn]bool
+}
+
+func newRawUpstream(t *testing.T, serve func(conn int64, req *http.Request, w *bufio.Writer) (keep bool)) *rawUpstream {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	u := &rawUpstream{ln: ln, open: map[net.Conn]bool{}}
+	u.wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			n := u.conns.Add(1)
+			u.mu.Lock()
+			u.open[c] = true
+			u.mu.Unlock()
+			u.wg.Go(func() {
+				defer func() {
+					c.Close()
+					u.mu.Lock()
+					delete(u.open, c)
+					u.mu.Unlock()
+				}()
+				br, bw := bufio.NewReader(c), bufio.NewWriter(c)
+				for {
+					req, err := http.ReadRequest(br)
+					if err != nil {
+						return
+					}
+					io.Copy(io.Discard, req.Body)
+					u.reqs.Add(1)
+					keep := serve(n, req, bw)
+					if bw.Flush() != nil || !keep {
+						return
+					}
+				}
+			})
+		}
+	})
+	t.Cleanup(func() {
+		ln.Close()
+		u.mu.Lock()
+		for c := range u.open {
+			c.Close()
+		}
+		u.mu.Unlock()
+		u.wg.Wait()
+	})
+	return u
+}
+
+func (u *rawUpstream) URL() *url.URL { return &url.URL{Scheme: "http", Host: u.ln.Addr().String()} }
+
+// openConns is how many connections the upstream holds open.
+func (u *rawUpstream) openConns() int {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return len(u.open)
+}
+
+func rawProxy(t *testing.T, u *rawUpstream) *testProxy {
+	cfg := testConfig(nil)
+	cfg.Upstream = u.URL()
+	return startProxy(t, cfg)
+}
+
+func getBody(t *testing.T, c *http.Client, method, url string) (*http.Response, string) {
+	t.Helper()
+	req, err := http.NewRequest(method, url, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := c.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, url, err)
+	}
+	b, err := io.ReadAll(res.Body)
+	res.Body.Close()
+	if err != nil {
+		t.Fatalf("%s %s: reading body: %v", method, url, err)
+	}
+	return res, string(b)
+}
+
+// TestUpstreamKeepAlive: requests without a body, from HTTP/1.1 and HTTP/2
+// clients, one after the other, all travel on one kept-alive connection to
+// Cells, whatever their response: a length, chunks with trailers, HEAD, 204,
+// 304. Bodies and trailers arrive whole.
+func TestUpstreamKeepAlive(t *testing.T) {
+	t.Parallel()
+	var conns sync.Map // the upstream's connections, by client address
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		conns.Store(r.RemoteAddr, true)
+		switch r.URL.Path {
+		case "/len":
+			w.Header().Set("Content-Length", "5")
+			io.WriteString(w, "hello")
+		case "/chunked":
+			w.Header().Set("Trailer", "X-Sum")
+			io.WriteString(w, "chunk-1 ")
+			http.NewResponseController(w).Flush()
+			io.WriteString(w, "chunk-2")
+			w.Header().Set("X-Sum", "42")
+		case "/204":
+			w.WriteHeader(http.StatusNoContent)
+		case "/304":
+			w.WriteHeader(http.StatusNotModified)
+		default:
+			w.Header().Set("Content-Length", "3")
+			io.WriteString(w, "abc")
+		}
+	}))
+	tp := startProxy(t, testConfig(up))
+	for _, c := range h1h2Clients(tp) {
+		for range 3 {
+			res, body := getBody(t, c.c, "GET", tp.URL+"/len")
+			if res.StatusCode != 200 || body != "hello" {
+				t.Errorf("%s /len: %d %q", c.name, res.StatusCode, body)
+			}
+			res, body = getBody(t, c.c, "GET", tp.URL+"/chunked")
+			if body != "chunk-1 chunk-2" || res.Trailer.Get("X-Sum") != "42" {
+				t.Errorf("%s /chunked: %q, trailer %q", c.name, body, res.Trailer.Get("X-Sum"))
+			}
+			res, body = getBody(t, c.c, "HEAD", tp.URL+"/len")
+			if res.StatusCode != 200 || body != "" || res.ContentLength != 5 {
+				t.Errorf("%s HEAD /len: %d %q length %d", c.name, res.StatusCode, body, res.ContentLength)
+			}
+			for _, code := range []int{204, 304} {
+				res, _ = getBody(t, c.c, "GET", fmt.Sprintf("%s/%d", tp.URL, code))
+				if res.StatusCode != code {
+					t.Errorf("%s /%d: %d", c.name, code, res.StatusCode)
+				}
+			}
+			res, body = getBody(t, c.c, "OPTIONS", tp.URL+"/x")
+			if body != "abc" {
+				t.Errorf("%s OPTIONS: %d %q", c.name, res.StatusCode, body)
+			}
+		}
+	}
+	n := 0
+	conns.Range(func(any, any) bool { n++; return true })
+	if n != 1 {
+		t.Errorf("upstream saw %d connections, want 1 kept alive", n)
+	}
+}
+
+// TestUpstreamClosedIdle: Cells closes a kept-alive connection while it
+// sits in the proxy's pool (its own idle timeout, a restart). The next
+// GET, written to that dead connection, is sent again on a new one: the
+// client never sees the failure.
+func TestUpstreamClosedIdle(t *testing.T) {
+	t.Parallel()
+	up := newRawUpstream(t, func(conn int64, req *http.Request, w *bufio.Writer) bool {
+		fmt.Fprintf(w, "HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n%d", conn%10)
+		return false // close without saying so, as an idle timeout does
+	})
+	tp := rawProxy(t, up)
+	for i := 1; i <= 5; i++ {
+		// Wait until Cells has closed the connection the last one used.
+		for up.openConns() > 0 {
+			time.Sleep(time.Millisecond)
+		}
+		res, body := getBody(t, tp.H1, "GET", tp.URL+"/")
+		if res.StatusCode != 200 || body != fmt.Sprint(i%10) {
+			t.Fatalf("request %d: %d %q, want 200 from connection %d", i, res.StatusCode, body, i)
+		}
+	}
+	if n := up.reqs.Load(); n != 5 {
+		t.Errorf("upstream answered %d requests, want 5", n)
+	}
+}
+
+// TestUpstreamClosedOnRequest: Cells reads a request from a kept-alive
+// connection and closes it without a byte of answer (a server that timed
+// the connection out as the request came in). A GET is sent again on a new
+// connection, as http.Transport does for requests it may replay.
+func TestUpstreamClosedOnRequest(t *testing.T) {
+	t.Parallel()
+	var served sync.Map
+	up := newRawUpstream(t, func(conn int64, req *http.Request, w *bufio.Writer) bool {
+		if _, again := served.LoadOrStore(conn, true); again {
+			return false
+		}
+		fmt.Fprintf(w, "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nc%03d", conn)
+		return true
+	})
+	tp := rawProxy(t, up)
+	for i := 1; i <= 3; i++ {
+		res, body := getBody(t, tp.H1, "GET", tp.URL+"/")
+		if want := fmt.Sprintf("c%03d", i); res.StatusCode != 200 || body != want {
+			t.Fatalf("request %d: %d %q, want 200 %q", i, res.StatusCode, body, want)
+		}
+	}
+}
+
+// TestUpstreamNoRetryAfterResponseStarted: a connection that breaks after
+// Cells has started its response is not a dead idle connection: the
+// request is not sent again (it may have had effects) and the client gets
+// 502.
+func TestUpstreamNoRetryAfterResponseStarted(t *testing.T) {
+	t.Parallel()
+	up := newRawUpstream(t, func(conn int64, req *http.Request, w *bufio.Writer) bool {
+		if req.URL.Path == "/ok" {
+			io.WriteString(w, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+			return true
+		}
+		io.WriteString(w, "HTTP/1.1 200 O")
+		return false
+	})
+	tp := rawProxy(t, up)
+	getBody(t, tp.H1, "GET", tp.URL+"/ok") // a connection in the pool
+	res, _ := getBody(t, tp.H1, "GET", tp.URL+"/broken")
+	if res.StatusCode != http.StatusBadGateway {
+		t.Errorf("status %d, want 502", res.StatusCode)
+	}
+	if n := up.reqs.Load(); n != 2 {
+		t.Errorf("upstream got %d requests, want 2 (no retry of /broken)", n)
+	}
+}
+
+// TestUpstreamNotReused: a connection is reused only after a response that
+// ended cleanly. After Connection: close, a body cut short by the client,
+// or bytes beyond the response, the next request takes a new connection
+// and gets its own response, never the leftovers of the previous one.
+func TestUpstreamNotReused(t *testing.T) {
+	t.Parallel()
+	release := make(chan struct{})
+	lateSent := make(chan struct{})
+	up := newRawUpstream(t, func(conn int64, req *http.Request, w *bufio.Writer) bool {
+		switch req.URL.Path {
+		case "/late":
+			// Bytes that come after the response has ended, while the
+			// connection sits idle in the pool.
+			io.WriteString(w, "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlate")
+			w.Flush()
+			time.Sleep(20 * time.Millisecond)
+			io.WriteString(w, "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nWRONG")
+			w.Flush()
+			lateSent <- struct{}{}
+		case "/close":
+			io.WriteString(w, "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 5\r\n\r\nclose")
+			w.Flush()
+			<-release // a Cells slow to close: the proxy must not wait
+			return false
+		case "/extra":
+			io.WriteString(w, "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nextraHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nWRONG")
+		case "/big":
+			io.WriteString(w, "HTTP/1.1 200 OK\r\nContent-Length: 8388608\r\n\r\n")
+			w.Write(make([]byte, 8<<20))
+		default:
+			fmt.Fprintf(w, "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nc%03d", conn)
+		}
+		return true
+	})
+	defer close(release)
+	tp := rawProxy(t, up)
+
+	_, body := getBody(t, tp.H1, "GET", tp.URL+"/close")
+	if body != "close" {
+		t.Fatalf("/close: %q", body)
+	}
+	if _, body = getBody(t, tp.H1, "GET", tp.URL+"/next"); body != "c002" {
+		t.Errorf("after Connection: close: %q, want c002 (a new connection)", body)
+	}
+
+	_, body = getBody(t, tp.H1, "GET", tp.URL+"/extra")
+	if body != "extra" {
+		t.Fatalf("/extra: %q", body)
+	}
+	if _, body = getBody(t, tp.H1, "GET", tp.URL+"/next"); body != "c003" {
+		t.Errorf("after bytes beyond the response: %q, want c003 (a new connection)", body)
+	}
+
+	_, body = getBody(t, tp.H1, "GET", tp.URL+"/late")
+	if body != "late" {
+		t.Fatalf("/late: %q", body)
+	}
+	<-lateSent
+	if _, body = getBody(t, tp.H1, "GET", tp.URL+"/next"); body != "c004" {
+		t.Errorf("after bytes sent to an idle connection: %q, want c004 (a new connection)", body)
+	}
+
+	res, err := tp.H1.Get(tp.URL + "/big")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadFull(res.Body, make([]byte, 1000)); err != nil {
+		t.Fatal(err)
+	}
+	res.Body.Close() // the rest of /big is never read
+	tp.H1.CloseIdleConnections()
+	if _, body = getBody(t, tp.H1, "GET", tp.URL+"/next"); body != "c005" {
+		t.Errorf("after a body left unread: %q, want c005 (a new connection)", body)
+	}
+	if _, body = getBody(t, tp.H1, "GET", tp.URL+"/next"); body != "c005" {
+		t.Errorf("next request: %q, want c004 (kept alive)", body)
+	}
+}
+
+// TestUpstreamEarlyHints: a 103 Early Hints before the response reaches
+// the client with its Link header, then the response itself.
+func TestUpstreamEarlyHints(t *testing.T) {
+	t.Parallel()
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Link", "</app.css>; rel=preload; as=style")
+		w.WriteHeader(http.StatusEarlyHints)
+		w.Header().Del("Link")
+		io.WriteString(w, "page")
+	}))
+	tp := startProxy(t, testConfig(up))
+	for _, c := range h1h2Clients(tp) {
+		var hints []string
+		trace := &httptrace.ClientTrace{Got1xxResponse: func(code int, h textproto.MIMEHeader) error {
+			hints = append(hints, fmt.Sprintf("%d %s", code, h.Get("Link")))
+			return nil
+		}}
+		req, _ := http.NewRequestWithContext(httptrace.WithClientTrace(context.Background(), trace), "GET", tp.URL+"/", nil)
+		res, err := c.c.Do(req)
+		if err != nil {
+			t.Fatalf("%s: %v", c.name, err)
+		}
+		body, _ := io.ReadAll(res.Body)
+		res.Body.Close()
+		if string(body) != "page" || len(hints) != 1 || hints[0] != "103 </app.css>; rel=preload; as=style" {
+			t.Errorf("%s: body %q, informational responses %q", c.name, body, hints)
+		}
+	}
+}
+
+// TestUpstreamHeaderLimit: a response header from Cells larger than the
+// limit (http.Transport's MaxResponseHeaderBytes, which both paths share)
+// is refused, as the Transport refuses it, rather than read without end.
+func TestUpstreamHeaderLimit(t *testing.T) {
+	t.Parallel()
+	up := newRawUpstream(t, func(conn int64, req *http.Request, w *bufio.Writer) bool {
+		io.WriteString(w, "HTTP/1.1 200 OK\r\n")
+		for range 100 {
+			fmt.Fprintf(w, "X-Filler: %s\r\n", strings.Repeat("f", 100))
+		}
+		io.WriteString(w, "Content-Length: 2\r\n\r\nok")
+		return true
+	})
+	tr := &http.Transport{MaxResponseHeaderBytes: 4 << 10, MaxIdleConnsPerHost: 4, IdleConnTimeout: time.Minute}
+	u := newH1Upstream(up.URL(), tr, &net.Dialer{})
+	defer u.CloseIdleConnections()
+	req, _ := http.NewRequest("GET", up.URL().String()+"/", nil)
+	if res, err := u.RoundTrip(req); err == nil {
+		res.Body.Close()
+		t.Fatalf("a %d-byte header was accepted", 100*111)
+	} else if !strings.Contains(err.Error(), "header larger than 4096 bytes") {
+		t.Errorf("error %q, want the header limit", err)
+	}
+	if res, err := tr.RoundTrip(req); err == nil {
+		res.Body.Close()
+		t.Error("http.Transport accepted it: the two paths disagree")
+	}
+}
+
+// TestUpstreamInvalidHeader: a header value with a line break never reaches
+// the wire, as with http.Transport: it would start a second request.
+func TestUpstreamInvalidHeader(t *testing.T) {
+	t.Parallel()
+	up := newRawUpstream(t, func(conn int64, req *http.Request, w *bufio.Writer) bool {
+		io.WriteString(w, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+		return true
+	})
+	u := newH1Upstream(up.URL(), &http.Transport{IdleConnTimeout: time.Minute}, &net.Dialer{})
+	defer u.CloseIdleConnections()
+	for _, h := range [][2]string{{"X-A", "1\r\nGET /smuggled HTTP/1.1"}, {"X A", "1"}} {
+		req, _ := http.NewRequest("GET", up.URL().String()+"/", nil)
+		req.Header[h[0]] = []string{h[1]}
+		if res, err := u.RoundTrip(req); err == nil {
+			res.Body.Close()
+			t.Errorf("header %q: %q was sent", h[0], h[1])
+		}
+	}
+	if n := up.reqs.Load(); n != 0 {
+		t.Errorf("upstream got %d requests, want none", n)
+	}
+}
+
+// TestUpstreamIdleExpiry: a pooled connection is closed once it has been
+// idle for IdleConnTimeout, without a request to notice it.
+func TestUpstreamIdleExpiry(t *testing.T) {
+	t.Parallel()
+	up := newRawUpstream(t, func(conn int64, req *http.Request, w *bufio.Writer) bool {
+		io.WriteString(w, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+		return true
+	})
+	u := newH1Upstream(up.URL(), &http.Transport{IdleConnTimeout: 50 * time.Millisecond, MaxIdleConnsPerHost: 4}, &net.Dialer{})
+	defer u.CloseIdleConnections()
+	req, _ := http.NewRequest("GET", up.URL().String()+"/", nil)
+	res, err := u.RoundTrip(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := io.ReadAll(res.Body); string(b) != "ok" {
+		t.Fatalf("body %q", b)
+	}
+	res.Body.Close()
+	for deadline := time.Now().Add(10 * time.Second); up.openConns() > 0; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the idle connection is still open after 10 s")
+		}
+	}
+	u.mu.Lock()
+	n := len(u.idle)
+	u.mu.Unlock()
+	if n != 0 {
+		t.Errorf("%d connections left in the pool", n)
+	}
+}
