@@ -19,22 +19,23 @@ import (
 	"golang.org/x/net/http/httpguts"
 )
 
-// h1Upstream sends requests without a body (GET, HEAD, OPTIONS: the web
-// UI's assets and REST reads, downloads) to Cells over HTTP/1.1 on the
+// h1Upstream sends requests without a body or with a small one (the web
+// UI's assets, its REST calls, downloads) to Cells over HTTP/1.1 on the
 // handler's own goroutine: it writes the request, reads the response and
 // hands the body back, with no goroutine of its own per connection.
 // http.Transport runs a reader and a writer goroutine for each connection
 // and passes every request and response between three goroutines; on a
 // small GET that hand-off and its allocations cost about a fifth of the
-// proxy's CPU. Everything else (request bodies, whose writing must overlap the
-// response, websockets, non-idempotent methods) goes to the Transport.
+// proxy's CPU. Everything else (uploads and other large or unsized
+// bodies, whose writing must overlap the response, Expect: 100-continue,
+// websockets) goes to the Transport.
 //
 // It keeps what the Transport guarantees for these requests: the same
 // bytes on the wire (Request.Write is the Transport's writer), header
 // fields checked before they are written, the response header limit, idle
 // connections reused newest first and closed after IdleConnTimeout, a
-// request sent again on another connection when a reused one turns out to
-// be closed before any byte of the response, 1xx responses passed to the
+// request without a body sent again on another connection when a reused
+// one turns out to be closed before any byte of the response, 1xx responses passed to the
 // request's httptrace hook, and the request's context ending the exchange.
 // Where the Transport's reader notices an idle connection closed by Cells,
 // a peek at the socket before reuse does (nginx watches its cached
@@ -122,27 +123,60 @@ func (c *upConn) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// fastPath reports whether r can go on the handler's goroutine: no body to
-// write while the response may already be coming, and safe to send again
-// should a kept-alive connection turn out dead (http.Transport's rule for
-// retrying).
+// maxSyncBody is the largest request body sent on the handler's goroutine:
+// the JSON of Cells' REST calls (the web UI reads with POST), which the
+// socket takes at once, so writing it cannot wait on a Cells that answers
+// before reading it. Larger bodies, and bodies of unknown length, go to
+// http.Transport, which reads the response while it writes.
+const maxSyncBody = 12 << 10
+
+// fastPath reports whether r can go on the handler's goroutine: no body,
+// or a small one of known length, no Expect: 100-continue to wait on, no
+// trailers, no upgrade.
 func fastPath(r *http.Request) bool {
-	if r.Body != nil && r.Body != http.NoBody || r.ContentLength != 0 || len(r.TransferEncoding) > 0 {
+	hasBody := r.Body != nil && r.Body != http.NoBody
+	switch {
+	case len(r.TransferEncoding) > 0 || len(r.Trailer) > 0:
+		return false
+	case hasBody && (r.ContentLength <= 0 || r.ContentLength > maxSyncBody):
+		return false
+	case !hasBody && r.ContentLength != 0:
 		return false
 	}
 	if _, ok := r.Header["Upgrade"]; ok {
 		return false
 	}
+	if _, ok := r.Header["Expect"]; ok {
+		return false
+	}
+	return true
+}
+
+// replayable is http.Transport's rule for sending a request again when a
+// kept-alive connection turns out dead: no body, and a method that is safe
+// to repeat or an idempotency key.
+func replayable(r *http.Request) bool {
+	if r.Body != nil && r.Body != http.NoBody {
+		return false
+	}
 	switch r.Method {
-	case http.MethodGet, http.MethodHead, http.MethodOptions:
+	case http.MethodGet, http.MethodHead, http.MethodOptions, http.MethodTrace:
 		return true
 	}
-	return false
+	_, key := r.Header["Idempotency-Key"]
+	_, xkey := r.Header["X-Idempotency-Key"]
+	return key || xkey
 }
 
 func (u *h1Upstream) RoundTrip(r *http.Request) (*http.Response, error) {
 	if !fastPath(r) {
 		return u.fallback.RoundTrip(r)
+	}
+	if r.Body != nil {
+		// As http.Transport does, whatever happens. A failed read of it
+		// (a client that stopped half-way) is known to the exchange,
+		// which answers 400 rather than 502.
+		defer r.Body.Close()
 	}
 	// What http.Transport checks before it writes a header: a field
 	// that is not a token or a value with CR or LF would let one request
@@ -169,8 +203,9 @@ func (u *h1Upstream) RoundTrip(r *http.Request) (*http.Response, error) {
 		}
 		c.close()
 		// A kept-alive connection that Cells closed while it sat idle
-		// fails before a byte of the response: send again on another.
-		if !c.reuse || c.read != 0 || ctx.Err() != nil {
+		// fails before a byte of the response: send again on another,
+		// if the request may be repeated.
+		if !c.reuse || c.read != 0 || ctx.Err() != nil || !replayable(r) {
 			return nil, err
 		}
 	}
@@ -224,7 +259,8 @@ func (u *h1Upstream) dial(ctx context.Context) (*upConn, error) {
 		c.raw = rawConnOf(sc)
 	}
 	c.br = bufio.NewReaderSize(c, u.bufSize)
-	c.bw = bufio.NewWriterSize(nc, 4<<10)
+	// One TLS record: a request head and a small body leave together.
+	c.bw = bufio.NewWriterSize(nc, 16<<10)
 	return c, nil
 }
 

@@ -15,6 +15,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"golang.org/x/net/http2"
 )
 
 // rawUpstream is a cleartext HTTP/1.1 upstream written by hand: serve
@@ -59,7 +61,9 @@ func newRawUpstream(t *testing.T, serve func(conn int64, req *http.Request, w *b
 					if err != nil {
 						return
 					}
-					io.Copy(io.Discard, req.Body)
+					if _, err := io.Copy(io.Discard, req.Body); err != nil {
+						return // a cut body: not a request
+					}
 					u.reqs.Add(1)
 					keep := serve(n, req, bw)
 					if bw.Flush() != nil || !keep {
@@ -440,5 +444,156 @@ func TestUpstreamIdleExpiry(t *testing.T) {
 	u.mu.Unlock()
 	if n != 0 {
 		t.Errorf("%d connections left in the pool", n)
+	}
+}
+
+// TestUpstreamSmallBodies: REST calls with small bodies (the web UI reads
+// with POST) go on the kept-alive connections too, from HTTP/1.1 and HTTP/2
+// clients, and reach Cells whole with their Content-Length; bodies beyond
+// the limit, or of unknown length, reach it whole as well.
+func TestUpstreamSmallBodies(t *testing.T) {
+	t.Parallel()
+	var conns sync.Map
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, err := io.ReadAll(r.Body)
+		if err != nil {
+			http.Error(w, err.Error(), 400)
+			return
+		}
+		if r.URL.Path == "/small" {
+			conns.Store(r.RemoteAddr, true)
+		}
+		fmt.Fprintf(w, "%s %d %s %x", r.Method, r.ContentLength, r.Header.Get("Content-Type"), b)
+	}))
+	tp := startProxy(t, testConfig(up))
+	for _, c := range h1h2Clients(tp) {
+		for _, size := range []int{0, 1, 4 << 10, maxSyncBody, maxSyncBody + 1, 1 << 20} {
+			for _, method := range []string{"POST", "PUT", "PATCH", "DELETE", "PROPFIND"} {
+				body := strings.Repeat("x", size)
+				path := "/small"
+				if size > maxSyncBody {
+					path = "/large"
+				}
+				req, _ := http.NewRequest(method, tp.URL+path, strings.NewReader(body))
+				req.Header.Set("Content-Type", "application/json")
+				res, err := c.c.Do(req)
+				if err != nil {
+					t.Fatalf("%s %s %d bytes: %v", c.name, method, size, err)
+				}
+				got, _ := io.ReadAll(res.Body)
+				res.Body.Close()
+				if want := fmt.Sprintf("%s %d application/json %x", method, size, body); string(got) != want {
+					t.Errorf("%s %s %d bytes: upstream saw %.60q, want %.60q", c.name, method, size, got, want)
+				}
+			}
+		}
+	}
+	n := 0
+	conns.Range(func(any, any) bool { n++; return true })
+	if n != 1 {
+		t.Errorf("small bodies came on %d upstream connections, want 1 kept alive", n)
+	}
+}
+
+// TestUpstreamSmallBodyCut: a client that stops half-way through a small
+// body. Cells must not take the half for the whole (the connection to it
+// closes before Content-Length is reached), and the next request gets a
+// connection of its own.
+func TestUpstreamSmallBodyCut(t *testing.T) {
+	t.Parallel()
+	up := newRawUpstream(t, func(conn int64, req *http.Request, w *bufio.Writer) bool {
+		fmt.Fprintf(w, "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nc%03d", conn)
+		return true
+	})
+	tp := rawProxy(t, up)
+	conn := tp.dialTLS(t, tp.Server.Addr().String(), "http/1.1")
+	fmt.Fprintf(conn, "POST /cut HTTP/1.1\r\nHost: cells\r\nContent-Length: 100\r\n\r\n%s", strings.Repeat("y", 50))
+	// The proxy has begun the exchange once it has a connection to Cells.
+	for up.conns.Load() == 0 {
+		time.Sleep(time.Millisecond)
+	}
+	conn.Close()
+	if _, body := getBody(t, tp.H1, "GET", tp.URL+"/next"); body != "c002" {
+		t.Errorf("next request: %q, want c002 (a new connection)", body)
+	}
+	if n := up.reqs.Load(); n != 1 {
+		t.Errorf("upstream read %d requests whole, want 1 (only /next)", n)
+	}
+
+	// HTTP/2: the stream ends after 50 of 100 declared bytes. The client,
+	// still there, gets 400: its request was at fault, not Cells.
+	fc := dialH2(t, tp)
+	fc.wmu.Lock()
+	fc.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, EndHeaders: true,
+		BlockFragment: fc.block(pseudo(tp, "POST", "/cut-h2", "content-length", "100")...)})
+	fc.fr.WriteData(1, true, make([]byte, 50))
+	fc.wmu.Unlock()
+	// (The 400 says Connection: close, which net/http's HTTP/2 server
+	// turns into a GOAWAY before it: look past it.)
+	ev := fc.wait(t, "the answer on stream 1", func(ev frameEvent) bool {
+		return ev.StreamID == 1 && (ev.Type == http2.FrameHeaders || ev.Type == http2.FrameRSTStream)
+	})
+	if ev.String() != ":status 400" {
+		t.Errorf("HTTP/2 body shorter than its content-length: %v, want :status 400", ev)
+	}
+	if n := up.reqs.Load(); n != 1 {
+		t.Errorf("upstream read %d requests whole, want 1 (only /next)", n)
+	}
+}
+
+// TestUpstreamNoRetryWithBody: a request with a body, or a POST, that meets
+// a kept-alive connection Cells closes on reading it, is not sent again (it
+// may have had effects): the client gets 502 and Cells saw it once.
+func TestUpstreamNoRetryWithBody(t *testing.T) {
+	t.Parallel()
+	var served sync.Map
+	up := newRawUpstream(t, func(conn int64, req *http.Request, w *bufio.Writer) bool {
+		if _, again := served.LoadOrStore(conn, true); again {
+			return false
+		}
+		io.WriteString(w, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+		return true
+	})
+	tp := rawProxy(t, up)
+	for _, tc := range []struct{ method, body string }{{"POST", ""}, {"POST", "{}"}, {"PUT", "{}"}} {
+		getBody(t, tp.H1, "GET", tp.URL+"/warm") // a kept-alive connection
+		before := up.reqs.Load()
+		req, _ := http.NewRequest(tc.method, tp.URL+"/call", strings.NewReader(tc.body))
+		res, err := tp.H1.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		res.Body.Close()
+		if res.StatusCode != http.StatusBadGateway {
+			t.Errorf("%s with %q: %d, want 502", tc.method, tc.body, res.StatusCode)
+		}
+		if n := up.reqs.Load() - before; n != 1 {
+			t.Errorf("%s with %q: Cells read it %d times, want once", tc.method, tc.body, n)
+		}
+	}
+}
+
+// TestUpstreamAnswersBeforeBody: Cells refuses a large upload at once
+// (401, 403, 413) without reading it. The client gets that answer, not a
+// 502 from a proxy stuck writing a body nobody reads.
+func TestUpstreamAnswersBeforeBody(t *testing.T) {
+	t.Parallel()
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		http.Error(w, "denied", http.StatusForbidden)
+	}))
+	tp := startProxy(t, testConfig(up))
+	for _, c := range h1h2Clients(tp) {
+		req, _ := http.NewRequest("PUT", tp.URL+"/io/bucket/big.bin", strings.NewReader(strings.Repeat("z", 8<<20)))
+		res, err := c.c.Do(req)
+		if err != nil {
+			// The client may fail writing a body the proxy stopped
+			// reading; what matters is that it was not a 502.
+			t.Logf("%s: %v", c.name, err)
+			continue
+		}
+		res.Body.Close()
+		if res.StatusCode != http.StatusForbidden {
+			t.Errorf("%s: %d, want Cells' 403", c.name, res.StatusCode)
+		}
 	}
 }
