@@ -18,6 +18,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"golang.org/x/net/http2"
 )
 
 // Tests for issue 2, point 6 (bodies stream both ways, unbuffered), the
@@ -569,6 +571,54 @@ func TestExpectContinue(t *testing.T) {
 					}
 				})
 			}
+		}
+	}
+}
+
+// TestH2RequestErrorsKeepConnection: on HTTP/2, a request the proxy
+// refuses for its body (413 over PROXY_MAX_BODY_SIZE, 400 for a body
+// shorter than its content-length) ends only its stream. Its connection,
+// which a browser shares between tabs, goes on without a GOAWAY.
+func TestH2RequestErrorsKeepConnection(t *testing.T) {
+	t.Parallel()
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		io.WriteString(w, "ok")
+	}))
+	cfg := testConfig(up)
+	cfg.MaxBodySize = 1000
+	tp := startProxy(t, cfg)
+	fc := dialH2(t, tp)
+	steps := []struct {
+		name   string
+		send   func(id uint32)
+		status string
+	}{
+		{"content-length over the limit", func(id uint32) {
+			fc.wmu.Lock()
+			defer fc.wmu.Unlock()
+			fc.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, EndHeaders: true,
+				BlockFragment: fc.block(pseudo(tp, "PUT", "/big", "content-length", "5000")...)})
+		}, "413"},
+		{"body shorter than its content-length", func(id uint32) {
+			fc.wmu.Lock()
+			defer fc.wmu.Unlock()
+			fc.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, EndHeaders: true,
+				BlockFragment: fc.block(pseudo(tp, "POST", "/short", "content-length", "100")...)})
+			fc.fr.WriteData(id, true, make([]byte, 50))
+		}, "400"},
+		{"a request after them", func(id uint32) {
+			fc.request(id, pseudo(tp, "GET", "/after")...)
+		}, "200"},
+	}
+	for i, st := range steps {
+		id := uint32(2*i + 1)
+		st.send(id)
+		ev := fc.wait(t, st.name, func(ev frameEvent) bool {
+			return ev.Type == http2.FrameGoAway || ev.StreamID == id && (ev.Type == http2.FrameHeaders || ev.Type == http2.FrameRSTStream)
+		})
+		if ev.String() != ":status "+st.status {
+			t.Fatalf("%s: %v, want :status %s", st.name, ev, st.status)
 		}
 	}
 }

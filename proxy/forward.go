@@ -333,7 +333,12 @@ func (f *forwarder) errorHandler(w http.ResponseWriter, r *http.Request, err err
 		// that stopped mid-body): the request is at fault, not Cells, and
 		// the connection cannot carry another request.
 		status, msg = http.StatusBadRequest, "cells-proxy: malformed or incomplete request body"
-		w.Header().Set("Connection", "close")
+		if r.ProtoMajor == 1 {
+			// (On HTTP/2 only the stream is done with; there the
+			// header would make net/http send GOAWAY for the whole
+			// connection.)
+			w.Header().Set("Connection", "close")
+		}
 	}
 	if status == 0 {
 		// The client went away: nobody to answer. Recorded for the access log.
@@ -343,11 +348,6 @@ func (f *forwarder) errorHandler(w http.ResponseWriter, r *http.Request, err err
 		// Abort rather than return: should the connection still be there,
 		// returning would let net/http answer an empty 200.
 		panic(http.ErrAbortHandler)
-	}
-	if r.ProtoMajor == 1 && errors.Is(context.Cause(r.Context()), errIdle) {
-		// The watchdog cut reads on this connection, which ended its
-		// context: a next request on it would start out cancelled.
-		w.Header().Set("Connection", "close")
 	}
 	if status >= 500 {
 		f.log.Warn("upstream error", "method", r.Method, "host", r.Host, "path", redactPath(r), "status", status, "err", err)
@@ -616,9 +616,12 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool)
 
 	if max := f.cfg.MaxBodySize; max > 0 {
 		if r.ContentLength > max {
-			// Say so before reading anything; the connection closes after,
-			// since the unread body cannot be skipped cheaply.
-			ex.Header().Set("Connection", "close")
+			// Say so before reading anything; an HTTP/1 connection
+			// closes after, since the unread body cannot be skipped
+			// cheaply. HTTP/2 resets just the stream's body.
+			if r.ProtoMajor == 1 {
+				ex.Header().Set("Connection", "close")
+			}
 			http.Error(ex, "cells-proxy: request body larger than PROXY_MAX_BODY_SIZE", http.StatusRequestEntityTooLarge)
 			return
 		}
