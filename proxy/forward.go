@@ -40,8 +40,7 @@ type forwarder struct {
 
 	httpTarget    *url.URL
 	httpTransport *http.Transport
-	httpUp        *h1Upstream     // bodiless requests; the rest to httpTransport
-	wsTransport   *http.Transport // websocket handshakes
+	httpUp        *h1Upstream // small requests and websocket handshakes; the rest to httpTransport
 	http          *httputil.ReverseProxy
 
 	grpcTarget    *url.URL // nil: no gRPC upstream
@@ -115,12 +114,6 @@ func newForwarder(cfg *Config, log *slog.Logger) (*forwarder, error) {
 	f.httpTransport.Protocols.SetHTTP1(true)
 	f.httpUp = newH1Upstream(f.httpTarget, f.httpTransport, dialer)
 	f.http = f.reverseProxy(f.httpTarget, f.httpUp, false)
-	// Websocket handshakes are small, and the connection's buffers are
-	// dropped after the 101: the 32 KiB ones above would only be garbage
-	// to collect, and memory held until it is, for each websocket opened.
-	f.wsTransport = f.httpTransport.Clone()
-	f.wsTransport.ReadBufferSize = 4 << 10
-	f.wsTransport.WriteBufferSize = 4 << 10
 
 	if u := cfg.GRPCUpstream; u != nil {
 		t := &http.Transport{

@@ -373,7 +373,6 @@ func (s *Server) shutdown(mux cmux.CMux, servers []*http.Server) {
 	}
 	s.cancelBase(context.Canceled)
 	s.fwd.httpUp.CloseIdleConnections()
-	s.fwd.wsTransport.CloseIdleConnections()
 	if s.fwd.grpcTransport != nil {
 		s.fwd.grpcTransport.CloseIdleConnections()
 	}

@@ -26,9 +26,9 @@ import (
 // http.Transport runs a reader and a writer goroutine for each connection
 // and passes every request and response between three goroutines; on a
 // small GET that hand-off and its allocations cost about a fifth of the
-// proxy's CPU. Everything else (uploads and other large or unsized
-// bodies, whose writing must overlap the response, Expect: 100-continue,
-// websockets) goes to the Transport.
+// proxy's CPU. Uploads and other large or unsized bodies, whose writing
+// must overlap the response, and Expect: 100-continue go to the Transport.
+// Websocket handshakes go on connections of their own (upgrade).
 //
 // It keeps what the Transport guarantees for these requests: the same
 // bytes on the wire (Request.Write is the Transport's writer), header
@@ -178,18 +178,8 @@ func (u *h1Upstream) RoundTrip(r *http.Request) (*http.Response, error) {
 		// which answers 400 rather than 502.
 		defer r.Body.Close()
 	}
-	// What http.Transport checks before it writes a header: a field
-	// that is not a token or a value with CR or LF would let one request
-	// smuggle another onto the connection.
-	for k, vv := range r.Header {
-		if !httpguts.ValidHeaderFieldName(k) {
-			return nil, fmt.Errorf("net/http: invalid header field name %q", k)
-		}
-		for _, v := range vv {
-			if !httpguts.ValidHeaderFieldValue(v) {
-				return nil, fmt.Errorf("net/http: invalid header field value for %q", k)
-			}
-		}
+	if err := checkHeader(r.Header); err != nil {
+		return nil, err
 	}
 	ctx := r.Context()
 	for {
@@ -209,6 +199,86 @@ func (u *h1Upstream) RoundTrip(r *http.Request) (*http.Response, error) {
 			return nil, err
 		}
 	}
+}
+
+// checkHeader is what http.Transport checks before it writes a header: a
+// field that is not a token or a value with CR or LF would let one request
+// smuggle another onto the connection.
+func checkHeader(h http.Header) error {
+	for k, vv := range h {
+		if !httpguts.ValidHeaderFieldName(k) {
+			return fmt.Errorf("net/http: invalid header field name %q", k)
+		}
+		for _, v := range vv {
+			if !httpguts.ValidHeaderFieldValue(v) {
+				return fmt.Errorf("net/http: invalid header field value for %q", k)
+			}
+		}
+	}
+	return nil
+}
+
+// upgrade sends a websocket handshake to Cells on a connection of its own
+// (never pooled) and returns Cells' answer and that connection. After a
+// 101, the response body is the connection, as an io.ReadWriteCloser that
+// first returns what Cells sent right behind its 101; any other answer's
+// body closes the connection when closed. The request's context bounds
+// the handshake only.
+//
+// Compared with http.Transport, a tunnel keeps no clone of the TLS
+// configuration and no buffer of the handshake's once it has read what
+// they held: idle websockets are the proxy's largest standing memory.
+func (u *h1Upstream) upgrade(r *http.Request) (*http.Response, net.Conn, error) {
+	if err := checkHeader(r.Header); err != nil {
+		return nil, nil, err
+	}
+	// A handshake is small: 4 KiB buffers, dropped with the handshake.
+	c, err := u.dialSized(r.Context(), 4<<10, 4<<10)
+	if err != nil {
+		return nil, nil, err
+	}
+	res, err := c.roundTrip(r, true)
+	if err != nil {
+		c.close()
+		return nil, nil, err
+	}
+	return res, c.nc, nil
+}
+
+// upgraded is the connection to Cells after a 101: reads take what the
+// handshake's reader holds first, then go to the connection itself.
+type upgraded struct {
+	br *bufio.Reader // nil once empty
+	net.Conn
+}
+
+func (u *upgraded) Read(p []byte) (int, error) {
+	if u.br != nil {
+		if n := u.br.Buffered(); n > 0 {
+			n, err := u.br.Read(p[:min(len(p), n)])
+			if u.br.Buffered() == 0 {
+				u.br = nil
+			}
+			return n, err
+		}
+		u.br = nil
+	}
+	return u.Conn.Read(p)
+}
+
+// closeConnBody closes the connection with the body, first, so that
+// closing does not wait to read what is left of it.
+type closeConnBody struct {
+	io.ReadCloser
+	c    net.Conn
+	stop func() bool
+}
+
+func (b *closeConnBody) Close() error {
+	b.stop()
+	err := b.c.Close()
+	b.ReadCloser.Close()
+	return err
 }
 
 // get takes the newest idle connection, or dials one.
@@ -238,6 +308,12 @@ func (u *h1Upstream) get(ctx context.Context) (*upConn, error) {
 }
 
 func (u *h1Upstream) dial(ctx context.Context) (*upConn, error) {
+	// One TLS record for writes: a request head and a small body leave
+	// together.
+	return u.dialSized(ctx, u.bufSize, 16<<10)
+}
+
+func (u *h1Upstream) dialSized(ctx context.Context, rsize, wsize int) (*upConn, error) {
 	raw, err := u.dialer.DialContext(ctx, u.network, u.addr)
 	if err != nil {
 		return nil, err
@@ -258,9 +334,8 @@ func (u *h1Upstream) dial(ctx context.Context) (*upConn, error) {
 	if sc, ok := raw.(syscall.Conn); ok {
 		c.raw = rawConnOf(sc)
 	}
-	c.br = bufio.NewReaderSize(c, u.bufSize)
-	// One TLS record: a request head and a small body leave together.
-	c.bw = bufio.NewWriterSize(nc, 16<<10)
+	c.br = bufio.NewReaderSize(c, rsize)
+	c.bw = bufio.NewWriterSize(nc, wsize)
 	return c, nil
 }
 
@@ -268,6 +343,11 @@ func (u *h1Upstream) dial(ctx context.Context) (*upConn, error) {
 // the caller through the returned response, which gives the connection
 // back when it ends.
 func (c *upConn) exchange(r *http.Request) (*http.Response, error) {
+	return c.roundTrip(r, false)
+}
+
+// roundTrip is exchange; with upgrade, a 101 is the answer looked for.
+func (c *upConn) roundTrip(r *http.Request, upgrade bool) (*http.Response, error) {
 	ctx := r.Context()
 	// The request's end (client gone, idle watchdog, shutdown) must
 	// interrupt a read or write on the connection, which then cannot be
@@ -295,7 +375,9 @@ func (c *upConn) exchange(r *http.Request) (*http.Response, error) {
 			break
 		}
 		if code == http.StatusSwitchingProtocols {
-			// Nothing asked to switch (Upgrade goes to the Transport).
+			if upgrade {
+				break
+			}
 			stop()
 			return nil, fmt.Errorf("cells-proxy: upstream switched protocols unasked")
 		}
@@ -311,6 +393,20 @@ func (c *upConn) exchange(r *http.Request) (*http.Response, error) {
 		}
 	}
 	c.limit = 1<<63 - 1
+	if upgrade {
+		if res.StatusCode != http.StatusSwitchingProtocols {
+			// Cells said no: its answer is passed on, read under
+			// the request's context, and the connection closed
+			// after it.
+			res.Body = &closeConnBody{ReadCloser: res.Body, c: c.nc, stop: stop}
+			return res, nil
+		}
+		if !stop() {
+			return nil, context.Cause(ctx)
+		}
+		res.Body = &upgraded{br: c.br, Conn: c.nc}
+		return res, nil
+	}
 	reusable := !res.Close && !r.Close
 	if res.Body == http.NoBody {
 		c.release(stop, reusable)

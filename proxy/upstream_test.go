@@ -592,3 +592,53 @@ func TestUpstreamAnswersBeforeBody(t *testing.T) {
 		}
 	}
 }
+
+// TestUpstreamWebSocketHandshakeSilent: Cells takes a websocket handshake
+// and never answers. The client gets 504 once PROXY_IDLE_TIMEOUT passes,
+// and the connection to Cells is closed.
+func TestUpstreamWebSocketHandshakeSilent(t *testing.T) {
+	t.Parallel()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	closed := make(chan error, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			closed <- err
+			return
+		}
+		defer c.Close()
+		// Read the handshake and whatever follows, never answering,
+		// until the proxy hangs up.
+		_, err = io.Copy(io.Discard, c)
+		closed <- err
+	}()
+	cfg := testConfig(nil)
+	cfg.Upstream = &url.URL{Scheme: "http", Host: ln.Addr().String()}
+	cfg.IdleTimeout = 500 * time.Millisecond
+	tp := startProxy(t, cfg)
+	req, _ := http.NewRequest("GET", tp.URL+"/ws/chat", nil)
+	req.Header.Set("Connection", "Upgrade")
+	req.Header.Set("Upgrade", "websocket")
+	req.Header.Set("Sec-WebSocket-Version", "13")
+	req.Header.Set("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+	res, err := tp.H1.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Body.Close()
+	if res.StatusCode != http.StatusGatewayTimeout {
+		t.Errorf("status %d, want 504", res.StatusCode)
+	}
+	select {
+	case err := <-closed:
+		if err != nil {
+			t.Errorf("upstream connection: %v, want a clean close", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Error("the connection to Cells is still open 10 s after the 504")
+	}
+}

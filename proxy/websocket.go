@@ -10,7 +10,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"net/http/httptrace"
 	"net/url"
 	"os"
 	"sync"
@@ -106,11 +105,7 @@ func (ts *tunnels) serve(f *forwarder, ex *exchange, r *http.Request) (detached 
 	if r.ContentLength == 0 {
 		out.Body = nil
 	}
-	var upConn net.Conn
-	trace := &httptrace.ClientTrace{GotConn: func(i httptrace.GotConnInfo) { upConn = i.Conn }}
-	out = out.WithContext(httptrace.WithClientTrace(ctx, trace))
-
-	res, err := f.wsTransport.RoundTrip(out)
+	res, upConn, err := f.httpUp.upgrade(out)
 	handshake.Stop()
 	if err != nil {
 		// The inbound request with the handshake's context: the log line
