@@ -94,6 +94,20 @@ func (u *rawUpstream) openConns() int {
 	return len(u.open)
 }
 
+// oneAnswerUpstream answers the first request on each connection with
+// "c" and the connection's number, and closes the connection on reading
+// the second, without a byte of answer.
+func oneAnswerUpstream(t *testing.T) *rawUpstream {
+	var served sync.Map
+	return newRawUpstream(t, func(conn int64, req *http.Request, w *bufio.Writer) bool {
+		if _, again := served.LoadOrStore(conn, true); again {
+			return false
+		}
+		fmt.Fprintf(w, "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nc%03d", conn)
+		return true
+	})
+}
+
 func rawProxy(t *testing.T, u *rawUpstream) *testProxy {
 	cfg := testConfig(nil)
 	cfg.Upstream = u.URL()
@@ -212,14 +226,7 @@ func TestUpstreamClosedIdle(t *testing.T) {
 // connection, as http.Transport does for requests it may replay.
 func TestUpstreamClosedOnRequest(t *testing.T) {
 	t.Parallel()
-	var served sync.Map
-	up := newRawUpstream(t, func(conn int64, req *http.Request, w *bufio.Writer) bool {
-		if _, again := served.LoadOrStore(conn, true); again {
-			return false
-		}
-		fmt.Fprintf(w, "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nc%03d", conn)
-		return true
-	})
+	up := oneAnswerUpstream(t)
 	tp := rawProxy(t, up)
 	for i := 1; i <= 3; i++ {
 		res, body := getBody(t, tp.H1, "GET", tp.URL+"/")
@@ -541,14 +548,7 @@ func TestUpstreamSmallBodyCut(t *testing.T) {
 // may have had effects): the client gets 502 and Cells saw it once.
 func TestUpstreamNoRetryWithBody(t *testing.T) {
 	t.Parallel()
-	var served sync.Map
-	up := newRawUpstream(t, func(conn int64, req *http.Request, w *bufio.Writer) bool {
-		if _, again := served.LoadOrStore(conn, true); again {
-			return false
-		}
-		io.WriteString(w, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-		return true
-	})
+	up := oneAnswerUpstream(t)
 	tp := rawProxy(t, up)
 	for _, tc := range []struct{ method, body string }{{"POST", ""}, {"POST", "{}"}, {"PUT", "{}"}} {
 		getBody(t, tp.H1, "GET", tp.URL+"/warm") // a kept-alive connection
