@@ -642,3 +642,24 @@ func TestUpstreamWebSocketHandshakeSilent(t *testing.T) {
 		t.Error("the connection to Cells is still open 10 s after the 504")
 	}
 }
+
+// TestHostPortDefault: the address h1Upstream dials for CELLS_UPSTREAM.
+func TestHostPortDefault(t *testing.T) {
+	for in, want := range map[string]string{
+		"https://cells":          "cells:443",
+		"http://cells":           "cells:80",
+		"https://cells:8080":     "cells:8080",
+		"http://10.0.0.5:8080":   "10.0.0.5:8080",
+		"https://[::1]":          "[::1]:443",
+		"http://[fd00::5]:8080":  "[fd00::5]:8080",
+		"https://Cells.Example.": "Cells.Example.:443",
+	} {
+		u, err := url.Parse(in)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := hostPortDefault(u); got != want {
+			t.Errorf("%s: %s, want %s", in, got, want)
+		}
+	}
+}
