@@ -7,7 +7,7 @@
 # Environment:
 #   QUICK=1        short run
 #   TARGETS=a,b    subset of direct,cells-proxy,nginx-classic,nginx-tuned,haproxy
-#   SCENARIOS=a,b  subset of idle,download,upload,websocket,http1,http2,grpc-unary,grpc-bidi-1,grpc-bidi-8
+#   SCENARIOS=a,b  subset of idle,download,upload,websocket,http1,rest,http2,grpc-unary,grpc-bidi-1,grpc-bidi-8
 #   OUT=FILE       also write the markdown report there (default bench/results/<date>.md)
 #   WORK=DIR       scratch directory (default: a new one under /tmp, removed at the end)
 #   INSTALL=0      do not apt-get install missing tools

@@ -36,6 +36,7 @@ func scenarios() []scenario {
 		{"upload", false, (*bench).upload},
 		{"websocket", true, (*bench).websocket},
 		{"http1", false, (*bench).http1},
+		{"rest", false, (*bench).rest},
 		{"http2", false, (*bench).http2},
 		{"grpc-unary", false, (*bench).grpcUnary},
 		{"grpc-bidi-1", false, func(b *bench, ctx context.Context, t *target, _ int) (measurement, error) {
@@ -128,11 +129,33 @@ var (
 )
 
 func (b *bench) http1(ctx context.Context, t *target, _ int) (measurement, error) {
+	return b.wrk(ctx, t, "h1", "/small")
+}
+
+// restScript makes wrk send what Cells' web UI sends most: a small JSON
+// POST (it reads with POST: /a/tree/stats, /a/meta/bulk/get, ...).
+const restScript = `wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '{"NodePaths":["' .. string.rep("x", 1000) .. '"]}'
+`
+
+// rest is HTTP/1.1 REST traffic: 1 KiB JSON POSTs to the stub's upload
+// sink, which answers {"bytes":N}.
+func (b *bench) rest(ctx context.Context, t *target, _ int) (measurement, error) {
+	script := filepath.Join(b.work, "rest.lua")
+	if err := os.WriteFile(script, []byte(restScript), 0o644); err != nil {
+		return nil, err
+	}
+	return b.wrk(ctx, t, "rest", "/upload/rest", "-s", script)
+}
+
+// wrk runs wrk against path and records its figures under prefix.
+func (b *bench) wrk(ctx context.Context, t *target, prefix, path string, extra ...string) (measurement, error) {
 	var out string
 	cpu, err := cpuDelta(t, func() error {
 		var err error
-		out, err = command(ctx, b.dur+30*time.Second, "wrk",
-			"-t", "1", "-c", strconv.Itoa(b.wrkConns), "-d", durArg(b.dur), "--latency", b.url(t, "/small"))
+		argv := append([]string{"wrk", "-t", "1", "-c", strconv.Itoa(b.wrkConns), "-d", durArg(b.dur), "--latency"}, extra...)
+		out, err = command(ctx, b.dur+30*time.Second, append(argv, b.url(t, path))...)
 		return err
 	})
 	if err != nil {
@@ -140,12 +163,12 @@ func (b *bench) http1(ctx context.Context, t *target, _ int) (measurement, error
 	}
 	m := measurement{}
 	if v := wrkRPS.FindStringSubmatch(out); v != nil {
-		m["h1_rps"], _ = strconv.ParseFloat(v[1], 64)
+		m[prefix+"_rps"], _ = strconv.ParseFloat(v[1], 64)
 	} else {
 		return nil, fmt.Errorf("wrk: no Requests/sec in output: %q", out)
 	}
 	for _, v := range wrkPct.FindAllStringSubmatch(out, -1) {
-		m["h1_p"+v[1]] = toMS(v[2], v[3])
+		m[prefix+"_p"+v[1]] = toMS(v[2], v[3])
 	}
 	var errs float64
 	if v := wrkNon2xx.FindStringSubmatch(out); v != nil {
@@ -158,11 +181,11 @@ func (b *bench) http1(ctx context.Context, t *target, _ int) (measurement, error
 			errs += n
 		}
 	}
-	m["h1_errors"] = errs
+	m[prefix+"_errors"] = errs
 	if t.pids != nil {
 		if v := wrkTotal.FindStringSubmatch(out); v != nil {
 			if n, _ := strconv.ParseFloat(v[1], 64); n > 0 {
-				m["h1_cpu100k"] = cpu / n * 100_000
+				m[prefix+"_cpu100k"] = cpu / n * 100_000
 			}
 		}
 	}
