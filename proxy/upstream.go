@@ -69,8 +69,18 @@ func newH1Upstream(target *url.URL, t *http.Transport, dialer *net.Dialer) *h1Up
 		bufSize:          t.ReadBufferSize,
 		maxHeader:        t.MaxResponseHeaderBytes,
 	}
+	// http.Transport's meaning of zero for each.
 	if u.maxHeader <= 0 {
-		u.maxHeader = 10 << 20 // http.Transport's default
+		u.maxHeader = 10 << 20
+	}
+	if u.idleTimeout <= 0 {
+		u.idleTimeout = 1<<63 - 1
+	}
+	if u.maxIdle <= 0 {
+		u.maxIdle = http.DefaultMaxIdleConnsPerHost
+	}
+	if u.bufSize <= 0 {
+		u.bufSize = 4 << 10
 	}
 	if target.Scheme == "https" {
 		u.tls = t.TLSClientConfig
@@ -107,9 +117,9 @@ type upConn struct {
 }
 
 // Read counts what the exchange read, for telling a closed idle connection
-// (nothing read: safe to retry) from a failure mid-response.
-// While the header is read, limit caps it as http.Transport's
-// MaxResponseHeaderBytes does.
+// (nothing read: safe to retry) from a failure mid-response. While the
+// header is read, limit caps it as MaxResponseHeaderBytes does in
+// http.Transport.
 func (c *upConn) Read(p []byte) (int, error) {
 	if c.limit <= 0 {
 		return 0, fmt.Errorf("cells-proxy: upstream response header larger than %d bytes", c.u.maxHeader)
@@ -321,7 +331,10 @@ func (u *h1Upstream) dialSized(ctx context.Context, rsize, wsize int) (*upConn, 
 	nc := raw
 	if u.tls != nil {
 		tc := tls.Client(nc, u.tls)
-		hctx, cancel := context.WithTimeout(ctx, u.handshakeTimeout)
+		hctx, cancel := ctx, context.CancelFunc(func() {})
+		if u.handshakeTimeout > 0 {
+			hctx, cancel = context.WithTimeout(ctx, u.handshakeTimeout)
+		}
 		err := tc.HandshakeContext(hctx)
 		cancel()
 		if err != nil {
