@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -162,6 +163,10 @@ func fastPath(r *http.Request) bool {
 	return true
 }
 
+// smallBodies holds request bodies of up to maxSyncBody bytes while they
+// are written.
+var smallBodies = newPool(func() *[]byte { b := make([]byte, maxSyncBody); return &b })
+
 // replayable is http.Transport's rule for sending a request again when a
 // kept-alive connection turns out dead: no body, and a method that is safe
 // to repeat or an idempotency key.
@@ -182,14 +187,31 @@ func (u *h1Upstream) RoundTrip(r *http.Request) (*http.Response, error) {
 	if !fastPath(r) {
 		return u.fallback.RoundTrip(r)
 	}
-	if r.Body != nil {
-		// As http.Transport does, whatever happens. A failed read of it
-		// (a client that stopped half-way) is known to the exchange,
-		// which answers 400 rather than 502.
-		defer r.Body.Close()
-	}
 	if err := checkHeader(r.Header); err != nil {
+		if r.Body != nil {
+			r.Body.Close()
+		}
 		return nil, err
+	}
+	if r.Body != nil && r.Body != http.NoBody {
+		// Take the small body from the client before a connection to
+		// Cells: none is held while a slow client sends, and head and
+		// body leave in one write (net/http's request writer flushes
+		// the head on its own before a body it cannot see in memory).
+		// A failed read (a client that stopped half-way) is known to
+		// the exchange, which answers 400 rather than 502; Cells sees
+		// nothing of such a request.
+		buf := smallBodies.Get()
+		defer smallBodies.Put(buf)
+		body := (*buf)[:r.ContentLength]
+		_, err := io.ReadFull(r.Body, body)
+		r.Body.Close() // as http.Transport does, whatever happens
+		if err != nil {
+			return nil, err
+		}
+		r2 := *r
+		r2.Body = io.NopCloser(bytes.NewReader(body))
+		r = &r2
 	}
 	ctx := r.Context()
 	for {
