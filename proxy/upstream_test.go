@@ -10,6 +10,7 @@ import (
 	"net/http/httptrace"
 	"net/textproto"
 	"net/url"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -676,4 +677,93 @@ func TestHostPortDefault(t *testing.T) {
 			t.Errorf("%s: %s, want %s", in, got, want)
 		}
 	}
+}
+
+// TestUpstreamConcurrentNoMixup: many clients at once, over HTTP/1.1 and
+// HTTP/2, mixing GET, HEAD and small POSTs, some of them given up half-way
+// (before the answer, or after the first bytes of a long body). Every
+// answer that arrives is the answer to its own request: a pooled
+// connection never carries the rest of an earlier exchange.
+func TestUpstreamConcurrentNoMixup(t *testing.T) {
+	t.Parallel()
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		id := r.URL.Query().Get("id")
+		if r.URL.Path == "/wait" {
+			// Held until the proxy gives up on it.
+			select {
+			case <-r.Context().Done():
+			case <-time.After(5 * time.Second):
+			}
+			return
+		}
+		if r.URL.Path == "/long" {
+			// Long enough that a client giving up leaves most unread.
+			w.Header().Set("Content-Length", strconv.Itoa(len(id)+256<<10))
+			io.WriteString(w, id)
+			w.Write(make([]byte, 256<<10))
+			return
+		}
+		w.Header().Set("X-Id", id)
+		fmt.Fprintf(w, "%s %s %s", r.Method, id, b)
+	}))
+	tp := startProxy(t, testConfig(up))
+	var wg sync.WaitGroup
+	for g := range 8 {
+		c := tp.H1
+		if g%2 == 1 {
+			c = tp.H2
+		}
+		wg.Go(func() {
+			for i := range 60 {
+				id := fmt.Sprintf("g%d-%d", g, i)
+				switch i % 6 {
+				case 0, 1:
+					res, body := getBody(t, c, "GET", tp.URL+"/get?id="+id)
+					if want := "GET " + id + " "; body != want || res.Header.Get("X-Id") != id {
+						t.Errorf("GET %s: %q, want %q", id, body, want)
+					}
+				case 2:
+					res, body := getBody(t, c, "HEAD", tp.URL+"/head?id="+id)
+					if body != "" || res.Header.Get("X-Id") != id {
+						t.Errorf("HEAD %s: X-Id %q, body %q", id, res.Header.Get("X-Id"), body)
+					}
+				case 3:
+					payload := strings.Repeat(id, 100)
+					req, _ := http.NewRequest("POST", tp.URL+"/post?id="+id, strings.NewReader(payload))
+					res, err := c.Do(req)
+					if err != nil {
+						t.Errorf("POST %s: %v", id, err)
+						continue
+					}
+					b, _ := io.ReadAll(res.Body)
+					res.Body.Close()
+					if want := "POST " + id + " " + payload; string(b) != want {
+						t.Errorf("POST %s: %.40q, want %.40q", id, b, want)
+					}
+				case 4:
+					// Given up after the first bytes of a long body.
+					res, err := c.Get(tp.URL + "/long?id=" + id)
+					if err != nil {
+						t.Errorf("long %s: %v", id, err)
+						continue
+					}
+					b := make([]byte, len(id))
+					if _, err := io.ReadFull(res.Body, b); err != nil || string(b) != id {
+						t.Errorf("long %s: starts %q (%v)", id, b, err)
+					}
+					res.Body.Close()
+				case 5:
+					// Given up while Cells takes its time.
+					ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+					req, _ := http.NewRequestWithContext(ctx, "GET", tp.URL+"/wait?id="+id, nil)
+					if res, err := c.Do(req); err == nil {
+						res.Body.Close()
+					}
+					cancel()
+				}
+			}
+		})
+	}
+	wg.Wait()
 }
