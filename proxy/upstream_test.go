@@ -116,6 +116,22 @@ func mapLen(m *sync.Map) int {
 	return n
 }
 
+// fetch is getBody for other goroutines than the test's: errors are
+// returned, not fatal.
+func fetch(c *http.Client, method, url string) (*http.Response, string, error) {
+	req, err := http.NewRequest(method, url, nil)
+	if err != nil {
+		return nil, "", err
+	}
+	res, err := c.Do(req)
+	if err != nil {
+		return nil, "", err
+	}
+	b, err := io.ReadAll(res.Body)
+	res.Body.Close()
+	return res, string(b), err
+}
+
 func rawProxy(t *testing.T, u *rawUpstream) *testProxy {
 	cfg := testConfig(nil)
 	cfg.Upstream = u.URL()
@@ -124,20 +140,11 @@ func rawProxy(t *testing.T, u *rawUpstream) *testProxy {
 
 func getBody(t *testing.T, c *http.Client, method, url string) (*http.Response, string) {
 	t.Helper()
-	req, err := http.NewRequest(method, url, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	res, err := c.Do(req)
+	res, body, err := fetch(c, method, url)
 	if err != nil {
 		t.Fatalf("%s %s: %v", method, url, err)
 	}
-	b, err := io.ReadAll(res.Body)
-	res.Body.Close()
-	if err != nil {
-		t.Fatalf("%s %s: reading body: %v", method, url, err)
-	}
-	return res, string(b)
+	return res, body
 }
 
 // TestUpstreamKeepAlive: requests without a body, from HTTP/1.1 and HTTP/2
@@ -709,24 +716,28 @@ func TestUpstreamConcurrentNoMixup(t *testing.T) {
 	}))
 	tp := startProxy(t, testConfig(up))
 	var wg sync.WaitGroup
+	// A mixed-up pool tends to hang two exchanges on one connection:
+	// fail within 30 s rather than at the test binary's timeout.
+	h1 := &http.Client{Transport: tp.H1.Transport, Timeout: 30 * time.Second}
+	h2 := &http.Client{Transport: tp.H2.Transport, Timeout: 30 * time.Second}
 	for g := range 8 {
-		c := tp.H1
+		c := h1
 		if g%2 == 1 {
-			c = tp.H2
+			c = h2
 		}
 		wg.Go(func() {
 			for i := range 60 {
 				id := fmt.Sprintf("g%d-%d", g, i)
 				switch i % 6 {
 				case 0, 1:
-					res, body := getBody(t, c, "GET", tp.URL+"/get?id="+id)
-					if want := "GET " + id + " "; body != want || res.Header.Get("X-Id") != id {
-						t.Errorf("GET %s: %q, want %q", id, body, want)
+					res, body, err := fetch(c, "GET", tp.URL+"/get?id="+id)
+					if want := "GET " + id + " "; err != nil || body != want || res.Header.Get("X-Id") != id {
+						t.Errorf("GET %s: %q (%v), want %q", id, body, err, want)
 					}
 				case 2:
-					res, body := getBody(t, c, "HEAD", tp.URL+"/head?id="+id)
-					if body != "" || res.Header.Get("X-Id") != id {
-						t.Errorf("HEAD %s: X-Id %q, body %q", id, res.Header.Get("X-Id"), body)
+					res, body, err := fetch(c, "HEAD", tp.URL+"/head?id="+id)
+					if err != nil || body != "" || res.Header.Get("X-Id") != id {
+						t.Errorf("HEAD %s: %v, body %q", id, err, body)
 					}
 				case 3:
 					payload := strings.Repeat(id, 100)
