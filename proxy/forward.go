@@ -316,22 +316,17 @@ func isWebSocket(r *http.Request) bool {
 // are never replaced.
 func (f *forwarder) errorHandler(w http.ResponseWriter, r *http.Request, err error) {
 	status, msg := f.classify(r, err)
-	if errors.Is(context.Cause(r.Context()), errIdle) && r.ProtoMajor == 1 {
+	if errors.Is(context.Cause(r.Context()), errIdle) {
 		// The watchdog may have set a read deadline on the connection,
 		// which cancels its context: it cannot carry another request.
-		w.Header().Set("Connection", "close")
+		closeAfter(w, r)
 	}
 	if ex, ok := w.(*exchange); ok && status == http.StatusBadGateway && ex.bodyFailed.Load() {
 		// Reading the client's body failed (a malformed chunk, a client
 		// that stopped mid-body): the request is at fault, not Cells, and
 		// the connection cannot carry another request.
 		status, msg = http.StatusBadRequest, "cells-proxy: malformed or incomplete request body"
-		if r.ProtoMajor == 1 {
-			// (On HTTP/2 only the stream is done with; there the
-			// header would make net/http send GOAWAY for the whole
-			// connection.)
-			w.Header().Set("Connection", "close")
-		}
+		closeAfter(w, r)
 	}
 	if status == 0 {
 		// The client went away: nobody to answer. Recorded for the access log.
@@ -355,6 +350,16 @@ func (f *forwarder) errorHandler(w http.ResponseWriter, r *http.Request, err err
 	h.Set("Cache-Control", "no-store")
 	w.WriteHeader(status)
 	io.WriteString(w, msg+"\n")
+}
+
+// closeAfter makes an HTTP/1 connection close after this answer. On
+// HTTP/2 only the request's stream is done with (the server resets an
+// unread body): there net/http would take Connection: close for a GOAWAY
+// to the whole connection, which a browser shares between its tabs.
+func closeAfter(w http.ResponseWriter, r *http.Request) {
+	if r.ProtoMajor == 1 {
+		w.Header().Set("Connection", "close")
+	}
 }
 
 // statusClientClosed is nginx's 499, used only in the access log.
@@ -597,8 +602,8 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool)
 	// section 6.1 requires closing the connection after answering. The
 	// proxy cannot tell whether the header was there, so it closes after
 	// every chunked HTTP/1.1 request and every HTTP/1.0 request with a body.
-	if r.ProtoMajor == 1 && (len(r.TransferEncoding) > 0 || (r.ProtoMinor == 0 && r.ContentLength != 0)) {
-		ex.Header().Set("Connection", "close")
+	if len(r.TransferEncoding) > 0 || (r.ProtoMajor == 1 && r.ProtoMinor == 0 && r.ContentLength != 0) {
+		closeAfter(ex, r)
 	}
 
 	// Upgrade is forwarded only as websocket: an h2c upgrade (or any other)
@@ -609,12 +614,9 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool)
 
 	if max := f.cfg.MaxBodySize; max > 0 {
 		if r.ContentLength > max {
-			// Say so before reading anything; an HTTP/1 connection
-			// closes after, since the unread body cannot be skipped
-			// cheaply. HTTP/2 resets just the stream's body.
-			if r.ProtoMajor == 1 {
-				ex.Header().Set("Connection", "close")
-			}
+			// Say so before reading anything; the connection closes
+			// after, since the unread body cannot be skipped cheaply.
+			closeAfter(ex, r)
 			http.Error(ex, "cells-proxy: request body larger than PROXY_MAX_BODY_SIZE", http.StatusRequestEntityTooLarge)
 			return
 		}
