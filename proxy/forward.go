@@ -43,9 +43,9 @@ type forwarder struct {
 	httpUp        *h1Upstream // small requests and websocket handshakes; the rest to httpTransport
 	http          *httputil.ReverseProxy
 
-	grpcTarget    *url.URL // nil: no gRPC upstream
-	grpcTransport *http.Transport
-	grpc          *httputil.ReverseProxy
+	grpcTarget *url.URL      // nil: no gRPC upstream
+	grpcUp     *grpcUpstream // HTTP/2 to Cells' gRPC port
+	grpc       *httputil.ReverseProxy
 
 	ws *tunnels
 }
@@ -116,33 +116,16 @@ func newForwarder(cfg *Config, log *slog.Logger) (*forwarder, error) {
 	f.http = f.reverseProxy(f.httpTarget, f.httpUp, false)
 
 	if u := cfg.GRPCUpstream; u != nil {
-		t := &http.Transport{
-			DialContext:         dialer.DialContext,
-			TLSHandshakeTimeout: 10 * time.Second,
-			DisableCompression:  true,
-			MaxIdleConnsPerHost: 16,
-			HTTP2: &http.HTTP2Config{
-				// gRPC streams such as StreamChanges stay quiet for hours:
-				// no idle cut-off, but a ping proves the connection alive
-				// and a dead Cells is noticed within 45 s.
-				SendPingTimeout: 30 * time.Second,
-				PingTimeout:     15 * time.Second,
-				// Room for a bulk stream without stalling on window updates.
-				MaxReceiveBufferPerConnection: 8 << 20,
-				MaxReceiveBufferPerStream:     4 << 20,
-			},
-		}
-		t.Protocols = new(http.Protocols)
 		target := &url.URL{Scheme: "https", Host: u.Host}
+		var conf *tls.Config
 		if u.Scheme == "h2c" {
-			t.Protocols.SetUnencryptedHTTP2(true)
 			target.Scheme = "http"
 		} else {
-			t.Protocols.SetHTTP2(true)
-			t.TLSClientConfig = upTLS(u, "h2")
+			conf = upTLS(u, "h2")
 		}
-		f.grpcTarget, f.grpcTransport = target, t
-		f.grpc = f.reverseProxy(target, t, true)
+		f.grpcTarget = target
+		f.grpcUp = newGRPCUpstream(hostPortDefault(target), conf, dialer)
+		f.grpc = f.reverseProxy(target, f.grpcUp, true)
 	}
 	return f, nil
 }

@@ -373,8 +373,8 @@ func (s *Server) shutdown(mux cmux.CMux, servers []*http.Server) {
 	}
 	s.cancelBase(context.Canceled)
 	s.fwd.httpUp.CloseIdleConnections()
-	if s.fwd.grpcTransport != nil {
-		s.fwd.grpcTransport.CloseIdleConnections()
+	if s.fwd.grpcUp != nil {
+		s.fwd.grpcUp.CloseIdleConnections()
 	}
 	s.log.Info("stopped")
 }

@@ -1,0 +1,1403 @@
+package proxy
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/tls"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/net/http/httpguts"
+	"golang.org/x/net/http2/hpack"
+)
+
+// grpcUpstream is the HTTP/2 client that carries gRPC calls to Cells, in the
+// way nginx's grpc module and HAProxy's HTTP/2 mux do it: frames for all the
+// calls on a connection go out through one buffer, and whoever finds the
+// connection idle writes everything queued, so concurrent calls share
+// write(2)s instead of taking turns (net/http's client flushes a call's
+// HEADERS and its DATA on their own, two writes per unary call, and runs a
+// goroutine per call besides the handler's). One goroutine per connection
+// reads frames and hands them to the calls; a call with a request body
+// has one more goroutine copying it, as it must overlap the response for
+// bidirectional streams.
+//
+// It keeps what http.Transport did for the gRPC upstream: TLS with ALPN h2
+// (or h2c with prior knowledge), the peer's SETTINGS honoured before the
+// first call (stream limit, windows, frame size, header table), flow
+// control both ways with 4 MiB per stream and 8 MiB per connection of
+// receive window given back as the client reads (so a slow client holds
+// Cells back instead of filling the proxy's memory), a PING when nothing
+// was heard for 30 s and the connection dropped if it is not answered in
+// 15 s, GOAWAY honoured (no new calls on the connection, calls above its
+// last stream ID failed), the 1 MiB response header limit, header fields
+// checked both ways, trailers handed to ReverseProxy at the end of the
+// body, and the request's context resetting the stream (RST_STREAM
+// CANCEL). It speaks only what gRPC needs: no server push (disabled in
+// SETTINGS), no 1xx responses passed on, no priorities.
+type grpcUpstream struct {
+	addr             string
+	scheme           string      // :scheme sent: "https" or "http"
+	tls              *tls.Config // nil: h2c
+	dialer           *net.Dialer
+	handshakeTimeout time.Duration
+	pingEvery        time.Duration // PING a connection with calls open, heard nothing from for this long,
+	pingTimeout      time.Duration // and drop it if nothing answers in this
+	streamWindow     uint32        // receive window per stream
+	connWindow       uint32        // receive window per connection
+	maxHeader        uint32        // response header list limit
+
+	mu      sync.Mutex
+	conns   []*grpcConn
+	dialing *grpcDial
+}
+
+type grpcDial struct {
+	done chan struct{}
+	err  error
+}
+
+func newGRPCUpstream(addr string, tlsConf *tls.Config, dialer *net.Dialer) *grpcUpstream {
+	u := &grpcUpstream{
+		addr:             addr,
+		scheme:           "http",
+		tls:              tlsConf,
+		dialer:           dialer,
+		handshakeTimeout: 10 * time.Second,
+		// grpc-go servers (Cells) answer a client that PINGs more often
+		// than every 5 minutes, three times running, with GOAWAY
+		// ENHANCE_YOUR_CALM and close the connection, streams and all
+		// (keepalive.EnforcementPolicy's default MinTime).
+		pingEvery:    5 * time.Minute,
+		pingTimeout:  20 * time.Second,
+		streamWindow: 4 << 20,
+		connWindow:   8 << 20,
+		maxHeader:    1 << 20,
+	}
+	if tlsConf != nil {
+		u.scheme = "https"
+	}
+	return u
+}
+
+// HTTP/2 frame types, flags, settings and error codes (RFC 9113) beside
+// those h2conn.go declares.
+const (
+	frameData         = 0x0
+	framePriority     = 0x2
+	frameRSTStream    = 0x3
+	framePushPromise  = 0x5
+	framePing         = 0x6
+	frameGoAway       = 0x7
+	frameWindowUpdate = 0x8
+
+	flagEndStream = 0x1
+
+	settingHeaderTableSize   = 0x1
+	settingEnablePush        = 0x2
+	settingMaxStreams        = 0x3
+	settingInitialWindowSize = 0x4
+	settingMaxFrameSize      = 0x5
+	settingMaxHeaderListSize = 0x6
+
+	codeNo             = 0x0
+	codeProtocol       = 0x1
+	codeInternal       = 0x2
+	codeFlowControl    = 0x3
+	codeStreamClosed   = 0x5
+	codeFrameSize      = 0x6
+	codeRefusedStream  = 0x7
+	codeCancel         = 0x8
+	codeCompression    = 0x9
+	codeEnhanceYouCalm = 0xb
+
+	h2DefaultWindow = 65535
+	h2MaxWindow     = 1<<31 - 1
+	h2MinFrame      = 16 << 10
+	h2MaxStreamID   = 1<<31 - 1
+	// h2MaxStreams caps the calls on one connection when Cells sets no
+	// limit (grpc-go's default); more calls open another connection.
+	h2MaxStreams = 1000
+)
+
+var h2CodeNames = map[uint32]string{
+	0x0: "NO_ERROR", 0x1: "PROTOCOL_ERROR", 0x2: "INTERNAL_ERROR", 0x3: "FLOW_CONTROL_ERROR",
+	0x4: "SETTINGS_TIMEOUT", 0x5: "STREAM_CLOSED", 0x6: "FRAME_SIZE_ERROR", 0x7: "REFUSED_STREAM",
+	0x8: "CANCEL", 0x9: "COMPRESSION_ERROR", 0xa: "CONNECT_ERROR", 0xb: "ENHANCE_YOUR_CALM",
+	0xc: "INADEQUATE_SECURITY", 0xd: "HTTP_1_1_REQUIRED",
+}
+
+func h2CodeName(c uint32) string {
+	if s, ok := h2CodeNames[c]; ok {
+		return s
+	}
+	return "error code " + strconv.FormatUint(uint64(c), 10)
+}
+
+// h2ConnError is a connection-level protocol error on Cells' side.
+type h2ConnError struct {
+	code uint32
+	msg  string
+}
+
+func (e h2ConnError) Error() string {
+	return "cells-proxy: HTTP/2 error from upstream (" + h2CodeName(e.code) + "): " + e.msg
+}
+
+// h2StreamReset is a call Cells reset with RST_STREAM.
+type h2StreamReset struct{ code uint32 }
+
+func (e h2StreamReset) Error() string {
+	return "cells-proxy: upstream reset the stream (" + h2CodeName(e.code) + ")"
+}
+
+var (
+	errH2GoAway    = errors.New("cells-proxy: upstream closed the connection (GOAWAY) before handling the call")
+	errH2BodyClose = errors.New("cells-proxy: response body closed")
+	errH2PingLost  = errors.New("cells-proxy: upstream connection lost (PING not answered)")
+	errH2Drained   = errors.New("cells-proxy: connection drained after GOAWAY")
+)
+
+// RoundTrip sends req as a new stream and returns when the response header
+// arrives; the body is then read from the stream.
+func (u *grpcUpstream) RoundTrip(req *http.Request) (*http.Response, error) {
+	ctx := req.Context()
+	body := req.Body
+	if body == http.NoBody {
+		body = nil
+	}
+	var s *grpcStream
+	for s == nil {
+		c, err := u.conn(ctx)
+		if err == nil {
+			s, err = c.open(req, body)
+		}
+		if err == errH2Full {
+			continue
+		}
+		if err != nil {
+			if body != nil {
+				body.Close()
+			}
+			return nil, err
+		}
+	}
+	s.stop = context.AfterFunc(ctx, func() { s.abort(context.Cause(ctx), codeCancel) })
+	if body != nil {
+		go s.writeBody(body)
+		// A unary call's message is usually in the body already: yield
+		// so that the copy can queue it and write it with the HEADERS,
+		// one write(2) instead of two. If the body is still empty (a
+		// stream whose client waits for Cells first), the flush below
+		// sends the HEADERS alone; either way they leave now.
+		runtime.Gosched()
+		s.c.flush()
+	}
+	<-s.ready
+	if s.res == nil {
+		s.stop()
+		return nil, s.err
+	}
+	return s.res, nil
+}
+
+// CloseIdleConnections closes the connections that carry no call.
+func (u *grpcUpstream) CloseIdleConnections() {
+	u.mu.Lock()
+	conns := append([]*grpcConn(nil), u.conns...)
+	u.mu.Unlock()
+	for _, c := range conns {
+		c.mu.Lock()
+		idle := len(c.streams) == 0
+		c.mu.Unlock()
+		if idle {
+			c.close(errors.New("cells-proxy: idle connection closed"))
+		}
+	}
+}
+
+var errH2Full = errors.New("connection full")
+
+// conn returns a connection that may take a new call, dialling one when
+// none can; concurrent callers wait for the same dial.
+func (u *grpcUpstream) conn(ctx context.Context) (*grpcConn, error) {
+	for {
+		u.mu.Lock()
+		for _, c := range u.conns {
+			if c.canTake() {
+				u.mu.Unlock()
+				return c, nil
+			}
+		}
+		if d := u.dialing; d != nil {
+			u.mu.Unlock()
+			select {
+			case <-d.done:
+				if d.err != nil {
+					return nil, d.err
+				}
+				continue
+			case <-ctx.Done():
+				return nil, context.Cause(ctx)
+			}
+		}
+		d := &grpcDial{done: make(chan struct{})}
+		u.dialing = d
+		u.mu.Unlock()
+		// Not the caller's context: the connection outlives this call.
+		c, err := u.dial(context.WithoutCancel(ctx))
+		u.mu.Lock()
+		u.dialing = nil
+		if err == nil {
+			u.conns = append(u.conns, c)
+		}
+		u.mu.Unlock()
+		d.err = err
+		close(d.done)
+		if err != nil {
+			return nil, err
+		}
+		go c.readLoop()
+	}
+}
+
+func (u *grpcUpstream) remove(c *grpcConn) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	for i, x := range u.conns {
+		if x == c {
+			u.conns = append(u.conns[:i], u.conns[i+1:]...)
+			return
+		}
+	}
+}
+
+// dial connects, sends the preface and SETTINGS and reads Cells' SETTINGS,
+// which must come first, before any call goes out: a call sent before
+// them could exceed a lower stream limit and be refused.
+func (u *grpcUpstream) dial(ctx context.Context) (*grpcConn, error) {
+	raw, err := u.dialer.DialContext(ctx, "tcp", u.addr)
+	if err != nil {
+		return nil, err
+	}
+	nc := raw
+	deadline := time.Now().Add(u.handshakeTimeout)
+	nc.SetDeadline(deadline)
+	if u.tls != nil {
+		tc := tls.Client(raw, u.tls)
+		if err := tc.HandshakeContext(ctx); err != nil {
+			raw.Close()
+			return nil, err
+		}
+		if p := tc.ConnectionState().NegotiatedProtocol; p != "h2" {
+			raw.Close()
+			return nil, fmt.Errorf("cells-proxy: upstream %s did not negotiate HTTP/2 (ALPN %q): gRPC needs h2", u.addr, p)
+		}
+		nc = tc
+	}
+	c := &grpcConn{
+		u:          u,
+		nc:         nc,
+		raw:        raw,
+		streams:    make(map[uint32]*grpcStream),
+		nextID:     1,
+		maxStreams: h2MaxStreams,
+		peerWindow: h2DefaultWindow,
+		sendConn:   h2DefaultWindow,
+		maxFrame:   h2MinFrame,
+		recvConn:   int64(u.connWindow),
+	}
+	c.sendWait.L = &c.mu
+	c.stamp.Store(time.Now().UnixNano())
+	c.br = bufio.NewReaderSize(stampReader{c}, 32<<10)
+	c.henc = hpack.NewEncoder(&c.hbuf)
+	c.hdec = hpack.NewDecoder(4096, func(f hpack.HeaderField) {
+		// Counted as decoded: a small block can name large table
+		// entries many times over.
+		if c.fieldsSize += len(f.Name) + len(f.Value) + 32; c.fieldsSize <= int(u.maxHeader) {
+			c.fields = append(c.fields, f)
+		}
+	})
+	c.hdec.SetMaxStringLength(int(u.maxHeader))
+
+	b := append([]byte(nil), clientPreface...)
+	b = appendFrameHeader(b, 4*6, frameSettings, 0, 0)
+	b = appendSetting(b, settingEnablePush, 0)
+	b = appendSetting(b, settingInitialWindowSize, u.streamWindow)
+	b = appendSetting(b, settingMaxFrameSize, h2MinFrame)
+	b = appendSetting(b, settingMaxHeaderListSize, u.maxHeader)
+	if u.connWindow > h2DefaultWindow {
+		b = appendWindowUpdate(b, 0, u.connWindow-h2DefaultWindow)
+	}
+	if _, err := nc.Write(b); err != nil {
+		nc.Close()
+		return nil, err
+	}
+	typ, flags, id, p, err := c.readFrame()
+	if err == nil && (typ != frameSettings || flags&flagAck != 0 || id != 0) {
+		err = errors.New("cells-proxy: upstream did not start with SETTINGS: not an HTTP/2 server")
+	}
+	if err == nil {
+		err = c.applySettings(p)
+	}
+	if err != nil {
+		nc.Close()
+		return nil, err
+	}
+	nc.SetDeadline(time.Time{})
+	c.wbuf = appendFrameHeader(c.wbuf, 0, frameSettings, flagAck, 0)
+	c.ping = time.AfterFunc(u.pingEvery, c.health)
+	return c, nil
+}
+
+// grpcConn is one HTTP/2 connection to Cells.
+type grpcConn struct {
+	u     *grpcUpstream
+	nc    net.Conn
+	raw   net.Conn // nc's TCP connection: closed without TLS's close_notify, which could block
+	br    *bufio.Reader
+	stamp atomic.Int64 // UnixNano of the last read from Cells
+	ping  *time.Timer
+
+	// Read loop only.
+	rbuf       []byte
+	hdec       *hpack.Decoder
+	fields     []hpack.HeaderField
+	fieldsSize int    // of the block being decoded, RFC 9113's measure
+	inBlock    bool   // a header block awaits its CONTINUATIONs
+	block      []byte // that block so far
+	blockID    uint32
+	blockEnd   bool
+
+	mu      sync.Mutex
+	wbuf    []byte // frames waiting to be written
+	spare   []byte
+	writing bool // a goroutine is writing; it takes what is queued
+	henc    *hpack.Encoder
+	hbuf    bytes.Buffer
+
+	streams    map[uint32]*grpcStream
+	nextID     uint32
+	lastID     uint32 // highest stream ID opened
+	maxStreams uint32
+	peerWindow int64 // initial send window of a stream (peer's SETTINGS)
+	sendConn   int64 // connection send window
+	sendWait   sync.Cond
+	maxFrame   int
+	recvConn   int64 // connection receive window left
+	recvAcked  int64 // bytes read by clients not yet given back on the connection
+	goaway     bool
+	pingSent   time.Time // zero: no PING outstanding
+	err        error     // the connection is broken
+}
+
+func (c *grpcConn) canTake() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.err == nil && !c.goaway && uint32(len(c.streams)) < c.maxStreams && c.nextID <= h2MaxStreamID
+}
+
+// stampReader notes when Cells was last heard from, for the PING check.
+type stampReader struct{ c *grpcConn }
+
+func (r stampReader) Read(p []byte) (int, error) {
+	n, err := r.c.nc.Read(p)
+	if n > 0 {
+		r.c.stamp.Store(time.Now().UnixNano())
+	}
+	return n, err
+}
+
+// flushLocked writes what is queued unless another goroutine is already
+// writing, in which case that one takes it. c.mu is released during the
+// write.
+func (c *grpcConn) flushLocked() {
+	if c.writing {
+		return
+	}
+	c.writing = true
+	for len(c.wbuf) > 0 && c.err == nil {
+		b := c.wbuf
+		c.wbuf = c.spare[:0]
+		c.mu.Unlock()
+		_, err := c.nc.Write(b)
+		c.mu.Lock()
+		if cap(b) <= 64<<10 {
+			c.spare = b[:0]
+		} else {
+			c.spare = nil
+		}
+		if err != nil {
+			c.failLocked(err)
+		}
+	}
+	c.wbuf = c.wbuf[:0]
+	c.writing = false
+}
+
+// close ends the connection and every call on it with err.
+func (c *grpcConn) close(err error) {
+	c.mu.Lock()
+	c.failLocked(err)
+	c.mu.Unlock()
+}
+
+func (c *grpcConn) failLocked(err error) {
+	if c.err != nil {
+		return
+	}
+	c.err = err
+	c.raw.Close()
+	if c.ping != nil {
+		c.ping.Stop()
+	}
+	for _, s := range c.streams {
+		s.failLocked(err)
+	}
+	c.streams = nil
+	c.sendWait.Broadcast()
+	go c.u.remove(c)
+}
+
+// goAwayLocked answers a protocol error of Cells' with GOAWAY and closes.
+func (c *grpcConn) goAwayLocked(code uint32, err error) {
+	if c.err == nil {
+		b := appendFrameHeader(nil, 8, frameGoAway, 0, 0)
+		b = binary.BigEndian.AppendUint32(b, c.lastID)
+		b = binary.BigEndian.AppendUint32(b, code)
+		c.nc.SetWriteDeadline(time.Now().Add(time.Second))
+		if !c.writing {
+			c.nc.Write(append(c.wbuf, b...))
+		}
+	}
+	c.failLocked(err)
+}
+
+// health runs pingEvery after Cells was last heard from: while calls are
+// open it sends a PING, and drops the connection when one sent
+// pingTimeout ago is unanswered and nothing else came either.
+func (c *grpcConn) health() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.err != nil {
+		return
+	}
+	now := time.Now()
+	quiet := now.Sub(time.Unix(0, c.stamp.Load()))
+	switch {
+	case !c.pingSent.IsZero() && now.Sub(c.pingSent) >= c.u.pingTimeout && quiet >= c.u.pingTimeout:
+		c.failLocked(errH2PingLost)
+		return
+	case !c.pingSent.IsZero():
+		c.ping.Reset(max(c.u.pingTimeout-now.Sub(c.pingSent), c.u.pingTimeout-quiet))
+	case quiet >= c.u.pingEvery && len(c.streams) == 0:
+		// No call to protect: a PING now would count against the
+		// connection under grpc-go's policy (none without calls within
+		// two hours); a dead idle connection is found by TCP keepalive.
+		c.ping.Reset(c.u.pingEvery)
+	case quiet >= c.u.pingEvery:
+		c.pingSent = now
+		c.wbuf = appendFrameHeader(c.wbuf, 8, framePing, 0, 0)
+		c.wbuf = binary.BigEndian.AppendUint64(c.wbuf, uint64(now.UnixNano()))
+		c.ping.Reset(c.u.pingTimeout)
+		c.flushLocked()
+	default:
+		c.ping.Reset(c.u.pingEvery - quiet)
+	}
+}
+
+// open starts a stream for req: HEADERS, with END_STREAM when there is no
+// body. With a body, the HEADERS are queued, not written: the caller
+// flushes them.
+func (c *grpcConn) open(req *http.Request, body io.ReadCloser) (*grpcStream, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.err != nil || c.goaway || uint32(len(c.streams)) >= c.maxStreams || c.nextID > h2MaxStreamID {
+		return nil, errH2Full
+	}
+	s := &grpcStream{
+		c:       c,
+		req:     req,
+		body:    body,
+		id:      c.nextID,
+		ready:   make(chan struct{}),
+		send:    c.peerWindow,
+		recv:    int64(c.u.streamWindow),
+		sentEnd: body == nil,
+	}
+	s.cond.L = &c.mu
+	c.hbuf.Reset()
+	if err := c.encodeRequest(req, body != nil); err != nil {
+		return nil, err // nothing encoded
+	}
+	c.nextID += 2
+	c.lastID = s.id
+	c.streams[s.id] = s
+	c.appendHeaderBlock(s.id, body == nil)
+	if body == nil {
+		c.flushLocked()
+	}
+	return s, nil
+}
+
+// flush writes what is queued.
+func (c *grpcConn) flush() {
+	c.mu.Lock()
+	c.flushLocked()
+	c.mu.Unlock()
+}
+
+// appendHeaderBlock queues c.hbuf as HEADERS and CONTINUATION frames.
+func (c *grpcConn) appendHeaderBlock(id uint32, end bool) {
+	block := c.hbuf.Bytes()
+	typ, flags := byte(frameHeaders), byte(0)
+	if end {
+		flags = flagEndStream
+	}
+	for first := true; first || len(block) > 0; first = false {
+		n := min(len(block), c.maxFrame)
+		f := flags
+		if n == len(block) {
+			f |= flagEndHeaders
+		}
+		c.wbuf = appendFrameHeader(c.wbuf, n, typ, f, id)
+		c.wbuf = append(c.wbuf, block[:n]...)
+		block = block[n:]
+		typ, flags = frameContinuation, 0
+	}
+}
+
+// h2ConnFields are the connection-specific fields HTTP/2 forbids (RFC 9113
+// 8.2.2); ReverseProxy has removed them already, this is the last check.
+var h2ConnFields = map[string]bool{
+	"connection": true, "proxy-connection": true, "keep-alive": true,
+	"transfer-encoding": true, "upgrade": true, "host": true,
+}
+
+func (c *grpcConn) encodeRequest(req *http.Request, hasBody bool) error {
+	host := req.Host
+	if host == "" {
+		host = req.URL.Host
+	}
+	path := req.URL.RequestURI()
+	if !httpguts.ValidHostHeader(host) || !validPseudo(path) || !validPseudo(req.Method) {
+		return fmt.Errorf("cells-proxy: invalid request target for HTTP/2: %q %q %q", req.Method, host, path)
+	}
+	// Checked before anything is encoded: HPACK's table changes with
+	// every field written, so a block must not be abandoned half-way.
+	if err := checkFields(req.Header); err != nil {
+		return err
+	}
+	c.writeField(":method", req.Method)
+	c.writeField(":scheme", c.u.scheme)
+	c.writeField(":authority", host)
+	c.writeField(":path", path)
+	c.encodeFields(req.Header, true)
+	if hasBody && req.ContentLength > 0 {
+		c.writeField("content-length", strconv.FormatInt(req.ContentLength, 10))
+	}
+	return nil
+}
+
+func validPseudo(v string) bool {
+	if v == "" {
+		return false
+	}
+	for i := 0; i < len(v); i++ {
+		if b := v[i]; b <= ' ' || b == 0x7f {
+			return false
+		}
+	}
+	return true
+}
+
+// checkFields reports a field that may not be sent, as http.Transport
+// does.
+func checkFields(h http.Header) error {
+	for k, vv := range h {
+		if !httpguts.ValidHeaderFieldName(k) {
+			return fmt.Errorf("cells-proxy: invalid header field name %q", k)
+		}
+		for _, v := range vv {
+			if !httpguts.ValidHeaderFieldValue(v) {
+				return fmt.Errorf("cells-proxy: invalid value for header field %q", k)
+			}
+		}
+	}
+	return nil
+}
+
+// encodeFields adds h to the header block, lower-cased, without
+// connection-specific fields; te only as "trailers".
+func (c *grpcConn) encodeFields(h http.Header, request bool) {
+	for k, vv := range h {
+		name := lowerName(k)
+		switch {
+		case h2ConnFields[name]:
+			continue
+		case request && name == "content-length":
+			continue
+		case name == "te":
+			if slicesContainsToken(vv, "trailers") {
+				c.writeField("te", "trailers")
+			}
+			continue
+		case name == "user-agent" && len(vv) > 0 && vv[0] == "":
+			continue
+		}
+		for _, v := range vv {
+			c.writeField(name, v)
+		}
+	}
+}
+
+func slicesContainsToken(vv []string, token string) bool {
+	return httpguts.HeaderValuesContainsToken(vv, token)
+}
+
+func (c *grpcConn) writeField(name, value string) {
+	c.henc.WriteField(hpack.HeaderField{Name: name, Value: value})
+}
+
+// lowerName lower-cases a canonical header key, without allocating for
+// the common ones.
+func lowerName(k string) string {
+	if v, ok := commonLower[k]; ok {
+		return v
+	}
+	for i := 0; i < len(k); i++ {
+		if b := k[i]; 'A' <= b && b <= 'Z' {
+			return strings.ToLower(k)
+		}
+	}
+	return k
+}
+
+var commonLower = func() map[string]string {
+	m := make(map[string]string)
+	for _, k := range []string{
+		"Accept", "Accept-Encoding", "Authorization", "Content-Type", "Content-Length",
+		"Cookie", "Grpc-Accept-Encoding", "Grpc-Encoding", "Grpc-Timeout", "Grpc-Status",
+		"Grpc-Message", "Te", "User-Agent", "X-Forwarded-For", "X-Forwarded-Host",
+		"X-Forwarded-Proto", "X-Real-Ip", "X-Pydio-Bearer", "Connection", "Upgrade",
+		"Transfer-Encoding", "Keep-Alive", "Proxy-Connection", "Host",
+	} {
+		m[k] = strings.ToLower(k)
+	}
+	return m
+}()
+
+func appendFrameHeader(b []byte, n int, typ, flags byte, id uint32) []byte {
+	return append(b, byte(n>>16), byte(n>>8), byte(n), typ, flags,
+		byte(id>>24)&0x7f, byte(id>>16), byte(id>>8), byte(id))
+}
+
+func appendSetting(b []byte, id uint16, v uint32) []byte {
+	b = binary.BigEndian.AppendUint16(b, id)
+	return binary.BigEndian.AppendUint32(b, v)
+}
+
+func appendWindowUpdate(b []byte, id, n uint32) []byte {
+	b = appendFrameHeader(b, 4, frameWindowUpdate, 0, id)
+	return binary.BigEndian.AppendUint32(b, n)
+}
+
+func appendRST(b []byte, id, code uint32) []byte {
+	b = appendFrameHeader(b, 4, frameRSTStream, 0, id)
+	return binary.BigEndian.AppendUint32(b, code)
+}
+
+// readFrame reads one frame; its payload is valid until the next call.
+func (c *grpcConn) readFrame() (typ, flags byte, id uint32, p []byte, err error) {
+	var h [9]byte
+	if _, err = io.ReadFull(c.br, h[:]); err != nil {
+		return
+	}
+	n := int(h[0])<<16 | int(h[1])<<8 | int(h[2])
+	typ, flags = h[3], h[4]
+	id = binary.BigEndian.Uint32(h[5:]) & h2MaxStreamID
+	if n > h2MinFrame {
+		err = h2ConnError{codeFrameSize, fmt.Sprintf("frame of %d bytes, more than the %d advertised", n, h2MinFrame)}
+		return
+	}
+	if cap(c.rbuf) < n {
+		c.rbuf = make([]byte, h2MinFrame)
+	}
+	p = c.rbuf[:n]
+	_, err = io.ReadFull(c.br, p)
+	if err == io.EOF {
+		err = io.ErrUnexpectedEOF
+	}
+	return
+}
+
+func (c *grpcConn) applySettings(p []byte) error {
+	if len(p)%6 != 0 {
+		return h2ConnError{codeFrameSize, "SETTINGS length not a multiple of 6"}
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for ; len(p) > 0; p = p[6:] {
+		v := binary.BigEndian.Uint32(p[2:])
+		switch binary.BigEndian.Uint16(p) {
+		case settingHeaderTableSize:
+			c.henc.SetMaxDynamicTableSizeLimit(v)
+		case settingMaxStreams:
+			c.maxStreams = min(v, h2MaxStreams)
+		case settingInitialWindowSize:
+			if v > h2MaxWindow {
+				return h2ConnError{codeFlowControl, "initial window size too large"}
+			}
+			delta := int64(v) - c.peerWindow
+			c.peerWindow = int64(v)
+			for _, s := range c.streams {
+				s.send += delta
+				if s.send > h2MaxWindow {
+					return h2ConnError{codeFlowControl, "stream window overflow"}
+				}
+			}
+			c.sendWait.Broadcast()
+		case settingMaxFrameSize:
+			if v < h2MinFrame || v > 1<<24-1 {
+				return h2ConnError{codeProtocol, "invalid SETTINGS_MAX_FRAME_SIZE"}
+			}
+			c.maxFrame = int(v)
+		case settingEnablePush:
+			if v > 1 {
+				return h2ConnError{codeProtocol, "invalid SETTINGS_ENABLE_PUSH"}
+			}
+		}
+	}
+	return nil
+}
+
+// readLoop reads Cells' frames until the connection ends.
+func (c *grpcConn) readLoop() {
+	for {
+		typ, flags, id, p, err := c.readFrame()
+		if err == nil {
+			err = c.handle(typ, flags, id, p)
+		}
+		if err != nil {
+			c.mu.Lock()
+			var ce h2ConnError
+			if errors.As(err, &ce) {
+				c.goAwayLocked(ce.code, err)
+			} else {
+				if err == io.EOF {
+					err = io.ErrUnexpectedEOF
+				}
+				c.failLocked(err)
+			}
+			c.mu.Unlock()
+			return
+		}
+	}
+}
+
+func (c *grpcConn) handle(typ, flags byte, id uint32, p []byte) error {
+	if c.inBlock && typ != frameContinuation {
+		return h2ConnError{codeProtocol, "header block interrupted"}
+	}
+	switch typ {
+	case frameData:
+		return c.handleData(flags, id, p)
+	case frameHeaders:
+		if id == 0 {
+			return h2ConnError{codeProtocol, "HEADERS on stream 0"}
+		}
+		var err error
+		if p, err = unpad(flags, p); err != nil {
+			return err
+		}
+		if flags&flagPriority != 0 {
+			if len(p) < 5 {
+				return h2ConnError{codeFrameSize, "short HEADERS"}
+			}
+			p = p[5:]
+		}
+		c.blockID, c.blockEnd = id, flags&flagEndStream != 0
+		c.inBlock, c.block = true, append(c.block[:0], p...)
+		if flags&flagEndHeaders != 0 {
+			return c.endBlock()
+		}
+	case frameContinuation:
+		if !c.inBlock || id != c.blockID {
+			return h2ConnError{codeProtocol, "unexpected CONTINUATION"}
+		}
+		if len(c.block)+len(p) > int(c.u.maxHeader)+h2MinFrame {
+			return h2ConnError{codeEnhanceYouCalm, "response header block too large"}
+		}
+		c.block = append(c.block, p...)
+		if flags&flagEndHeaders != 0 {
+			return c.endBlock()
+		}
+	case frameRSTStream:
+		if len(p) != 4 {
+			return h2ConnError{codeFrameSize, "RST_STREAM length"}
+		}
+		if id == 0 {
+			return h2ConnError{codeProtocol, "RST_STREAM on stream 0"}
+		}
+		c.mu.Lock()
+		if s := c.streams[id]; s != nil {
+			// After a complete response (grpc-go resets a stream the
+			// client has not ended), only the request side stops.
+			s.failLocked(h2StreamReset{binary.BigEndian.Uint32(p)})
+			c.dropLocked(s)
+		}
+		c.mu.Unlock()
+	case frameSettings:
+		if id != 0 {
+			return h2ConnError{codeProtocol, "SETTINGS on a stream"}
+		}
+		if flags&flagAck != 0 {
+			return nil
+		}
+		if err := c.applySettings(p); err != nil {
+			return err
+		}
+		c.mu.Lock()
+		c.wbuf = appendFrameHeader(c.wbuf, 0, frameSettings, flagAck, 0)
+		c.flushLocked()
+		c.mu.Unlock()
+	case framePushPromise:
+		return h2ConnError{codeProtocol, "PUSH_PROMISE though push is disabled"}
+	case framePing:
+		if len(p) != 8 || id != 0 {
+			return h2ConnError{codeFrameSize, "bad PING"}
+		}
+		c.mu.Lock()
+		if flags&flagAck != 0 {
+			if !c.pingSent.IsZero() {
+				c.pingSent = time.Time{}
+				c.ping.Reset(c.u.pingEvery)
+			}
+		} else {
+			c.wbuf = appendFrameHeader(c.wbuf, 8, framePing, flagAck, 0)
+			c.wbuf = append(c.wbuf, p...)
+			c.flushLocked()
+		}
+		c.mu.Unlock()
+	case frameGoAway:
+		if len(p) < 8 || id != 0 {
+			return h2ConnError{codeFrameSize, "bad GOAWAY"}
+		}
+		last := binary.BigEndian.Uint32(p) & h2MaxStreamID
+		c.mu.Lock()
+		c.goaway = true
+		for sid, s := range c.streams {
+			if sid > last {
+				s.failLocked(errH2GoAway)
+				c.dropLocked(s)
+			}
+		}
+		// Whatever the error code, the calls up to last may still end
+		// well; Cells closes the connection when they cannot.
+		if len(c.streams) == 0 {
+			c.failLocked(errH2Drained)
+		}
+		c.mu.Unlock()
+	case frameWindowUpdate:
+		if len(p) != 4 {
+			return h2ConnError{codeFrameSize, "WINDOW_UPDATE length"}
+		}
+		n := int64(binary.BigEndian.Uint32(p) & h2MaxWindow)
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		if id == 0 {
+			if n == 0 {
+				return h2ConnError{codeProtocol, "WINDOW_UPDATE of 0"}
+			}
+			if c.sendConn += n; c.sendConn > h2MaxWindow {
+				return h2ConnError{codeFlowControl, "connection window overflow"}
+			}
+		} else if s := c.streams[id]; s != nil {
+			if s.send += n; n == 0 || s.send > h2MaxWindow {
+				s.failLocked(h2ConnError{codeFlowControl, "bad stream WINDOW_UPDATE"})
+				c.resetLocked(s, codeFlowControl)
+			}
+		}
+		c.sendWait.Broadcast()
+	}
+	return nil
+}
+
+func unpad(flags byte, p []byte) ([]byte, error) {
+	if flags&flagPadded == 0 {
+		return p, nil
+	}
+	if len(p) < 1 || int(p[0]) > len(p)-1 {
+		return nil, h2ConnError{codeProtocol, "bad padding"}
+	}
+	return p[1 : len(p)-int(p[0])], nil
+}
+
+func (c *grpcConn) handleData(flags byte, id uint32, p []byte) error {
+	if id == 0 {
+		return h2ConnError{codeProtocol, "DATA on stream 0"}
+	}
+	size := int64(len(p)) // padding counts against the windows too
+	data, err := unpad(flags, p)
+	if err != nil {
+		return err
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.recvConn -= size; c.recvConn < 0 {
+		return h2ConnError{codeFlowControl, "connection receive window exceeded"}
+	}
+	s := c.streams[id]
+	if s == nil || s.remoteEnd || s.failed != nil {
+		// A call already over: give the window back.
+		if id > c.lastID {
+			return h2ConnError{codeProtocol, "DATA on an unopened stream"}
+		}
+		c.consumedLocked(nil, size)
+		return nil
+	}
+	if s.res == nil {
+		s.failLocked(h2ConnError{codeProtocol, "DATA before the response header"})
+		c.resetLocked(s, codeProtocol)
+		c.consumedLocked(nil, size)
+		return nil
+	}
+	if s.recv -= size; s.recv < 0 {
+		s.failLocked(h2ConnError{codeFlowControl, "stream receive window exceeded"})
+		c.resetLocked(s, codeFlowControl)
+		c.consumedLocked(nil, size)
+		return nil
+	}
+	if s.off == len(s.buf) {
+		s.buf, s.off = s.buf[:0], 0
+	}
+	s.buf = append(s.buf, data...)
+	s.pad += size - int64(len(data))
+	if flags&flagEndStream != 0 {
+		s.remoteEnd = true
+		c.endLocked(s)
+	}
+	s.cond.Signal()
+	return nil
+}
+
+// consumedLocked gives n bytes of receive window back: on the connection,
+// and on s when not nil and still open, once half a window is owed.
+func (c *grpcConn) consumedLocked(s *grpcStream, n int64) {
+	c.recvAcked += n
+	if c.recvAcked >= int64(c.u.connWindow)/2 {
+		c.wbuf = appendWindowUpdate(c.wbuf, 0, uint32(c.recvAcked))
+		c.recvConn += c.recvAcked
+		c.recvAcked = 0
+	}
+	if s != nil && !s.remoteEnd && s.failed == nil {
+		s.acked += n
+		if s.acked >= int64(c.u.streamWindow)/2 {
+			c.wbuf = appendWindowUpdate(c.wbuf, s.id, uint32(s.acked))
+			s.recv += s.acked
+			s.acked = 0
+		}
+	}
+	c.flushLocked()
+}
+
+// endBlock decodes a complete header block: the response header, or the
+// trailers.
+func (c *grpcConn) endBlock() error {
+	block, id, end := c.block, c.blockID, c.blockEnd
+	c.inBlock = false
+	if cap(c.block) > 64<<10 {
+		c.block = nil
+	}
+	c.fields, c.fieldsSize = c.fields[:0], 0
+	if _, err := c.hdec.Write(block); err != nil {
+		return h2ConnError{codeCompression, err.Error()}
+	}
+	if err := c.hdec.Close(); err != nil {
+		return h2ConnError{codeCompression, err.Error()}
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	s := c.streams[id]
+	if s == nil || s.failed != nil || s.remoteEnd {
+		if id > c.lastID {
+			return h2ConnError{codeProtocol, "HEADERS on an unopened stream"}
+		}
+		return nil // a call already over; the block kept HPACK in step
+	}
+	if s.res == nil {
+		res, informational, err := c.response(s, end)
+		if err != nil {
+			s.failLocked(err)
+			c.resetLocked(s, codeProtocol)
+			return nil
+		}
+		if informational {
+			return nil // 1xx: not passed on
+		}
+		s.res = res
+		close(s.ready)
+	} else {
+		if !end {
+			s.failLocked(h2ConnError{codeProtocol, "trailers without END_STREAM"})
+			c.resetLocked(s, codeProtocol)
+			return nil
+		}
+		t, err := c.trailers()
+		if err != nil {
+			s.failLocked(err)
+			c.resetLocked(s, codeProtocol)
+			return nil
+		}
+		s.trailer = t
+	}
+	if end {
+		s.remoteEnd = true
+		s.cond.Signal()
+		c.endLocked(s)
+	}
+	return nil
+}
+
+var errBadResponseHeader = errors.New("cells-proxy: malformed HTTP/2 response header from upstream")
+
+// response builds s's response from the decoded fields.
+func (c *grpcConn) response(s *grpcStream, end bool) (*http.Response, bool, error) {
+	status := ""
+	h := make(http.Header, len(c.fields))
+	for i, f := range c.fields {
+		if strings.HasPrefix(f.Name, ":") {
+			if f.Name != ":status" || status != "" || i != 0 {
+				return nil, false, errBadResponseHeader
+			}
+			status = f.Value
+			continue
+		}
+		if !validField(f) {
+			return nil, false, errBadResponseHeader
+		}
+		k := http.CanonicalHeaderKey(f.Name)
+		h[k] = append(h[k], f.Value)
+	}
+	if c.fieldsSize > int(c.u.maxHeader) {
+		return nil, false, fmt.Errorf("cells-proxy: upstream response header larger than %d bytes", c.u.maxHeader)
+	}
+	code, err := strconv.Atoi(status)
+	if err != nil || len(status) != 3 || code < 100 {
+		return nil, false, errBadResponseHeader
+	}
+	if code < 200 {
+		if code == 101 || end {
+			return nil, false, errBadResponseHeader
+		}
+		return nil, true, nil
+	}
+	res := &http.Response{
+		Status:        status + " " + http.StatusText(code),
+		StatusCode:    code,
+		Proto:         "HTTP/2.0",
+		ProtoMajor:    2,
+		Header:        h,
+		Trailer:       make(http.Header),
+		ContentLength: -1,
+		Body:          s,
+		Request:       s.req,
+	}
+	if end {
+		res.ContentLength = 0
+	} else if cl := h["Content-Length"]; len(cl) == 1 {
+		if n, err := strconv.ParseInt(cl[0], 10, 64); err == nil && n >= 0 {
+			res.ContentLength = n
+		}
+	}
+	for _, v := range h["Trailer"] {
+		for _, k := range strings.Split(v, ",") {
+			if k = http.CanonicalHeaderKey(textprotoTrim(k)); k != "" {
+				res.Trailer[k] = nil
+			}
+		}
+	}
+	return res, false, nil
+}
+
+func textprotoTrim(s string) string { return strings.TrimSpace(s) }
+
+func (c *grpcConn) trailers() (http.Header, error) {
+	t := make(http.Header, len(c.fields))
+	for _, f := range c.fields {
+		if strings.HasPrefix(f.Name, ":") || !validField(f) {
+			return nil, errBadResponseHeader
+		}
+		k := http.CanonicalHeaderKey(f.Name)
+		t[k] = append(t[k], f.Value)
+	}
+	if c.fieldsSize > int(c.u.maxHeader) {
+		return nil, fmt.Errorf("cells-proxy: upstream trailers larger than %d bytes", c.u.maxHeader)
+	}
+	return t, nil
+}
+
+// validField: a lower-case token name, a value without CR, LF or NUL, and
+// no connection-specific field (RFC 9113 8.2).
+func validField(f hpack.HeaderField) bool {
+	for i := 0; i < len(f.Name); i++ {
+		if b := f.Name[i]; 'A' <= b && b <= 'Z' {
+			return false
+		}
+	}
+	if !httpguts.ValidHeaderFieldName(f.Name) || !httpguts.ValidHeaderFieldValue(f.Value) {
+		return false
+	}
+	return !h2ConnFields[f.Name] || f.Name == "host"
+}
+
+// resetLocked sends RST_STREAM for s and forgets it.
+func (c *grpcConn) resetLocked(s *grpcStream, code uint32) {
+	if c.streams[s.id] != s {
+		return
+	}
+	c.wbuf = appendRST(c.wbuf, s.id, code)
+	c.dropLocked(s)
+	c.flushLocked()
+}
+
+// dropLocked forgets s, which is over on both sides, giving back the
+// connection window of what its reader will not read.
+func (c *grpcConn) dropLocked(s *grpcStream) {
+	s.sentEnd, s.remoteEnd = true, true
+	if c.streams[s.id] == s {
+		delete(c.streams, s.id)
+	}
+	if s.failed != nil {
+		if n := int64(len(s.buf)-s.off) + s.pad; n > 0 {
+			s.buf, s.off, s.pad = nil, 0, 0
+			c.recvAcked += n
+			if c.recvAcked >= int64(c.u.connWindow)/2 {
+				c.wbuf = appendWindowUpdate(c.wbuf, 0, uint32(c.recvAcked))
+				c.recvConn += c.recvAcked
+				c.recvAcked = 0
+			}
+		}
+	}
+	s.cond.Broadcast()
+	c.sendWait.Broadcast()
+	if c.goaway && len(c.streams) == 0 {
+		c.failLocked(errH2Drained)
+	}
+}
+
+// endLocked forgets s once both sides have ended it.
+func (c *grpcConn) endLocked(s *grpcStream) {
+	if s.sentEnd && s.remoteEnd && c.streams[s.id] == s {
+		c.dropLocked(s)
+	}
+}
+
+// grpcStream is one call. It is the response body.
+type grpcStream struct {
+	c         *grpcConn
+	id        uint32
+	req       *http.Request
+	body      io.ReadCloser // request body; nil: none
+	bodyClose sync.Once
+	stop      func() bool // stops the context's AfterFunc
+
+	// Under c.mu.
+	cond      sync.Cond
+	ready     chan struct{} // closed when res or err is set
+	res       *http.Response
+	err       error  // what RoundTrip returns when res is nil
+	failed    error  // the call broke: reads return it after buf
+	buf       []byte // response body received; buf[off:] not yet read
+	off       int
+	pad       int64 // padding received, given back with the next read
+	trailer   http.Header
+	send      int64 // send window
+	recv      int64 // receive window left
+	acked     int64 // bytes read not yet given back
+	sentEnd   bool  // END_STREAM or RST_STREAM sent
+	remoteEnd bool  // END_STREAM or RST_STREAM received
+	closed    bool  // Close called
+}
+
+// closeBody closes the request body: a copy blocked reading it returns.
+func (s *grpcStream) closeBody() {
+	if s.body != nil {
+		s.bodyClose.Do(func() { s.body.Close() })
+	}
+}
+
+// failLocked ends s with err, unless its response is complete already:
+// then only the request side stops. Reads return err once the stream is
+// dropped (what it buffered is then discarded) or after what is buffered.
+func (s *grpcStream) failLocked(err error) {
+	if s.failed != nil {
+		return
+	}
+	if !s.remoteEnd {
+		s.failed = err
+		if s.res == nil {
+			s.err = err
+			close(s.ready)
+		}
+	}
+	s.cond.Broadcast()
+	s.c.sendWait.Broadcast()
+	if s.body != nil {
+		go s.closeBody()
+	}
+}
+
+// abort ends s from our side (the client went, its body broke).
+func (s *grpcStream) abort(err error, code uint32) {
+	c := s.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	s.failLocked(err)
+	if c.err == nil {
+		c.resetLocked(s, code)
+	}
+}
+
+// Read reads the response body.
+func (s *grpcStream) Read(p []byte) (int, error) {
+	c := s.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for s.off == len(s.buf) && !s.remoteEnd && s.failed == nil {
+		s.cond.Wait()
+	}
+	if s.off < len(s.buf) {
+		n := copy(p, s.buf[s.off:])
+		if s.off += n; s.off == len(s.buf) {
+			s.buf, s.off = s.buf[:0], 0
+			if cap(s.buf) > 64<<10 {
+				s.buf = nil
+			}
+		}
+		consumed := int64(n) + s.pad
+		s.pad = 0
+		c.consumedLocked(s, consumed)
+		return n, nil
+	}
+	if s.failed != nil {
+		return 0, s.failed
+	}
+	for k, vv := range s.trailer {
+		s.res.Trailer[k] = vv
+	}
+	s.trailer = nil
+	return 0, io.EOF
+}
+
+// Close ends the call: a stream still open is reset.
+func (s *grpcStream) Close() error {
+	s.stop()
+	c := s.c
+	c.mu.Lock()
+	if s.closed {
+		c.mu.Unlock()
+		return nil
+	}
+	s.closed = true
+	if !s.remoteEnd || !s.sentEnd {
+		s.failLocked(errH2BodyClose)
+		if c.err == nil {
+			c.resetLocked(s, codeCancel)
+		}
+	}
+	c.mu.Unlock()
+	s.closeBody()
+	return nil
+}
+
+var h2BodyBuffers = newPool(func() []byte { return make([]byte, h2MinFrame) })
+
+// writeBody copies the request body to DATA frames, as fast as the
+// windows allow, and ends the stream when the body ends.
+func (s *grpcStream) writeBody(body io.ReadCloser) {
+	buf := h2BodyBuffers.Get()
+	defer h2BodyBuffers.Put(buf)
+	defer s.closeBody()
+	for {
+		n, err := body.Read(buf)
+		if n > 0 && !s.writeData(buf[:n], false) {
+			return
+		}
+		if err == io.EOF {
+			s.writeData(nil, true)
+			return
+		}
+		if err != nil {
+			s.abort(err, codeCancel)
+			return
+		}
+	}
+}
+
+// writeData queues p as DATA frames as the windows allow, ending the
+// stream after it when end (with the request's trailers, if any). It
+// reports whether the stream still takes request body.
+func (s *grpcStream) writeData(p []byte, end bool) bool {
+	c := s.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	trailers := end && len(s.req.Trailer) > 0
+	if trailers {
+		if err := checkFields(s.req.Trailer); err != nil {
+			s.failLocked(err)
+			c.resetLocked(s, codeInternal)
+			return false
+		}
+	}
+	for {
+		for len(p) > 0 && (s.send <= 0 || c.sendConn <= 0) && s.failed == nil && !s.sentEnd && c.err == nil {
+			// What the windows took so far leaves before waiting for more.
+			c.flushLocked()
+			if s.send <= 0 || c.sendConn <= 0 {
+				c.sendWait.Wait()
+			}
+		}
+		if s.failed != nil || s.sentEnd || c.err != nil {
+			return false
+		}
+		n := int(min(int64(len(p)), s.send, c.sendConn, int64(c.maxFrame)))
+		last := n == len(p)
+		if n > 0 || (last && end && !trailers) {
+			var flags byte
+			if last && end && !trailers {
+				flags = flagEndStream
+			}
+			c.wbuf = appendFrameHeader(c.wbuf, n, frameData, flags, s.id)
+			c.wbuf = append(c.wbuf, p[:n]...)
+			s.send -= int64(n)
+			c.sendConn -= int64(n)
+			p = p[n:]
+		}
+		if !last {
+			continue
+		}
+		if trailers {
+			c.hbuf.Reset()
+			c.encodeFields(s.req.Trailer, false)
+			c.appendHeaderBlock(s.id, true)
+		}
+		if end {
+			s.sentEnd = true
+			c.endLocked(s)
+		}
+		c.flushLocked()
+		return !end
+	}
+}
