@@ -1,0 +1,924 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net/http"
+	"net/url"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+	"google.golang.org/grpc/codes"
+	testgrpc "google.golang.org/grpc/interop/grpc_testing"
+	testpb "google.golang.org/grpc/interop/grpc_testing"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+)
+
+// The gRPC upstream leg, end to end, whatever HTTP/2 client the proxy uses
+// to reach Cells' gRPC port: a scripted HTTP/2 server (h2Peer) stands in for
+// Cells and does, frame by frame, the unusual things a hand-written client
+// tends to get wrong: small and exhausted windows, frame splitting and
+// padding, a stream limit of one, resets, GOAWAY, a dropped connection,
+// PING, malformed response headers. Clients are net/http's HTTP/2 client,
+// which shows the exact status, headers, body and trailers the proxy
+// answers, and grpc-go where the gRPC status a real client derives matters.
+
+// startPeerProxy starts a proxy whose gRPC upstream is p over h2c (Cells'
+// gRPC port in topology B); its HTTP upstream is a recorder.
+func startPeerProxy(t *testing.T, p *h2Peer) *testProxy {
+	t.Helper()
+	cfg := testConfig(newUpstream(t, upPlain, &recorder{}))
+	cfg.GRPCUpstream = &url.URL{Scheme: "h2c", Host: p.Addr}
+	return startProxy(t, cfg)
+}
+
+// grpcMsg frames msg as one uncompressed gRPC message.
+func grpcMsg(msg []byte) []byte {
+	b := make([]byte, 5, 5+len(msg))
+	binary.BigEndian.PutUint32(b[1:], uint32(len(msg)))
+	return append(b, msg...)
+}
+
+// randomBytes is n bytes of a fixed pseudo-random sequence for seed.
+func randomBytes(n int, seed byte) []byte {
+	b := make([]byte, n)
+	rand.NewChaCha8([32]byte{'u', 'p', seed}).Read(b)
+	return b
+}
+
+// grpcResult is a gRPC call as net/http's client saw it.
+type grpcResult struct {
+	Status  int
+	Header  http.Header
+	Body    []byte
+	Trailer http.Header
+	Err     error // of the request, or of reading the body
+}
+
+// callGRPC makes a gRPC call with net/http's HTTP/2 client as gRPC clients
+// make it: POST, content-type application/grpc, te: trailers, a body of
+// unknown length; then reads the whole response. kv are more request
+// fields, name then value; "host" sets the authority.
+func callGRPC(ctx context.Context, c *http.Client, url string, body []byte, kv ...string) grpcResult {
+	// Not a *bytes.Reader: its length would become a content-length,
+	// which gRPC clients do not send.
+	req, err := http.NewRequestWithContext(ctx, "POST", url, io.MultiReader(bytes.NewReader(body)))
+	if err != nil {
+		return grpcResult{Err: err}
+	}
+	req.Header.Set("Content-Type", "application/grpc")
+	req.Header.Set("Te", "trailers")
+	for i := 0; i+1 < len(kv); i += 2 {
+		if strings.EqualFold(kv[i], "host") {
+			req.Host = kv[i+1]
+			continue
+		}
+		req.Header.Add(kv[i], kv[i+1])
+	}
+	res, err := c.Do(req)
+	if err != nil {
+		return grpcResult{Err: err}
+	}
+	defer res.Body.Close()
+	r := grpcResult{Status: res.StatusCode, Header: res.Header}
+	r.Body, r.Err = io.ReadAll(res.Body)
+	r.Trailer = res.Trailer
+	return r
+}
+
+// checkOK fails unless r is a complete call with grpc-status 0 and body want.
+func checkOK(t testing.TB, what string, r grpcResult, want []byte) {
+	t.Helper()
+	if r.Err != nil {
+		t.Fatalf("%s: %v", what, r.Err)
+	}
+	if r.Status != http.StatusOK {
+		t.Errorf("%s: status = %d, want 200", what, r.Status)
+	}
+	if got := r.Trailer.Get("Grpc-Status"); got != "0" {
+		t.Errorf("%s: trailer grpc-status = %q (grpc-message %q, header grpc-status %q), want \"0\"",
+			what, got, r.Trailer.Get("Grpc-Message"), r.Header.Get("Grpc-Status"))
+	}
+	if !bytes.Equal(r.Body, want) {
+		t.Errorf("%s: body is %d bytes, not the %d the upstream sent", what, len(r.Body), len(want))
+	}
+}
+
+// short shows values, each cut to 30 bytes with its length.
+func short(values ...string) string {
+	var b strings.Builder
+	for i, v := range values {
+		if i > 0 {
+			b.WriteString(" ")
+		}
+		fmt.Fprintf(&b, "%.30q (%d bytes)", v, len(v))
+	}
+	return b.String()
+}
+
+// recv waits up to 10 s for a value from c.
+func recv[T any](t testing.TB, c <-chan T, what string) T {
+	t.Helper()
+	select {
+	case v := <-c:
+		return v
+	case <-time.After(10 * time.Second):
+		t.Fatalf("waiting for %s: timed out", what)
+		var zero T
+		return zero
+	}
+}
+
+// echo is a handler that reads the request body and answers it back with
+// grpc-status 0.
+func echo(s *h2Stream) {
+	body, err := s.readBody()
+	if err != nil {
+		return
+	}
+	s.respond(body)
+}
+
+// TestGRPCUpstreamRequestFlowControl: the upstream grants window only as
+// it reads, with a connection window that stays the RFC's 65,535: once with
+// a 1 KiB stream window (the stream's window binds), once with a 1 MiB one
+// (the connection's binds). A 1 MiB request body arrives intact, and the
+// proxy never sends a byte beyond a window granted (h2Peer checks every
+// DATA frame against both).
+func TestGRPCUpstreamRequestFlowControl(t *testing.T) {
+	t.Parallel()
+	for _, c := range []struct {
+		name   string
+		window uint32
+	}{
+		{"stream-window-1KiB", 1024},
+		{"connection-window-64KiB", 1 << 20},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
+			got := make(chan [32]byte, 1)
+			p := newH2Peer(t, h2PeerConfig{Settings: []http2.Setting{{ID: http2.SettingInitialWindowSize, Val: c.window}}}, func(s *h2Stream) {
+				body, err := s.readBody()
+				if err != nil {
+					return
+				}
+				got <- sha256.Sum256(body)
+				s.respond(grpcMsg(nil))
+			})
+			tp := startPeerProxy(t, p)
+
+			body := grpcMsg(randomBytes(1<<20-5, 1))
+			r := callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Upload", body)
+			checkOK(t, "upload", r, grpcMsg(nil))
+			if sum := recv(t, got, "the upstream's hash of the body"); sum != sha256.Sum256(body) {
+				t.Error("the body the upstream received differs from the one sent")
+			}
+			for _, v := range p.Violations() {
+				t.Errorf("upstream: %s", v)
+			}
+			for _, c := range p.Conns() {
+				t.Logf("connection %d: %d DATA frames, the largest %d bytes", c.N, c.Stats().DataFrames, c.Stats().MaxDataFrame)
+			}
+		})
+	}
+}
+
+// TestGRPCUpstreamResponseFlowControl: the upstream answers 64 MiB on one
+// stream, honouring the proxy's windows, while the client reads nothing
+// yet. The upstream blocks on an exhausted window with a bounded amount
+// sent: the proxy holds a slow client's response in windows, not in memory.
+// Then the client reads it all, intact, with its trailers.
+func TestGRPCUpstreamResponseFlowControl(t *testing.T) {
+	t.Parallel()
+	const total = 64 << 20
+	// What may be in flight while the client reads nothing: the proxy's
+	// receive window on the upstream stream (4 MiB today) plus the
+	// client's window on its stream from the proxy (4 MiB for net/http's
+	// client) plus copy buffers and frames in transit (well under 1 MiB):
+	// about 9 MiB. 24 MiB leaves room for a client that picks larger
+	// windows, and still fails a proxy that reads the response into memory
+	// (it would take all 64 MiB).
+	const bound = 24 << 20
+	stalled := make(chan int64, 1)
+	ended := make(chan error, 1) // nil: all sent
+	sum := make(chan []byte, 1)
+	p := newH2Peer(t, h2PeerConfig{}, func(s *h2Stream) {
+		if _, err := s.readBody(); err != nil {
+			return
+		}
+		if s.writeHeaders(false, 1, ":status", "200", "content-type", "application/grpc") != nil {
+			return
+		}
+		h := sha256.New()
+		src := rand.NewChaCha8([32]byte{'6', '4'})
+		buf := make([]byte, 64<<10)
+		// Blocked on a window for half a second with no WINDOW_UPDATE:
+		// the proxy holds all it will hold. A shorter pause (a window
+		// update that comes late) would only report a smaller amount.
+		stall := func() {
+			select {
+			case stalled <- s.Sent():
+			default:
+			}
+		}
+		for sent := 0; sent < total; sent += len(buf) {
+			src.Read(buf)
+			h.Write(buf)
+			if err := s.writeDataStall(buf, false, 500*time.Millisecond, stall); err != nil {
+				ended <- fmt.Errorf("after %d bytes: %w", s.Sent(), err)
+				return
+			}
+		}
+		ended <- nil
+		sum <- h.Sum(nil)
+		s.writeHeaders(true, 1, "grpc-status", "0")
+	})
+	tp := startPeerProxy(t, p)
+
+	ctx := testCtx(t)
+	req, err := http.NewRequestWithContext(ctx, "POST", tp.URL+"/pkg.Svc/Download", bytes.NewReader(grpcMsg(nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", "application/grpc")
+	req.Header.Set("Te", "trailers")
+	res, err := tp.H2.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close()
+	select {
+	case n := <-stalled:
+		t.Logf("the upstream blocked on a window after sending %.1f MiB", float64(n)/(1<<20))
+		if n > bound {
+			t.Errorf("the upstream sent %d bytes before blocking, want at most %d while the client reads nothing", n, bound)
+		}
+	case err := <-ended:
+		if err == nil {
+			t.Fatalf("the upstream sent all %d bytes while the client read nothing: the response is buffered without bound", total)
+		}
+		t.Fatalf("the upstream's stream ended %v", err)
+	case <-time.After(time.Minute):
+		t.Fatal("the upstream neither blocked on a window nor finished within a minute")
+	}
+	h := sha256.New()
+	n, err := io.Copy(h, res.Body)
+	if err != nil {
+		t.Fatalf("reading the response after %d bytes: %v", n, err)
+	}
+	if n != total {
+		t.Errorf("client received %d bytes, want %d", n, total)
+	}
+	if want := recv(t, sum, "the upstream's hash"); !bytes.Equal(h.Sum(nil), want) {
+		t.Error("SHA-256 of the bytes received differs from the bytes the upstream sent")
+	}
+	if got := res.Trailer.Get("Grpc-Status"); got != "0" {
+		t.Errorf("trailer grpc-status = %q, want \"0\"", got)
+	}
+}
+
+// TestGRPCUpstreamMaxConcurrentStreams: the upstream allows one stream at a
+// time and refuses any other with REFUSED_STREAM. Eight concurrent calls on
+// one client connection all complete with their own answers (whether the
+// proxy queues them or opens more connections), and the proxy keeps to the
+// limit once it knows it. Streams a new connection opened before the
+// upstream's SETTINGS reached the proxy are refused, and must be sent again
+// (forward.go, replayBody: without it net/http's transport fails them).
+func TestGRPCUpstreamMaxConcurrentStreams(t *testing.T) {
+	t.Parallel()
+	p := newH2Peer(t, h2PeerConfig{Settings: []http2.Setting{{ID: http2.SettingMaxConcurrentStreams, Val: 1}}}, func(s *h2Stream) {
+		body, err := s.readBody()
+		if err != nil {
+			return
+		}
+		// The answer in several frames, so that each stream stays open
+		// long enough for a proxy that ignores the limit to open another.
+		if s.writeHeaders(false, 1, ":status", "200", "content-type", "application/grpc") != nil {
+			return
+		}
+		for len(body) > 0 {
+			n := min(len(body), 4<<10)
+			if s.writeData(body[:n], false) != nil {
+				return
+			}
+			body = body[n:]
+		}
+		s.writeHeaders(true, 1, "grpc-status", "0")
+	})
+	tp := startPeerProxy(t, p)
+
+	// One call first, on which the proxy's connection learns the
+	// upstream's SETTINGS.
+	warm := grpcMsg([]byte("warm-up"))
+	checkOK(t, "warm-up call", callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Echo", warm), warm)
+	before := len(p.Conns())
+
+	var wg sync.WaitGroup
+	results := make([]grpcResult, 8)
+	bodies := make([][]byte, len(results))
+	for i := range results {
+		bodies[i] = grpcMsg(randomBytes(32<<10, byte(i)))
+		wg.Go(func() { results[i] = callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Echo", bodies[i]) })
+	}
+	wg.Wait()
+	for i, r := range results {
+		checkOK(t, fmt.Sprintf("call %d", i), r, bodies[i])
+	}
+	for _, c := range p.Conns() {
+		// Streams opened on a new connection before the proxy has read
+		// its SETTINGS may be refused (the limit is unknown until then,
+		// RFC 9113 §6.5.2); the calls must still complete (§8.7: a
+		// refused stream was not processed and may be sent again). Once
+		// the proxy has acknowledged the SETTINGS it knows the limit: at
+		// most one stream it chose before, whose HEADERS follow the ACK
+		// on the wire, may still be refused.
+		st := c.Stats()
+		if len(st.LateRefused) > 1 {
+			t.Errorf("connection %d: streams %v refused after the proxy acknowledged SETTINGS_MAX_CONCURRENT_STREAMS = 1", c.N, st.LateRefused)
+		}
+		if len(st.Refused) > 0 {
+			t.Logf("connection %d: streams %v refused (%v after the SETTINGS ACK)", c.N, st.Refused, st.LateRefused)
+		}
+	}
+	t.Logf("upstream connections: %d before the concurrent calls, %d after", before, len(p.Conns()))
+}
+
+// TestGRPCUpstreamFraming: the same answer framed in the ways RFC 9113
+// allows: a header block split over HEADERS and CONTINUATION frames, padded
+// DATA frames, a body in one-byte DATA frames, trailers split over HEADERS
+// and CONTINUATION. The client gets the exact headers, body and trailers.
+func TestGRPCUpstreamFraming(t *testing.T) {
+	t.Parallel()
+	type framing struct {
+		name         string
+		headerParts  int // frames of the response header block
+		trailerParts int // frames of the trailer block
+		pad          int // padding bytes per DATA frame; -1: not padded
+		chunk        int // bytes per DATA frame; 0: as large as allowed
+	}
+	cases := []framing{
+		{"plain", 1, 1, -1, 0},
+		{"split-headers", 4, 1, -1, 0},
+		{"padded-data", 1, 1, 200, 50},
+		{"zero-padding", 1, 1, 0, 50},
+		{"one-byte-data", 1, 1, -1, 1},
+		{"split-trailers", 1, 3, -1, 0},
+		{"all", 5, 4, 3, 1},
+	}
+	body := grpcMsg([]byte(strings.Repeat("framing test payload; ", 20)))
+	long := strings.Repeat("h", 300) // makes each CONTINUATION carry real bytes
+	p := newH2Peer(t, h2PeerConfig{}, func(s *h2Stream) {
+		if _, err := s.readBody(); err != nil {
+			return
+		}
+		i := slices.IndexFunc(cases, func(f framing) bool { return s.Get(":path") == "/pkg.Svc/"+f.name })
+		if i < 0 {
+			s.reset(http2.ErrCodeInternal)
+			return
+		}
+		f := cases[i]
+		if s.writeHeaders(false, f.headerParts, ":status", "200", "content-type", "application/grpc",
+			"x-cells-header", "header value", "x-long-header", long) != nil {
+			return
+		}
+		for b := body; len(b) > 0; {
+			n := len(b)
+			if f.chunk > 0 {
+				n = min(n, f.chunk)
+			}
+			var err error
+			if f.pad >= 0 {
+				err = s.writePadded(b[:n], f.pad, false)
+			} else {
+				err = s.writeData(b[:n], false)
+			}
+			if err != nil {
+				return
+			}
+			b = b[n:]
+		}
+		s.writeHeaders(true, f.trailerParts, "grpc-status", "0", "grpc-message", "framing ok",
+			"x-cells-trailer", "trailer value", "x-long-trailer", long)
+	})
+	tp := startPeerProxy(t, p)
+
+	for _, f := range cases {
+		t.Run(f.name, func(t *testing.T) {
+			r := callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/"+f.name, grpcMsg(nil))
+			checkOK(t, f.name, r, body)
+			for _, c := range []struct {
+				what string
+				h    http.Header
+				key  string
+				want string
+			}{
+				{"header", r.Header, "Content-Type", "application/grpc"},
+				{"header", r.Header, "X-Cells-Header", "header value"},
+				{"header", r.Header, "X-Long-Header", long},
+				{"trailer", r.Trailer, "Grpc-Message", "framing ok"},
+				{"trailer", r.Trailer, "X-Cells-Trailer", "trailer value"},
+				{"trailer", r.Trailer, "X-Long-Trailer", long},
+			} {
+				if got := c.h.Values(c.key); !slices.Equal(got, []string{c.want}) {
+					t.Errorf("%s %s = %s, want [%s]", c.what, c.key, short(got...), short(c.want))
+				}
+			}
+		})
+	}
+}
+
+// TestGRPCUpstreamTrailersOnly: a call answered with a single HEADERS frame
+// with END_STREAM (the trailers-only form of a gRPC error) reaches a
+// grpc-go client as its status: code and percent-decoded message.
+func TestGRPCUpstreamTrailersOnly(t *testing.T) {
+	t.Parallel()
+	paths := make(chan string, 1)
+	p := newH2Peer(t, h2PeerConfig{}, func(s *h2Stream) {
+		if _, err := s.readBody(); err != nil {
+			return
+		}
+		paths <- s.Get(":path")
+		s.writeHeaders(true, 1, ":status", "200", "content-type", "application/grpc",
+			"grpc-status", "7", "grpc-message", "no access to caf%C3%A9")
+	})
+	tp := startPeerProxy(t, p)
+	tc := testgrpc.NewTestServiceClient(dialProxy(t, tp, tp.Addr().String()))
+
+	_, err := tc.EmptyCall(testCtx(t), &testpb.Empty{})
+	st := status.Convert(err)
+	if got, want := st.Code(), codes.PermissionDenied; got != want {
+		t.Errorf("status = %v, want %v", err, want)
+	}
+	if got, want := st.Message(), "no access to café"; got != want {
+		t.Errorf("message = %q, want %q", got, want)
+	}
+	if got, want := recv(t, paths, "the call's path"), "/grpc.testing.TestService/EmptyCall"; got != want {
+		t.Errorf("upstream :path = %q, want %q", got, want)
+	}
+}
+
+// TestGRPCUpstreamResetMidResponse: the upstream resets one stream
+// (INTERNAL_ERROR) after part of its answer, while a second call on the
+// same upstream connection is in progress. The first call ends at once
+// with an error status, not a hang and not grpc-status 0; the second
+// completes.
+func TestGRPCUpstreamResetMidResponse(t *testing.T) {
+	t.Parallel()
+	brokenStarted := make(chan *h2Stream, 1)
+	slowSeen := make(chan *h2Stream, 1) // for the test
+	slowStarted := make(chan struct{})  // for the first call's handler
+	resetDone := make(chan struct{})
+	p := newH2Peer(t, h2PeerConfig{}, func(s *h2Stream) {
+		switch s.Get(":path") {
+		case "/pkg.Svc/Broken":
+			if _, err := s.readBody(); err != nil {
+				return
+			}
+			if s.writeHeaders(false, 1, ":status", "200", "content-type", "application/grpc") != nil ||
+				s.writeData(grpcMsg([]byte("first part")), false) != nil {
+				return
+			}
+			brokenStarted <- s
+			select {
+			case <-slowStarted:
+			case <-s.Done():
+				return
+			}
+			s.reset(http2.ErrCodeInternal)
+			close(resetDone)
+		case "/pkg.Svc/Slow":
+			slowSeen <- s
+			close(slowStarted)
+			body, err := s.readBody()
+			if err != nil {
+				return
+			}
+			select {
+			case <-resetDone:
+			case <-s.Done():
+				return
+			}
+			s.respond(body)
+		}
+	})
+	tp := startPeerProxy(t, p)
+
+	first := make(chan grpcResult, 1)
+	go func() { first <- callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Broken", grpcMsg(nil)) }()
+	broken := recv(t, brokenStarted, "the first call at the upstream")
+	// Its handler resets it once the second call has reached the upstream.
+	want2 := grpcMsg([]byte("second call"))
+	second := make(chan grpcResult, 1)
+	go func() { second <- callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Slow", want2) }()
+
+	// A hang would end at testCtx's minute as a read error, not as the
+	// grpc-status checked here.
+	r := recv(t, first, "the first call to end")
+	if r.Err != nil {
+		t.Fatalf("first call: %v", r.Err)
+	}
+	if got, want := r.Body, grpcMsg([]byte("first part")); !bytes.Equal(got, want) {
+		t.Errorf("first call: body = %q, want the part sent before the reset, %q", got, want)
+	}
+	// Pinned: the proxy turns a body broken mid-way into UNAVAILABLE in
+	// the trailers (forward.go, grpcBody).
+	if got, want := r.Trailer.Get("Grpc-Status"), "14"; got != want {
+		t.Errorf("first call: trailer grpc-status = %q (message %q), want %q", got, r.Trailer.Get("Grpc-Message"), want)
+	}
+	if got := r.Trailer.Get("Grpc-Message"); !strings.HasPrefix(got, "cells-proxy: upstream stream broke") {
+		t.Errorf("first call: grpc-message = %q, want it to say the upstream stream broke", got)
+	}
+
+	checkOK(t, "second call", recv(t, second, "the second call to end"), want2)
+	if slow := recv(t, slowSeen, "the second call at the upstream"); slow.c != broken.c {
+		t.Errorf("the calls went to upstream connections %d and %d, want one", broken.c.N, slow.c.N)
+	}
+}
+
+// TestGRPCUpstreamGoAway: the upstream answers one call per connection,
+// then sends GOAWAY (NO_ERROR, last stream ID the one it answered) and
+// closes the connection, as a server going away does. Each next call, made
+// as soon as the previous one ends, succeeds on a new connection.
+func TestGRPCUpstreamGoAway(t *testing.T) {
+	t.Parallel()
+	p := newH2Peer(t, h2PeerConfig{}, func(s *h2Stream) {
+		body, err := s.readBody()
+		if err != nil {
+			return
+		}
+		if s.respond(body) != nil {
+			return
+		}
+		s.c.goAway(s.ID, http2.ErrCodeNo)
+		s.c.close()
+	})
+	tp := startPeerProxy(t, p)
+
+	const calls = 3
+	for i := range calls {
+		want := grpcMsg([]byte(fmt.Sprintf("call %d", i)))
+		checkOK(t, fmt.Sprintf("call %d", i), callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Echo", want), want)
+	}
+	if got, want := p.Accepted.Load(), int32(calls); got != want {
+		t.Errorf("upstream accepted %d connections, want %d (one per call)", got, want)
+	}
+}
+
+// TestGRPCUpstreamConnectionDrop: the upstream's connection drops (TCP
+// reset) in the middle of a server stream, after two messages. The
+// grpc-go client gets both messages, then an error status at once, not a
+// hang; the next call succeeds on a new connection.
+func TestGRPCUpstreamConnectionDrop(t *testing.T) {
+	t.Parallel()
+	clientGot := make(chan struct{})
+	msg := func(s string) []byte {
+		b, err := proto.Marshal(&testpb.StreamingOutputCallResponse{Payload: &testpb.Payload{Body: []byte(s)}})
+		if err != nil {
+			panic(err)
+		}
+		return grpcMsg(b)
+	}
+	p := newH2Peer(t, h2PeerConfig{}, func(s *h2Stream) {
+		if _, err := s.readBody(); err != nil {
+			return
+		}
+		switch s.Get(":path") {
+		case "/grpc.testing.TestService/StreamingOutputCall":
+			if s.writeHeaders(false, 1, ":status", "200", "content-type", "application/grpc") != nil ||
+				s.writeData(append(msg("one"), msg("two")...), false) != nil {
+				return
+			}
+			select {
+			case <-clientGot:
+			case <-s.Done():
+				return
+			}
+			s.c.abort()
+		default:
+			s.respond(grpcMsg(nil))
+		}
+	})
+	tp := startPeerProxy(t, p)
+	tc := testgrpc.NewTestServiceClient(dialProxy(t, tp, tp.Addr().String()))
+
+	// The proxy sees the connection drop at once: 20 s is far more than
+	// it needs, and far less than a hang.
+	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+	defer cancel()
+	stream, err := tc.StreamingOutputCall(ctx, &testpb.StreamingOutputCallRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"one", "two"} {
+		res, err := stream.Recv()
+		if err != nil {
+			t.Fatalf("Recv before the drop: %v", err)
+		}
+		if got := string(res.GetPayload().GetBody()); got != want {
+			t.Errorf("message = %q, want %q", got, want)
+		}
+	}
+	close(clientGot)
+	_, err = stream.Recv()
+	// Pinned: the proxy ends a response whose upstream body broke with
+	// UNAVAILABLE in the trailers (forward.go, grpcBody): the status that
+	// tells a client such as Cells Sync to call again.
+	if got, want := status.Code(err), codes.Unavailable; got != want {
+		t.Errorf("Recv after the drop = %v, want %v", err, want)
+	}
+	if _, err := tc.EmptyCall(testCtx(t), &testpb.Empty{}); err != nil {
+		t.Errorf("the call after the drop: %v", err)
+	}
+	if got, want := p.Accepted.Load(), int32(2); got != want {
+		t.Errorf("upstream accepted %d connections, want %d", got, want)
+	}
+}
+
+// TestGRPCUpstreamClientCancel: a client that gives up a call while the
+// upstream is still sending (closes the response body, or cancels the
+// request) makes the proxy reset the upstream stream with CANCEL.
+func TestGRPCUpstreamClientCancel(t *testing.T) {
+	t.Parallel()
+	streams := make(chan *h2Stream, 1)
+	p := newH2Peer(t, h2PeerConfig{}, func(s *h2Stream) {
+		if _, err := s.readBody(); err != nil {
+			return
+		}
+		if s.writeHeaders(false, 1, ":status", "200", "content-type", "application/grpc") != nil {
+			return
+		}
+		streams <- s
+		// Messages until the stream or the connection ends.
+		m := grpcMsg(randomBytes(16<<10, 9))
+		for s.writeData(m, false) == nil {
+		}
+	})
+	tp := startPeerProxy(t, p)
+
+	for _, how := range []string{"close-body", "cancel-context"} {
+		t.Run(how, func(t *testing.T) {
+			ctx, cancel := context.WithCancel(testCtx(t))
+			defer cancel()
+			req, err := http.NewRequestWithContext(ctx, "POST", tp.URL+"/pkg.Svc/Watch", bytes.NewReader(grpcMsg(nil)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			req.Header.Set("Content-Type", "application/grpc")
+			req.Header.Set("Te", "trailers")
+			res, err := tp.H2.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer res.Body.Close()
+			if _, err := io.ReadFull(res.Body, make([]byte, 1<<10)); err != nil {
+				t.Fatalf("reading the first bytes: %v", err)
+			}
+			s := recv(t, streams, "the call at the upstream")
+			if how == "close-body" {
+				res.Body.Close()
+			} else {
+				cancel()
+			}
+			code, ok := s.resetCode()
+			if !ok {
+				t.Fatal("the upstream got no RST_STREAM within 10 s of the client giving up")
+			}
+			if code != http2.ErrCodeCancel {
+				t.Errorf("upstream RST_STREAM %v, want %v", code, http2.ErrCodeCancel)
+			}
+		})
+	}
+}
+
+// TestGRPCUpstreamPing: a PING from the upstream gets a PING ACK with the
+// same eight bytes, on an idle connection and during a call.
+func TestGRPCUpstreamPing(t *testing.T) {
+	t.Parallel()
+	inCall := make(chan *h2Stream, 1)
+	release := make(chan struct{})
+	p := newH2Peer(t, h2PeerConfig{}, func(s *h2Stream) {
+		body, err := s.readBody()
+		if err != nil {
+			return
+		}
+		if s.Get(":path") == "/pkg.Svc/Ping" {
+			inCall <- s
+			// The call stays open until the PING is answered.
+			select {
+			case <-release:
+			case <-s.Done():
+				return
+			}
+		}
+		s.respond(body)
+	})
+	tp := startPeerProxy(t, p)
+
+	want := grpcMsg([]byte("ping"))
+	checkOK(t, "first call", callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Echo", want), want)
+	c := p.Conns()[0]
+	for _, data := range [][8]byte{{'c', 'e', 'l', 'l', 's', 1, 2, 3}, {0xff, 0, 0xfe, 1, 0xfd, 2, 0xfc, 3}} {
+		if got := c.ping(t, data); got != data {
+			t.Errorf("idle connection: PING ACK carries %x, want %x", got, data)
+		}
+	}
+
+	done := make(chan grpcResult, 1)
+	go func() { done <- callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Ping", want) }()
+	s := recv(t, inCall, "the call at the upstream")
+	data := [8]byte{'i', 'n', '-', 'c', 'a', 'l', 'l', '!'}
+	if got := s.c.ping(t, data); got != data {
+		t.Errorf("during a call: PING ACK carries %x, want %x", got, data)
+	}
+	close(release)
+	checkOK(t, "call during the PING", recv(t, done, "the call to end"), want)
+}
+
+// TestGRPCUpstreamMaxFrameSize: the upstream's SETTINGS_MAX_FRAME_SIZE is
+// 16,384 and its windows are 1 MiB, so that only the frame size limits
+// DATA frames: a 100 KiB message arrives intact in frames no larger.
+func TestGRPCUpstreamMaxFrameSize(t *testing.T) {
+	t.Parallel()
+	const maxFrame = 16384
+	got := make(chan [32]byte, 1)
+	p := newH2Peer(t, h2PeerConfig{
+		Settings: []http2.Setting{
+			{ID: http2.SettingMaxFrameSize, Val: maxFrame},
+			{ID: http2.SettingInitialWindowSize, Val: 1 << 20},
+		},
+		ConnWindow: 1 << 20,
+	}, func(s *h2Stream) {
+		body, err := s.readBody()
+		if err != nil {
+			return
+		}
+		got <- sha256.Sum256(body)
+		s.respond(grpcMsg(nil))
+	})
+	tp := startPeerProxy(t, p)
+
+	body := grpcMsg(randomBytes(100<<10, 11))
+	checkOK(t, "call", callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Upload", body), grpcMsg(nil))
+	if sum := recv(t, got, "the upstream's hash of the body"); sum != sha256.Sum256(body) {
+		t.Error("the body the upstream received differs from the one sent")
+	}
+	for _, c := range p.Conns() {
+		st := c.Stats()
+		if st.MaxDataFrame > maxFrame {
+			t.Errorf("connection %d: a DATA frame of %d bytes, want at most %d (SETTINGS_MAX_FRAME_SIZE)", c.N, st.MaxDataFrame, maxFrame)
+		}
+		t.Logf("connection %d: %d DATA frames, the largest %d bytes", c.N, st.DataFrames, st.MaxDataFrame)
+	}
+}
+
+// TestGRPCUpstreamBadResponseHeaders: a response whose header block is
+// malformed (RFC 9113 §8.3: a field name with upper case, a pseudo-header
+// other than :status, no :status) is an upstream failure: the client gets
+// a gRPC error status from the proxy, and the next call works.
+func TestGRPCUpstreamBadResponseHeaders(t *testing.T) {
+	t.Parallel()
+	type badHead struct {
+		name   string
+		fields []string
+	}
+	cases := []badHead{
+		{"uppercase-name", []string{":status", "200", "content-type", "application/grpc", "X-Bad", "1"}},
+		{"request-pseudo-header", []string{":status", "200", ":path", "/pkg.Svc/Bad", "content-type", "application/grpc"}},
+		{"unknown-pseudo-header", []string{":status", "200", ":cells", "1", "content-type", "application/grpc"}},
+		{"no-status", []string{"content-type", "application/grpc"}},
+		{"pseudo-header-after-field", []string{"content-type", "application/grpc", ":status", "200"}},
+	}
+	streams := make(chan *h2Stream, 1)
+	p := newH2Peer(t, h2PeerConfig{}, func(s *h2Stream) {
+		body, err := s.readBody()
+		if err != nil {
+			return
+		}
+		i := slices.IndexFunc(cases, func(c badHead) bool { return s.Get(":path") == "/pkg.Svc/"+c.name })
+		if i < 0 {
+			s.respond(body)
+			return
+		}
+		streams <- s
+		// A whole answer behind the bad head; the proxy may reset the
+		// stream at any point.
+		if s.writeHeaders(false, 1, cases[i].fields...) == nil && s.writeData(grpcMsg([]byte("bad")), false) == nil {
+			s.writeHeaders(true, 1, "grpc-status", "0")
+		}
+	})
+	tp := startPeerProxy(t, p)
+
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			r := callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/"+c.name, grpcMsg(nil))
+			s := recv(t, streams, "the call at the upstream")
+			if r.Err != nil {
+				t.Fatalf("call: %v", r.Err)
+			}
+			// Pinned: the proxy's own trailers-only answer for an
+			// upstream that failed before its response head (forward.go,
+			// errorHandler: 502, as gRPC UNAVAILABLE).
+			if r.Status != http.StatusOK || r.Header.Get("Grpc-Status") != "14" ||
+				r.Header.Get("Grpc-Message") != "cells-proxy: upstream unavailable" || len(r.Body) != 0 {
+				t.Errorf("client got %d, grpc-status %q, grpc-message %q, %d body bytes; want 200, \"14\", %q and none",
+					r.Status, r.Header.Get("Grpc-Status"), r.Header.Get("Grpc-Message"), len(r.Body), "cells-proxy: upstream unavailable")
+			}
+			// RFC 9113 §8.1.1: a malformed response is a stream error
+			// of type PROTOCOL_ERROR.
+			if code, ok := s.resetCode(); !ok || code != http2.ErrCodeProtocol {
+				t.Errorf("upstream stream reset %v (reset: %v), want RST_STREAM %v", code, ok, http2.ErrCodeProtocol)
+			}
+			want := grpcMsg([]byte("after " + c.name))
+			checkOK(t, "next call", callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Echo", want), want)
+		})
+	}
+}
+
+// TestGRPCUpstreamRequestHeaders: the request the upstream receives, field
+// by field, pinned: the pseudo-headers (:method POST, :scheme http for an
+// h2c upstream, :authority as the client sent it, :path exact) first, te:
+// trailers, the client's metadata untouched, forwarding fields set by the
+// proxy (a client's x-forwarded-for replaced), no connection-specific
+// field, every name in lower case.
+func TestGRPCUpstreamRequestHeaders(t *testing.T) {
+	t.Parallel()
+	headers := make(chan []hpack.HeaderField, 1)
+	p := newH2Peer(t, h2PeerConfig{}, func(s *h2Stream) {
+		headers <- s.Header
+		echo(s)
+	})
+	tp := startPeerProxy(t, p)
+
+	const authority = "cells.example.com:443"
+	body := grpcMsg([]byte("headers"))
+	r := callGRPC(testCtx(t), tp.H2, tp.URL+"/tree.NodeProvider/ListNodes", body,
+		"host", authority,
+		"User-Agent", "cells-sync/4.4 grpc-go/1.85.0",
+		"X-Pydio-Bearer", "eyJhbGciOi.secret.token",
+		"X-Forwarded-For", "203.0.113.9",
+		"Grpc-Timeout", "30S",
+		"Grpc-Accept-Encoding", "gzip",
+		"X-Meta-Bin", "AAEC",
+	)
+	checkOK(t, "call", r, body)
+	fields := recv(t, headers, "the request at the upstream")
+
+	var pseudo, regular []string
+	for i, f := range fields {
+		if f.Name != strings.ToLower(f.Name) {
+			t.Errorf("field name %q is not lower case", f.Name)
+		}
+		if strings.HasPrefix(f.Name, ":") {
+			if len(regular) > 0 {
+				t.Errorf("pseudo-header %s at position %d, after regular fields", f.Name, i)
+			}
+			pseudo = append(pseudo, f.Name+": "+f.Value)
+			continue
+		}
+		regular = append(regular, f.Name+": "+f.Value)
+	}
+	slices.Sort(pseudo)
+	slices.Sort(regular)
+	wantPseudo := []string{
+		":authority: " + authority,
+		":method: POST",
+		":path: /tree.NodeProvider/ListNodes",
+		":scheme: http",
+	}
+	wantRegular := []string{
+		"content-type: application/grpc",
+		"grpc-accept-encoding: gzip",
+		"grpc-timeout: 30S",
+		"te: trailers",
+		"user-agent: cells-sync/4.4 grpc-go/1.85.0",
+		"x-forwarded-for: 127.0.0.1",
+		"x-forwarded-host: " + authority,
+		"x-forwarded-proto: https",
+		"x-meta-bin: AAEC",
+		"x-pydio-bearer: eyJhbGciOi.secret.token",
+		"x-real-ip: 127.0.0.1",
+	}
+	if !slices.Equal(pseudo, wantPseudo) {
+		t.Errorf("pseudo-headers:\n got %q\nwant %q", pseudo, wantPseudo)
+	}
+	if !slices.Equal(regular, wantRegular) {
+		t.Errorf("fields:\n got %q\nwant %q", regular, wantRegular)
+	}
+	for _, f := range fields {
+		switch f.Name {
+		case "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade":
+			t.Errorf("connection-specific field %s: %q sent to the upstream", f.Name, f.Value)
+		}
+	}
+}
