@@ -59,6 +59,8 @@ type h2PeerConfig struct {
 	// ConnWindow, when above 65,535, is the connection receive window the
 	// peer grants with a WINDOW_UPDATE right after its SETTINGS.
 	ConnWindow int64
+	// SilentPings: PINGs from the proxy are counted but not answered.
+	SilentPings bool
 }
 
 // newH2Peer listens on 127.0.0.1:0 and serves every request stream with
@@ -178,6 +180,7 @@ type h2PeerConn struct {
 	goAways      []http2.ErrCode
 	dataFrames   int
 	maxDataFrame int // the largest DATA frame payload, padding included
+	pings        int // PINGs from the proxy
 }
 
 const defaultWindow = 65535
@@ -269,6 +272,7 @@ type h2ConnStats struct {
 	GoAways      []http2.ErrCode
 	DataFrames   int
 	MaxDataFrame int
+	Pings        int
 }
 
 // Stats is what the connection recorded so far.
@@ -279,7 +283,7 @@ func (c *h2PeerConn) Stats() h2ConnStats {
 	for k, v := range c.resets {
 		resets[k] = v
 	}
-	return h2ConnStats{c.maxActive, slices.Clone(c.refused), slices.Clone(c.lateRefused), resets, slices.Clone(c.goAways), c.dataFrames, c.maxDataFrame}
+	return h2ConnStats{c.maxActive, slices.Clone(c.refused), slices.Clone(c.lateRefused), resets, slices.Clone(c.goAways), c.dataFrames, c.maxDataFrame, c.pings}
 }
 
 func (c *h2PeerConn) violate(format string, args ...any) {
@@ -366,7 +370,13 @@ func (c *h2PeerConn) readLoop() {
 				}
 				continue
 			}
-			c.write(func(fr *http2.Framer) error { return fr.WritePing(true, f.Data) })
+			c.mu.Lock()
+			c.pings++
+			c.notifyLocked()
+			c.mu.Unlock()
+			if !c.p.cfg.SilentPings {
+				c.write(func(fr *http2.Framer) error { return fr.WritePing(true, f.Data) })
+			}
 		case *http2.GoAwayFrame:
 			c.mu.Lock()
 			c.goAways = append(c.goAways, f.ErrCode)
