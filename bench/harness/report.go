@@ -41,6 +41,7 @@ var rows = []row{
 	{key: "grpc_unary_rps", label: "gRPC unary, calls/s", scale: 1, prec: 0, ratio: true},
 	{key: "grpc_unary_p50", label: "gRPC unary p50, ms", scale: 1, prec: 2, ratio: true},
 	{key: "grpc_unary_p99", label: "gRPC unary p99, ms", scale: 1, prec: 2, ratio: true},
+	{key: "grpc_unary_cpu100k", label: "gRPC unary proxy CPU s / 100k calls", scale: 1, prec: 2},
 	{key: "grpc_unary_errors", label: "gRPC unary failed calls (all rounds)", scale: 1, sum: true},
 	{key: "grpc_bidi1_mps", label: "gRPC bidi, 1 stream, msg/s", scale: 1, prec: 0, ratio: true},
 	{key: "grpc_bidi8_mps", label: "gRPC bidi, 8 streams / 1 conn, msg/s", scale: 1, prec: 0, ratio: true},

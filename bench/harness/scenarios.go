@@ -309,13 +309,21 @@ func (b *bench) grpcload(ctx context.Context, t *target, d time.Duration, args .
 }
 
 func (b *bench) grpcUnary(ctx context.Context, t *target, _ int) (measurement, error) {
-	r, err := b.grpcload(ctx, t, b.dur, "-mode", "unary", "-conc", "32", "-max", "3000000")
+	var r grpcResult
+	cpu, err := cpuDelta(t, func() error {
+		var err error
+		r, err = b.grpcload(ctx, t, b.dur, "-mode", "unary", "-conc", "32", "-max", "3000000")
+		return err
+	})
 	if err != nil {
 		return nil, err
 	}
 	m := measurement{"grpc_unary_rps": r.Rate, "grpc_unary_p50": r.P50ms, "grpc_unary_p99": r.P99ms, "grpc_unary_errors": float64(r.Failed)}
 	if r.OK == 0 {
 		return m, fmt.Errorf("no successful call: %v", r.Errors)
+	}
+	if t.pids != nil {
+		m["grpc_unary_cpu100k"] = cpu / float64(r.OK) * 100_000
 	}
 	return m, nil
 }
