@@ -25,7 +25,7 @@ func quietUntil(pings int) func(s *h2Stream) {
 		if s.writeHeaders(false, 1, ":status", "200", "content-type", "application/grpc") != nil {
 			return
 		}
-		if s.wait(func() bool { return pings > 0 && s.c.pings >= pings }, 0, nil) != nil {
+		if s.wait(func() bool { return pings > 0 && s.c.rec.Pings >= pings }, 0, nil) != nil {
 			return
 		}
 		if s.writeData(grpcMsg([]byte("ok")), false) == nil {

@@ -596,7 +596,7 @@ func (c *grpcConn) encodeRequest(req *http.Request, hasBody bool) error {
 	}
 	// Checked before anything is encoded: HPACK's table changes with
 	// every field written, so a block must not be abandoned half-way.
-	if err := checkFields(req.Header); err != nil {
+	if err := checkHeader(req.Header); err != nil {
 		return err
 	}
 	c.writeField(":method", req.Method)
@@ -620,22 +620,6 @@ func validPseudo(v string) bool {
 		}
 	}
 	return true
-}
-
-// checkFields reports a field that may not be sent, as http.Transport
-// does.
-func checkFields(h http.Header) error {
-	for k, vv := range h {
-		if !httpguts.ValidHeaderFieldName(k) {
-			return fmt.Errorf("cells-proxy: invalid header field name %q", k)
-		}
-		for _, v := range vv {
-			if !httpguts.ValidHeaderFieldValue(v) {
-				return fmt.Errorf("cells-proxy: invalid value for header field %q", k)
-			}
-		}
-	}
-	return nil
 }
 
 // encodeFields adds h to the header block, lower-cased, without
@@ -1355,7 +1339,7 @@ func (s *grpcStream) writeData(p []byte, end bool) bool {
 	defer c.mu.Unlock()
 	trailers := end && len(s.req.Trailer) > 0
 	if trailers {
-		if err := checkFields(s.req.Trailer); err != nil {
+		if err := checkHeader(s.req.Trailer); err != nil {
 			s.failLocked(err)
 			c.resetLocked(s, codeInternal)
 			return false

@@ -71,14 +71,10 @@ type grpcResult struct {
 // unknown length; then reads the whole response. kv are more request
 // fields, name then value; "host" sets the authority.
 func callGRPC(ctx context.Context, c *http.Client, url string, body []byte, kv ...string) grpcResult {
-	// Not a *bytes.Reader: its length would become a content-length,
-	// which gRPC clients do not send.
-	req, err := http.NewRequestWithContext(ctx, "POST", url, io.MultiReader(bytes.NewReader(body)))
+	req, err := grpcRequest(ctx, url, body)
 	if err != nil {
 		return grpcResult{Err: err}
 	}
-	req.Header.Set("Content-Type", "application/grpc")
-	req.Header.Set("Te", "trailers")
 	for i := 0; i+1 < len(kv); i += 2 {
 		if strings.EqualFold(kv[i], "host") {
 			req.Host = kv[i+1]
@@ -95,6 +91,19 @@ func callGRPC(ctx context.Context, c *http.Client, url string, body []byte, kv .
 	r.Body, r.Err = io.ReadAll(res.Body)
 	r.Trailer = res.Trailer
 	return r
+}
+
+// grpcRequest is a gRPC call's request as a gRPC client sends it: POST,
+// content-type application/grpc, te: trailers, no content-length.
+func grpcRequest(ctx context.Context, url string, body []byte) (*http.Request, error) {
+	// Not a *bytes.Reader: its length would become a content-length.
+	req, err := http.NewRequestWithContext(ctx, "POST", url, io.MultiReader(bytes.NewReader(body)))
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("Content-Type", "application/grpc")
+	req.Header.Set("Te", "trailers")
+	return req, nil
 }
 
 // checkOK fails unless r is a complete call with grpc-status 0 and body want.
@@ -247,12 +256,10 @@ func TestGRPCUpstreamResponseFlowControl(t *testing.T) {
 	tp := startPeerProxy(t, p)
 
 	ctx := testCtx(t)
-	req, err := http.NewRequestWithContext(ctx, "POST", tp.URL+"/pkg.Svc/Download", bytes.NewReader(grpcMsg(nil)))
+	req, err := grpcRequest(ctx, tp.URL+"/pkg.Svc/Download", grpcMsg(nil))
 	if err != nil {
 		t.Fatal(err)
 	}
-	req.Header.Set("Content-Type", "application/grpc")
-	req.Header.Set("Te", "trailers")
 	res, err := tp.H2.Do(req)
 	if err != nil {
 		t.Fatal(err)
@@ -670,12 +677,10 @@ func TestGRPCUpstreamClientCancel(t *testing.T) {
 		t.Run(how, func(t *testing.T) {
 			ctx, cancel := context.WithCancel(testCtx(t))
 			defer cancel()
-			req, err := http.NewRequestWithContext(ctx, "POST", tp.URL+"/pkg.Svc/Watch", bytes.NewReader(grpcMsg(nil)))
+			req, err := grpcRequest(ctx, tp.URL+"/pkg.Svc/Watch", grpcMsg(nil))
 			if err != nil {
 				t.Fatal(err)
 			}
-			req.Header.Set("Content-Type", "application/grpc")
-			req.Header.Set("Te", "trailers")
 			res, err := tp.H2.Do(req)
 			if err != nil {
 				t.Fatal(err)

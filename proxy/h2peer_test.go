@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"slices"
 	"sync"
@@ -160,8 +161,6 @@ type h2PeerConn struct {
 	streams map[uint32]*h2Stream
 	last    uint32 // the highest stream ID the proxy opened
 	active  int    // open streams
-	// maxActive is the most streams open at once.
-	maxActive int
 	// Sending: the proxy's windows and settings.
 	sendConn     int64
 	peerInitial  int64
@@ -173,14 +172,7 @@ type h2PeerConn struct {
 	ourInitial int64
 	acked      bool
 	maxStreams uint32
-	// Recorded.
-	refused      []uint32
-	lateRefused  []uint32 // refused after the proxy acknowledged the SETTINGS
-	resets       map[uint32]http2.ErrCode
-	goAways      []http2.ErrCode
-	dataFrames   int
-	maxDataFrame int // the largest DATA frame payload, padding included
-	pings        int // PINGs from the proxy
+	rec        h2ConnStats
 }
 
 const defaultWindow = 65535
@@ -201,7 +193,7 @@ func (p *h2Peer) newConn(nc net.Conn) *h2PeerConn {
 		recvConn:     defaultWindow,
 		ourInitial:   defaultWindow,
 		maxStreams:   p.cfg.setting(http2.SettingMaxConcurrentStreams, 0),
-		resets:       make(map[uint32]http2.ErrCode),
+		rec:          h2ConnStats{Resets: make(map[uint32]http2.ErrCode)},
 	}
 	c.enc = hpack.NewEncoder(&c.ebuf)
 	// Read any frame size, so that an oversized frame is recorded as a
@@ -265,25 +257,24 @@ func (c *h2PeerConn) ping(t testing.TB, data [8]byte) [8]byte {
 
 // h2ConnStats is what a connection recorded.
 type h2ConnStats struct {
-	MaxActive    int
+	MaxActive    int // the most streams open at once
 	Refused      []uint32
 	LateRefused  []uint32 // refused after the proxy acknowledged the SETTINGS
 	Resets       map[uint32]http2.ErrCode
 	GoAways      []http2.ErrCode
 	DataFrames   int
-	MaxDataFrame int
-	Pings        int
+	MaxDataFrame int // the largest DATA frame payload, padding included
+	Pings        int // PINGs from the proxy
 }
 
 // Stats is what the connection recorded so far.
 func (c *h2PeerConn) Stats() h2ConnStats {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	resets := make(map[uint32]http2.ErrCode, len(c.resets))
-	for k, v := range c.resets {
-		resets[k] = v
-	}
-	return h2ConnStats{c.maxActive, slices.Clone(c.refused), slices.Clone(c.lateRefused), resets, slices.Clone(c.goAways), c.dataFrames, c.maxDataFrame, c.pings}
+	st := c.rec
+	st.Refused, st.LateRefused, st.GoAways = slices.Clone(st.Refused), slices.Clone(st.LateRefused), slices.Clone(st.GoAways)
+	st.Resets = maps.Clone(st.Resets)
+	return st
 }
 
 func (c *h2PeerConn) violate(format string, args ...any) {
@@ -354,7 +345,7 @@ func (c *h2PeerConn) readLoop() {
 			c.mu.Unlock()
 		case *http2.RSTStreamFrame:
 			c.mu.Lock()
-			c.resets[f.StreamID] = f.ErrCode
+			c.rec.Resets[f.StreamID] = f.ErrCode
 			if s := c.streams[f.StreamID]; s != nil && !s.wasReset {
 				s.wasReset, s.rstCode = true, f.ErrCode
 				close(s.resetCh)
@@ -371,7 +362,7 @@ func (c *h2PeerConn) readLoop() {
 				continue
 			}
 			c.mu.Lock()
-			c.pings++
+			c.rec.Pings++
 			c.notifyLocked()
 			c.mu.Unlock()
 			if !c.p.cfg.SilentPings {
@@ -379,7 +370,7 @@ func (c *h2PeerConn) readLoop() {
 			}
 		case *http2.GoAwayFrame:
 			c.mu.Lock()
-			c.goAways = append(c.goAways, f.ErrCode)
+			c.rec.GoAways = append(c.rec.GoAways, f.ErrCode)
 			c.mu.Unlock()
 		}
 	}
@@ -457,9 +448,9 @@ func (c *h2PeerConn) onHeaders(id uint32, block []byte, end bool) {
 	}
 	c.last = id
 	if c.maxStreams > 0 && c.active >= int(c.maxStreams) {
-		c.refused = append(c.refused, id)
+		c.rec.Refused = append(c.rec.Refused, id)
 		if c.acked {
-			c.lateRefused = append(c.lateRefused, id)
+			c.rec.LateRefused = append(c.rec.LateRefused, id)
 		}
 		c.mu.Unlock()
 		c.write(func(fr *http2.Framer) error { return fr.WriteRSTStream(id, http2.ErrCodeRefusedStream) })
@@ -468,7 +459,7 @@ func (c *h2PeerConn) onHeaders(id uint32, block []byte, end bool) {
 	s := &h2Stream{c: c, ID: id, Header: fields, resetCh: make(chan struct{}), recvWin: c.ourInitial, sendWin: c.peerInitial, remoteEnd: end}
 	c.streams[id] = s
 	c.active++
-	c.maxActive = max(c.maxActive, c.active)
+	c.rec.MaxActive = max(c.rec.MaxActive, c.active)
 	c.notifyLocked()
 	c.mu.Unlock()
 	c.p.wg.Go(func() { c.p.handler(s) })
@@ -477,8 +468,8 @@ func (c *h2PeerConn) onHeaders(id uint32, block []byte, end bool) {
 func (c *h2PeerConn) onData(f *http2.DataFrame) {
 	flow := int64(f.Length) // padding counts too (RFC 9113 §6.9.1)
 	c.mu.Lock()
-	c.dataFrames++
-	c.maxDataFrame = max(c.maxDataFrame, int(f.Length))
+	c.rec.DataFrames++
+	c.rec.MaxDataFrame = max(c.rec.MaxDataFrame, int(f.Length))
 	if c.recvConn -= flow; c.recvConn < 0 {
 		c.violate("stream %d: DATA %d bytes past the connection window", f.StreamID, -c.recvConn)
 	}
