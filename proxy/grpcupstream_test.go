@@ -106,6 +106,22 @@ func grpcRequest(ctx context.Context, url string, body []byte) (*http.Request, e
 	return req, nil
 }
 
+// startCall makes a gRPC call through tp over HTTP/2 and returns its
+// response once the header arrived; the body is closed when the test ends.
+func startCall(t *testing.T, ctx context.Context, tp *testProxy, path string, body []byte) *http.Response {
+	t.Helper()
+	req, err := grpcRequest(ctx, tp.URL+path, body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := tp.H2.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { res.Body.Close() })
+	return res
+}
+
 // checkOK fails unless r is a complete call with grpc-status 0 and body want.
 func checkOK(t testing.TB, what string, r grpcResult, want []byte) {
 	t.Helper()
@@ -256,15 +272,7 @@ func TestGRPCUpstreamResponseFlowControl(t *testing.T) {
 	tp := startPeerProxy(t, p)
 
 	ctx := testCtx(t)
-	req, err := grpcRequest(ctx, tp.URL+"/pkg.Svc/Download", grpcMsg(nil))
-	if err != nil {
-		t.Fatal(err)
-	}
-	res, err := tp.H2.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer res.Body.Close()
+	res := startCall(t, ctx, tp, "/pkg.Svc/Download", grpcMsg(nil))
 	select {
 	case n := <-stalled:
 		t.Logf("the upstream blocked on a window after sending %.1f MiB", float64(n)/(1<<20))
@@ -677,15 +685,7 @@ func TestGRPCUpstreamClientCancel(t *testing.T) {
 		t.Run(how, func(t *testing.T) {
 			ctx, cancel := context.WithCancel(testCtx(t))
 			defer cancel()
-			req, err := grpcRequest(ctx, tp.URL+"/pkg.Svc/Watch", grpcMsg(nil))
-			if err != nil {
-				t.Fatal(err)
-			}
-			res, err := tp.H2.Do(req)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer res.Body.Close()
+			res := startCall(t, ctx, tp, "/pkg.Svc/Watch", grpcMsg(nil))
 			if _, err := io.ReadFull(res.Body, make([]byte, 1<<10)); err != nil {
 				t.Fatalf("reading the first bytes: %v", err)
 			}
