@@ -212,18 +212,14 @@ func (u *grpcUpstream) RoundTrip(req *http.Request) (*http.Response, error) {
 	return s.res, nil
 }
 
-// CloseIdleConnections closes the connections that carry no call.
-func (u *grpcUpstream) CloseIdleConnections() {
+// Close closes every connection, ending the calls still on them; the
+// proxy's shutdown calls it once the handlers have returned.
+func (u *grpcUpstream) Close() {
 	u.mu.Lock()
 	conns := append([]*grpcConn(nil), u.conns...)
 	u.mu.Unlock()
 	for _, c := range conns {
-		c.mu.Lock()
-		idle := len(c.streams) == 0
-		c.mu.Unlock()
-		if idle {
-			c.close(errors.New("cells-proxy: idle connection closed"))
-		}
+		c.close(errShutdown)
 	}
 }
 
@@ -578,13 +574,6 @@ func (c *grpcConn) appendHeaderBlock(id uint32, end bool) {
 	}
 }
 
-// h2ConnFields are the connection-specific fields HTTP/2 forbids (RFC 9113
-// 8.2.2); ReverseProxy has removed them already, this is the last check.
-var h2ConnFields = map[string]bool{
-	"connection": true, "proxy-connection": true, "keep-alive": true,
-	"transfer-encoding": true, "upgrade": true, "host": true,
-}
-
 func (c *grpcConn) encodeRequest(req *http.Request, hasBody bool) error {
 	host := req.Host
 	if host == "" {
@@ -628,7 +617,7 @@ func (c *grpcConn) encodeFields(h http.Header, request bool) {
 	for k, vv := range h {
 		name := lowerName(k)
 		switch {
-		case h2ConnFields[name]:
+		case connSpecific(name) || name == "host":
 			continue
 		case request && name == "content-length":
 			continue
@@ -1135,15 +1124,7 @@ func (c *grpcConn) trailers() (http.Header, error) {
 // validField: a lower-case token name, a value without CR, LF or NUL, and
 // no connection-specific field (RFC 9113 8.2).
 func validField(f hpack.HeaderField) bool {
-	for i := 0; i < len(f.Name); i++ {
-		if b := f.Name[i]; 'A' <= b && b <= 'Z' {
-			return false
-		}
-	}
-	if !httpguts.ValidHeaderFieldName(f.Name) || !httpguts.ValidHeaderFieldValue(f.Value) {
-		return false
-	}
-	return !h2ConnFields[f.Name] || f.Name == "host"
+	return validWireName(f.Name) && httpguts.ValidHeaderFieldValue(f.Value) && !connSpecific(f.Name)
 }
 
 // resetLocked sends RST_STREAM for s and forgets it.
@@ -1156,23 +1137,13 @@ func (c *grpcConn) resetLocked(s *grpcStream, code uint32) {
 	c.flushLocked()
 }
 
-// dropLocked forgets s, which is over on both sides, giving back the
-// connection window of what its reader will not read.
+// dropLocked forgets s, which is over on both sides. What it buffered is
+// still read (then its error); the connection window of what is never read
+// comes back when the body is closed.
 func (c *grpcConn) dropLocked(s *grpcStream) {
 	s.sentEnd, s.remoteEnd = true, true
 	if c.streams[s.id] == s {
 		delete(c.streams, s.id)
-	}
-	if s.failed != nil {
-		if n := int64(len(s.buf)-s.off) + s.pad; n > 0 {
-			s.buf, s.off, s.pad = nil, 0, 0
-			c.recvAcked += n
-			if c.recvAcked >= int64(c.u.connWindow)/2 {
-				c.wbuf = appendWindowUpdate(c.wbuf, 0, uint32(c.recvAcked))
-				c.recvConn += c.recvAcked
-				c.recvAcked = 0
-			}
-		}
 	}
 	s.cond.Broadcast()
 	c.sendWait.Broadcast()
@@ -1223,8 +1194,8 @@ func (s *grpcStream) closeBody() {
 }
 
 // failLocked ends s with err, unless its response is complete already:
-// then only the request side stops. Reads return err once the stream is
-// dropped (what it buffered is then discarded) or after what is buffered.
+// then only the request side stops. Reads return err after what is
+// buffered.
 func (s *grpcStream) failLocked(err error) {
 	if s.failed != nil {
 		return
@@ -1300,6 +1271,11 @@ func (s *grpcStream) Close() error {
 		if c.err == nil {
 			c.resetLocked(s, codeCancel)
 		}
+	}
+	if n := int64(len(s.buf)-s.off) + s.pad; n > 0 && c.err == nil {
+		// Unread: its connection window comes back now.
+		s.buf, s.off, s.pad = nil, 0, 0
+		c.consumedLocked(nil, n)
 	}
 	c.mu.Unlock()
 	s.closeBody()

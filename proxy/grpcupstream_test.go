@@ -927,3 +927,30 @@ func TestGRPCUpstreamRequestHeaders(t *testing.T) {
 		}
 	}
 }
+
+// TestGRPCUpstreamClosedOnShutdown: once the proxy has shut down, its
+// connections to the gRPC upstream are closed too.
+func TestGRPCUpstreamClosedOnShutdown(t *testing.T) {
+	t.Parallel()
+	p := newH2Peer(t, h2PeerConfig{}, echo)
+	tp := startPeerProxy(t, p)
+	want := grpcMsg([]byte("bye"))
+	checkOK(t, "call", callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Echo", want), want)
+	if err := tp.Shutdown(); err != nil {
+		t.Fatalf("Shutdown: %v", err)
+	}
+	c := p.Conns()[0]
+	for {
+		c.mu.Lock()
+		closed, changed := c.closed, c.changed
+		c.mu.Unlock()
+		if closed {
+			return
+		}
+		select {
+		case <-changed:
+		case <-time.After(10 * time.Second):
+			t.Fatal("the upstream connection is still open 10 s after the proxy shut down")
+		}
+	}
+}

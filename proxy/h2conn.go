@@ -225,16 +225,26 @@ func (h *h2conn) field(f hpack.HeaderField) {
 	if !validWireName(f.Name) {
 		h.invalid = true
 	}
-	switch f.Name {
-	case "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade":
+	switch {
+	case connSpecific(f.Name):
 		h.bad = true
-	case "te":
+	case f.Name == "te":
 		// net/http lets an empty TE through too; one TE only.
 		if h.sawTE || f.Value != "trailers" && f.Value != "" {
 			h.bad = true
 		}
 		h.sawTE = true
 	}
+}
+
+// connSpecific reports whether name is a connection-specific field, which
+// HTTP/2 forbids (RFC 9113 §8.2.2).
+func connSpecific(name string) bool {
+	switch name {
+	case "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade":
+		return true
+	}
+	return false
 }
 
 // validWireName reports whether name is a lowercase token (RFC 9113 §8.2.1).

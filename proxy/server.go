@@ -374,7 +374,7 @@ func (s *Server) shutdown(mux cmux.CMux, servers []*http.Server) {
 	s.cancelBase(context.Canceled)
 	s.fwd.httpUp.CloseIdleConnections()
 	if s.fwd.grpcUp != nil {
-		s.fwd.grpcUp.CloseIdleConnections()
+		s.fwd.grpcUp.Close()
 	}
 	s.log.Info("stopped")
 }
