@@ -954,3 +954,44 @@ func TestGRPCUpstreamClosedOnShutdown(t *testing.T) {
 		}
 	}
 }
+
+// TestGRPCUpstreamAbandonedCallsReturnWindow: calls whose clients give up
+// with data still unread (in the proxy and on its way) give their share of
+// the connection's receive window back. Twelve abandoned 2 MiB answers are
+// three times the proxy's 8 MiB connection window: had they kept it, the
+// call after them on the same upstream connection would never get its
+// answer.
+func TestGRPCUpstreamAbandonedCallsReturnWindow(t *testing.T) {
+	t.Parallel()
+	big := grpcMsg(randomBytes(2<<20, 7))
+	p := newH2Peer(t, h2PeerConfig{}, func(s *h2Stream) {
+		if _, err := s.readBody(); err != nil {
+			return
+		}
+		if s.Get(":path") == "/pkg.Svc/Echo" {
+			s.respond(grpcMsg([]byte("last")))
+			return
+		}
+		// Sends as the proxy's windows allow, until the reset.
+		s.respond(big)
+	})
+	tp := startPeerProxy(t, p)
+	for i := range 12 {
+		ctx, cancel := context.WithCancel(testCtx(t))
+		res := startCall(t, ctx, tp, "/pkg.Svc/Download", grpcMsg(nil))
+		if _, err := io.ReadFull(res.Body, make([]byte, 1<<10)); err != nil {
+			t.Fatalf("call %d: reading the first bytes: %v", i, err)
+		}
+		res.Body.Close()
+		cancel()
+	}
+	want := grpcMsg([]byte("last"))
+	// A generous bound for an answer that takes milliseconds, so that a
+	// lost window fails the test rather than hanging it.
+	ctx, cancel := context.WithTimeout(testCtx(t), 20*time.Second)
+	defer cancel()
+	checkOK(t, "the call after them", callGRPC(ctx, tp.H2, tp.URL+"/pkg.Svc/Echo", want), want)
+	if n := len(p.Conns()); n != 1 {
+		t.Errorf("the upstream accepted %d connections, want 1 (all calls on one)", n)
+	}
+}
