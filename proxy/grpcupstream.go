@@ -177,19 +177,40 @@ func (u *grpcUpstream) RoundTrip(req *http.Request) (*http.Response, error) {
 	if body == http.NoBody {
 		body = nil
 	}
+	for attempt := 1; ; attempt++ {
+		s, err := u.start(ctx, req, body)
+		if err != nil {
+			if body != nil {
+				body.Close()
+			}
+			return nil, err
+		}
+		<-s.ready
+		if s.res != nil {
+			return s.res, nil
+		}
+		s.stop()
+		// Cells did not process the call (RFC 9113 §8.7): send it again
+		// if the whole body is at hand, as a unary call's is.
+		replay, ok := s.replay()
+		if !ok || attempt == 3 {
+			return nil, s.err
+		}
+		if body != nil {
+			body = io.NopCloser(bytes.NewReader(replay))
+		}
+	}
+}
+
+// start opens a stream for req and starts copying body to it.
+func (u *grpcUpstream) start(ctx context.Context, req *http.Request, body io.ReadCloser) (*grpcStream, error) {
 	var s *grpcStream
 	for s == nil {
 		c, err := u.conn(ctx)
 		if err == nil {
 			s, err = c.open(req, body)
 		}
-		if err == errH2Full {
-			continue
-		}
-		if err != nil {
-			if body != nil {
-				body.Close()
-			}
+		if err != nil && err != errH2Full {
 			return nil, err
 		}
 	}
@@ -204,12 +225,7 @@ func (u *grpcUpstream) RoundTrip(req *http.Request) (*http.Response, error) {
 		runtime.Gosched()
 		s.c.flush()
 	}
-	<-s.ready
-	if s.res == nil {
-		s.stop()
-		return nil, s.err
-	}
-	return s.res, nil
+	return s, nil
 }
 
 // Close closes every connection, ending the calls still on them; the
@@ -827,7 +843,9 @@ func (c *grpcConn) handle(typ, flags byte, id uint32, p []byte) error {
 		if s := c.streams[id]; s != nil {
 			// After a complete response (grpc-go resets a stream the
 			// client has not ended), only the request side stops.
-			s.failLocked(h2StreamReset{binary.BigEndian.Uint32(p)})
+			code := binary.BigEndian.Uint32(p)
+			s.refused = code == codeRefusedStream && s.res == nil
+			s.failLocked(h2StreamReset{code})
 			c.dropLocked(s)
 		}
 		c.mu.Unlock()
@@ -872,6 +890,7 @@ func (c *grpcConn) handle(typ, flags byte, id uint32, p []byte) error {
 		c.goaway = true
 		for sid, s := range c.streams {
 			if sid > last {
+				s.refused = s.res == nil
 				s.failLocked(errH2GoAway)
 				c.dropLocked(s)
 			}
@@ -1184,6 +1203,25 @@ type grpcStream struct {
 	sentEnd   bool  // END_STREAM or RST_STREAM sent
 	remoteEnd bool  // END_STREAM or RST_STREAM received
 	closed    bool  // Close called
+	// The request body sent, kept while it is at most grpcReplayMax, so
+	// that a call Cells refused can be sent again; keptAll once its end
+	// was sent too.
+	kept    []byte
+	keptAll bool
+	tooLong bool
+	refused bool // Cells did not process the call (REFUSED_STREAM, or above a GOAWAY's last stream)
+}
+
+// grpcReplayMax is the most request body kept for sending a refused call
+// again: a unary call's message (Cells Sync's are small).
+const grpcReplayMax = 64 << 10
+
+// replay reports whether s was refused and can be sent again, with the
+// body to send.
+func (s *grpcStream) replay() ([]byte, bool) {
+	s.c.mu.Lock()
+	defer s.c.mu.Unlock()
+	return s.kept, s.refused && (s.body == nil || s.keptAll)
 }
 
 // closeBody closes the request body: a copy blocked reading it returns.
@@ -1341,6 +1379,13 @@ func (s *grpcStream) writeData(p []byte, end bool) bool {
 			}
 			c.wbuf = appendFrameHeader(c.wbuf, n, frameData, flags, s.id)
 			c.wbuf = append(c.wbuf, p[:n]...)
+			if !s.tooLong {
+				if s.tooLong = len(s.kept)+n > grpcReplayMax; s.tooLong {
+					s.kept = nil
+				} else {
+					s.kept = append(s.kept, p[:n]...)
+				}
+			}
 			s.send -= int64(n)
 			c.sendConn -= int64(n)
 			p = p[n:]
@@ -1354,7 +1399,7 @@ func (s *grpcStream) writeData(p []byte, end bool) bool {
 			c.appendHeaderBlock(s.id, true)
 		}
 		if end {
-			s.sentEnd = true
+			s.sentEnd, s.keptAll = true, !s.tooLong
 			c.endLocked(s)
 		}
 		c.flushLocked()

@@ -995,3 +995,48 @@ func TestGRPCUpstreamAbandonedCallsReturnWindow(t *testing.T) {
 		t.Errorf("the upstream accepted %d connections, want 1 (all calls on one)", n)
 	}
 }
+
+// TestGRPCUpstreamRefusedSentAgain: a call Cells did not process, refused
+// with RST_STREAM REFUSED_STREAM or left above the last stream ID of a
+// GOAWAY, is sent again with its body (RFC 9113 §8.7), on a new connection
+// after a GOAWAY; the client sees one successful call.
+func TestGRPCUpstreamRefusedSentAgain(t *testing.T) {
+	t.Parallel()
+	for _, how := range []string{"refused-stream", "goaway"} {
+		t.Run(how, func(t *testing.T) {
+			t.Parallel()
+			var mu sync.Mutex
+			var bodies [][]byte
+			p := newH2Peer(t, h2PeerConfig{}, func(s *h2Stream) {
+				body, err := s.readBody()
+				if err != nil {
+					return
+				}
+				mu.Lock()
+				bodies = append(bodies, body)
+				first := len(bodies) == 1
+				mu.Unlock()
+				switch {
+				case !first:
+					s.respond(body)
+				case how == "refused-stream":
+					s.reset(http2.ErrCodeRefusedStream)
+				default:
+					s.c.goAway(0, http2.ErrCodeNo)
+					s.c.close()
+				}
+			})
+			tp := startPeerProxy(t, p)
+			want := grpcMsg(randomBytes(3000, 3))
+			checkOK(t, "call", callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Echo", want), want)
+			mu.Lock()
+			defer mu.Unlock()
+			if len(bodies) != 2 {
+				t.Fatalf("the upstream saw the call %d times, want 2", len(bodies))
+			}
+			if !bytes.Equal(bodies[0], want) || !bytes.Equal(bodies[1], want) {
+				t.Error("a body the upstream received differs from the one sent")
+			}
+		})
+	}
+}
