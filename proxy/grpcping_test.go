@@ -84,12 +84,14 @@ func TestGRPCUpstreamNoPingWhenIdle(t *testing.T) {
 	t.Parallel()
 	p := newH2Peer(t, h2PeerConfig{}, quietUntil(1))
 	tp := startPingProxy(t, p, 20*time.Millisecond, 5*time.Second)
-	// The call's first PING ends it.
+	// The call's first PING ends it (a slow machine may let a second
+	// one out before the answer arrives).
 	checkOK(t, "quiet call", callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Watch", grpcMsg(nil)), grpcMsg([]byte("ok")))
+	during := pingsSeen(p)
 	// Not a timed assertion: a wait of 25 PING periods for PINGs that
 	// must not come.
 	time.Sleep(500 * time.Millisecond)
-	if got := pingsSeen(p); got != 1 {
-		t.Errorf("upstream received %d PINGs, want 1 (none after the call ended)", got)
+	if got := pingsSeen(p); got != during {
+		t.Errorf("upstream received %d PINGs after the call ended, want none", got-during)
 	}
 }
