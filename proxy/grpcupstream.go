@@ -111,11 +111,9 @@ const (
 	settingMaxFrameSize      = 0x5
 	settingMaxHeaderListSize = 0x6
 
-	codeNo             = 0x0
 	codeProtocol       = 0x1
 	codeInternal       = 0x2
 	codeFlowControl    = 0x3
-	codeStreamClosed   = 0x5
 	codeFrameSize      = 0x6
 	codeRefusedStream  = 0x7
 	codeCancel         = 0x8
@@ -638,7 +636,7 @@ func (c *grpcConn) encodeFields(h http.Header, request bool) {
 		case request && name == "content-length":
 			continue
 		case name == "te":
-			if slicesContainsToken(vv, "trailers") {
+			if httpguts.HeaderValuesContainsToken(vv, "trailers") {
 				c.writeField("te", "trailers")
 			}
 			continue
@@ -649,10 +647,6 @@ func (c *grpcConn) encodeFields(h http.Header, request bool) {
 			c.writeField(name, v)
 		}
 	}
-}
-
-func slicesContainsToken(vv []string, token string) bool {
-	return httpguts.HeaderValuesContainsToken(vv, token)
 }
 
 func (c *grpcConn) writeField(name, value string) {
@@ -1114,16 +1108,12 @@ func (c *grpcConn) response(s *grpcStream, end bool) (*http.Response, bool, erro
 		}
 	}
 	for _, v := range h["Trailer"] {
-		for _, k := range strings.Split(v, ",") {
-			if k = http.CanonicalHeaderKey(textprotoTrim(k)); k != "" {
-				res.Trailer[k] = nil
-			}
+		for _, k := range splitList(v) {
+			res.Trailer[http.CanonicalHeaderKey(k)] = nil
 		}
 	}
 	return res, false, nil
 }
-
-func textprotoTrim(s string) string { return strings.TrimSpace(s) }
 
 func (c *grpcConn) trailers() (http.Header, error) {
 	t := make(http.Header, len(c.fields))
