@@ -1034,6 +1034,9 @@ func (c *grpcConn) endBlock() error {
 		}
 		s.res = res
 		close(s.ready)
+		// Answered: no longer refusable, so the copy kept for sending
+		// it again goes (a stream may live for hours).
+		s.kept, s.tooLong = nil, true
 	} else {
 		if !end {
 			s.failLocked(h2ConnError{codeProtocol, "trailers without END_STREAM"})
