@@ -78,7 +78,10 @@ func newGRPCUpstream(addr string, tlsConf *tls.Config, dialer *net.Dialer) *grpc
 		// grpc-go servers (Cells) answer a client that PINGs more often
 		// than every 5 minutes, three times running, with GOAWAY
 		// ENHANCE_YOUR_CALM and close the connection, streams and all
-		// (keepalive.EnforcementPolicy's default MinTime).
+		// (keepalive.EnforcementPolicy's default MinTime). Cells builds
+		// its gRPC servers without a policy of its own
+		// (pydio/cells common/server/grpc/grpc.go: grpc.NewServer with
+		// interceptors only), so that default is what it enforces.
 		pingEvery:    5 * time.Minute,
 		pingTimeout:  20 * time.Second,
 		streamWindow: 4 << 20,
