@@ -369,6 +369,8 @@ func (f *forwarder) classify(r *http.Request, err error) (int, string) {
 	switch {
 	case errors.As(err, &maxBytes):
 		return http.StatusRequestEntityTooLarge, "cells-proxy: request body larger than PROXY_MAX_BODY_SIZE"
+	case errors.Is(err, errHeaderListSize):
+		return http.StatusRequestHeaderFieldsTooLarge, "cells-proxy: request head larger than Cells accepts"
 	case errors.As(err, &unknownAuthority), errors.As(err, &hostname):
 		f.log.Error("upstream certificate not trusted: set CELLS_UPSTREAM_CA_FILE (Cells' certs/rootCA.pem) or CELLS_UPSTREAM_SERVER_NAME, or CELLS_UPSTREAM_INSECURE=true", "err", err)
 		return http.StatusBadGateway, "cells-proxy: upstream certificate not trusted"
@@ -386,7 +388,7 @@ func grpcCode(status int) int {
 	switch status {
 	case http.StatusGatewayTimeout:
 		return 4 // DEADLINE_EXCEEDED
-	case http.StatusRequestEntityTooLarge:
+	case http.StatusRequestEntityTooLarge, http.StatusRequestHeaderFieldsTooLarge:
 		return 8 // RESOURCE_EXHAUSTED
 	case http.StatusMisdirectedRequest:
 		return 12 // UNIMPLEMENTED: no such service here

@@ -399,6 +399,11 @@ type grpcConn struct {
 	writing bool // a goroutine is writing; it takes what is queued
 	henc    *hpack.Encoder
 	hbuf    bytes.Buffer
+	hsize   uint64 // RFC 9113's size of the fields written since it was zeroed
+	sizing  bool   // writeField only counts
+	// Cells' SETTINGS_MAX_HEADER_LIST_SIZE; 0 when it set none (grpc-go
+	// sets none unless told: it accepts 16 MiB).
+	peerMaxHeader uint32
 
 	streams    map[uint32]*grpcStream
 	nextID     uint32
@@ -605,6 +610,26 @@ func (c *grpcConn) encodeRequest(req *http.Request, hasBody bool) error {
 	if err := checkHeader(req.Header); err != nil {
 		return err
 	}
+	if c.peerMaxHeader > 0 {
+		// A head Cells announced it would refuse is not sent: the
+		// client gets 431 (RESOURCE_EXHAUSTED for gRPC) instead of a
+		// reset from Cells. A dry run of the same writes measures it.
+		c.sizing, c.hsize = true, 0
+		c.writeRequest(req, host, path, hasBody)
+		c.sizing = false
+		if c.hsize > uint64(c.peerMaxHeader) {
+			return errHeaderListSize
+		}
+	}
+	c.writeRequest(req, host, path, hasBody)
+	return nil
+}
+
+// errHeaderListSize: the request's head is larger than Cells' advertised
+// SETTINGS_MAX_HEADER_LIST_SIZE.
+var errHeaderListSize = errors.New("cells-proxy: request head larger than Cells' SETTINGS_MAX_HEADER_LIST_SIZE")
+
+func (c *grpcConn) writeRequest(req *http.Request, host, path string, hasBody bool) {
 	c.writeField(":method", req.Method)
 	c.writeField(":scheme", c.u.scheme)
 	c.writeField(":authority", host)
@@ -613,7 +638,6 @@ func (c *grpcConn) encodeRequest(req *http.Request, hasBody bool) error {
 	if hasBody && req.ContentLength > 0 {
 		c.writeField("content-length", strconv.FormatInt(req.ContentLength, 10))
 	}
-	return nil
 }
 
 func validPseudo(v string) bool {
@@ -653,7 +677,10 @@ func (c *grpcConn) encodeFields(h http.Header, request bool) {
 }
 
 func (c *grpcConn) writeField(name, value string) {
-	c.henc.WriteField(hpack.HeaderField{Name: name, Value: value})
+	c.hsize += uint64(len(name) + len(value) + 32)
+	if !c.sizing {
+		c.henc.WriteField(hpack.HeaderField{Name: name, Value: value})
+	}
 }
 
 // lowerName lower-cases a canonical header key, without allocating for
@@ -759,6 +786,8 @@ func (c *grpcConn) applySettings(p []byte) error {
 				return h2ConnError{codeProtocol, "invalid SETTINGS_MAX_FRAME_SIZE"}
 			}
 			c.maxFrame = int(v)
+		case settingMaxHeaderListSize:
+			c.peerMaxHeader = v
 		case settingEnablePush:
 			if v > 1 {
 				return h2ConnError{codeProtocol, "invalid SETTINGS_ENABLE_PUSH"}

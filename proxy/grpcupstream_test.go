@@ -1040,3 +1040,55 @@ func TestGRPCUpstreamRefusedSentAgain(t *testing.T) {
 		})
 	}
 }
+
+// TestGRPCUpstreamHeaderListSize: Cells announces SETTINGS_MAX_HEADER_LIST_SIZE
+// of 1 KiB. A call whose head is larger is answered RESOURCE_EXHAUSTED by
+// the proxy and never reaches Cells; calls before and after it go through
+// on the same connection (the refused head left the HPACK state as it was:
+// the peer decodes the next block with the table it has), and no block the
+// peer receives is above the limit.
+func TestGRPCUpstreamHeaderListSize(t *testing.T) {
+	t.Parallel()
+	const limit = 1024
+	var mu sync.Mutex
+	var sizes []int
+	p := newH2Peer(t, h2PeerConfig{Settings: []http2.Setting{{ID: http2.SettingMaxHeaderListSize, Val: limit}}}, func(s *h2Stream) {
+		n := 0
+		for _, f := range s.Header {
+			n += len(f.Name) + len(f.Value) + 32
+		}
+		mu.Lock()
+		sizes = append(sizes, n)
+		mu.Unlock()
+		echo(s)
+	})
+	tp := startPeerProxy(t, p)
+	ctx := testCtx(t)
+	url := tp.URL + "/tree.NodeProvider/ReadNode"
+	body := grpcMsg([]byte("small head"))
+
+	checkOK(t, "first call", callGRPC(ctx, tp.H2, url, body, "X-Pydio-Bearer", "short.token"), body)
+	r := callGRPC(ctx, tp.H2, url, body, "X-Pydio-Bearer", strings.Repeat("t", limit))
+	if r.Err != nil {
+		t.Fatalf("large head: %v", r.Err)
+	}
+	if got := r.Header.Get("Grpc-Status"); r.Status != http.StatusOK || got != "8" {
+		t.Errorf("large head: status %d, grpc-status %q (%q), want 200 and 8 (RESOURCE_EXHAUSTED)",
+			r.Status, got, r.Header.Get("Grpc-Message"))
+	}
+	checkOK(t, "call after", callGRPC(ctx, tp.H2, url, body, "X-Pydio-Bearer", "short.token"), body)
+
+	mu.Lock()
+	defer mu.Unlock()
+	if len(sizes) != 2 {
+		t.Errorf("the upstream saw %d calls, want 2 (the large head must not be sent)", len(sizes))
+	}
+	for _, n := range sizes {
+		if n > limit {
+			t.Errorf("the upstream received a head of %d bytes, above its limit of %d", n, limit)
+		}
+	}
+	if conns := len(p.Conns()); conns != 1 {
+		t.Errorf("%d upstream connections, want 1", conns)
+	}
+}
