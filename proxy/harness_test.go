@@ -26,9 +26,10 @@ import (
 )
 
 // TestMain checks that no test leaves a goroutine behind: every server,
-// tunnel and upstream request must be gone when its test ends.
+// tunnel and upstream request must be gone when its test ends. The one
+// exception is the parker's loop, which lives as long as the process.
 func TestMain(m *testing.M) {
-	goleak.VerifyTestMain(m)
+	goleak.VerifyTestMain(m, goleak.IgnoreAnyFunction("github.com/cells-proxy/cells-proxy/proxy.(*parker).loop"))
 }
 
 // upstreamKind is how a test upstream listens.

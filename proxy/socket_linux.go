@@ -2,11 +2,9 @@ package proxy
 
 import "syscall"
 
-// parkRead is the function a pump hands to syscall.RawConn.Read to wait
-// until its socket has something to read (see pump.next). It peeks, so
-// that bytes that arrived before the wait began are not waited for, and
-// reports true (stop waiting) for anything a read would not block on:
-// a byte, the end of the stream, an error.
+// parkRead peeks at a socket without waiting and reports whether a read
+// would not block: a byte, the end of the stream, an error. upConn.quiet
+// uses it on an idle connection to Cells.
 func parkRead(fd uintptr) bool {
 	var b [1]byte
 	_, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)

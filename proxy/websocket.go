@@ -173,14 +173,14 @@ func (ts *tunnels) serve(f *forwarder, ex *exchange, r *http.Request) (detached 
 		upConn:     upConn,
 		ex:         ex,
 	}
-	t.up = pump{src: clientSrc, srcConn: client, raw: rawConn(client), dst: upstream, dstConn: upConn, mask: true}
-	t.down = pump{src: upstream, srcConn: upConn, raw: rawConn(upConn), dst: client, dstConn: client}
-	go func() {
-		defer f.finish(ex, r)
-		defer client.Close()
-		defer upstream.Close()
-		t.run(ts)
-	}()
+	pk := getParker(f.log)
+	t.up = pump{t: t, pk: pk, src: clientSrc, srcConn: client, raw: rawConn(client), dst: upstream, dstConn: upConn, mask: true}
+	t.down = pump{t: t, pk: pk, fromUpstream: true, src: upstream, srcConn: upConn, raw: rawConn(upConn), dst: client, dstConn: client}
+	t.run(ts, func() {
+		upstream.Close()
+		client.Close()
+		f.finish(ex, r)
+	})
 	return true
 }
 
@@ -200,12 +200,21 @@ type tunnel struct {
 	timer     *time.Timer
 	ended     bool // guarded by timerMu: no re-arming after run returns
 	closeOnce sync.Once
-	wg        sync.WaitGroup // the two pumps, until their loops return
+	wg        sync.WaitGroup // the two pumps, until they stop for good
+	running   atomic.Int32   // pumps that have not stopped for good
+	ts        *tunnels
+	onEnd     func() // once both pumps have stopped for good
 }
 
 // pump copies frames from src to dst. Knowing where frames start lets the
 // proxy add a close frame of its own without corrupting the stream.
 type pump struct {
+	t            *tunnel
+	fromUpstream bool // for the access log's byte counts
+	pk           *parker
+	parkID       uint64 // guarded by pk.mu
+	inSet        bool   // guarded by pk.mu: the socket is in pk's epoll set
+
 	src     io.Reader
 	srcConn net.Conn        // the connection under src, for its read deadline
 	raw     syscall.RawConn // the socket under srcConn; nil: no parking
@@ -217,46 +226,72 @@ type pump struct {
 	broken   bool // dst failed: nothing more may be written to it
 }
 
-// run pumps until the tunnel ends: the client-to-Cells pump on a goroutine
-// of its own, the other on the caller's. The tunnel joins ts only once its
-// state is set: from then on closeAll may close it.
-func (t *tunnel) run(ts *tunnels) {
+// run starts the two pumps and returns. From then on the tunnel lives on
+// a goroutine per pump while frames move, and on none while it is idle
+// (see parker); onEnd runs once both pumps have stopped for good. The
+// tunnel joins ts only once its state is set: from then on closeAll may
+// close it.
+func (t *tunnel) run(ts *tunnels, onEnd func()) {
+	t.ts, t.onEnd = ts, onEnd
 	t.last.Store(time.Now().UnixNano())
 	t.timerMu.Lock()
 	t.timer = time.AfterFunc(t.idle, t.checkIdle)
 	t.timerMu.Unlock()
-	defer func() {
-		t.timerMu.Lock()
-		t.ended = true
-		t.timer.Stop()
-		t.timerMu.Unlock()
-	}()
 
-	// A pump that ends (a close handshake, or a dropped connection) ends
-	// the tunnel: it unblocks the other pump, unless close (idle timeout,
-	// shutdown) already does. close waits for both pump loops (wg), so a
-	// pump leaves wg before it may wait on closeOnce; and a second
-	// stopPumps would cut the close frames close is writing, mid TLS
-	// record.
-	upExited := make(chan struct{})
+	t.running.Store(2)
 	t.wg.Add(2)
-	go func() {
-		defer close(upExited)
-		t.up.run(t, false)
-		t.wg.Done()
-		t.closeOnce.Do(t.stopPumps)
-	}()
+	go t.up.cycle(false)
 	if !ts.add(t) {
-		t.wg.Done() // the down pump does not run
-		t.close(closeGoingAway, "server shutting down")
-		<-upExited
+		// Shutting down: the down pump does not run.
+		t.wg.Done()
+		go func() {
+			t.close(closeGoingAway, "server shutting down")
+			t.pumpGone(false)
+		}()
 		return
 	}
-	defer ts.remove(t)
-	t.down.run(t, true)
+	go t.down.cycle(false)
+}
+
+// pumpEnded is called once by each pump when it stops for good. A pump
+// that ends on its own (a close handshake, a dropped connection) ends the
+// tunnel: it stops the other pump, unless close (idle timeout, shutdown)
+// already does; byStop marks a pump that stopPumps took back from the
+// parker, on stopPumps' goroutine. close waits for both pumps (wg), so a
+// pump leaves wg before it may wait on closeOnce; and a second stopPumps
+// would cut the close frames close is writing, mid TLS record.
+func (t *tunnel) pumpEnded(byStop bool) {
 	t.wg.Done()
+	if !byStop {
+		t.closeOnce.Do(t.stopPumps)
+	}
+	t.pumpGone(byStop)
+}
+
+// pumpGone counts a pump out; the last one ends the tunnel, on a goroutine
+// of its own when async (the caller is inside closeOnce, which end waits
+// on).
+func (t *tunnel) pumpGone(async bool) {
+	if t.running.Add(-1) > 0 {
+		return
+	}
+	if async {
+		go t.end()
+		return
+	}
+	t.end()
+}
+
+// end runs once both pumps have stopped for good, after close, if one is
+// under way, has written its close frames.
+func (t *tunnel) end() {
 	t.closeOnce.Do(t.stopPumps)
-	<-upExited
+	t.timerMu.Lock()
+	t.ended = true
+	t.timer.Stop()
+	t.timerMu.Unlock()
+	t.ts.remove(t)
+	t.onEnd()
 }
 
 func (t *tunnel) checkIdle() {
@@ -282,6 +317,13 @@ func (t *tunnel) stopPumps() {
 	now := time.Now()
 	t.clientConn.SetDeadline(now)
 	t.upConn.SetDeadline(now)
+	// A parked pump is in no read that a deadline could stop: take it
+	// back. One that parks after this sees stopping and takes itself back.
+	for _, p := range [...]*pump{&t.up, &t.down} {
+		if p.pk.unpark(p) {
+			t.pumpEnded(true)
+		}
+	}
 }
 
 // close ends the tunnel with a close frame to each side that is at a frame
@@ -333,35 +375,38 @@ func shortFrame(op byte, payload []byte, mask bool) []byte {
 	return f
 }
 
-// run copies frames until src ends or fails. fromUpstream marks the
-// direction for the access log's byte counts.
+// cycle copies frames until none is left to copy, then parks the pump
+// until its socket is readable, when wake starts the next cycle on a new
+// goroutine; or it ends the pump. woken: the socket was readable, so the
+// first read may wait.
 //
-// Between frames, which for an idle websocket is almost always, the pump
-// waits on its socket (syscall.RawConn.Read with parkRead) on a goroutine
-// that never reads through crypto/tls, and copies frames on a goroutine
-// of their own that ends when nothing is left to copy. A goroutine that
-// once read through crypto/tls has a 4 KiB stack, and the runtime never
-// shrinks it back; one that only parks keeps 2 KiB. That is 4 KiB less
-// of stack per idle websocket, and as much again of heap the garbage
-// collector's goal no longer grows by.
-func (p *pump) run(t *tunnel, fromUpstream bool) {
-	if p.raw == nil {
-		p.frames(t, fromUpstream, true)
-		return
-	}
-	woken := false
+// Between frames, which for an idle websocket is almost always, a parked
+// pump has no goroutine: the goroutine that copied frames ends, and with it
+// the stack that reading through crypto/tls grew (4 KiB or more, which the
+// runtime never shrinks back on a goroutine that lives on).
+func (p *pump) cycle(woken bool) {
+	t := p.t
 	for {
-		idle := make(chan bool, 1)
-		go func(block bool) { idle <- p.frames(t, fromUpstream, block) }(woken)
-		if !<-idle {
+		if !p.frames(t, p.fromUpstream, woken) {
+			t.pumpEnded(false)
 			return
 		}
-		if err := p.raw.Read(parkRead); err != nil {
+		if p.pk.park(p) {
+			if t.stopping.Load() && p.pk.unpark(p) {
+				// stopPumps ran before the pump was parked and had
+				// nothing to take back.
+				t.pumpEnded(false)
+			}
 			return
 		}
+		// No parking (no socket under src, no epoll set, another
+		// platform): wait for the next frame inside the read.
 		woken = true
 	}
 }
+
+// wake is the parker's call when p's socket is readable.
+func (p *pump) wake() { p.cycle(true) }
 
 // frames copies frames from src to dst. With block false, it returns true
 // at the first frame boundary where nothing is buffered above the socket,
