@@ -885,3 +885,76 @@ func closePayload(b []byte, masked bool) ([]byte, bool) {
 	}
 	return payload, true
 }
+
+// TestWebSocketChurn: many websockets at once, each sending messages of
+// sizes that straddle frames and TLS records with short pauses between them
+// (so pumps park and wake over and over), and ending in one of three ways:
+// the client closes, the upstream closes (4001), or the socket falls quiet
+// past PROXY_WS_IDLE_TIMEOUT and the proxy closes it with 1001 while both
+// its pumps are parked. Every echo arrives intact, every socket ends as its
+// story says, and no tunnel outlives the test (goleak checks the rest).
+func TestWebSocketChurn(t *testing.T) {
+	t.Parallel()
+	const sockets, ops = 30, 12
+	wsUp := newWSUpstream(nil)
+	wsUp.ended = make(chan error, sockets)
+	cfg := testConfig(newUpstream(t, upTLS, wsUp))
+	cfg.WSIdleTimeout = wsIdle
+	tp := startProxy(t, cfg)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+
+	var wg sync.WaitGroup
+	for i := range sockets {
+		wg.Go(func() {
+			rng := rand.New(rand.NewPCG(uint64(i), 7))
+			c, _ := dialWS(t, tp, "/ws/event", nil)
+			defer c.CloseNow()
+			for op := range ops {
+				time.Sleep(time.Duration(rng.IntN(50)) * time.Millisecond)
+				msg := make([]byte, 1+rng.IntN(70_000))
+				for j := range msg {
+					msg[j] = byte(i + op + j)
+				}
+				if err := c.Write(ctx, websocket.MessageBinary, msg); err != nil {
+					t.Errorf("socket %d op %d: write: %v", i, op, err)
+					return
+				}
+				_, got, err := c.Read(ctx)
+				if err != nil {
+					t.Errorf("socket %d op %d: read: %v", i, op, err)
+					return
+				}
+				if !bytes.Equal(got, msg) {
+					t.Errorf("socket %d op %d: echo of %d bytes differs from the %d sent", i, op, len(got), len(msg))
+					return
+				}
+			}
+			switch i % 3 {
+			case 0:
+				c.Close(websocket.StatusNormalClosure, "client bye")
+			case 1:
+				if err := c.Write(ctx, websocket.MessageText, []byte("close-me")); err != nil {
+					t.Errorf("socket %d: write close-me: %v", i, err)
+					return
+				}
+				_, _, err := c.Read(ctx)
+				if code, reason := closeErr(err); code != 4001 {
+					t.Errorf("socket %d: close %d %q, want 4001 from the upstream", i, code, reason)
+				}
+			default:
+				// Quiet until the proxy closes it.
+				_, _, err := c.Read(ctx)
+				wantGoingAway(t, err, fmt.Sprintf("socket %d", i))
+			}
+		})
+	}
+	wg.Wait()
+	deadline := time.Now().Add(10 * time.Second)
+	for tp.fwd.ws.count() > 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := tp.fwd.ws.count(); n > 0 {
+		t.Errorf("%d tunnels still open after every client ended", n)
+	}
+}
