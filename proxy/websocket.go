@@ -198,7 +198,7 @@ type tunnel struct {
 	stopping  atomic.Bool  // stopPumps has set the deadlines that stop the pumps
 	timerMu   sync.Mutex
 	timer     *time.Timer
-	ended     bool // guarded by timerMu: no re-arming after run returns
+	ended     bool // guarded by timerMu: no re-arming once the tunnel has ended
 	closeOnce sync.Once
 	wg        sync.WaitGroup // the two pumps, until they stop for good
 	running   atomic.Int32   // pumps that have not stopped for good
@@ -410,7 +410,7 @@ func (p *pump) wake() { p.cycle(true) }
 
 // frames copies frames from src to dst. With block false, it returns true
 // at the first frame boundary where nothing is buffered above the socket,
-// for run to park; it returns false when the pump must end. With block true
+// for cycle to park; it returns false when the pump must end. With block true
 // it waits for the next frame inside the read, as a pump without a socket
 // does throughout, and a woken pump does for the frame that woke it.
 func (p *pump) frames(t *tunnel, fromUpstream, block bool) (park bool) {
