@@ -143,8 +143,13 @@ func (pk *parker) loop() {
 	for {
 		err := pk.ep.Read(func(fd uintptr) bool {
 			n, err := syscall.EpollWait(int(fd), events, 0)
+			for err == syscall.EINTR {
+				// Not waited for again: the netpoller watches the set
+				// edge-triggered and would not report what is pending.
+				n, err = syscall.EpollWait(int(fd), events, 0)
+			}
 			if err != nil || n <= 0 {
-				return false // nothing ready (EINTR included): wait again
+				return false // nothing ready: wait for the set
 			}
 			pk.mu.Lock()
 			for _, ev := range events[:n] {
