@@ -475,7 +475,7 @@ func (c *upConn) quiet() bool {
 	}
 	readable := false
 	err := c.raw.Read(func(fd uintptr) bool {
-		readable = parkRead(fd)
+		readable = peekReadable(fd)
 		return true
 	})
 	return err == nil && !readable
