@@ -338,7 +338,7 @@ func (u *grpcUpstream) dial(ctx context.Context) (*grpcConn, error) {
 	c.hdec = hpack.NewDecoder(4096, func(f hpack.HeaderField) {
 		// Counted as decoded: a small block can name large table
 		// entries many times over.
-		if c.fieldsSize += len(f.Name) + len(f.Value) + 32; c.fieldsSize <= int(u.maxHeader) {
+		if c.fieldsSize += int(f.Size()); c.fieldsSize <= int(u.maxHeader) {
 			c.fields = append(c.fields, f)
 		}
 	})
@@ -677,9 +677,10 @@ func (c *grpcConn) encodeFields(h http.Header, request bool) {
 }
 
 func (c *grpcConn) writeField(name, value string) {
-	c.hsize += uint64(len(name) + len(value) + 32)
+	f := hpack.HeaderField{Name: name, Value: value}
+	c.hsize += uint64(f.Size())
 	if !c.sizing {
-		c.henc.WriteField(hpack.HeaderField{Name: name, Value: value})
+		c.henc.WriteField(f)
 	}
 }
 

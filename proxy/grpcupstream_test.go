@@ -1055,7 +1055,7 @@ func TestGRPCUpstreamHeaderListSize(t *testing.T) {
 	p := newH2Peer(t, h2PeerConfig{Settings: []http2.Setting{{ID: http2.SettingMaxHeaderListSize, Val: limit}}}, func(s *h2Stream) {
 		n := 0
 		for _, f := range s.Header {
-			n += len(f.Name) + len(f.Value) + 32
+			n += int(f.Size())
 		}
 		mu.Lock()
 		sizes = append(sizes, n)
