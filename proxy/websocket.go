@@ -387,7 +387,7 @@ func shortFrame(op byte, payload []byte, mask bool) []byte {
 func (p *pump) cycle(woken bool) {
 	t := p.t
 	for {
-		if !p.frames(t, p.fromUpstream, woken) {
+		if !p.frames(woken) {
 			t.pumpEnded(false)
 			return
 		}
@@ -413,7 +413,8 @@ func (p *pump) wake() { p.cycle(true) }
 // for cycle to park; it returns false when the pump must end. With block true
 // it waits for the next frame inside the read, as a pump without a socket
 // does throughout, and a woken pump does for the frame that woke it.
-func (p *pump) frames(t *tunnel, fromUpstream, block bool) (park bool) {
+func (p *pump) frames(block bool) (park bool) {
+	t := p.t
 	var hdr [14]byte
 	for {
 		// Read the fixed part of a frame header, then its extensions.
@@ -422,7 +423,7 @@ func (p *pump) frames(t *tunnel, fromUpstream, block bool) (park bool) {
 			if _, err := io.ReadFull(p.src, hdr[:1]); err != nil {
 				return false
 			}
-		} else if ok, err := p.buffered(t, hdr[:1]); err != nil {
+		} else if ok, err := p.buffered(hdr[:1]); err != nil {
 			return false
 		} else if !ok {
 			return true
@@ -462,12 +463,12 @@ func (p *pump) frames(t *tunnel, fromUpstream, block bool) (park bool) {
 			return false
 		}
 		if length > 0 {
-			if err := p.copyPayload(t, int64(length)); err != nil {
+			if err := p.copyPayload(int64(length)); err != nil {
 				return false
 			}
 		}
 		p.midFrame = false
-		if fromUpstream {
+		if p.fromUpstream {
 			t.ex.bytesOut += int64(n) + int64(length)
 		} else {
 			t.ex.bytesIn.Add(int64(n) + int64(length))
@@ -482,11 +483,11 @@ var aLongTimeAgo = time.Unix(1, 0)
 // buffered reads one byte into b if one is buffered above the socket (in
 // crypto/tls, cmux, or the upgrade response's bufio), without waiting:
 // only when none is may the pump park on the socket.
-func (p *pump) buffered(t *tunnel, b []byte) (bool, error) {
+func (p *pump) buffered(b []byte) (bool, error) {
 	p.srcConn.SetReadDeadline(aLongTimeAgo)
 	n, err := p.src.Read(b)
 	p.srcConn.SetReadDeadline(time.Time{})
-	if t.stopping.Load() {
+	if p.t.stopping.Load() {
 		// stopPumps set a deadline that the line above may have cleared.
 		return false, net.ErrClosed
 	}
@@ -499,7 +500,7 @@ func (p *pump) buffered(t *tunnel, b []byte) (bool, error) {
 	return false, err
 }
 
-func (p *pump) copyPayload(t *tunnel, length int64) error {
+func (p *pump) copyPayload(length int64) error {
 	buf := copyBuffers.Get()
 	defer copyBuffers.Put(buf)
 	for length > 0 {
@@ -509,7 +510,7 @@ func (p *pump) copyPayload(t *tunnel, length int64) error {
 		}
 		nr, err := p.src.Read(chunk)
 		if nr > 0 {
-			t.touch()
+			p.t.touch()
 			if _, werr := p.dst.Write(chunk[:nr]); werr != nil {
 				p.broken = true
 				return werr
