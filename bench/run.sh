@@ -7,13 +7,13 @@
 # Environment:
 #   QUICK=1        short run
 #   TARGETS=a,b    subset of direct,cells-proxy,nginx-classic,nginx-tuned,haproxy
-#   SCENARIOS=a,b  subset of idle,download,upload,websocket,http1,rest,http2,grpc-unary,grpc-bidi-1,grpc-bidi-8
+#   SCENARIOS=a,b  subset of idle,download,upload,websocket,tls,http1,rest,http2,grpc-unary,grpc-bidi-1,grpc-bidi-8
 #   OUT=FILE       also write the markdown report there (default bench/results/<date>.md)
 #   WORK=DIR       scratch directory (default: a new one under /tmp, removed at the end)
 #   INSTALL=0      do not apt-get install missing tools
 #
-# Needs Linux, Go, and root for apt-get (or wrk, h2load, nginx, haproxy and
-# curl already installed). Everything runs on 127.0.0.1. Not part of the test
+# Needs Linux, Go, and root for apt-get (or wrk, h2load, nginx, haproxy, curl
+# and openssl already installed). Everything runs on 127.0.0.1. Not part of the test
 # suite.
 set -euo pipefail
 
@@ -21,7 +21,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 
 missing=()
-for tool in wrk:wrk h2load:nghttp2-client nginx:nginx haproxy:haproxy curl:curl; do
+for tool in wrk:wrk h2load:nghttp2-client nginx:nginx haproxy:haproxy curl:curl openssl:openssl; do
 	command -v "${tool%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${tool%%:*}" ] || missing+=("${tool#*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then

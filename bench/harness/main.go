@@ -71,7 +71,7 @@ func run() error {
 	quick := flag.Bool("quick", false, "1 round and shorter loads")
 	only := flag.String("targets", "direct,cells-proxy,nginx-classic,nginx-tuned,haproxy", "comma-separated targets to run")
 	out := flag.String("out", "", "also write the report to this file")
-	onlyScen := flag.String("scenarios", "", "comma-separated scenarios to run (idle,download,upload,websocket,http1,rest,http2,grpc-unary,grpc-bidi-1,grpc-bidi-8); empty: all")
+	onlyScen := flag.String("scenarios", "", "comma-separated scenarios to run (idle,download,upload,websocket,tls,http1,rest,http2,grpc-unary,grpc-bidi-1,grpc-bidi-8); empty: all")
 	flag.IntVar(&b.wsConns, "ws", 2000, "idle websockets")
 	flag.Int64Var(&b.transfer, "transfer", 1<<30, "bytes per download and upload")
 	from := flag.String("report", "", "only print the report of an earlier run's results.json")

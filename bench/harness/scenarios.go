@@ -13,6 +13,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -35,6 +36,7 @@ func scenarios() []scenario {
 		{"download", false, (*bench).download},
 		{"upload", false, (*bench).upload},
 		{"websocket", true, (*bench).websocket},
+		{"tls", false, (*bench).tlsConns},
 		{"http1", false, (*bench).http1},
 		{"rest", false, (*bench).rest},
 		{"http2", false, (*bench).http2},
@@ -438,6 +440,67 @@ func (b *bench) websocket(ctx context.Context, t *target, _ int) (measurement, e
 	}
 	if r.RoundTrips == 0 {
 		return m, errors.New("no websocket round trip succeeded")
+	}
+	return m, nil
+}
+
+// sTimeConns is openssl s_time's count of connections.
+var sTimeConns = regexp.MustCompile(`(?m)^(\d+) connections in [\d.]+ real seconds`)
+
+// tlsConns is what a new client connection costs: TLS connections per
+// second, each with one small HTTP/1.0 request, with a full handshake and
+// resuming the session of the client's first connection, as browsers and
+// Cells Sync do when they reconnect. Two openssl s_time clients run at once
+// for each kind. Every target does the same key exchange: OpenSSL 3.0 offers
+// X25519 (a browser would also offer X25519MLKEM768, which Go prefers).
+func (b *bench) tlsConns(ctx context.Context, t *target, _ int) (measurement, error) {
+	m := measurement{}
+	secs := strconv.Itoa(max(1, int(b.dur.Seconds())))
+	for _, mode := range []string{"new", "reuse"} {
+		var outs [2]string
+		var errs [2]error
+		var elapsed time.Duration
+		cpu, err := cpuDelta(t, func() error {
+			start := time.Now()
+			var wg sync.WaitGroup
+			for i := range outs {
+				wg.Go(func() {
+					outs[i], errs[i] = command(ctx, b.dur+30*time.Second, "openssl", "s_time",
+						"-connect", fmt.Sprintf("127.0.0.1:%d", t.port), "-"+mode, "-time", secs, "-www", "/small")
+				})
+			}
+			wg.Wait()
+			elapsed = time.Since(start)
+			return errors.Join(errs[:]...)
+		})
+		if err != nil {
+			return nil, fmt.Errorf("s_time -%s: %w", mode, err)
+		}
+		var n, resumed float64
+		for _, out := range outs {
+			v := sTimeConns.FindStringSubmatch(out)
+			if v == nil {
+				return nil, fmt.Errorf("s_time -%s: no connection count in %q", mode, out)
+			}
+			c, _ := strconv.ParseFloat(v[1], 64)
+			n += c
+			// One character per connection: r resumed, * full handshake.
+			for l := range strings.SplitSeq(out, "\n") {
+				if l != "" && strings.Trim(l, "r*") == "" {
+					resumed += float64(strings.Count(l, "r"))
+				}
+			}
+		}
+		if n == 0 {
+			return nil, fmt.Errorf("s_time -%s: no connection", mode)
+		}
+		m["tls_"+mode+"_cps"] = n / elapsed.Seconds()
+		if t.pids != nil {
+			m["tls_"+mode+"_cpu_ms"] = cpu / n * 1000
+		}
+		if mode == "reuse" {
+			m["tls_resumed_pct"] = resumed / n * 100
+		}
 	}
 	return m, nil
 }
