@@ -24,7 +24,6 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/interop"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
-	testpb "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/orca"
 	"google.golang.org/grpc/status"
@@ -174,7 +173,7 @@ func eachGRPC(t *testing.T, configure func(*Config), f func(t *testing.T, e *grp
 					tc := testgrpc.NewTestServiceClient(e.dial(t, port))
 					// Connect first, so that a short deadline in f is
 					// not spent on the TLS handshake.
-					if _, err := tc.EmptyCall(testCtx(t), &testpb.Empty{}); err != nil {
+					if _, err := tc.EmptyCall(testCtx(t), &testgrpc.Empty{}); err != nil {
 						t.Fatalf("first call: %v", err)
 					}
 					f(t, e, port, tc)
@@ -301,12 +300,12 @@ func (s *probeService) hold(ctx context.Context) error {
 	return status.FromContextError(ctx.Err()).Err()
 }
 
-func (s *probeService) EmptyCall(ctx context.Context, in *testpb.Empty) (*testpb.Empty, error) {
+func (s *probeService) EmptyCall(ctx context.Context, in *testgrpc.Empty) (*testgrpc.Empty, error) {
 	s.record(ctx)
 	return s.TestServiceServer.EmptyCall(ctx, in)
 }
 
-func (s *probeService) UnaryCall(ctx context.Context, in *testpb.SimpleRequest) (*testpb.SimpleResponse, error) {
+func (s *probeService) UnaryCall(ctx context.Context, in *testgrpc.SimpleRequest) (*testgrpc.SimpleResponse, error) {
 	md := s.record(ctx)
 	switch mode := md.Get("x-probe"); {
 	case slices.Contains(mode, "hold"):
@@ -318,7 +317,7 @@ func (s *probeService) UnaryCall(ctx context.Context, in *testpb.SimpleRequest) 
 		h, tr := echoed(md)
 		grpc.SetHeader(ctx, h)
 		grpc.SetTrailer(ctx, tr)
-		return &testpb.SimpleResponse{Payload: in.GetPayload()}, nil
+		return &testgrpc.SimpleResponse{Payload: in.GetPayload()}, nil
 	}
 	return s.TestServiceServer.UnaryCall(ctx, in)
 }
@@ -328,7 +327,7 @@ func (s *probeService) StreamingInputCall(stream testgrpc.TestService_StreamingI
 	return s.TestServiceServer.StreamingInputCall(stream)
 }
 
-func (s *probeService) StreamingOutputCall(in *testpb.StreamingOutputCallRequest, stream testgrpc.TestService_StreamingOutputCallServer) error {
+func (s *probeService) StreamingOutputCall(in *testgrpc.StreamingOutputCallRequest, stream testgrpc.TestService_StreamingOutputCallServer) error {
 	s.record(stream.Context())
 	return s.TestServiceServer.StreamingOutputCall(in, stream)
 }
@@ -355,7 +354,7 @@ func (s *probeService) FullDuplexCall(stream testgrpc.TestService_FullDuplexCall
 		if err != nil {
 			return err
 		}
-		if err := stream.Send(&testpb.StreamingOutputCallResponse{Payload: in.GetPayload()}); err != nil {
+		if err := stream.Send(&testgrpc.StreamingOutputCallResponse{Payload: in.GetPayload()}); err != nil {
 			return err
 		}
 	}
@@ -398,10 +397,10 @@ func testCtx(t testing.TB) context.Context {
 	return ctx
 }
 
-func payload(n int, seed uint64) *testpb.Payload {
+func payload(n int, seed uint64) *testgrpc.Payload {
 	b := make([]byte, n)
 	rand.NewChaCha8([32]byte{byte(seed), byte(seed >> 8)}).Read(b)
-	return &testpb.Payload{Type: testpb.PayloadType_COMPRESSABLE, Body: b}
+	return &testgrpc.Payload{Type: testgrpc.PayloadType_COMPRESSABLE, Body: b}
 }
 
 // TestGRPCCalls: the four kinds of call, with their message contents and
@@ -412,7 +411,7 @@ func TestGRPCCalls(t *testing.T) {
 		t.Run("unary", func(t *testing.T) {
 			for _, n := range []int{0, 1, 16 << 10, 1 << 20} {
 				in := payload(n, uint64(n))
-				res, err := tc.UnaryCall(probe(testCtx(t), "echo"), &testpb.SimpleRequest{Payload: in})
+				res, err := tc.UnaryCall(probe(testCtx(t), "echo"), &testgrpc.SimpleRequest{Payload: in})
 				if err != nil {
 					t.Fatalf("UnaryCall(%d bytes): %v", n, err)
 				}
@@ -428,7 +427,7 @@ func TestGRPCCalls(t *testing.T) {
 			}
 			sum := 0
 			for i, n := range []int{1, 27182, 8, 1828, 45904, 1 << 20} {
-				if err := stream.Send(&testpb.StreamingInputCallRequest{Payload: payload(n, uint64(i))}); err != nil {
+				if err := stream.Send(&testgrpc.StreamingInputCallRequest{Payload: payload(n, uint64(i))}); err != nil {
 					t.Fatalf("Send %d: %v", i, err)
 				}
 				sum += n
@@ -443,11 +442,11 @@ func TestGRPCCalls(t *testing.T) {
 		})
 		t.Run("server-streaming", func(t *testing.T) {
 			sizes := []int32{31415, 9, 2653, 58979, 0, 1 << 20}
-			var params []*testpb.ResponseParameters
+			var params []*testgrpc.ResponseParameters
 			for _, n := range sizes {
-				params = append(params, &testpb.ResponseParameters{Size: n})
+				params = append(params, &testgrpc.ResponseParameters{Size: n})
 			}
-			stream, err := tc.StreamingOutputCall(testCtx(t), &testpb.StreamingOutputCallRequest{ResponseParameters: params})
+			stream, err := tc.StreamingOutputCall(testCtx(t), &testgrpc.StreamingOutputCallRequest{ResponseParameters: params})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -473,7 +472,7 @@ func TestGRPCCalls(t *testing.T) {
 			}
 			for i, n := range []int{5, 0, 64 << 10, 1 << 20, 3} {
 				in := payload(n, uint64(i))
-				if err := stream.Send(&testpb.StreamingOutputCallRequest{Payload: in}); err != nil {
+				if err := stream.Send(&testgrpc.StreamingOutputCallRequest{Payload: in}); err != nil {
 					t.Fatalf("Send %d: %v", i, err)
 				}
 				res, err := stream.Recv()
@@ -511,8 +510,8 @@ func TestGRPCStatus(t *testing.T) {
 		for code := codes.Canceled; code <= codes.Unauthenticated; code++ {
 			t.Run(code.String(), func(t *testing.T) {
 				for _, msg := range messages {
-					want := &testpb.EchoStatus{Code: int32(code), Message: msg}
-					_, err := tc.UnaryCall(testCtx(t), &testpb.SimpleRequest{ResponseStatus: want})
+					want := &testgrpc.EchoStatus{Code: int32(code), Message: msg}
+					_, err := tc.UnaryCall(testCtx(t), &testgrpc.SimpleRequest{ResponseStatus: want})
 					if got := status.Convert(err); got.Code() != code || got.Message() != msg {
 						t.Errorf("unary: status = %v %q, want %v %q", got.Code(), got.Message(), code, msg)
 					}
@@ -521,14 +520,14 @@ func TestGRPCStatus(t *testing.T) {
 					if err != nil {
 						t.Fatal(err)
 					}
-					ok := &testpb.StreamingOutputCallRequest{ResponseParameters: []*testpb.ResponseParameters{{Size: 10}}}
+					ok := &testgrpc.StreamingOutputCallRequest{ResponseParameters: []*testgrpc.ResponseParameters{{Size: 10}}}
 					if err := stream.Send(ok); err != nil {
 						t.Fatal(err)
 					}
 					if _, err := stream.Recv(); err != nil {
 						t.Fatalf("stream: first Recv: %v", err)
 					}
-					if err := stream.Send(&testpb.StreamingOutputCallRequest{ResponseStatus: want}); err != nil {
+					if err := stream.Send(&testgrpc.StreamingOutputCallRequest{ResponseStatus: want}); err != nil {
 						t.Fatal(err)
 					}
 					_, err = stream.Recv()
@@ -573,7 +572,7 @@ func TestGRPCMetadata(t *testing.T) {
 			ctx := metadata.NewOutgoingContext(testCtx(t), send)
 			ctx = metadata.AppendToOutgoingContext(ctx, "x-probe", "echo")
 			var header, trailer metadata.MD
-			if _, err := tc.UnaryCall(ctx, &testpb.SimpleRequest{}, grpc.Header(&header), grpc.Trailer(&trailer)); err != nil {
+			if _, err := tc.UnaryCall(ctx, &testgrpc.SimpleRequest{}, grpc.Header(&header), grpc.Trailer(&trailer)); err != nil {
 				t.Fatal(err)
 			}
 			check(t, "upstream request metadata", e.svc.lastMD(t), send)
@@ -587,8 +586,8 @@ func TestGRPCMetadata(t *testing.T) {
 				"x-grpc-test-echo-initial", "initial value",
 				"x-grpc-test-echo-trailing-bin", "\x00\xfftrailing")
 			var header, trailer metadata.MD
-			echo := &testpb.EchoStatus{Code: int32(codes.FailedPrecondition), Message: "failed, with metadata"}
-			_, err := tc.UnaryCall(ctx, &testpb.SimpleRequest{ResponseStatus: echo}, grpc.Header(&header), grpc.Trailer(&trailer))
+			echo := &testgrpc.EchoStatus{Code: int32(codes.FailedPrecondition), Message: "failed, with metadata"}
+			_, err := tc.UnaryCall(ctx, &testgrpc.SimpleRequest{ResponseStatus: echo}, grpc.Header(&header), grpc.Trailer(&trailer))
 			if got := status.Convert(err); got.Code() != codes.FailedPrecondition || got.Message() != echo.Message {
 				t.Errorf("status = %v %q, want %v %q", got.Code(), got.Message(), codes.FailedPrecondition, echo.Message)
 			}
@@ -608,7 +607,7 @@ func TestGRPCMetadata(t *testing.T) {
 			}
 			check(t, "upstream request metadata", e.svc.lastMD(t), send)
 			check(t, "header", header, wantHeader)
-			if err := stream.Send(&testpb.StreamingOutputCallRequest{Payload: payload(10, 1)}); err != nil {
+			if err := stream.Send(&testgrpc.StreamingOutputCallRequest{Payload: payload(10, 1)}); err != nil {
 				t.Fatal(err)
 			}
 			if _, err := stream.Recv(); err != nil {
@@ -631,7 +630,7 @@ func TestGRPCDeadlineAndCancel(t *testing.T) {
 		t.Run("client-deadline-unary", func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(testCtx(t), 2*time.Second)
 			defer cancel()
-			_, err := tc.UnaryCall(probe(ctx, "hold"), &testpb.SimpleRequest{})
+			_, err := tc.UnaryCall(probe(ctx, "hold"), &testgrpc.SimpleRequest{})
 			if got, want := status.Code(err), codes.DeadlineExceeded; got != want {
 				t.Errorf("client status = %v, want %v", err, want)
 			}
@@ -666,7 +665,7 @@ func TestGRPCDeadlineAndCancel(t *testing.T) {
 			ctx, cancel := context.WithCancel(t.Context())
 			errc := make(chan error, 1)
 			go func() {
-				_, err := tc.UnaryCall(probe(ctx, "hold"), &testpb.SimpleRequest{})
+				_, err := tc.UnaryCall(probe(ctx, "hold"), &testgrpc.SimpleRequest{})
 				errc <- err
 			}()
 			h := waitHeld(t, e.svc)
@@ -705,8 +704,8 @@ func TestGRPCDeadlineAndCancel(t *testing.T) {
 		for _, code := range []codes.Code{codes.DeadlineExceeded, codes.Canceled} {
 			t.Run("upstream-returns-"+code.String(), func(t *testing.T) {
 				msg := "upstream says " + code.String()
-				echo := &testpb.EchoStatus{Code: int32(code), Message: msg}
-				_, err := tc.UnaryCall(testCtx(t), &testpb.SimpleRequest{ResponseStatus: echo})
+				echo := &testgrpc.EchoStatus{Code: int32(code), Message: msg}
+				_, err := tc.UnaryCall(testCtx(t), &testgrpc.SimpleRequest{ResponseStatus: echo})
 				if got := status.Convert(err); got.Code() != code || got.Message() != msg {
 					t.Errorf("unary: status = %v %q, want %v %q", got.Code(), got.Message(), code, msg)
 				}
@@ -714,11 +713,11 @@ func TestGRPCDeadlineAndCancel(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				stream.Send(&testpb.StreamingOutputCallRequest{ResponseParameters: []*testpb.ResponseParameters{{Size: 1}}})
+				stream.Send(&testgrpc.StreamingOutputCallRequest{ResponseParameters: []*testgrpc.ResponseParameters{{Size: 1}}})
 				if _, err := stream.Recv(); err != nil {
 					t.Fatal(err)
 				}
-				stream.Send(&testpb.StreamingOutputCallRequest{ResponseStatus: echo})
+				stream.Send(&testgrpc.StreamingOutputCallRequest{ResponseStatus: echo})
 				_, err = stream.Recv()
 				if got := status.Convert(err); got.Code() != code || got.Message() != msg {
 					t.Errorf("stream: status = %v %q, want %v %q", got.Code(), got.Message(), code, msg)
@@ -754,7 +753,7 @@ func TestGRPCBulkStream(t *testing.T) {
 				b := make([]byte, chunk)
 				src.Read(b)
 				h.Write(b)
-				if err := stream.Send(&testpb.StreamingOutputCallRequest{Payload: &testpb.Payload{Body: b}}); err != nil {
+				if err := stream.Send(&testgrpc.StreamingOutputCallRequest{Payload: &testgrpc.Payload{Body: b}}); err != nil {
 					break // Recv reports the stream's status
 				}
 			}
@@ -802,7 +801,7 @@ func TestGRPCIdleStream(t *testing.T) {
 			// than three idle timeouts.
 			time.Sleep(1 * time.Second)
 			in := payload(100, uint64(i))
-			if err := stream.Send(&testpb.StreamingOutputCallRequest{Payload: in}); err != nil {
+			if err := stream.Send(&testgrpc.StreamingOutputCallRequest{Payload: in}); err != nil {
 				t.Fatalf("Send after %v idle: %v", time.Second, err)
 			}
 			res, err := stream.Recv()
@@ -844,7 +843,7 @@ func TestGRPCAuthorityAndForwardedFor(t *testing.T) {
 							"x-forwarded-for", "203.0.113.9",
 							"x-real-ip", "203.0.113.9",
 							"x-forwarded-proto", "http")
-						if _, err := tc.EmptyCall(ctx, &testpb.Empty{}); err != nil {
+						if _, err := tc.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
 							t.Fatal(err)
 						}
 						md := e.svc.lastMD(t)
@@ -900,7 +899,7 @@ func TestGRPCErrors(t *testing.T) {
 					ctx, cancel := context.WithTimeout(testCtx(t), 10*time.Second)
 					defer cancel()
 					start := time.Now()
-					_, err := tc.EmptyCall(ctx, &testpb.Empty{})
+					_, err := tc.EmptyCall(ctx, &testgrpc.Empty{})
 					if got, want := status.Code(err), codes.Unavailable; got != want {
 						t.Errorf("status = %v, want %v", err, want)
 					}
@@ -944,7 +943,7 @@ func TestGRPCErrors(t *testing.T) {
 					tc := testgrpc.NewTestServiceClient(e.dial(t, port))
 					ctx, cancel := context.WithTimeout(testCtx(t), 500*time.Millisecond)
 					defer cancel()
-					_, err := tc.EmptyCall(ctx, &testpb.Empty{})
+					_, err := tc.EmptyCall(ctx, &testgrpc.Empty{})
 					if got, want := status.Code(err), codes.DeadlineExceeded; got != want {
 						t.Errorf("status = %v, want %v", err, want)
 					}
@@ -969,7 +968,7 @@ func TestGRPCErrors(t *testing.T) {
 					addr = tp.GRPCAddr().String()
 				}
 				tc := testgrpc.NewTestServiceClient(dialProxy(t, tp, addr))
-				_, err := tc.EmptyCall(testCtx(t), &testpb.Empty{})
+				_, err := tc.EmptyCall(testCtx(t), &testgrpc.Empty{})
 				st := status.Convert(err)
 				if got, want := st.Code(), codes.Unavailable; got != want {
 					t.Errorf("status = %v, want %v", err, want)
@@ -992,7 +991,7 @@ func TestGRPCErrors(t *testing.T) {
 					if err != nil {
 						t.Fatal(err)
 					}
-					if err := stream.Send(&testpb.StreamingOutputCallRequest{Payload: payload(10, 1)}); err != nil {
+					if err := stream.Send(&testgrpc.StreamingOutputCallRequest{Payload: payload(10, 1)}); err != nil {
 						t.Fatal(err)
 					}
 					if _, err := stream.Recv(); err != nil {
@@ -1021,7 +1020,7 @@ func TestGRPCSplitByContentType(t *testing.T) {
 		t.Run(string(topo), func(t *testing.T) {
 			e := startGRPC(t, topo, nil)
 			tc := testgrpc.NewTestServiceClient(e.dial(t, portMain))
-			if _, err := tc.EmptyCall(testCtx(t), &testpb.Empty{}); err != nil {
+			if _, err := tc.EmptyCall(testCtx(t), &testgrpc.Empty{}); err != nil {
 				t.Fatal(err)
 			}
 			grpcBefore := e.grpcReqs.Load()
@@ -1109,7 +1108,7 @@ func TestGRPCConcurrentNoMixup(t *testing.T) {
 func mixedCall(ctx context.Context, tc testgrpc.TestServiceClient, kind int, seed uint64) error {
 	if kind == 0 {
 		in := payload(256+int(seed%512), seed)
-		res, err := tc.UnaryCall(probe(ctx, "echo"), &testpb.SimpleRequest{Payload: in})
+		res, err := tc.UnaryCall(probe(ctx, "echo"), &testgrpc.SimpleRequest{Payload: in})
 		if err != nil {
 			return err
 		}
@@ -1126,7 +1125,7 @@ func mixedCall(ctx context.Context, tc testgrpc.TestServiceClient, kind int, see
 	}
 	for j, size := range []int{100, 20000, 5} {
 		in := payload(size, seed<<2|uint64(j))
-		if err := stream.Send(&testpb.StreamingOutputCallRequest{Payload: in}); err != nil {
+		if err := stream.Send(&testgrpc.StreamingOutputCallRequest{Payload: in}); err != nil {
 			return fmt.Errorf("send %d: %w", j, err)
 		}
 		res, err := stream.Recv()

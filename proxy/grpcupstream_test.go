@@ -20,7 +20,6 @@ import (
 	"golang.org/x/net/http2/hpack"
 	"google.golang.org/grpc/codes"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
-	testpb "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 )
@@ -470,7 +469,7 @@ func TestGRPCUpstreamTrailersOnly(t *testing.T) {
 	tp := startPeerProxy(t, p)
 	tc := testgrpc.NewTestServiceClient(dialProxy(t, tp, tp.Addr().String()))
 
-	_, err := tc.EmptyCall(testCtx(t), &testpb.Empty{})
+	_, err := tc.EmptyCall(testCtx(t), &testgrpc.Empty{})
 	st := status.Convert(err)
 	if got, want := st.Code(), codes.PermissionDenied; got != want {
 		t.Errorf("status = %v, want %v", err, want)
@@ -598,7 +597,7 @@ func TestGRPCUpstreamConnectionDrop(t *testing.T) {
 	t.Parallel()
 	clientGot := make(chan struct{})
 	msg := func(s string) []byte {
-		b, err := proto.Marshal(&testpb.StreamingOutputCallResponse{Payload: &testpb.Payload{Body: []byte(s)}})
+		b, err := proto.Marshal(&testgrpc.StreamingOutputCallResponse{Payload: &testgrpc.Payload{Body: []byte(s)}})
 		if err != nil {
 			panic(err)
 		}
@@ -631,7 +630,7 @@ func TestGRPCUpstreamConnectionDrop(t *testing.T) {
 	// it needs, and far less than a hang.
 	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
 	defer cancel()
-	stream, err := tc.StreamingOutputCall(ctx, &testpb.StreamingOutputCallRequest{})
+	stream, err := tc.StreamingOutputCall(ctx, &testgrpc.StreamingOutputCallRequest{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -652,7 +651,7 @@ func TestGRPCUpstreamConnectionDrop(t *testing.T) {
 	if got, want := status.Code(err), codes.Unavailable; got != want {
 		t.Errorf("Recv after the drop = %v, want %v", err, want)
 	}
-	if _, err := tc.EmptyCall(testCtx(t), &testpb.Empty{}); err != nil {
+	if _, err := tc.EmptyCall(testCtx(t), &testgrpc.Empty{}); err != nil {
 		t.Errorf("the call after the drop: %v", err)
 	}
 	if got, want := p.Accepted.Load(), int32(2); got != want {

@@ -337,19 +337,6 @@ func (tp *testProxy) dialRaw(t testing.TB, addr string, alpn ...string) *tls.Con
 	return conn
 }
 
-// rawRequest sends raw bytes over a new TLS (HTTP/1.1) connection to the
-// proxy and returns everything read until the proxy closes or timeout.
-func (tp *testProxy) rawRequest(t testing.TB, raw string) string {
-	t.Helper()
-	conn := tp.dialRaw(t, tp.Addr().String(), "http/1.1")
-	defer conn.Close()
-	if _, err := io.WriteString(conn, raw); err != nil {
-		t.Fatal(err)
-	}
-	b, _ := io.ReadAll(conn)
-	return string(b)
-}
-
 // rawH1 sends raw, one complete HTTP/1.1 request, on a new TLS connection to
 // the proxy and reads one response. Go's client would normalise the
 // request-target and drop hop-by-hop headers; this sends the bytes as given.

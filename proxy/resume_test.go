@@ -11,7 +11,6 @@ import (
 	"github.com/coder/websocket"
 	"google.golang.org/grpc"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
-	testpb "google.golang.org/grpc/interop/grpc_testing"
 )
 
 // TLS session resumption on both sides of the proxy. A full handshake costs
@@ -187,7 +186,7 @@ func TestTLSResumptionUpstream(t *testing.T) {
 			tp = startProxy(t, testConfig(up.testUpstream))
 			tc := testgrpc.NewTestServiceClient(dialProxy(t, tp, tp.Addr().String()))
 			for range want {
-				if _, err := tc.EmptyCall(testCtx(t), &testpb.Empty{}, grpc.WaitForReady(true)); err != nil {
+				if _, err := tc.EmptyCall(testCtx(t), &testgrpc.Empty{}, grpc.WaitForReady(true)); err != nil {
 					t.Fatal(err)
 				}
 				up.drop()

@@ -35,7 +35,6 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/interop"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
-	testpb "google.golang.org/grpc/interop/grpc_testing"
 )
 
 type result struct {
@@ -136,10 +135,10 @@ func check(ctx context.Context, tc testgrpc.TestServiceClient) result {
 }
 
 func unary(ctx context.Context, tc testgrpc.TestServiceClient, conc, size int, d time.Duration, maxOps int64) result {
-	req := &testpb.SimpleRequest{
-		ResponseType: testpb.PayloadType_COMPRESSABLE,
+	req := &testgrpc.SimpleRequest{
+		ResponseType: testgrpc.PayloadType_COMPRESSABLE,
 		ResponseSize: int32(size),
-		Payload:      &testpb.Payload{Body: make([]byte, size)},
+		Payload:      &testgrpc.Payload{Body: make([]byte, size)},
 	}
 	var (
 		issued, failed atomic.Int64
@@ -179,10 +178,10 @@ func unary(ctx context.Context, tc testgrpc.TestServiceClient, conc, size int, d
 }
 
 func bidi(ctx context.Context, tc testgrpc.TestServiceClient, streams, window, size int, d time.Duration, maxOps int64) result {
-	req := &testpb.StreamingOutputCallRequest{
-		ResponseType:       testpb.PayloadType_COMPRESSABLE,
-		ResponseParameters: []*testpb.ResponseParameters{{Size: int32(size)}},
-		Payload:            &testpb.Payload{Body: make([]byte, size)},
+	req := &testgrpc.StreamingOutputCallRequest{
+		ResponseType:       testgrpc.PayloadType_COMPRESSABLE,
+		ResponseParameters: []*testgrpc.ResponseParameters{{Size: int32(size)}},
+		Payload:            &testgrpc.Payload{Body: make([]byte, size)},
 	}
 	var (
 		sent, received atomic.Int64
@@ -223,7 +222,7 @@ func bidi(ctx context.Context, tc testgrpc.TestServiceClient, streams, window, s
 // at most window of them unanswered, then half-closes and reads the rest. It
 // returns an error unless every request got its echo and the stream ended
 // with status OK.
-func oneStream(ctx context.Context, tc testgrpc.TestServiceClient, req *testpb.StreamingOutputCallRequest,
+func oneStream(ctx context.Context, tc testgrpc.TestServiceClient, req *testgrpc.StreamingOutputCallRequest,
 	window int, deadline time.Time, maxOps int64, sent, received *atomic.Int64) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()

@@ -45,7 +45,7 @@ func main() {
 
 func run(args []string, stdout io.Writer) error {
 	if len(args) == 0 {
-		return errors.New("usage: probe freeports|get|ws|grpc ...")
+		return errors.New("usage: probe freeports|get|ws|grpc [args]")
 	}
 	cmd, args := args[0], args[1:]
 	fs := flag.NewFlagSet("probe "+cmd, flag.ContinueOnError)
