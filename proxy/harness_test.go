@@ -52,6 +52,13 @@ type testUpstream struct {
 // newUpstream starts h on 127.0.0.1:0. It stops when the test ends.
 func newUpstream(t testing.TB, kind upstreamKind, h http.Handler) *testUpstream {
 	t.Helper()
+	return newUpstreamWith(t, kind, h, nil)
+}
+
+// newUpstreamWith is newUpstream with configure, if not nil, run on the
+// server (its TLS configuration included) before it serves.
+func newUpstreamWith(t testing.TB, kind upstreamKind, h http.Handler, configure func(*http.Server)) *testUpstream {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -80,6 +87,9 @@ func newUpstream(t testing.TB, kind upstreamKind, h http.Handler) *testUpstream 
 	case upH2C:
 		u.Srv.Protocols.SetUnencryptedHTTP2(true)
 		u.URL = &url.URL{Scheme: "h2c", Host: ln.Addr().String()}
+	}
+	if configure != nil {
+		configure(u.Srv)
 	}
 	go u.Srv.Serve(serveLn)
 	t.Cleanup(func() { u.Close() })

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/coder/websocket"
 	"google.golang.org/grpc"
@@ -96,7 +97,7 @@ func newResumeUpstream(t *testing.T, v uint16) *resumeUpstream {
 	gs := grpc.NewServer()
 	testgrpc.RegisterTestServiceServer(gs, newProbeService())
 	t.Cleanup(gs.Stop)
-	u.testUpstream = newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	u.testUpstream = newUpstreamWith(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		key := r.URL.Path
 		if strings.HasPrefix(r.Header.Get("Content-Type"), "application/grpc") {
 			key = "grpc"
@@ -116,18 +117,19 @@ func newResumeUpstream(t *testing.T, v uint16) *resumeUpstream {
 		default:
 			w.Header().Set("Connection", "close")
 		}
-	}))
-	u.Srv.TLSConfig.MaxVersion = v
-	u.Srv.ConnState = func(c net.Conn, s http.ConnState) {
-		u.mu.Lock()
-		defer u.mu.Unlock()
-		switch s {
-		case http.StateNew:
-			u.conns[c] = true
-		case http.StateClosed, http.StateHijacked:
-			delete(u.conns, c)
+	}), func(srv *http.Server) {
+		srv.TLSConfig.MaxVersion = v
+		srv.ConnState = func(c net.Conn, s http.ConnState) {
+			u.mu.Lock()
+			defer u.mu.Unlock()
+			switch s {
+			case http.StateNew:
+				u.conns[c] = true
+			case http.StateClosed, http.StateHijacked:
+				delete(u.conns, c)
+			}
 		}
-	}
+	})
 	return u
 }
 
@@ -190,6 +192,10 @@ func TestTLSResumptionUpstream(t *testing.T) {
 					t.Fatal(err)
 				}
 				up.drop()
+				// A call sent while the close is on its way fails (Cells
+				// may have read it: it is not sent again); a client would
+				// retry. Wait until the proxy has seen the close.
+				waitGRPCConns(t, tp, 0)
 			}
 			if got := up.seen("grpc"); !equalBools(got, want) {
 				t.Errorf("gRPC after Cells dropped the connection: resumed %v, want %v", got, want)
@@ -208,4 +214,22 @@ func equalBools(a, b []bool) bool {
 		}
 	}
 	return true
+}
+
+// waitGRPCConns waits until the proxy holds n connections to Cells' gRPC
+// side.
+func waitGRPCConns(t *testing.T, tp *testProxy, n int) {
+	t.Helper()
+	up := tp.fwd.grpcUp
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+		up.mu.Lock()
+		got := len(up.conns)
+		up.mu.Unlock()
+		if got == n {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("proxy holds %d gRPC connections to Cells, want %d", got, n)
+		}
+	}
 }
