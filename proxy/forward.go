@@ -502,10 +502,17 @@ func parseGRPCTimeout(s string) (time.Duration, bool) {
 // does not allocate one per request.
 type bufferPool struct{}
 
-var copyBuffers = newPool(func() []byte { return make([]byte, 32<<10) })
+// copyBuffers holds arrays, not slices: putting a slice in a sync.Pool
+// boxes its header, an allocation on every Put.
+var copyBuffers = newPool(func() *[32 << 10]byte { return new([32 << 10]byte) })
 
-func (bufferPool) Get() []byte  { return copyBuffers.Get() }
-func (bufferPool) Put(b []byte) { copyBuffers.Put(b) }
+func (bufferPool) Get() []byte { return copyBuffers.Get()[:] }
+
+func (bufferPool) Put(b []byte) {
+	if cap(b) >= 32<<10 {
+		copyBuffers.Put((*[32 << 10]byte)(b[:32<<10]))
+	}
+}
 
 // ServeHTTP is the handler of the public port: every request goes to Cells,
 // gRPC calls to the gRPC upstream, websockets through a tunnel, the rest

@@ -1346,7 +1346,7 @@ func (s *grpcStream) Close() error {
 	return nil
 }
 
-var h2BodyBuffers = newPool(func() []byte { return make([]byte, h2MinFrame) })
+var h2BodyBuffers = newPool(func() *[h2MinFrame]byte { return new([h2MinFrame]byte) })
 
 // writeBody copies the request body to DATA frames, as fast as the
 // windows allow, and ends the stream when the body ends.
@@ -1355,7 +1355,7 @@ func (s *grpcStream) writeBody(body io.ReadCloser) {
 	defer h2BodyBuffers.Put(buf)
 	defer s.closeBody()
 	for {
-		n, err := body.Read(buf)
+		n, err := body.Read(buf[:])
 		if n > 0 && !s.writeData(buf[:n], false) {
 			return
 		}

@@ -121,7 +121,7 @@ func (ts *tunnels) serve(f *forwarder, ex *exchange, r *http.Request) (detached 
 		ex.WriteHeader(res.StatusCode)
 		buf := copyBuffers.Get()
 		defer copyBuffers.Put(buf)
-		io.CopyBuffer(ex, res.Body, buf)
+		io.CopyBuffer(ex, res.Body, buf[:])
 		return false
 	}
 	upstream, ok := res.Body.(io.ReadWriteCloser)
@@ -504,7 +504,7 @@ func (p *pump) copyPayload(length int64) error {
 	buf := copyBuffers.Get()
 	defer copyBuffers.Put(buf)
 	for length > 0 {
-		chunk := buf
+		chunk := buf[:]
 		if int64(len(chunk)) > length {
 			chunk = chunk[:length]
 		}
