@@ -4,6 +4,7 @@ import (
 	"crypto/tls"
 	"net"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -165,7 +166,7 @@ func TestTLSResumptionUpstream(t *testing.T) {
 				res := getWith(t, tp.H1, tp.URL+"/a/close", nil)
 				res.Body.Close()
 			}
-			if got := up.seen("/a/close"); !equalBools(got, want) {
+			if got := up.seen("/a/close"); !slices.Equal(got, want) {
 				t.Errorf("HTTP/1.1 after Cells closed: resumed %v, want %v", got, want)
 			}
 
@@ -181,7 +182,7 @@ func TestTLSResumptionUpstream(t *testing.T) {
 				}
 				c.Close(websocket.StatusNormalClosure, "")
 			}
-			if got := up.seen("/ws/event"); !equalBools(got, want) {
+			if got := up.seen("/ws/event"); !slices.Equal(got, want) {
 				t.Errorf("websockets: resumed %v, want %v", got, want)
 			}
 
@@ -197,23 +198,11 @@ func TestTLSResumptionUpstream(t *testing.T) {
 				// retry. Wait until the proxy has seen the close.
 				waitGRPCConns(t, tp, 0)
 			}
-			if got := up.seen("grpc"); !equalBools(got, want) {
+			if got := up.seen("grpc"); !slices.Equal(got, want) {
 				t.Errorf("gRPC after Cells dropped the connection: resumed %v, want %v", got, want)
 			}
 		})
 	}
-}
-
-func equalBools(a, b []bool) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
 
 // waitGRPCConns waits until the proxy holds n connections to Cells' gRPC
