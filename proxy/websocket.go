@@ -457,15 +457,8 @@ func (p *pump) frames(block bool) (park bool) {
 		if length > 1<<62 {
 			return false // not a websocket: stop rather than guess
 		}
-		p.midFrame = true
-		if _, err := p.dst.Write(hdr[:n]); err != nil {
-			p.broken = true
+		if err := p.copyFrame(hdr[:n], int64(length)); err != nil {
 			return false
-		}
-		if length > 0 {
-			if err := p.copyPayload(int64(length)); err != nil {
-				return false
-			}
 		}
 		p.midFrame = false
 		if p.fromUpstream {
@@ -500,31 +493,45 @@ func (p *pump) buffered(b []byte) (bool, error) {
 	return false, err
 }
 
-func (p *pump) copyPayload(length int64) error {
+// copyFrame writes a frame to dst: its header hdr with the first bytes of
+// its payload (length bytes) in the same write, so that a small frame is
+// one TLS record and one write(2) rather than two, then the rest of the
+// payload as it arrives. The frame starts on dst (midFrame) with that first
+// write: a pump stopped while it waits for the payload leaves dst at a
+// frame boundary, where the close frame can still go.
+func (p *pump) copyFrame(hdr []byte, length int64) error {
 	buf := copyBuffers.Get()
 	defer copyBuffers.Put(buf)
-	for length > 0 {
-		chunk := buf[:]
+	head := copy(buf[:], hdr)
+	for {
+		chunk := buf[head:]
 		if int64(len(chunk)) > length {
 			chunk = chunk[:length]
 		}
-		nr, err := p.src.Read(chunk)
+		var nr int
+		var err error
+		if len(chunk) > 0 {
+			nr, err = p.src.Read(chunk)
+		}
 		if nr > 0 {
 			p.t.touch()
-			if _, werr := p.dst.Write(chunk[:nr]); werr != nil {
+		}
+		if head+nr > 0 && (nr > 0 || length == 0) {
+			p.midFrame = true
+			if _, werr := p.dst.Write(buf[:head+nr]); werr != nil {
 				p.broken = true
 				return werr
 			}
+			head = 0
 			length -= int64(nr)
 		}
+		if length == 0 {
+			return nil
+		}
 		if err != nil {
-			if length == 0 {
-				return nil
-			}
 			return err
 		}
 	}
-	return nil
 }
 
 // rawConn finds the socket under c, through TLS and cmux, for a pump to

@@ -958,3 +958,133 @@ func TestWebSocketChurn(t *testing.T) {
 		t.Errorf("%d tunnels still open after every client ended", n)
 	}
 }
+
+// rawWS opens a websocket through the proxy by hand, over TLS, and returns
+// the connection once the 101 is read, with nothing read beyond it.
+func rawWS(t *testing.T, tp *testProxy) *tls.Conn {
+	t.Helper()
+	conn := tp.dialTLS(t, tp.Addr().String(), "http/1.1")
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.WriteString(conn, "GET /ws/event HTTP/1.1\r\nHost: "+tp.Addr().String()+
+		"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
+		"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	// Byte by byte, so that nothing after the 101's blank line is taken.
+	var head []byte
+	for !bytes.HasSuffix(head, []byte("\r\n\r\n")) {
+		var b [1]byte
+		if _, err := conn.Read(b[:]); err != nil {
+			t.Fatalf("reading the 101: %v (read %q)", err, head)
+		}
+		head = append(head, b[0])
+	}
+	if !bytes.HasPrefix(head, []byte("HTTP/1.1 101 ")) {
+		t.Fatalf("handshake answer %q, want a 101", head)
+	}
+	return conn
+}
+
+// TestWebSocketFrameInOneRecord: a small frame leaves the proxy in one
+// write, header and payload together, so one TLS record (one write(2))
+// each way rather than two. crypto/tls returns at most one record per Read,
+// so the first Read at each end must return the whole frame.
+func TestWebSocketFrameInOneRecord(t *testing.T) {
+	t.Parallel()
+	fromClient := wsFrame("hello", true)
+	fromCells := wsFrame("world", false)
+	got := make(chan []byte, 1)
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Upgrade") == "" {
+			io.WriteString(w, "ok") // the readiness probe
+			return
+		}
+		conn, brw, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			t.Errorf("upstream hijack: %v", err)
+			return
+		}
+		defer conn.Close()
+		conn.SetDeadline(time.Now().Add(10 * time.Second))
+		brw.WriteString("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
+			"Sec-WebSocket-Accept: " + wsAccept(r.Header.Get("Sec-WebSocket-Key")) + "\r\n\r\n")
+		brw.Flush()
+		if n := brw.Reader.Buffered(); n > 0 {
+			t.Errorf("upstream: %d bytes arrived with the upgrade request", n)
+		}
+		buf := make([]byte, 1024)
+		n, err := conn.Read(buf)
+		if err != nil {
+			t.Errorf("upstream read: %v", err)
+		}
+		got <- buf[:n]
+		conn.Write(fromCells)
+		io.Copy(io.Discard, conn) // until the proxy closes
+	}))
+	tp := startProxy(t, testConfig(up))
+	conn := rawWS(t, tp)
+	defer conn.Close()
+	if _, err := conn.Write(fromClient); err != nil {
+		t.Fatal(err)
+	}
+	if b := <-got; !bytes.Equal(b, fromClient) {
+		t.Errorf("Cells' first read: %x, want the whole frame %x", b, fromClient)
+	}
+	buf := make([]byte, 1024)
+	n, err := conn.Read(buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(buf[:n], fromCells) {
+		t.Errorf("client's first read: %x, want the whole frame %x", buf[:n], fromCells)
+	}
+}
+
+// TestWebSocketCloseBeforePayload: the proxy shuts down while a client's
+// frame is half sent (its header, not its payload). Nothing of that frame
+// has gone to Cells, so Cells still gets a clean close frame, 1001, and so
+// does the client.
+func TestWebSocketCloseBeforePayload(t *testing.T) {
+	t.Parallel()
+	wsUp := newWSUpstream(nil)
+	tp := startProxy(t, testConfig(newUpstream(t, upTLS, wsUp)))
+	conn := rawWS(t, tp)
+	defer conn.Close()
+
+	// The tunnel's last activity, once it runs: reading a frame's first
+	// byte touches it.
+	var tun *tunnel
+	for deadline := time.Now().Add(10 * time.Second); tun == nil; time.Sleep(time.Millisecond) {
+		tp.fwd.ws.mu.Lock()
+		for x := range tp.fwd.ws.open {
+			tun = x
+		}
+		tp.fwd.ws.mu.Unlock()
+		if time.Now().After(deadline) {
+			t.Fatal("no tunnel")
+		}
+	}
+	before := tun.last.Load()
+	frame := wsFrame("hello", true)
+	if _, err := conn.Write(frame[:6]); err != nil { // header and mask key only
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); tun.last.Load() == before; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the proxy did not read the frame header")
+		}
+	}
+
+	stopped := shutdownAsync(tp)
+	wantGoingAway(t, wsUp.end(t), "Cells")
+	var hdr [4]byte
+	if _, err := io.ReadFull(conn, hdr[:]); err != nil {
+		t.Fatalf("client: no close frame: %v", err)
+	}
+	if hdr[0] != 0x88 || binary.BigEndian.Uint16(hdr[2:]) != 1001 {
+		t.Errorf("client got %x, want a close frame with 1001", hdr)
+	}
+	if err := <-stopped; err != nil {
+		t.Errorf("Run = %v, want nil", err)
+	}
+}
