@@ -516,7 +516,10 @@ func (p *pump) copyFrame(hdr []byte, length int64) error {
 		if nr > 0 {
 			p.t.touch()
 		}
-		if head+nr > 0 && (nr > 0 || length == 0) {
+		// The header alone only for a frame without payload: otherwise
+		// it waits for the first payload bytes (a read that failed
+		// before any leaves nothing of the frame on dst).
+		if nr > 0 || length == 0 {
 			p.midFrame = true
 			if _, werr := p.dst.Write(buf[:head+nr]); werr != nil {
 				p.broken = true
