@@ -46,6 +46,8 @@ type exchange struct {
 	cancel context.CancelCauseFunc
 	// bodyOpen: a request body is being read and has not ended.
 	bodyOpen atomic.Bool
+
+	out outbound // the request to Cells, on the direct path
 }
 
 func (e *exchange) Unwrap() http.ResponseWriter { return e.ResponseWriter }

@@ -113,7 +113,7 @@ func newForwarder(cfg *Config, log *slog.Logger) (*forwarder, error) {
 	f.httpTransport.Protocols = new(http.Protocols)
 	f.httpTransport.Protocols.SetHTTP1(true)
 	f.httpUp = newH1Upstream(f.httpTarget, f.httpTransport, dialer)
-	f.http = f.reverseProxy(f.httpTarget, f.httpUp, false)
+	f.http = f.reverseProxy(f.httpTarget, f.httpTransport, false)
 
 	if u := cfg.GRPCUpstream; u != nil {
 		target := &url.URL{Scheme: "https", Host: u.Host}
@@ -225,40 +225,55 @@ func (f *forwarder) trusted(a netip.Addr) bool {
 	return false
 }
 
-// setForwarded writes X-Forwarded-For, X-Real-IP, X-Forwarded-Proto and
-// X-Forwarded-Host. Cells takes the first X-Forwarded-For entry as the
-// client and believes it, so a client's own value reaches Cells only from a
-// peer in PROXY_TRUSTED_PROXIES. ReverseProxy has already removed the
-// client's Forwarded and X-Forwarded-* headers from out.
-func (f *forwarder) setForwarded(in, out *http.Request) {
-	out.Header.Del("X-Real-Ip")
+// forwarded is what cells-proxy tells Cells about a request's client: the
+// values of X-Forwarded-For, X-Real-IP, X-Forwarded-Proto and
+// X-Forwarded-Host. ok is false when the peer's address is unknown: then
+// none is sent.
+type forwarded struct {
+	xff, realIP, proto, host string
+	ok                       bool
+}
+
+// forwardedFor computes them. Cells takes the first X-Forwarded-For entry
+// as the client and believes it, so a client's own value reaches Cells only
+// from a peer in PROXY_TRUSTED_PROXIES.
+func (f *forwarder) forwardedFor(in *http.Request) forwarded {
 	ap, err := netip.ParseAddrPort(in.RemoteAddr)
 	if err != nil {
-		return
+		return forwarded{}
 	}
 	peer := ap.Addr().Unmap()
 	client := peer.String()
-	proto, host := f.proto, in.Host
+	fw := forwarded{xff: client, proto: f.proto, host: in.Host, ok: true}
 	if len(f.cfg.TrustedProxies) > 0 && f.trusted(peer) {
 		if prior := in.Header.Values("X-Forwarded-For"); len(prior) > 0 {
 			chain := strings.Join(prior, ", ")
-			out.Header.Set("X-Forwarded-For", chain+", "+client)
+			fw.xff = chain + ", " + client
 			client = f.realIP(chain, client)
-		} else {
-			out.Header.Set("X-Forwarded-For", client)
 		}
 		if p := in.Header.Get("X-Forwarded-Proto"); p == "http" || p == "https" {
-			proto = p
+			fw.proto = p
 		}
 		if h := in.Header.Get("X-Forwarded-Host"); h != "" {
-			host = h
+			fw.host = h
 		}
-	} else {
-		out.Header.Set("X-Forwarded-For", client)
 	}
-	out.Header.Set("X-Real-Ip", client)
-	out.Header.Set("X-Forwarded-Proto", proto)
-	out.Header.Set("X-Forwarded-Host", host)
+	fw.realIP = client
+	return fw
+}
+
+// setForwarded writes the forwarding headers into out, replacing the
+// client's X-Real-IP; Forwarded and X-Forwarded-* are already removed.
+func (f *forwarder) setForwarded(in, out *http.Request) {
+	out.Header.Del("X-Real-Ip")
+	fw := f.forwardedFor(in)
+	if !fw.ok {
+		return
+	}
+	out.Header.Set("X-Forwarded-For", fw.xff)
+	out.Header.Set("X-Real-Ip", fw.realIP)
+	out.Header.Set("X-Forwarded-Proto", fw.proto)
+	out.Header.Set("X-Forwarded-Host", fw.host)
 }
 
 // realIP walks a trusted X-Forwarded-For chain from the right and returns
@@ -623,6 +638,10 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool)
 
 	if ex.kind == "ws" {
 		detached = f.ws.serve(f, ex, r)
+		return
+	}
+	if fastPath(r) {
+		f.direct(ex, r)
 		return
 	}
 	f.http.ServeHTTP(ex, r)

@@ -2,7 +2,6 @@ package proxy
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -10,8 +9,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"net/http/httptrace"
-	"net/textproto"
 	"net/url"
 	"sync"
 	"syscall"
@@ -28,19 +25,20 @@ import (
 // and passes every request and response between three goroutines; on a
 // small GET that hand-off and its allocations cost about a fifth of the
 // proxy's CPU. Uploads and other large or unsized bodies, whose writing
-// must overlap the response, and Expect: 100-continue go to the Transport.
-// Websocket handshakes go on connections of their own (upgrade).
+// must overlap the response, and Expect: 100-continue go to the Transport
+// (fallback), through httputil.ReverseProxy. Websocket handshakes go on
+// connections of their own (upgrade).
 //
-// It keeps what the Transport guarantees for these requests: the same
-// bytes on the wire (Request.Write is the Transport's writer), header
-// fields checked before they are written, the response header limit, idle
-// connections reused newest first and closed after IdleConnTimeout, a
-// request without a body sent again on another connection when a reused
-// one turns out to be closed before any byte of the response, 1xx responses passed to the
-// request's httptrace hook, and the request's context ending the exchange.
-// Where the Transport's reader notices an idle connection closed by Cells,
-// a peek at the socket before reuse does (nginx watches its cached
-// upstream connections the same way).
+// It keeps what the Transport guarantees for these requests: the response
+// header limit, idle connections reused newest first and closed after
+// IdleConnTimeout, a request without a body sent again on another
+// connection when a reused one turns out to be closed before any byte of
+// the response, 1xx responses read and passed on, and the request's
+// context ending the exchange. The request's bytes come from a headWriter:
+// the direct path's own (direct.go), or net/http's for a websocket
+// handshake. Where the Transport's reader notices an idle connection closed
+// by Cells, a peek at the socket before reuse does (nginx watches its
+// cached upstream connections the same way).
 type h1Upstream struct {
 	fallback *http.Transport
 	network  string
@@ -141,17 +139,16 @@ func (c *upConn) Read(p []byte) (int, error) {
 // http.Transport, which reads the response while it writes.
 const maxSyncBody = 12 << 10
 
-// fastPath reports whether r can go on the handler's goroutine: no body,
-// or a small one of known length, no Expect: 100-continue to wait on, no
-// trailers, no upgrade.
+// fastPath reports whether r can take the direct path (direct.go, then
+// h1Upstream on the handler's goroutine): no body, or a small one of known
+// length, no Expect: 100-continue to wait on, no trailers, no upgrade.
 func fastPath(r *http.Request) bool {
-	hasBody := r.Body != nil && r.Body != http.NoBody
 	switch {
 	case len(r.TransferEncoding) > 0 || len(r.Trailer) > 0:
 		return false
-	case hasBody && (r.ContentLength <= 0 || r.ContentLength > maxSyncBody):
+	case r.ContentLength < 0 || r.ContentLength > maxSyncBody:
 		return false
-	case !hasBody && r.ContentLength != 0:
+	case r.ContentLength > 0 && (r.Body == nil || r.Body == http.NoBody):
 		return false
 	}
 	if _, ok := r.Header["Upgrade"]; ok {
@@ -167,11 +164,18 @@ func fastPath(r *http.Request) bool {
 // are written.
 var smallBodies = newPool(func() *[]byte { b := make([]byte, maxSyncBody); return &b })
 
+// hasBody reports whether r carries a body, as ReverseProxy sees it: a
+// declared length of 0 is none, whatever the Body field holds (an HTTP/2
+// request whose HEADERS did not end the stream).
+func hasBody(r *http.Request) bool {
+	return r.ContentLength != 0 && r.Body != nil && r.Body != http.NoBody
+}
+
 // replayable is http.Transport's rule for sending a request again when a
 // kept-alive connection turns out dead: no body, and a method that is safe
 // to repeat or an idempotency key.
 func replayable(r *http.Request) bool {
-	if r.Body != nil && r.Body != http.NoBody {
+	if hasBody(r) {
 		return false
 	}
 	switch r.Method {
@@ -183,43 +187,33 @@ func replayable(r *http.Request) bool {
 	return key || xkey
 }
 
-func (u *h1Upstream) RoundTrip(r *http.Request) (*http.Response, error) {
-	if !fastPath(r) {
-		return u.fallback.RoundTrip(r)
-	}
-	if err := checkHeader(r.Header); err != nil {
-		if r.Body != nil {
-			r.Body.Close()
-		}
-		return nil, err
-	}
-	if r.Body != nil && r.Body != http.NoBody {
-		// Take the small body from the client before a connection to
-		// Cells: none is held while a slow client sends, and head and
-		// body leave in one write (net/http's request writer flushes
-		// the head on its own before a body it cannot see in memory).
-		// A failed read (a client that stopped half-way) is known to
-		// the exchange, which answers 400 rather than 502; Cells sees
-		// nothing of such a request.
-		buf := smallBodies.Get()
-		defer smallBodies.Put(buf)
-		body := (*buf)[:r.ContentLength]
-		_, err := io.ReadFull(r.Body, body)
-		r.Body.Close() // as http.Transport does, whatever happens
-		if err != nil {
-			return nil, err
-		}
-		r2 := *r
-		r2.Body = io.NopCloser(bytes.NewReader(body))
-		r = &r2
-	}
+// headWriter writes the bytes of a request to Cells into a connection's
+// buffer; do flushes them. It may be called more than once (a request sent
+// again on another connection) and must write the same bytes each time.
+type headWriter interface {
+	writeTo(w *bufio.Writer) error
+}
+
+// requestWriter writes a request with net/http's writer, as
+// http.Transport does.
+type requestWriter struct{ *http.Request }
+
+func (r requestWriter) writeTo(w *bufio.Writer) error { return r.Write(w) }
+
+// do sends the request that out writes on behalf of r (whose method, body
+// and context count: HEAD has no response body, a request with a body is
+// never sent twice, the context ends the exchange) and reads the response
+// header. Informational responses (103 Early Hints) go to info's header
+// and WriteHeader, as ReverseProxy passes them on; nil drops them. The
+// response body gives the connection back when it ends.
+func (u *h1Upstream) do(r *http.Request, out headWriter, info http.ResponseWriter) (*http.Response, error) {
 	ctx := r.Context()
 	for {
 		c, err := u.get(ctx)
 		if err != nil {
 			return nil, err
 		}
-		res, err := c.exchange(r)
+		res, err := c.roundTrip(r, out, info, false)
 		if err == nil {
 			return res, nil
 		}
@@ -269,7 +263,7 @@ func (u *h1Upstream) upgrade(r *http.Request) (*http.Response, net.Conn, error) 
 	if err != nil {
 		return nil, nil, err
 	}
-	res, err := c.roundTrip(r, true)
+	res, err := c.roundTrip(r, requestWriter{r}, nil, true)
 	if err != nil {
 		c.close()
 		return nil, nil, err
@@ -374,21 +368,17 @@ func (u *h1Upstream) dialSized(ctx context.Context, rsize, wsize int) (*upConn, 
 	return c, nil
 }
 
-// exchange writes r and reads the response header. The body is read by
-// the caller through the returned response, which gives the connection
-// back when it ends.
-func (c *upConn) exchange(r *http.Request) (*http.Response, error) {
-	return c.roundTrip(r, false)
-}
-
-// roundTrip is exchange; with upgrade, a 101 is the answer looked for.
-func (c *upConn) roundTrip(r *http.Request, upgrade bool) (*http.Response, error) {
+// roundTrip writes what out writes for r and reads the response header.
+// The body is read by the caller through the returned response, which
+// gives the connection back when it ends. With upgrade, a 101 is the
+// answer looked for.
+func (c *upConn) roundTrip(r *http.Request, out headWriter, info http.ResponseWriter, upgrade bool) (*http.Response, error) {
 	ctx := r.Context()
 	// The request's end (client gone, idle watchdog, shutdown) must
 	// interrupt a read or write on the connection, which then cannot be
 	// reused: stop reports whether that happened.
 	stop := context.AfterFunc(ctx, func() { c.nc.SetDeadline(time.Unix(1, 0)) })
-	if err := r.Write(c.bw); err != nil {
+	if err := out.writeTo(c.bw); err != nil {
 		stop()
 		return nil, err
 	}
@@ -416,14 +406,16 @@ func (c *upConn) roundTrip(r *http.Request, upgrade bool) (*http.Response, error
 			stop()
 			return nil, fmt.Errorf("cells-proxy: upstream switched protocols unasked")
 		}
-		// Informational (103 Early Hints): to the client through
-		// ReverseProxy's hook, each with a header limit of its own, as
-		// http.Transport does.
-		if trace := httptrace.ContextClientTrace(ctx); trace != nil && trace.Got1xxResponse != nil {
-			if err := trace.Got1xxResponse(code, textproto.MIMEHeader(res.Header)); err != nil {
-				stop()
-				return nil, err
-			}
+		// Informational (103 Early Hints): to the client as ReverseProxy
+		// passes them on, read as http.Transport reads them.
+		if info != nil {
+			h := info.Header()
+			copyHeader(h, res.Header)
+			info.WriteHeader(code)
+			// WriteHeader does not clear the header after a 1xx.
+			clear(h)
+			// Passed on, so not counted against the final response's
+			// header (http.Transport's rule for 1xx it delivers).
 			c.limit = c.u.maxHeader
 		}
 	}

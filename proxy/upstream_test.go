@@ -401,7 +401,7 @@ func TestUpstreamHeaderLimit(t *testing.T) {
 	u := newH1Upstream(up.URL(), tr, &net.Dialer{})
 	defer u.CloseIdleConnections()
 	req, _ := http.NewRequest("GET", up.URL().String()+"/", nil)
-	if res, err := u.RoundTrip(req); err == nil {
+	if res, err := u.do(req, requestWriter{req}, nil); err == nil {
 		res.Body.Close()
 		t.Fatalf("a %d-byte header was accepted", 100*111)
 	} else if !strings.Contains(err.Error(), "header larger than 4096 bytes") {
@@ -423,11 +423,16 @@ func TestUpstreamInvalidHeader(t *testing.T) {
 	})
 	u := newH1Upstream(up.URL(), &http.Transport{IdleConnTimeout: time.Minute}, &net.Dialer{})
 	defer u.CloseIdleConnections()
+	f := &forwarder{cfg: &Config{}, proto: "https", httpTarget: up.URL(), httpUp: u}
 	for _, h := range [][2]string{{"X-A", "1\r\nGET /smuggled HTTP/1.1"}, {"X A", "1"}} {
 		req, _ := http.NewRequest("GET", up.URL().String()+"/", nil)
+		req.RemoteAddr = "127.0.0.1:1234"
 		req.Header[h[0]] = []string{h[1]}
-		if res, err := u.RoundTrip(req); err == nil {
-			res.Body.Close()
+		var out outbound
+		if err := out.init(f, req); err == nil {
+			if res, err := u.do(req, &out, nil); err == nil {
+				res.Body.Close()
+			}
 			t.Errorf("header %q: %q was sent", h[0], h[1])
 		}
 	}
@@ -447,7 +452,7 @@ func TestUpstreamIdleExpiry(t *testing.T) {
 	u := newH1Upstream(up.URL(), &http.Transport{IdleConnTimeout: 50 * time.Millisecond, MaxIdleConnsPerHost: 4}, &net.Dialer{})
 	defer u.CloseIdleConnections()
 	req, _ := http.NewRequest("GET", up.URL().String()+"/", nil)
-	res, err := u.RoundTrip(req)
+	res, err := u.do(req, requestWriter{req}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

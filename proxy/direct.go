@@ -1,0 +1,293 @@
+package proxy
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/textproto"
+	"strconv"
+	"strings"
+
+	"golang.org/x/net/http/httpguts"
+)
+
+// direct forwards a request that fastPath accepts (no body, or a small one
+// of known length; no upgrade, no Expect, no trailers): nearly every
+// request of the web UI and Cells' REST API. It does what
+// httputil.ReverseProxy with f.rewrite and http.Transport's request writer
+// did for it, without their copies: ReverseProxy clones the request and its
+// header map, deletes hop-by-hop and forwarding headers from the clone, sets
+// the proxy's, and Request.Write sorts the result before writing it. Here
+// the request to Cells is written straight from the client's request
+// (outbound), and Cells' response header is handed to the client's
+// response without a copy of each field. The rules are ReverseProxy's,
+// which still serves every other request (bodies to stream, Expect:
+// 100-continue, gRPC): TestDirectMatchesReverseProxy compares the two.
+func (f *forwarder) direct(ex *exchange, r *http.Request) {
+	out := &ex.out
+	if err := out.init(f, r); err != nil {
+		f.errorHandler(ex, r, err)
+		return
+	}
+	if hasBody(r) {
+		// Take the small body from the client before a connection to
+		// Cells: none is held while a slow client sends, and head and
+		// body leave in one write. A failed read (a client that stopped
+		// half-way) is known to the exchange, which answers 400 rather
+		// than 502; Cells sees nothing of such a request.
+		buf := smallBodies.Get()
+		defer smallBodies.Put(buf)
+		out.body = (*buf)[:r.ContentLength]
+		_, err := io.ReadFull(r.Body, out.body)
+		r.Body.Close() // as http.Transport does, whatever happens
+		if err != nil {
+			f.errorHandler(ex, r, err)
+			return
+		}
+	}
+	res, err := f.httpUp.do(r, out, ex)
+	if err != nil {
+		f.errorHandler(ex, r, err)
+		return
+	}
+
+	removeHopByHop(res.Header)
+	h := ex.Header()
+	for k, vv := range res.Header {
+		if prev, ok := h[k]; ok {
+			h[k] = append(prev, vv...)
+		} else {
+			h[k] = vv // the response is ours alone: no copy
+		}
+	}
+	announced := len(res.Trailer)
+	if announced > 0 {
+		keys := make([]string, 0, announced)
+		for k := range res.Trailer {
+			keys = append(keys, k)
+		}
+		h.Add("Trailer", strings.Join(keys, ", "))
+	}
+	ex.WriteHeader(res.StatusCode)
+	if res.Body == http.NoBody {
+		return // the handler's end sends the header
+	}
+	if ex.declared < 0 {
+		// A stream (server-sent events, a zip built on the fly): its
+		// header leaves now, not with the first bytes Cells sends.
+		ex.FlushError()
+	}
+	buf := copyBuffers.Get()
+	defer copyBuffers.Put(buf)
+	for {
+		nr, rerr := res.Body.Read(buf[:])
+		if nr > 0 {
+			if _, werr := ex.Write(buf[:nr]); werr != nil {
+				// The client is gone: abort, as ReverseProxy does.
+				res.Body.Close()
+				panic(http.ErrAbortHandler)
+			}
+			ex.FlushError() // every chunk as it comes (FlushInterval -1)
+		}
+		if rerr == io.EOF {
+			break
+		}
+		if rerr != nil {
+			// Cells' body broke off: the client must not take the
+			// response for complete, so the connection (or stream) is
+			// aborted, as ReverseProxy does.
+			if r.Context().Err() == nil {
+				f.log.Warn("upstream response cut short", "method", r.Method, "host", r.Host, "path", redactPath(r), "err", rerr)
+			}
+			res.Body.Close()
+			panic(http.ErrAbortHandler)
+		}
+	}
+	res.Body.Close() // sets res.Trailer
+	if len(res.Trailer) > 0 {
+		// Chunked, so that the trailers can follow the body.
+		ex.FlushError()
+	}
+	if len(res.Trailer) == announced {
+		copyHeader(h, res.Trailer)
+		return
+	}
+	for k, vv := range res.Trailer {
+		k = http.TrailerPrefix + k
+		for _, v := range vv {
+			h.Add(k, v)
+		}
+	}
+}
+
+// outbound writes the request Cells receives for a client's request r:
+//
+//   - r's method, its request-target exactly as the client sent it (for an
+//     absolute-form target, its path and query; setTarget's rule), HTTP/1.1;
+//   - Host as the client sent it, with http.Request.Write's checks and
+//     treatment (punycode, no IPv6 zone, Cells' own when r has none);
+//   - r's header fields, except the hop-by-hop ones (RFC 9110, section
+//     7.6.1, and those named in Connection), the client's Forwarded,
+//     X-Forwarded-*, X-Real-IP (the proxy's replace them, see
+//     forwardedFor), and the fields net/http's writer writes itself;
+//     values trimmed, as net/http writes them; the first User-Agent only,
+//     and none when the client sent none;
+//   - TE: trailers when the client said it, as ReverseProxy passes it on;
+//   - Content-Length as net/http's writer sets it (0 for a POST, PUT or
+//     PATCH without a body), then the body.
+//
+// Fields are not sorted: their order across names has no meaning (RFC
+// 9110, section 5.3), and the values of one name keep theirs.
+type outbound struct {
+	r      *http.Request
+	host   string
+	path   string
+	query  bool // a '?' follows the path
+	fw     forwarded
+	te     bool
+	conn   []string // the client's Connection header
+	body   []byte
+	length string // Content-Length, "" for none
+}
+
+func (o *outbound) init(f *forwarder, r *http.Request) error {
+	*o = outbound{r: r, path: requestPath(r), query: r.URL.RawQuery != "" || r.URL.ForceQuery}
+	if o.path == "" {
+		o.path = "/" // a target such as "a:" names no path (URL.RequestURI's rule)
+	}
+	// What http.Transport and Request.Write refuse to send.
+	if !httpguts.ValidHeaderFieldName(r.Method) {
+		return fmt.Errorf("net/http: invalid method %q", r.Method)
+	}
+	host := r.Host
+	if host == "" {
+		host = f.httpTarget.Host
+	}
+	host, err := httpguts.PunycodeHostPort(host)
+	if err != nil {
+		return err
+	}
+	if !httpguts.ValidHostHeader(host) {
+		return errors.New("http: invalid Host header")
+	}
+	o.host = removeZone(host)
+	if hasCTL(o.path) || hasCTL(r.URL.RawQuery) {
+		return errors.New("net/http: can't write control character in Request.URL")
+	}
+	if err := checkHeader(r.Header); err != nil {
+		return err
+	}
+	o.conn = r.Header["Connection"]
+	o.te = httpguts.HeaderValuesContainsToken(r.Header["Te"], "trailers")
+	o.fw = f.forwardedFor(r)
+	switch {
+	case r.ContentLength > 0:
+		o.length = strconv.FormatInt(r.ContentLength, 10)
+	case r.Method == http.MethodPost || r.Method == http.MethodPut || r.Method == http.MethodPatch:
+		o.length = "0"
+	}
+	return nil
+}
+
+func (o *outbound) writeTo(w *bufio.Writer) error {
+	r := o.r
+	w.WriteString(r.Method)
+	w.WriteByte(' ')
+	w.WriteString(o.path)
+	if o.query {
+		w.WriteByte('?')
+		w.WriteString(r.URL.RawQuery)
+	}
+	w.WriteString(" HTTP/1.1\r\nHost: ")
+	w.WriteString(o.host)
+	w.WriteString("\r\n")
+	if ua := r.Header["User-Agent"]; len(ua) > 0 && !o.listedInConnection("User-Agent") {
+		if v := textproto.TrimString(ua[0]); v != "" {
+			writeField(w, "User-Agent", v)
+		}
+	}
+	if o.length != "" {
+		writeField(w, "Content-Length", o.length)
+	}
+	for k, vv := range r.Header {
+		if notForwarded(k) || o.listedInConnection(k) {
+			continue
+		}
+		for _, v := range vv {
+			writeField(w, k, textproto.TrimString(v))
+		}
+	}
+	if o.te {
+		w.WriteString("Te: trailers\r\n")
+	}
+	if o.fw.ok {
+		writeField(w, "X-Forwarded-For", o.fw.xff)
+		writeField(w, "X-Real-Ip", o.fw.realIP)
+		writeField(w, "X-Forwarded-Proto", o.fw.proto)
+		writeField(w, "X-Forwarded-Host", o.fw.host)
+	}
+	w.WriteString("\r\n")
+	_, err := w.Write(o.body) // bufio.Writer's error sticks: any write's
+	return err
+}
+
+func writeField(w *bufio.Writer, k, v string) {
+	w.WriteString(k)
+	w.WriteString(": ")
+	w.WriteString(v)
+	w.WriteString("\r\n")
+}
+
+// notForwarded reports whether a client's header field (canonical name,
+// as net/http's servers give them) stays out of the request to Cells.
+func notForwarded(k string) bool {
+	switch k {
+	case "Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate",
+		"Proxy-Authorization", "Te", "Trailer", "Transfer-Encoding", "Upgrade",
+		"Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto", "X-Real-Ip",
+		"Host", "User-Agent", "Content-Length":
+		return true
+	}
+	return false
+}
+
+// listedInConnection reports whether the client named k in its Connection
+// header: a hop-by-hop field of its own (RFC 9110, section 7.6.1).
+func (o *outbound) listedInConnection(k string) bool {
+	for _, v := range o.conn {
+		for name := range strings.SplitSeq(v, ",") {
+			if strings.EqualFold(textproto.TrimString(name), k) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// removeZone drops the zone of an IPv6 literal host ("[fe80::1%en0]:80"),
+// as net/http's request writer does.
+func removeZone(host string) string {
+	if !strings.HasPrefix(host, "[") {
+		return host
+	}
+	i := strings.LastIndex(host, "]")
+	if i < 0 {
+		return host
+	}
+	j := strings.LastIndex(host[:i], "%")
+	if j < 0 {
+		return host
+	}
+	return host[:j] + host[i:]
+}
+
+func hasCTL(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] < ' ' || s[i] == 0x7f {
+			return true
+		}
+	}
+	return false
+}
