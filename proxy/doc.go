@@ -7,9 +7,11 @@
 // server. Both servers share one handler, the forwarder: a request whose
 // content type is application/grpc goes to the gRPC upstream (Cells itself
 // over TLS, or its cleartext gRPC port), a websocket upgrade becomes a
-// frame-aware tunnel, and everything else goes through an
-// httputil.ReverseProxy to CELLS_UPSTREAM, with the Host, the request target
-// and the body passed on unchanged and the forwarding headers replaced. The
+// frame-aware tunnel, and everything else goes to CELLS_UPSTREAM, with the
+// Host, the request target and the body passed on unchanged and the
+// forwarding headers replaced: on the direct path (direct.go) when it has
+// no body or a small one of known length, through an httputil.ReverseProxy
+// when it has a body to stream. The
 // dedicated gRPC listener (PYDIO_GRPC_EXTERNAL) is TLS and HTTP/2 only and
 // sends everything to the gRPC upstream. A plain listener redirects to
 // https, and a loopback listener answers health checks.
