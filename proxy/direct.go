@@ -127,7 +127,9 @@ func (f *forwarder) direct(ex *exchange, r *http.Request) {
 //   - r's method, its request-target exactly as the client sent it (for an
 //     absolute-form target, its path and query; setTarget's rule), HTTP/1.1;
 //   - Host as the client sent it, with http.Request.Write's checks and
-//     treatment (punycode, no IPv6 zone, Cells' own when r has none);
+//     treatment (no IPv6 zone, Cells' own when r has none; a Host outside
+//     ASCII, which net/http's writer turns to punycode, is not taken here:
+//     see fastPath);
 //   - r's header fields, except the hop-by-hop ones (RFC 9110, section
 //     7.6.1, and those named in Connection), the client's Forwarded,
 //     X-Forwarded-*, X-Real-IP (the proxy's replace them, see
@@ -164,10 +166,6 @@ func (o *outbound) init(f *forwarder, r *http.Request) error {
 	host := r.Host
 	if host == "" {
 		host = f.httpTarget.Host
-	}
-	host, err := httpguts.PunycodeHostPort(host)
-	if err != nil {
-		return err
 	}
 	if !httpguts.ValidHostHeader(host) {
 		return errors.New("http: invalid Host header")

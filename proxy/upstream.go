@@ -141,8 +141,18 @@ const maxSyncBody = 12 << 10
 
 // fastPath reports whether r can take the direct path (direct.go, then
 // h1Upstream on the handler's goroutine): no body, or a small one of known
-// length, no Expect: 100-continue to wait on, no trailers, no upgrade.
+// length, no Expect: 100-continue to wait on, no trailers, no upgrade, and
+// an ASCII Host. net/http's HTTP/1 server refuses any other Host; its
+// HTTP/2 server lets an :authority outside ASCII through, and net/http's
+// request writer turns that to punycode, with IDNA tables the direct path
+// would add to the binary a second time (the standard library has its own
+// copy): such a rare request goes through ReverseProxy.
 func fastPath(r *http.Request) bool {
+	for i := 0; i < len(r.Host); i++ {
+		if r.Host[i] >= 0x80 {
+			return false
+		}
+	}
 	switch {
 	case len(r.TransferEncoding) > 0 || len(r.Trailer) > 0:
 		return false
