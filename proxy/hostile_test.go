@@ -877,6 +877,28 @@ func TestOpenProxy(t *testing.T) {
 		}
 	})
 
+	t.Run("h2/authority outside ASCII", func(t *testing.T) {
+		// net/http's HTTP/2 server lets it through (its HTTP/1 server
+		// refuses such a Host): ReverseProxy's writer sends it in
+		// punycode, the direct path leaves it to ReverseProxy.
+		before := len(rec.all())
+		c := dialH2(t, tp)
+		if err := c.request(1, ":method", "GET", ":scheme", "https", ":authority", "café.example", ":path", "/"); err != nil {
+			t.Fatal(err)
+		}
+		ev := c.wait(t, "the answer", func(ev frameEvent) bool { return ev.StreamID == 1 })
+		if got, want := ev.Status, "200"; got != want {
+			t.Fatalf(":status = %q (%v), want %q", got, ev, want)
+		}
+		seen := rec.all()[before:]
+		if len(seen) != 1 {
+			t.Fatalf("upstream saw %d requests, want 1", len(seen))
+		}
+		if got, want := seen[0].Host, "xn--caf-dma.example"; got != want {
+			t.Errorf("upstream Host = %q, want %q", got, want)
+		}
+	})
+
 	t.Run("h2/absolute path in :path", func(t *testing.T) {
 		before := len(rec.all())
 		c := dialH2(t, tp)
