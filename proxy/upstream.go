@@ -444,7 +444,11 @@ func (c *upConn) roundTrip(r *http.Request, out headWriter, info http.ResponseWr
 		res.Body = &upgraded{br: c.br, Conn: c.nc}
 		return res, nil
 	}
-	reusable := !res.Close && !r.Close
+	// Only Cells' answer decides: r's Close is the client's own hop
+	// (Connection: close, HTTP/1.0), never written by the direct path;
+	// net/http's writer would have asked Cells to close, and then
+	// res.Close says so.
+	reusable := !res.Close
 	if res.Body == http.NoBody {
 		c.release(stop, reusable)
 		return res, nil

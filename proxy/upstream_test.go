@@ -147,6 +147,34 @@ func getBody(t *testing.T, c *http.Client, method, url string) (*http.Response, 
 	return res, body
 }
 
+// TestUpstreamKeepAliveClientClose: a client's Connection: close, and an
+// HTTP/1.0 client's request (closed by default), end the client's
+// connection, not the proxy's to Cells: the next client's request reuses
+// it, as openssl s_time's and many a health checker's do.
+func TestUpstreamKeepAliveClientClose(t *testing.T) {
+	t.Parallel()
+	var conns sync.Map // the upstream's connections, by client address
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		conns.Store(r.RemoteAddr, true)
+		io.WriteString(w, "ok")
+	}))
+	tp := startProxy(t, testConfig(up))
+	for i, raw := range []string{
+		"GET /a HTTP/1.1\r\nHost: cells.example.com\r\nConnection: close\r\n\r\n",
+		"GET /b HTTP/1.0\r\n\r\n",
+		"POST /c HTTP/1.0\r\nHost: cells.example.com\r\nContent-Length: 2\r\n\r\n{}",
+		"HEAD /d HTTP/1.1\r\nHost: cells.example.com\r\nConnection: close\r\n\r\n",
+	} {
+		got := rawExchange(t, tp, raw)
+		if len(got.Responses) != 1 || got.Responses[0].StatusCode != 200 {
+			t.Fatalf("request %d: %d responses (%v)", i, len(got.Responses), got.Err)
+		}
+	}
+	if n := mapLen(&conns); n != 1 {
+		t.Errorf("upstream saw %d connections, want 1 kept alive", n)
+	}
+}
+
 // TestUpstreamKeepAlive: requests without a body, from HTTP/1.1 and HTTP/2
 // clients, one after the other, all travel on one kept-alive connection to
 // Cells, whatever their response: a length, chunks with trailers, HEAD, 204,
