@@ -113,6 +113,10 @@ type upConn struct {
 	idleAt time.Time
 	timer  *time.Timer // closes the connection once idle too long
 	pooled bool        // in u.idle; guarded by u.mu
+
+	interrupt func()                // ends a blocked read or write: the request's context ended
+	peek      func(fd uintptr) bool // quiet's look at the socket, result in readable
+	readable  bool
 }
 
 // Read counts what the exchange read, for telling a closed idle connection
@@ -373,6 +377,12 @@ func (u *h1Upstream) dialSized(ctx context.Context, rsize, wsize int) (*upConn, 
 	if sc, ok := raw.(syscall.Conn); ok {
 		c.raw = rawConnOf(sc)
 	}
+	// Made once per connection, not per request.
+	c.interrupt = func() { c.nc.SetDeadline(time.Unix(1, 0)) }
+	c.peek = func(fd uintptr) bool {
+		c.readable = peekReadable(fd)
+		return true
+	}
 	c.br = bufio.NewReaderSize(c, rsize)
 	c.bw = bufio.NewWriterSize(nc, wsize)
 	return c, nil
@@ -387,7 +397,7 @@ func (c *upConn) roundTrip(r *http.Request, out headWriter, info http.ResponseWr
 	// The request's end (client gone, idle watchdog, shutdown) must
 	// interrupt a read or write on the connection, which then cannot be
 	// reused: stop reports whether that happened.
-	stop := context.AfterFunc(ctx, func() { c.nc.SetDeadline(time.Unix(1, 0)) })
+	stop := context.AfterFunc(ctx, c.interrupt)
 	if err := out.writeTo(c.bw); err != nil {
 		stop()
 		return nil, err
@@ -479,12 +489,9 @@ func (c *upConn) quiet() bool {
 	if c.raw == nil {
 		return true // no socket to look at: the retry covers it
 	}
-	readable := false
-	err := c.raw.Read(func(fd uintptr) bool {
-		readable = peekReadable(fd)
-		return true
-	})
-	return err == nil && !readable
+	c.readable = false
+	err := c.raw.Read(c.peek)
+	return err == nil && !c.readable
 }
 
 func (u *h1Upstream) put(c *upConn) {
