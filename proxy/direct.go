@@ -239,7 +239,10 @@ func writeField(w *bufio.Writer, k, v string) {
 }
 
 // notForwarded reports whether a client's header field (canonical name,
-// as net/http's servers give them) stays out of the request to Cells.
+// as net/http's servers give them) stays out of the request to Cells: the
+// hop-by-hop fields (hopHeaders, written out here as a switch for the hot
+// path; TestNotForwardedCoversHopHeaders keeps the two in step), the
+// forwarding fields the proxy replaces, and those the writer writes itself.
 func notForwarded(k string) bool {
 	switch k {
 	case "Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate",

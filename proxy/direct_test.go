@@ -97,3 +97,13 @@ func splitHead(req string) []string {
 	slices.Sort(lines[1:])
 	return append(lines, body)
 }
+
+// TestNotForwardedCoversHopHeaders: the direct path's switch drops every
+// hop-by-hop field the websocket path and removeHopByHop drop.
+func TestNotForwardedCoversHopHeaders(t *testing.T) {
+	for _, h := range append(slices.Clone(hopHeaders), "Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto", "X-Real-Ip") {
+		if !notForwarded(h) {
+			t.Errorf("notForwarded(%q) = false: the direct path would pass it to Cells", h)
+		}
+	}
+}
