@@ -22,9 +22,10 @@ import (
 // the proxy's, and Request.Write sorts the result before writing it. Here
 // the request to Cells is written straight from the client's request
 // (outbound), and Cells' response header is handed to the client's
-// response without a copy of each field. The rules are ReverseProxy's,
-// which still serves every other request (bodies to stream, Expect:
-// 100-continue, gRPC): TestDirectMatchesReverseProxy compares the two.
+// response without a copy of each field (relay). The rules are
+// ReverseProxy's, which still serves the other HTTP requests (bodies to
+// stream, Expect: 100-continue): TestDirectMatchesReverseProxy compares
+// the two. gRPC calls take a direct path of their own (callGRPC).
 func (f *forwarder) direct(ex *exchange, r *http.Request) {
 	out := &ex.out
 	if err := out.init(f, r); err != nil {
@@ -53,32 +54,63 @@ func (f *forwarder) direct(ex *exchange, r *http.Request) {
 		return
 	}
 
-	removeHopByHop(res.Header)
-	h := ex.Header()
-	for k, vv := range res.Header {
-		if prev, ok := h[k]; ok {
-			h[k] = append(prev, vv...)
-		} else {
-			h[k] = vv // the response is ours alone: no copy
-		}
+	f.relay(ex, r, res)
+}
+
+// callGRPC forwards a gRPC call to the gRPC upstream. grpcUpstream writes
+// the call's head from the client's request with ReverseProxy's rules (see
+// encodeFields), so nothing is copied on the way: the calls of Cells Sync
+// and of the gRPC gateway are all of this kind. The request body is the
+// client's, closed by the stream when the call ends: a bidirectional
+// stream that Cells ends before the client half-closes must not wait for
+// the client's next message (grpcStream.Close).
+func (f *forwarder) callGRPC(ex *exchange, r *http.Request) {
+	res, err := f.startGRPC(r)
+	if err != nil {
+		f.errorHandler(ex, r, err)
+		return
 	}
-	announced := len(res.Trailer)
-	if announced > 0 {
-		keys := make([]string, 0, announced)
-		for k := range res.Trailer {
-			keys = append(keys, k)
-		}
-		h.Add("Trailer", strings.Join(keys, ", "))
+	f.relay(ex, r, res)
+}
+
+// startGRPC sends the call and returns Cells' response. Kept out of
+// callGRPC so that the call's description is off the stack by the time
+// relay writes the response (see relayHeader).
+//
+//go:noinline
+func (f *forwarder) startGRPC(r *http.Request) (*http.Response, error) {
+	call := &grpcCall{req: r, host: r.Host, path: requestPath(r), fw: f.forwardedFor(r)}
+	if call.host == "" {
+		call.host = f.grpcTarget.Host
 	}
+	if call.path == "" {
+		call.path = "/"
+	}
+	if r.URL.RawQuery != "" || r.URL.ForceQuery {
+		call.path += "?" + r.URL.RawQuery
+	}
+	return f.grpcUp.do(call)
+}
+
+// relay sends Cells' response to the client, as ReverseProxy with
+// FlushInterval -1 does: hop-by-hop fields out, each of Cells' fields
+// handed over without a copy, the header sent at once (exchange.FlushError
+// leaves it for the first body bytes when it may: a declared length, a
+// gRPC Trailers-Only answer), every chunk flushed as it comes, then the
+// trailers. A body that breaks off aborts the response, so the client
+// cannot take it for complete; a gRPC call whose stream breaks ends with a
+// gRPC status in the trailers instead (grpcBroken), unless its client is
+// gone.
+func (f *forwarder) relay(ex *exchange, r *http.Request, res *http.Response) {
+	announced := relayHeader(ex.Header(), r, res)
 	ex.WriteHeader(res.StatusCode)
 	if res.Body == http.NoBody {
 		return // the handler's end sends the header
 	}
-	if ex.declared < 0 {
-		// A stream (server-sent events, a zip built on the fly): its
-		// header leaves now, not with the first bytes Cells sends.
-		ex.FlushError()
-	}
+	// A stream (server-sent events, a zip built on the fly, a gRPC
+	// stream): its header leaves now, not with the first bytes Cells
+	// sends.
+	ex.FlushError()
 	buf := copyBuffers.Get()
 	defer copyBuffers.Put(buf)
 	for {
@@ -95,12 +127,12 @@ func (f *forwarder) direct(ex *exchange, r *http.Request) {
 			break
 		}
 		if rerr != nil {
+			if f.endBroken(ex, r, res, rerr) {
+				break
+			}
 			// Cells' body broke off: the client must not take the
 			// response for complete, so the connection (or stream) is
 			// aborted, as ReverseProxy does.
-			if r.Context().Err() == nil {
-				f.log.Warn("upstream response cut short", "method", r.Method, "host", r.Host, "path", redactPath(r), "err", rerr)
-			}
 			res.Body.Close()
 			panic(http.ErrAbortHandler)
 		}
@@ -109,7 +141,73 @@ func (f *forwarder) direct(ex *exchange, r *http.Request) {
 	if len(res.Trailer) > 0 {
 		// Chunked, so that the trailers can follow the body.
 		ex.FlushError()
+		relayTrailer(ex.Header(), res, announced)
 	}
+}
+
+// endBroken deals with a response body from Cells that broke off with err.
+// A gRPC call ends with a gRPC status in the trailers (grpcBroken) and
+// endBroken reports true; any other response is to be aborted, and a
+// client still there is worth a line in the log.
+//
+//go:noinline
+func (f *forwarder) endBroken(ex *exchange, r *http.Request, res *http.Response, err error) bool {
+	if ex.kind == "grpc" {
+		code, msg, ok := grpcBroken(r.Context(), err)
+		if !ok {
+			return false // the client is gone
+		}
+		if res.Trailer == nil {
+			res.Trailer = make(http.Header)
+		}
+		if res.Trailer.Get("Grpc-Status") == "" {
+			res.Trailer.Set("Grpc-Status", strconv.Itoa(code))
+			res.Trailer.Set("Grpc-Message", grpcEscape(msg))
+		}
+		return true
+	}
+	if r.Context().Err() == nil {
+		f.log.Warn("upstream response cut short", "method", r.Method, "host", r.Host, "path", redactPath(r), "err", err)
+	}
+	return false
+}
+
+// relayHeader moves Cells' response header fields to h, the client's
+// response header, and returns how many trailers Cells announced. Kept out
+// of relay, as relayTrailer is: their map iterators would make relay's
+// stack frame about three times larger, and an HTTP/2 handler's stack is
+// grown (copied) when the header is written below it.
+//
+//go:noinline
+func relayHeader(h http.Header, r *http.Request, res *http.Response) int {
+	removeHopByHop(res.Header)
+	for k, vv := range res.Header {
+		if prev, ok := h[k]; ok {
+			h[k] = append(prev, vv...)
+		} else {
+			h[k] = vv // the response is ours alone: no copy
+		}
+	}
+	if _, ok := h["Date"]; !ok && r.ProtoMajor == 2 {
+		h["Date"] = httpDate()
+	}
+	announced := len(res.Trailer)
+	if announced > 0 {
+		keys := make([]string, 0, announced)
+		for k := range res.Trailer {
+			keys = append(keys, k)
+		}
+		h.Add("Trailer", strings.Join(keys, ", "))
+	}
+	return announced
+}
+
+// relayTrailer moves Cells' trailers to h, as ReverseProxy does: under
+// their own names when Cells announced them all, else with
+// http.TrailerPrefix.
+//
+//go:noinline
+func relayTrailer(h http.Header, res *http.Response, announced int) {
 	if len(res.Trailer) == announced {
 		copyHeader(h, res.Trailer)
 		return

@@ -6,7 +6,8 @@
 // HTTP/2 preface to an HTTP/2 server and every other one to an HTTP/1
 // server. Both servers share one handler, the forwarder: a request whose
 // content type is application/grpc goes to the gRPC upstream (Cells itself
-// over TLS, or its cleartext gRPC port), a websocket upgrade becomes a
+// over TLS, or its cleartext gRPC port) through the proxy's own HTTP/2
+// client (grpcupstream.go, callGRPC), a websocket upgrade becomes a
 // frame-aware tunnel, and everything else goes to CELLS_UPSTREAM, with the
 // Host, the request target and the body passed on unchanged and the
 // forwarding headers replaced: on the direct path (direct.go) when it has

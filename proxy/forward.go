@@ -44,8 +44,7 @@ type forwarder struct {
 	http          *httputil.ReverseProxy
 
 	grpcTarget *url.URL      // nil: no gRPC upstream
-	grpcUp     *grpcUpstream // HTTP/2 to Cells' gRPC port
-	grpc       *httputil.ReverseProxy
+	grpcUp     *grpcUpstream // HTTP/2 to Cells' gRPC port; calls go through callGRPC
 
 	ws *tunnels
 }
@@ -113,7 +112,7 @@ func newForwarder(cfg *Config, log *slog.Logger) (*forwarder, error) {
 	f.httpTransport.Protocols = new(http.Protocols)
 	f.httpTransport.Protocols.SetHTTP1(true)
 	f.httpUp = newH1Upstream(f.httpTarget, f.httpTransport, dialer)
-	f.http = f.reverseProxy(f.httpTarget, f.httpTransport, false)
+	f.http = f.reverseProxy(f.httpTarget, f.httpTransport)
 
 	if u := cfg.GRPCUpstream; u != nil {
 		target := &url.URL{Scheme: "https", Host: u.Host}
@@ -125,44 +124,21 @@ func newForwarder(cfg *Config, log *slog.Logger) (*forwarder, error) {
 		}
 		f.grpcTarget = target
 		f.grpcUp = newGRPCUpstream(hostPortDefault(target), conf, dialer)
-		f.grpc = f.reverseProxy(target, f.grpcUp, true)
 	}
 	return f, nil
 }
 
-func (f *forwarder) reverseProxy(target *url.URL, t http.RoundTripper, grpc bool) *httputil.ReverseProxy {
-	rp := &httputil.ReverseProxy{
+func (f *forwarder) reverseProxy(target *url.URL, t http.RoundTripper) *httputil.ReverseProxy {
+	return &httputil.ReverseProxy{
 		Rewrite:   func(pr *httputil.ProxyRequest) { f.rewrite(pr, target) },
 		Transport: t,
 		// Stream: write every chunk as soon as it arrives (zips built on the
-		// fly, gRPC messages, server-sent events).
+		// fly, server-sent events).
 		FlushInterval: -1,
 		BufferPool:    bufferPool{},
 		ErrorLog:      slog.NewLogLogger(f.log.Handler(), slog.LevelWarn),
 		ErrorHandler:  f.errorHandler,
 	}
-	if grpc {
-		rp.ModifyResponse = grpcResponse
-		rp.Rewrite = func(pr *httputil.ProxyRequest) {
-			f.rewrite(pr, target)
-			if pr.Out.Body != nil {
-				// ReverseProxy hides Close from the transport, which then
-				// cannot stop its request writer while that waits for the
-				// client's next message. A bidirectional stream that Cells
-				// ends (status in the trailers, or a dead connection)
-				// before the client half-closes would then hang: closing
-				// the response body waits for that writer, so the status
-				// never reaches the client, who waits for it. The call is
-				// over when the transport closes the body: let it end the
-				// client's body (an HTTP/2 body's Close never blocks).
-				pr.Out.Body = struct {
-					io.Reader
-					io.Closer
-				}{pr.Out.Body, pr.In.Body}
-			}
-		}
-	}
-	return rp
 }
 
 // rewrite builds the request Cells receives: same method, Host, request
@@ -436,42 +412,20 @@ func grpcEscape(s string) string {
 	return b.String()
 }
 
-// grpcResponse makes a broken gRPC response end with a gRPC status instead
-// of a reset stream: when the body from Cells fails mid-way, the client gets
-// UNAVAILABLE (or DEADLINE_EXCEEDED) in the trailers.
-func grpcResponse(res *http.Response) error {
-	if res.Trailer == nil {
-		res.Trailer = make(http.Header)
-	}
-	res.Body = &grpcBody{ReadCloser: res.Body, res: res}
-	return nil
-}
-
-type grpcBody struct {
-	io.ReadCloser
-	res *http.Response
-}
-
-func (b *grpcBody) Read(p []byte) (int, error) {
-	n, err := b.ReadCloser.Read(p)
-	if err == nil || err == io.EOF {
-		return n, err
-	}
-	ctx := b.res.Request.Context()
-	code, msg := 14, "cells-proxy: upstream stream broke: "+err.Error()
+// grpcBroken is the gRPC status a call gets when its stream from Cells
+// breaks before its end: UNAVAILABLE, or DEADLINE_EXCEEDED once the
+// caller's deadline has passed. ok is false when the client is gone:
+// nobody to tell.
+func grpcBroken(ctx context.Context, err error) (code int, msg string, ok bool) {
 	switch cause := context.Cause(ctx); {
 	case errors.Is(cause, errGRPCDeadline), pastDeadline(ctx):
-		code, msg = 4, "cells-proxy: deadline exceeded"
+		return 4, "cells-proxy: deadline exceeded", true
 	case errors.Is(cause, errShutdown):
-		msg = "cells-proxy: shutting down"
+		return 14, "cells-proxy: shutting down", true
 	case ctx.Err() != nil:
-		return n, err // the client is gone: nothing to tell it
+		return 0, "", false
 	}
-	if b.res.Trailer.Get("Grpc-Status") == "" {
-		b.res.Trailer.Set("Grpc-Status", strconv.Itoa(code))
-		b.res.Trailer.Set("Grpc-Message", grpcEscape(msg))
-	}
-	return n, io.EOF
+	return 14, "cells-proxy: upstream stream broke: " + err.Error(), true
 }
 
 // pastDeadline reports whether the gRPC call's deadline (grpc-timeout) has
@@ -661,7 +615,7 @@ func (f *forwarder) finish(ex *exchange, r *http.Request) {
 }
 
 func (f *forwarder) serveGRPC(ex *exchange, r *http.Request) {
-	if f.grpc == nil {
+	if f.grpcUp == nil {
 		writeGRPCStatus(ex, 14, "cells-proxy: no gRPC upstream: set PYDIO_GRPC_EXTERNAL to Cells' gRPC port or CELLS_GRPC_UPSTREAM")
 		return
 	}
@@ -676,7 +630,7 @@ func (f *forwarder) serveGRPC(ex *exchange, r *http.Request) {
 		defer cancel()
 		r = r.WithContext(ctx)
 	}
-	f.grpc.ServeHTTP(ex, r)
+	f.callGRPC(ex, r)
 }
 
 // hostAllowed applies PROXY_SERVER_NAMES to a Host or :authority value.

@@ -42,7 +42,7 @@ import (
 // was heard for 30 s and the connection dropped if it is not answered in
 // 15 s, GOAWAY honoured (no new calls on the connection, calls above its
 // last stream ID failed), the 1 MiB response header limit, header fields
-// checked both ways, trailers handed to ReverseProxy at the end of the
+// checked both ways, trailers handed to the forwarder at the end of the
 // body, and the request's context resetting the stream (RST_STREAM
 // CANCEL). It speaks only what gRPC needs: no server push (disabled in
 // SETTINGS), no 1xx responses passed on, no priorities.
@@ -170,16 +170,28 @@ var (
 	errH2Drained   = errors.New("cells-proxy: connection drained after GOAWAY")
 )
 
-// RoundTrip sends req as a new stream and returns when the response header
-// arrives; the body is then read from the stream.
-func (u *grpcUpstream) RoundTrip(req *http.Request) (*http.Response, error) {
+// grpcCall is a client's call as it goes to Cells: the client's request
+// (method, header fields, trailers, context), the :authority and :path the
+// forwarder chose, and the forwarding fields that replace the client's.
+type grpcCall struct {
+	req        *http.Request
+	host, path string
+	fw         forwarded
+}
+
+// do sends the call as a new stream and returns when the response header
+// arrives; the body is then read from the stream. The request body is the
+// client's: the stream closes it when the call ends, so that a copy
+// blocked reading it returns (see grpcStream.Close).
+func (u *grpcUpstream) do(call *grpcCall) (*http.Response, error) {
+	req := call.req
 	ctx := req.Context()
 	body := req.Body
-	if body == http.NoBody {
+	if body == http.NoBody || req.ContentLength == 0 {
 		body = nil
 	}
 	for attempt := 1; ; attempt++ {
-		s, err := u.start(ctx, req, body)
+		s, err := u.start(ctx, call, body)
 		if err != nil {
 			if body != nil {
 				body.Close()
@@ -203,13 +215,13 @@ func (u *grpcUpstream) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 }
 
-// start opens a stream for req and starts copying body to it.
-func (u *grpcUpstream) start(ctx context.Context, req *http.Request, body io.ReadCloser) (*grpcStream, error) {
+// start opens a stream for call and starts copying body to it.
+func (u *grpcUpstream) start(ctx context.Context, call *grpcCall, body io.ReadCloser) (*grpcStream, error) {
 	var s *grpcStream
 	for s == nil {
 		c, err := u.conn(ctx)
 		if err == nil {
-			s, err = c.open(req, body)
+			s, err = c.open(call, body)
 		}
 		if err != nil && err != errH2Full {
 			return nil, err
@@ -538,7 +550,7 @@ func (c *grpcConn) health() {
 // open starts a stream for req: HEADERS, with END_STREAM when there is no
 // body. With a body, the HEADERS are queued, not written: the caller
 // flushes them.
-func (c *grpcConn) open(req *http.Request, body io.ReadCloser) (*grpcStream, error) {
+func (c *grpcConn) open(call *grpcCall, body io.ReadCloser) (*grpcStream, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.err != nil || c.goaway || uint32(len(c.streams)) >= c.maxStreams || c.nextID > h2MaxStreamID {
@@ -546,7 +558,7 @@ func (c *grpcConn) open(req *http.Request, body io.ReadCloser) (*grpcStream, err
 	}
 	s := &grpcStream{
 		c:       c,
-		req:     req,
+		req:     call.req,
 		body:    body,
 		id:      c.nextID,
 		ready:   make(chan struct{}),
@@ -556,7 +568,7 @@ func (c *grpcConn) open(req *http.Request, body io.ReadCloser) (*grpcStream, err
 	}
 	s.cond.L = &c.mu
 	c.hbuf.Reset()
-	if err := c.encodeRequest(req, body != nil); err != nil {
+	if err := c.encodeRequest(call, body != nil); err != nil {
 		return nil, err // nothing encoded
 	}
 	c.nextID += 2
@@ -596,14 +608,10 @@ func (c *grpcConn) appendHeaderBlock(id uint32, end bool) {
 	}
 }
 
-func (c *grpcConn) encodeRequest(req *http.Request, hasBody bool) error {
-	host := req.Host
-	if host == "" {
-		host = req.URL.Host
-	}
-	path := req.URL.RequestURI()
-	if !httpguts.ValidHostHeader(host) || !validPseudo(path) || !validPseudo(req.Method) {
-		return fmt.Errorf("cells-proxy: invalid request target for HTTP/2: %q %q %q", req.Method, host, path)
+func (c *grpcConn) encodeRequest(call *grpcCall, hasBody bool) error {
+	req := call.req
+	if !httpguts.ValidHostHeader(call.host) || !validPseudo(call.path) || !validPseudo(req.Method) {
+		return fmt.Errorf("cells-proxy: invalid request target for HTTP/2: %q %q %q", req.Method, call.host, call.path)
 	}
 	// Checked before anything is encoded: HPACK's table changes with
 	// every field written, so a block must not be abandoned half-way.
@@ -615,13 +623,13 @@ func (c *grpcConn) encodeRequest(req *http.Request, hasBody bool) error {
 		// client gets 431 (RESOURCE_EXHAUSTED for gRPC) instead of a
 		// reset from Cells. A dry run of the same writes measures it.
 		c.sizing, c.hsize = true, 0
-		c.writeRequest(req, host, path, hasBody)
+		c.writeRequest(call, hasBody)
 		c.sizing = false
 		if c.hsize > uint64(c.peerMaxHeader) {
 			return errHeaderListSize
 		}
 	}
-	c.writeRequest(req, host, path, hasBody)
+	c.writeRequest(call, hasBody)
 	return nil
 }
 
@@ -629,12 +637,22 @@ func (c *grpcConn) encodeRequest(req *http.Request, hasBody bool) error {
 // SETTINGS_MAX_HEADER_LIST_SIZE.
 var errHeaderListSize = errors.New("cells-proxy: request head larger than Cells' SETTINGS_MAX_HEADER_LIST_SIZE")
 
-func (c *grpcConn) writeRequest(req *http.Request, host, path string, hasBody bool) {
+// writeRequest encodes the call's head: the pseudo-header fields, the
+// client's fields (encodeFields' rules), the proxy's forwarding fields and
+// the body's length when the client gave it.
+func (c *grpcConn) writeRequest(call *grpcCall, hasBody bool) {
+	req := call.req
 	c.writeField(":method", req.Method)
 	c.writeField(":scheme", c.u.scheme)
-	c.writeField(":authority", host)
-	c.writeField(":path", path)
+	c.writeField(":authority", call.host)
+	c.writeField(":path", call.path)
 	c.encodeFields(req.Header, true)
+	if fw := &call.fw; fw.ok {
+		c.writeField("x-forwarded-for", fw.xff)
+		c.writeField("x-real-ip", fw.realIP)
+		c.writeField("x-forwarded-proto", fw.proto)
+		c.writeField("x-forwarded-host", fw.host)
+	}
 	if hasBody && req.ContentLength > 0 {
 		c.writeField("content-length", strconv.FormatInt(req.ContentLength, 10))
 	}
@@ -653,14 +671,17 @@ func validPseudo(v string) bool {
 }
 
 // encodeFields adds h to the header block, lower-cased, without
-// connection-specific fields; te only as "trailers".
+// connection-specific fields; te only as "trailers". For a request's head
+// (h is the client's), the fields ReverseProxy would not pass on are left
+// out too: the other hop-by-hop ones and the forwarding fields the proxy
+// replaces (writeRequest writes its own).
 func (c *grpcConn) encodeFields(h http.Header, request bool) {
 	for k, vv := range h {
 		name := lowerName(k)
 		switch {
 		case connSpecific(name) || name == "host":
 			continue
-		case request && name == "content-length":
+		case request && (name == "content-length" || notPassedOn(name)):
 			continue
 		case name == "te":
 			if httpguts.HeaderValuesContainsToken(vv, "trailers") {
@@ -674,6 +695,20 @@ func (c *grpcConn) encodeFields(h http.Header, request bool) {
 			c.writeField(name, v)
 		}
 	}
+}
+
+// notPassedOn reports whether a client's request field (lower case) stays
+// out of the call to Cells besides the connection-specific ones, te and
+// host: the remaining hop-by-hop fields of RFC 9110, section 7.6.1, and
+// the forwarding fields. TestNotForwardedCoversHopHeaders keeps it in step
+// with hopHeaders.
+func notPassedOn(name string) bool {
+	switch name {
+	case "proxy-authenticate", "proxy-authorization", "trailer",
+		"forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip":
+		return true
+	}
+	return false
 }
 
 func (c *grpcConn) writeField(name, value string) {
@@ -1217,7 +1252,7 @@ type grpcStream struct {
 	cond      sync.Cond
 	ready     chan struct{} // closed when res or err is set
 	res       *http.Response
-	err       error  // what RoundTrip returns when res is nil
+	err       error  // what do returns when res is nil
 	failed    error  // the call broke: reads return it after buf
 	buf       []byte // response body received; buf[off:] not yet read
 	off       int

@@ -546,7 +546,7 @@ func TestGRPCUpstreamResetMidResponse(t *testing.T) {
 		t.Errorf("first call: body = %q, want the part sent before the reset, %q", got, want)
 	}
 	// Pinned: the proxy turns a body broken mid-way into UNAVAILABLE in
-	// the trailers (forward.go, grpcBody).
+	// the trailers (forward.go, grpcBroken).
 	if got, want := r.Trailer.Get("Grpc-Status"), "14"; got != want {
 		t.Errorf("first call: trailer grpc-status = %q (message %q), want %q", got, r.Trailer.Get("Grpc-Message"), want)
 	}
@@ -646,7 +646,7 @@ func TestGRPCUpstreamConnectionDrop(t *testing.T) {
 	close(clientGot)
 	_, err = stream.Recv()
 	// Pinned: the proxy ends a response whose upstream body broke with
-	// UNAVAILABLE in the trailers (forward.go, grpcBody): the status that
+	// UNAVAILABLE in the trailers (forward.go, grpcBroken): the status that
 	// tells a client such as Cells Sync to call again.
 	if got, want := status.Code(err), codes.Unavailable; got != want {
 		t.Errorf("Recv after the drop = %v, want %v", err, want)
@@ -851,9 +851,10 @@ func TestGRPCUpstreamBadResponseHeaders(t *testing.T) {
 
 // TestGRPCUpstreamRequestHeaders: the request the upstream receives, field
 // by field, pinned: the pseudo-headers (:method POST, :scheme http for an
-// h2c upstream, :authority as the client sent it, :path exact) first, te:
-// trailers, the client's metadata untouched, forwarding fields set by the
-// proxy (a client's x-forwarded-for replaced), no connection-specific
+// h2c upstream, :authority as the client sent it, :path exact, query
+// included) first, te: trailers, the client's metadata untouched,
+// forwarding fields set by the proxy (a client's forwarded, x-forwarded-*
+// and x-real-ip replaced), no connection-specific or other hop-by-hop
 // field, every name in lower case.
 func TestGRPCUpstreamRequestHeaders(t *testing.T) {
 	t.Parallel()
@@ -866,11 +867,16 @@ func TestGRPCUpstreamRequestHeaders(t *testing.T) {
 
 	const authority = "cells.example.com:443"
 	body := grpcMsg([]byte("headers"))
-	r := callGRPC(testCtx(t), tp.H2, tp.URL+"/tree.NodeProvider/ListNodes", body,
+	r := callGRPC(testCtx(t), tp.H2, tp.URL+"/tree.NodeProvider/ListNodes?a=1;b=%zz", body,
 		"host", authority,
 		"User-Agent", "cells-sync/4.4 grpc-go/1.85.0",
 		"X-Pydio-Bearer", "eyJhbGciOi.secret.token",
 		"X-Forwarded-For", "203.0.113.9",
+		"X-Forwarded-Host", "evil.example",
+		"X-Forwarded-Proto", "http",
+		"X-Real-Ip", "203.0.113.10",
+		"Forwarded", "for=203.0.113.11",
+		"Proxy-Authorization", "Basic c2VjcmV0",
 		"Grpc-Timeout", "30S",
 		"Grpc-Accept-Encoding", "gzip",
 		"X-Meta-Bin", "AAEC",
@@ -897,7 +903,7 @@ func TestGRPCUpstreamRequestHeaders(t *testing.T) {
 	wantPseudo := []string{
 		":authority: " + authority,
 		":method: POST",
-		":path: /tree.NodeProvider/ListNodes",
+		":path: /tree.NodeProvider/ListNodes?a=1;b=%zz",
 		":scheme: http",
 	}
 	wantRegular := []string{
@@ -921,8 +927,9 @@ func TestGRPCUpstreamRequestHeaders(t *testing.T) {
 	}
 	for _, f := range fields {
 		switch f.Name {
-		case "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade":
-			t.Errorf("connection-specific field %s: %q sent to the upstream", f.Name, f.Value)
+		case "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade",
+			"proxy-authorization", "proxy-authenticate", "trailer", "forwarded":
+			t.Errorf("hop-by-hop field %s: %q sent to the upstream", f.Name, f.Value)
 		}
 	}
 }
