@@ -11,6 +11,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/textproto"
 	"runtime"
 	"strconv"
 	"strings"
@@ -396,6 +397,7 @@ type grpcConn struct {
 	ping  *time.Timer
 
 	// Read loop only.
+	head       [9]byte // a frame header; here, not on readFrame's stack, where io.ReadFull would move it to the heap
 	rbuf       []byte
 	hdec       *hpack.Decoder
 	fields     []hpack.HeaderField
@@ -769,7 +771,7 @@ func appendRST(b []byte, id, code uint32) []byte {
 
 // readFrame reads one frame; its payload is valid until the next call.
 func (c *grpcConn) readFrame() (typ, flags byte, id uint32, p []byte, err error) {
-	var h [9]byte
+	h := &c.head
 	if _, err = io.ReadFull(c.br, h[:]); err != nil {
 		return
 	}
@@ -1133,6 +1135,7 @@ var errBadResponseHeader = errors.New("cells-proxy: malformed HTTP/2 response he
 func (c *grpcConn) response(s *grpcStream, end bool) (*http.Response, bool, error) {
 	status := ""
 	h := make(http.Header, len(c.fields))
+	values := make([]string, len(c.fields)) // one array for all the fields' values
 	for i, f := range c.fields {
 		if strings.HasPrefix(f.Name, ":") {
 			if f.Name != ":status" || status != "" || i != 0 {
@@ -1144,8 +1147,7 @@ func (c *grpcConn) response(s *grpcStream, end bool) (*http.Response, bool, erro
 		if !validField(f) {
 			return nil, false, errBadResponseHeader
 		}
-		k := http.CanonicalHeaderKey(f.Name)
-		h[k] = append(h[k], f.Value)
+		addField(h, values[i:i+1:i+1], f)
 	}
 	if c.fieldsSize > int(c.u.maxHeader) {
 		return nil, false, fmt.Errorf("cells-proxy: upstream response header larger than %d bytes", c.u.maxHeader)
@@ -1160,8 +1162,13 @@ func (c *grpcConn) response(s *grpcStream, end bool) (*http.Response, bool, erro
 		}
 		return nil, true, nil
 	}
+	if code == http.StatusOK {
+		status = "200 OK" // without a concatenation: nearly every answer
+	} else {
+		status += " " + http.StatusText(code)
+	}
 	res := &http.Response{
-		Status:        status + " " + http.StatusText(code),
+		Status:        status,
 		StatusCode:    code,
 		Proto:         "HTTP/2.0",
 		ProtoMajor:    2,
@@ -1179,8 +1186,10 @@ func (c *grpcConn) response(s *grpcStream, end bool) (*http.Response, bool, erro
 		}
 	}
 	for _, v := range h["Trailer"] {
-		for _, k := range splitList(v) {
-			res.Trailer[http.CanonicalHeaderKey(k)] = nil
+		for k := range strings.SplitSeq(v, ",") {
+			if k = textproto.TrimString(k); k != "" {
+				res.Trailer[canonicalKey(k)] = nil
+			}
 		}
 	}
 	return res, false, nil
@@ -1188,12 +1197,12 @@ func (c *grpcConn) response(s *grpcStream, end bool) (*http.Response, bool, erro
 
 func (c *grpcConn) trailers() (http.Header, error) {
 	t := make(http.Header, len(c.fields))
-	for _, f := range c.fields {
+	values := make([]string, len(c.fields))
+	for i, f := range c.fields {
 		if strings.HasPrefix(f.Name, ":") || !validField(f) {
 			return nil, errBadResponseHeader
 		}
-		k := http.CanonicalHeaderKey(f.Name)
-		t[k] = append(t[k], f.Value)
+		addField(t, values[i:i+1:i+1], f)
 	}
 	if c.fieldsSize > int(c.u.maxHeader) {
 		return nil, fmt.Errorf("cells-proxy: upstream trailers larger than %d bytes", c.u.maxHeader)
@@ -1203,6 +1212,46 @@ func (c *grpcConn) trailers() (http.Header, error) {
 
 // validField: a lower-case token name, a value without CR, LF or NUL, and
 // no connection-specific field (RFC 9113 8.2).
+// addField adds f to h. slot is a free place of capacity one for its value:
+// the first value of a name takes it, so that the values of a header
+// section are one allocation, not one per field; the rest are appended.
+func addField(h http.Header, slot []string, f hpack.HeaderField) {
+	k := canonicalKey(f.Name)
+	if vv, ok := h[k]; ok {
+		h[k] = append(vv, f.Value)
+		return
+	}
+	slot[0] = f.Value
+	h[k] = slot
+}
+
+// canonicalKey is http.CanonicalHeaderKey for a name as HTTP/2 carries it
+// (lower case), without allocating for the names of a gRPC answer.
+// TestCanonicalKey checks it against http.CanonicalHeaderKey.
+func canonicalKey(name string) string {
+	switch name {
+	case "content-type":
+		return "Content-Type"
+	case "content-length":
+		return "Content-Length"
+	case "date":
+		return "Date"
+	case "trailer":
+		return "Trailer"
+	case "grpc-status":
+		return "Grpc-Status"
+	case "grpc-message":
+		return "Grpc-Message"
+	case "grpc-encoding":
+		return "Grpc-Encoding"
+	case "grpc-accept-encoding":
+		return "Grpc-Accept-Encoding"
+	case "grpc-status-details-bin":
+		return "Grpc-Status-Details-Bin"
+	}
+	return http.CanonicalHeaderKey(name)
+}
+
 func validField(f hpack.HeaderField) bool {
 	return validWireName(f.Name) && httpguts.ValidHeaderFieldValue(f.Value) && !connSpecific(f.Name)
 }

@@ -1098,3 +1098,17 @@ func TestGRPCUpstreamHeaderListSize(t *testing.T) {
 		t.Errorf("%d upstream connections, want 1", conns)
 	}
 }
+
+// TestCanonicalKey: canonicalKey's shortcuts give what
+// http.CanonicalHeaderKey gives, and other names go to it.
+func TestCanonicalKey(t *testing.T) {
+	for _, name := range []string{
+		"content-type", "content-length", "date", "trailer", "grpc-status", "grpc-message",
+		"grpc-encoding", "grpc-accept-encoding", "grpc-status-details-bin",
+		"x-pydio-bearer", "grpc-trace-bin", "Grpc-Status", "x_under", "",
+	} {
+		if got, want := canonicalKey(name), http.CanonicalHeaderKey(name); got != want {
+			t.Errorf("canonicalKey(%q) = %q, want %q", name, got, want)
+		}
+	}
+}
