@@ -172,7 +172,7 @@ var (
 )
 
 // grpcCall is a client's call as it goes to Cells: the client's request
-// (method, header fields, trailers, context), the :authority and :path the
+// (method, header fields, context), the :authority and :path the
 // forwarder chose, and the forwarding fields that replace the client's.
 type grpcCall struct {
 	req        *http.Request
@@ -648,7 +648,7 @@ func (c *grpcConn) writeRequest(call *grpcCall, hasBody bool) {
 	c.writeField(":scheme", c.u.scheme)
 	c.writeField(":authority", call.host)
 	c.writeField(":path", call.path)
-	c.encodeFields(req.Header, true)
+	c.encodeFields(req.Header)
 	if fw := &call.fw; fw.ok {
 		c.writeField("x-forwarded-for", fw.xff)
 		c.writeField("x-real-ip", fw.realIP)
@@ -672,18 +672,16 @@ func validPseudo(v string) bool {
 	return true
 }
 
-// encodeFields adds h to the header block, lower-cased, without
-// connection-specific fields; te only as "trailers". For a request's head
-// (h is the client's), the fields ReverseProxy would not pass on are left
-// out too: the other hop-by-hop ones and the forwarding fields the proxy
+// encodeFields adds the client's header fields h to the request's header
+// block, lower-cased, without connection-specific fields, te only as
+// "trailers", and without the fields ReverseProxy would not pass on
+// either: the other hop-by-hop ones and the forwarding fields the proxy
 // replaces (writeRequest writes its own).
-func (c *grpcConn) encodeFields(h http.Header, request bool) {
+func (c *grpcConn) encodeFields(h http.Header) {
 	for k, vv := range h {
 		name := lowerName(k)
 		switch {
-		case connSpecific(name) || name == "host":
-			continue
-		case request && (name == "content-length" || notPassedOn(name)):
+		case connSpecific(name) || name == "host" || name == "content-length" || notPassedOn(name):
 			continue
 		case name == "te":
 			if httpguts.HeaderValuesContainsToken(vv, "trailers") {
@@ -1455,20 +1453,19 @@ func (s *grpcStream) writeBody(body io.ReadCloser) {
 }
 
 // writeData queues p as DATA frames as the windows allow, ending the
-// stream after it when end (with the request's trailers, if any). It
-// reports whether the stream still takes request body.
+// stream with the last one when end. It reports whether the stream still
+// takes request body.
+//
+// A client's request trailers are not passed on (RFC 9110, section 6.5.1,
+// lets a proxy drop them): they arrive after the proxy has checked and
+// rewritten the header section, so a client could name a forwarding field
+// there that Cells would take for the proxy's; gRPC clients send none.
+// Through ReverseProxy they reached Cells without their values, as an
+// empty header block.
 func (s *grpcStream) writeData(p []byte, end bool) bool {
 	c := s.c
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	trailers := end && len(s.req.Trailer) > 0
-	if trailers {
-		if err := checkHeader(s.req.Trailer); err != nil {
-			s.failLocked(err)
-			c.resetLocked(s, codeInternal)
-			return false
-		}
-	}
 	for {
 		for len(p) > 0 && (s.send <= 0 || c.sendConn <= 0) && s.failed == nil && !s.sentEnd && c.err == nil {
 			// What the windows took so far leaves before waiting for more.
@@ -1482,9 +1479,9 @@ func (s *grpcStream) writeData(p []byte, end bool) bool {
 		}
 		n := int(min(int64(len(p)), s.send, c.sendConn, int64(c.maxFrame)))
 		last := n == len(p)
-		if n > 0 || (last && end && !trailers) {
+		if n > 0 || (last && end) {
 			var flags byte
-			if last && end && !trailers {
+			if last && end {
 				flags = flagEndStream
 			}
 			c.wbuf = appendFrameHeader(c.wbuf, n, frameData, flags, s.id)
@@ -1502,11 +1499,6 @@ func (s *grpcStream) writeData(p []byte, end bool) bool {
 		}
 		if !last {
 			continue
-		}
-		if trailers {
-			c.hbuf.Reset()
-			c.encodeFields(s.req.Trailer, false)
-			c.appendHeaderBlock(s.id, true)
 		}
 		if end {
 			s.sentEnd, s.keptAll = true, !s.tooLong

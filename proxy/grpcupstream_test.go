@@ -1112,3 +1112,75 @@ func TestCanonicalKey(t *testing.T) {
 		}
 	}
 }
+
+// TestGRPCUpstreamRequestTrailers: trailers a client sends after its
+// request body do not reach the upstream, a forwarding field among them
+// included: the stream ends with its last DATA frame, and the call goes
+// through. (Through ReverseProxy they went as an empty header block.)
+func TestGRPCUpstreamRequestTrailers(t *testing.T) {
+	t.Parallel()
+	type seen struct {
+		body    []byte
+		trailer []hpack.HeaderField
+	}
+	upstream := make(chan seen, 1)
+	p := newH2Peer(t, h2PeerConfig{}, func(s *h2Stream) {
+		body, err := s.readBody()
+		s.c.mu.Lock()
+		tr := s.trailer
+		s.c.mu.Unlock()
+		upstream <- seen{body, tr}
+		if err == nil {
+			s.respond(body)
+		}
+	})
+	tp := startPeerProxy(t, p)
+
+	want := grpcMsg([]byte("with trailers"))
+	req, err := grpcRequest(testCtx(t), tp.URL+"/pkg.Svc/Upload", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Trailer = http.Header{"X-Checksum": nil, "X-Forwarded-For": nil}
+	req.Body = io.NopCloser(&trailerReader{r: bytes.NewReader(want), req: req, set: map[string]string{
+		"X-Checksum":      "sha256:abc",
+		"X-Forwarded-For": "203.0.113.9",
+	}})
+	res, err := tp.H2.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := io.ReadAll(res.Body)
+	res.Body.Close()
+	if err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("response body %q, %v; want %q", got, err, want)
+	}
+	if st := res.Trailer.Get("Grpc-Status"); st != "0" {
+		t.Errorf("grpc-status = %q, want 0", st)
+	}
+	up := recv(t, upstream, "the request at the upstream")
+	if !bytes.Equal(up.body, want) {
+		t.Errorf("upstream body = %q, want %q", up.body, want)
+	}
+	if up.trailer != nil {
+		t.Errorf("request trailers reached the upstream: %v", up.trailer)
+	}
+}
+
+// trailerReader is a request body that fills in its request's trailers as
+// it ends, as net/http's client wants request trailers set.
+type trailerReader struct {
+	r   io.Reader
+	req *http.Request
+	set map[string]string
+}
+
+func (t *trailerReader) Read(p []byte) (int, error) {
+	n, err := t.r.Read(p)
+	if err == io.EOF {
+		for k, v := range t.set {
+			t.req.Trailer.Set(k, v)
+		}
+	}
+	return n, err
+}
