@@ -673,42 +673,31 @@ func validPseudo(v string) bool {
 }
 
 // encodeFields adds the client's header fields h to the request's header
-// block, lower-cased, without connection-specific fields, te only as
-// "trailers", and without the fields ReverseProxy would not pass on
-// either: the other hop-by-hop ones and the forwarding fields the proxy
-// replaces (writeRequest writes its own).
+// block, lower-cased, with the direct path's rules (notForwarded: no
+// hop-by-hop fields, none of the forwarding fields the proxy replaces, no
+// Host or Content-Length; writeRequest writes its own), except that te is
+// kept as "trailers" when the client said it, and every User-Agent value
+// is kept, as ReverseProxy passed them to an HTTP/2 transport.
 func (c *grpcConn) encodeFields(h http.Header) {
 	for k, vv := range h {
 		name := lowerName(k)
 		switch {
-		case connSpecific(name) || name == "host" || name == "content-length" || notPassedOn(name):
-			continue
 		case name == "te":
 			if httpguts.HeaderValuesContainsToken(vv, "trailers") {
 				c.writeField("te", "trailers")
 			}
 			continue
-		case name == "user-agent" && len(vv) > 0 && vv[0] == "":
+		case name == "user-agent":
+			if len(vv) > 0 && vv[0] == "" {
+				continue
+			}
+		case connSpecific(name) || notForwarded(k):
 			continue
 		}
 		for _, v := range vv {
 			c.writeField(name, v)
 		}
 	}
-}
-
-// notPassedOn reports whether a client's request field (lower case) stays
-// out of the call to Cells besides the connection-specific ones, te and
-// host: the remaining hop-by-hop fields of RFC 9110, section 7.6.1, and
-// the forwarding fields. TestNotForwardedCoversHopHeaders keeps it in step
-// with hopHeaders.
-func notPassedOn(name string) bool {
-	switch name {
-	case "proxy-authenticate", "proxy-authorization", "trailer",
-		"forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip":
-		return true
-	}
-	return false
 }
 
 func (c *grpcConn) writeField(name, value string) {
