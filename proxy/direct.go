@@ -180,11 +180,6 @@ func (f *forwarder) endBroken(ex *exchange, r *http.Request, res *http.Response,
 //
 //go:noinline
 func relayHeader(h http.Header, r *http.Request, res *http.Response) int {
-	// grpcUpstream reads res.Trailer's keys from Cells' Trailer field and
-	// leaves it in the header: it announces them to the client as it
-	// came, without joining them again. (http.ReadResponse removes it:
-	// the keys are then joined, as ReverseProxy does.)
-	announce := res.Header["Trailer"]
 	removeHopByHop(res.Header)
 	for k, vv := range res.Header {
 		if prev, ok := h[k]; ok {
@@ -197,12 +192,7 @@ func relayHeader(h http.Header, r *http.Request, res *http.Response) int {
 		h["Date"] = httpDate()
 	}
 	announced := len(res.Trailer)
-	if prev, ok := h["Trailer"]; announced > 0 && len(announce) > 0 {
-		if ok {
-			announce = append(prev, announce...)
-		}
-		h["Trailer"] = announce
-	} else if announced > 0 {
+	if announced > 0 {
 		keys := make([]string, 0, announced)
 		for k := range res.Trailer {
 			keys = append(keys, k)

@@ -82,9 +82,9 @@ func (e *exchange) Write(p []byte) (int, error) {
 // flushing (FlushInterval -1) call. Some flushes only cost a write system
 // call (and, on HTTP/2, a frame) of their own and are left to what follows:
 //
-//   - the headers of a response with a declared length, which ReverseProxy
-//     flushes from a timer before the body: they leave with the first body
-//     bytes, which are flushed as soon as they are written;
+//   - the headers of a response with a declared length, which relay (and
+//     ReverseProxy, from a timer) flushes before the body: they leave with
+//     the first body bytes, which are flushed as soon as they are written;
 //   - a response whose declared length has been written in full: the
 //     handler's end flushes it, on HTTP/2 with END_STREAM in the same frame;
 //   - the headers of a gRPC Trailers-Only response (grpc-status in the
