@@ -36,6 +36,7 @@ type Server struct {
 	cancelBase context.CancelCauseFunc
 
 	health *health
+	front  atomic.Pointer[h1Front] // the public port's HTTP/1.1 connections; set by Run
 }
 
 // New checks what the configuration names on disk (certificates, CA file)
@@ -215,9 +216,16 @@ func (s *Server) h2Listener(ln net.Listener) net.Listener {
 	return h2Listener{Listener: ln, maxFrame: maxFrameSize, maxString: 2*s.maxHeaderBytes() + 8<<10}
 }
 
-// serving tracks the http.Servers that Run must drain.
+// drainer is a server that Run drains: an http.Server, or the HTTP/1.1
+// front.
+type drainer interface {
+	Shutdown(context.Context) error
+	Close() error
+}
+
+// serving tracks the servers that Run must drain.
 type serving struct {
-	servers []*http.Server
+	servers []drainer
 	errc    chan error
 	wg      sync.WaitGroup
 }
@@ -272,7 +280,18 @@ func (s *Server) Run(ctx context.Context) error {
 		public = hsts(public, s.cfg.HSTS)
 	}
 	sv.serve(s.newHTTPServer(public, func(p *http.Protocols) { p.SetUnencryptedHTTP2(true) }), s.h2Listener(h2ln))
-	sv.serve(s.newHTTPServer(public, func(p *http.Protocols) { p.SetHTTP1(true) }), h1ln)
+	// HTTP/1.1: the front serves the direct path's requests and hands a
+	// connection to net/http's server at its first other one.
+	h1srv := s.newHTTPServer(public, func(p *http.Protocols) { p.SetHTTP1(true) })
+	front := newH1Front(public, s.baseCtx, s.log, h1srv.ReadHeaderTimeout, h1srv.IdleTimeout, h1ln.Addr())
+	s.front.Store(front)
+	sv.serve(h1srv, front.slow)
+	sv.servers = append(sv.servers, front)
+	sv.wg.Go(func() {
+		if err := front.Serve(h1ln); !isClosed(err) {
+			sv.errc <- fmt.Errorf("serving %s: %w", h1ln.Addr(), err)
+		}
+	})
 	sv.wg.Go(func() {
 		if err := mux.Serve(); !isClosed(err) {
 			sv.errc <- fmt.Errorf("accepting on %s: %w", s.mainLn.Addr(), err)
@@ -340,7 +359,7 @@ func (s *Server) Run(ctx context.Context) error {
 	return runErr
 }
 
-func (s *Server) shutdown(mux cmux.CMux, servers []*http.Server) {
+func (s *Server) shutdown(mux cmux.CMux, servers []drainer) {
 	s.draining.Store(true)
 	// Stop accepting on every port at once; http.Server.Shutdown closes
 	// its listener too, but cmux's children share one root listener.

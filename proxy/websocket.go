@@ -547,6 +547,11 @@ func rawConn(c net.Conn) syscall.RawConn {
 			c = x.NetConn()
 		case *cmux.MuxConn:
 			c = x.Conn
+		case *replayConn:
+			if len(x.buf) > 0 {
+				return nil // bytes to read above the socket
+			}
+			c = x.Conn
 		case syscall.Conn:
 			return rawConnOf(x)
 		default:

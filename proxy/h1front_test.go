@@ -1,0 +1,421 @@
+package proxy
+
+import (
+	"bufio"
+	"crypto/tls"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// frontUpstream answers by path, for the HTTP/1.1 front's tests.
+func frontUpstream(t *testing.T, rec *recorder) *testUpstream {
+	rec.Respond = func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/chunked":
+			// No length: Cells streams it chunked.
+			io.WriteString(w, "first,")
+			w.(http.Flusher).Flush()
+			io.WriteString(w, "second")
+		case "/trailer":
+			w.Header().Set("Trailer", "X-Checksum")
+			io.WriteString(w, "body")
+			w.Header().Set("X-Checksum", "abc")
+		case "/empty":
+			w.WriteHeader(http.StatusNoContent)
+		case "/count":
+			w.Header().Set("Content-Type", "text/plain")
+			io.WriteString(w, strconv.Itoa(len(rec.last(t).Body)))
+		default:
+			w.Header().Set("Content-Length", "2")
+			io.WriteString(w, "ok")
+		}
+	}
+	return newUpstream(t, upTLS, rec)
+}
+
+func frontOf(t *testing.T, tp *testProxy) *h1Front {
+	t.Helper()
+	for range 100 {
+		if f := tp.front.Load(); f != nil {
+			return f
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatal("the proxy has no HTTP/1.1 front")
+	return nil
+}
+
+// readResponse reads one response and its body from br.
+func readResponse(t *testing.T, br *bufio.Reader, method string) (*http.Response, string) {
+	t.Helper()
+	res, err := http.ReadResponse(br, &http.Request{Method: method})
+	if err != nil {
+		t.Fatalf("reading the response to %s: %v", method, err)
+	}
+	body, err := io.ReadAll(res.Body)
+	if err != nil {
+		t.Fatalf("reading the body of the response to %s: %v", method, err)
+	}
+	res.Body.Close()
+	return res, string(body)
+}
+
+// TestFrontOneConnection sends, on one kept-alive HTTP/1.1 connection, the
+// requests the front serves (pipelined too), then an upload it hands to
+// net/http's server, then more requests: every answer is whole and in
+// order, the framing is right for each kind of response, and Cells sees
+// each request once with the proxy's forwarding fields.
+func TestFrontOneConnection(t *testing.T) {
+	rec := &recorder{}
+	up := frontUpstream(t, rec)
+	tp := startProxy(t, testConfig(up))
+	front := frontOf(t, tp)
+
+	conn := tp.dialRaw(t, tp.Addr().String(), "http/1.1")
+	br := bufio.NewReader(conn)
+	send := func(s string) {
+		t.Helper()
+		if _, err := io.WriteString(conn, s); err != nil {
+			t.Fatal(err)
+		}
+	}
+	get := func(path string) string {
+		return "GET " + path + " HTTP/1.1\r\nHost: cells.example\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n"
+	}
+
+	send(get("/small"))
+	res, body := readResponse(t, br, "GET")
+	if res.StatusCode != 200 || body != "ok" || res.ContentLength != 2 || res.Close {
+		t.Fatalf("GET /small: %d %q length %d close %v", res.StatusCode, body, res.ContentLength, res.Close)
+	}
+	if res.Header.Get("Date") == "" {
+		t.Error("no Date field")
+	}
+	if got := rec.last(t); got.Host != "cells.example" || got.Header.Get("X-Forwarded-For") != "127.0.0.1" {
+		t.Errorf("Cells saw Host %q, X-Forwarded-For %q", got.Host, got.Header.Get("X-Forwarded-For"))
+	}
+
+	// Pipelined: both requests in one write, answered in order.
+	send(get("/small") + "HEAD /small HTTP/1.1\r\nHost: cells.example\r\n\r\n")
+	if res, body := readResponse(t, br, "GET"); res.StatusCode != 200 || body != "ok" {
+		t.Fatalf("pipelined GET: %d %q", res.StatusCode, body)
+	}
+	if res, body := readResponse(t, br, "HEAD"); res.StatusCode != 200 || body != "" || res.ContentLength != 2 {
+		t.Fatalf("pipelined HEAD: %d %q length %d", res.StatusCode, body, res.ContentLength)
+	}
+
+	send(get("/chunked"))
+	res, body = readResponse(t, br, "GET")
+	if body != "first,second" || len(res.TransferEncoding) != 1 || res.TransferEncoding[0] != "chunked" {
+		t.Fatalf("GET /chunked: %q, transfer encoding %v", body, res.TransferEncoding)
+	}
+
+	send(get("/trailer"))
+	res, body = readResponse(t, br, "GET")
+	if body != "body" || res.Trailer.Get("X-Checksum") != "abc" {
+		t.Fatalf("GET /trailer: %q, trailer %v", body, res.Trailer)
+	}
+
+	send(get("/empty"))
+	res, body = readResponse(t, br, "GET")
+	if res.StatusCode != http.StatusNoContent || body != "" || res.TransferEncoding != nil {
+		t.Fatalf("GET /empty: %d %q %v", res.StatusCode, body, res.TransferEncoding)
+	}
+
+	small := strings.Repeat("s", 1000)
+	send("POST /count HTTP/1.1\r\nHost: cells.example\r\nContent-Length: 1000\r\n\r\n" + small)
+	if res, body := readResponse(t, br, "POST"); res.StatusCode != 200 || body != "1000" {
+		t.Fatalf("small POST: %d %q", res.StatusCode, body)
+	}
+	if n := front.handoffs.Load(); n != 0 {
+		t.Fatalf("%d connections handed to net/http before the upload, want 0", n)
+	}
+
+	// An upload too large for the direct path: net/http's server takes
+	// the connection from its head on.
+	big := strings.Repeat("b", 100<<10)
+	send("PUT /count HTTP/1.1\r\nHost: cells.example\r\nContent-Length: " + strconv.Itoa(len(big)) + "\r\n\r\n" + big)
+	if res, body := readResponse(t, br, "PUT"); res.StatusCode != 200 || body != strconv.Itoa(len(big)) {
+		t.Fatalf("upload: %d %q", res.StatusCode, body)
+	}
+	if n := front.handoffs.Load(); n != 1 {
+		t.Fatalf("%d connections handed to net/http, want 1", n)
+	}
+	send(get("/chunked"))
+	if _, body := readResponse(t, br, "GET"); body != "first,second" {
+		t.Fatalf("GET after the hand-over: %q", body)
+	}
+	if n := rec.count(); n != 9 {
+		t.Errorf("Cells saw %d requests, want 9", n)
+	}
+}
+
+// TestFrontHandsOver: requests the front does not serve reach net/http's
+// server with every byte the client sent, and get its answer (the first
+// response: 100 Continue to an Expect).
+func TestFrontHandsOver(t *testing.T) {
+	rec := &recorder{}
+	up := frontUpstream(t, rec)
+	tp := startProxy(t, testConfig(up))
+	front := frontOf(t, tp)
+
+	bigHead := "GET /small HTTP/1.1\r\nHost: cells.example\r\nX-Big: " + strings.Repeat("x", h1HeadMax) + "\r\n\r\n"
+	for _, tc := range []struct {
+		name, req string
+		status    int
+	}{
+		{"HTTP/1.0", "GET /small HTTP/1.0\r\nHost: cells.example\r\n\r\n", 200},
+		{"no Host", "GET /small HTTP/1.1\r\n\r\n", 400},
+		{"two Hosts", "GET /small HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400},
+		{"bad field name", "GET /small HTTP/1.1\r\nHost: cells.example\r\nBad Name: x\r\n\r\n", 400},
+		{"bare LF", "GET /small HTTP/1.1\nHost: cells.example\n\n", 200},
+		{"empty line first", "\r\nGET /small HTTP/1.1\r\nHost: cells.example\r\n\r\n", 400},
+		{"head above the front's buffer", bigHead, 200},
+		{"absolute form", "GET https://cells.example/small HTTP/1.1\r\nHost: cells.example\r\n\r\n", 200},
+		{"Expect", "POST /count HTTP/1.1\r\nHost: cells.example\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\nabc", 100},
+		{"chunked body", "POST /count HTTP/1.1\r\nHost: cells.example\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", 200},
+		{"malformed request line", "GET /small\r\nHost: cells.example\r\n\r\n", 400},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			before := front.handoffs.Load()
+			conn := tp.dialRaw(t, tp.Addr().String(), "http/1.1")
+			res := rawResponse(t, conn, tc.req)
+			body, _ := io.ReadAll(res.Body)
+			res.Body.Close()
+			if res.StatusCode != tc.status {
+				t.Errorf("status %d (%q), want %d", res.StatusCode, body, tc.status)
+			}
+			if got := front.handoffs.Load() - before; got != 1 {
+				t.Errorf("%d connections handed over, want 1", got)
+			}
+		})
+	}
+}
+
+// TestFrontSlowHead: a head that arrives a few bytes at a time, and a
+// request split between two writes, are read whole.
+func TestFrontSlowHead(t *testing.T) {
+	rec := &recorder{}
+	up := frontUpstream(t, rec)
+	tp := startProxy(t, testConfig(up))
+	front := frontOf(t, tp)
+
+	conn := tp.dialRaw(t, tp.Addr().String(), "http/1.1")
+	br := bufio.NewReader(conn)
+	req := "GET /small HTTP/1.1\r\nHost: cells.example\r\nUser-Agent: slow\r\n\r\n"
+	for i := 0; i < len(req); i += 7 {
+		io.WriteString(conn, req[i:min(i+7, len(req))])
+		time.Sleep(2 * time.Millisecond)
+	}
+	if res, body := readResponse(t, br, "GET"); res.StatusCode != 200 || body != "ok" {
+		t.Fatalf("slow head: %d %q", res.StatusCode, body)
+	}
+	// A body that follows its head later.
+	io.WriteString(conn, "POST /count HTTP/1.1\r\nHost: cells.example\r\nContent-Length: 5\r\n\r\n")
+	time.Sleep(20 * time.Millisecond)
+	io.WriteString(conn, "hello")
+	if res, body := readResponse(t, br, "POST"); res.StatusCode != 200 || body != "5" {
+		t.Fatalf("late body: %d %q", res.StatusCode, body)
+	}
+	if n := front.handoffs.Load(); n != 0 {
+		t.Errorf("%d connections handed over, want 0", n)
+	}
+}
+
+// TestFrontReadHeaderTimeout: a head that stops half-way is dropped after
+// PROXY_READ_HEADER_TIMEOUT, on the first request and on a later one.
+func TestFrontReadHeaderTimeout(t *testing.T) {
+	up := frontUpstream(t, &recorder{})
+	cfg := testConfig(up)
+	cfg.ReadHeaderTimeout = 300 * time.Millisecond
+	tp := startProxy(t, cfg)
+
+	for _, first := range []bool{true, false} {
+		conn := tp.dialRaw(t, tp.Addr().String(), "http/1.1")
+		br := bufio.NewReader(conn)
+		if !first {
+			io.WriteString(conn, "GET /small HTTP/1.1\r\nHost: cells.example\r\n\r\n")
+			if res, _ := readResponse(t, br, "GET"); res.StatusCode != 200 {
+				t.Fatalf("status %d", res.StatusCode)
+			}
+		}
+		io.WriteString(conn, "GET /small HTTP/1.1\r\nHost: cel")
+		start := time.Now()
+		if _, err := br.ReadByte(); err == nil {
+			t.Fatalf("first=%v: an answer to half a head", first)
+		}
+		if d := time.Since(start); d > 5*time.Second {
+			t.Fatalf("first=%v: dropped after %v, want about 300ms", first, d)
+		}
+	}
+}
+
+// TestFrontConnectionClose: a client's Connection: close is answered with
+// Connection: close, and the connection ends after the response.
+func TestFrontConnectionClose(t *testing.T) {
+	up := frontUpstream(t, &recorder{})
+	tp := startProxy(t, testConfig(up))
+	conn := tp.dialRaw(t, tp.Addr().String(), "http/1.1")
+	br := bufio.NewReader(conn)
+	io.WriteString(conn, "GET /small HTTP/1.1\r\nHost: cells.example\r\nConnection: close\r\n\r\n")
+	res, body := readResponse(t, br, "GET")
+	if res.StatusCode != 200 || body != "ok" || !res.Close {
+		t.Fatalf("%d %q close %v", res.StatusCode, body, res.Close)
+	}
+	if _, err := br.ReadByte(); err != io.EOF {
+		t.Fatalf("after the response: %v, want EOF", err)
+	}
+}
+
+// TestFrontShutdown: at shutdown a kept-alive connection between requests
+// is closed, and a request in flight is answered in full, with
+// Connection: close.
+func TestFrontShutdown(t *testing.T) {
+	release := make(chan struct{})
+	entered := make(chan struct{}, 1)
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/slow" {
+			entered <- struct{}{}
+			<-release
+		}
+		io.WriteString(w, "done")
+	}))
+	tp := startProxy(t, testConfig(up))
+
+	idle := tp.dialRaw(t, tp.Addr().String(), "http/1.1")
+	idleR := bufio.NewReader(idle)
+	io.WriteString(idle, "GET /small HTTP/1.1\r\nHost: cells.example\r\n\r\n")
+	if res, _ := readResponse(t, idleR, "GET"); res.StatusCode != 200 {
+		t.Fatalf("status %d", res.StatusCode)
+	}
+
+	busy := tp.dialRaw(t, tp.Addr().String(), "http/1.1")
+	busyR := bufio.NewReader(busy)
+	io.WriteString(busy, "GET /slow HTTP/1.1\r\nHost: cells.example\r\n\r\n")
+	<-entered
+
+	stopped := make(chan error, 1)
+	go func() { stopped <- tp.Shutdown() }()
+	if _, err := idleR.ReadByte(); err == nil {
+		t.Error("the idle connection got bytes at shutdown, want it closed")
+	}
+	close(release)
+	res, body := readResponse(t, busyR, "GET")
+	if res.StatusCode != 200 || body != "done" || !res.Close {
+		t.Errorf("in-flight request: %d %q close %v", res.StatusCode, body, res.Close)
+	}
+	if err := <-stopped; err != nil {
+		t.Errorf("Run: %v", err)
+	}
+}
+
+// TestFrontConcurrent: many kept-alive connections at once, each with a
+// run of small requests, some pipelined, some with bodies; run under -race
+// it also checks the front's client watch against its request reader.
+func TestFrontConcurrent(t *testing.T) {
+	rec := &recorder{Respond: func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Query().Get("wait") != "" {
+			time.Sleep(2 * clientWatchDelay) // the client watch starts
+		}
+		io.WriteString(w, r.URL.RawQuery)
+	}}
+	up := newUpstream(t, upTLS, rec)
+	tp := startProxy(t, testConfig(up))
+	front := frontOf(t, tp)
+
+	var wg sync.WaitGroup
+	for c := range 8 {
+		wg.Go(func() {
+			conn, err := tls.Dial("tcp", tp.Addr().String(), tp.TLSConfig("http/1.1"))
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			defer conn.Close()
+			conn.SetDeadline(time.Now().Add(20 * time.Second))
+			br := bufio.NewReader(conn)
+			for i := range 20 {
+				q := fmt.Sprintf("c=%d&i=%d", c, i)
+				if i%5 == 0 {
+					q += "&wait=1"
+				}
+				req := "GET /?" + q + " HTTP/1.1\r\nHost: cells.example\r\n\r\n"
+				if i%3 == 0 {
+					req = "POST /?" + q + " HTTP/1.1\r\nHost: cells.example\r\nContent-Length: 3\r\n\r\nabc"
+				}
+				if _, err := io.WriteString(conn, req); err != nil {
+					t.Error(err)
+					return
+				}
+				res, err := http.ReadResponse(br, nil)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				body, err := io.ReadAll(res.Body)
+				if err != nil || string(body) != q {
+					t.Errorf("answer %q (%v), want %q", body, err, q)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if n := front.handoffs.Load(); n != 0 {
+		t.Errorf("%d connections handed over, want 0", n)
+	}
+}
+
+var _ net.Conn = (*replayConn)(nil)
+
+// FuzzH1Head: headEnd finds the end of a head exactly (an empty line after
+// CRLF lines only) and never past the bytes it was given; and
+// http.ReadRequest, given a head the front serves, reads nothing past it,
+// which the hand-over relies on (it replays what the reader holds).
+func FuzzH1Head(f *testing.F) {
+	f.Add([]byte("GET / HTTP/1.1\r\nHost: a\r\n\r\n"))
+	f.Add([]byte("GET /x?y HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabcGET / HTTP/1.1\r\n"))
+	f.Add([]byte("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"))
+	f.Add([]byte("GET / HTTP/1.1\nHost: a\n\n"))
+	f.Add([]byte("GET / HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n"))
+	f.Fuzz(func(t *testing.T, buf []byte) {
+		if len(buf) > h1HeadMax {
+			buf = buf[:h1HeadMax]
+		}
+		n, done := headEnd(buf)
+		if !done {
+			if n != 0 {
+				t.Fatalf("headEnd = %d, false", n)
+			}
+			return
+		}
+		if n == 0 {
+			return // net/http reads it
+		}
+		head := buf[:n]
+		if n < 4 || string(head[n-4:]) != "\r\n\r\n" || strings.Contains(string(head[:n-2]), "\r\n\r\n") {
+			t.Fatalf("headEnd = %d for %q", n, buf)
+		}
+		for i, c := range head {
+			if c == '\n' && (i == 0 || head[i-1] != '\r') {
+				t.Fatalf("bare LF in %q", head)
+			}
+		}
+		br := bufio.NewReaderSize(strings.NewReader(string(buf)), h1HeadMax)
+		br.Peek(len(buf))
+		r, err := http.ReadRequest(br)
+		if err != nil || !frontable(r) {
+			return
+		}
+		if got := br.Buffered(); got != len(buf)-n {
+			t.Fatalf("ReadRequest left %d bytes of %d after a head of %d: %q", got, len(buf), n, buf)
+		}
+	})
+}
