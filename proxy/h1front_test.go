@@ -419,3 +419,122 @@ func FuzzH1Head(f *testing.F) {
 		}
 	})
 }
+
+// TestFrontMatchesServer sends each request twice on new connections: as
+// is, which the HTTP/1.1 front serves, and padded above the front's 4 KiB
+// head buffer, which sends the connection to net/http's server (what served
+// every HTTP/1.1 request before the front). The client must get the same
+// answer (status, fields but Date, framing, body, trailers) and Cells the
+// same request (the padding field aside).
+func TestFrontMatchesServer(t *testing.T) {
+	rec := &recorder{Respond: func(w http.ResponseWriter, r *http.Request) {
+		h := w.Header()
+		switch r.URL.Path {
+		case "/stream":
+			h.Set("Content-Type", "text/event-stream")
+			io.WriteString(w, "data: 1\n\n")
+			w.(http.Flusher).Flush()
+			io.WriteString(w, "data: 2\n\n")
+		case "/empty":
+			w.WriteHeader(http.StatusNoContent)
+		case "/cached":
+			h.Set("Etag", `"v1"`)
+			w.WriteHeader(http.StatusNotModified)
+		case "/hints":
+			h.Add("Link", "</app.css>; rel=preload")
+			w.WriteHeader(http.StatusEarlyHints)
+			h.Set("Content-Type", "text/html")
+			io.WriteString(w, "page")
+		case "/trailer":
+			h.Set("Trailer", "X-Checksum")
+			h.Set("Content-Type", "application/octet-stream")
+			io.WriteString(w, "body")
+			h.Set("X-Checksum", "abc")
+		case "/missing":
+			h.Set("Content-Type", "application/json")
+			w.WriteHeader(http.StatusNotFound)
+			io.WriteString(w, `{"error":"none"}`)
+		default:
+			h.Set("Content-Type", "text/plain; charset=utf-8")
+			h.Set("Cache-Control", "no-cache")
+			h.Add("Set-Cookie", "a=1")
+			h.Add("Set-Cookie", "b=2")
+			io.WriteString(w, r.Method+" "+r.URL.RequestURI())
+		}
+	}}
+	up := newUpstream(t, upTLS, rec)
+	tp := startProxy(t, testConfig(up))
+	front := frontOf(t, tp)
+
+	const host = "Host: cells.example\r\n"
+	pad := "X-Pad: " + strings.Repeat("p", h1HeadMax) + "\r\n"
+	for _, c := range []struct{ name, req string }{
+		{"GET with a query", "GET /a/frontend/bundle.js?v=4.4.3&x=%zz HTTP/1.1\r\n" + host + "Accept: */*\r\nCookie: a=1\r\nCookie: b=2\r\n\r\n"},
+		{"HEAD", "HEAD /io/obj HTTP/1.1\r\n" + host + "\r\n"},
+		{"REST POST", "POST /a/tree/stats HTTP/1.1\r\n" + host + "Content-Type: application/json\r\nContent-Length: 17\r\n\r\n{\"NodePaths\":[1]}"},
+		{"PUT without a body", "PUT /a/x HTTP/1.1\r\n" + host + "Content-Length: 0\r\n\r\n"},
+		{"DELETE", "DELETE /a/workspace/x HTTP/1.1\r\n" + host + "\r\n"},
+		{"PROPFIND", "PROPFIND /dav/personal/ HTTP/1.1\r\n" + host + "Depth: 1\r\nUser-Agent:  davfs2/1.6  \r\n\r\n"},
+		{"OPTIONS", "OPTIONS /a/config HTTP/1.1\r\n" + host + "Origin: https://sync.local\r\nAccess-Control-Request-Method: POST\r\n\r\n"},
+		{"Connection: close", "GET /x HTTP/1.1\r\n" + host + "Connection: close\r\n\r\n"},
+		// fuzzHopHeaders but Upgrade and Trailer, which net/http's server serves.
+		{"hop-by-hop and spoofed", "GET /x HTTP/1.1\r\n" + host + "Connection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\n" +
+			"Proxy-Connection: keep-alive\r\nTe: gzip\r\nProxy-Authorization: Basic eA==\r\n" + fuzzSpoofHeaders + "Connection: User-Agent\r\nUser-Agent: gone\r\n\r\n"},
+		{"stream", "GET /stream HTTP/1.1\r\n" + host + "\r\n"},
+		{"204", "GET /empty HTTP/1.1\r\n" + host + "\r\n"},
+		{"304", "GET /cached HTTP/1.1\r\n" + host + "If-None-Match: \"v1\"\r\n\r\n"},
+		{"103 then 200", "GET /hints HTTP/1.1\r\n" + host + "\r\n"},
+		{"trailers", "GET /trailer HTTP/1.1\r\n" + host + "Te: trailers\r\n\r\n"},
+		{"404 from Cells", "GET /missing HTTP/1.1\r\n" + host + "\r\n"},
+		{"unknown host", "GET /x HTTP/1.1\r\nHost: other.example\r\n\r\n"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			var answers [2]string
+			var seens [2]string
+			for i, padded := range []bool{false, true} {
+				req := c.req
+				if padded {
+					line, rest, _ := strings.Cut(req, "\r\n")
+					req = line + "\r\n" + pad + rest
+				}
+				before, n := front.handoffs.Load(), rec.count()
+				conn := tp.dialRaw(t, tp.Addr().String(), "http/1.1")
+				io.WriteString(conn, req)
+				method, _, _ := strings.Cut(req, " ")
+				br := bufio.NewReader(conn)
+				var b strings.Builder
+				for {
+					res, err := http.ReadResponse(br, &http.Request{Method: method})
+					if err != nil {
+						t.Fatalf("padded %v: %v", padded, err)
+					}
+					body, err := io.ReadAll(res.Body)
+					if err != nil {
+						t.Fatalf("padded %v: body: %v", padded, err)
+					}
+					res.Header.Del("Date")
+					fmt.Fprintf(&b, "%d %v te=%v length=%d close=%v body=%q trailer=%v\n",
+						res.StatusCode, res.Header, res.TransferEncoding, res.ContentLength, res.Close, body, res.Trailer)
+					if res.StatusCode >= 200 {
+						break
+					}
+				}
+				answers[i] = b.String()
+				if got := front.handoffs.Load() - before; got != int64(i) {
+					t.Fatalf("padded %v: %d hand-overs, want %d", padded, got, i)
+				}
+				if rec.count() > n {
+					s := rec.last(t)
+					s.Header.Del("X-Pad")
+					seens[i] = fmt.Sprintf("%s %s %s %s %v %q", s.Method, s.Host, s.RequestURI, s.Proto, s.Header, s.Body)
+				}
+			}
+			if answers[0] != answers[1] {
+				t.Errorf("the client got from the front\n%s\nand from net/http's server\n%s", answers[0], answers[1])
+			}
+			if seens[0] != seens[1] {
+				t.Errorf("Cells got through the front\n%s\nand through net/http's server\n%s", seens[0], seens[1])
+			}
+		})
+	}
+}
