@@ -3,6 +3,7 @@ package proxy
 import (
 	"bufio"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -15,7 +16,7 @@ import (
 )
 
 // frontUpstream answers by path, for the HTTP/1.1 front's tests.
-func frontUpstream(t *testing.T, rec *recorder) *testUpstream {
+func frontUpstream(t testing.TB, rec *recorder) *testUpstream {
 	rec.Respond = func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case "/chunked":
@@ -537,4 +538,50 @@ func TestFrontMatchesServer(t *testing.T) {
 			}
 		})
 	}
+}
+
+// FuzzFrontConn sends arbitrary bytes to the public port (cleartext, as
+// behind a load balancer with PROXY_TLS=off), then ends its side of the
+// connection: whatever the bytes, the proxy must neither panic nor hang
+// (the front answers, hands the connection over, or closes it). A front
+// that stopped accepting would fail the next input the same way.
+func FuzzFrontConn(f *testing.F) {
+	for _, seed := range []string{
+		"GET /small HTTP/1.1\r\nHost: cells.example\r\n\r\n",
+		"GET /small HTTP/1.1\r\nHost: a\r\n\r\nHEAD /small HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.0\r\n\r\n",
+		"POST /count HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhelloGET /x HTTP/1.1\r\nHost: a\r\n\r\n",
+		"POST /count HTTP/1.1\r\nHost: a\r\nContent-Length: 50\r\n\r\nshort",
+		"POST /count HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+		"GET / HTTP/1.1\nHost: a\n\n",
+		"GET / HTTP/1.1\r\nHost: a\r\nX: " + strings.Repeat("y", 5000) + "\r\n\r\n",
+		"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+		"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+		"GET /small HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n",
+		"\x16\x03\x01\x00\x05hello",
+	} {
+		f.Add([]byte(seed))
+	}
+	rec := &recorder{}
+	up := frontUpstream(f, rec)
+	cfg := testConfig(up)
+	cfg.TLS = false
+	cfg.ReadHeaderTimeout = 2 * time.Second
+	tp := startProxy(f, cfg)
+	addr := tp.Addr().String()
+	f.Fuzz(func(t *testing.T, data []byte) {
+		conn, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		conn.SetDeadline(time.Now().Add(10 * time.Second))
+		conn.Write(data)
+		conn.(*net.TCPConn).CloseWrite()
+		if _, err := io.Copy(io.Discard, conn); err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				t.Fatalf("the proxy neither answered nor closed within 10 s after %q", data)
+			}
+		}
+	})
 }
