@@ -378,8 +378,9 @@ var _ net.Conn = (*replayConn)(nil)
 
 // FuzzH1Head: headEnd finds the end of a head exactly (an empty line after
 // CRLF lines only) and never past the bytes it was given; and
-// http.ReadRequest, given a head the front serves, reads nothing past it,
-// which the hand-over relies on (it replays what the reader holds).
+// http.ReadRequest, given a whole head, reads nothing past what the reader
+// holds, whether it parses the head or not: the hand-over replays what the
+// reader held before the parse.
 func FuzzH1Head(f *testing.F) {
 	f.Add([]byte("GET / HTTP/1.1\r\nHost: a\r\n\r\n"))
 	f.Add([]byte("GET /x?y HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabcGET / HTTP/1.1\r\n"))
@@ -409,7 +410,10 @@ func FuzzH1Head(f *testing.F) {
 				t.Fatalf("bare LF in %q", head)
 			}
 		}
-		br := bufio.NewReaderSize(strings.NewReader(string(buf)), h1HeadMax)
+		// The bytes come in one read; a second read, which would move
+		// what the reader holds, fails the test.
+		src := &oneRead{data: buf, t: t}
+		br := bufio.NewReaderSize(src, h1HeadMax)
 		br.Peek(len(buf))
 		r, err := http.ReadRequest(br)
 		if err != nil || !frontable(r) {
@@ -584,4 +588,19 @@ func FuzzFrontConn(f *testing.F) {
 			}
 		}
 	})
+}
+
+// oneRead gives its data in one read and fails the test on any later one.
+type oneRead struct {
+	data []byte
+	done bool
+	t    *testing.T
+}
+
+func (r *oneRead) Read(p []byte) (int, error) {
+	if r.done {
+		r.t.Fatalf("a second read from the connection after a whole head: %q", r.data)
+	}
+	r.done = true
+	return copy(p, r.data), nil
 }
