@@ -496,7 +496,7 @@ func TestFrontMatchesServer(t *testing.T) {
 		{"103 then 200", "GET /hints HTTP/1.1\r\n" + host + "\r\n"},
 		{"trailers", "GET /trailer HTTP/1.1\r\n" + host + "Te: trailers\r\n\r\n"},
 		{"404 from Cells", "GET /missing HTTP/1.1\r\n" + host + "\r\n"},
-		{"unknown host", "GET /x HTTP/1.1\r\nHost: other.example\r\n\r\n"},
+		{"another Host", "GET /x HTTP/1.1\r\nHost: other.example\r\n\r\n"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			var answers [2]string
