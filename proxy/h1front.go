@@ -78,27 +78,18 @@ func newH1Front(h http.Handler, base context.Context, log *slog.Logger, readHead
 	}
 }
 
-// Serve accepts connections on ln until it is closed, as http.Server.Serve
-// does.
+// Serve accepts connections on ln until it is closed. ln is cmux's, whose
+// Accept fails only once it is closed (cmux itself deals with the root
+// listener's errors).
 func (f *h1Front) Serve(ln net.Listener) error {
-	var delay time.Duration
 	for {
 		nc, err := ln.Accept()
 		if err != nil {
 			if f.draining.Load() {
 				return http.ErrServerClosed
 			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				// As net/http: back off on a passing failure (out of
-				// file descriptors).
-				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
-				time.Sleep(delay)
-				continue
-			}
 			return err
 		}
-		delay = 0
 		c := &h1Conn{front: f, nc: nc}
 		if !f.track(c) {
 			nc.Close()
