@@ -371,5 +371,5 @@ func (l h2Listener) Accept() (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	return newH2Conn(c, l.maxFrame, l.maxString), nil
+	return newWriteBehind(newH2Conn(c, l.maxFrame, l.maxString)), nil
 }

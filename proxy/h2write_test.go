@@ -1,0 +1,175 @@
+package proxy
+
+import (
+	"crypto/tls"
+	"errors"
+	"io"
+	"net/http"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+)
+
+// TestH2ClientNotReading: an HTTP/2 client grants the whole window for a
+// large download, then reads nothing. writeBehind must hold the proxy back
+// as the socket did, so Cells' answer stops coming at some tens of MiB
+// (the sockets' buffers on the way, and writeBehindMax); then, whatever the
+// client does next:
+//   - reads: every byte arrives, in order;
+//   - goes away: the proxy stops the download at Cells;
+//   - still reads nothing while the proxy shuts down: the writer gives up
+//     after writeBehindLinger and the connection closes.
+func TestH2ClientNotReading(t *testing.T) {
+	size := int64(256 << 20)
+	if raceEnabled || testing.Short() {
+		size = 128 << 20
+	}
+	// Far below size: loopback's socket buffers go to a few MiB per
+	// direction; the proxy's own buffers add under a MiB.
+	const maxAhead = 48 << 20
+
+	var sent, ended atomic.Int64
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		defer ended.Add(1)
+		w.Header().Set("Content-Length", strconv.FormatInt(size, 10))
+		buf := make([]byte, 32<<10)
+		p := &pattern{n: size}
+		for {
+			n, _ := p.Read(buf)
+			if n == 0 {
+				return
+			}
+			if _, err := w.Write(buf[:n]); err != nil {
+				return
+			}
+			sent.Add(int64(n))
+		}
+	}))
+	settle(t, up)
+	cfg := testConfig(up)
+	cfg.ShutdownTimeout = time.Second
+	tp := startProxy(t, cfg)
+
+	// stall opens a connection, asks for the download with every window
+	// at its largest, and returns once Cells has sent nothing more for
+	// 300 ms, with what Cells had sent on this connection by then.
+	stall := func(t *testing.T) (*tls.Conn, *http2.Framer, int64) {
+		t.Helper()
+		before, endedBefore := sent.Load(), ended.Load()
+		conn := tp.dialTLSH2(t, tp.Addr().String())
+		fr := http2.NewFramer(conn, conn)
+		fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+		io.WriteString(conn, http2.ClientPreface)
+		fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 1<<31 - 1})
+		fr.WriteWindowUpdate(0, 1<<31-1-65535)
+		block := hpackBlock(":method", "GET", ":scheme", "https", ":path", "/big", ":authority", tp.Addr().String())
+		if err := fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: block, EndStream: true, EndHeaders: true}); err != nil {
+			t.Fatal(err)
+		}
+		last, still := int64(-1), 0
+		for deadline := time.Now().Add(30 * time.Second); still < 6; time.Sleep(50 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("Cells still sending after 30 s (%d bytes)", sent.Load()-before)
+			}
+			if ended.Load() != endedBefore {
+				t.Fatalf("Cells' handler ended after %d bytes with the client reading nothing", sent.Load()-before)
+			}
+			if n := sent.Load(); n != last {
+				last, still = n, 0
+			} else {
+				still++
+			}
+		}
+		ahead := last - before
+		if ahead >= maxAhead {
+			t.Fatalf("Cells sent %d MiB to a client that reads nothing, want under %d MiB", ahead>>20, maxAhead>>20)
+		}
+		t.Logf("Cells sent %.1f MiB before the proxy held it back", float64(ahead)/(1<<20))
+		return conn, fr, ahead
+	}
+
+	t.Run("reads", func(t *testing.T) {
+		conn, fr, _ := stall(t)
+		defer conn.Close()
+		conn.SetDeadline(time.Now().Add(60 * time.Second))
+		h := newCRC()
+		var n int64
+		status := ""
+		for done := false; !done; {
+			f, err := fr.ReadFrame()
+			if err != nil {
+				t.Fatalf("after %d bytes: %v", n, err)
+			}
+			switch f := f.(type) {
+			case *http2.MetaHeadersFrame:
+				if f.StreamID == 1 {
+					status = f.PseudoValue("status")
+				}
+			case *http2.DataFrame:
+				if f.StreamID == 1 {
+					h.Write(f.Data())
+					n += int64(len(f.Data()))
+					done = f.StreamEnded()
+				}
+			case *http2.RSTStreamFrame:
+				t.Fatalf("stream reset (%v) after %d bytes", f.ErrCode, n)
+			case *http2.GoAwayFrame:
+				t.Fatalf("GOAWAY (%v) after %d bytes", f.ErrCode, n)
+			}
+		}
+		if status != "200" {
+			t.Errorf("status %q, want 200", status)
+		}
+		if got, want := (checksum{n, h.Sum32(), nil}), hashCopy(&pattern{n: size}); got != want {
+			t.Errorf("client received %v, want %v", got, want)
+		}
+	})
+
+	t.Run("goes away", func(t *testing.T) {
+		conn, _, _ := stall(t)
+		endedBefore := ended.Load()
+		conn.Close()
+		for deadline := time.Now().Add(30 * time.Second); ended.Load() == endedBefore; time.Sleep(20 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatal("Cells' download still running 30 s after the client went away")
+			}
+		}
+	})
+
+	t.Run("shutdown", func(t *testing.T) {
+		conn, _, _ := stall(t)
+		defer conn.Close()
+		stopped := shutdownAsync(tp)
+		select {
+		case <-stopped:
+		case <-time.After(30 * time.Second):
+			t.Fatal("Run still running 30 s after the shutdown with a client that reads nothing")
+		}
+		// The writer gives up writeBehindLinger after the close; the
+		// client has still read nothing.
+		for deadline := time.Now().Add(writeBehindLinger + 20*time.Second); writers() > 0; time.Sleep(50 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("%d writeBehind writers left %v after the shutdown", writers(), writeBehindLinger+20*time.Second)
+			}
+		}
+		conn.SetReadDeadline(time.Now().Add(30 * time.Second))
+		_, err := io.Copy(io.Discard, conn)
+		var ne interface{ Timeout() bool }
+		if errors.As(err, &ne) && ne.Timeout() {
+			t.Errorf("connection still open after the shutdown: %v", err)
+		}
+	})
+}
+
+// writers counts writeBehind's writer goroutines.
+func writers() int {
+	buf := make([]byte, 1<<20)
+	buf = buf[:runtime.Stack(buf, true)]
+	return strings.Count(string(buf), "proxy.(*writeBehind).writer(")
+}
