@@ -21,6 +21,7 @@
 //	/healthz        200 "ok"
 //	/small          200 text/plain "hello from cells\n"
 //	/bytes/N        N bytes, with Content-Length
+//	/stream/N       N bytes of unknown length (chunked on HTTP/1.1), as Cells streams a zip it builds
 //	/upload...      PUT or POST: drains the body, answers {"bytes":N}
 //	/ws/...         websocket echo (text and binary)
 //	anything else   200 JSON echo of the request (see echoReply)
@@ -233,6 +234,8 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		io.WriteString(w, smallBody)
 	case strings.HasPrefix(p, "/bytes/"):
 		h.serveBytes(w, r)
+	case strings.HasPrefix(p, "/stream/"):
+		h.serveBytes(w, r)
 	case p == "/upload" || strings.HasPrefix(p, "/upload/"):
 		h.serveUpload(w, r)
 	case strings.HasPrefix(p, "/ws/"):
@@ -243,13 +246,16 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 }
 
 func (h *handler) serveBytes(w http.ResponseWriter, r *http.Request) {
-	n, err := strconv.ParseInt(strings.TrimPrefix(r.URL.Path, "/bytes/"), 10, 64)
+	route, arg, _ := strings.Cut(strings.TrimPrefix(r.URL.Path, "/"), "/")
+	n, err := strconv.ParseInt(arg, 10, 64)
 	if err != nil || n < 0 {
-		http.Error(w, "want /bytes/N with N a non-negative integer", http.StatusBadRequest)
+		http.Error(w, "want /"+route+"/N with N a non-negative integer", http.StatusBadRequest)
 		return
 	}
 	w.Header().Set("Content-Type", "application/octet-stream")
-	w.Header().Set("Content-Length", strconv.FormatInt(n, 10))
+	if route == "bytes" {
+		w.Header().Set("Content-Length", strconv.FormatInt(n, 10))
+	}
 	if r.Method == http.MethodHead {
 		return
 	}
