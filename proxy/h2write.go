@@ -20,7 +20,9 @@ import (
 // takes at most writeBehindMax bytes beyond the one write in progress, then
 // Write waits, as the system call did. What the server wrote before it
 // closed the connection (a GOAWAY, the last answers) is still written, for
-// at most writeBehindLinger, then the connection closes.
+// at most writeBehindLinger, then the connection closes. (The servers set no
+// HTTP2Config.WriteByteTimeout: it would time writeBehind's Write, which
+// waits only when 64 KiB are pending, not the writes to the socket.)
 type writeBehind struct {
 	net.Conn
 
