@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bufio"
+	"bytes"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -13,6 +14,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"golang.org/x/net/http2"
 )
 
 // frontUpstream answers by path, for the HTTP/1.1 front's tests.
@@ -570,6 +573,20 @@ func FuzzFrontConn(f *testing.F) {
 	} {
 		f.Add([]byte(seed))
 	}
+	// HTTP/2 with prior knowledge: a GET, a POST with its body and a
+	// PING, through h2conn and writeBehind to net/http's HTTP/2 server.
+	var h2 bytes.Buffer
+	h2.WriteString(http2.ClientPreface)
+	fr := http2.NewFramer(&h2, nil)
+	fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 1 << 20})
+	fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, EndStream: true, EndHeaders: true,
+		BlockFragment: hpackBlock(":method", "GET", ":scheme", "http", ":path", "/chunked", ":authority", "a")})
+	fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 3, EndHeaders: true,
+		BlockFragment: hpackBlock(":method", "POST", ":scheme", "http", ":path", "/count", ":authority", "a", "content-length", "5")})
+	fr.WriteData(3, true, []byte("hello"))
+	fr.WritePing(false, [8]byte{1})
+	f.Add(h2.Bytes())
+
 	rec := &recorder{}
 	up := frontUpstream(f, rec)
 	cfg := testConfig(up)
