@@ -4,6 +4,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"io"
+	"net"
 	"net/http"
 	"runtime"
 	"strconv"
@@ -172,4 +173,74 @@ func writers() int {
 	buf := make([]byte, 1<<20)
 	buf = buf[:runtime.Stack(buf, true)]
 	return strings.Count(string(buf), "proxy.(*writeBehind).writer(")
+}
+
+// TestWriteBehindClose closes a writeBehind, on a real loopback
+// connection, while its peer reads nothing and the socket's buffers are
+// full: Close returns at once, Write fails from then on, and every byte
+// Write took still reaches the peer, followed by the end of the
+// connection, once the peer reads within writeBehindLinger.
+func TestWriteBehindClose(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	peer, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer peer.Close()
+	sc, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := newWriteBehind(sc)
+
+	// Write until Write blocks: the socket's buffers and writeBehindMax
+	// are full.
+	var took atomic.Int64
+	writes := make(chan error, 1)
+	go func() {
+		p := &pattern{n: 1 << 30}
+		buf := make([]byte, 16<<10)
+		for {
+			n, _ := p.Read(buf)
+			if _, err := w.Write(buf[:n]); err != nil {
+				writes <- err
+				return
+			}
+			took.Add(int64(n))
+		}
+	}()
+	for last, still := int64(-1), 0; still < 6; time.Sleep(50 * time.Millisecond) {
+		if n := took.Load(); n != last {
+			last, still = n, 0
+		} else {
+			still++
+		}
+	}
+	if took.Load() >= 1<<30 {
+		t.Fatal("Write took 1 GiB from a peer that reads nothing")
+	}
+
+	closed := make(chan error, 1)
+	go func() { closed <- w.Close() }()
+	select {
+	case err := <-closed:
+		if err != nil {
+			t.Errorf("Close = %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close waited for the peer to read")
+	}
+	if err := <-writes; !errors.Is(err, net.ErrClosed) {
+		t.Errorf("Write after Close = %v, want net.ErrClosed", err)
+	}
+
+	peer.SetReadDeadline(time.Now().Add(writeBehindLinger - time.Second))
+	got := hashCopy(peer)
+	if want := hashCopy(&pattern{n: took.Load()}); got.N != want.N || got.Sum != want.Sum {
+		t.Errorf("peer received %v, want %v and the end of the connection", got, want)
+	}
 }
