@@ -17,12 +17,12 @@ import (
 // h2load -m32 that is 0.2 write(2) per response instead of 1.6.
 //
 // A client that does not read still holds the server back: writeBehind
-// takes at most writeBehindMax bytes beyond the one write in progress, then
-// Write waits, as the system call did. What the server wrote before it
+// takes at most writeBehindMax (32 KiB) beyond the one write in progress,
+// then Write waits, as the system call did. What the server wrote before it
 // closed the connection (a GOAWAY, the last answers) is still written, for
 // at most writeBehindLinger, then the connection closes. (The servers set no
 // HTTP2Config.WriteByteTimeout: it would time writeBehind's Write, which
-// waits only when 64 KiB are pending, not the writes to the socket.)
+// waits only when 32 KiB are pending, not the writes to the socket.)
 type writeBehind struct {
 	net.Conn
 
@@ -36,14 +36,14 @@ type writeBehind struct {
 
 const (
 	// writeBehindMax bounds the bytes taken and not yet written, beyond
-	// those of the write in progress. Its buffers come from a pool.
-	writeBehindMax = 64 << 10
+	// those of the write in progress: a connection whose client reads
+	// slowly holds two such buffers (copyBuffers' arrays). More would save
+	// no system call: crypto/tls makes one per 16 KiB record.
+	writeBehindMax = 32 << 10
 	// writeBehindLinger bounds the write of what is pending at Close, as
 	// crypto/tls bounds its close_notify.
 	writeBehindLinger = 5 * time.Second
 )
-
-var writeBehindBuffers = newPool(func() *[writeBehindMax]byte { return new([writeBehindMax]byte) })
 
 func newWriteBehind(c net.Conn) *writeBehind {
 	w := &writeBehind{Conn: c}
@@ -67,7 +67,7 @@ func (w *writeBehind) Write(p []byte) (int, error) {
 		// A larger p (net/http writes no DATA frame larger than the
 		// relay's 32 KiB copies) makes append allocate; put then
 		// leaves that array to the collector.
-		w.pending = writeBehindBuffers.Get()[:0]
+		w.pending = copyBuffers.Get()[:0]
 	}
 	w.pending = append(w.pending, p...)
 	if !w.writing {
@@ -107,7 +107,7 @@ func (w *writeBehind) writer() {
 
 func putWriteBehind(b []byte) {
 	if cap(b) == writeBehindMax {
-		writeBehindBuffers.Put((*[writeBehindMax]byte)(b[:writeBehindMax]))
+		copyBuffers.Put((*[writeBehindMax]byte)(b[:writeBehindMax]))
 	}
 }
 
