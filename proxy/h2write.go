@@ -64,9 +64,9 @@ func (w *writeBehind) Write(p []byte) (int, error) {
 		return 0, err
 	}
 	if w.pending == nil {
-		// A larger p (net/http writes no DATA frame larger than the
-		// relay's 32 KiB copies) makes append allocate; put then
-		// leaves that array to the collector.
+		// A p larger than the buffer (a DATA frame over 32 KiB, only
+		// for a client that allows such frames) makes append allocate;
+		// putWriteBehind then leaves that array to the collector.
 		w.pending = copyBuffers.Get()[:0]
 	}
 	w.pending = append(w.pending, p...)
