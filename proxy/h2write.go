@@ -27,7 +27,7 @@ type writeBehind struct {
 	net.Conn
 
 	mu      sync.Mutex
-	room    sync.Cond // pending shrank, or the writer stopped
+	room    sync.Cond // pending was taken, or a write failed
 	pending []byte    // taken, not yet written; nil when empty
 	writing bool      // the writer runs; always so while pending holds bytes
 	err     error     // the write that failed; every Write returns it from then on
@@ -98,7 +98,6 @@ func (w *writeBehind) writer() {
 	}
 	w.writing = false
 	done := w.closed || w.err != nil
-	w.room.Broadcast()
 	w.mu.Unlock()
 	if done {
 		w.Conn.Close()
