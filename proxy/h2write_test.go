@@ -181,20 +181,7 @@ func writers() int {
 // Write took still reaches the peer, followed by the end of the
 // connection, once the peer reads within writeBehindLinger.
 func TestWriteBehindClose(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	peer, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer peer.Close()
-	sc, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
+	peer, sc := loopbackPair(t)
 	w := newWriteBehind(sc)
 
 	// Write until Write blocks: the socket's buffers and writeBehindMax

@@ -448,3 +448,25 @@ func hpackBlock(kv ...string) []byte {
 	}
 	return b.Bytes()
 }
+
+// loopbackPair is a TCP connection on 127.0.0.1: the dialled end and the
+// accepted one, both closed when the test ends.
+func loopbackPair(t testing.TB) (dialled, accepted net.Conn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	dialled, err = net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { dialled.Close() })
+	accepted, err = ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { accepted.Close() })
+	return dialled, accepted
+}
