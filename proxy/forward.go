@@ -112,6 +112,12 @@ func newForwarder(cfg *Config, log *slog.Logger) (*forwarder, error) {
 	f.httpTransport.Protocols = new(http.Protocols)
 	f.httpTransport.Protocols.SetHTTP1(true)
 	f.httpUp = newH1Upstream(f.httpTarget, f.httpTransport, dialer)
+	// The Transport's connections batch uploads (upload.go).
+	if f.httpUp.tls != nil {
+		f.httpTransport.DialTLSContext = f.httpUp.dialUpload
+	} else {
+		f.httpTransport.DialContext = f.httpUp.dialUpload
+	}
 	f.http = f.reverseProxy(f.httpTarget, f.httpTransport)
 
 	if u := cfg.GRPCUpstream; u != nil {
@@ -155,6 +161,11 @@ func (f *forwarder) rewrite(pr *httputil.ProxyRequest, target *url.URL) {
 	out.URL.ForceQuery = in.URL.ForceQuery
 	out.Host = in.Host
 	f.setForwarded(in, out)
+	if out.Body != nil && in.ProtoMajor == 1 {
+		if sock := socketOf(in); sock != nil {
+			out.Body = &sourceBody{ReadCloser: out.Body, sock: sock}
+		}
+	}
 }
 
 // requestPath is the path part of the request-target exactly as the client

@@ -261,7 +261,9 @@ func (s *Server) Run(ctx context.Context) error {
 	// HTTP/2-only server and everything else to an HTTP/1 server. Behind
 	// cmux the connection is no *tls.Conn, so the HTTP/2 server runs as
 	// "unencrypted" HTTP/2 over the already-decrypted stream.
-	root := s.mainLn
+	// Under TLS, a socket that tells an upload's copy when it would wait
+	// (upload.go).
+	var root net.Listener = socketListener{s.mainLn}
 	if s.tls != nil && s.cfg.TLS {
 		root = tls.NewListener(root, s.tls)
 	}

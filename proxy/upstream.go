@@ -360,13 +360,7 @@ func (u *h1Upstream) dialSized(ctx context.Context, rsize, wsize int) (*upConn, 
 	}
 	nc := raw
 	if u.tls != nil {
-		tc := tls.Client(nc, u.tls)
-		hctx, cancel := ctx, context.CancelFunc(func() {})
-		if u.handshakeTimeout > 0 {
-			hctx, cancel = context.WithTimeout(ctx, u.handshakeTimeout)
-		}
-		err := tc.HandshakeContext(hctx)
-		cancel()
+		tc, err := u.handshake(ctx, nc)
 		if err != nil {
 			nc.Close()
 			return nil, err
@@ -386,6 +380,21 @@ func (u *h1Upstream) dialSized(ctx context.Context, rsize, wsize int) (*upConn, 
 	c.br = bufio.NewReaderSize(c, rsize)
 	c.bw = bufio.NewWriterSize(nc, wsize)
 	return c, nil
+}
+
+// handshake runs TLS with Cells over nc, within the Transport's
+// TLSHandshakeTimeout.
+func (u *h1Upstream) handshake(ctx context.Context, nc net.Conn) (*tls.Conn, error) {
+	tc := tls.Client(nc, u.tls)
+	if u.handshakeTimeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, u.handshakeTimeout)
+		defer cancel()
+	}
+	if err := tc.HandshakeContext(ctx); err != nil {
+		return nil, err
+	}
+	return tc, nil
 }
 
 // roundTrip writes what out writes for r and reads the response header.

@@ -1,0 +1,289 @@
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"syscall"
+
+	"github.com/soheilhy/cmux"
+)
+
+// Uploads from HTTP/1.1 clients go to Cells in writes of up to 32 KiB, and
+// no byte waits for the next.
+//
+// crypto/tls returns one record (16 KiB at most) per Read and makes one
+// write(2) per record it writes, so a plain copy from the client to Cells
+// costs a system call per record, and wakes Cells once per record. The
+// copy here (uploadConn.ReadFrom, which http.Transport calls for a request
+// body of known length) reads what the client has sent into a 32 KiB
+// buffer and hands it to Cells' TLS in one Write, whose records leave in
+// one write(2) (recordBatch). It never waits for bytes to fill the buffer:
+// when the next read from the client would wait, the socket tells the copy
+// first (clientSocket.beforeWait), and the copy sends what it holds. That
+// is what nginx does with proxy_request_buffering off: read what has
+// arrived without waiting, send it. A client that keeps ahead of the proxy
+// gets 32 KiB writes; one that the proxy keeps up with gets each record
+// sent as it arrives, as before, and so do the last 32 KiB of every body.
+//
+// Measured alone (a 1 GiB curl -T through the proxy, ten alternating runs,
+// medians): 613 -> 666 MB/s, 8% less proxy CPU and 8% less for Cells;
+// write(2) to Cells 65,580 -> 33,009 per GiB. The bodies of HTTP/2 clients
+// reach the handler through a pipe that net/http's HTTP/2 server fills, not
+// from the socket, and are copied as before.
+
+// clientSocket is a connection accepted on the public port, under its TLS
+// and cmux. Whoever reads it may set beforeWait: a read that finds nothing
+// to read then calls it once before it waits for the client.
+type clientSocket struct {
+	net.Conn
+	beforeWait atomic.Pointer[func()]
+}
+
+type socketListener struct{ net.Listener }
+
+func (l socketListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return &clientSocket{Conn: c}, nil
+}
+
+func (c *clientSocket) Read(p []byte) (int, error) {
+	if f := c.beforeWait.Load(); f != nil {
+		return readNotifying(c.Conn, p, *f)
+	}
+	return c.Conn.Read(p)
+}
+
+// SyscallConn is the socket's, for websocket pumps to park on.
+func (c *clientSocket) SyscallConn() (syscall.RawConn, error) {
+	sc, ok := c.Conn.(syscall.Conn)
+	if !ok {
+		return nil, errors.ErrUnsupported
+	}
+	return sc.SyscallConn()
+}
+
+// socketOf finds the clientSocket under the connection a request came on:
+// net/http's HTTP/1 server reads a replayConn (from the HTTP/1.1 front),
+// over cmux's connection, over TLS.
+func socketOf(r *http.Request) *clientSocket {
+	g, ok := r.Context().Value(connGuardKey{}).(*connGuard)
+	if !ok {
+		return nil
+	}
+	c := g.conn
+	for {
+		switch x := c.(type) {
+		case *clientSocket:
+			return x
+		case *replayConn:
+			c = x.Conn
+		case *cmux.MuxConn:
+			c = x.Conn
+		case *tls.Conn:
+			c = x.NetConn()
+		default:
+			return nil
+		}
+	}
+}
+
+// sourceBody is the body of a request to Cells that an HTTP/1.1 client
+// sends on sock: uploadConn.ReadFrom recognises it under http.Transport's
+// io.LimitReader.
+type sourceBody struct {
+	io.ReadCloser
+	sock *clientSocket
+}
+
+// uploadConn is a connection to Cells made for http.Transport.
+type uploadConn struct {
+	net.Conn              // *tls.Conn over batch, or the TCP connection
+	batch    *recordBatch // nil without TLS
+}
+
+// uploadReserve is the room left in a 32 KiB batch for the TLS overhead of
+// the two records a 32 KiB write makes (RFC 8446 allows 256 bytes each).
+const uploadReserve = 2 * 256
+
+// ReadFrom is http.Transport's copy of a request body to Cells.
+func (c *uploadConn) ReadFrom(r io.Reader) (int64, error) {
+	if lr, ok := r.(*io.LimitedReader); ok {
+		if src, ok := lr.R.(*sourceBody); ok {
+			return c.readFromClient(lr, src.sock)
+		}
+	}
+	buf := copyBuffers.Get()
+	defer copyBuffers.Put(buf)
+	return io.CopyBuffer(struct{ io.Writer }{c}, r, buf[:])
+}
+
+// readFromClient copies lr, a body read from sock, to Cells.
+func (c *uploadConn) readFromClient(lr *io.LimitedReader, sock *clientSocket) (int64, error) {
+	arr := copyBuffers.Get()
+	defer copyBuffers.Put(arr)
+	u := &uploadCopy{conn: c, buf: arr[:len(arr)-uploadReserve]}
+	u.send = func() {
+		u.mu.Lock()
+		u.sendLocked()
+		u.mu.Unlock()
+	}
+	for {
+		u.mu.Lock()
+		if u.end == len(u.buf) {
+			u.sendLocked()
+			u.start, u.end = 0, 0
+		}
+		if u.err == nil && lr.N <= int64(len(u.buf)-u.end) {
+			// This read may reach the body's end, after which net/http
+			// reads the connection on a goroutine of its own: it goes
+			// without beforeWait, so nothing may wait for it.
+			u.sendLocked()
+		}
+		end, sent, err := u.end, u.sent, u.err
+		u.mu.Unlock()
+		if err != nil {
+			return sent, err
+		}
+		var n int
+		if lr.N > int64(len(u.buf)-end) {
+			sock.beforeWait.Store(&u.send)
+			n, err = lr.Read(u.buf[end:])
+			sock.beforeWait.Store(nil)
+		} else {
+			n, err = lr.Read(u.buf[end:])
+		}
+		if err != nil {
+			u.mu.Lock()
+			u.end += n
+			u.sendLocked()
+			if u.err != nil || err == io.EOF {
+				err = u.err
+			}
+			sent := u.sent
+			u.mu.Unlock()
+			return sent, err
+		}
+		u.mu.Lock()
+		u.end += n
+		u.mu.Unlock()
+	}
+}
+
+// uploadCopy is what readFromClient has read: buf[start:end] is not yet
+// sent. send may run on another goroutine than the copy's: when Cells
+// answers before the body's end, net/http's server reads the connection
+// as soon as the copy's read returns, and may find beforeWait still set.
+type uploadCopy struct {
+	conn *uploadConn
+	send func()
+
+	mu         sync.Mutex
+	buf        []byte
+	start, end int
+	sent       int64
+	err        error // the first write that failed
+}
+
+func (u *uploadCopy) sendLocked() {
+	if u.start == u.end || u.err != nil {
+		return
+	}
+	n, err := u.conn.write(u.buf[u.start:u.end])
+	u.sent += int64(n)
+	u.start, u.err = u.end, err
+}
+
+// write writes p to Cells, its TLS records in one write(2).
+func (c *uploadConn) write(p []byte) (int, error) {
+	if c.batch == nil {
+		return c.Conn.Write(p)
+	}
+	c.batch.hold()
+	n, err := c.Conn.Write(p)
+	if ferr := c.batch.release(); err == nil {
+		err = ferr
+	}
+	return n, err
+}
+
+// recordBatch is the TCP connection under an uploadConn's TLS. Between
+// hold and release, what TLS writes is gathered in a 32 KiB buffer and
+// written at release (or when the next record would not fit).
+type recordBatch struct {
+	net.Conn
+
+	mu   sync.Mutex // the Transport may close the connection (close_notify) while an upload writes
+	buf  *[32 << 10]byte
+	used int
+}
+
+func (b *recordBatch) hold() {
+	b.mu.Lock()
+	b.buf = copyBuffers.Get()
+	b.used = 0
+	b.mu.Unlock()
+}
+
+func (b *recordBatch) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.buf == nil {
+		return b.Conn.Write(p)
+	}
+	if b.used+len(p) > len(b.buf) {
+		if err := b.flushLocked(); err != nil {
+			return 0, err
+		}
+		if len(p) > len(b.buf) {
+			return b.Conn.Write(p)
+		}
+	}
+	b.used += copy(b.buf[b.used:], p)
+	return len(p), nil
+}
+
+func (b *recordBatch) flushLocked() error {
+	if b.used == 0 {
+		return nil
+	}
+	_, err := b.Conn.Write(b.buf[:b.used])
+	b.used = 0
+	return err
+}
+
+func (b *recordBatch) release() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	err := b.flushLocked()
+	copyBuffers.Put(b.buf)
+	b.buf = nil
+	return err
+}
+
+// dialUpload is http.Transport's dial: DialTLSContext for an https://
+// upstream, DialContext for an http:// one.
+func (u *h1Upstream) dialUpload(ctx context.Context, network, addr string) (net.Conn, error) {
+	raw, err := u.dialer.DialContext(ctx, network, addr)
+	if err != nil {
+		return nil, err
+	}
+	if u.tls == nil {
+		return &uploadConn{Conn: raw}, nil
+	}
+	b := &recordBatch{Conn: raw}
+	tc, err := u.handshake(ctx, b)
+	if err != nil {
+		raw.Close()
+		return nil, err
+	}
+	return &uploadConn{Conn: tc, batch: b}, nil
+}
