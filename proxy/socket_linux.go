@@ -4,6 +4,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"sync"
 	"syscall"
 )
 
@@ -24,37 +25,65 @@ func rawConnOf(c syscall.Conn) syscall.RawConn {
 	return rc
 }
 
-// readNotifying reads from c's socket into p; when nothing is there to read
-// it calls before, once, then waits as c.Read would. Errors are c.Read's.
-func readNotifying(c net.Conn, p []byte, before func()) (int, error) {
-	sc, ok := c.(syscall.Conn)
-	var rc syscall.RawConn
-	if ok {
-		rc = rawConnOf(sc)
+// waitReader reads a public socket for clientSocket.Read while beforeWait
+// is set. Made at the first such read and kept with the socket, so that a
+// read allocates nothing.
+type waitReader struct {
+	rc   syscall.RawConn // nil: no socket found, reads go to the connection
+	read func(fd uintptr) bool
+
+	mu     sync.Mutex // one read at a time uses the fields below
+	p      []byte
+	before func()
+	n      int
+	errno  error
+}
+
+func newWaitReader(c net.Conn) *waitReader {
+	w := &waitReader{}
+	if sc, ok := c.(syscall.Conn); ok {
+		w.rc = rawConnOf(sc)
 	}
-	if rc == nil || len(p) == 0 {
-		before()
-		return c.Read(p)
-	}
-	var n int
-	var errno error
-	called := false
-	err := rc.Read(func(fd uintptr) bool {
+	w.read = func(fd uintptr) bool {
 		for {
-			n, errno = syscall.Read(int(fd), p)
-			if errno != syscall.EINTR {
+			w.n, w.errno = syscall.Read(int(fd), w.p)
+			if w.errno != syscall.EINTR {
 				break
 			}
 		}
-		if errno == syscall.EAGAIN {
-			if !called {
-				called = true
-				before()
+		if w.errno == syscall.EAGAIN {
+			if f := w.before; f != nil {
+				w.before = nil
+				f()
 			}
-			return false
+			return false // wait until the socket is readable
 		}
 		return true
-	})
+	}
+	return w
+}
+
+// readNotifying reads from the socket into p; when nothing is there to
+// read it calls before, once, then waits as c.Conn.Read would. Errors are
+// c.Conn.Read's.
+func (c *clientSocket) readNotifying(p []byte, before func()) (int, error) {
+	w := c.wr.Load()
+	if w == nil {
+		w = newWaitReader(c.Conn)
+		if !c.wr.CompareAndSwap(nil, w) {
+			w = c.wr.Load()
+		}
+	}
+	if w.rc == nil || len(p) == 0 {
+		before()
+		return c.Conn.Read(p)
+	}
+	w.mu.Lock()
+	w.p, w.before = p, before
+	err := w.rc.Read(w.read)
+	n, errno := w.n, w.errno
+	w.p, w.before = nil, nil
+	w.mu.Unlock()
 	switch {
 	case err != nil: // closed, or the read deadline passed
 		return 0, err

@@ -43,6 +43,7 @@ import (
 type clientSocket struct {
 	net.Conn
 	beforeWait atomic.Pointer[func()]
+	wr         atomic.Pointer[waitReader] // made at the first read with beforeWait
 }
 
 type socketListener struct{ net.Listener }
@@ -57,7 +58,7 @@ func (l socketListener) Accept() (net.Conn, error) {
 
 func (c *clientSocket) Read(p []byte) (int, error) {
 	if f := c.beforeWait.Load(); f != nil {
-		return readNotifying(c.Conn, p, *f)
+		return c.readNotifying(p, *f)
 	}
 	return c.Conn.Read(p)
 }
