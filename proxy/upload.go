@@ -122,9 +122,28 @@ func (c *uploadConn) ReadFrom(r io.Reader) (int64, error) {
 			return c.readFromClient(lr, src.sock)
 		}
 	}
-	buf := copyBuffers.Get()
-	defer copyBuffers.Put(buf)
-	return io.CopyBuffer(struct{ io.Writer }{c}, r, buf[:])
+	// Any other body (an HTTP/2 client's, read from net/http's pipe,
+	// which returns all it holds): each read's bytes in one write(2).
+	arr := copyBuffers.Get()
+	defer copyBuffers.Put(arr)
+	buf := arr[:len(arr)-uploadReserve]
+	var sent int64
+	for {
+		n, err := r.Read(buf)
+		if n > 0 {
+			m, werr := c.write(buf[:n])
+			sent += int64(m)
+			if werr != nil {
+				return sent, werr
+			}
+		}
+		if err == io.EOF {
+			return sent, nil
+		}
+		if err != nil {
+			return sent, err
+		}
+	}
 }
 
 // readFromClient copies lr, a body read from sock, to Cells.
