@@ -15,8 +15,8 @@
 // Host, the request target and the body passed on unchanged and the
 // forwarding headers replaced: on the direct path (direct.go) when it has
 // no body or a small one of known length, through an httputil.ReverseProxy
-// when it has a body to stream (an HTTP/1.1 client's in batches of what it
-// has sent, upload.go). The dedicated gRPC listener
+// when it has a body to stream (in batches of what the client has sent,
+// upload.go). The dedicated gRPC listener
 // (PYDIO_GRPC_EXTERNAL) is TLS and HTTP/2 only and sends everything to the
 // gRPC upstream. A plain listener redirects to https, and a loopback
 // listener answers health checks.
