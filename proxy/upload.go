@@ -2,7 +2,6 @@ package proxy
 
 import (
 	"context"
-	"crypto/tls"
 	"errors"
 	"io"
 	"net"
@@ -10,8 +9,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
-
-	"github.com/soheilhy/cmux"
 )
 
 // Uploads from HTTP/1.1 clients go to Cells in writes of up to 32 KiB, and
@@ -81,21 +78,12 @@ func socketOf(r *http.Request) *clientSocket {
 	if !ok {
 		return nil
 	}
-	c := g.conn
-	for {
-		switch x := c.(type) {
-		case *clientSocket:
-			return x
-		case *replayConn:
-			c = x.Conn
-		case *cmux.MuxConn:
-			c = x.Conn
-		case *tls.Conn:
-			c = x.NetConn()
-		default:
-			return nil
+	for c := g.conn; c != nil; c = wrapped(c) {
+		if s, ok := c.(*clientSocket); ok {
+			return s
 		}
 	}
+	return nil
 }
 
 // sourceBody is the body of a request to Cells that an HTTP/1.1 client

@@ -541,23 +541,32 @@ func (p *pump) copyFrame(hdr []byte, length int64) error {
 // park on; nil when there is none (another wrapper, another platform): the
 // pump then waits inside its reads.
 func rawConn(c net.Conn) syscall.RawConn {
-	for {
+	for ; c != nil; c = wrapped(c) {
 		switch x := c.(type) {
-		case *tls.Conn:
-			c = x.NetConn()
-		case *cmux.MuxConn:
-			c = x.Conn
 		case *replayConn:
 			if len(x.buf) > 0 {
 				return nil // bytes to read above the socket
 			}
-			c = x.Conn
 		case syscall.Conn:
 			return rawConnOf(x)
-		default:
-			return nil
 		}
 	}
+	return nil
+}
+
+// wrapped is the connection under c when c is one of the layers a public
+// connection goes through (TLS, cmux's, the HTTP/1.1 front's hand-over),
+// else nil.
+func wrapped(c net.Conn) net.Conn {
+	switch x := c.(type) {
+	case *tls.Conn:
+		return x.NetConn()
+	case *cmux.MuxConn:
+		return x.Conn
+	case *replayConn:
+		return x.Conn
+	}
+	return nil
 }
 
 func (t *tunnel) touch() { t.last.Store(time.Now().UnixNano()) }
