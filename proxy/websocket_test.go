@@ -810,25 +810,8 @@ func pumpGoroutines(t *testing.T, want int) int {
 // both ends, its client-to-Cells pump stopped, and ends.
 func TestWebSocketTunnelAfterShutdownBegan(t *testing.T) {
 	t.Parallel()
-	pair := func() (near, far net.Conn) {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer ln.Close()
-		far, err = net.Dial("tcp", ln.Addr().String())
-		if err != nil {
-			t.Fatal(err)
-		}
-		near, err = ln.Accept()
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { near.Close(); far.Close() })
-		return near, far
-	}
-	client, clientFar := pair()
-	up, upFar := pair()
+	clientFar, client := loopbackPair(t)
+	upFar, up := loopbackPair(t)
 	ts := newTunnels()
 	ts.closeAll()
 
