@@ -220,21 +220,24 @@ func (e *env) parse() (*Config, error) {
 	if c.HSTS, err = parseHSTS(e.HSTS, c.CertFile != ""); err != nil {
 		bad("PROXY_HSTS must be auto, off or a Strict-Transport-Security value such as max-age=31536000, got %q: %v", e.HSTS, err)
 	}
-	if _, _, err := net.SplitHostPort(c.HTTPSAddr); err != nil {
-		bad("PROXY_HTTPS_ADDR must be host:port or :port, got %q", c.HTTPSAddr)
+	if err := checkListenAddr(c.HTTPSAddr); err != nil {
+		bad("PROXY_HTTPS_ADDR must be host:port or :port, got %q: %v", c.HTTPSAddr, err)
 	} else if grpcPort != "" {
-		host, _, _ := net.SplitHostPort(c.HTTPSAddr)
+		host, port, _ := net.SplitHostPort(c.HTTPSAddr)
+		if p, _ := net.LookupPort("tcp", port); p != 0 && strconv.Itoa(p) == strings.TrimLeft(grpcPort, "0") {
+			bad("PYDIO_GRPC_EXTERNAL=%s is the port of PROXY_HTTPS_ADDR, which serves gRPC already: unset it, or give the classic separate port such as 33060", grpcPort)
+		}
 		c.GRPCAddr = net.JoinHostPort(host, grpcPort)
 	}
 	if off(c.HTTPAddr) {
 		c.HTTPAddr = ""
-	} else if _, _, err := net.SplitHostPort(c.HTTPAddr); err != nil {
-		bad("PROXY_HTTP_ADDR must be host:port, :port or off, got %q", c.HTTPAddr)
+	} else if err := checkListenAddr(c.HTTPAddr); err != nil {
+		bad("PROXY_HTTP_ADDR must be host:port, :port or off, got %q: %v", c.HTTPAddr, err)
 	}
 	if off(c.HealthAddr) {
 		c.HealthAddr = ""
-	} else if _, _, err := net.SplitHostPort(c.HealthAddr); err != nil {
-		bad("PROXY_HEALTH_ADDR must be host:port or off, got %q", c.HealthAddr)
+	} else if err := checkListenAddr(c.HealthAddr); err != nil {
+		bad("PROXY_HEALTH_ADDR must be host:port or off, got %q: %v", c.HealthAddr, err)
 	}
 	if p, err := strconv.Atoi(e.RedirectPort); err != nil || p < 1 || p > 65535 {
 		bad("PROXY_REDIRECT_HTTPS_PORT must be a port number from 1 to 65535, got %q", e.RedirectPort)
@@ -371,6 +374,24 @@ func splitList(s string) []string {
 }
 
 func off(s string) bool { return strings.EqualFold(strings.TrimSpace(s), "off") }
+
+// checkListenAddr finds, before anything listens, the mistakes in a
+// listener's address that net.Listen would only report once the proxy is
+// starting: no port, or a port out of range. The host is left to the
+// listener, which may have to resolve it.
+func checkListenAddr(s string) error {
+	_, port, err := net.SplitHostPort(s)
+	if err != nil {
+		return err
+	}
+	if port == "" {
+		return errors.New("no port")
+	}
+	if _, err := net.LookupPort("tcp", port); err != nil {
+		return fmt.Errorf("port %q is not a number from 0 to 65535", port)
+	}
+	return nil
+}
 
 func parseOnOff(s string) (bool, error) {
 	switch strings.ToLower(strings.TrimSpace(s)) {

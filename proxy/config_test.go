@@ -177,6 +177,55 @@ func TestLoadReportsEveryProblem(t *testing.T) {
 	}
 }
 
+// TestListenAddrs: a listener's address that cannot be listened on is a
+// configuration error, reported with the others and before anything starts,
+// not a failure to start after the certificate has been loaded.
+func TestListenAddrs(t *testing.T) {
+	for _, tc := range []struct {
+		in string
+		ok bool
+	}{
+		{":8443", true},
+		{"0.0.0.0:443", true},
+		{"[::1]:8443", true},
+		{"127.0.0.1:0", true},
+		{"localhost:https", true},
+		{":99999", false},
+		{":-1", false},
+		{"127.0.0.1:", false},
+		{"127.0.0.1", false},
+		{":eighty", false},
+		{"[::1:8443", false},
+	} {
+		for _, name := range []string{"PROXY_HTTPS_ADDR", "PROXY_HTTP_ADDR", "PROXY_HEALTH_ADDR"} {
+			setEnv(t, map[string]string{"CELLS_UPSTREAM": "https://cells:8080", name: tc.in})
+			_, err := Load()
+			if tc.ok && err != nil {
+				t.Errorf("%s=%q: %v", name, tc.in, err)
+			}
+			if !tc.ok && (err == nil || !strings.HasPrefix(err.Error(), name) || !strings.Contains(err.Error(), tc.in)) {
+				t.Errorf("%s=%q: err = %v, want a line naming the variable and the value", name, tc.in, err)
+			}
+		}
+	}
+}
+
+// TestGRPCExternalOnThePublicPort: the public port serves gRPC already, and
+// two listeners on one port would stop the proxy at start with "address
+// already in use"; the operator is told which setting to change instead.
+func TestGRPCExternalOnThePublicPort(t *testing.T) {
+	for _, tc := range []struct{ addr, grpc string }{{":443", "443"}, {"0.0.0.0:8443", "08443"}, {"127.0.0.1:https", "443"}} {
+		setEnv(t, map[string]string{"CELLS_UPSTREAM": "https://cells:8080", "PROXY_HTTPS_ADDR": tc.addr, "PYDIO_GRPC_EXTERNAL": tc.grpc})
+		if _, err := Load(); err == nil || !strings.HasPrefix(err.Error(), "PYDIO_GRPC_EXTERNAL="+tc.grpc+" is the port of PROXY_HTTPS_ADDR") {
+			t.Errorf("PROXY_HTTPS_ADDR=%s PYDIO_GRPC_EXTERNAL=%s: err = %v", tc.addr, tc.grpc, err)
+		}
+	}
+	setEnv(t, map[string]string{"CELLS_UPSTREAM": "https://cells:8080", "PROXY_HTTPS_ADDR": ":443", "PYDIO_GRPC_EXTERNAL": "33060"})
+	if _, err := Load(); err != nil {
+		t.Errorf("the classic 33060 beside 443: %v", err)
+	}
+}
+
 func TestLoadRequiresUpstream(t *testing.T) {
 	setEnv(t, nil)
 	_, err := Load()
