@@ -83,12 +83,17 @@ cells-proxy is configured by environment variables: run "cells-proxy env" to lis
 func loadConfig(stderr io.Writer) (*proxy.Config, error) {
 	cfg, err := proxy.Load()
 	if err != nil {
-		for line := range strings.SplitSeq(err.Error(), "\n") {
-			fmt.Fprintln(stderr, "cells-proxy: config:", line)
-		}
-		return nil, errUsage
+		return nil, configProblems(stderr, err)
 	}
 	return cfg, nil
+}
+
+// configProblems prints err's lines, one problem each, and returns errUsage.
+func configProblems(stderr io.Writer, err error) error {
+	for line := range strings.SplitSeq(err.Error(), "\n") {
+		fmt.Fprintln(stderr, "cells-proxy: config:", line)
+	}
+	return errUsage
 }
 
 func serve(ctx context.Context, stderr io.Writer) error {
@@ -101,6 +106,9 @@ func serve(ctx context.Context, stderr io.Writer) error {
 	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	s, err := proxy.New(cfg, log)
+	if fe := (*proxy.FileError)(nil); errors.As(err, &fe) {
+		return configProblems(stderr, fe)
+	}
 	if err != nil {
 		return err
 	}

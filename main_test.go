@@ -317,6 +317,48 @@ func TestBadConfig(t *testing.T) {
 	}
 }
 
+// TestBadFiles: the files the variables name are checked before anything
+// listens, every one of them, and reported like a bad variable: one line
+// each naming it, exit status 2, no stack trace, nothing left listening.
+func TestBadFiles(t *testing.T) {
+	dir := t.TempDir()
+	junk := filepath.Join(dir, "junk.pem")
+	if err := os.WriteFile(junk, []byte("not PEM\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	missing := filepath.Join(dir, "missing.pem")
+	addr := freeAddr(t)
+	for _, tc := range []struct {
+		name string
+		env  []string
+		want []string // the start of each line, in order
+	}{
+		{"missing", []string{"CELLS_UPSTREAM_CA_FILE=" + missing, "TLS_CERT_FILE=" + missing, "TLS_KEY_FILE=" + missing},
+			[]string{"CELLS_UPSTREAM_CA_FILE must", "TLS_CERT_FILE must", "TLS_KEY_FILE must"}},
+		{"not PEM", []string{"CELLS_UPSTREAM_CA_FILE=" + junk, "TLS_CERT_FILE=" + junk, "TLS_KEY_FILE=" + junk},
+			[]string{"CELLS_UPSTREAM_CA_FILE must", "TLS_CERT_FILE and TLS_KEY_FILE must"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			env := append([]string{"CELLS_UPSTREAM=https://cells:8080", "PROXY_HTTPS_ADDR=" + addr,
+				"PROXY_HTTP_ADDR=off", "PROXY_HEALTH_ADDR=off"}, tc.env...)
+			out, errOut, status := result(t, command(nil, env...))
+			if status != 2 {
+				t.Errorf("exit status = %d, want 2", status)
+			}
+			noStackTrace(t, "stderr", out+errOut)
+			got := lines(errOut)
+			if len(got) != len(tc.want) {
+				t.Fatalf("stderr has %d lines, want %d:\n%s", len(got), len(tc.want), errOut)
+			}
+			for i, w := range tc.want {
+				if !strings.HasPrefix(got[i], "cells-proxy: config: "+w) {
+					t.Errorf("line %d = %q, want it to start with %q", i+1, got[i], w)
+				}
+			}
+		})
+	}
+}
+
 // TestUnknownCommand: a usage error exits 2 and says what is accepted.
 func TestUnknownCommand(t *testing.T) {
 	_, errOut, status := result(t, command([]string{"frobnicate"}))

@@ -61,11 +61,11 @@ func upstreamRoots(caFile string) (*x509.CertPool, error) {
 	}
 	pem, err := os.ReadFile(caFile)
 	if err != nil {
-		return nil, fmt.Errorf("reading CELLS_UPSTREAM_CA_FILE: %w", err)
+		return nil, fmt.Errorf("CELLS_UPSTREAM_CA_FILE must name a PEM bundle cells-proxy can read (Cells' certs/rootCA.pem): %w", err)
 	}
 	pool := x509.NewCertPool()
 	if !pool.AppendCertsFromPEM(pem) {
-		return nil, fmt.Errorf("reading CELLS_UPSTREAM_CA_FILE %q: no PEM certificate in it", caFile)
+		return nil, fmt.Errorf("CELLS_UPSTREAM_CA_FILE must name a PEM bundle (Cells' certs/rootCA.pem), got %q with no PEM certificate in it", caFile)
 	}
 	return pool, nil
 }

@@ -42,18 +42,20 @@ type Server struct {
 // New checks what the configuration names on disk (certificates, CA file)
 // and builds the server. It opens no socket.
 func New(cfg *Config, log *slog.Logger) (*Server, error) {
+	// The files the configuration names are read here; every one that
+	// cannot be is reported, as Load reports every bad variable.
+	var files []error
 	fwd, err := newForwarder(cfg, log)
 	if err != nil {
-		return nil, err
+		files = append(files, err)
 	}
 	s := &Server{cfg: cfg, log: log, fwd: fwd}
 	s.baseCtx, s.cancelBase = context.WithCancelCause(context.Background())
-	s.health = newHealth(s)
 	if cfg.TLS || cfg.GRPCAddr != "" {
 		if cfg.CertFile != "" {
 			s.certFiles = &certFiles{certFile: cfg.CertFile, keyFile: cfg.KeyFile, log: log, cert: &s.cert}
 			if _, err := s.certFiles.load(true); err != nil {
-				return nil, err
+				files = append(files, err)
 			}
 		} else {
 			names := append([]string{"localhost", "127.0.0.1", "::1"}, cfg.ServerNames...)
@@ -66,6 +68,10 @@ func New(cfg *Config, log *slog.Logger) (*Server, error) {
 		}
 		s.tls = s.tlsConfig()
 	}
+	if len(files) > 0 {
+		return nil, &FileError{errors.Join(files...)}
+	}
+	s.health = newHealth(s)
 	if cfg.UpstreamInsecure {
 		log.Warn("CELLS_UPSTREAM_INSECURE=true: the upstream certificate is not verified")
 	}
@@ -74,6 +80,14 @@ func New(cfg *Config, log *slog.Logger) (*Server, error) {
 	}
 	return s, nil
 }
+
+// FileError is returned by New when a file the configuration names cannot
+// be read or does not hold what it should: the operator's to fix, like a bad
+// variable. Its message has one line per problem, each naming the variable.
+type FileError struct{ Err error }
+
+func (e *FileError) Error() string { return e.Err.Error() }
+func (e *FileError) Unwrap() error { return e.Err }
 
 // tlsConfig is the public TLS policy: TLS 1.2 and 1.3, forward-secret AEAD
 // suites only, ALPN h2 and http/1.1 (grpc-go refuses a server without h2).

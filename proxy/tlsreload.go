@@ -70,8 +70,13 @@ func (c *certFiles) load(force bool) (outcome, error) {
 func (c *certFiles) read() (sum [sha256.Size]byte, cert *tls.Certificate, err error) {
 	certPEM, errCert := os.ReadFile(c.certFile)
 	keyPEM, errKey := os.ReadFile(c.keyFile)
+	if errCert != nil {
+		errCert = fmt.Errorf("TLS_CERT_FILE must name a file cells-proxy can read: %w", errCert)
+	}
+	if errKey != nil {
+		errKey = fmt.Errorf("TLS_KEY_FILE must name a file cells-proxy can read: %w", errKey)
+	}
 	if err := errors.Join(errCert, errKey); err != nil {
-		err = fmt.Errorf("reading TLS_CERT_FILE and TLS_KEY_FILE: %w", err)
 		return sha256.Sum256([]byte(err.Error())), nil, err
 	}
 	// The length of the first file is hashed too, so that moving bytes
@@ -86,7 +91,7 @@ func (c *certFiles) read() (sum [sha256.Size]byte, cert *tls.Certificate, err er
 		err = errors.New("no certificate")
 	}
 	if err != nil {
-		return sum, nil, fmt.Errorf("loading TLS_CERT_FILE %q and TLS_KEY_FILE %q: %w", c.certFile, c.keyFile, err)
+		return sum, nil, fmt.Errorf("TLS_CERT_FILE and TLS_KEY_FILE must hold a PEM certificate (chain) and its private key, got %q and %q: %w", c.certFile, c.keyFile, err)
 	}
 	return sum, &pair, nil
 }
