@@ -53,9 +53,11 @@ func New(cfg *Config, log *slog.Logger) (*Server, error) {
 	s.baseCtx, s.cancelBase = context.WithCancelCause(context.Background())
 	if cfg.TLS || cfg.GRPCAddr != "" {
 		if cfg.CertFile != "" {
-			s.certFiles = &certFiles{certFile: cfg.CertFile, keyFile: cfg.KeyFile, log: log, cert: &s.cert}
+			s.certFiles = &certFiles{certFile: cfg.CertFile, keyFile: cfg.KeyFile, names: cfg.ServerNames, log: log, cert: &s.cert}
 			if _, err := s.certFiles.load(true); err != nil {
 				files = append(files, err)
+			} else {
+				s.certFiles.logServed("start")
 			}
 		} else {
 			names := append([]string{"localhost", "127.0.0.1", "::1"}, cfg.ServerNames...)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -27,6 +28,8 @@ var certPollInterval = 5 * time.Second
 // already open are not touched; new handshakes get the new certificate.
 type certFiles struct {
 	certFile, keyFile string
+	names             []string     // PROXY_SERVER_NAMES, which the certificate should cover
+	checked           atomic.Int64 // unix time of the last check of the served certificate's warnings
 	log               *slog.Logger
 	cert              *atomic.Pointer[tls.Certificate] // the Server's, read by GetCertificate
 
@@ -103,14 +106,61 @@ func (c *certFiles) poll() {
 		c.logServed("poll")
 	case refused:
 		c.log.Error("TLS certificate not reloaded, the current one keeps serving", "trigger", "poll", "err", err)
+	default:
+		// A certificate served for weeks reaches its end while no renewal
+		// came: say so once a day.
+		if time.Since(time.Unix(c.checked.Load(), 0)) >= certCheckInterval {
+			c.warn(c.cert.Load().Leaf)
+		}
 	}
 }
 
-// logServed logs the certificate now served; trigger is poll or reload.
+// certCheckInterval is how often an unchanged certificate is checked again.
+const certCheckInterval = 24 * time.Hour
+
+// logServed logs the certificate now served; trigger is start, poll or
+// reload. What browsers and Cells Sync would refuse in it is logged too: the
+// pair is served all the same (the files are the operator's), but the log
+// says why clients fail.
 func (c *certFiles) logServed(trigger string) {
 	leaf := c.cert.Load().Leaf
-	c.log.Info("TLS certificate reloaded", "trigger", trigger, "file", c.certFile, "subject", leaf.Subject.String(),
+	msg := "TLS certificate reloaded"
+	if trigger == "start" {
+		msg = "TLS certificate loaded"
+	}
+	c.log.Info(msg, "trigger", trigger, "file", c.certFile, "subject", leaf.Subject.String(),
 		"serial", leaf.SerialNumber.Text(16), "not_after", leaf.NotAfter.UTC().Format(time.RFC3339))
+	c.warn(leaf)
+}
+
+// warn logs certWarnings for the served leaf.
+func (c *certFiles) warn(leaf *x509.Certificate) {
+	now := time.Now()
+	c.checked.Store(now.Unix())
+	for _, w := range certWarnings(leaf, c.names, now) {
+		c.log.Warn(w, "file", c.certFile, "not_before", leaf.NotBefore.UTC().Format(time.RFC3339),
+			"not_after", leaf.NotAfter.UTC().Format(time.RFC3339))
+	}
+}
+
+// certWarnings lists what clients would refuse in a certificate at now:
+// outside its validity, or not covering one of the public names.
+func certWarnings(leaf *x509.Certificate, names []string, now time.Time) []string {
+	var w []string
+	switch {
+	case now.After(leaf.NotAfter):
+		w = append(w, "TLS_CERT_FILE's certificate has expired: clients will refuse it; renew it")
+	case now.Before(leaf.NotBefore):
+		w = append(w, "TLS_CERT_FILE's certificate is not valid yet: clients will refuse it; check the clock")
+	case leaf.NotAfter.Sub(now) < 7*24*time.Hour:
+		w = append(w, "TLS_CERT_FILE's certificate expires in less than 7 days: check that its renewal runs")
+	}
+	for _, n := range names {
+		if leaf.VerifyHostname(n) != nil {
+			w = append(w, fmt.Sprintf("TLS_CERT_FILE's certificate does not cover %s, a name in PROXY_SERVER_NAMES: clients asking for it will refuse it", n))
+		}
+	}
+	return w
 }
 
 // watch polls the files until ctx ends.

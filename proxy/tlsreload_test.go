@@ -1,11 +1,14 @@
 package proxy
 
 import (
+	"crypto/ecdsa"
+	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
 	"io"
 	"log/slog"
 	"math/big"
+	"net"
 	"net/http"
 	"net/http/httptrace"
 	"os"
@@ -353,5 +356,103 @@ func TestNewRefusesBrokenPair(t *testing.T) {
 	cfg.CertFile, cfg.KeyFile = certFile, keyFile
 	if _, err := New(cfg, slog.New(slog.DiscardHandler)); err == nil || !strings.Contains(err.Error(), "TLS_CERT_FILE") {
 		t.Errorf("New with a mismatched pair: error %v, want one naming TLS_CERT_FILE", err)
+	}
+}
+
+// certValidFor is a self-signed certificate for names, valid from notBefore
+// to notAfter.
+func certValidFor(t *testing.T, notBefore, notAfter time.Time, names ...string) tls.Certificate {
+	t.Helper()
+	c := newCert(t)
+	key := c.PrivateKey.(*ecdsa.PrivateKey)
+	tmpl := *c.Leaf
+	tmpl.NotBefore, tmpl.NotAfter = notBefore, notAfter
+	tmpl.DNSNames, tmpl.IPAddresses = nil, nil
+	for _, n := range names {
+		if ip := net.ParseIP(n); ip != nil {
+			tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
+		} else {
+			tmpl.DNSNames = append(tmpl.DNSNames, n)
+		}
+	}
+	der, err := x509.CreateCertificate(rand.Reader, &tmpl, &tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaf, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}
+}
+
+// TestCertWarnings: what clients would refuse in the served certificate is
+// said in the log, at start, at a renewal, and once a day while it stays;
+// the certificate is served all the same.
+func TestCertWarnings(t *testing.T) {
+	now := time.Now()
+	for _, tc := range []struct {
+		name      string
+		from, to  time.Time
+		names     []string
+		wantWarns []string
+	}{
+		{"fine", now.Add(-time.Hour), now.Add(90 * 24 * time.Hour), []string{"files.example.com"}, nil},
+		{"expired", now.Add(-90 * 24 * time.Hour), now.Add(-time.Hour), nil, []string{"has expired"}},
+		{"not valid yet", now.Add(time.Hour), now.Add(90 * 24 * time.Hour), nil, []string{"not valid yet"}},
+		{"expires soon", now.Add(-time.Hour), now.Add(3 * 24 * time.Hour), nil, []string{"less than 7 days"}},
+		{"a name not covered", now.Add(-time.Hour), now.Add(90 * 24 * time.Hour), []string{"files.example.com", "cells.example.org"},
+			[]string{"does not cover cells.example.org"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			setCertPollInterval(t, time.Hour) // the test drives the checks
+			dir := t.TempDir()
+			certFile, keyFile := filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+			cert := certValidFor(t, tc.from, tc.to, "127.0.0.1", "files.example.com")
+			writePair(t, cert, certFile, keyFile)
+			up := newUpstream(t, upTLS, &recorder{})
+			cfg := testConfig(up)
+			cfg.CertFile, cfg.KeyFile, cfg.ServerNames = certFile, keyFile, tc.names
+			tp := startProxy(t, cfg)
+
+			warns := func() []string {
+				var w []string
+				for l := range strings.SplitSeq(tp.Log.String(), "\n") {
+					if strings.Contains(l, "level=WARN") && strings.Contains(l, "TLS_CERT_FILE's certificate") {
+						w = append(w, l)
+					}
+				}
+				return w
+			}
+			check := func(when string, times int) {
+				t.Helper()
+				got := warns()
+				if len(got) != len(tc.wantWarns)*times {
+					t.Fatalf("%s: %d warnings, want %d:\n%s", when, len(got), len(tc.wantWarns)*times, tp.Log)
+				}
+				for i, l := range got {
+					if w := tc.wantWarns[i%len(tc.wantWarns)]; !strings.Contains(l, w) {
+						t.Errorf("%s: warning %q, want one saying %q", when, l, w)
+					}
+				}
+			}
+			check("at start", 1)
+			// Served all the same.
+			if _, err := handshake(tp.Addr().String(), &tls.Config{InsecureSkipVerify: true}); err != nil {
+				t.Fatalf("handshake: %v", err)
+			}
+			// The polls between two daily checks say nothing again.
+			tp.certFiles.poll()
+			check("after a poll", 1)
+			// A day later, the unchanged certificate is checked again.
+			tp.certFiles.checked.Store(time.Now().Add(-certCheckInterval).Unix())
+			tp.certFiles.poll()
+			check("a day later", 2)
+			// A renewal is checked as it is served.
+			if err := tp.Reload(); err != nil {
+				t.Fatal(err)
+			}
+			check("after Reload", 3)
+		})
 	}
 }
