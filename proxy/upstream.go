@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"os"
 	"sync"
 	"syscall"
 	"time"
@@ -478,13 +479,33 @@ func (c *upConn) roundTrip(r *http.Request, out headWriter, info http.ResponseWr
 
 // release ends an exchange whose response was read in full.
 func (c *upConn) release(stop func() bool, reusable bool) {
-	if !stop() || !reusable || c.br.Buffered() > 0 {
+	if !stop() || !reusable || c.br.Buffered() > 0 || c.tlsHolds() {
 		// Cancelled (the deadline is set), not kept alive, or Cells sent
 		// more than the response: the connection is done.
 		c.close()
 		return
 	}
 	c.u.put(c)
+}
+
+// tlsHolds reports whether crypto/tls holds something Cells sent after the
+// response: it reads from the socket all that is there, beyond the record
+// it needs, so bytes that came with the response's last record (a body
+// longer than its Content-Length, a body to a HEAD, a response nobody asked
+// for) are neither in br nor on the socket for quiet to see; the next
+// request on the connection would get them as its answer. A read with a
+// deadline in the past returns what crypto/tls holds without asking the
+// socket. A close_notify from Cells ends the connection here too.
+func (c *upConn) tlsHolds() bool {
+	tc, ok := c.nc.(*tls.Conn)
+	if !ok {
+		return false
+	}
+	var b [1]byte
+	tc.SetReadDeadline(aLongTimeAgo)
+	n, err := tc.Read(b[:])
+	tc.SetReadDeadline(time.Time{})
+	return n > 0 || !errors.Is(err, os.ErrDeadlineExceeded)
 }
 
 func (c *upConn) close() { c.nc.Close() }

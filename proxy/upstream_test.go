@@ -3,6 +3,7 @@ package proxy
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"net"
@@ -24,21 +25,43 @@ import (
 // gets each connection's number (from 1) and the request read from it,
 // and writes whatever it likes. It stops when the test ends.
 type rawUpstream struct {
-	ln    net.Listener
-	conns atomic.Int64
-	reqs  atomic.Int64
-	wg    sync.WaitGroup
-	mu    sync.Mutex
-	open  map[net.Conn]bool
+	ln     net.Listener
+	tls    *tls.Config // nil: cleartext
+	caFile string      // with tls, the PEM of its certificate
+	conns  atomic.Int64
+	reqs   atomic.Int64
+	wg     sync.WaitGroup
+	mu     sync.Mutex
+	open   map[net.Conn]bool
 }
 
 func newRawUpstream(t *testing.T, serve func(conn int64, req *http.Request, w *bufio.Writer) (keep bool)) *rawUpstream {
+	t.Helper()
+	return newRawUpstreamTLS(t, nil, serve)
+}
+
+// newRawTLSUpstream is newRawUpstream over TLS, as Cells serves by default.
+// Each Flush of w makes a TLS record of its own, and the records of one
+// answer leave in one TCP write once serve returns: the proxy finds them on
+// the socket together, as it does when a server's writes follow closely.
+func newRawTLSUpstream(t *testing.T, serve func(conn int64, req *http.Request, w *bufio.Writer) (keep bool)) *rawUpstream {
+	t.Helper()
+	cert, err := SelfSigned("127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	u := newRawUpstreamTLS(t, &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{"http/1.1"}}, serve)
+	u.caFile = writeCertPEM(t, cert)
+	return u
+}
+
+func newRawUpstreamTLS(t *testing.T, conf *tls.Config, serve func(conn int64, req *http.Request, w *bufio.Writer) (keep bool)) *rawUpstream {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	u := &rawUpstream{ln: ln, open: map[net.Conn]bool{}}
+	u := &rawUpstream{ln: ln, tls: conf, open: map[net.Conn]bool{}}
 	u.wg.Go(func() {
 		for {
 			c, err := ln.Accept()
@@ -56,7 +79,16 @@ func newRawUpstream(t *testing.T, serve func(conn int64, req *http.Request, w *b
 					delete(u.open, c)
 					u.mu.Unlock()
 				}()
-				br, bw := bufio.NewReader(c), bufio.NewWriter(c)
+				var rw io.ReadWriter = c
+				held := &heldConn{Conn: c}
+				if u.tls != nil {
+					tc := tls.Server(held, u.tls)
+					if tc.Handshake() != nil {
+						return
+					}
+					rw = tc
+				}
+				br, bw := bufio.NewReader(rw), bufio.NewWriter(rw)
 				for {
 					req, err := http.ReadRequest(br)
 					if err != nil {
@@ -66,8 +98,9 @@ func newRawUpstream(t *testing.T, serve func(conn int64, req *http.Request, w *b
 						return // a cut body: not a request
 					}
 					u.reqs.Add(1)
+					held.hold = u.tls != nil
 					keep := serve(n, req, bw)
-					if bw.Flush() != nil || !keep {
+					if bw.Flush() != nil || held.release() != nil || !keep {
 						return
 					}
 				}
@@ -86,7 +119,12 @@ func newRawUpstream(t *testing.T, serve func(conn int64, req *http.Request, w *b
 	return u
 }
 
-func (u *rawUpstream) URL() *url.URL { return &url.URL{Scheme: "http", Host: u.ln.Addr().String()} }
+func (u *rawUpstream) URL() *url.URL {
+	if u.tls != nil {
+		return &url.URL{Scheme: "https", Host: u.ln.Addr().String()}
+	}
+	return &url.URL{Scheme: "http", Host: u.ln.Addr().String()}
+}
 
 // openConns is how many connections the upstream holds open.
 func (u *rawUpstream) openConns() int {
@@ -135,6 +173,7 @@ func fetch(c *http.Client, method, url string) (*http.Response, string, error) {
 func rawProxy(t *testing.T, u *rawUpstream) *testProxy {
 	cfg := testConfig(nil)
 	cfg.Upstream = u.URL()
+	cfg.UpstreamCAFile = u.caFile
 	return startProxy(t, cfg)
 }
 
@@ -379,6 +418,52 @@ func TestUpstreamNotReused(t *testing.T) {
 	}
 	if _, body = getBody(t, tp.H1, "GET", tp.URL+"/next"); body != "c005" {
 		t.Errorf("next request: %q, want c004 (kept alive)", body)
+	}
+}
+
+// TestUpstreamNotReusedTLS: bytes beyond a response from a TLS upstream
+// (Cells' default) end the connection too. crypto/tls reads all the socket
+// holds, so when they come in a record of their own right behind the
+// response's, they wait inside crypto/tls, where neither the proxy's read
+// buffer nor a look at the socket sees them; the next client on the
+// connection would get them as its answer.
+func TestUpstreamNotReusedTLS(t *testing.T) {
+	t.Parallel()
+	up := newRawTLSUpstream(t, func(conn int64, req *http.Request, w *bufio.Writer) bool {
+		switch {
+		case req.URL.Path == "/extra":
+			io.WriteString(w, "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nextra")
+			w.Flush() // a record of its own
+			io.WriteString(w, "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nWRONG")
+		case req.Method == http.MethodHead:
+			// A body to a HEAD: a server that writes what it would
+			// send to a GET.
+			io.WriteString(w, "HTTP/1.1 200 OK\r\nContent-Length: 43\r\n\r\n")
+			w.Flush()
+			io.WriteString(w, "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nWRONG")
+		default:
+			fmt.Fprintf(w, "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nc%03d", conn)
+		}
+		return true
+	})
+	tp := rawProxy(t, up)
+	if _, body := getBody(t, tp.H1, "GET", tp.URL+"/next"); body != "c001" {
+		t.Fatalf("/next: %q", body)
+	}
+	if _, body := getBody(t, tp.H1, "GET", tp.URL+"/next"); body != "c001" {
+		t.Fatalf("/next again: %q, want c001 (kept alive)", body)
+	}
+	if _, body := getBody(t, tp.H1, "GET", tp.URL+"/extra"); body != "extra" {
+		t.Fatalf("/extra: %q", body)
+	}
+	if _, body := getBody(t, tp.H1, "GET", tp.URL+"/next"); body != "c002" {
+		t.Errorf("after a record beyond the response: %q, want c002 (a new connection)", body)
+	}
+	if res, _ := getBody(t, tp.H1, "HEAD", tp.URL+"/obj"); res.StatusCode != http.StatusOK {
+		t.Fatalf("HEAD: %s", res.Status)
+	}
+	if _, body := getBody(t, tp.H1, "GET", tp.URL+"/next"); body != "c003" {
+		t.Errorf("after a HEAD answered with a body: %q, want c003 (a new connection)", body)
 	}
 }
 
