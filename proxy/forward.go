@@ -144,6 +144,14 @@ func (f *forwarder) reverseProxy(target *url.URL, t http.RoundTripper) *httputil
 		BufferPool:    bufferPool{},
 		ErrorLog:      slog.NewLogLogger(f.log.Handler(), slog.LevelWarn),
 		ErrorHandler:  f.errorHandler,
+		// As the direct path: http.Transport passes on a status below 100,
+		// which net/http's WriteHeader panics on.
+		ModifyResponse: func(res *http.Response) error {
+			if res.StatusCode < 100 {
+				return errStatus(res.StatusCode)
+			}
+			return nil
+		},
 	}
 }
 

@@ -426,7 +426,13 @@ func (c *upConn) roundTrip(r *http.Request, out headWriter, info http.ResponseWr
 			return nil, err
 		}
 		code := res.StatusCode
-		if code < 100 || code >= 200 {
+		if code < 100 {
+			// ReadResponse takes any three digits; no client may get
+			// this one (net/http's WriteHeader panics on it).
+			stop()
+			return nil, errStatus(code)
+		}
+		if code >= 200 {
 			break
 		}
 		if code == http.StatusSwitchingProtocols {
@@ -475,6 +481,11 @@ func (c *upConn) roundTrip(r *http.Request, out headWriter, info http.ResponseWr
 	}
 	res.Body = &upBody{body: res.Body, c: c, stop: stop, reusable: reusable}
 	return res, nil
+}
+
+// errStatus is a status from Cells that is not one: below 100.
+func errStatus(code int) error {
+	return fmt.Errorf("cells-proxy: upstream answered status %03d, not an HTTP status", code)
 }
 
 // release ends an exchange whose response was read in full.

@@ -467,6 +467,37 @@ func TestUpstreamNotReusedTLS(t *testing.T) {
 	}
 }
 
+// TestUpstreamStatusBelow100: a status line with a code below 100, which
+// Go's response reader accepts, is no answer to pass on (net/http's
+// WriteHeader panics on it): the client gets a 502 on every path, and the
+// connection to Cells is closed, not left open or pooled.
+func TestUpstreamStatusBelow100(t *testing.T) {
+	t.Parallel()
+	up := newRawUpstream(t, func(conn int64, req *http.Request, w *bufio.Writer) bool {
+		io.WriteString(w, "HTTP/1.1 099 Odd\r\nContent-Length: 2\r\n\r\nok")
+		return true
+	})
+	tp := rawProxy(t, up)
+	big := strings.Repeat("x", 64<<10) // past the direct path: ReverseProxy
+	for _, c := range h1h2Clients(tp) {
+		for _, body := range []string{"", big} {
+			req, _ := http.NewRequest(http.MethodPost, tp.URL+"/x", strings.NewReader(body))
+			res := doDrain(t, c.c, req)
+			if res.StatusCode != http.StatusBadGateway {
+				t.Errorf("%s, %d-byte body: %s, want 502", c.name, len(body), res.Status)
+			}
+		}
+	}
+	// Every connection the proxy opened is closed.
+	deadline := time.Now().Add(10 * time.Second)
+	for up.openConns() > 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := up.openConns(); n > 0 {
+		t.Errorf("Cells still holds %d of the proxy's %d connections open", n, up.conns.Load())
+	}
+}
+
 // TestUpstreamEarlyHints: a 103 Early Hints before the response reaches
 // the client with its Link header, then the response itself.
 func TestUpstreamEarlyHints(t *testing.T) {
