@@ -521,6 +521,16 @@ func (w *h1Response) WriteHeader(code int) {
 		return
 	}
 	w.wroteHeader, w.status = true, code
+	if code == http.StatusNoContent || code == http.StatusNotModified {
+		// As net/http's server (suppressedHeaders): no framing fields on
+		// a response that has no body (RFC 9110 forbids Content-Length
+		// on a 204), and no Content-Type on a 304.
+		delete(w.header, "Content-Length")
+		delete(w.header, "Transfer-Encoding")
+		if code == http.StatusNotModified {
+			delete(w.header, "Content-Type")
+		}
+	}
 	if cl := w.header.Get("Content-Length"); cl != "" {
 		if n, err := strconv.ParseInt(cl, 10, 64); err == nil && n >= 0 {
 			w.declared = n
@@ -557,11 +567,15 @@ func (w *h1Response) writeStatus(code int) {
 // writeFields writes the header's fields as net/http's writer does: names
 // that are not tokens left out, line breaks in values made spaces, values
 // trimmed; with final, trailer fields (http.TrailerPrefix) left for the end
-// and the announced trailer names noted.
+// and the announced trailer names noted; without, as a 1xx, no framing
+// fields (excludedHeadersNoBody).
 func (w *h1Response) writeFields(final bool) {
 	bw := w.c.bw
 	for k, vv := range w.header {
 		if final && strings.HasPrefix(k, http.TrailerPrefix) {
+			continue
+		}
+		if !final && (k == "Content-Length" || k == "Transfer-Encoding") {
 			continue
 		}
 		if !httpguts.ValidHeaderFieldName(k) {
@@ -630,6 +644,11 @@ func (w *h1Response) Write(p []byte) (int, error) {
 		return 0, nil
 	}
 	if !w.headSent {
+		// No type: net/http's servers (HTTP/1.1 after a hand-over, and
+		// HTTP/2) sniff one from the first bytes; so does the front.
+		if _, typed := w.header["Content-Type"]; !typed && w.header.Get("Content-Encoding") == "" {
+			w.header["Content-Type"] = []string{http.DetectContentType(p)}
+		}
 		w.sendHead()
 	}
 	bw := w.c.bw

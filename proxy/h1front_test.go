@@ -511,28 +511,7 @@ func TestFrontMatchesServer(t *testing.T) {
 					req = line + "\r\n" + pad + rest
 				}
 				before, n := front.handoffs.Load(), rec.count()
-				conn := tp.dialRaw(t, tp.Addr().String(), "http/1.1")
-				io.WriteString(conn, req)
-				method, _, _ := strings.Cut(req, " ")
-				br := bufio.NewReader(conn)
-				var b strings.Builder
-				for {
-					res, err := http.ReadResponse(br, &http.Request{Method: method})
-					if err != nil {
-						t.Fatalf("padded %v: %v", padded, err)
-					}
-					body, err := io.ReadAll(res.Body)
-					if err != nil {
-						t.Fatalf("padded %v: body: %v", padded, err)
-					}
-					res.Header.Del("Date")
-					fmt.Fprintf(&b, "%d %v te=%v length=%d close=%v body=%q trailer=%v\n",
-						res.StatusCode, res.Header, res.TransferEncoding, res.ContentLength, res.Close, body, res.Trailer)
-					if res.StatusCode >= 200 {
-						break
-					}
-				}
-				answers[i] = b.String()
+				answers[i] = answerTo(t, tp, req)
 				if got := front.handoffs.Load() - before; got != int64(i) {
 					t.Fatalf("padded %v: %d hand-overs, want %d", padded, got, i)
 				}
@@ -549,6 +528,73 @@ func TestFrontMatchesServer(t *testing.T) {
 				t.Errorf("Cells got through the front\n%s\nand through net/http's server\n%s", seens[0], seens[1])
 			}
 		})
+	}
+}
+
+// answerTo sends req on a new connection and describes what the client
+// gets: every response up to the final one, Date aside.
+func answerTo(t *testing.T, tp *testProxy, req string) string {
+	t.Helper()
+	conn := tp.dialRaw(t, tp.Addr().String(), "http/1.1")
+	defer conn.Close()
+	io.WriteString(conn, req)
+	method, _, _ := strings.Cut(req, " ")
+	br := bufio.NewReader(conn)
+	var b strings.Builder
+	for {
+		res, err := http.ReadResponse(br, &http.Request{Method: method})
+		if err != nil {
+			t.Fatalf("%q: %v", req, err)
+		}
+		body, err := io.ReadAll(res.Body)
+		if err != nil {
+			t.Fatalf("%q: body: %v", req, err)
+		}
+		res.Header.Del("Date")
+		fmt.Fprintf(&b, "%d %v te=%v length=%d close=%v body=%q trailer=%v\n",
+			res.StatusCode, res.Header, res.TransferEncoding, res.ContentLength, res.Close, body, res.Trailer)
+		if res.StatusCode >= 200 {
+			return b.String()
+		}
+	}
+}
+
+// TestFrontBodilessFraming: Cells' answers without a body may carry
+// framing fields a Go server would not send (another server behind the
+// upstream address, or one answering for Cells). The front leaves them out
+// where net/http's server does: Content-Length and Transfer-Encoding on a
+// 1xx, a 204 and a 304 (RFC 9110 forbids Content-Length on the 1xx and the
+// 204), Content-Type on a 304; and where a body comes without a type, the
+// front sniffs one as net/http's server does. The client gets the same
+// answer whichever of the two served it.
+func TestFrontBodilessFraming(t *testing.T) {
+	t.Parallel()
+	up := newRawUpstream(t, func(conn int64, req *http.Request, w *bufio.Writer) bool {
+		switch req.URL.Path {
+		case "/204":
+			io.WriteString(w, "HTTP/1.1 204 No Content\r\nContent-Length: 7\r\nX-A: 1\r\n\r\n")
+		case "/304":
+			io.WriteString(w, "HTTP/1.1 304 Not Modified\r\nContent-Length: 7\r\nContent-Type: text/plain\r\nEtag: \"v1\"\r\n\r\n")
+		case "/untyped":
+			io.WriteString(w, "HTTP/1.1 200 OK\r\nContent-Length: 15\r\n\r\n<html>hi</html>")
+		case "/103":
+			io.WriteString(w, "HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\nContent-Length: 9\r\n\r\n")
+			io.WriteString(w, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+		}
+		return true
+	})
+	tp := rawProxy(t, up)
+	pad := "X-Pad: " + strings.Repeat("p", h1HeadMax) + "\r\n"
+	for _, path := range []string{"/204", "/304", "/103", "/untyped"} {
+		line := "GET " + path + " HTTP/1.1\r\n"
+		rest := "Host: cells.example\r\n\r\n"
+		front, server := answerTo(t, tp, line+rest), answerTo(t, tp, line+pad+rest)
+		if front != server {
+			t.Errorf("%s: the client got from the front\n%s\nand from net/http's server\n%s", path, front, server)
+		}
+		if first, _, _ := strings.Cut(front, "\n"); path != "/untyped" && strings.Contains(first, "Content-Length") {
+			t.Errorf("%s: Content-Length on a response without a body:\n%s", path, front)
+		}
 	}
 }
 
