@@ -239,6 +239,29 @@ type drainer interface {
 	Close() error
 }
 
+// inTurn drains its servers one after the other.
+type inTurn []drainer
+
+func (q inTurn) Shutdown(ctx context.Context) error {
+	var first error
+	for _, d := range q {
+		if err := d.Shutdown(ctx); err != nil && first == nil {
+			first = err
+		}
+	}
+	return first
+}
+
+func (q inTurn) Close() error {
+	var first error
+	for _, d := range q {
+		if err := d.Close(); err != nil && first == nil {
+			first = err
+		}
+	}
+	return first
+}
+
 // serving tracks the servers that Run must drain.
 type serving struct {
 	servers []drainer
@@ -246,8 +269,14 @@ type serving struct {
 	wg      sync.WaitGroup
 }
 
+// serve runs srv on ln, to be drained by Run.
 func (sv *serving) serve(srv *http.Server, ln net.Listener) {
 	sv.servers = append(sv.servers, srv)
+	sv.start(srv, ln)
+}
+
+// start runs srv on ln; the caller has Run drain it.
+func (sv *serving) start(srv *http.Server, ln net.Listener) {
 	sv.wg.Go(func() {
 		if err := srv.Serve(ln); !isClosed(err) {
 			sv.errc <- fmt.Errorf("serving %s: %w", ln.Addr(), err)
@@ -303,8 +332,11 @@ func (s *Server) Run(ctx context.Context) error {
 	h1srv := s.newHTTPServer(public, func(p *http.Protocols) { p.SetHTTP1(true) })
 	front := newH1Front(public, s.baseCtx, s.log, h1srv.ReadHeaderTimeout, h1srv.IdleTimeout, h1ln.Addr())
 	s.front.Store(front)
-	sv.serve(h1srv, front.slow)
-	sv.servers = append(sv.servers, front)
+	sv.start(h1srv, front.slow)
+	// The front hands connections over until it has drained: a request
+	// whose head was still arriving when the drain began may turn out to
+	// be net/http's (an upload, an upgrade), which must then serve it.
+	sv.servers = append(sv.servers, inTurn{front, h1srv})
 	sv.wg.Go(func() {
 		if err := front.Serve(h1ln); !isClosed(err) {
 			sv.errc <- fmt.Errorf("serving %s: %w", h1ln.Addr(), err)

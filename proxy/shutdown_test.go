@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/sha256"
@@ -10,6 +11,7 @@ import (
 	"net/http"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -548,5 +550,92 @@ func TestShutdownDeadline(t *testing.T) {
 		case <-time.After(30 * time.Second):
 			t.Fatal("a stuck request's client got no error after Run returned")
 		}
+	}
+}
+
+// waitFrontBusy waits until one of the front's connections is reading or
+// serving a request.
+func waitFrontBusy(t *testing.T, f *h1Front) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(2 * time.Millisecond) {
+		f.mu.Lock()
+		busy := false
+		for c := range f.conns {
+			busy = busy || c.state.Load() == h1Busy
+		}
+		f.mu.Unlock()
+		if busy {
+			return
+		}
+	}
+	t.Fatal("no connection of the front began a request")
+}
+
+// TestShutdownRequestMidHead: on a kept-alive HTTP/1.1 connection, a
+// request's head has begun to arrive when the drain begins, and the rest
+// comes after. The request is in flight and is served, as net/http's
+// Shutdown serves an active connection's, also when it turns out to be one
+// the front hands to net/http's server (an upload, an upgrade): that server
+// drains only once the front has, so the hand-over still finds it.
+func TestShutdownRequestMidHead(t *testing.T) {
+	const size = 100_000
+	for _, tc := range []struct {
+		name, head, rest string
+		body             int
+		status           int
+	}{
+		{"small GET", "GET /a/x HTTP/1.1\r\nHost: x\r\n", "Accept: */*\r\n\r\n", 0, http.StatusOK},
+		{"upload", "PUT /data/f HTTP/1.1\r\nHost: x\r\n", fmt.Sprintf("Content-Length: %d\r\n\r\n", size), size, http.StatusOK},
+		{"websocket", "GET /ws/event HTTP/1.1\r\nHost: x\r\n", "Upgrade: websocket\r\nConnection: Upgrade\r\n" +
+			"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n", 0, http.StatusSwitchingProtocols},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var got atomic.Int64
+			mux := http.NewServeMux()
+			mux.Handle("/ws/", newWSUpstream(nil))
+			mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+				n, _ := io.Copy(io.Discard, r.Body)
+				got.Store(n)
+			})
+			up := newUpstream(t, upTLS, mux)
+			settle(t, up)
+			tp := startProxy(t, testConfig(up))
+			conn := tp.dialRaw(t, tp.Addr().String(), "http/1.1")
+			conn.SetDeadline(time.Now().Add(30 * time.Second))
+			br := bufio.NewReader(conn)
+			io.WriteString(conn, "GET /a/first HTTP/1.1\r\nHost: x\r\n\r\n")
+			res, err := http.ReadResponse(br, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			io.Copy(io.Discard, res.Body)
+
+			io.WriteString(conn, tc.head)
+			waitFrontBusy(t, frontOf(t, tp))
+			stopped := shutdownAsync(tp)
+			waitDraining(t, tp)
+			io.WriteString(conn, tc.rest)
+			conn.Write(make([]byte, tc.body))
+			res, err = http.ReadResponse(br, nil)
+			if err != nil {
+				t.Fatalf("a request begun before the drain: no answer: %v", err)
+			}
+			if res.StatusCode != tc.status {
+				t.Errorf("status %s, want %d", res.Status, tc.status)
+			}
+			if res.StatusCode != http.StatusSwitchingProtocols {
+				io.Copy(io.Discard, res.Body)
+			}
+			if n := got.Load(); n != int64(tc.body) {
+				t.Errorf("Cells got %d bytes of the body, want %d", n, tc.body)
+			}
+			if tc.status == http.StatusSwitchingProtocols {
+				// The drain ends the websocket with 1001.
+				io.Copy(io.Discard, conn)
+			}
+			if err := <-stopped; err != nil {
+				t.Errorf("Run: %v", err)
+			}
+		})
 	}
 }
