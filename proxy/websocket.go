@@ -177,8 +177,7 @@ func (ts *tunnels) serve(f *forwarder, ex *exchange, r *http.Request) (detached 
 	t.up = pump{t: t, pk: pk, src: clientSrc, srcConn: client, raw: rawConn(client), dst: upstream, dstConn: upConn, mask: true}
 	t.down = pump{t: t, pk: pk, fromUpstream: true, src: upstream, srcConn: upConn, raw: rawConn(upConn), dst: client, dstConn: client}
 	t.run(ts, func() {
-		upstream.Close()
-		client.Close()
+		lingerClose(upConn, client)
 		f.finish(ex, r)
 	})
 	return true
@@ -333,9 +332,62 @@ func (t *tunnel) close(code uint16, reason string) {
 		t.stopPumps()
 		t.wg.Wait()
 		t.sendClose(code, reason)
-		t.clientConn.Close()
-		t.upConn.Close()
+		lingerClose(t.clientConn, t.upConn)
 	})
+}
+
+// lingerTimeout bounds lingerClose.
+var lingerTimeout = 2 * time.Second
+
+// lingerClose closes the connections of a tunnel without losing what was
+// written to them. A socket closed with bytes still unread makes the
+// kernel reset the connection, which throws away what it has not yet
+// sent: the end of the last message one side sent before it closed, or the
+// close frames. So each socket first ends its sending side (TLS's
+// close_notify, then a FIN behind the bytes queued), then what the peer
+// still sends is read and dropped until it closes too, for at most
+// lingerTimeout: nginx's lingering close, net/http's closeWriteAndWait.
+func lingerClose(conns ...net.Conn) {
+	deadline := time.Now().Add(lingerTimeout)
+	var wg sync.WaitGroup
+	for _, c := range conns {
+		tcp := tcpConn(c)
+		if tcp == nil {
+			c.Close()
+			continue
+		}
+		wg.Go(func() {
+			defer c.Close()
+			for l := c; l != nil; l = wrapped(l) {
+				if tc, ok := l.(*tls.Conn); ok {
+					tc.CloseWrite() // bounded by a deadline of its own
+					break
+				}
+			}
+			if tcp.CloseWrite() != nil {
+				return
+			}
+			tcp.SetReadDeadline(deadline)
+			var buf [512]byte
+			for {
+				if _, err := tcp.Read(buf[:]); err != nil {
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+}
+
+// tcpConn is the TCP connection under c, through TLS and the public
+// port's layers; nil if there is none.
+func tcpConn(c net.Conn) *net.TCPConn {
+	for ; c != nil; c = wrapped(c) {
+		if tcp, ok := c.(*net.TCPConn); ok {
+			return tcp
+		}
+	}
+	return nil
 }
 
 // sendClose writes a close frame to each side that can take one. The pumps

@@ -1071,3 +1071,87 @@ func TestWebSocketCloseBeforePayload(t *testing.T) {
 		t.Errorf("Run = %v, want nil", err)
 	}
 }
+
+// frameOf is a final frame of opcode op and any length, masked with a fixed
+// key when mask is set.
+func frameOf(op byte, payload []byte, mask bool) []byte {
+	b := []byte{0x80 | op, 127}
+	b = binary.BigEndian.AppendUint64(b, uint64(len(payload)))
+	if !mask {
+		return append(b, payload...)
+	}
+	b[1] |= 0x80
+	key := [4]byte{7, 1, 3, 9}
+	b = append(b, key[:]...)
+	for i, c := range payload {
+		b = append(b, c^key[i%4])
+	}
+	return b
+}
+
+// TestWebSocketLastWordsArrive: the client sends a large message and its
+// close frame, then ends its side of the connection (close_notify, and a
+// FIN or not) while it goes on reading, and Cells keeps sending events all
+// along. The tunnel ends at the client's end of stream; every byte the
+// client sent must still reach Cells, the message whole and then the close
+// frame. Closing a socket with Cells' events unread would make the kernel
+// reset the connection and throw away the end of the message still queued
+// to Cells.
+func TestWebSocketLastWordsArrive(t *testing.T) {
+	for _, fin := range []bool{false, true} {
+		t.Run(fmt.Sprintf("fin=%v", fin), func(t *testing.T) {
+			const size = 2 << 20
+			msg := randomMessage(websocket.MessageBinary, size)
+			ended := make(chan struct{}) // the client has ended its side
+			type result struct {
+				n       int
+				closeOK bool
+				err     error
+			}
+			got := make(chan result, 1)
+			wsUp := newWSUpstream(func(ctx context.Context, c *websocket.Conn) error {
+				ctx, stop := context.WithCancel(ctx)
+				defer stop()
+				go func() {
+					event := make([]byte, 16<<10)
+					for c.Write(ctx, websocket.MessageBinary, event) == nil {
+					}
+				}()
+				<-ended // the proxy's writes to Cells wait meanwhile
+				var res result
+				_, p, err := c.Read(ctx)
+				res.n, res.err = len(p), err
+				if err == nil && bytes.Equal(p, msg) {
+					_, _, err = c.Read(ctx)
+					code, _ := closeErr(err)
+					res.closeOK, res.err = code == websocket.StatusNormalClosure, err
+				}
+				got <- res
+				return nil
+			})
+			tp := startProxy(t, testConfig(newUpstream(t, upTLS, wsUp)))
+			conn := rawWS(t, tp)
+			conn.SetDeadline(time.Now().Add(30 * time.Second))
+			go io.Copy(io.Discard, conn) // the client reads all Cells sends
+			go func() {
+				conn.Write(frameOf(0x2, msg, true))
+				conn.Write(closeFrame(1000, "bye", true))
+				conn.CloseWrite()
+				if fin {
+					conn.NetConn().(*net.TCPConn).CloseWrite()
+				}
+				close(ended)
+			}()
+			var res result
+			select {
+			case res = <-got:
+			case <-time.After(30 * time.Second):
+				t.Fatal("Cells read nothing in 30 s")
+			}
+			if res.n != size || !res.closeOK {
+				t.Errorf("Cells got a message of %d bytes (want %d), then the client's close frame: %v (%v)", res.n, size, res.closeOK, res.err)
+			}
+			wsUp.end(t)
+		})
+	}
+}
