@@ -35,7 +35,7 @@ type env struct {
 	RedirectPort       string `envconfig:"PROXY_REDIRECT_HTTPS_PORT" default:"443" desc:"port written in redirects: the one users reach from outside, not the container's"`
 	ServerNames        string `envconfig:"PROXY_SERVER_NAMES" desc:"comma list of public host names; other Host values get 421 on HTTPS and 404 on the redirect port. Empty: any"`
 	TLS                string `envconfig:"PROXY_TLS" default:"on" desc:"off: the public port speaks cleartext (a load balancer terminates TLS in front) and cmux splits h2c prior knowledge from HTTP/1"`
-	TrustedProxies     string `envconfig:"PROXY_TRUSTED_PROXIES" desc:"comma list of CIDRs whose X-Forwarded-For and X-Forwarded-Proto are kept and appended to. Empty: none"`
+	TrustedProxies     string `envconfig:"PROXY_TRUSTED_PROXIES" desc:"comma list of CIDRs whose X-Forwarded-Proto and X-Forwarded-For are believed: the chain is followed from the right past them to the client, and Cells gets it from there on. Empty: none"`
 	MaxBodySize        string `envconfig:"PROXY_MAX_BODY_SIZE" default:"0" desc:"largest request body, e.g. 200MiB or 1G; larger bodies get 413. 0: no limit"`
 	IdleTimeout        string `envconfig:"PROXY_IDLE_TIMEOUT" default:"10m" desc:"a proxied HTTP exchange with no byte moving either way for this long is cut (nginx proxy_read_timeout and proxy_send_timeout)"`
 	WSIdleTimeout      string `envconfig:"PROXY_WS_IDLE_TIMEOUT" default:"24h" desc:"the same for websockets (Cells pings every 54 s)"`

@@ -13,6 +13,7 @@ import (
 	"net/http/httputil"
 	"net/netip"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -231,7 +232,9 @@ type forwarded struct {
 
 // forwardedFor computes them. Cells takes the first X-Forwarded-For entry
 // as the client and believes it, so a client's own value reaches Cells only
-// from a peer in PROXY_TRUSTED_PROXIES.
+// from a peer in PROXY_TRUSTED_PROXIES, and then only from the client on:
+// a load balancer appends to what its client sent, and what lies left of
+// the client's address is the client's to write.
 func (f *forwarder) forwardedFor(in *http.Request) forwarded {
 	ap, err := netip.ParseAddrPort(in.RemoteAddr)
 	if err != nil {
@@ -242,9 +245,10 @@ func (f *forwarder) forwardedFor(in *http.Request) forwarded {
 	fw := forwarded{xff: client, proto: f.proto, host: in.Host, ok: true}
 	if len(f.cfg.TrustedProxies) > 0 && f.trusted(peer) {
 		if prior := in.Header.Values("X-Forwarded-For"); len(prior) > 0 {
-			chain := strings.Join(prior, ", ")
-			fw.xff = chain + ", " + client
-			client = f.realIP(chain, client)
+			if chain := f.realChain(strings.Split(strings.Join(prior, ","), ",")); len(chain) > 0 {
+				client = chain[0]
+				fw.xff = strings.Join(chain, ", ") + ", " + fw.xff
+			}
 		}
 		if p := in.Header.Get("X-Forwarded-Proto"); p == "http" || p == "https" {
 			fw.proto = p
@@ -271,23 +275,25 @@ func (f *forwarder) setForwarded(in, out *http.Request) {
 	out.Header.Set("X-Forwarded-Host", fw.host)
 }
 
-// realIP walks a trusted X-Forwarded-For chain from the right and returns
-// the first address that is not a trusted proxy (nginx's real_ip_recursive).
-func (f *forwarder) realIP(chain, peer string) string {
-	entries := strings.Split(chain, ",")
+// realChain walks the X-Forwarded-For entries a trusted peer sent from the
+// right, past the trusted proxies, to the client: the first address that is
+// not one (nginx's real_ip_recursive), or the leftmost if all are. It
+// returns the entries from the client on, the client first; none when an
+// entry on the way is not an address, and the peer is then the client.
+func (f *forwarder) realChain(entries []string) []string {
+	var chain []string
 	for i := len(entries) - 1; i >= 0; i-- {
 		a, err := netip.ParseAddr(strings.TrimSpace(entries[i]))
 		if err != nil {
-			return peer
+			return nil
 		}
+		chain = append(chain, a.Unmap().String())
 		if !f.trusted(a.Unmap()) {
-			return a.Unmap().String()
+			break
 		}
 	}
-	if a, err := netip.ParseAddr(strings.TrimSpace(entries[0])); err == nil {
-		return a.Unmap().String()
-	}
-	return peer
+	slices.Reverse(chain)
+	return chain
 }
 
 // isGRPC reports whether r is a gRPC call: HTTP/2 and a gRPC content type,

@@ -412,10 +412,12 @@ func TestForwardedUntrusted(t *testing.T) {
 	}
 }
 
-// TestForwardedTrusted: a peer in TrustedProxies has its chain kept and
-// extended, its X-Forwarded-Proto and -Host believed, and X-Real-IP is the
-// nearest address that is not a trusted proxy. Forwarded is still dropped:
-// Cells does not read it, and nobody checks it.
+// TestForwardedTrusted: a peer in TrustedProxies has its chain kept from
+// the client on (the nearest address that is not a trusted proxy, also
+// X-Real-IP) and extended, and its X-Forwarded-Proto and -Host believed.
+// What the client wrote left of its own address does not reach Cells, which
+// believes the first entry. Forwarded is still dropped: Cells does not read
+// it, and nobody checks it.
 func TestForwardedTrusted(t *testing.T) {
 	t.Parallel()
 	rec := &recorder{}
@@ -433,12 +435,30 @@ func TestForwardedTrusted(t *testing.T) {
 		noHeader bool
 	}{
 		{
-			name:    "chain",
-			header:  map[string]string{"X-Forwarded-For": "198.51.100.1, 203.0.113.7, 127.0.0.2", "X-Forwarded-Proto": "http", "X-Forwarded-Host": "cells.example.com", "Forwarded": "for=198.51.100.1"},
-			xff:     "198.51.100.1, 203.0.113.7, 127.0.0.2, 127.0.0.1",
+			name:   "chain",
+			header: map[string]string{"X-Forwarded-For": "198.51.100.1, 203.0.113.7, 127.0.0.2", "X-Forwarded-Proto": "http", "X-Forwarded-Host": "cells.example.com", "Forwarded": "for=198.51.100.1"},
+			// 198.51.100.1 is what the client wrote: a load balancer
+			// appends to it. Cells believes the first entry.
+			xff:     "203.0.113.7, 127.0.0.2, 127.0.0.1",
 			realIP:  "203.0.113.7",
 			proto:   "http",
 			fwdHost: "cells.example.com",
+		},
+		{
+			name:    "every hop trusted",
+			header:  map[string]string{"X-Forwarded-For": "127.0.0.3,127.0.0.2"},
+			xff:     "127.0.0.3, 127.0.0.2, 127.0.0.1",
+			realIP:  "127.0.0.3",
+			proto:   "https",
+			fwdHost: tp.Addr().String(),
+		},
+		{
+			name:    "not an address on the way",
+			header:  map[string]string{"X-Forwarded-For": "203.0.113.7, unknown, 127.0.0.2"},
+			xff:     "127.0.0.1",
+			realIP:  "127.0.0.1",
+			proto:   "https",
+			fwdHost: tp.Addr().String(),
 		},
 		{
 			name:    "no chain",
