@@ -138,6 +138,36 @@ func TestIdleTimeout(t *testing.T) {
 				t.Errorf("got %d %q, want 200 %q", res.StatusCode, got, want)
 			}
 		})
+		// A client that stops sending its body: the request's fault,
+		// answered 408 and not logged as Cells failing, whether the body
+		// was small enough to be read before Cells was asked (nothing
+		// reaches Cells) or streams to Cells as it comes.
+		for _, size := range []int{100, 100 << 10} {
+			t.Run(fmt.Sprintf("%s/stalled-upload-%d", pc.name, size), func(t *testing.T) {
+				pr, pw := io.Pipe()
+				defer pw.Close()
+				go pw.Write(make([]byte, size/10))
+				req, err := http.NewRequest(http.MethodPut, tp.URL+"/slow-upload", pr)
+				if err != nil {
+					t.Fatal(err)
+				}
+				req.ContentLength = int64(size)
+				res, err := pc.c.Do(req)
+				if err != nil {
+					t.Fatal(err)
+				}
+				io.Copy(io.Discard, res.Body)
+				res.Body.Close()
+				if res.StatusCode != http.StatusRequestTimeout {
+					t.Errorf("status %s, want 408", res.Status)
+				}
+				for l := range strings.SplitSeq(tp.Log.String(), "\n") {
+					if strings.Contains(l, "upstream error") && strings.Contains(l, "/slow-upload") {
+						t.Errorf("logged as Cells failing: %s", l)
+					}
+				}
+			})
+		}
 		for _, path := range []string{"/stall", "/stall-sized"} {
 			t.Run(pc.name+path, func(t *testing.T) {
 				res, err := pc.c.Get(tp.URL + path)

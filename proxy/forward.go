@@ -320,11 +320,18 @@ func (f *forwarder) errorHandler(w http.ResponseWriter, r *http.Request, err err
 		// which cancels its context: it cannot carry another request.
 		closeAfter(w, r)
 	}
-	if ex, ok := w.(*exchange); ok && status == http.StatusBadGateway && ex.bodyFailed.Load() {
+	if ex, ok := w.(*exchange); ok && ex.bodyFailed.Load() {
 		// Reading the client's body failed (a malformed chunk, a client
 		// that stopped mid-body): the request is at fault, not Cells, and
 		// the connection cannot carry another request.
-		status, msg = http.StatusBadRequest, "cells-proxy: malformed or incomplete request body"
+		switch {
+		case status == http.StatusBadGateway:
+			status, msg = http.StatusBadRequest, "cells-proxy: malformed or incomplete request body"
+		case errors.Is(context.Cause(r.Context()), errIdle):
+			// The watchdog stopped a read of the body: the client
+			// sent nothing for the idle timeout (nginx's 408).
+			status, msg = http.StatusRequestTimeout, "cells-proxy: request body stalled (PROXY_IDLE_TIMEOUT)"
+		}
 		closeAfter(w, r)
 	}
 	if status == 0 {
