@@ -37,7 +37,7 @@ type env struct {
 	TLS                string `envconfig:"PROXY_TLS" default:"on" desc:"off: the public port speaks cleartext (a load balancer terminates TLS in front) and cmux splits h2c prior knowledge from HTTP/1"`
 	TrustedProxies     string `envconfig:"PROXY_TRUSTED_PROXIES" desc:"comma list of CIDRs whose X-Forwarded-Proto and X-Forwarded-For are believed: the chain is followed from the right past them to the client, and Cells gets it from there on. Empty: none"`
 	MaxBodySize        string `envconfig:"PROXY_MAX_BODY_SIZE" default:"0" desc:"largest request body, e.g. 200MiB or 1G; larger bodies get 413. 0: no limit"`
-	IdleTimeout        string `envconfig:"PROXY_IDLE_TIMEOUT" default:"10m" desc:"a proxied HTTP exchange with no byte moving either way for this long is cut (nginx proxy_read_timeout and proxy_send_timeout)"`
+	IdleTimeout        string `envconfig:"PROXY_IDLE_TIMEOUT" default:"10m" desc:"a proxied HTTP exchange with no byte moving either way for this long is cut (nginx proxy_read_timeout and proxy_send_timeout): 504 if Cells never answered, 408 if the client stopped sending its body"`
 	WSIdleTimeout      string `envconfig:"PROXY_WS_IDLE_TIMEOUT" default:"24h" desc:"the same for websockets (Cells pings every 54 s)"`
 	ShutdownTimeout    string `envconfig:"PROXY_SHUTDOWN_TIMEOUT" default:"30s" desc:"how long in-flight requests may finish after SIGTERM before connections are closed"`
 	ReadHeaderTimeout  string `envconfig:"PROXY_READ_HEADER_TIMEOUT" default:"30s" desc:"a client must send a whole request head (request line and headers) within this, or its connection is closed (slowloris)"`
