@@ -19,6 +19,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+	"unicode/utf8"
 
 	"golang.org/x/net/http/httpguts"
 )
@@ -415,6 +416,8 @@ func grpcCode(status int) int {
 		return 8 // RESOURCE_EXHAUSTED
 	case http.StatusMisdirectedRequest:
 		return 12 // UNIMPLEMENTED: no such service here
+	case http.StatusBadRequest:
+		return 13 // INTERNAL, as gRPC maps HTTP's 400
 	}
 	return 14 // UNAVAILABLE
 }
@@ -565,6 +568,15 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool)
 		return
 	}
 
+	if msg := malformed(r); msg != "" {
+		closeAfter(ex, r)
+		if ex.kind == "grpc" {
+			writeGRPCStatus(ex, grpcCode(http.StatusBadRequest), "cells-proxy: "+msg)
+			return
+		}
+		http.Error(ex, "cells-proxy: "+msg, http.StatusBadRequest)
+		return
+	}
 	if !f.hostAllowed(r.Host) {
 		if ex.kind == "grpc" {
 			writeGRPCStatus(ex, grpcCode(http.StatusMisdirectedRequest), "cells-proxy: unknown host "+r.Host)
@@ -666,6 +678,57 @@ func (f *forwarder) serveGRPC(ex *exchange, r *http.Request) {
 		r = r.WithContext(ctx)
 	}
 	f.callGRPC(ex, r)
+}
+
+// malformed says what makes r unfit to forward, for a 400, or "". net/http
+// checks most of a request before the handler, not all of it: its HTTP/2
+// server takes a content-length it cannot parse for 0, and would let the
+// request reach Cells as an empty upload before it resets the stream when
+// the body comes; and neither of its servers checks an :authority or Host
+// much (net/http's client refuses some such values, which then looked like
+// Cells failing, 502), nor that a port is a number (Cells builds its
+// external URLs from Host, and PROXY_SERVER_NAMES compares the name only).
+func malformed(r *http.Request) string {
+	host := r.Host
+	if strings.ContainsFunc(host, func(c rune) bool { return c >= utf8.RuneSelf }) {
+		// An HTTP/2 :authority outside ASCII, which net/http's client
+		// sends in punycode (see direct.go): its ASCII is checked.
+		host = strings.Map(func(c rune) rune {
+			if c >= utf8.RuneSelf {
+				return 'x'
+			}
+			return c
+		}, host)
+	}
+	if !httpguts.ValidHostHeader(host) {
+		return "invalid Host"
+	}
+	if _, port, err := net.SplitHostPort(r.Host); err == nil && port != "" && !isDigits(port) {
+		return "invalid port in Host"
+	}
+	if r.ProtoMajor == 2 {
+		if vv := r.Header["Content-Length"]; len(vv) > 0 {
+			for _, v := range vv {
+				if !isDigits(v) || v != vv[0] {
+					return "invalid content-length"
+				}
+			}
+		}
+	}
+	return ""
+}
+
+// isDigits reports whether s is one or more ASCII digits.
+func isDigits(s string) bool {
+	if s == "" {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if s[i] < '0' || s[i] > '9' {
+			return false
+		}
+	}
+	return true
 }
 
 // hostAllowed applies PROXY_SERVER_NAMES to a Host or :authority value.

@@ -823,3 +823,76 @@ func TestMisdirectedHost(t *testing.T) {
 		})
 	}
 }
+
+// TestMalformedRequests: what net/http lets through to the handler but
+// must not reach Cells gets 400 from the proxy, on HTTP/1.1 and HTTP/2,
+// and is not logged as Cells failing. An HTTP/2 content-length that is not
+// a number (net/http's HTTP/2 server takes it for 0) would have made Cells
+// store an empty file, the body reset only afterwards; a port that is not
+// a number passes PROXY_SERVER_NAMES, which compares names, and Cells
+// builds its external URLs from Host; an :authority that net/http's client
+// refuses was answered 502, as if Cells had failed.
+func TestMalformedRequests(t *testing.T) {
+	t.Parallel()
+	rec := &recorder{}
+	up := newUpstream(t, upTLS, rec)
+	cfg := testConfig(up)
+	cfg.ServerNames = []string{"cells.example.com", "127.0.0.1"}
+	tp := startProxy(t, cfg)
+	put := func(cl string) []string {
+		return h2Fields("PUT", "cells.example.com", "/io/personal/f.txt", "content-length", cl)
+	}
+	for _, tc := range []struct {
+		name   string
+		fields []string // HTTP/2; and HTTP/1.1 from the same fields when h1 is set
+		h1     bool
+	}{
+		{"content-length abc", put("abc"), false},
+		{"content-length +5", put("+5"), false},
+		{"content-length 5,5", put("5,5"), false},
+		{"content-length 5 and 6", append(put("5"), "content-length", "6"), false},
+		{"port not a number", h2Fields("GET", "cells.example.com:evil.example", "/a/frontend/bootconf"), true},
+		{"port %2f", h2Fields("GET", "cells.example.com:%2f%2fevil.example", "/a/frontend/bootconf"), true},
+		{"authority with a space", h2Fields("GET", "bad host", "/a/x"), false},
+		{"authority with a quote", h2Fields("GET", `a"b`, "/a/x"), false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			before := rec.count()
+			// The body is held back until the answer: net/http's
+			// server resets a stream whose DATA exceeds the length it
+			// took, which could come first.
+			fc := dialH2(t, tp)
+			fc.wmu.Lock()
+			fc.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, EndHeaders: true, BlockFragment: fc.block(tc.fields...)})
+			fc.wmu.Unlock()
+			if ev := fc.answer(t, 1); ev.String() != ":status 400" {
+				t.Errorf("HTTP/2: %v, want :status 400", ev)
+			}
+			if tc.h1 {
+				res, _ := rawH1(t, tp, "GET /a/frontend/bootconf HTTP/1.1\r\nHost: "+tc.fields[5]+"\r\nConnection: close\r\n\r\n")
+				if res.StatusCode != http.StatusBadRequest {
+					t.Errorf("HTTP/1.1: %s, want 400", res.Status)
+				}
+			}
+			if rec.count() > before {
+				s := rec.last(t)
+				t.Errorf("Cells got %s %s Host %q Content-Length %q body %q", s.Method, s.RequestURI, s.Host, s.Header.Get("Content-Length"), s.Body)
+			}
+		})
+	}
+	// The well-formed neighbours pass.
+	fc := dialH2(t, tp)
+	fc.wmu.Lock()
+	fc.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, EndHeaders: true, BlockFragment: fc.block(put("5")...)})
+	fc.fr.WriteData(1, true, []byte("hello"))
+	fc.wmu.Unlock()
+	if ev := fc.answer(t, 1); ev.String() != ":status 200" {
+		t.Errorf("content-length 5: %v, want :status 200", ev)
+	}
+	if res, _ := rawH1(t, tp, "GET /a/frontend/bootconf HTTP/1.1\r\nHost: cells.example.com:8443\r\nConnection: close\r\n\r\n"); res.StatusCode != http.StatusOK {
+		t.Errorf("a numeric port: %s, want 200", res.Status)
+	}
+	if strings.Contains(tp.Log.String(), "upstream error") {
+		t.Errorf("a client's malformed request logged as an upstream error:\n%s", tp.Log)
+	}
+}
