@@ -10,7 +10,6 @@ import (
 	"net"
 	"net/http"
 	"net/url"
-	"os"
 	"sync"
 	"syscall"
 	"time"
@@ -361,7 +360,7 @@ func (u *h1Upstream) dialSized(ctx context.Context, rsize, wsize int) (*upConn, 
 	}
 	nc := raw
 	if u.tls != nil {
-		tc, err := u.handshake(ctx, nc)
+		tc, err := u.handshake(ctx, &tlsSocket{Conn: nc})
 		if err != nil {
 			nc.Close()
 			return nil, err
@@ -504,20 +503,47 @@ func (c *upConn) release(stop func() bool, reusable bool) {
 // it needs, so bytes that came with the response's last record (a body
 // longer than its Content-Length, a body to a HEAD, a response nobody asked
 // for) are neither in br nor on the socket for quiet to see; the next
-// request on the connection would get them as its answer. A read with a
-// deadline in the past returns what crypto/tls holds without asking the
-// socket. A close_notify from Cells ends the connection here too.
+// request on the connection would get them as its answer. A read while the
+// socket under it is probing returns what crypto/tls holds, and nothing
+// else. A close_notify from Cells ends the connection here too.
 func (c *upConn) tlsHolds() bool {
 	tc, ok := c.nc.(*tls.Conn)
 	if !ok {
 		return false
 	}
+	s := tc.NetConn().(*tlsSocket)
 	var b [1]byte
-	tc.SetReadDeadline(aLongTimeAgo)
+	s.probing = true
 	n, err := tc.Read(b[:])
-	tc.SetReadDeadline(time.Time{})
-	return n > 0 || !errors.Is(err, os.ErrDeadlineExceeded)
+	s.probing = false
+	return n > 0 || err != errProbe
 }
+
+// tlsSocket is the connection under an upstream tls.Conn. While probing,
+// a read returns errProbe at once instead of asking the socket: tlsHolds
+// sees what crypto/tls holds without a system call, a deadline to set and
+// clear, or the error a deadline allocates.
+type tlsSocket struct {
+	net.Conn
+	probing bool // only on the goroutine that owns the exchange
+}
+
+func (s *tlsSocket) Read(p []byte) (int, error) {
+	if s.probing {
+		return 0, errProbe
+	}
+	return s.Conn.Read(p)
+}
+
+// errProbe is temporary, so that crypto/tls does not keep it as the
+// connection's error.
+var errProbe net.Error = probeError{}
+
+type probeError struct{}
+
+func (probeError) Error() string   { return "cells-proxy: nothing more buffered" }
+func (probeError) Timeout() bool   { return true }
+func (probeError) Temporary() bool { return true }
 
 func (c *upConn) close() { c.nc.Close() }
 

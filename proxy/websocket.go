@@ -606,9 +606,9 @@ func rawConn(c net.Conn) syscall.RawConn {
 	return nil
 }
 
-// wrapped is the connection under c when c is one of the layers a public
-// connection goes through (TLS, cmux's, the HTTP/1.1 front's hand-over),
-// else nil.
+// wrapped is the connection under c when c is one of the layers a
+// connection goes through (TLS, cmux's, the HTTP/1.1 front's hand-over, the
+// socket under TLS to Cells), else nil.
 func wrapped(c net.Conn) net.Conn {
 	switch x := c.(type) {
 	case *tls.Conn:
@@ -616,6 +616,8 @@ func wrapped(c net.Conn) net.Conn {
 	case *cmux.MuxConn:
 		return x.Conn
 	case *replayConn:
+		return x.Conn
+	case *tlsSocket:
 		return x.Conn
 	}
 	return nil
