@@ -58,6 +58,9 @@ type grpcUpstream struct {
 	streamWindow     uint32        // receive window per stream
 	connWindow       uint32        // receive window per connection
 	maxHeader        uint32        // response header list limit
+	// How long a call waits on the connection it dialled when Cells lets
+	// no stream open on it (SETTINGS_MAX_CONCURRENT_STREAMS 0).
+	noStreamsWait time.Duration
 
 	mu      sync.Mutex
 	conns   []*grpcConn
@@ -88,6 +91,11 @@ func newGRPCUpstream(addr string, tlsConf *tls.Config, dialer *net.Dialer) *grpc
 		streamWindow: 4 << 20,
 		connWindow:   8 << 20,
 		maxHeader:    1 << 20,
+		// Long enough for a server that is briefly full to raise its
+		// limit again, short enough that a client without a deadline
+		// of its own (grpc-go sets none unless asked) is not held
+		// indefinitely.
+		noStreamsWait: 10 * time.Second,
 	}
 	if tlsConf != nil {
 		u.scheme = "https"
@@ -218,15 +226,9 @@ func (u *grpcUpstream) do(call *grpcCall) (*http.Response, error) {
 
 // start opens a stream for call and starts copying body to it.
 func (u *grpcUpstream) start(ctx context.Context, call *grpcCall, body io.ReadCloser) (*grpcStream, error) {
-	var s *grpcStream
-	for s == nil {
-		c, err := u.conn(ctx)
-		if err == nil {
-			s, err = c.open(call, body)
-		}
-		if err != nil && err != errH2Full {
-			return nil, err
-		}
+	s, err := u.open(ctx, call, body)
+	if err != nil {
+		return nil, err
 	}
 	s.stop = context.AfterFunc(ctx, func() { s.abort(context.Cause(ctx), codeCancel) })
 	if body != nil {
@@ -253,18 +255,58 @@ func (u *grpcUpstream) Close() {
 	}
 }
 
-var errH2Full = errors.New("connection full")
+var (
+	errH2Full      = errors.New("connection full")
+	errH2NoStreams = errors.New("cells-proxy: upstream allows no new call on its connection (SETTINGS_MAX_CONCURRENT_STREAMS 0)")
+)
 
-// conn returns a connection that may take a new call, dialling one when
-// none can; concurrent callers wait for the same dial.
-func (u *grpcUpstream) conn(ctx context.Context) (*grpcConn, error) {
+// open opens call's stream on a connection that takes it, dialling one
+// when none does; concurrent callers wait for the same dial, and the one
+// that dialled opens its stream first on the new connection.
+//
+// A call dials at most one connection that takes no stream at all. Cells
+// may set SETTINGS_MAX_CONCURRENT_STREAMS to 0 (RFC 9113 §6.5.2: "prevents
+// the creation of new streams"), and a new connection would be no better:
+// dialling one after another would flood Cells with connections for as
+// long as the call lasts. The call waits on its connection instead, as
+// grpc-go's client waits for stream quota, until SETTINGS let it in or
+// noStreamsWait has passed; it then fails (UNAVAILABLE for a gRPC client)
+// and the connection, of no use, is closed. A connection that takes
+// streams but has none free does not count: another is dialled, as when
+// calls outnumber the limit.
+func (u *grpcUpstream) open(ctx context.Context, call *grpcCall, body io.ReadCloser) (*grpcStream, error) {
+	var fresh *grpcConn       // the connection this call dialled, which took no stream
+	var wait <-chan time.Time // the end of noStreamsWait, once started
 	for {
-		u.mu.Lock()
-		for _, c := range u.conns {
-			if c.canTake() {
-				u.mu.Unlock()
-				return c, nil
+		if ctx.Err() != nil {
+			return nil, context.Cause(ctx)
+		}
+		if fresh != nil {
+			if wait == nil {
+				t := time.NewTimer(u.noStreamsWait)
+				defer t.Stop()
+				wait = t.C
 			}
+			if err := fresh.awaitStreams(ctx, wait); err != nil {
+				return nil, err
+			}
+			fresh = nil // Cells raised its limit: the connection takes streams
+		}
+		u.mu.Lock()
+		var c *grpcConn
+		for _, x := range u.conns {
+			if x.canTake() {
+				c = x
+				break
+			}
+		}
+		if c != nil {
+			u.mu.Unlock()
+			s, err := c.open(call, body)
+			if err != errH2Full {
+				return s, err
+			}
+			continue // taken meanwhile
 		}
 		if d := u.dialing; d != nil {
 			u.mu.Unlock()
@@ -283,9 +325,18 @@ func (u *grpcUpstream) conn(ctx context.Context) (*grpcConn, error) {
 		u.mu.Unlock()
 		// Not the caller's context: the connection outlives this call.
 		c, err := u.dial(context.WithoutCancel(ctx))
+		var s *grpcStream
+		openErr := errH2Full
+		if err == nil {
+			// Before the others see the connection: had another call
+			// taken its only stream, this one would dial again.
+			s, openErr = c.open(call, body)
+		}
 		u.mu.Lock()
 		u.dialing = nil
-		if err == nil {
+		if err == nil && c.alive() {
+			// Under u.mu: should the connection fail after alive, its
+			// removal (failLocked) waits for u.mu, so comes after this.
 			u.conns = append(u.conns, c)
 		}
 		u.mu.Unlock()
@@ -295,6 +346,13 @@ func (u *grpcUpstream) conn(ctx context.Context) (*grpcConn, error) {
 			return nil, err
 		}
 		go c.readLoop()
+		if openErr != errH2Full {
+			return s, openErr
+		}
+		c.flush() // the SETTINGS ACK, which waited for the stream's HEADERS
+		if c.takesNone() {
+			fresh = c
+		}
 	}
 }
 
@@ -430,14 +488,79 @@ type grpcConn struct {
 	recvConn   int64 // connection receive window left
 	recvAcked  int64 // bytes read by clients not yet given back on the connection
 	goaway     bool
-	pingSent   time.Time // zero: no PING outstanding
-	err        error     // the connection is broken
+	// Closed when SETTINGS arrive or the connection fails, for a call
+	// waiting for Cells to allow streams (awaitStreams); nil when none
+	// waits.
+	changed  chan struct{}
+	pingSent time.Time // zero: no PING outstanding
+	err      error     // the connection is broken
+}
+
+// alive reports whether c has not failed.
+func (c *grpcConn) alive() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.err == nil
+}
+
+// takesNone reports whether Cells allows no stream at all on c, which is
+// otherwise usable.
+func (c *grpcConn) takesNone() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.err == nil && !c.goaway && c.maxStreams == 0
+}
+
+// awaitStreams waits until Cells allows streams on c, which took none: a
+// SETTINGS frame raising the limit. It fails when ctx ends, when wait
+// fires, or when c fails or is going away; c is then closed unless it
+// carries streams, as nothing would open one on it.
+func (c *grpcConn) awaitStreams(ctx context.Context, wait <-chan time.Time) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for c.err == nil && !c.goaway && c.maxStreams == 0 {
+		if c.changed == nil {
+			c.changed = make(chan struct{})
+		}
+		changed := c.changed
+		c.mu.Unlock()
+		var err error
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			err = context.Cause(ctx)
+		case <-wait:
+			err = errH2NoStreams
+		}
+		c.mu.Lock()
+		if err != nil {
+			if c.maxStreams == 0 && len(c.streams) == 0 {
+				c.failLocked(errH2NoStreams)
+			}
+			return err
+		}
+	}
+	switch {
+	case c.err != nil:
+		return c.err
+	case c.goaway:
+		return errH2GoAway
+	}
+	return nil
 }
 
 func (c *grpcConn) canTake() bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.err == nil && !c.goaway && uint32(len(c.streams)) < c.maxStreams && c.nextID <= h2MaxStreamID
+}
+
+// notifyLocked wakes the calls waiting in awaitStreams.
+func (c *grpcConn) notifyLocked() {
+	if c.changed != nil {
+		close(c.changed)
+		c.changed = nil
+	}
 }
 
 // stampReader notes when Cells was last heard from, for the PING check.
@@ -499,6 +622,7 @@ func (c *grpcConn) failLocked(err error) {
 	}
 	c.streams = nil
 	c.sendWait.Broadcast()
+	c.notifyLocked()
 	go c.u.remove(c)
 }
 
@@ -793,6 +917,7 @@ func (c *grpcConn) applySettings(p []byte) error {
 			c.henc.SetMaxDynamicTableSizeLimit(v)
 		case settingMaxStreams:
 			c.maxStreams = min(v, h2MaxStreams)
+			c.notifyLocked()
 		case settingInitialWindowSize:
 			if v > h2MaxWindow {
 				return h2ConnError{codeFlowControl, "initial window size too large"}

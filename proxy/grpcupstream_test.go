@@ -368,6 +368,117 @@ func TestGRPCUpstreamMaxConcurrentStreams(t *testing.T) {
 	t.Logf("upstream connections: %d before the concurrent calls, %d after", before, len(p.Conns()))
 }
 
+// TestGRPCUpstreamMaxStreamsZero: Cells announces
+// SETTINGS_MAX_CONCURRENT_STREAMS = 0, which RFC 9113 §6.5.2 allows ("prevents
+// the creation of new streams"). A call opens one connection, not one after
+// another: it waits there for a SETTINGS that lets it in, and fails with
+// UNAVAILABLE when none comes; a client that gives up first ends the wait,
+// and the connection that took nothing is closed. Were the proxy to dial
+// again whenever no connection takes the call, a single call would open
+// thousands of connections to Cells, and go on after its client left.
+func TestGRPCUpstreamMaxStreamsZero(t *testing.T) {
+	t.Parallel()
+	zero := h2PeerConfig{Settings: []http2.Setting{{ID: http2.SettingMaxConcurrentStreams, Val: 0}}}
+	want := grpcMsg([]byte("x"))
+
+	t.Run("unavailable", func(t *testing.T) {
+		t.Parallel()
+		p := newH2Peer(t, zero, echo)
+		tp := startPeerProxy(t, p)
+		tp.fwd.grpcUp.noStreamsWait = 200 * time.Millisecond
+		r := callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Echo", want)
+		if r.Err != nil || r.Status != http.StatusOK || r.Header.Get("Grpc-Status") != "14" {
+			t.Errorf("call: err %v, status %d, grpc-status %q (%q), want 200 and grpc-status 14 (UNAVAILABLE)",
+				r.Err, r.Status, r.Header.Get("Grpc-Status"), r.Header.Get("Grpc-Message"))
+		}
+		waitPeerClosed(t, p.Conns()[0], "the connection that took no stream")
+		if n := p.Accepted.Load(); n != 1 {
+			t.Errorf("the upstream accepted %d connections for one call, want 1", n)
+		}
+	})
+
+	t.Run("client gives up", func(t *testing.T) {
+		t.Parallel()
+		p := newH2Peer(t, zero, echo)
+		tp := startPeerProxy(t, p)
+		ctx, cancel := context.WithTimeout(testCtx(t), 500*time.Millisecond)
+		defer cancel()
+		if r := callGRPC(ctx, tp.H2, tp.URL+"/pkg.Svc/Echo", want); r.Err == nil {
+			t.Errorf("call: status %d, grpc-status %q, want the client's deadline to end it", r.Status, r.Header.Get("Grpc-Status"))
+		}
+		// Closed when the proxy's call ends: whatever it dialled, it
+		// dialled by then.
+		waitPeerClosed(t, p.Conns()[0], "the connection that took no stream")
+		if n := p.Accepted.Load(); n != 1 {
+			t.Errorf("the upstream accepted %d connections for one call, want 1", n)
+		}
+	})
+
+	t.Run("limit raised", func(t *testing.T) {
+		t.Parallel()
+		p := newH2Peer(t, zero, echo)
+		tp := startPeerProxy(t, p)
+		go func() {
+			// New SETTINGS once the proxy has acknowledged the first,
+			// so that they follow them on the wire.
+			var c *h2PeerConn
+			for c == nil {
+				if conns := p.Conns(); len(conns) > 0 {
+					c = conns[0]
+					break
+				}
+				select {
+				case <-p.done:
+					return
+				case <-time.After(10 * time.Millisecond):
+				}
+			}
+			for {
+				c.mu.Lock()
+				acked, closed, changed := c.acked, c.closed, c.changed
+				c.mu.Unlock()
+				if closed {
+					return
+				}
+				if acked {
+					break
+				}
+				select {
+				case <-changed:
+				case <-p.done:
+					return
+				}
+			}
+			c.write(func(fr *http2.Framer) error {
+				return fr.WriteSettings(http2.Setting{ID: http2.SettingMaxConcurrentStreams, Val: 100})
+			})
+		}()
+		checkOK(t, "call", callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Echo", want), want)
+		if n := p.Accepted.Load(); n != 1 {
+			t.Errorf("the upstream accepted %d connections, want 1 (the call waits on the first for its limit to rise)", n)
+		}
+	})
+}
+
+// waitPeerClosed waits up to 10 s for the proxy to close c, what.
+func waitPeerClosed(t *testing.T, c *h2PeerConn, what string) {
+	t.Helper()
+	timeout := time.After(10 * time.Second)
+	for {
+		c.mu.Lock()
+		closed, changed := c.closed, c.changed
+		c.mu.Unlock()
+		if closed {
+			return
+		}
+		select {
+		case <-changed:
+		case <-timeout:
+			t.Fatalf("%s is still open 10 s later", what)
+		}
+	}
+}
+
 // TestGRPCUpstreamFraming: the same answer framed in the ways RFC 9113
 // allows: a header block split over HEADERS and CONTINUATION frames, padded
 // DATA frames, a body in one-byte DATA frames, trailers split over HEADERS
