@@ -37,7 +37,7 @@ import (
 // It keeps what http.Transport did for the gRPC upstream: TLS with ALPN h2
 // (or h2c with prior knowledge), the peer's SETTINGS honoured before the
 // first call (stream limit, windows, frame size, header table), flow
-// control both ways with 4 MiB per stream and 8 MiB per connection of
+// control both ways with 4 MiB per stream and 1 GiB per connection of
 // receive window given back as the client reads (so a slow client holds
 // Cells back instead of filling the proxy's memory), a PING when nothing
 // was heard for 30 s and the connection dropped if it is not answered in
@@ -89,8 +89,15 @@ func newGRPCUpstream(addr string, tlsConf *tls.Config, dialer *net.Dialer) *grpc
 		pingEvery:    5 * time.Minute,
 		pingTimeout:  20 * time.Second,
 		streamWindow: 4 << 20,
-		connWindow:   8 << 20,
-		maxHeader:    1 << 20,
+		// http.Transport's (x/net/http2's transportDefaultConnFlow).
+		// What bounds the proxy's memory is the stream window: a call
+		// holds at most that much of an answer its client does not
+		// read. The connection's must be far larger than a few stream
+		// windows, or a few such calls use it all up and stall every
+		// other call on the connection. It fits the int64 accounting
+		// and a WINDOW_UPDATE's 31 bits.
+		connWindow: 1 << 30,
+		maxHeader:  1 << 20,
 		// Long enough for a server that is briefly full to raise its
 		// limit again, short enough that a client without a deadline
 		// of its own (grpc-go sets none unless asked) is not held

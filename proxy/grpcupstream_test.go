@@ -1075,9 +1075,9 @@ func TestGRPCUpstreamClosedOnShutdown(t *testing.T) {
 // TestGRPCUpstreamAbandonedCallsReturnWindow: calls whose clients give up
 // with data still unread (in the proxy and on its way) give their share of
 // the connection's receive window back. Twelve abandoned 2 MiB answers are
-// three times the proxy's 8 MiB connection window: had they kept it, the
-// call after them on the same upstream connection would never get its
-// answer.
+// three times the 8 MiB connection window the proxy gets here (1 GiB by
+// default, which they would not exhaust): had they kept it, the call after
+// them on the same upstream connection would never get its answer.
 func TestGRPCUpstreamAbandonedCallsReturnWindow(t *testing.T) {
 	t.Parallel()
 	big := grpcMsg(randomBytes(2<<20, 7))
@@ -1093,6 +1093,7 @@ func TestGRPCUpstreamAbandonedCallsReturnWindow(t *testing.T) {
 		s.respond(big)
 	})
 	tp := startPeerProxy(t, p)
+	tp.fwd.grpcUp.connWindow = 8 << 20
 	for i := range 12 {
 		ctx, cancel := context.WithCancel(testCtx(t))
 		res := startCall(t, ctx, tp, "/pkg.Svc/Download", grpcMsg(nil))
@@ -1109,6 +1110,75 @@ func TestGRPCUpstreamAbandonedCallsReturnWindow(t *testing.T) {
 	defer cancel()
 	checkOK(t, "the call after them", callGRPC(ctx, tp.H2, tp.URL+"/pkg.Svc/Echo", want), want)
 	if n := len(p.Conns()); n != 1 {
+		t.Errorf("the upstream accepted %d connections, want 1 (all calls on one)", n)
+	}
+}
+
+// TestGRPCUpstreamSlowClients: two clients stop reading large answers that
+// share an upstream connection with a third client's small call, which
+// must still complete. Each stalled call may hold its whole stream window
+// (4 MiB) in the proxy, unread; a connection window that two such calls can
+// use up (8 MiB, as it was) stalls every call on the connection, and Cells
+// Sync keeps large downloads open on the connection its other calls use.
+func TestGRPCUpstreamSlowClients(t *testing.T) {
+	t.Parallel()
+	const big = 32 << 20
+	stalled := make(chan uint32, 4)
+	p := newH2Peer(t, h2PeerConfig{ConnWindow: 1 << 30}, func(s *h2Stream) {
+		if _, err := s.readBody(); err != nil {
+			return
+		}
+		if s.writeHeaders(false, 1, ":status", "200", "content-type", "application/grpc") != nil {
+			return
+		}
+		if s.Get(":path") == "/pkg.Svc/Small" {
+			if s.writeData(grpcMsg([]byte("small answer")), false) != nil {
+				return
+			}
+			s.writeHeaders(true, 1, "grpc-status", "0")
+			return
+		}
+		buf := make([]byte, 64<<10)
+		once := false
+		stall := func() {
+			if !once {
+				once = true
+				stalled <- s.ID
+			}
+		}
+		for sent := 0; sent < big; sent += len(buf) {
+			if s.writeDataStall(buf, false, 500*time.Millisecond, stall) != nil {
+				return
+			}
+		}
+		s.writeHeaders(true, 1, "grpc-status", "0")
+	})
+	tp := startPeerProxy(t, p)
+	ctx := testCtx(t)
+
+	// Two slow clients, each on a client connection of its own, that read
+	// nothing of their large answers.
+	for i := range 2 {
+		req, err := grpcRequest(ctx, tp.URL+"/pkg.Svc/Big", grpcMsg(nil))
+		if err != nil {
+			t.Fatal(err)
+		}
+		res, err := tp.client(true).Do(req)
+		if err != nil {
+			t.Fatalf("large call %d: %v", i, err)
+		}
+		t.Cleanup(func() { res.Body.Close() })
+	}
+	for range 2 {
+		recv(t, stalled, "a large answer to wait for a window")
+	}
+	// A generous bound for an answer that takes milliseconds, so that a
+	// starved connection fails the test rather than hanging it.
+	sctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	want := grpcMsg([]byte("small answer"))
+	checkOK(t, "a small call meanwhile", callGRPC(sctx, tp.client(true), tp.URL+"/pkg.Svc/Small", grpcMsg(nil)), want)
+	if n := p.Accepted.Load(); n != 1 {
 		t.Errorf("the upstream accepted %d connections, want 1 (all calls on one)", n)
 	}
 }
