@@ -1158,12 +1158,19 @@ func (c *grpcConn) handleData(flags byte, id uint32, p []byte) error {
 		s.buf, s.off = s.buf[:0], 0
 	}
 	s.buf = append(s.buf, data...)
-	s.pad += size - int64(len(data))
 	if flags&flagEndStream != 0 {
 		s.remoteEnd = true
 		c.endLocked(s)
 	}
 	s.cond.Signal()
+	if pad := size - int64(len(data)); pad > 0 {
+		// Padding is never read: its window comes back now, on the
+		// connection and on a stream still open, as x/net's transport
+		// does. Were it given back with the next read, DATA frames of
+		// padding alone could use up the stream's window with nothing
+		// for the client to read, and the call would stall.
+		c.consumedLocked(s, pad)
+	}
 	return nil
 }
 
@@ -1424,7 +1431,6 @@ type grpcStream struct {
 	failed    error  // the call broke: reads return it after buf
 	buf       []byte // response body received; buf[off:] not yet read
 	off       int
-	pad       int64 // padding received, given back with the next read
 	trailer   http.Header
 	send      int64 // send window
 	recv      int64 // receive window left
@@ -1508,9 +1514,7 @@ func (s *grpcStream) Read(p []byte) (int, error) {
 				s.buf = nil
 			}
 		}
-		consumed := int64(n) + s.pad
-		s.pad = 0
-		c.consumedLocked(s, consumed)
+		c.consumedLocked(s, int64(n))
 		return n, nil
 	}
 	if s.failed != nil {
@@ -1539,9 +1543,9 @@ func (s *grpcStream) Close() error {
 			c.resetLocked(s, codeCancel)
 		}
 	}
-	if n := int64(len(s.buf)-s.off) + s.pad; n > 0 && c.err == nil {
+	if n := int64(len(s.buf) - s.off); n > 0 && c.err == nil {
 		// Unread: its connection window comes back now.
-		s.buf, s.off, s.pad = nil, 0, 0
+		s.buf, s.off = nil, 0
 		c.consumedLocked(nil, n)
 	}
 	c.mu.Unlock()

@@ -563,6 +563,41 @@ func TestGRPCUpstreamFraming(t *testing.T) {
 	}
 }
 
+// TestGRPCUpstreamPaddingOnlyData: the upstream sends 5 MiB of DATA frames
+// that carry padding and nothing else (a server may pad to hide sizes), then
+// the message and the trailers. Padding takes flow-control window (RFC 9113
+// §6.9.1) but is never read by the client, so the proxy must give it back
+// as it arrives: given back only with the next bytes the client reads, as
+// it was, it used up the 4 MiB stream window before any byte came to be
+// read, and the call hung.
+func TestGRPCUpstreamPaddingOnlyData(t *testing.T) {
+	t.Parallel()
+	want := grpcMsg([]byte("after the padding"))
+	p := newH2Peer(t, h2PeerConfig{ConnWindow: 1 << 30}, func(s *h2Stream) {
+		if _, err := s.readBody(); err != nil {
+			return
+		}
+		if s.writeHeaders(false, 1, ":status", "200", "content-type", "application/grpc") != nil {
+			return
+		}
+		for sent := 0; sent < 5<<20; sent += 256 {
+			if s.writePadded(nil, 255, false) != nil {
+				return
+			}
+		}
+		if s.writeData(want, false) != nil {
+			return
+		}
+		s.writeHeaders(true, 1, "grpc-status", "0")
+	})
+	tp := startPeerProxy(t, p)
+	// A generous bound for an answer that takes a second at most, so that
+	// a stalled call fails the test rather than hanging it.
+	ctx, cancel := context.WithTimeout(testCtx(t), 20*time.Second)
+	defer cancel()
+	checkOK(t, "call", callGRPC(ctx, tp.H2, tp.URL+"/pkg.Svc/Padded", grpcMsg(nil)), want)
+}
+
 // TestGRPCUpstreamTrailersOnly: a call answered with a single HEADERS frame
 // with END_STREAM (the trailers-only form of a gRPC error) reaches a
 // grpc-go client as its status: code and percent-decoded message.
