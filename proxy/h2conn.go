@@ -21,7 +21,9 @@ import (
 //     400 response instead. h2conn appends to such a header block one
 //     CONTINUATION frame with a field whose name is not lowercase, which
 //     net/http's own framer resets as PROTOCOL_ERROR; the connection and
-//     its other streams go on.
+//     its other streams go on. A block over the server's header list limit
+//     gets no such frame: net/http answers it 431, and would end the whole
+//     connection for a CONTINUATION past its limit.
 //   - A SETTINGS frame may repeat a setting; they are processed in order
 //     (§6.5.3). net/http hangs up on any repeat. h2conn keeps the last value
 //     of each setting, which is what processing them in order leaves. An
@@ -40,6 +42,7 @@ import (
 type h2conn struct {
 	net.Conn
 	maxFrame int // the largest frame payload h2conn inspects
+	maxList  int // the server's header list limit, as its framer counts it
 
 	pass int    // bytes to pass through before the next frame header
 	out  []byte // inspected bytes not yet read
@@ -54,6 +57,12 @@ type h2conn struct {
 	invalid bool   // net/http resets the block's stream without help
 	regular bool   // a regular field was seen (pseudo fields come first)
 	sawTE   bool
+	// What is left of maxList in the block, as net/http's framer counts
+	// it: the block is cut (truncated) at the first field that does not
+	// fit, or ignored from the first invalid one, and the fields after
+	// that are not looked at, as net/http does not see them.
+	remain    int
+	truncated bool
 }
 
 const (
@@ -86,10 +95,11 @@ var malformedField = func() []byte {
 }()
 
 // newH2Conn filters c, whose reader is about to send the client preface.
-// maxFrame is the server's SETTINGS_MAX_FRAME_SIZE and maxString the longest
-// header string it accepts (net/http: MaxHeaderBytes and a little).
-func newH2Conn(c net.Conn, maxFrame, maxString int) *h2conn {
-	h := &h2conn{Conn: c, maxFrame: maxFrame, pass: len(clientPreface)}
+// maxFrame is the server's SETTINGS_MAX_FRAME_SIZE, maxString the longest
+// header string it accepts (net/http: MaxHeaderBytes and a little) and
+// maxList its header list limit (h2MaxHeaderList).
+func newH2Conn(c net.Conn, maxFrame, maxString, maxList int) *h2conn {
+	h := &h2conn{Conn: c, maxFrame: maxFrame, maxList: maxList, pass: len(clientPreface)}
 	h.dec = hpack.NewDecoder(hpackTableSize, h.field)
 	h.dec.SetMaxStringLength(maxString)
 	return h
@@ -168,6 +178,7 @@ func (h *h2conn) frame() error {
 		}
 		h.inBlock, h.stream = true, stream
 		h.bad, h.invalid, h.regular, h.sawTE = false, false, false, false
+		h.remain, h.truncated = h.maxList, false
 		h.decode(frag, flags)
 	case frameContinuation:
 		if !h.inBlock || stream != h.stream {
@@ -195,9 +206,11 @@ func (h *h2conn) decode(frag []byte, flags byte) {
 		h.off = true
 		return
 	}
-	if !h.bad || h.invalid {
-		// A CONTINUATION after an invalid field would make net/http's
-		// stream error a connection error.
+	if !h.bad || h.invalid || h.truncated || 2*h.remain < len(malformedField) {
+		// net/http makes a connection error of any CONTINUATION after
+		// an invalid field (instead of its stream error), after the
+		// limit was exceeded (instead of its 431), or of more than
+		// twice what is left of the limit: the block goes as it is.
 		return
 	}
 	h.out[4] &^= flagEndHeaders
@@ -214,16 +227,32 @@ func (h *h2conn) decode(frag []byte, flags byte) {
 // error: values with bytes outside RFC 9110's field-value, names that are
 // not lowercase tokens, pseudo fields after regular ones.
 func (h *h2conn) field(f hpack.HeaderField) {
+	if h.invalid || h.truncated {
+		return // net/http no longer looks
+	}
 	if !httpguts.ValidHeaderFieldValue(f.Value) {
 		h.invalid = true
 	}
-	if strings.HasPrefix(f.Name, ":") {
+	pseudo := strings.HasPrefix(f.Name, ":")
+	if pseudo {
 		h.invalid = h.invalid || h.regular
+	} else {
+		h.regular = true
+		if !validWireName(f.Name) {
+			h.invalid = true
+		}
+	}
+	if h.invalid {
 		return
 	}
-	h.regular = true
-	if !validWireName(f.Name) {
-		h.invalid = true
+	size := int(f.Size())
+	if size > h.remain {
+		h.truncated = true
+		return
+	}
+	h.remain -= size
+	if pseudo {
+		return
 	}
 	switch {
 	case connSpecific(f.Name):
@@ -363,7 +392,7 @@ func putLength(hdr []byte, n int) {
 // h2Listener hands out h2conns.
 type h2Listener struct {
 	net.Listener
-	maxFrame, maxString int
+	maxFrame, maxString, maxList int
 }
 
 func (l h2Listener) Accept() (net.Conn, error) {
@@ -371,5 +400,5 @@ func (l h2Listener) Accept() (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	return newWriteBehind(newH2Conn(c, l.maxFrame, l.maxString)), nil
+	return newWriteBehind(newH2Conn(c, l.maxFrame, l.maxString, l.maxList)), nil
 }

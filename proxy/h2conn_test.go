@@ -9,6 +9,7 @@ import (
 	"net"
 	"reflect"
 	"slices"
+	"strings"
 	"testing"
 
 	"golang.org/x/net/http2"
@@ -106,6 +107,106 @@ func TestH2ConnectionHeaders(t *testing.T) {
 				t.Errorf("the upstream saw X-Trace %q on the good requests, want %q", good, want)
 			}
 		})
+	}
+}
+
+// TestH2OversizedHeaders: a request whose header list is over the server's
+// limit as decoded (HPACK lets 30 one-byte references to a 4 KB
+// dynamic-table entry stand for 120 KB) is answered 431 on its stream, and
+// the connection serves the next request, whether or not the block also
+// carries a connection-specific field. With one, h2conn used to append its
+// CONTINUATION to the block net/http had already cut at the limit, which
+// net/http takes for a block going on past it: GOAWAY PROTOCOL_ERROR, and
+// every other stream of the client on that connection gone with it.
+func TestH2OversizedHeaders(t *testing.T) {
+	tp := startH2Proxy(t, &recorder{})
+	for port, addr := range tlsPorts(tp) {
+		for _, malformed := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s/connection-field=%v", port, malformed), func(t *testing.T) {
+				c := dialH2At(t, tp, addr)
+				big := strings.Repeat("a", 4000)
+				if err := c.request(1, h2Fields("GET", addr, "/seed", "x-big", big)...); err != nil {
+					t.Fatal(err)
+				}
+				if got := c.answer(t, 1).String(); got != ":status 200" {
+					t.Fatalf("request filling the dynamic table: got %s, want :status 200", got)
+				}
+				var kv []string
+				for range 30 {
+					kv = append(kv, "x-big", big)
+				}
+				if malformed {
+					kv = append(kv, "connection", "close")
+				}
+				if err := c.request(3, h2Fields("GET", addr, "/huge", kv...)...); err != nil {
+					t.Fatal(err)
+				}
+				if got := c.answer(t, 3).String(); got != ":status 431" {
+					t.Errorf("oversized request: got %s, want :status 431", got)
+				}
+				if err := c.request(5, h2Fields("GET", addr, "/after")...); err != nil {
+					t.Fatal(err)
+				}
+				if got := c.answer(t, 5).String(); got != ":status 200" {
+					t.Errorf("next request on the connection: got %s, want :status 200", got)
+				}
+			})
+		}
+		// At the limit, to the byte, with a connection field: h2conn's
+		// count must be net/http's (h2MaxHeaderList). Just within it,
+		// with room for h2conn's CONTINUATION (net/http allows a
+		// fragment of twice what is left), the stream is reset; one
+		// byte over, it is 431. A count above net/http's would send the
+		// CONTINUATION after net/http's cut (GOAWAY), one below would
+		// leave the request within it to net/http's 400.
+		limit := h2MaxHeaderList(tp.maxHeaderBytes())
+		for _, tc := range []struct {
+			name string
+			size int
+			want string
+		}{
+			{"just within the limit", limit - len(malformedField)/2, "RST_STREAM PROTOCOL_ERROR"},
+			{"one byte over the limit", limit + 1, ":status 431"},
+		} {
+			t.Run(port+"/"+tc.name, func(t *testing.T) {
+				c := dialH2At(t, tp, addr)
+				kv := h2Fields("GET", addr, "/edge", "connection", "close")
+				size := 0
+				for i := 0; i < len(kv); i += 2 {
+					size += len(kv[i]) + len(kv[i+1]) + 32
+				}
+				// Fields of 4,000 bytes, then one for what is left.
+				for rest := tc.size - size; rest > 0; {
+					n := min(rest, 4000+32+len("x-pad"))
+					kv = append(kv, "x-pad", strings.Repeat("p", n-32-len("x-pad")))
+					rest -= n
+				}
+				var err error
+				func() {
+					c.wmu.Lock()
+					defer c.wmu.Unlock()
+					b := c.block(kv...)
+					n := min(len(b), maxFrameSize)
+					err = c.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: b[:n], EndStream: true, EndHeaders: n == len(b)})
+					for b = b[n:]; len(b) > 0 && err == nil; b = b[n:] {
+						n = min(len(b), maxFrameSize)
+						err = c.fr.WriteContinuation(1, n == len(b), b[:n])
+					}
+				}()
+				if err != nil {
+					t.Fatal(err)
+				}
+				if got := c.answer(t, 1).String(); got != tc.want {
+					t.Errorf("a header list of %d bytes (limit %d) with a connection field: got %s, want %s", tc.size, limit, got, tc.want)
+				}
+				if err := c.request(3, h2Fields("GET", addr, "/after")...); err != nil {
+					t.Fatal(err)
+				}
+				if got := c.answer(t, 3).String(); got != ":status 200" {
+					t.Errorf("next request on the connection: got %s, want :status 200", got)
+				}
+			})
+		}
 	}
 }
 
@@ -219,7 +320,7 @@ func filterBytes(t testing.TB, in []byte) []byte {
 		client.Write(in)
 		client.(*net.TCPConn).CloseWrite()
 	}()
-	out, err := io.ReadAll(newH2Conn(server, maxFrameSize, 1<<20))
+	out, err := io.ReadAll(newH2Conn(server, maxFrameSize, 1<<20, 1<<20))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -227,9 +227,20 @@ func (s *Server) maxHeaderBytes() int {
 }
 
 // h2Listener puts h2conn's filter in front of an HTTP/2 server. Its HPACK
-// strings may be as long as net/http's (MaxHeaderBytes and 4 KiB) and more.
+// strings may be as long as net/http's (MaxHeaderBytes and 4 KiB) and more;
+// its header list limit is the server's, to the byte.
 func (s *Server) h2Listener(ln net.Listener) net.Listener {
-	return h2Listener{Listener: ln, maxFrame: maxFrameSize, maxString: 2*s.maxHeaderBytes() + 8<<10}
+	return h2Listener{Listener: ln, maxFrame: maxFrameSize, maxString: 2*s.maxHeaderBytes() + 8<<10,
+		maxList: h2MaxHeaderList(s.maxHeaderBytes())}
+}
+
+// h2MaxHeaderList is the header list limit, in RFC 9113's measure, that
+// net/http's HTTP/2 server derives from MaxHeaderBytes and advertises as
+// SETTINGS_MAX_HEADER_LIST_SIZE: 32 bytes more for each of ten fields
+// (http2adjustHTTP1MaxHeaderSize). TestH2OversizedHeaders fails if it
+// drifts from net/http's.
+func h2MaxHeaderList(maxHeaderBytes int) int {
+	return maxHeaderBytes + 10*32
 }
 
 // drainer is a server that Run drains: an http.Server, or the HTTP/1.1
