@@ -10,6 +10,7 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"net/url"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -366,6 +367,77 @@ func TestGRPCUpstreamMaxConcurrentStreams(t *testing.T) {
 		}
 	}
 	t.Logf("upstream connections: %d before the concurrent calls, %d after", before, len(p.Conns()))
+}
+
+// TestGRPCUpstreamManyConcurrentCalls: 60 concurrent calls with 200 KB
+// bodies echoed back in pieces, Cells allowing 5 streams per connection and
+// 8 KB stream windows, a third of the calls cancelled by their clients
+// half-way. The others complete intact, and afterwards no goroutine of a
+// call is left in the proxy: the stream limit, the windows, the dials and
+// the resets all at once, as a busy Cells Sync makes them. Not parallel:
+// the goroutine count would include other tests' calls.
+func TestGRPCUpstreamManyConcurrentCalls(t *testing.T) {
+	p := newH2Peer(t, h2PeerConfig{Settings: []http2.Setting{
+		{ID: http2.SettingMaxConcurrentStreams, Val: 5},
+		{ID: http2.SettingInitialWindowSize, Val: 8 << 10},
+	}}, func(s *h2Stream) {
+		body, err := s.readBody()
+		if err != nil {
+			return
+		}
+		if s.writeHeaders(false, 1, ":status", "200", "content-type", "application/grpc") != nil {
+			return
+		}
+		for len(body) > 0 {
+			n := min(len(body), 7000)
+			if s.writeData(body[:n], false) != nil {
+				return
+			}
+			body = body[n:]
+		}
+		s.writeHeaders(true, 1, "grpc-status", "0")
+	})
+	tp := startPeerProxy(t, p)
+	var wg sync.WaitGroup
+	errs := make(chan string, 100)
+	for i := range 60 {
+		wg.Go(func() {
+			want := grpcMsg(randomBytes(200<<10, byte(i)))
+			ctx, cancel := context.WithCancel(testCtx(t))
+			defer cancel()
+			if i%3 == 0 {
+				go func() { time.Sleep(time.Duration(i) * time.Millisecond); cancel() }()
+				callGRPC(ctx, tp.H2, tp.URL+"/pkg.Svc/Echo", want)
+				return
+			}
+			r := callGRPC(ctx, tp.H2, tp.URL+"/pkg.Svc/Echo", want)
+			if r.Err != nil || r.Trailer.Get("Grpc-Status") != "0" || !bytes.Equal(r.Body, want) {
+				errs <- fmt.Sprintf("call %d: err %v status %q msg %q body %d/%d", i, r.Err, r.Trailer.Get("Grpc-Status"), r.Trailer.Get("Grpc-Message"), len(r.Body), len(want))
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for e := range errs {
+		t.Error(e)
+	}
+	t.Logf("upstream connections: %d", p.Accepted.Load())
+	tp.H2.CloseIdleConnections()
+	// A generous bound: they end within milliseconds.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		buf := make([]byte, 1<<20)
+		st := string(buf[:runtime.Stack(buf, true)])
+		n := strings.Count(st, "(*grpcStream).writeBody") + strings.Count(st, "(*grpcUpstream).do")
+		if n == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("%d proxy stream goroutines still running 10 s after all calls ended", n)
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
 
 // TestGRPCUpstreamMaxStreamsZero: Cells announces
@@ -735,6 +807,49 @@ func TestGRPCUpstreamGoAway(t *testing.T) {
 	}
 }
 
+// TestGRPCUpstreamGoAwayBetweenCalls: with two calls open on a connection,
+// the upstream sends GOAWAY whose last stream ID is the first call's. The
+// first call, which Cells goes on with, completes on that connection; the
+// second, which Cells will not process (RFC 9113 §6.8), is sent again on a
+// new one. Failing the first would lose a call Cells may have acted on;
+// failing the second would lose one that a retry makes good.
+func TestGRPCUpstreamGoAwayBetweenCalls(t *testing.T) {
+	t.Parallel()
+	first := make(chan *h2Stream, 1)
+	release := make(chan struct{})
+	p := newH2Peer(t, h2PeerConfig{}, func(s *h2Stream) {
+		body, err := s.readBody()
+		if err != nil {
+			return
+		}
+		if s.c.N == 1 && s.Get(":path") == "/pkg.Svc/First" {
+			first <- s
+			select {
+			case <-release:
+			case <-s.Done():
+				return
+			}
+			s.respond(body)
+			return
+		}
+		if s.c.N == 1 {
+			// The second call on the first connection: above the GOAWAY.
+			s.c.goAway(s.ID-2, http2.ErrCodeNo)
+			close(release)
+			return
+		}
+		s.respond(body)
+	})
+	tp := startPeerProxy(t, p)
+	w1, w2 := grpcMsg([]byte("first")), grpcMsg([]byte("second"))
+	r1 := make(chan grpcResult, 1)
+	go func() { r1 <- callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/First", w1) }()
+	recv(t, first, "the first call upstream")
+	r2 := callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Second", w2)
+	checkOK(t, "second call (above GOAWAY)", r2, w2)
+	checkOK(t, "first call (below GOAWAY)", recv(t, r1, "first call"), w1)
+}
+
 // TestGRPCUpstreamConnectionDrop: the upstream's connection drops (TCP
 // reset) in the middle of a server stream, after two messages. The
 // grpc-go client gets both messages, then an error status at once, not a
@@ -849,6 +964,62 @@ func TestGRPCUpstreamClientCancel(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestGRPCUpstreamStreamWindowOverflow: Cells takes a stream's send window
+// past 2^31-1 with a WINDOW_UPDATE. The proxy resets that stream with
+// FLOW_CONTROL_ERROR (RFC 9113 §6.9.1), the client's call ends with an
+// error at once rather than waiting on a window that cannot be, and the
+// connection serves the next call: a stream error must not become a
+// connection error.
+func TestGRPCUpstreamStreamWindowOverflow(t *testing.T) {
+	t.Parallel()
+	streams := make(chan *h2Stream, 1)
+	p := newH2Peer(t, h2PeerConfig{}, func(s *h2Stream) {
+		if s.Get(":path") == "/pkg.Svc/Overflow" {
+			if _, err := s.read(); err != nil {
+				return
+			}
+			if s.writeHeaders(false, 1, ":status", "200", "content-type", "application/grpc") != nil {
+				return
+			}
+			streams <- s
+			s.c.write(func(fr *http2.Framer) error { return fr.WriteWindowUpdate(s.ID, 1<<31-1) })
+			<-s.Done()
+			return
+		}
+		body, err := s.readBody()
+		if err != nil {
+			return
+		}
+		s.respond(body)
+	})
+	tp := startPeerProxy(t, p)
+	ctx, cancel := context.WithTimeout(testCtx(t), 10*time.Second)
+	defer cancel()
+	// A request body still open, so that the stream is not half-closed.
+	pr, pw := io.Pipe()
+	defer pw.Close()
+	req, _ := http.NewRequestWithContext(ctx, "POST", tp.URL+"/pkg.Svc/Overflow", pr)
+	req.Header.Set("Content-Type", "application/grpc")
+	go pw.Write(grpcMsg([]byte("x")))
+	res, err := tp.H2.Do(req)
+	if err == nil {
+		b, rerr := io.ReadAll(res.Body)
+		res.Body.Close()
+		t.Logf("overflow call: status %d, %d body bytes, read err %v, trailer %v", res.StatusCode, len(b), rerr, res.Trailer)
+		if rerr == nil && res.Trailer.Get("Grpc-Status") == "" {
+			t.Errorf("overflow call ended without an error status")
+		}
+	} else {
+		t.Logf("overflow call: %v", err)
+	}
+	s := recv(t, streams, "the stream upstream")
+	if code, ok := s.resetCode(); !ok || code != http2.ErrCodeFlowControl {
+		t.Errorf("the overflowed stream: reset %v (%v), want RST_STREAM FLOW_CONTROL_ERROR", ok, code)
+	}
+	want := grpcMsg([]byte("next"))
+	checkOK(t, "next call", callGRPC(ctx, tp.H2, tp.URL+"/pkg.Svc/Echo", want), want)
 }
 
 // TestGRPCUpstreamPing: a PING from the upstream gets a PING ACK with the
