@@ -40,8 +40,8 @@ import (
 // control both ways with 4 MiB per stream and 1 GiB per connection of
 // receive window given back as the client reads (so a slow client holds
 // Cells back instead of filling the proxy's memory), a PING when nothing
-// was heard for 30 s and the connection dropped if it is not answered in
-// 15 s, GOAWAY honoured (no new calls on the connection, calls above its
+// was heard for 5 min while calls are open and the connection dropped if
+// it is not answered in 20 s, GOAWAY honoured (no new calls on the connection, calls above its
 // last stream ID failed), the 1 MiB response header limit, header fields
 // checked both ways, trailers handed to the forwarder at the end of the
 // body, and the request's context resetting the stream (RST_STREAM
