@@ -397,9 +397,12 @@ type watchedBody struct {
 	left int64 // bytes not yet read
 }
 
+// Read ends bodyPending only with the body read whole: after an error the
+// handler may still read the connection (closing the body drains it), and
+// the connection closes after this request anyway.
 func (b *watchedBody) Read(p []byte) (int, error) {
 	n, err := b.ReadCloser.Read(p)
-	if b.left -= int64(n); b.left <= 0 || err != nil {
+	if b.left -= int64(n); b.left <= 0 {
 		b.c.bodyPending.Store(false)
 	}
 	return n, err
@@ -408,8 +411,10 @@ func (b *watchedBody) Read(p []byte) (int, error) {
 // watch arms the client watch for the request being served.
 func (c *h1Conn) watch() {
 	c.watchMu.Lock()
+	defer c.watchMu.Unlock()
 	c.watching = watchArmed
-	c.watchMu.Unlock()
+	// Under watchMu: backgroundRead, on the timer's goroutine, reads
+	// watchTimer under it.
 	if c.watchTimer == nil {
 		c.watchTimer = time.AfterFunc(clientWatchDelay, c.backgroundRead)
 	} else {
