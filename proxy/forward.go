@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"net/http"
 	"net/http/httputil"
@@ -497,6 +498,12 @@ func parseGRPCTimeout(s string) (time.Duration, bool) {
 	case 'n':
 		unit = time.Nanosecond
 	default:
+		return 0, false
+	}
+	if n > int64(math.MaxInt64/unit) {
+		// Eight digits of hours pass what a Duration holds: grpc-go
+		// takes the longest one, which is no deadline in practice;
+		// the proxy sets none (Cells gets the header as it came).
 		return 0, false
 	}
 	return time.Duration(n) * unit, true

@@ -1149,3 +1149,34 @@ func mixedCall(ctx context.Context, tc testgrpc.TestServiceClient, kind int, see
 	}
 	return nil
 }
+
+// TestGRPCTimeoutOverflow: grpc-timeout allows eight digits of any unit,
+// and 2,562,048 hours and more pass what a time.Duration holds. grpc-go
+// takes the longest duration, no deadline in practice, and so must the
+// proxy on both its ports: the call succeeds, as against Cells directly.
+// It failed at once with DEADLINE_EXCEEDED (the product wrapped around).
+func TestGRPCTimeoutOverflow(t *testing.T) {
+	t.Parallel()
+	gs := grpc.NewServer()
+	testgrpc.RegisterTestServiceServer(gs, newProbeService())
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go gs.Serve(ln)
+	t.Cleanup(gs.Stop)
+	cfg := testConfig(newUpstream(t, upPlain, &recorder{}))
+	cfg.GRPCUpstream = &url.URL{Scheme: "h2c", Host: ln.Addr().String()}
+	cfg.GRPCAddr = "127.0.0.1:0"
+	tp := startProxy(t, cfg)
+	const path = "/grpc.testing.TestService/EmptyCall"
+	for _, v := range []string{"2562047H", "2562048H", "99999999H", "99999999M", "99999999S"} {
+		for _, base := range []string{tp.URL, "https://" + tp.GRPCAddr().String()} {
+			res := callGRPC(testCtx(t), tp.H2, base+path, grpcMsg(nil), "grpc-timeout", v)
+			if st := res.Trailer.Get("Grpc-Status") + res.Header.Get("Grpc-Status"); res.Err != nil || st != "0" {
+				t.Errorf("grpc-timeout %s through %s: err %v, grpc-status %q %q, want 0", v, base, res.Err, st,
+					res.Header.Get("Grpc-Message")+res.Trailer.Get("Grpc-Message"))
+			}
+		}
+	}
+}
