@@ -301,7 +301,14 @@ func (f *forwarder) realChain(entries []string) []string {
 // isGRPC reports whether r is a gRPC call: HTTP/2 and a gRPC content type,
 // the same test Cells uses to split its own port.
 func isGRPC(r *http.Request) bool {
-	return r.ProtoMajor == 2 && strings.HasPrefix(r.Header.Get("Content-Type"), "application/grpc")
+	if r.ProtoMajor != 2 {
+		return false
+	}
+	// application/grpc, +proto, +json, ;charset: as grpc-go and Envoy
+	// read it. application/grpc-web is for browsers and Cells' HTTP side,
+	// as it is over HTTP/1.1.
+	rest, ok := strings.CutPrefix(r.Header.Get("Content-Type"), "application/grpc")
+	return ok && (rest == "" || rest[0] == '+' || rest[0] == ';')
 }
 
 // isWebSocket reports whether r asks to upgrade to a websocket. It is the

@@ -1180,3 +1180,24 @@ func TestGRPCTimeoutOverflow(t *testing.T) {
 		}
 	}
 }
+
+// TestGRPCWebIsHTTP: gRPC-Web (application/grpc-web, -web-text) is HTTP for
+// browsers, not gRPC: grpc-go and Envoy take application/grpc only alone or
+// followed by '+' or ';'. Over HTTP/2 it goes to CELLS_UPSTREAM, as over
+// HTTP/1.1, instead of the gRPC upstream (here none: it got UNAVAILABLE).
+func TestGRPCWebIsHTTP(t *testing.T) {
+	t.Parallel()
+	rec := &recorder{}
+	tp := startProxy(t, testConfig(newUpstream(t, upPlain, rec)))
+	for _, ct := range []string{"application/grpc-web+proto", "application/grpc-web-text", "application/grpcx"} {
+		for _, pc := range h1h2Clients(tp) {
+			before := rec.count()
+			req, _ := http.NewRequestWithContext(testCtx(t), "POST", tp.URL+"/grpc.testing.TestService/EmptyCall", strings.NewReader("AAAAAAA="))
+			req.Header.Set("Content-Type", ct)
+			res := doDrain(t, pc.c, req)
+			if rec.count() == before {
+				t.Errorf("%s %s: %s grpc-status %q, want it to reach CELLS_UPSTREAM", pc.name, ct, res.Status, res.Header.Get("Grpc-Status"))
+			}
+		}
+	}
+}
