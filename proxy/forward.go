@@ -356,7 +356,15 @@ func (f *forwarder) errorHandler(w http.ResponseWriter, r *http.Request, err err
 		f.log.Warn("upstream error", "method", r.Method, "host", r.Host, "path", redactPath(r), "status", status, "err", err)
 	}
 	if isGRPC(r) {
-		writeGRPCStatus(w, grpcCode(status), msg)
+		code := grpcCode(status)
+		if status == http.StatusGatewayTimeout && !grpcDeadline(r.Context()) {
+			// Cells did not answer in time (a connection or handshake
+			// that never completes), but the call set no deadline
+			// that passed: UNAVAILABLE, which clients retry, as gRPC
+			// maps HTTP's 504.
+			code = 14
+		}
+		writeGRPCStatus(w, code, msg)
 		return
 	}
 	h := w.Header()
@@ -387,7 +395,7 @@ func (f *forwarder) classify(r *http.Request, err error) (int, string) {
 	switch cause := context.Cause(ctx); {
 	case errors.Is(cause, errIdle):
 		return http.StatusGatewayTimeout, "cells-proxy: upstream timed out (PROXY_IDLE_TIMEOUT)"
-	case errors.Is(cause, errGRPCDeadline), pastDeadline(ctx):
+	case grpcDeadline(ctx):
 		return http.StatusGatewayTimeout, "cells-proxy: deadline exceeded waiting for upstream"
 	case errors.Is(cause, errShutdown):
 		return http.StatusServiceUnavailable, "cells-proxy: shutting down"
@@ -412,6 +420,11 @@ func (f *forwarder) classify(r *http.Request, err error) (int, string) {
 		return http.StatusGatewayTimeout, "cells-proxy: upstream timed out"
 	}
 	return http.StatusBadGateway, "cells-proxy: upstream unavailable"
+}
+
+// grpcDeadline reports whether ctx ended at the call's own deadline.
+func grpcDeadline(ctx context.Context) bool {
+	return errors.Is(context.Cause(ctx), errGRPCDeadline) || pastDeadline(ctx)
 }
 
 // grpcCode maps the proxy's HTTP status to a gRPC status code

@@ -1201,3 +1201,39 @@ func TestGRPCWebIsHTTP(t *testing.T) {
 		}
 	}
 }
+
+// TestGRPCUpstreamSilentIsUnavailable: Cells accepts the connection and
+// never completes the handshake (TLS or HTTP/2's SETTINGS). A call that set
+// no deadline gets UNAVAILABLE, which clients retry and gRPC maps HTTP's
+// 504 to, not the DEADLINE_EXCEEDED of a deadline it never had.
+func TestGRPCUpstreamSilentIsUnavailable(t *testing.T) {
+	t.Parallel()
+	for _, scheme := range []string{"h2c", "https"} {
+		t.Run(scheme, func(t *testing.T) {
+			ln := newCrashListener(t)
+			accepted := make(chan struct{})
+			go func() {
+				defer close(accepted)
+				for {
+					if _, err := ln.Accept(); err != nil {
+						return
+					}
+				}
+			}()
+			t.Cleanup(func() {
+				ln.crash()
+				<-accepted
+			})
+			cfg := testConfig(newUpstream(t, upPlain, &recorder{}))
+			cfg.GRPCUpstream = &url.URL{Scheme: scheme, Host: ln.Addr().String()}
+			cfg.UpstreamInsecure = true
+			tp := startProxy(t, cfg)
+			tp.fwd.grpcUp.handshakeTimeout = 500 * time.Millisecond // 10 s otherwise
+			tc := testgrpc.NewTestServiceClient(dialProxy(t, tp, tp.Addr().String()))
+			_, err := tc.EmptyCall(testCtx(t), &testgrpc.Empty{})
+			if st := status.Convert(err); st.Code() != codes.Unavailable {
+				t.Errorf("%v %q, want Unavailable", st.Code(), st.Message())
+			}
+		})
+	}
+}
