@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"crypto"
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/tls"
@@ -42,6 +43,12 @@ func selfSignedRSA(t testing.TB, names ...string) tls.Certificate {
 		BasicConstraintsValid: true,
 		IsCA:                  true,
 	}
+	return signSelf(t, tmpl, key, &key.PublicKey, names...)
+}
+
+// signSelf is tmpl for names, signed with its own key.
+func signSelf(t testing.TB, tmpl *x509.Certificate, key crypto.Signer, pub any, names ...string) tls.Certificate {
+	t.Helper()
 	for _, n := range names {
 		if ip := net.ParseIP(n); ip != nil {
 			tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
@@ -49,7 +56,7 @@ func selfSignedRSA(t testing.TB, names ...string) tls.Certificate {
 			tmpl.DNSNames = append(tmpl.DNSNames, n)
 		}
 	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, pub, key)
 	if err != nil {
 		t.Fatal(err)
 	}

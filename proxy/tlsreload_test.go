@@ -2,13 +2,11 @@ package proxy
 
 import (
 	"crypto/ecdsa"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
 	"io"
 	"log/slog"
 	"math/big"
-	"net"
 	"net/http"
 	"net/http/httptrace"
 	"os"
@@ -368,22 +366,7 @@ func certValidFor(t *testing.T, notBefore, notAfter time.Time, names ...string) 
 	tmpl := *c.Leaf
 	tmpl.NotBefore, tmpl.NotAfter = notBefore, notAfter
 	tmpl.DNSNames, tmpl.IPAddresses = nil, nil
-	for _, n := range names {
-		if ip := net.ParseIP(n); ip != nil {
-			tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
-		} else {
-			tmpl.DNSNames = append(tmpl.DNSNames, n)
-		}
-	}
-	der, err := x509.CreateCertificate(rand.Reader, &tmpl, &tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	leaf, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}
+	return signSelf(t, &tmpl, key, &key.PublicKey, names...)
 }
 
 // TestCertWarnings: what clients would refuse in the served certificate is
