@@ -608,7 +608,7 @@ func rawConn(c net.Conn) syscall.RawConn {
 
 // wrapped is the connection under c when c is one of the layers a
 // connection goes through (TLS, cmux's, the HTTP/1.1 front's hand-over, the
-// socket under TLS to Cells), else nil.
+// public port's accepted socket, the socket under TLS to Cells), else nil.
 func wrapped(c net.Conn) net.Conn {
 	switch x := c.(type) {
 	case *tls.Conn:
@@ -618,6 +618,8 @@ func wrapped(c net.Conn) net.Conn {
 	case *replayConn:
 		return x.Conn
 	case *tlsSocket:
+		return x.Conn
+	case *clientSocket:
 		return x.Conn
 	}
 	return nil

@@ -1155,3 +1155,72 @@ func TestWebSocketLastWordsArrive(t *testing.T) {
 		})
 	}
 }
+
+// TestWebSocketLastWordsReachClient is TestWebSocketLastWordsArrive the
+// other way: Cells sends a large message and its close frame and ends,
+// while the client, slow to read, is still sending. Every byte Cells sent
+// must reach the client: the client's socket, found under TLS, cmux and
+// the public port's own layer, lingers too.
+func TestWebSocketLastWordsReachClient(t *testing.T) {
+	const size = 16 << 20
+	msg := randomMessage(websocket.MessageBinary, size)
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Upgrade") == "" {
+			io.WriteString(w, "ok")
+			return
+		}
+		conn, brw, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			return
+		}
+		defer conn.Close()
+		brw.WriteString("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: " +
+			wsAccept(r.Header.Get("Sec-WebSocket-Key")) + "\r\n\r\n")
+		brw.Write(frameOf(0x2, msg, false))
+		brw.Write(closeFrame(1000, "bye", false))
+		brw.Flush()
+		// Cells lingers itself: nothing is lost on its side.
+		tc := conn.(*tls.Conn)
+		tc.CloseWrite()
+		tc.NetConn().(*net.TCPConn).CloseWrite()
+		conn.SetReadDeadline(time.Now().Add(20 * time.Second))
+		io.Copy(io.Discard, conn)
+	}))
+	settle(t, up)
+	tp := startProxy(t, testConfig(up))
+	conn := rawWS(t, tp)
+	conn.SetDeadline(time.Now().Add(30 * time.Second))
+	stop := make(chan struct{})
+	sent := make(chan struct{})
+	go func() {
+		defer close(sent)
+		f := frameOf(0x2, make([]byte, 1024), true)
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(time.Millisecond):
+			}
+			if _, err := conn.Write(f); err != nil {
+				return
+			}
+		}
+	}()
+	defer func() { close(stop); <-sent }()
+	// Cells has sent all by the time the client reads: what the proxy
+	// could not pass on yet waits in its socket's queue to the client.
+	time.Sleep(500 * time.Millisecond)
+	want := append(frameOf(0x2, msg, false), closeFrame(1000, "bye", false)...)
+	got := make([]byte, 0, len(want))
+	buf := make([]byte, 16<<10)
+	var err error
+	for len(got) < len(want) && err == nil {
+		var n int
+		n, err = conn.Read(buf)
+		got = append(got, buf[:n]...)
+		time.Sleep(200 * time.Microsecond)
+	}
+	if !bytes.Equal(got, want) {
+		t.Errorf("the client got %d of the %d bytes Cells sent (message and close frame), then %v", len(got), len(want), err)
+	}
+}
