@@ -285,17 +285,35 @@ func (f *forwarder) setForwarded(in, out *http.Request) {
 func (f *forwarder) realChain(entries []string) []string {
 	var chain []string
 	for i := len(entries) - 1; i >= 0; i-- {
-		a, err := netip.ParseAddr(strings.TrimSpace(entries[i]))
-		if err != nil {
+		a, ok := xffAddr(strings.TrimSpace(entries[i]))
+		if !ok {
 			return nil
 		}
-		chain = append(chain, a.Unmap().String())
-		if !f.trusted(a.Unmap()) {
+		chain = append(chain, a.String())
+		if !f.trusted(a) {
 			break
 		}
 	}
 	slices.Reverse(chain)
 	return chain
+}
+
+// xffAddr reads an X-Forwarded-For entry: an address, or one with a port
+// (203.0.113.7:52311, [2001:db8::7]:52311, as Azure's gateway writes
+// them), or an IPv6 address in brackets. Cells gets the address alone.
+func xffAddr(s string) (netip.Addr, bool) {
+	if a, err := netip.ParseAddr(s); err == nil {
+		return a.Unmap(), true
+	}
+	if ap, err := netip.ParseAddrPort(s); err == nil {
+		return ap.Addr().Unmap(), true
+	}
+	if v6, ok := strings.CutPrefix(s, "["); ok {
+		if a, err := netip.ParseAddr(strings.TrimSuffix(v6, "]")); err == nil && strings.HasSuffix(v6, "]") {
+			return a.Unmap(), true
+		}
+	}
+	return netip.Addr{}, false
 }
 
 // isGRPC reports whether r is a gRPC call: HTTP/2 and a gRPC content type,

@@ -453,6 +453,24 @@ func TestForwardedTrusted(t *testing.T) {
 			fwdHost: tp.Addr().String(),
 		},
 		{
+			// Azure's gateway writes address:port; Cells gets the
+			// addresses alone.
+			name:    "ports and brackets",
+			header:  map[string]string{"X-Forwarded-For": "198.51.100.1, 203.0.113.7:52311, [::ffff:127.0.0.2]:443, [127.0.0.3]"},
+			xff:     "203.0.113.7, 127.0.0.2, 127.0.0.3, 127.0.0.1",
+			realIP:  "203.0.113.7",
+			proto:   "https",
+			fwdHost: tp.Addr().String(),
+		},
+		{
+			name:    "an IPv6 client",
+			header:  map[string]string{"X-Forwarded-For": "[2001:db8::7]:52311,2001:db8::8"},
+			xff:     "2001:db8::8, 127.0.0.1",
+			realIP:  "2001:db8::8",
+			proto:   "https",
+			fwdHost: tp.Addr().String(),
+		},
+		{
 			name:    "not an address on the way",
 			header:  map[string]string{"X-Forwarded-For": "203.0.113.7, unknown, 127.0.0.2"},
 			xff:     "127.0.0.1",
