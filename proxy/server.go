@@ -250,10 +250,18 @@ type drainer interface {
 	Close() error
 }
 
-// inTurn drains its servers one after the other.
+// inTurn drains its servers one after the other. Those that wait their
+// turn stop keep-alive at once: their idle connections close, and the
+// requests they still serve are answered with Connection: close, as
+// Shutdown would, while their listener stays open for what comes to them.
 type inTurn []drainer
 
 func (q inTurn) Shutdown(ctx context.Context) error {
+	for _, d := range q[1:] {
+		if srv, ok := d.(*http.Server); ok {
+			srv.SetKeepAlivesEnabled(false)
+		}
+	}
 	var first error
 	for _, d := range q {
 		if err := d.Shutdown(ctx); err != nil && first == nil {

@@ -639,3 +639,61 @@ func TestShutdownRequestMidHead(t *testing.T) {
 		})
 	}
 }
+
+// TestShutdownHandedOverKeepAlive: while the HTTP/1.1 front drains (a slow
+// request still runs on it), a kept-alive connection that the front had
+// handed to net/http's server takes no more requests: it is closed while
+// idle, as Shutdown closes idle connections, or the answer says
+// Connection: close. net/http's server waits for the front before its own
+// Shutdown, which alone would have left it keeping connections alive.
+func TestShutdownHandedOverKeepAlive(t *testing.T) {
+	g := newGate(t)
+	mux := http.NewServeMux()
+	mux.Handle("/slow", g)
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		io.WriteString(w, "ok")
+	})
+	up := newUpstream(t, upTLS, mux)
+	settle(t, up)
+	tp := startProxy(t, testConfig(up))
+
+	// An upload hands this connection to net/http's server.
+	conn := tp.dialRaw(t, tp.Addr().String(), "http/1.1")
+	conn.SetDeadline(time.Now().Add(30 * time.Second))
+	br := bufio.NewReader(conn)
+	fmt.Fprintf(conn, "PUT /data/f HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n", 100_000)
+	conn.Write(make([]byte, 100_000))
+	res, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(io.Discard, res.Body)
+	if res.Close {
+		t.Fatal("the upload's answer closed the connection before the drain")
+	}
+
+	// A request on the front that lasts the drain.
+	slow := tp.dialRaw(t, tp.Addr().String(), "http/1.1")
+	slow.SetDeadline(time.Now().Add(30 * time.Second))
+	io.WriteString(slow, "GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+	g.wait(t)
+	stopped := shutdownAsync(tp)
+	waitDraining(t, tp)
+
+	if _, err := io.WriteString(conn, "GET /a/again HTTP/1.1\r\nHost: x\r\n\r\n"); err == nil {
+		if res, err := http.ReadResponse(br, nil); err == nil {
+			io.Copy(io.Discard, res.Body)
+			if !res.Close {
+				t.Errorf("a request during the drain on a handed-over connection: %s, kept alive", res.Status)
+			}
+		}
+	}
+	g.open()
+	if res, err := http.ReadResponse(bufio.NewReader(slow), nil); err != nil || res.StatusCode != http.StatusOK {
+		t.Errorf("the slow request: %v %v", res, err)
+	}
+	if err := <-stopped; err != nil {
+		t.Errorf("Run: %v", err)
+	}
+}
