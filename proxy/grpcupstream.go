@@ -271,18 +271,18 @@ var (
 // when none does; concurrent callers wait for the same dial, and the one
 // that dialled opens its stream first on the new connection.
 //
-// A call dials at most one connection that takes no stream at all. Cells
-// may set SETTINGS_MAX_CONCURRENT_STREAMS to 0 (RFC 9113 §6.5.2: "prevents
-// the creation of new streams"), and a new connection would be no better:
-// dialling one after another would flood Cells with connections for as
-// long as the call lasts. The call waits on its connection instead, as
-// grpc-go's client waits for stream quota, until SETTINGS let it in or
-// noStreamsWait has passed; it then fails (UNAVAILABLE for a gRPC client)
-// and the connection, of no use, is closed. A connection that takes
-// streams but has none free does not count: another is dialled, as when
-// calls outnumber the limit.
+// No call dials while a connection that takes no stream at all is open.
+// Cells may set SETTINGS_MAX_CONCURRENT_STREAMS to 0 (RFC 9113 §6.5.2:
+// "prevents the creation of new streams"), and a new connection would be
+// no better: dialling one after another, or one per call, would flood
+// Cells with connections. Calls wait on that connection instead, as
+// grpc-go's client waits for stream quota, until SETTINGS let them in or
+// noStreamsWait has passed; a call then fails (UNAVAILABLE for a gRPC
+// client) and the connection, of no use, is closed. A connection that
+// takes streams but has none free does not count: another is dialled, as
+// when calls outnumber the limit.
 func (u *grpcUpstream) open(ctx context.Context, call *grpcCall, body io.ReadCloser) (*grpcStream, error) {
-	var fresh *grpcConn       // the connection this call dialled, which took no stream
+	var fresh *grpcConn       // a connection that takes no stream, to wait on
 	var wait <-chan time.Time // the end of noStreamsWait, once started
 	for {
 		if ctx.Err() != nil {
@@ -300,11 +300,14 @@ func (u *grpcUpstream) open(ctx context.Context, call *grpcCall, body io.ReadClo
 			fresh = nil // Cells raised its limit: the connection takes streams
 		}
 		u.mu.Lock()
-		var c *grpcConn
+		var c, none *grpcConn
 		for _, x := range u.conns {
 			if x.canTake() {
 				c = x
 				break
+			}
+			if none == nil && x.takesNone() {
+				none = x
 			}
 		}
 		if c != nil {
@@ -314,6 +317,11 @@ func (u *grpcUpstream) open(ctx context.Context, call *grpcCall, body io.ReadClo
 				return s, err
 			}
 			continue // taken meanwhile
+		}
+		if none != nil {
+			u.mu.Unlock()
+			fresh = none
+			continue
 		}
 		if d := u.dialing; d != nil {
 			u.mu.Unlock()

@@ -469,6 +469,28 @@ func TestGRPCUpstreamMaxStreamsZero(t *testing.T) {
 		}
 	})
 
+	t.Run("concurrent calls", func(t *testing.T) {
+		// They wait on the one connection instead of dialling one each.
+		t.Parallel()
+		p := newH2Peer(t, zero, echo)
+		tp := startPeerProxy(t, p)
+		tp.fwd.grpcUp.noStreamsWait = 500 * time.Millisecond
+		const calls = 20
+		var wg sync.WaitGroup
+		for range calls {
+			wg.Go(func() {
+				if r := callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Echo", want); r.Header.Get("Grpc-Status") != "14" {
+					t.Errorf("call: err %v, status %d, grpc-status %q, want grpc-status 14", r.Err, r.Status, r.Header.Get("Grpc-Status"))
+				}
+			})
+		}
+		wg.Wait()
+		// One, or two should a call come after the first was closed.
+		if n := p.Accepted.Load(); n > 2 {
+			t.Errorf("the upstream accepted %d connections for %d calls while it allows no stream", n, calls)
+		}
+	})
+
 	t.Run("client gives up", func(t *testing.T) {
 		t.Parallel()
 		p := newH2Peer(t, zero, echo)
