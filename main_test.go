@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"syscall"
@@ -412,6 +413,83 @@ func TestVersionCommand(t *testing.T) {
 		out, _, status := result(t, command([]string{arg}))
 		if got, want := out, "cells-proxy "+testVersion+"\n"; status != 0 || got != want {
 			t.Errorf("cells-proxy %s: status %d, output %q; want 0, %q", arg, status, got, want)
+		}
+	}
+}
+
+// TestHealthcheckSilentCells: Cells accepts connections and never answers.
+// The healthcheck says so in its one line ("cells unreachable"), which
+// needs the proxy's check of Cells to give up before the command does, and
+// the command before Docker kills it (TestHealthcheckFitsDockerTimeout).
+func TestHealthcheckSilentCells(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	accepted := make(chan net.Conn, 16)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				close(accepted)
+				return
+			}
+			accepted <- c // held open, never answered
+		}
+	}()
+	defer func() {
+		ln.Close()
+		for c := range accepted {
+			c.Close()
+		}
+	}()
+	health := freeAddr(t)
+	env := []string{"CELLS_UPSTREAM=http://" + ln.Addr().String(), "PROXY_HTTPS_ADDR=" + freeAddr(t),
+		"PROXY_HTTP_ADDR=off", "PROXY_HEALTH_ADDR=" + health}
+	proc := command(nil, env...)
+	stderr := &lockedBuffer{}
+	proc.Stdout, proc.Stderr = io.Discard, stderr
+	if err := proc.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { proc.Process.Kill(); proc.Wait() }()
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		if c, err := net.Dial("tcp", health); err == nil {
+			c.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the health listener never came up:\n%s", stderr.String())
+		}
+	}
+	out, errOut, status := result(t, command([]string{"healthcheck"}, env...))
+	if l := lines(out + errOut); status != 1 || len(l) != 1 || !strings.Contains(l[0], "cells unreachable") {
+		t.Errorf("status %d, output %q; want 1 and one line saying Cells is unreachable", status, out+errOut)
+	}
+}
+
+// TestHealthcheckFitsDockerTimeout: the image's HEALTHCHECK and the compose
+// file give the command a timeout; the command's own bound must be below it.
+func TestHealthcheckFitsDockerTimeout(t *testing.T) {
+	for file, re := range map[string]*regexp.Regexp{
+		"Dockerfile":          regexp.MustCompile(`HEALTHCHECK .*--timeout=(\w+)`),
+		"compose.example.yml": regexp.MustCompile(`(?m)^\s+timeout: (\w+)`),
+	} {
+		b, err := os.ReadFile(file)
+		if err != nil {
+			t.Fatal(err)
+		}
+		m := re.FindSubmatch(b)
+		if m == nil {
+			t.Errorf("%s: no healthcheck timeout found", file)
+			continue
+		}
+		d, err := time.ParseDuration(string(m[1]))
+		if err != nil {
+			t.Fatalf("%s: timeout %q: %v", file, m[1], err)
+		}
+		if d <= proxy.ProbeTimeout {
+			t.Errorf("%s gives the healthcheck %v, not more than the command's own %v", file, d, proxy.ProbeTimeout)
 		}
 	}
 }

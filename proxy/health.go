@@ -38,7 +38,8 @@ func newHealth(s *Server) *health {
 			Transport: s.fwd.httpTransport,
 			// A starting Cells redirects to starting.html: see it, do not follow.
 			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
-			Timeout:       5 * time.Second,
+			// Within ProbeTimeout, so that the healthcheck prints why.
+			Timeout: ProbeTimeout - 500*time.Millisecond,
 		},
 	}
 }
@@ -107,6 +108,11 @@ func (h *health) probe(ctx context.Context) (bool, string) {
 	return true, fmt.Sprintf("ok: cells answers %d", res.StatusCode)
 }
 
+// ProbeTimeout bounds Probe below the 3 s the image's HEALTHCHECK and the
+// compose file give the command: past that Docker kills it and records a
+// timeout, and the operator never sees the line saying what is wrong.
+const ProbeTimeout = 2500 * time.Millisecond
+
 // Probe is what `cells-proxy healthcheck` runs: it asks the health listener
 // of a running proxy whether it is ready.
 func Probe(ctx context.Context, healthAddr string) (string, error) {
@@ -120,7 +126,7 @@ func Probe(ctx context.Context, healthAddr string) (string, error) {
 	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
 		host = "127.0.0.1"
 	}
-	ctx, cancel := context.WithTimeout(ctx, 8*time.Second)
+	ctx, cancel := context.WithTimeout(ctx, ProbeTimeout)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+net.JoinHostPort(host, port)+"/readyz", nil)
 	if err != nil {
