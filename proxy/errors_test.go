@@ -492,3 +492,41 @@ func TestClientGoneCancelsUpstream(t *testing.T) {
 
 // errCleanEOF marks an upload body that ended as if complete.
 var errCleanEOF = errors.New("clean EOF")
+
+// TestServerPanicLogged: a handler's panic on a connection net/http's
+// servers serve (HTTP/2, HTTP/1.1 after the front's hand-over, the health
+// and redirect ports) is logged at error, with its stack, as the HTTP/1.1
+// front logs it. It was at debug with their lines about clients, unseen at
+// the default PROXY_LOG_LEVEL=info.
+func TestServerPanicLogged(t *testing.T) {
+	var buf syncBuffer
+	s := &Server{cfg: &Config{}, log: slog.New(slog.NewJSONHandler(&buf, &slog.HandlerOptions{Level: slog.LevelInfo}))}
+	s.baseCtx, s.cancelBase = context.WithCancelCause(context.Background())
+	defer s.cancelBase(nil)
+	srv := s.newHTTPServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/boom" {
+			panic("boom")
+		}
+	}), func(p *http.Protocols) { p.SetHTTP1(true) })
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { srv.Serve(ln); close(done) }()
+	defer func() { srv.Close(); <-done }()
+	c := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
+	defer c.CloseIdleConnections()
+	if _, err := c.Get("http://" + ln.Addr().String() + "/boom"); err == nil {
+		t.Error("the panicking request was answered")
+	}
+	srv.Close()
+	<-done
+	logged := buf.String()
+	if !strings.Contains(logged, `"level":"ERROR"`) || !strings.Contains(logged, "boom") || !strings.Contains(logged, "goroutine") {
+		t.Errorf("the panic is not logged at error with its stack:\n%s", logged)
+	}
+	if n := strings.Count(logged, "\n"); n != 1 {
+		t.Errorf("%d lines logged at info, want the panic's alone:\n%s", n, logged)
+	}
+}

@@ -6,9 +6,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log"
 	"log/slog"
 	"net"
 	"net/http"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -184,7 +186,7 @@ func (s *Server) newHTTPServer(h http.Handler, protos func(*http.Protocols)) *ht
 		// allows 32 KiB. The HTTP/2 server derives SETTINGS_MAX_HEADER_LIST_SIZE
 		// from it and closes a connection whose CONTINUATION frames go past it.
 		MaxHeaderBytes: maxHeader,
-		ErrorLog:       slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
+		ErrorLog:       serverErrorLog(s.log),
 		BaseContext:    func(net.Listener) context.Context { return s.baseCtx },
 		// Per-connection state for the HTTP/2 rapid-reset guard (forward.go).
 		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
@@ -248,6 +250,26 @@ func h2MaxHeaderList(maxHeaderBytes int) int {
 type drainer interface {
 	Shutdown(context.Context) error
 	Close() error
+}
+
+// serverErrorLog is net/http's ErrorLog for the proxy's servers. What it
+// says about clients (a TLS handshake cut short, a bad HTTP/2 preface) is
+// at debug: any client can make such lines. A handler's panic, with its
+// stack, is at error, as the HTTP/1.1 front logs it.
+func serverErrorLog(l *slog.Logger) *log.Logger {
+	return log.New(errorLogWriter{l}, "", 0)
+}
+
+type errorLogWriter struct{ l *slog.Logger }
+
+func (w errorLogWriter) Write(p []byte) (int, error) {
+	msg := strings.TrimSuffix(string(p), "\n")
+	level := slog.LevelDebug
+	if strings.Contains(msg, "panic serving") {
+		level = slog.LevelError
+	}
+	w.l.Log(context.Background(), level, msg)
+	return len(p), nil
 }
 
 // inTurn drains its servers one after the other. Those that wait their
@@ -395,7 +417,7 @@ func (s *Server) Run(ctx context.Context) error {
 			// Only the local healthcheck talks here; it must not hang.
 			ReadHeaderTimeout: 5 * time.Second,
 			WriteTimeout:      10 * time.Second,
-			ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
+			ErrorLog:          serverErrorLog(s.log),
 		}
 		ln := s.healthLn
 		sv.wg.Go(func() {
