@@ -701,7 +701,12 @@ func (f *forwarder) finish(ex *exchange, r *http.Request) {
 		ex.logAccess(f.log)
 	}
 	if g, ok := r.Context().Value(connGuardKey{}).(*connGuard); ok && r.ProtoMajor == 2 {
-		reset := r.Context().Err() != nil && (ex.status == 0 || ex.status == statusClientClosed)
+		// Only a reset soon after the request counts: a browser that
+		// cancels the requests of a page the user left, or a deadline,
+		// comes later; an attacker holding each stream that long makes
+		// no more requests than a client that lets them be answered.
+		reset := r.Context().Err() != nil && (ex.status == 0 || ex.status == statusClientClosed) &&
+			time.Since(ex.start) < quickReset
 		g.done(reset, f.log, r.RemoteAddr)
 	}
 }
@@ -817,6 +822,9 @@ type connGuard struct {
 
 type connGuardKey struct{}
 
+// quickReset is how soon after the request a cancel counts as a reset.
+const quickReset = 100 * time.Millisecond
+
 // maxResets is how many client-cancelled requests a connection may have
 // before the ratio to answered ones is checked: browsers cancel requests
 // when users navigate, Cells Sync cancels streams, but not by the hundred.
@@ -830,6 +838,12 @@ func (g *connGuard) done(reset bool, log *slog.Logger, client string) {
 	n := g.resets.Add(1)
 	if n > maxResets && n > 2*g.answered.Load() && g.closed.CompareAndSwap(false, true) {
 		log.Warn("closing a connection that resets most of its requests (HTTP/2 rapid reset)", "client", client, "resets", n, "answered", g.answered.Load())
+		// The socket itself: closing the connection above it waits for
+		// a pending write, which a client that does not read can hold
+		// up while net/http's server goes on reading its frames.
+		if tcp := tcpConn(g.conn); tcp != nil {
+			tcp.Close()
+		}
 		g.conn.Close()
 	}
 }

@@ -398,7 +398,15 @@ type frameConn struct {
 
 	events  chan frameEvent // frames the server sent; closed when reading ends
 	readErr error           // why reading ended, valid once events is closed
+
+	stopped   atomic.Bool   // stopReading: the read loop reads no more
+	closing   chan struct{} // closed by Close
+	closeOnce sync.Once
 }
+
+// stopReading makes the read loop stop after the frame it is reading, as a
+// client that no longer reads its connection.
+func (c *frameConn) stopReading() { c.stopped.Store(true) }
 
 // frameEvent is one frame from the server, reduced to what tests look at.
 type frameEvent struct {
@@ -434,7 +442,7 @@ func dialH2(t testing.TB, tp *testProxy) *frameConn {
 func dialH2At(t testing.TB, tp *testProxy, addr string, settings ...http2.Setting) *frameConn {
 	t.Helper()
 	conn := tp.dialTLSH2(t, addr)
-	c := &frameConn{conn: conn, fr: http2.NewFramer(conn, conn), events: make(chan frameEvent, 1024)}
+	c := &frameConn{conn: conn, fr: http2.NewFramer(conn, conn), events: make(chan frameEvent, 1024), closing: make(chan struct{})}
 	c.enc = hpack.NewEncoder(&c.ebuf)
 	c.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
 	c.fr.MaxHeaderListSize = 1 << 20
@@ -450,6 +458,7 @@ func dialH2At(t testing.TB, tp *testProxy, addr string, settings ...http2.Settin
 }
 
 func (c *frameConn) Close() {
+	c.closeOnce.Do(func() { close(c.closing) })
 	c.conn.Close()
 	for range c.events {
 	}
@@ -458,6 +467,11 @@ func (c *frameConn) Close() {
 func (c *frameConn) readLoop() {
 	defer close(c.events)
 	for {
+		if c.stopped.Load() {
+			<-c.closing
+			c.readErr = net.ErrClosed
+			return
+		}
 		f, err := c.fr.ReadFrame()
 		if err != nil {
 			c.readErr = err
@@ -759,6 +773,144 @@ func TestH2RapidReset(t *testing.T) {
 	}
 	if served.Load() < 50 {
 		t.Errorf("normal client got %d answers, want at least 50", served.Load())
+	}
+}
+
+// TestH2RapidResetNonReader: the attacker of TestH2RapidReset first asks
+// for a large download and reads none of it, so that a write to it is
+// always pending. Closing the connection then left the socket open for the
+// pending write's grace period while net/http's server went on reading and
+// dispatching the attacker's frames (130,000 more pairs in 5 s); the guard
+// closes the socket itself, and the attack ends as soon.
+func TestH2RapidResetNonReader(t *testing.T) {
+	rec := &wireRecorder{Respond: func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/big" {
+			io.WriteString(w, "ok")
+			return
+		}
+		w.Header().Set("Content-Length", strconv.Itoa(64<<20))
+		buf := make([]byte, 32<<10)
+		for n := 0; n < 64<<20; n += len(buf) {
+			if _, err := w.Write(buf); err != nil {
+				return
+			}
+		}
+	}}
+	up := newUpstream(t, upTLS, rec)
+	tp := startProxy(t, testConfig(up))
+
+	c := dialH2At(t, tp, tp.Addr().String(), http2.Setting{ID: http2.SettingInitialWindowSize, Val: 1<<31 - 1})
+	c.conn.SetDeadline(time.Now().Add(30 * time.Second))
+	c.wmu.Lock()
+	c.fr.WriteWindowUpdate(0, 1<<31-1-65535)
+	c.wmu.Unlock()
+	// The download fills the socket's buffers and the write-behind's:
+	// the client's reader is stopped once it has seen the answer.
+	if err := c.request(1, pseudo(tp, "GET", "/big")...); err != nil {
+		t.Fatal(err)
+	}
+	c.answer(t, 1)
+	c.stopReading()
+	time.Sleep(500 * time.Millisecond)
+
+	pairs := 0
+	var err error
+	for i := 1; i < 200_000 && err == nil; i++ {
+		id := uint32(2*i + 1)
+		if err = c.request(id, pseudo(tp, "GET", "/reset/"+strconv.Itoa(i))...); err == nil {
+			c.wmu.Lock()
+			err = c.fr.WriteRSTStream(id, http2.ErrCodeCancel)
+			c.wmu.Unlock()
+		}
+		pairs++
+	}
+	c.conn.Close()
+	quiesce(t, tp, up)
+	t.Logf("%d pairs, ended by %v; %d reached Cells", pairs, err, rec.count("/reset/"))
+	if !strings.Contains(tp.Log.String(), "rapid reset") {
+		t.Fatal("the guard never fired")
+	}
+	// TestH2RapidReset's reading attacker gets about 1,300 pairs in; this
+	// one got 130,000 more in the write's grace period.
+	if pairs > 20_000 {
+		t.Errorf("the connection took %d pairs before it ended", pairs)
+	}
+	if n := rec.count("/reset/"); n > 250 {
+		t.Errorf("%d reset requests reached Cells, want at most 250", n)
+	}
+}
+
+// TestH2CancelsDoNotCloseTheConnection: a browser shares one connection
+// between tabs, uploads and the requests of pages; a user who leaves two
+// folders of slow thumbnails cancels 150 requests, a while after they were
+// made. They are not a rapid reset: the connection, and the upload on it,
+// go on.
+func TestH2CancelsDoNotCloseTheConnection(t *testing.T) {
+	uploaded := make(chan int64, 1)
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch {
+		case r.URL.Path == "/upload":
+			n, _ := io.Copy(io.Discard, r.Body)
+			uploaded <- n
+			io.WriteString(w, "stored")
+		case strings.HasPrefix(r.URL.Path, "/thumb/"):
+			<-r.Context().Done() // a slow Cells
+		default:
+			io.WriteString(w, "ok")
+		}
+	}))
+	settle(t, up)
+	tp := startProxy(t, testConfig(up))
+	c := tp.H2
+	for range 20 { // the page itself
+		res, err := c.Get(tp.URL + "/page")
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, res.Body)
+		res.Body.Close()
+	}
+	// An upload on the same connection, held open while the user browses.
+	pr, pw := io.Pipe()
+	upRes := make(chan error, 1)
+	go func() {
+		req, _ := http.NewRequest(http.MethodPut, tp.URL+"/upload", pr)
+		req.ContentLength = 1 << 20
+		res, err := c.Do(req)
+		if err == nil {
+			io.Copy(io.Discard, res.Body)
+			res.Body.Close()
+			if res.StatusCode != http.StatusOK {
+				err = fmt.Errorf("status %s", res.Status)
+			}
+		}
+		upRes <- err
+	}()
+	pw.Write(make([]byte, 512<<10))
+	for folder := range 2 {
+		ctx, cancel := context.WithCancel(t.Context())
+		var wg sync.WaitGroup
+		for i := range 75 {
+			wg.Go(func() {
+				req, _ := http.NewRequestWithContext(ctx, http.MethodGet, fmt.Sprintf("%s/thumb/%d/%d", tp.URL, folder, i), nil)
+				if res, err := c.Do(req); err == nil {
+					res.Body.Close()
+				}
+			})
+		}
+		time.Sleep(time.Second) // the user looks, then leaves
+		cancel()
+		wg.Wait()
+	}
+	pw.Write(make([]byte, 512<<10))
+	pw.Close()
+	if err := <-upRes; err != nil {
+		t.Errorf("the upload on the browser's connection: %v", err)
+	} else if n := <-uploaded; n != 1<<20 {
+		t.Errorf("Cells got %d bytes of the upload, want %d", n, 1<<20)
+	}
+	if strings.Contains(tp.Log.String(), "rapid reset") {
+		t.Errorf("the rapid-reset guard closed the browser's connection")
 	}
 }
 

@@ -608,7 +608,8 @@ func rawConn(c net.Conn) syscall.RawConn {
 
 // wrapped is the connection under c when c is one of the layers a
 // connection goes through (TLS, cmux's, the HTTP/1.1 front's hand-over, the
-// public port's accepted socket, the socket under TLS to Cells), else nil.
+// public port's accepted socket, HTTP/2's filter and write-behind, the socket
+// under TLS to Cells), else nil.
 func wrapped(c net.Conn) net.Conn {
 	switch x := c.(type) {
 	case *tls.Conn:
@@ -620,6 +621,10 @@ func wrapped(c net.Conn) net.Conn {
 	case *tlsSocket:
 		return x.Conn
 	case *clientSocket:
+		return x.Conn
+	case *h2conn:
+		return x.Conn
+	case *writeBehind:
 		return x.Conn
 	}
 	return nil
