@@ -181,16 +181,17 @@ func (e *env) parse() (*Config, error) {
 		bad("CELLS_UPSTREAM_INSECURE=true and CELLS_UPSTREAM_CA_FILE contradict each other: set only one")
 	}
 
-	grpcPort := e.GRPCExternal
+	// Errors name the variable the operator set.
+	grpcPort, grpcVar := e.GRPCExternal, "PYDIO_GRPC_EXTERNAL"
 	if e.GRPCExternalAlias != "" {
 		if grpcPort != "" && grpcPort != e.GRPCExternalAlias {
 			bad("PYDIO_GRPC_EXTERNAL=%q and CELLS_GRPC_EXTERNAL=%q disagree: set only one", e.GRPCExternal, e.GRPCExternalAlias)
 		}
-		grpcPort = e.GRPCExternalAlias
+		grpcPort, grpcVar = e.GRPCExternalAlias, "CELLS_GRPC_EXTERNAL"
 	}
 	if grpcPort != "" {
 		if p, err := strconv.Atoi(grpcPort); err != nil || p < 1 || p > 65535 {
-			bad("PYDIO_GRPC_EXTERNAL must be a port number from 1 to 65535, got %q", grpcPort)
+			bad("%s must be a port number from 1 to 65535, got %q", grpcVar, grpcPort)
 			grpcPort = ""
 		}
 	}
@@ -225,7 +226,7 @@ func (e *env) parse() (*Config, error) {
 	} else if grpcPort != "" {
 		host, port, _ := net.SplitHostPort(c.HTTPSAddr)
 		if p, _ := net.LookupPort("tcp", port); p != 0 && strconv.Itoa(p) == strings.TrimLeft(grpcPort, "0") {
-			bad("PYDIO_GRPC_EXTERNAL=%s is the port of PROXY_HTTPS_ADDR, which serves gRPC already: unset it, or give the classic separate port such as 33060", grpcPort)
+			bad("%s=%s is the port of PROXY_HTTPS_ADDR, which serves gRPC already: unset it, or give the classic separate port such as 33060", grpcVar, grpcPort)
 		}
 		c.GRPCAddr = net.JoinHostPort(host, grpcPort)
 	}
@@ -247,8 +248,10 @@ func (e *env) parse() (*Config, error) {
 
 	for _, n := range splitList(e.ServerNames) {
 		n = strings.ToLower(strings.TrimSuffix(n, "."))
-		if strings.ContainsAny(n, ":/ ") || n == "" {
-			bad("PROXY_SERVER_NAMES takes host names without port or scheme, got %q", n)
+		if strings.ContainsAny(n, ":/ *") || n == "" {
+			// A wildcard would match nothing: the names are compared
+			// whole, and Cells has one public name.
+			bad("PROXY_SERVER_NAMES takes host names without port, scheme or wildcard, got %q", n)
 			continue
 		}
 		c.ServerNames = append(c.ServerNames, n)

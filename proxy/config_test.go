@@ -224,6 +224,24 @@ func TestGRPCExternalOnThePublicPort(t *testing.T) {
 	if _, err := Load(); err != nil {
 		t.Errorf("the classic 33060 beside 443: %v", err)
 	}
+	// The Cells v3+ name is the one an error names, when it is the one set.
+	for _, v := range []string{"abc", "70000", "443"} {
+		setEnv(t, map[string]string{"CELLS_UPSTREAM": "https://cells:8080", "PROXY_HTTPS_ADDR": ":443", "CELLS_GRPC_EXTERNAL": v})
+		if _, err := Load(); err == nil || !strings.HasPrefix(err.Error(), "CELLS_GRPC_EXTERNAL") {
+			t.Errorf("CELLS_GRPC_EXTERNAL=%s: err = %v, want a line naming CELLS_GRPC_EXTERNAL", v, err)
+		}
+	}
+}
+
+// TestServerNamesNoWildcard: nginx's *.example.com would be compared whole
+// and match no request (421 to all): refused with the other problems.
+func TestServerNamesNoWildcard(t *testing.T) {
+	for _, v := range []string{"*.example.com", "cells.example.com,*", "*"} {
+		setEnv(t, map[string]string{"CELLS_UPSTREAM": "https://cells:8080", "PROXY_SERVER_NAMES": v})
+		if _, err := Load(); err == nil || !strings.Contains(err.Error(), "wildcard") {
+			t.Errorf("PROXY_SERVER_NAMES=%s: err = %v, want one about wildcards", v, err)
+		}
+	}
 }
 
 func TestLoadRequiresUpstream(t *testing.T) {
