@@ -240,6 +240,22 @@ func (e *env) parse() (*Config, error) {
 	} else if err := checkListenAddr(c.HealthAddr); err != nil {
 		bad("PROXY_HEALTH_ADDR must be host:port or off, got %q: %v", c.HealthAddr, err)
 	}
+	// Two listeners on one port: the second would stop the start with
+	// "address already in use". (The gRPC port on the public one has its
+	// own message above.)
+	listeners := []struct{ name, value, addr string }{
+		{"PROXY_HTTPS_ADDR", c.HTTPSAddr, c.HTTPSAddr},
+		{grpcVar, grpcPort, c.GRPCAddr},
+		{"PROXY_HTTP_ADDR", c.HTTPAddr, c.HTTPAddr},
+		{"PROXY_HEALTH_ADDR", c.HealthAddr, c.HealthAddr},
+	}
+	for i, a := range listeners {
+		for _, b := range listeners[i+1:] {
+			if (i > 0 || b.name != grpcVar) && sameListener(a.addr, b.addr) {
+				bad("%s=%s and %s=%s take the same port: give each listener its own", a.name, a.value, b.name, b.value)
+			}
+		}
+	}
 	if p, err := strconv.Atoi(e.RedirectPort); err != nil || p < 1 || p > 65535 {
 		bad("PROXY_REDIRECT_HTTPS_PORT must be a port number from 1 to 65535, got %q", e.RedirectPort)
 	} else {
@@ -377,6 +393,36 @@ func splitList(s string) []string {
 }
 
 func off(s string) bool { return strings.EqualFold(strings.TrimSpace(s), "off") }
+
+// sameListener reports whether listening on a and on b would collide: the
+// same port, and the same host or a wildcard on either side (Go listens on
+// both IPv4 and IPv6 for "", 0.0.0.0 and ::). Host names are not resolved:
+// only what is certain is reported.
+func sameListener(a, b string) bool {
+	ha, pa, errA := net.SplitHostPort(a)
+	hb, pb, errB := net.SplitHostPort(b)
+	if errA != nil || errB != nil {
+		return false // off, or reported already
+	}
+	portA, errA := net.LookupPort("tcp", pa)
+	portB, errB := net.LookupPort("tcp", pb)
+	if errA != nil || errB != nil || portA == 0 || portA != portB {
+		return false
+	}
+	wildcard := func(h string) bool {
+		ip, err := netip.ParseAddr(h)
+		return h == "" || err == nil && ip.IsUnspecified()
+	}
+	if wildcard(ha) || wildcard(hb) {
+		return true
+	}
+	ipA, errA := netip.ParseAddr(ha)
+	ipB, errB := netip.ParseAddr(hb)
+	if errA == nil && errB == nil {
+		return ipA.Unmap() == ipB.Unmap()
+	}
+	return strings.EqualFold(ha, hb)
+}
 
 // checkListenAddr finds, before anything listens, the mistakes in a
 // listener's address that net.Listen would only report once the proxy is

@@ -185,9 +185,9 @@ func TestListenAddrs(t *testing.T) {
 		in string
 		ok bool
 	}{
-		{":8443", true},
+		{":9443", true},
 		{"0.0.0.0:443", true},
-		{"[::1]:8443", true},
+		{"[::1]:9443", true},
 		{"127.0.0.1:0", true},
 		{"localhost:https", true},
 		{":99999", false},
@@ -229,6 +229,43 @@ func TestGRPCExternalOnThePublicPort(t *testing.T) {
 		setEnv(t, map[string]string{"CELLS_UPSTREAM": "https://cells:8080", "PROXY_HTTPS_ADDR": ":443", "CELLS_GRPC_EXTERNAL": v})
 		if _, err := Load(); err == nil || !strings.HasPrefix(err.Error(), "CELLS_GRPC_EXTERNAL") {
 			t.Errorf("CELLS_GRPC_EXTERNAL=%s: err = %v, want a line naming CELLS_GRPC_EXTERNAL", v, err)
+		}
+	}
+}
+
+// TestListenerCollisions: two listeners on one port would stop the start
+// with "address already in use" after the configuration passed; it is a
+// configuration problem, reported with the others and naming both.
+func TestListenerCollisions(t *testing.T) {
+	for _, tc := range []struct {
+		env  map[string]string
+		want string // "" = no collision
+	}{
+		{map[string]string{"PROXY_HTTPS_ADDR": ":8080"}, "PROXY_HTTPS_ADDR=:8080 and PROXY_HTTP_ADDR=:8080"},
+		{map[string]string{"PROXY_HTTPS_ADDR": "127.0.0.1:9000", "PROXY_HTTP_ADDR": "0.0.0.0:9000"}, "PROXY_HTTPS_ADDR=127.0.0.1:9000 and PROXY_HTTP_ADDR=0.0.0.0:9000"},
+		{map[string]string{"PROXY_HEALTH_ADDR": "[::]:8443"}, "PROXY_HTTPS_ADDR=:8443 and PROXY_HEALTH_ADDR=[::]:8443"},
+		{map[string]string{"PYDIO_GRPC_EXTERNAL": "8080"}, "PYDIO_GRPC_EXTERNAL=8080 and PROXY_HTTP_ADDR=:8080"},
+		{map[string]string{"CELLS_GRPC_EXTERNAL": "8099", "PROXY_HTTPS_ADDR": "127.0.0.1:443"}, "CELLS_GRPC_EXTERNAL=8099 and PROXY_HEALTH_ADDR=127.0.0.1:8099"},
+		{map[string]string{"PROXY_HTTPS_ADDR": "127.0.0.1:9000", "PROXY_HTTP_ADDR": "127.0.0.2:9000"}, ""},
+		{map[string]string{"PROXY_HTTPS_ADDR": "127.0.0.1:0", "PROXY_HTTP_ADDR": "127.0.0.1:0", "PROXY_HEALTH_ADDR": "127.0.0.1:0"}, ""},
+		{map[string]string{"PROXY_HTTP_ADDR": "off", "PROXY_HTTPS_ADDR": ":8080"}, ""},
+	} {
+		env := map[string]string{"CELLS_UPSTREAM": "https://cells:8080"}
+		for k, v := range tc.env {
+			env[k] = v
+		}
+		setEnv(t, env)
+		for _, name := range []string{"PROXY_HTTPS_ADDR", "PROXY_HTTP_ADDR", "PROXY_HEALTH_ADDR"} {
+			if _, set := tc.env[name]; !set {
+				unsetEnv(t, name) // its default
+			}
+		}
+		_, err := Load()
+		switch {
+		case tc.want == "" && err != nil:
+			t.Errorf("%v: %v", tc.env, err)
+		case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
+			t.Errorf("%v: err = %v, want a line with %q", tc.env, err, tc.want)
 		}
 	}
 }
