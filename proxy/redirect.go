@@ -1,18 +1,40 @@
 package proxy
 
 import (
+	"log/slog"
 	"net/http"
 	"strconv"
+	"time"
 )
 
 // redirect serves the plain HTTP port: 301 to the same target on https,
 // never contacting Cells. A Host outside PROXY_SERVER_NAMES gets 404, as
 // nginx's default server in the classic setup.
 func (s *Server) redirect(w http.ResponseWriter, r *http.Request) {
+	start := time.Now()
+	status := s.redirectTo(w, r)
+	if s.cfg.AccessLog {
+		// The access log's line, as for the proxied requests.
+		s.log.LogAttrs(r.Context(), slog.LevelInfo, "request",
+			slog.String("proto", "redirect"),
+			slog.String("method", r.Method),
+			slog.String("host", r.Host),
+			slog.String("path", redactPath(r)),
+			slog.Int("status", status),
+			slog.Int64("bytes_in", 0),
+			slog.Int64("bytes_out", 0),
+			slog.Duration("duration", time.Since(start)),
+			slog.String("client", r.RemoteAddr),
+		)
+	}
+}
+
+// redirectTo answers r and returns the status.
+func (s *Server) redirectTo(w http.ResponseWriter, r *http.Request) int {
 	host := hostOnly(r.Host)
 	if host == "" || !s.fwd.hostAllowed(r.Host) {
 		http.NotFound(w, r)
-		return
+		return http.StatusNotFound
 	}
 	target := "https://" + bracketIPv6(host)
 	if p := s.cfg.RedirectPort; p != 443 {
@@ -27,6 +49,7 @@ func (s *Server) redirect(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("Location", target+uri)
 	w.WriteHeader(http.StatusMovedPermanently)
+	return http.StatusMovedPermanently
 }
 
 func bracketIPv6(host string) string {

@@ -4,6 +4,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"strings"
 	"testing"
 	"time"
 )
@@ -114,5 +115,29 @@ func TestRedirectServerNames(t *testing.T) {
 	}
 	if n := rec.count(); n != 0 {
 		t.Errorf("upstream saw %d requests, want 0", n)
+	}
+}
+
+// TestRedirectAccessLog: with PROXY_ACCESS_LOG=true the redirect port's
+// answers have their line too, as every proxied request does (redirect
+// loops and plain-HTTP clients show in the log), secrets in the query
+// redacted.
+func TestRedirectAccessLog(t *testing.T) {
+	t.Parallel()
+	sink := newLogSink()
+	cfg := testConfig(newUpstream(t, upTLS, &recorder{}))
+	cfg.AccessLog = true
+	cfg.ServerNames = []string{"cells.example.com"}
+	tp := startLoggedProxy(t, cfg, sink, "json")
+	rawPlain(t, tp, "GET /x?pydio_jwt=secret HTTP/1.1\r\nHost: cells.example.com\r\n\r\n")
+	rawPlain(t, tp, "GET /y HTTP/1.1\r\nHost: evil.example\r\n\r\n")
+	for path, status := range map[string]string{"/x?pydio_jwt=REDACTED": "301", "/y": "404"} {
+		l, _ := sink.wait(t, 0, isAccess(t, path))
+		if f := parseLogLine(t, l); f["status"] != status || f["proto"] != "redirect" || f["method"] != "GET" {
+			t.Errorf("access line %s, want status %s, proto redirect", l, status)
+		}
+	}
+	if strings.Contains(sink.String(), "secret") {
+		t.Errorf("a secret reached the log:\n%s", sink.String())
 	}
 }
