@@ -33,7 +33,7 @@ type env struct {
 	HTTPSAddr          string `envconfig:"PROXY_HTTPS_ADDR" default:":8443" desc:"public listener: TLS (or cleartext with PROXY_TLS=off), HTTP/1.1, HTTP/2 and gRPC"`
 	HTTPAddr           string `envconfig:"PROXY_HTTP_ADDR" default:":8080" desc:"plain listener that answers 301 to https; off disables it"`
 	RedirectPort       string `envconfig:"PROXY_REDIRECT_HTTPS_PORT" default:"443" desc:"port written in redirects: the one users reach from outside, not the container's"`
-	ServerNames        string `envconfig:"PROXY_SERVER_NAMES" desc:"comma list of public host names; other Host values get 421 on HTTPS and 404 on the redirect port. Empty: any"`
+	ServerNames        string `envconfig:"PROXY_SERVER_NAMES" desc:"comma list of public host names, each whole (no wildcard); other Host values get 421 on HTTPS and 404 on the redirect port. Empty: any"`
 	TLS                string `envconfig:"PROXY_TLS" default:"on" desc:"off: the public port speaks cleartext (a load balancer terminates TLS in front) and cmux splits h2c prior knowledge from HTTP/1"`
 	TrustedProxies     string `envconfig:"PROXY_TRUSTED_PROXIES" desc:"comma list of CIDRs whose X-Forwarded-Proto and X-Forwarded-For are believed: the chain is followed from the right past them to the client, and Cells gets it from there on. Empty: none"`
 	MaxBodySize        string `envconfig:"PROXY_MAX_BODY_SIZE" default:"0" desc:"largest request body, e.g. 200MiB or 1G; larger bodies get 413. 0: no limit"`
