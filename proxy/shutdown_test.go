@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"net"
@@ -553,6 +554,15 @@ func TestShutdownDeadline(t *testing.T) {
 	}
 }
 
+// keptAlive is an HTTP/1.1 connection to the public port for several
+// requests, and its reader.
+func keptAlive(t *testing.T, tp *testProxy) (*tls.Conn, *bufio.Reader) {
+	t.Helper()
+	conn := tp.dialRaw(t, tp.Addr().String(), "http/1.1")
+	conn.SetDeadline(time.Now().Add(30 * time.Second))
+	return conn, bufio.NewReader(conn)
+}
+
 // waitFrontBusy waits until one of the front's connections is reading or
 // serving a request.
 func waitFrontBusy(t *testing.T, f *h1Front) {
@@ -600,9 +610,7 @@ func TestShutdownRequestMidHead(t *testing.T) {
 			up := newUpstream(t, upTLS, mux)
 			settle(t, up)
 			tp := startProxy(t, testConfig(up))
-			conn := tp.dialRaw(t, tp.Addr().String(), "http/1.1")
-			conn.SetDeadline(time.Now().Add(30 * time.Second))
-			br := bufio.NewReader(conn)
+			conn, br := keptAlive(t, tp)
 			io.WriteString(conn, "GET /a/first HTTP/1.1\r\nHost: x\r\n\r\n")
 			res, err := http.ReadResponse(br, nil)
 			if err != nil {
@@ -659,9 +667,7 @@ func TestShutdownHandedOverKeepAlive(t *testing.T) {
 	tp := startProxy(t, testConfig(up))
 
 	// An upload hands this connection to net/http's server.
-	conn := tp.dialRaw(t, tp.Addr().String(), "http/1.1")
-	conn.SetDeadline(time.Now().Add(30 * time.Second))
-	br := bufio.NewReader(conn)
+	conn, br := keptAlive(t, tp)
 	fmt.Fprintf(conn, "PUT /data/f HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n", 100_000)
 	conn.Write(make([]byte, 100_000))
 	res, err := http.ReadResponse(br, nil)
