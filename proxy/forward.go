@@ -704,10 +704,13 @@ func (f *forwarder) finish(ex *exchange, r *http.Request) {
 		// Only a reset soon after the request counts: a browser that
 		// cancels the requests of a page the user left, or a deadline,
 		// comes later; an attacker holding each stream that long makes
-		// no more requests than a client that lets them be answered.
-		reset := r.Context().Err() != nil && (ex.status == 0 || ex.status == statusClientClosed) &&
-			time.Since(ex.start) < quickReset
-		g.done(reset, f.log, r.RemoteAddr)
+		// no more requests than a client that lets them be answered. A
+		// later cancel counts as nothing, not as an answer: it must not
+		// buy the client more rapid resets.
+		cancelled := r.Context().Err() != nil && (ex.status == 0 || ex.status == statusClientClosed)
+		if !cancelled || time.Since(ex.start) < quickReset {
+			g.done(cancelled, f.log, r.RemoteAddr)
+		}
 	}
 }
 

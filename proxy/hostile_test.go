@@ -840,6 +840,55 @@ func TestH2RapidResetNonReader(t *testing.T) {
 	}
 }
 
+// TestH2LateCancelsBuyNoRapidResets: a cancel that comes late does not
+// count as a reset (TestH2CancelsDoNotCloseTheConnection), nor as an
+// answer: a client that holds streams open a while and then cancels them
+// must not earn rapid resets with them. With no request ever answered,
+// its rapid resets close the connection as in TestH2RapidReset.
+func TestH2LateCancelsBuyNoRapidResets(t *testing.T) {
+	rec := &wireRecorder{}
+	up := newUpstream(t, upTLS, rec)
+	tp := startProxy(t, testConfig(up))
+	c := dialH2(t, tp)
+	c.conn.SetWriteDeadline(time.Now().Add(30 * time.Second))
+	id := uint32(1)
+	var err error
+	for round := 0; round < 20 && err == nil; round++ {
+		// A hundred POSTs whose bodies never come, cancelled later...
+		var held []uint32
+		for i := 0; i < 100 && err == nil; i++ {
+			c.wmu.Lock()
+			err = c.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, EndHeaders: true,
+				BlockFragment: c.block(pseudo(tp, "POST", "/held/"+strconv.Itoa(int(id)))...)})
+			c.wmu.Unlock()
+			held = append(held, id)
+			id += 2
+		}
+		// ...and, once some were cancelled, 150 rapid resets a round.
+		for i := 0; round > 0 && i < 150 && err == nil; i++ {
+			if err = c.request(id, pseudo(tp, "GET", "/rapid/"+strconv.Itoa(int(id)))...); err == nil {
+				c.wmu.Lock()
+				err = c.fr.WriteRSTStream(id, http2.ErrCodeCancel)
+				c.wmu.Unlock()
+			}
+			id += 2
+		}
+		time.Sleep(150 * time.Millisecond)
+		for _, s := range held {
+			if err == nil {
+				c.wmu.Lock()
+				err = c.fr.WriteRSTStream(s, http2.ErrCodeCancel)
+				c.wmu.Unlock()
+			}
+		}
+	}
+	c.Close()
+	quiesce(t, tp, up)
+	if !strings.Contains(tp.Log.String(), "rapid reset") {
+		t.Errorf("the guard never closed a connection none of whose requests was answered (ended by %v)", err)
+	}
+}
+
 // TestH2CancelsDoNotCloseTheConnection: a browser shares one connection
 // between tabs, uploads and the requests of pages; a user who leaves two
 // folders of slow thumbnails cancels 150 requests, a while after they were
