@@ -12,7 +12,8 @@ import (
 // nginx's default server in the classic setup.
 func (s *Server) redirect(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
-	status := s.redirectTo(w, r)
+	cw := &countingWriter{ResponseWriter: w}
+	status := s.redirectTo(cw, r)
 	if s.cfg.AccessLog {
 		// The access log's line, as for the proxied requests.
 		s.log.LogAttrs(r.Context(), slog.LevelInfo, "request",
@@ -22,11 +23,23 @@ func (s *Server) redirect(w http.ResponseWriter, r *http.Request) {
 			slog.String("path", redactPath(r)),
 			slog.Int("status", status),
 			slog.Int64("bytes_in", 0),
-			slog.Int64("bytes_out", 0),
+			slog.Int64("bytes_out", cw.n),
 			slog.Duration("duration", time.Since(start)),
 			slog.String("client", r.RemoteAddr),
 		)
 	}
+}
+
+// countingWriter counts the body bytes written, for the access log.
+type countingWriter struct {
+	http.ResponseWriter
+	n int64
+}
+
+func (w *countingWriter) Write(p []byte) (int, error) {
+	n, err := w.ResponseWriter.Write(p)
+	w.n += int64(n)
+	return n, err
 }
 
 // redirectTo answers r and returns the status.

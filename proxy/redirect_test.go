@@ -131,10 +131,10 @@ func TestRedirectAccessLog(t *testing.T) {
 	tp := startLoggedProxy(t, cfg, sink, "json")
 	rawPlain(t, tp, "GET /x?pydio_jwt=secret HTTP/1.1\r\nHost: cells.example.com\r\n\r\n")
 	rawPlain(t, tp, "GET /y HTTP/1.1\r\nHost: evil.example\r\n\r\n")
-	for path, status := range map[string]string{"/x?pydio_jwt=REDACTED": "301", "/y": "404"} {
+	for path, want := range map[string][2]string{"/x?pydio_jwt=REDACTED": {"301", "0"}, "/y": {"404", "19"}} {
 		l, _ := sink.wait(t, 0, isAccess(t, path))
-		if f := parseLogLine(t, l); f["status"] != status || f["proto"] != "redirect" || f["method"] != "GET" {
-			t.Errorf("access line %s, want status %s, proto redirect", l, status)
+		if f := parseLogLine(t, l); f["status"] != want[0] || f["bytes_out"] != want[1] || f["proto"] != "redirect" || f["method"] != "GET" {
+			t.Errorf("access line %s, want status %s, bytes_out %s (\"404 page not found\\n\"), proto redirect", l, want[0], want[1])
 		}
 	}
 	if strings.Contains(sink.String(), "secret") {
