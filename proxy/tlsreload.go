@@ -110,7 +110,7 @@ func (c *certFiles) poll() {
 		// A certificate served for weeks reaches its end while no renewal
 		// came: say so once a day.
 		if time.Since(time.Unix(c.checked.Load(), 0)) >= certCheckInterval {
-			c.warn(c.cert.Load().Leaf)
+			c.warn(c.cert.Load())
 		}
 	}
 }
@@ -130,16 +130,27 @@ func (c *certFiles) logServed(trigger string) {
 	}
 	c.log.Info(msg, "trigger", trigger, "file", c.certFile, "subject", leaf.Subject.String(),
 		"serial", leaf.SerialNumber.Text(16), "not_after", leaf.NotAfter.UTC().Format(time.RFC3339))
-	c.warn(leaf)
+	c.warn(c.cert.Load())
 }
 
-// warn logs certWarnings for the served leaf.
-func (c *certFiles) warn(leaf *x509.Certificate) {
+// warn logs certWarnings for the served pair: its leaf, and the
+// intermediates served with it, whose expiry clients refuse as well.
+func (c *certFiles) warn(cert *tls.Certificate) {
 	now := time.Now()
 	c.checked.Store(now.Unix())
+	leaf := cert.Leaf
 	for _, w := range certWarnings(leaf, c.names, now) {
 		c.log.Warn(w, "file", c.certFile, "not_before", leaf.NotBefore.UTC().Format(time.RFC3339),
 			"not_after", leaf.NotAfter.UTC().Format(time.RFC3339))
+	}
+	for _, der := range cert.Certificate[1:] {
+		ca, err := x509.ParseCertificate(der)
+		if err != nil || now.Before(ca.NotAfter) && now.After(ca.NotBefore) {
+			continue
+		}
+		c.log.Warn("TLS_CERT_FILE's chain has a certificate outside its validity: clients will refuse it; renew the chain",
+			"file", c.certFile, "subject", ca.Subject.String(), "not_before", ca.NotBefore.UTC().Format(time.RFC3339),
+			"not_after", ca.NotAfter.UTC().Format(time.RFC3339))
 	}
 }
 

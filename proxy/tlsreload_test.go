@@ -1,12 +1,17 @@
 package proxy
 
 import (
+	"crypto"
 	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
+	"crypto/x509/pkix"
 	"io"
 	"log/slog"
 	"math/big"
+	"net"
 	"net/http"
 	"net/http/httptrace"
 	"os"
@@ -437,5 +442,57 @@ func TestCertWarnings(t *testing.T) {
 			}
 			check("after Reload", 3)
 		})
+	}
+}
+
+// TestCertWarningsChain: TLS_CERT_FILE holding the leaf and an intermediate
+// that has expired (a fullchain.pem left from an old renewal): the chain
+// is served whole and clients refuse it, so the log says so, though the
+// leaf itself is fine.
+func TestCertWarningsChain(t *testing.T) {
+	setCertPollInterval(t, time.Hour)
+	now := time.Now()
+	issue := func(tmpl, parent *x509.Certificate, pub any, signer crypto.Signer) *x509.Certificate {
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, pub, signer)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := x509.ParseCertificate(der)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	key := func() *ecdsa.PrivateKey {
+		k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return k
+	}
+	rootKey, interKey, leafKey := key(), key(), key()
+	ca := func(cn string, from, to time.Time) *x509.Certificate {
+		return &x509.Certificate{SerialNumber: big.NewInt(now.UnixNano()), Subject: pkix.Name{CommonName: cn},
+			NotBefore: from, NotAfter: to, IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
+	}
+	rootTmpl := ca("test root", now.Add(-48*time.Hour), now.Add(48*time.Hour))
+	root := issue(rootTmpl, rootTmpl, &rootKey.PublicKey, rootKey)
+	inter := issue(ca("expired intermediate", now.Add(-48*time.Hour), now.Add(-time.Hour)), root, &interKey.PublicKey, rootKey)
+	leaf := issue(&x509.Certificate{SerialNumber: big.NewInt(now.UnixNano() + 1), Subject: pkix.Name{CommonName: "127.0.0.1"},
+		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(90 * 24 * time.Hour), IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)},
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}, inter, &leafKey.PublicKey, interKey)
+	pair := tls.Certificate{Certificate: [][]byte{leaf.Raw, inter.Raw}, PrivateKey: leafKey, Leaf: leaf}
+	dir := t.TempDir()
+	certFile, keyFile := filepath.Join(dir, "fullchain.pem"), filepath.Join(dir, "privkey.pem")
+	writePair(t, pair, certFile, keyFile)
+	cfg := testConfig(newUpstream(t, upTLS, &recorder{}))
+	cfg.CertFile, cfg.KeyFile = certFile, keyFile
+	tp := startProxy(t, cfg)
+	if !strings.Contains(tp.Log.String(), "chain has a certificate outside its validity") ||
+		!strings.Contains(tp.Log.String(), "expired intermediate") {
+		t.Errorf("no warning for the expired intermediate:\n%s", tp.Log)
+	}
+	if strings.Contains(tp.Log.String(), "TLS_CERT_FILE's certificate") {
+		t.Errorf("a warning about the leaf, which is fine:\n%s", tp.Log)
 	}
 }
