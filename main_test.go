@@ -493,3 +493,20 @@ func TestHealthcheckFitsDockerTimeout(t *testing.T) {
 		}
 	}
 }
+
+// TestBadFilesTLSOff: with PROXY_TLS=off and no gRPC port the pair is not
+// used, yet a TLS_CERT_FILE that cannot be read is reported as ever, not
+// found when TLS is turned back on.
+func TestBadFilesTLSOff(t *testing.T) {
+	missing := filepath.Join(t.TempDir(), "missing.pem")
+	cmd := command(nil, "CELLS_UPSTREAM=https://cells:8080", "PROXY_TLS=off",
+		"PROXY_HTTPS_ADDR="+freeAddr(t), "PROXY_HTTP_ADDR=off", "PROXY_HEALTH_ADDR=off",
+		"TLS_CERT_FILE="+missing, "TLS_KEY_FILE="+missing)
+	// A proxy that starts instead serves until stopped.
+	stop := time.AfterFunc(20*time.Second, func() { cmd.Process.Kill() })
+	defer stop.Stop()
+	out, errOut, status := result(t, cmd)
+	if status != 2 || !strings.Contains(errOut, "config: TLS_CERT_FILE must") {
+		t.Errorf("status %d, stderr %q; want 2 and a line about TLS_CERT_FILE", status, out+errOut)
+	}
+}

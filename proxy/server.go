@@ -71,6 +71,15 @@ func New(cfg *Config, log *slog.Logger) (*Server, error) {
 			s.cert.Store(&cert)
 		}
 		s.tls = s.tlsConfig()
+	} else if cfg.CertFile != "" {
+		// Nothing serves TLS: the pair is unused, but a path that does
+		// not load is still the operator's to know about now, not when
+		// TLS is turned back on.
+		unused := &certFiles{certFile: cfg.CertFile, keyFile: cfg.KeyFile, log: log, cert: new(atomic.Pointer[tls.Certificate])}
+		if _, err := unused.load(true); err != nil {
+			files = append(files, err)
+		}
+		log.Warn("TLS_CERT_FILE and TLS_KEY_FILE are not used: PROXY_TLS=off and no PYDIO_GRPC_EXTERNAL")
 	}
 	if len(files) > 0 {
 		return nil, &FileError{errors.Join(files...)}
