@@ -1,7 +1,6 @@
 package proxy
 
 import (
-	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -452,17 +451,6 @@ func TestCertWarnings(t *testing.T) {
 func TestCertWarningsChain(t *testing.T) {
 	setCertPollInterval(t, time.Hour)
 	now := time.Now()
-	issue := func(tmpl, parent *x509.Certificate, pub any, signer crypto.Signer) *x509.Certificate {
-		der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, pub, signer)
-		if err != nil {
-			t.Fatal(err)
-		}
-		c, err := x509.ParseCertificate(der)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return c
-	}
 	key := func() *ecdsa.PrivateKey {
 		k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 		if err != nil {
@@ -476,9 +464,9 @@ func TestCertWarningsChain(t *testing.T) {
 			NotBefore: from, NotAfter: to, IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
 	}
 	rootTmpl := ca("test root", now.Add(-48*time.Hour), now.Add(48*time.Hour))
-	root := issue(rootTmpl, rootTmpl, &rootKey.PublicKey, rootKey)
-	inter := issue(ca("expired intermediate", now.Add(-48*time.Hour), now.Add(-time.Hour)), root, &interKey.PublicKey, rootKey)
-	leaf := issue(&x509.Certificate{SerialNumber: big.NewInt(now.UnixNano() + 1), Subject: pkix.Name{CommonName: "127.0.0.1"},
+	root := signCert(t, rootTmpl, rootTmpl, &rootKey.PublicKey, rootKey)
+	inter := signCert(t, ca("expired intermediate", now.Add(-48*time.Hour), now.Add(-time.Hour)), root, &interKey.PublicKey, rootKey)
+	leaf := signCert(t, &x509.Certificate{SerialNumber: big.NewInt(now.UnixNano() + 1), Subject: pkix.Name{CommonName: "127.0.0.1"},
 		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(90 * 24 * time.Hour), IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)},
 		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}, inter, &leafKey.PublicKey, interKey)
 	pair := tls.Certificate{Certificate: [][]byte{leaf.Raw, inter.Raw}, PrivateKey: leafKey, Leaf: leaf}
