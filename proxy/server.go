@@ -78,8 +78,9 @@ func New(cfg *Config, log *slog.Logger) (*Server, error) {
 		unused := &certFiles{certFile: cfg.CertFile, keyFile: cfg.KeyFile, log: log, cert: new(atomic.Pointer[tls.Certificate])}
 		if _, err := unused.load(true); err != nil {
 			files = append(files, err)
+		} else {
+			log.Warn("TLS_CERT_FILE and TLS_KEY_FILE are not used: PROXY_TLS=off and no PYDIO_GRPC_EXTERNAL")
 		}
-		log.Warn("TLS_CERT_FILE and TLS_KEY_FILE are not used: PROXY_TLS=off and no PYDIO_GRPC_EXTERNAL")
 	}
 	if len(files) > 0 {
 		return nil, &FileError{errors.Join(files...)}
