@@ -730,6 +730,9 @@ func (f *forwarder) serveGRPC(ex *exchange, r *http.Request) {
 		defer cancel()
 		r = r.WithContext(ctx)
 	}
+	// The call to Cells goes as deep as the direct path does (HPACK-encoding
+	// the request head, then crypto/tls's Write): see growStack.
+	growStack()
 	f.callGRPC(ex, r)
 }
 
@@ -860,7 +863,8 @@ func (g *connGuard) done(reset bool, log *slog.Logger, client string) {
 // for a small HTTP/2 GET. Here the copy is of the few frames above serve,
 // and the pad takes the stack to 8 KiB at once. (Trimming the frames on
 // that path instead does not get it under 4 KiB: most of them are
-// net/http's and crypto/tls's.)
+// net/http's and crypto/tls's.) gRPC calls grow the same way, while the
+// request head to Cells is HPACK-encoded.
 //
 //go:noinline
 func growStack() {
