@@ -425,6 +425,9 @@ func (f *forwarder) classify(r *http.Request, err error) (int, string) {
 	var hostname x509.HostnameError
 	var netErr net.Error
 	switch {
+	case errors.Is(err, errShutdown):
+		// The drain ended the gRPC calls (grpcDrainGrace).
+		return http.StatusServiceUnavailable, "cells-proxy: shutting down"
 	case errors.As(err, &maxBytes):
 		return http.StatusRequestEntityTooLarge, "cells-proxy: request body larger than PROXY_MAX_BODY_SIZE"
 	case errors.Is(err, errHeaderListSize):
@@ -498,6 +501,8 @@ func grpcBroken(ctx context.Context, err error) (code int, msg string, ok bool) 
 		return 14, "cells-proxy: shutting down", true
 	case ctx.Err() != nil:
 		return 0, "", false
+	case errors.Is(err, errShutdown):
+		return 14, "cells-proxy: shutting down", true
 	}
 	return 14, "cells-proxy: upstream stream broke: " + err.Error(), true
 }

@@ -65,6 +65,7 @@ type grpcUpstream struct {
 	mu      sync.Mutex
 	conns   []*grpcConn
 	dialing *grpcDial
+	closed  bool // Close was called: no new call, no new connection
 }
 
 type grpcDial struct {
@@ -251,15 +252,22 @@ func (u *grpcUpstream) start(ctx context.Context, call *grpcCall, body io.ReadCl
 	return s, nil
 }
 
-// Close closes every connection, ending the calls still on them; the
-// proxy's shutdown calls it once the handlers have returned.
-func (u *grpcUpstream) Close() {
+// Close closes every connection, ending the calls still on them with
+// errShutdown, and fails later calls with it; it returns how many calls it
+// ended. The proxy's drain calls it a few seconds in, for the gRPC streams
+// that never end by themselves, and again at its end.
+func (u *grpcUpstream) Close() (ended int) {
 	u.mu.Lock()
+	u.closed = true
 	conns := append([]*grpcConn(nil), u.conns...)
 	u.mu.Unlock()
 	for _, c := range conns {
-		c.close(errShutdown)
+		c.mu.Lock()
+		ended += len(c.streams)
+		c.failLocked(errShutdown)
+		c.mu.Unlock()
 	}
+	return ended
 }
 
 var (
@@ -300,6 +308,10 @@ func (u *grpcUpstream) open(ctx context.Context, call *grpcCall, body io.ReadClo
 			fresh = nil // Cells raised its limit: the connection takes streams
 		}
 		u.mu.Lock()
+		if u.closed {
+			u.mu.Unlock()
+			return nil, errShutdown
+		}
 		var c, none *grpcConn
 		for _, x := range u.conns {
 			if x.canTake() {
@@ -349,6 +361,12 @@ func (u *grpcUpstream) open(ctx context.Context, call *grpcCall, body io.ReadClo
 		}
 		u.mu.Lock()
 		u.dialing = nil
+		if err == nil && u.closed {
+			// Close came during the dial: it did not see this
+			// connection, which takes no call now.
+			err = errShutdown
+			c.close(err)
+		}
 		if err == nil && c.alive() {
 			// Under u.mu: should the connection fail after alive, its
 			// removal (failLocked) waits for u.mu, so comes after this.

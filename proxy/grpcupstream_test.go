@@ -8,17 +8,20 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"net"
 	"net/http"
 	"net/url"
 	"runtime"
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/status"
@@ -1592,4 +1595,44 @@ func (t *trailerReader) Read(p []byte) (int, error) {
 		}
 	}
 	return n, err
+}
+
+// TestGRPCUpstreamClosed: once the drain has closed the gRPC upstream
+// (grpcDrainGrace), a call that still reaches the proxy gets UNAVAILABLE
+// "shutting down", without a new connection to Cells.
+func TestGRPCUpstreamClosed(t *testing.T) {
+	t.Parallel()
+	svc := newProbeService()
+	gs := grpc.NewServer()
+	testgrpc.RegisterTestServiceServer(gs, svc)
+	t.Cleanup(gs.Stop)
+	var dials atomic.Int32
+	gup := newUpstreamWith(t, upH2C, gs, func(s *http.Server) {
+		s.ConnState = func(_ net.Conn, st http.ConnState) {
+			if st == http.StateNew {
+				dials.Add(1)
+			}
+		}
+	})
+	up := newUpstream(t, upPlain, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") }))
+	cfg := testConfig(up)
+	cfg.GRPCUpstream = gup.URL
+	tp := startProxy(t, cfg)
+	tc := testgrpc.NewTestServiceClient(dialProxy(t, tp, tp.Addr().String()))
+	if _, err := tc.EmptyCall(testCtx(t), &testgrpc.Empty{}); err != nil {
+		t.Fatalf("call before Close: %v", err)
+	}
+	if n := tp.fwd.grpcUp.Close(); n != 0 {
+		t.Errorf("Close ended %d calls, want 0: none was open", n)
+	}
+	_, err := tc.EmptyCall(testCtx(t), &testgrpc.Empty{})
+	if st := status.Convert(err); st.Code() != codes.Unavailable || !strings.Contains(st.Message(), "shutting down") {
+		t.Errorf("call after Close: %v, want UNAVAILABLE \"cells-proxy: shutting down\"", err)
+	}
+	if n := svc.calls(); n != 1 {
+		t.Errorf("Cells saw %d calls, want 1", n)
+	}
+	if n := dials.Load(); n != 1 {
+		t.Errorf("the proxy opened %d connections to Cells' gRPC port, want 1: none after Close", n)
+	}
 }

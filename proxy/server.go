@@ -39,7 +39,17 @@ type Server struct {
 
 	health *health
 	front  atomic.Pointer[h1Front] // the public port's HTTP/1.1 connections; set by Run
+
+	// grpcGrace is how much of the drain gRPC calls get (grpcDrainGrace).
+	grpcGrace time.Duration
 }
+
+// grpcDrainGrace is how long gRPC calls may still run once the drain has
+// begun. Cells Sync's StreamChanges never ends by itself: waited for, it
+// would hold every stop for the whole PROXY_SHUTDOWN_TIMEOUT, the public
+// port closed all the while. Ended with UNAVAILABLE, Sync reconnects, as
+// it does when the network drops. Its calls last well under a second.
+const grpcDrainGrace = 5 * time.Second
 
 // New checks what the configuration names on disk (certificates, CA file)
 // and builds the server. It opens no socket.
@@ -51,7 +61,7 @@ func New(cfg *Config, log *slog.Logger) (*Server, error) {
 	if err != nil {
 		files = append(files, err)
 	}
-	s := &Server{cfg: cfg, log: log, fwd: fwd}
+	s := &Server{cfg: cfg, log: log, fwd: fwd, grpcGrace: grpcDrainGrace}
 	s.baseCtx, s.cancelBase = context.WithCancelCause(context.Background())
 	if cfg.TLS || cfg.GRPCAddr != "" {
 		if cfg.CertFile != "" {
@@ -469,6 +479,16 @@ func (s *Server) shutdown(mux cmux.CMux, servers []drainer) {
 
 	drainCtx, cancel := context.WithTimeout(context.Background(), s.cfg.ShutdownTimeout)
 	defer cancel()
+	if up := s.fwd.grpcUp; up != nil && s.grpcGrace < s.cfg.ShutdownTimeout {
+		// Uploads and downloads have the whole drain; gRPC calls only
+		// the grace (grpcDrainGrace), then end with UNAVAILABLE.
+		grace := time.AfterFunc(s.grpcGrace, func() {
+			if n := up.Close(); n > 0 {
+				s.log.Info("drain: gRPC calls still open end with UNAVAILABLE", "calls", n, "after", s.grpcGrace.String())
+			}
+		})
+		defer grace.Stop()
+	}
 	var wg sync.WaitGroup
 	for _, srv := range servers {
 		wg.Go(func() {

@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -18,6 +19,10 @@ import (
 
 	"github.com/coder/websocket"
 	"golang.org/x/net/http2"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	testgrpc "google.golang.org/grpc/interop/grpc_testing"
+	"google.golang.org/grpc/status"
 )
 
 // shutdownAsync stops tp as SIGTERM does, without waiting: Run's result
@@ -701,5 +706,106 @@ func TestShutdownHandedOverKeepAlive(t *testing.T) {
 	}
 	if err := <-stopped; err != nil {
 		t.Errorf("Run: %v", err)
+	}
+}
+
+// TestShutdownEndsGRPCStreams: gRPC streams that never end by themselves,
+// as Cells Sync's StreamChanges, do not hold the drain to
+// PROXY_SHUTDOWN_TIMEOUT. Once the gRPC grace has passed they end with
+// UNAVAILABLE (on the public port and the dedicated one) and Cells sees
+// them cancelled, while an HTTP request in flight keeps the rest of the
+// drain and completes; Run then returns at once.
+func TestShutdownEndsGRPCStreams(t *testing.T) {
+	t.Parallel()
+	svc := newProbeService()
+	gs := grpc.NewServer()
+	testgrpc.RegisterTestServiceServer(gs, svc)
+	t.Cleanup(gs.Stop)
+	g := newGate(t)
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch {
+		case r.ProtoMajor == 2 && strings.HasPrefix(r.Header.Get("Content-Type"), "application/grpc"):
+			gs.ServeHTTP(w, r)
+		case r.URL.Path == "/":
+			io.WriteString(w, "ok") // the readiness probe
+		default:
+			g.ServeHTTP(w, r)
+		}
+	}))
+	cfg := testConfig(up)
+	cfg.GRPCAddr = "127.0.0.1:0"
+	// Far beyond the test harness's 30 s wait for Run: waiting for the
+	// streams would fail the test.
+	cfg.ShutdownTimeout = time.Hour
+	tp := startProxy(t, cfg)
+	tp.grpcGrace = 300 * time.Millisecond // read by the drain, after Shutdown
+
+	type ended struct {
+		port string
+		err  error
+	}
+	streamEnds := make(chan ended, 2)
+	var held []*heldCall
+	for _, addr := range []string{tp.Addr().String(), tp.GRPCAddr().String()} {
+		tc := testgrpc.NewTestServiceClient(dialProxy(t, tp, addr))
+		stream, err := tc.FullDuplexCall(probe(testCtx(t), "hold"))
+		if err != nil {
+			t.Fatalf("%s: FullDuplexCall: %v", addr, err)
+		}
+		held = append(held, waitHeld(t, svc))
+		go func() {
+			_, err := stream.Recv()
+			streamEnds <- ended{addr, err}
+		}()
+	}
+
+	resc := make(chan string, 1)
+	go func() {
+		res, err := tp.H2.Get(tp.URL + "/download")
+		if err != nil {
+			resc <- err.Error()
+			return
+		}
+		b, err := io.ReadAll(res.Body)
+		res.Body.Close()
+		resc <- fmt.Sprintf("%d %s %v", res.StatusCode, b, err)
+	}()
+	if got := g.wait(t); got != "/download" {
+		t.Fatalf("upstream got %q, want /download", got)
+	}
+
+	stopped := shutdownAsync(tp)
+	for range 2 {
+		select {
+		case e := <-streamEnds:
+			st := status.Convert(e.err)
+			if st.Code() != codes.Unavailable || !strings.Contains(st.Message(), "shutting down") {
+				t.Errorf("%s: held stream ended with %v, want UNAVAILABLE \"cells-proxy: shutting down\"", e.port, e.err)
+			}
+		case <-time.After(20 * time.Second):
+			t.Fatal("a held gRPC stream was not ended during the drain")
+		}
+	}
+	for _, h := range held {
+		if err := waitEnded(t, h); err != context.Canceled {
+			t.Errorf("Cells' side of a held stream ended with %v, want context.Canceled", err)
+		}
+	}
+	select {
+	case r := <-resc:
+		t.Fatalf("the HTTP request in flight ended with the gRPC calls: %s", r)
+	case err := <-stopped:
+		t.Fatalf("Run returned (%v) with an HTTP request in flight", err)
+	default:
+	}
+	g.open()
+	if got, want := <-resc, "200 done <nil>"; got != want {
+		t.Errorf("HTTP request in flight during the drain: %q, want %q", got, want)
+	}
+	if err := <-stopped; err != nil {
+		t.Errorf("Run = %v, want nil", err)
+	}
+	if log := tp.Log.String(); !strings.Contains(log, "gRPC calls still open end with UNAVAILABLE") || !strings.Contains(log, "calls=2") {
+		t.Errorf("the drain did not log the 2 gRPC calls it ended; log:\n%s", log)
 	}
 }
