@@ -252,6 +252,16 @@ func newProbeService() *probeService {
 	}
 }
 
+// newProbeServer is a grpc-go server of a new probeService, stopped when
+// the test ends.
+func newProbeServer(t testing.TB) (*probeService, *grpc.Server) {
+	svc := newProbeService()
+	gs := grpc.NewServer()
+	testgrpc.RegisterTestServiceServer(gs, svc)
+	t.Cleanup(gs.Stop)
+	return svc, gs
+}
+
 func (s *probeService) record(ctx context.Context) metadata.MD {
 	md, _ := metadata.FromIncomingContext(ctx)
 	s.mu.Lock()

@@ -21,7 +21,6 @@ import (
 
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/status"
@@ -1602,10 +1601,7 @@ func (t *trailerReader) Read(p []byte) (int, error) {
 // "shutting down", without a new connection to Cells.
 func TestGRPCUpstreamClosed(t *testing.T) {
 	t.Parallel()
-	svc := newProbeService()
-	gs := grpc.NewServer()
-	testgrpc.RegisterTestServiceServer(gs, svc)
-	t.Cleanup(gs.Stop)
+	svc, gs := newProbeServer(t)
 	var dials atomic.Int32
 	gup := newUpstreamWith(t, upH2C, gs, func(s *http.Server) {
 		s.ConnState = func(_ net.Conn, st http.ConnState) {

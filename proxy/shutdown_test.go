@@ -19,7 +19,6 @@ import (
 
 	"github.com/coder/websocket"
 	"golang.org/x/net/http2"
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/status"
@@ -717,10 +716,7 @@ func TestShutdownHandedOverKeepAlive(t *testing.T) {
 // drain and completes; Run then returns at once.
 func TestShutdownEndsGRPCStreams(t *testing.T) {
 	t.Parallel()
-	svc := newProbeService()
-	gs := grpc.NewServer()
-	testgrpc.RegisterTestServiceServer(gs, svc)
-	t.Cleanup(gs.Stop)
+	svc, gs := newProbeServer(t)
 	g := newGate(t)
 	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch {
