@@ -767,6 +767,9 @@ func malformed(r *http.Request) string {
 	if _, port, err := net.SplitHostPort(r.Host); err == nil && port != "" && !isDigits(port) {
 		return "invalid port in Host"
 	}
+	if !targetOK(r) {
+		return "invalid request target"
+	}
 	if r.ProtoMajor == 2 {
 		if vv := r.Header["Content-Length"]; len(vv) > 0 {
 			for _, v := range vv {
@@ -777,6 +780,26 @@ func malformed(r *http.Request) string {
 		}
 	}
 	return ""
+}
+
+// targetOK reports whether r's request-target is one Cells can be sent: a
+// path, "*" for OPTIONS, or on HTTP/1.1 an absolute URL (RFC 9112, section
+// 3.2.2), whose path goes to Cells. net/http takes other forms too: "a:b"
+// parses as an opaque URL, and an HTTP/2 :path of "http://host/p" (RFC
+// 9113, section 8.3.1, allows a path only); both used to reach Cells as
+// another path ("/", "/p"). nginx refuses them with 400 as well. CONNECT's
+// authority form is answered 405 further on.
+func targetOK(r *http.Request) bool {
+	uri := r.RequestURI
+	switch {
+	case strings.HasPrefix(uri, "/"), r.Method == http.MethodConnect:
+		return true
+	case uri == "*":
+		return r.Method == http.MethodOptions
+	case r.ProtoMajor == 1:
+		return r.URL.Scheme != "" && r.URL.Host != "" && r.URL.Opaque == ""
+	}
+	return false
 }
 
 // isDigits reports whether s is one or more ASCII digits.

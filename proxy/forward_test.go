@@ -914,3 +914,68 @@ func TestMalformedRequests(t *testing.T) {
 		t.Errorf("a client's malformed request logged as an upstream error:\n%s", tp.Log)
 	}
 }
+
+// TestRequestTargetForms: a request-target that is neither a path, nor "*"
+// for OPTIONS, nor (HTTP/1.1 only) an absolute URL gets 400, on HTTP/1.1
+// and HTTP/2, instead of reaching Cells as another path: net/http parses
+// "a:b" as an opaque URL, which used to reach Cells as "/", and an HTTP/2
+// :path "http://host/p" as "/p" (RFC 9113 allows a path only). The forms
+// Cells is sent keep their bytes. (OPTIONS * is answered by net/http's
+// servers themselves.)
+func TestRequestTargetForms(t *testing.T) {
+	t.Parallel()
+	rec := &recorder{}
+	tp := startProxy(t, testConfig(newUpstream(t, upTLS, rec)))
+	for _, tc := range []struct {
+		method, target string
+		h1, h2         string // the request-target Cells gets, or "400"
+	}{
+		{"GET", "/a/frontend/bootconf?x=1", "/a/frontend/bootconf?x=1", "/a/frontend/bootconf?x=1"},
+		{"GET", "//io/a%2Fb", "//io/a%2Fb", "//io/a%2Fb"},
+		{"GET", "*", "400", "400"},
+		{"GET", "a:b", "400", "400"},
+		{"GET", "mailto:x@example.com", "400", "400"},
+		{"GET", "http:/io/x", "400", "400"},
+		{"GET", "https://cells.example.com/io/x?y=1", "/io/x?y=1", "400"},
+	} {
+		t.Run(tc.method+" "+tc.target, func(t *testing.T) {
+			before := rec.count()
+			res, _ := rawH1(t, tp, tc.method+" "+tc.target+" HTTP/1.1\r\nHost: cells.example.com\r\nConnection: close\r\n\r\n")
+			if tc.h1 == "400" {
+				if res.StatusCode != http.StatusBadRequest {
+					t.Errorf("HTTP/1.1: %s, want 400", res.Status)
+				}
+			} else if res.StatusCode != http.StatusOK || rec.count() == before || rec.last(t).RequestURI != tc.h1 {
+				t.Errorf("HTTP/1.1: %s, Cells got %d requests; want 200 and %q", res.Status, rec.count()-before, tc.h1)
+			}
+
+			fc := dialH2(t, tp)
+			fc.wmu.Lock()
+			fc.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, EndHeaders: true, EndStream: true,
+				BlockFragment: fc.block(h2Fields(tc.method, "cells.example.com", tc.target)...)})
+			fc.wmu.Unlock()
+			ev := fc.answer(t, 1)
+			if tc.h2 == "400" {
+				if ev.String() != ":status 400" {
+					t.Errorf("HTTP/2: %v, want :status 400", ev)
+				}
+			} else if ev.String() != ":status 200" || rec.last(t).RequestURI != tc.h2 {
+				t.Errorf("HTTP/2: %v, Cells got %q; want :status 200 and %q", ev, rec.last(t).RequestURI, tc.h2)
+			}
+			if n := rec.count() - before; n != okCount(tc.h1, tc.h2) {
+				t.Errorf("Cells got %d requests, want %d", n, okCount(tc.h1, tc.h2))
+			}
+		})
+	}
+}
+
+// okCount is how many of the wanted outcomes are forwarded requests.
+func okCount(outcomes ...string) int {
+	n := 0
+	for _, o := range outcomes {
+		if o != "400" {
+			n++
+		}
+	}
+	return n
+}

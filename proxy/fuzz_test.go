@@ -252,7 +252,8 @@ const fuzzSpoofHeaders = "X-Forwarded-For: 6.6.6.6\r\nX-Real-Ip: 6.6.6.6\r\nForw
 // the request Cells receives, as its bytes arrive on a loopback listener:
 // no hop-by-hop header, the proxy's forwarding headers and none of the
 // client's, the Host as sent, and a request-target equal to the client's
-// bytes (for an absolute-form target, its path and query). Each request
+// bytes (for an absolute-form target, its path and query); a target that
+// is none of the forms Cells is sent gets 400 and reaches nobody. Each request
 // goes once without a body, on the direct path (direct.go), and once with
 // a chunked one, through httputil.ReverseProxy and http.Transport.
 func FuzzRewrite(f *testing.F) {
@@ -318,6 +319,7 @@ func checkRewrite(t *testing.T, fwd *forwarder, up *rawCapture, in *http.Request
 		path = "ReverseProxy"
 	}
 
+	forwardable := targetOK(in) // TestRequestTargetForms pins what it accepts
 	up.take()
 	w := httptest.NewRecorder()
 	fwd.ServeHTTP(w, in)
@@ -326,6 +328,12 @@ func checkRewrite(t *testing.T, fwd *forwarder, up *rawCapture, in *http.Request
 	if in.Method == http.MethodConnect {
 		if w.Code != http.StatusMethodNotAllowed || len(heads) != 0 {
 			t.Fatalf("CONNECT: status %d and %d upstream requests, want 405 and none", w.Code, len(heads))
+		}
+		return
+	}
+	if !forwardable {
+		if w.Code != http.StatusBadRequest || len(heads) != 0 {
+			t.Fatalf("target %q: status %d and %d upstream requests, want 400 and none", target, w.Code, len(heads))
 		}
 		return
 	}
