@@ -48,6 +48,10 @@ type forwarder struct {
 
 	grpcTarget *url.URL      // nil: no gRPC upstream
 	grpcUp     *grpcUpstream // HTTP/2 to Cells' gRPC port; calls go through callGRPC
+	// grpcCut ends when the drain's gRPC grace has passed: a call still
+	// writing to its client (one that stopped reading) is cut.
+	grpcCut context.Context
+	cutGRPC context.CancelFunc
 
 	ws *tunnels
 }
@@ -58,6 +62,7 @@ func newForwarder(cfg *Config, log *slog.Logger) (*forwarder, error) {
 		return nil, err
 	}
 	f := &forwarder{cfg: cfg, log: log, proto: "https", ws: newTunnels()}
+	f.grpcCut, f.cutGRPC = context.WithCancel(context.Background())
 	if !cfg.TLS {
 		f.proto = "http"
 	}
@@ -370,7 +375,8 @@ func (f *forwarder) errorHandler(w http.ResponseWriter, r *http.Request, err err
 		// returning would let net/http answer an empty 200.
 		panic(http.ErrAbortHandler)
 	}
-	if status >= 500 {
+	if status >= 500 && !errors.Is(err, errShutdown) && !errors.Is(context.Cause(r.Context()), errShutdown) {
+		// The drain's own endings are not Cells failing.
 		f.log.Warn("upstream error", "method", r.Method, "host", r.Host, "path", redactPath(r), "status", status, "err", err)
 	}
 	if isGRPC(r) {
@@ -735,6 +741,18 @@ func (f *forwarder) serveGRPC(ex *exchange, r *http.Request) {
 		defer cancel()
 		r = r.WithContext(ctx)
 	}
+	// Once the drain's gRPC grace has passed, the side to Cells is closed;
+	// but a handler may be blocked writing to a client that reads nothing
+	// (its window full: a laptop gone to sleep), and would hold the drain.
+	// A write deadline 1 s away gets it out, and leaves a client that does
+	// read the time to get its UNAVAILABLE trailers. One AfterFunc per call.
+	defer context.AfterFunc(f.grpcCut, func() {
+		ex.mu.Lock()
+		defer ex.mu.Unlock()
+		if !ex.done.Load() {
+			_ = http.NewResponseController(ex.ResponseWriter).SetWriteDeadline(time.Now().Add(time.Second))
+		}
+	})()
 	// The call to Cells goes as deep as the direct path does (HPACK-encoding
 	// the request head, then crypto/tls's Write): see growStack.
 	growStack()

@@ -69,8 +69,9 @@ type grpcUpstream struct {
 }
 
 type grpcDial struct {
-	done chan struct{}
-	err  error
+	done   chan struct{}
+	err    error
+	cancel context.CancelCauseFunc // Close ends the dial with errShutdown
 }
 
 func newGRPCUpstream(addr string, tlsConf *tls.Config, dialer *net.Dialer) *grpcUpstream {
@@ -259,6 +260,9 @@ func (u *grpcUpstream) start(ctx context.Context, call *grpcCall, body io.ReadCl
 func (u *grpcUpstream) Close() (ended int) {
 	u.mu.Lock()
 	u.closed = true
+	if u.dialing != nil {
+		u.dialing.cancel(errShutdown)
+	}
 	conns := append([]*grpcConn(nil), u.conns...)
 	u.mu.Unlock()
 	for _, c := range conns {
@@ -347,11 +351,16 @@ func (u *grpcUpstream) open(ctx context.Context, call *grpcCall, body io.ReadClo
 				return nil, context.Cause(ctx)
 			}
 		}
-		d := &grpcDial{done: make(chan struct{})}
+		// Not the caller's context: the connection outlives this call.
+		dctx, dcancel := context.WithCancelCause(context.WithoutCancel(ctx))
+		d := &grpcDial{done: make(chan struct{}), cancel: dcancel}
 		u.dialing = d
 		u.mu.Unlock()
-		// Not the caller's context: the connection outlives this call.
-		c, err := u.dial(context.WithoutCancel(ctx))
+		c, err := u.dial(dctx)
+		if err != nil && errors.Is(context.Cause(dctx), errShutdown) {
+			err = errShutdown
+		}
+		dcancel(nil)
 		var s *grpcStream
 		openErr := errH2Full
 		if err == nil {
@@ -411,6 +420,8 @@ func (u *grpcUpstream) dial(ctx context.Context) (*grpcConn, error) {
 	nc := raw
 	deadline := time.Now().Add(u.handshakeTimeout)
 	nc.SetDeadline(deadline)
+	// Close during the handshake (the drain's grace) ends it.
+	defer context.AfterFunc(ctx, func() { raw.SetDeadline(time.Now()) })()
 	if u.tls != nil {
 		tc := tls.Client(raw, u.tls)
 		if err := tc.HandshakeContext(ctx); err != nil {

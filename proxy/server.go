@@ -483,7 +483,9 @@ func (s *Server) shutdown(mux cmux.CMux, servers []drainer) {
 		// Uploads and downloads have the whole drain; gRPC calls only
 		// the grace (grpcDrainGrace), then end with UNAVAILABLE.
 		grace := time.AfterFunc(s.grpcGrace, func() {
-			if n := up.Close(); n > 0 {
+			n := up.Close()
+			s.fwd.cutGRPC()
+			if n > 0 {
 				s.log.Info("drain: gRPC calls still open end with UNAVAILABLE", "calls", n, "after", s.grpcGrace.String())
 			}
 		})

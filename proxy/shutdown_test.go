@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"strconv"
 	"strings"
 	"sync"
@@ -19,6 +20,7 @@ import (
 
 	"github.com/coder/websocket"
 	"golang.org/x/net/http2"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/status"
@@ -803,5 +805,133 @@ func TestShutdownEndsGRPCStreams(t *testing.T) {
 	}
 	if log := tp.Log.String(); !strings.Contains(log, "gRPC calls still open end with UNAVAILABLE") || !strings.Contains(log, "calls=2") {
 		t.Errorf("the drain did not log the 2 gRPC calls it ended; log:\n%s", log)
+	}
+}
+
+// unreadUpstream is how many response bytes the gRPC upstream has delivered
+// to the proxy that the proxy has not yet passed on to its client.
+func unreadUpstream(u *grpcUpstream) int {
+	u.mu.Lock()
+	conns := append([]*grpcConn(nil), u.conns...)
+	u.mu.Unlock()
+	n := 0
+	for _, c := range conns {
+		c.mu.Lock()
+		for _, s := range c.streams {
+			n += len(s.buf) - s.off
+		}
+		c.mu.Unlock()
+	}
+	return n
+}
+
+// TestShutdownGRPCClientNotReading: a gRPC stream whose client has
+// stopped reading (its window is full: a Sync client on a laptop gone to
+// sleep) does not hold the drain past the gRPC grace either: closing the
+// call's side to Cells is not enough, as its handler is blocked writing to
+// the client (found by review: the drain waited the whole
+// PROXY_SHUTDOWN_TIMEOUT).
+func TestShutdownGRPCClientNotReading(t *testing.T) {
+	t.Parallel()
+	e := startGRPC(t, topoTLS, func(c *Config) { c.ShutdownTimeout = time.Hour })
+	tp := e.tp
+	tp.grpcGrace = 300 * time.Millisecond
+	// 64 KiB windows, no BDP growth: a client that does not read holds
+	// little.
+	cc := e.dial(t, portMain, grpc.WithInitialWindowSize(65535), grpc.WithInitialConnWindowSize(65535))
+	tc := testgrpc.NewTestServiceClient(cc)
+	var params []*testgrpc.ResponseParameters
+	for range 32 {
+		params = append(params, &testgrpc.ResponseParameters{Size: 256 << 10})
+	}
+	stream, err := tc.StreamingOutputCall(testCtx(t), &testgrpc.StreamingOutputCallRequest{ResponseParameters: params})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = stream // never read
+	// Wait until the proxy holds 1 MiB of the answer it cannot pass on.
+	for deadline := time.Now().Add(20 * time.Second); unreadUpstream(tp.fwd.grpcUp) < 1<<20; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the proxy never held 1 MiB unread (%d)", unreadUpstream(tp.fwd.grpcUp))
+		}
+	}
+	stopped := shutdownAsync(tp)
+	select {
+	case err := <-stopped:
+		if err != nil {
+			t.Errorf("Run = %v", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Errorf("Run has not returned 20 s into the drain (gRPC grace 300ms): a gRPC call still holds it; log says:\n%s",
+			grepLines(tp.Log.String(), "gRPC calls still open"))
+		cc.Close() // let the drain end
+		<-stopped
+	}
+}
+
+func grepLines(s, sub string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, sub) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
+}
+
+// TestShutdownGRPCCallDialling: a gRPC call whose connection to Cells
+// is still being set up when the grace passes (Cells accepted but has not
+// sent its SETTINGS) ends then, with UNAVAILABLE "shutting down" (found by
+// review: it waited out the 10 s handshake timeout, holding the drain, and
+// its client was told "upstream timed out").
+func TestShutdownGRPCCallDialling(t *testing.T) {
+	t.Parallel()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	accepted := make(chan net.Conn, 4)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			t.Cleanup(func() { c.Close() })
+			accepted <- c // never answers: no SETTINGS
+		}
+	}()
+	up := newUpstream(t, upPlain, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") }))
+	cfg := testConfig(up)
+	cfg.GRPCUpstream = &url.URL{Scheme: "h2c", Host: ln.Addr().String()}
+	cfg.ShutdownTimeout = time.Hour
+	tp := startProxy(t, cfg)
+	tp.grpcGrace = 300 * time.Millisecond
+	tc := testgrpc.NewTestServiceClient(dialProxy(t, tp, tp.Addr().String()))
+	done := make(chan error, 1)
+	go func() {
+		_, err := tc.EmptyCall(testCtx(t), &testgrpc.Empty{})
+		done <- err
+	}()
+	select {
+	case <-accepted:
+	case <-time.After(20 * time.Second):
+		t.Fatal("the proxy never dialled Cells' gRPC port")
+	}
+	stopped := shutdownAsync(tp)
+	select {
+	case err := <-done:
+		if st := status.Convert(err); st.Code() != codes.Unavailable || !strings.Contains(st.Message(), "shutting down") {
+			t.Errorf("call dialling at the grace: %v, want UNAVAILABLE \"cells-proxy: shutting down\"", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the call never ended")
+	}
+	if err := <-stopped; err != nil {
+		t.Errorf("Run = %v", err)
+	}
+	if log := tp.Log.String(); strings.Contains(log, "upstream error") {
+		t.Errorf("the drain's ending of a call logged as Cells failing:\n%s", grepLines(log, "upstream error"))
 	}
 }
