@@ -234,12 +234,29 @@ func (c *h1Conn) serve() {
 	// between requests, IdleTimeout applies to the next one's first byte
 	// and ReadHeaderTimeout to the rest of its head (readHead).
 	c.nc.SetReadDeadline(time.Now().Add(f.readHeader))
+	afterPOST := false
 	for first := true; ; first = false {
 		if !first && c.br.Buffered() == 0 && !c.hasByte {
 			c.nc.SetReadDeadline(time.Now().Add(f.idle))
 		}
 		if _, err := c.br.Peek(1); err != nil {
 			return
+		}
+		// As net/http's server: up to four CR or LF after a POST are
+		// skipped (old clients end a POST body with a CRLF). They are
+		// not the next request's: waiting for more, IdleTimeout applies.
+		for skipped := 0; afterPOST && skipped < 4; skipped++ {
+			if c.br.Buffered() == 0 && !c.hasByte {
+				c.nc.SetReadDeadline(time.Now().Add(f.idle))
+			}
+			b, err := c.br.Peek(1)
+			if err != nil {
+				return
+			}
+			if b[0] != '\r' && b[0] != '\n' {
+				break
+			}
+			c.br.Discard(1)
 		}
 		if !c.state.CompareAndSwap(h1Idle, h1Busy) {
 			return // Shutdown closed it
@@ -262,6 +279,7 @@ func (c *h1Conn) serve() {
 		}
 		r.RemoteAddr = remote
 		r = r.WithContext(c.ctx)
+		afterPOST = r.Method == http.MethodPost
 		if !c.serveRequest(r) {
 			return
 		}
