@@ -197,6 +197,10 @@ func (e *exchange) logAccess(log *slog.Logger) {
 		status = statusClientClosed
 	}
 	r := e.req
+	out := e.bytesOut
+	if r.Method == http.MethodHead {
+		out = 0 // net/http's servers discard a HEAD response's body
+	}
 	log.LogAttrs(r.Context(), slog.LevelInfo, "request",
 		slog.String("proto", e.kind),
 		slog.String("method", r.Method),
@@ -204,7 +208,7 @@ func (e *exchange) logAccess(log *slog.Logger) {
 		slog.String("path", redactPath(r)),
 		slog.Int("status", status),
 		slog.Int64("bytes_in", e.bytesIn.Load()),
-		slog.Int64("bytes_out", e.bytesOut),
+		slog.Int64("bytes_out", out),
 		slog.Duration("duration", time.Since(e.start)),
 		slog.String("client", r.RemoteAddr),
 	)

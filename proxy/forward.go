@@ -806,9 +806,14 @@ func malformed(r *http.Request) string {
 // parses as an opaque URL, and an HTTP/2 :path of "http://host/p" (RFC
 // 9113, section 8.3.1, allows a path only); both used to reach Cells as
 // another path ("/", "/p"). nginx refuses them with 400 as well. CONNECT's
-// authority form is answered 405 further on.
+// authority form is answered 405 further on. net/http's HTTP/2 server also
+// lets a space through in :path (control bytes it refuses), which would
+// split the request line to Cells; an HTTP/1.1 target cannot hold one.
 func targetOK(r *http.Request) bool {
 	uri := r.RequestURI
+	if strings.IndexByte(uri, ' ') >= 0 {
+		return false
+	}
 	switch {
 	case strings.HasPrefix(uri, "/"), r.Method == http.MethodConnect:
 		return true

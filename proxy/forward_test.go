@@ -937,6 +937,7 @@ func TestRequestTargetForms(t *testing.T) {
 		{"GET", "mailto:x@example.com", "400", "400"},
 		{"GET", "http:/io/x", "400", "400"},
 		{"GET", "https://cells.example.com/io/x?y=1", "/io/x?y=1", "400"},
+		{"GET", "/a b", "400", "400"}, // HTTP/1.1: net/http's parser refuses it
 	} {
 		t.Run(tc.method+" "+tc.target, func(t *testing.T) {
 			before := rec.count()

@@ -781,7 +781,9 @@ func (c *grpcConn) appendHeaderBlock(id uint32, end bool) {
 func (c *grpcConn) encodeRequest(call *grpcCall, hasBody bool) error {
 	req := call.req
 	if !httpguts.ValidHostHeader(call.host) || !validPseudo(call.path) || !validPseudo(req.Method) {
-		return fmt.Errorf("cells-proxy: invalid request target for HTTP/2: %q %q %q", req.Method, call.host, call.path)
+		// Not the target itself: its query may hold a token, and the
+		// error is logged (errorHandler logs the path redacted).
+		return errors.New("cells-proxy: invalid request target for HTTP/2")
 	}
 	// Checked before anything is encoded: HPACK's table changes with
 	// every field written, so a block must not be abandoned half-way.

@@ -14,6 +14,9 @@ func (s *Server) redirect(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
 	cw := &countingWriter{ResponseWriter: w}
 	status := s.redirectTo(cw, r)
+	if r.Method == http.MethodHead {
+		cw.n = 0 // net/http discards a HEAD response's body
+	}
 	if s.cfg.AccessLog {
 		// The access log's line, as for the proxied requests.
 		s.log.LogAttrs(r.Context(), slog.LevelInfo, "request",
