@@ -238,6 +238,10 @@ func (s *Server) newHTTPServer(h http.Handler, protos func(*http.Protocols)) *ht
 	return srv
 }
 
+// handshakeTimeout bounds a new connection's TLS handshake and first bytes
+// on both TLS ports.
+const handshakeTimeout = 10 * time.Second
+
 // maxFrameSize is the HTTP/2 servers' SETTINGS_MAX_FRAME_SIZE.
 const maxFrameSize = 16 << 10
 
@@ -376,7 +380,7 @@ func (s *Server) Run(ctx context.Context) error {
 	mux := cmux.New(root)
 	// A connection must finish its TLS handshake and show its first bytes
 	// within this, or it is dropped before it costs a server goroutine.
-	mux.SetReadTimeout(10 * time.Second)
+	mux.SetReadTimeout(handshakeTimeout)
 	// A TLS connection that agreed h2 in ALPN speaks HTTP/2 whatever its
 	// first bytes (RFC 9113 §3.3): a bad preface must end the connection,
 	// not reach the HTTP/1 server as a request to answer with 400. Without
@@ -416,6 +420,11 @@ func (s *Server) Run(ctx context.Context) error {
 		// As behind cmux, the TLS is ours and the HTTP/2 server runs as
 		// "unencrypted" HTTP/2 behind h2conn. ALPN offers h2 alone.
 		srv := s.newHTTPServer(s.fwd.grpcHandler(), func(p *http.Protocols) { p.SetUnencryptedHTTP2(true) })
+		// No cmux here: the TLS handshake happens inside net/http's peek
+		// at the preface, which ReadHeaderTimeout bounds. Give it the
+		// public port's 10 s, not PROXY_READ_HEADER_TIMEOUT (HTTP/2 does
+		// not use it otherwise).
+		srv.ReadHeaderTimeout = handshakeTimeout
 		tc := s.tls.Clone()
 		tc.NextProtos = []string{"h2"}
 		sv.serve(srv, s.h2Listener(tls.NewListener(s.grpcLn, tc)))

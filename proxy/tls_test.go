@@ -474,3 +474,45 @@ func TestHSTS(t *testing.T) {
 		}
 	})
 }
+
+// TestSilentClientClosed: a TCP connection that never sends its
+// ClientHello is closed after the 10 s of the README's limits table
+// ("TLS handshake and protocol sniffing"), on the public port and on the
+// dedicated gRPC port (PYDIO_GRPC_EXTERNAL) alike. Found by review: the
+// gRPC port has no cmux, and its handshake waited PROXY_READ_HEADER_TIMEOUT
+// (30 s by default, whatever the operator sets).
+func TestSilentClientClosed(t *testing.T) {
+	t.Parallel()
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
+	cfg := testConfig(up)
+	cfg.GRPCAddr = "127.0.0.1:0"
+	tp := startProxy(t, cfg)
+
+	for _, port := range []struct{ name, addr string }{
+		{"public", tp.Addr().String()},
+		{"grpc", tp.GRPCAddr().String()},
+	} {
+		t.Run(port.name, func(t *testing.T) {
+			t.Parallel()
+			c, err := net.Dial("tcp", port.addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			// Nothing at all: not even a ClientHello.
+			c.SetReadDeadline(time.Now().Add(15 * time.Second))
+			start := time.Now()
+			var buf [512]byte
+			for {
+				_, err = c.Read(buf[:])
+				if err != nil {
+					break
+				}
+			}
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				t.Fatalf("%s port: a client that sent nothing still connected after %v", port.name, time.Since(start).Round(time.Second))
+			}
+			t.Logf("%s port closed the silent connection after %v (%v)", port.name, time.Since(start).Round(100*time.Millisecond), err)
+		})
+	}
+}
