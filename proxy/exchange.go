@@ -46,6 +46,11 @@ type exchange struct {
 	cancel context.CancelCauseFunc
 	// bodyOpen: a request body is being read and has not ended.
 	bodyOpen atomic.Bool
+	// refused: the proxy answered the request itself, before anything
+	// went to Cells (400, 421, 405, 413, no gRPC upstream): no answer for
+	// the rapid-reset guard, which must not let such answers buy resets
+	// (found by review: one CONNECT bought two resets, without end).
+	refused bool
 
 	out outbound // the request to Cells, on the direct path
 }

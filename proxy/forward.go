@@ -625,6 +625,7 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool)
 	}
 
 	if msg := malformed(r); msg != "" {
+		ex.refused = true
 		closeAfter(ex, r)
 		if ex.kind == "grpc" {
 			writeGRPCStatus(ex, grpcCode(http.StatusBadRequest), "cells-proxy: "+msg)
@@ -634,6 +635,7 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool)
 		return
 	}
 	if !f.hostAllowed(r.Host) {
+		ex.refused = true
 		if ex.kind == "grpc" {
 			writeGRPCStatus(ex, grpcCode(http.StatusMisdirectedRequest), "cells-proxy: unknown host "+r.Host)
 			return
@@ -650,6 +652,7 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool)
 	// CONNECT would make the proxy open a tunnel to wherever the client
 	// names; Cells has no use for it (nginx refuses it too).
 	if r.Method == http.MethodConnect {
+		ex.refused = true
 		ex.Header().Set("Allow", "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, PROPFIND, PROPPATCH, MKCOL, COPY, MOVE, LOCK, UNLOCK")
 		http.Error(ex, "cells-proxy: CONNECT is not supported", http.StatusMethodNotAllowed)
 		return
@@ -677,6 +680,7 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool)
 		if r.ContentLength > max {
 			// Say so before reading anything; the connection closes
 			// after, since the unread body cannot be skipped cheaply.
+			ex.refused = true
 			closeAfter(ex, r)
 			http.Error(ex, "cells-proxy: request body larger than PROXY_MAX_BODY_SIZE", http.StatusRequestEntityTooLarge)
 			return
@@ -711,7 +715,7 @@ func (f *forwarder) finish(ex *exchange, r *http.Request) {
 	if f.cfg.AccessLog {
 		ex.logAccess(f.log)
 	}
-	if g, ok := r.Context().Value(connGuardKey{}).(*connGuard); ok && r.ProtoMajor == 2 {
+	if g, ok := r.Context().Value(connGuardKey{}).(*connGuard); ok && r.ProtoMajor == 2 && !ex.refused {
 		// Only a reset soon after the request counts: a browser that
 		// cancels the requests of a page the user left, or a deadline,
 		// comes later; an attacker holding each stream that long makes
@@ -727,6 +731,7 @@ func (f *forwarder) finish(ex *exchange, r *http.Request) {
 
 func (f *forwarder) serveGRPC(ex *exchange, r *http.Request) {
 	if f.grpcUp == nil {
+		ex.refused = true
 		writeGRPCStatus(ex, 14, "cells-proxy: no gRPC upstream: set PYDIO_GRPC_EXTERNAL to Cells' gRPC port or CELLS_GRPC_UPSTREAM")
 		return
 	}

@@ -335,7 +335,10 @@ func headersFragment(p []byte, flags byte) ([]byte, error) {
 // those, as a defence). Keeping the last value is what processing them in
 // order leaves, with one theoretical difference: an intermediate
 // SETTINGS_INITIAL_WINDOW_SIZE that would overflow a stream's window is not
-// seen.
+// seen. SETTINGS_HEADER_TABLE_SIZE is the exception: it keeps its smallest
+// value, which the server's encoder must signal (RFC 7541, section 4.2;
+// 0 then 4096 is how a client empties the table), at the price of a
+// smaller table for the rest of that connection.
 func lastSettings(p []byte) int {
 	n := len(p) / 6
 	if n < 2 || n > 100 {
@@ -358,6 +361,15 @@ func lastSettings(p []byte) int {
 			break
 		}
 	}
+	// HEADER_TABLE_SIZE keeps the smallest of its values instead: the
+	// server's encoder must signal the smallest size the interval had
+	// (RFC 7541 §4.2), and may then use less than the last one allows.
+	minTable, seenTable := uint32(0), false
+	for i := range end {
+		if v := binary.BigEndian.Uint32(p[6*i+2:]); id(i) == 0x1 && (!seenTable || v < minTable) {
+			minTable, seenTable = v, true
+		}
+	}
 	w := 0
 	for i := range end {
 		later := false
@@ -366,6 +378,9 @@ func lastSettings(p []byte) int {
 		}
 		if !later {
 			copy(p[6*w:6*w+6], p[6*i:6*i+6])
+			if id(w) == 0x1 {
+				binary.BigEndian.PutUint32(p[6*w+2:], minTable)
+			}
 			w++
 		}
 	}

@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
@@ -544,4 +545,109 @@ func FuzzH2Filter(f *testing.F) {
 		in := append([]byte(http2.ClientPreface), frames...)
 		checkH2Filter(t, in, filterBytes(t, in))
 	})
+}
+
+// TestH2RepeatedHeaderTableSize: a client that sends, in one SETTINGS
+// frame, SETTINGS_HEADER_TABLE_SIZE 0 then 4096 (the way to make the peer's
+// encoder empty its dynamic table) must see the server's encoder signal the
+// smallest of them, 0, at the start of its next header block (RFC 7541
+// §4.2: "the smallest maximum size that occurred in that interval MUST be
+// signaled in a dynamic table size update"), which processing the settings
+// in order (RFC 9113 §6.5.3) gives. A decoder such as nghttp2's refuses a
+// block without it (COMPRESSION_ERROR).
+func TestH2RepeatedHeaderTableSize(t *testing.T) {
+	tp := startH2Proxy(t, &recorder{})
+	for port, addr := range tlsPorts(tp) {
+		t.Run(port, func(t *testing.T) {
+			conn := tp.dialTLSH2(t, addr)
+			defer conn.Close()
+			conn.SetDeadline(time.Now().Add(10 * time.Second))
+			fr := http2.NewFramer(conn, conn)
+			if _, err := io.WriteString(conn, http2.ClientPreface); err != nil {
+				t.Fatal(err)
+			}
+			if err := fr.WriteSettings(); err != nil {
+				t.Fatal(err)
+			}
+			// block returns the response header block of stream id,
+			// answering SETTINGS and counting SETTINGS ACKs on the way.
+			acks := 0
+			block := func(id uint32) []byte {
+				t.Helper()
+				var b []byte
+				for {
+					f, err := fr.ReadFrame()
+					if err != nil {
+						t.Fatalf("waiting for stream %d's answer: %v", id, err)
+					}
+					switch f := f.(type) {
+					case *http2.SettingsFrame:
+						if f.IsAck() {
+							acks++
+						} else {
+							fr.WriteSettingsAck()
+						}
+					case *http2.GoAwayFrame:
+						t.Fatalf("GOAWAY %v", f.ErrCode)
+					case *http2.RSTStreamFrame:
+						if f.StreamID == id {
+							t.Fatalf("RST_STREAM %v", f.ErrCode)
+						}
+					case *http2.HeadersFrame:
+						if f.StreamID == id {
+							b = append(b, f.HeaderBlockFragment()...)
+							if f.HeadersEnded() {
+								return b
+							}
+						}
+					case *http2.ContinuationFrame:
+						if f.StreamID == id {
+							b = append(b, f.HeaderBlockFragment()...)
+							if f.HeadersEnded() {
+								return b
+							}
+						}
+					}
+				}
+			}
+			get := func(id uint32, path string) {
+				t.Helper()
+				err := fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, EndStream: true, EndHeaders: true,
+					BlockFragment: hpackBlock(h2Fields("GET", addr, "/"+port+path)...)})
+				if err != nil {
+					t.Fatal(err)
+				}
+			}
+			// A first answer fills the server encoder's dynamic table.
+			get(1, "/first")
+			block(1)
+			// Then 0 and 4096: the table must be emptied.
+			if err := fr.WriteSettings(
+				http2.Setting{ID: http2.SettingHeaderTableSize, Val: 0},
+				http2.Setting{ID: http2.SettingHeaderTableSize, Val: 4096}); err != nil {
+				t.Fatal(err)
+			}
+			get(3, "/second")
+			b := block(3)
+			// The block must start with dynamic table size updates
+			// (001xxxxx), the first of them at most 0.
+			if len(b) == 0 || b[0]&0xe0 != 0x20 {
+				t.Fatalf("the answer's header block starts with %#x, not with a dynamic table size update", b[:min(len(b), 4)])
+			}
+			size := uint64(b[0] & 0x1f)
+			if size == 0x1f {
+				m := 0
+				for i := 1; i < len(b); i++ {
+					size += uint64(b[i]&0x7f) << m
+					m += 7
+					if b[i]&0x80 == 0 {
+						break
+					}
+				}
+			}
+			if size != 0 {
+				t.Errorf("after SETTINGS_HEADER_TABLE_SIZE 0 then 4096, the server's first dynamic table size update is %d, want 0 (RFC 7541 §4.2): the server's encoder kept its table", size)
+			}
+		})
+	}
 }

@@ -1244,3 +1244,101 @@ func TestSpoofedForwardingHeaders(t *testing.T) {
 		checkNotSpoofed(t, w)
 	})
 }
+
+// TestH2RapidResetBoughtWithRefusals: the rapid-reset guard lets a client
+// cancel twice as many requests as were answered, so that a client whose
+// requests Cells answers is not cut for a few cancels. But an answer the
+// proxy makes itself, before anything reaches Cells (405 to a CONNECT, 400
+// to a malformed request, 421 to an unknown host), buys rapid resets as
+// well: one CONNECT per two resets, and every reset request reaches Cells
+// and is cancelled there, as long as the attacker likes. Here 300 such
+// resets, each of a request Cells was working on (at most 250 must reach
+// it, TestH2RapidReset), 150 CONNECTs between them: the guard must close
+// the connection, as it does without the CONNECTs.
+func TestH2RapidResetBoughtWithRefusals(t *testing.T) {
+	arrived := make(chan string, 1024)
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		arrived <- r.URL.Path
+		<-r.Context().Done() // Cells at work, until the proxy cancels
+	}))
+	tp := startProxy(t, testConfig(up))
+	c := dialH2(t, tp)
+	c.conn.SetWriteDeadline(time.Now().Add(30 * time.Second))
+	id, reached := uint32(1), 0
+	for i := 0; i < 300; i++ {
+		if i%2 == 0 {
+			// The price: a request the proxy refuses itself.
+			c.wmu.Lock()
+			err := c.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, EndStream: true, EndHeaders: true,
+				BlockFragment: c.block(":method", "CONNECT", ":authority", "127.0.0.1:1")})
+			c.wmu.Unlock()
+			if err != nil {
+				break
+			}
+			ev, ok := c.waitAnswer(id)
+			if !ok {
+				break
+			}
+			if ev.String() != ":status 405" {
+				t.Fatalf("CONNECT: got %s, want :status 405", ev)
+			}
+			id += 2
+		}
+		if err := c.request(id, pseudo(tp, "GET", "/reset/"+strconv.Itoa(i))...); err != nil {
+			break
+		}
+		closed := false
+		for wait := time.After(10 * time.Second); ; {
+			select {
+			case <-arrived:
+				reached++
+			case _, ok := <-c.events:
+				if ok {
+					continue
+				}
+				closed = true // the guard closed the connection
+			case <-wait:
+				t.Fatalf("request %d never reached Cells", i)
+			}
+			break
+		}
+		if closed {
+			break
+		}
+		c.wmu.Lock()
+		err := c.fr.WriteRSTStream(id, http2.ErrCodeCancel)
+		c.wmu.Unlock()
+		if err != nil {
+			break
+		}
+		id += 2
+	}
+	c.Close()
+	quiesce(t, tp, up)
+	t.Logf("%d reset requests reached Cells", reached)
+	if !strings.Contains(tp.Log.String(), "rapid reset") {
+		t.Errorf("the guard never fired: %d requests reached Cells and were reset there, each soon after it was made", reached)
+	}
+	if reached > 250 {
+		t.Errorf("%d reset requests reached Cells, want at most 250", reached)
+	}
+}
+
+// waitAnswer is answer without failing: ok is false once the connection
+// ended.
+func (c *frameConn) waitAnswer(id uint32) (frameEvent, bool) {
+	timeout := time.After(10 * time.Second)
+	for {
+		select {
+		case ev, ok := <-c.events:
+			if !ok || ev.Type == http2.FrameGoAway {
+				return ev, false
+			}
+			if ev.StreamID == id && (ev.Type == http2.FrameHeaders || ev.Type == http2.FrameRSTStream) {
+				return ev, true
+			}
+		case <-timeout:
+			return frameEvent{}, false
+		}
+	}
+}
