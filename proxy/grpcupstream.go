@@ -306,10 +306,13 @@ func (u *grpcUpstream) open(ctx context.Context, call *grpcCall, body io.ReadClo
 				defer t.Stop()
 				wait = t.C
 			}
-			if err := fresh.awaitStreams(ctx, wait); err != nil {
+			err := fresh.awaitStreams(ctx, wait)
+			if err != nil && err != errH2GoAway && err != errH2Drained {
 				return nil, err
 			}
-			fresh = nil // Cells raised its limit: the connection takes streams
+			// Cells raised its limit, or the connection is going away
+			// (the call was never sent: another connection takes it).
+			fresh = nil
 		}
 		u.mu.Lock()
 		if u.closed {
@@ -1110,6 +1113,7 @@ func (c *grpcConn) handle(typ, flags byte, id uint32, p []byte) error {
 		last := binary.BigEndian.Uint32(p) & h2MaxStreamID
 		c.mu.Lock()
 		c.goaway = true
+		c.notifyLocked() // calls waiting for streams go elsewhere
 		for sid, s := range c.streams {
 			if sid > last {
 				s.refused = s.res == nil
@@ -1195,6 +1199,10 @@ func (c *grpcConn) handleData(flags byte, id uint32, p []byte) error {
 	}
 	if s.off == len(s.buf) {
 		s.buf, s.off = s.buf[:0], 0
+	} else if s.off > 0 && len(s.buf)+len(data) > cap(s.buf) {
+		// Not grown by what was read already: the unread part moves down.
+		n := copy(s.buf, s.buf[s.off:])
+		s.buf, s.off = s.buf[:n], 0
 	}
 	s.buf = append(s.buf, data...)
 	if flags&flagEndStream != 0 {
@@ -1441,7 +1449,8 @@ func (c *grpcConn) dropLocked(s *grpcStream) {
 	}
 	s.cond.Broadcast()
 	c.sendWait.Broadcast()
-	if c.goaway && len(c.streams) == 0 {
+	if (c.goaway || c.nextID > h2MaxStreamID) && len(c.streams) == 0 {
+		// Nothing opens a stream on it any more.
 		c.failLocked(errH2Drained)
 	}
 }

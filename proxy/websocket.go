@@ -106,24 +106,28 @@ func (ts *tunnels) serve(f *forwarder, ex *exchange, r *http.Request) (detached 
 		out.Body = nil
 	}
 	res, upConn, err := f.httpUp.upgrade(out)
-	handshake.Stop()
 	if err != nil {
+		handshake.Stop()
 		// The inbound request with the handshake's context: the log line
 		// names the client's path, and classify sees errIdle.
 		f.errorHandler(ex, r.WithContext(ctx), err)
 		return false
 	}
 	if res.StatusCode != http.StatusSwitchingProtocols {
-		// Cells said no (401, 404, ...): pass its answer on untouched.
+		// Cells said no (401, 404, ...): pass its answer on untouched,
+		// as long as it moves at least once per idle timeout.
+		handshake.Reset(f.cfg.IdleTimeout)
+		defer handshake.Stop()
 		defer res.Body.Close()
 		removeHopByHop(res.Header)
 		copyHeader(ex.Header(), res.Header)
 		ex.WriteHeader(res.StatusCode)
 		buf := copyBuffers.Get()
 		defer copyBuffers.Put(buf)
-		io.CopyBuffer(ex, res.Body, buf[:])
+		io.CopyBuffer(ex, idleReader{res.Body, handshake, f.cfg.IdleTimeout}, buf[:])
 		return false
 	}
+	handshake.Stop()
 	upstream, ok := res.Body.(io.ReadWriteCloser)
 	if !ok || upConn == nil || !httpguts.HeaderValuesContainsToken(res.Header["Upgrade"], "websocket") {
 		res.Body.Close()
@@ -181,6 +185,21 @@ func (ts *tunnels) serve(f *forwarder, ex *exchange, r *http.Request) (detached 
 		f.finish(ex, r)
 	})
 	return true
+}
+
+// idleReader re-arms t for d at each read that returns bytes.
+type idleReader struct {
+	io.Reader
+	t *time.Timer
+	d time.Duration
+}
+
+func (r idleReader) Read(p []byte) (int, error) {
+	n, err := r.Reader.Read(p)
+	if n > 0 {
+		r.t.Reset(r.d)
+	}
+	return n, err
 }
 
 // tunnel is one open websocket.
