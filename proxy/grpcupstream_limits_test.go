@@ -1,0 +1,183 @@
+package proxy
+
+import (
+	"io"
+	"net/http"
+	"testing"
+	"time"
+
+	"golang.org/x/net/http2"
+)
+
+// upstreamStream returns the only call open on tp's gRPC upstream.
+func upstreamStream(t *testing.T, tp *testProxy) *grpcStream {
+	t.Helper()
+	up := tp.Server.fwd.grpcUp
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		up.mu.Lock()
+		conns := append([]*grpcConn(nil), up.conns...)
+		up.mu.Unlock()
+		for _, c := range conns {
+			c.mu.Lock()
+			for _, s := range c.streams {
+				if s.res != nil {
+					c.mu.Unlock()
+					return s
+				}
+			}
+			c.mu.Unlock()
+		}
+		time.Sleep(time.Millisecond)
+	}
+	t.Fatal("no call open on the gRPC upstream")
+	return nil
+}
+
+// TestGRPCUpstreamSlowReaderBufferBounded: a long server stream whose client
+// reads more slowly than Cells sends. Cells never exceeds the 4 MiB stream
+// window the proxy grants, so the proxy must never hold more than about
+// that much of the answer; the stream's buffer must not keep every byte
+// read since it was last empty.
+func TestGRPCUpstreamSlowReaderBufferBounded(t *testing.T) {
+	t.Parallel()
+	const total = 48 << 20
+	p := newH2Peer(t, h2PeerConfig{ConnWindow: 1 << 30}, func(s *h2Stream) {
+		if _, err := s.readBody(); err != nil {
+			return
+		}
+		if s.writeHeaders(false, 1, ":status", "200", "content-type", "application/grpc") != nil {
+			return
+		}
+		buf := make([]byte, 64<<10)
+		for sent := 0; sent < total; sent += len(buf) {
+			if s.writeData(buf, false) != nil {
+				return
+			}
+		}
+		s.writeHeaders(true, 1, "grpc-status", "0")
+	})
+	tp := startPeerProxy(t, p)
+	// A client that takes at most 64 KiB ahead of what it reads, so that
+	// the proxy reads from Cells' side no faster than the client reads.
+	cl := tp.client(true)
+	cl.Transport.(*http.Transport).HTTP2 = &http.HTTP2Config{
+		MaxReceiveBufferPerStream:     64 << 10,
+		MaxReceiveBufferPerConnection: 64 << 10,
+	}
+	req, err := grpcRequest(testCtx(t), tp.URL+"/pkg.Svc/Download", grpcMsg(nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := cl.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close()
+	s := upstreamStream(t, tp)
+	c := s.c
+	maxCap := 0
+	// The client reads 64 KiB at a time, each time once Cells has used
+	// all the window the proxy gave back: a client slower than Cells.
+	buf := make([]byte, 64<<10)
+	var got int64
+	for {
+		for {
+			c.mu.Lock()
+			done := s.recv == 0 || s.remoteEnd || s.failed != nil
+			maxCap = max(maxCap, cap(s.buf))
+			c.mu.Unlock()
+			if done {
+				break
+			}
+			time.Sleep(100 * time.Microsecond)
+		}
+		n, err := io.ReadFull(res.Body, buf)
+		got += int64(n)
+		if err == io.EOF || err == io.ErrUnexpectedEOF {
+			break
+		}
+		if err != nil {
+			t.Fatalf("after %d bytes: %v", got, err)
+		}
+	}
+	if got != total {
+		t.Fatalf("client received %d bytes, want %d", got, total)
+	}
+	t.Logf("largest buffer of the call: %.1f MiB", float64(maxCap)/(1<<20))
+	if maxCap > 12<<20 {
+		t.Errorf("the call's response buffer grew to %d bytes for a 4 MiB window: it keeps bytes already read", maxCap)
+	}
+}
+
+// TestGRPCUpstreamStreamIDsExhausted: a connection that has used the last stream
+// ID (2^31-1) takes no call any more; once its calls are over it must be
+// closed (as x/net's transport and grpc-go's client do), not left open
+// forever in the pool with its socket and read goroutine. The test moves
+// the connection's next stream ID close to the end instead of making a
+// billion calls.
+func TestGRPCUpstreamStreamIDsExhausted(t *testing.T) {
+	t.Parallel()
+	p := newH2Peer(t, h2PeerConfig{}, echo)
+	tp := startPeerProxy(t, p)
+	want := grpcMsg([]byte("hello"))
+	checkOK(t, "first call", callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Echo", want), want)
+
+	up := tp.Server.fwd.grpcUp
+	up.mu.Lock()
+	c := up.conns[0]
+	up.mu.Unlock()
+	c.mu.Lock()
+	c.nextID = h2MaxStreamID // the last stream ID a client may use
+	c.mu.Unlock()
+	checkOK(t, "call on the last stream ID", callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Echo", want), want)
+	checkOK(t, "call after it", callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Echo", want), want)
+	if n := p.Accepted.Load(); n != 2 {
+		t.Fatalf("upstream accepted %d connections, want 2", n)
+	}
+	waitPeerClosed(t, p.Conns()[0], "the connection out of stream IDs, with no call left on it,")
+}
+
+// TestGRPCUpstreamGoAwayWhileWaitingForStreams: a call waits on a connection
+// where Cells allows no stream (SETTINGS_MAX_CONCURRENT_STREAMS 0); Cells
+// then sends GOAWAY (a restart). The call never left the proxy, so, like
+// any call that finds the pool going away, it must go on a new connection
+// rather than fail with UNAVAILABLE.
+func TestGRPCUpstreamGoAwayWhileWaitingForStreams(t *testing.T) {
+	t.Parallel()
+	p := newH2Peer(t, h2PeerConfig{}, echo)
+	tp := startPeerProxy(t, p)
+	want := grpcMsg([]byte("hello"))
+	checkOK(t, "first call", callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Echo", want), want)
+
+	up := tp.Server.fwd.grpcUp
+	up.mu.Lock()
+	c := up.conns[0]
+	up.mu.Unlock()
+	pc := p.Conns()[0]
+	pc.write(func(fr *http2.Framer) error {
+		return fr.WriteSettings(http2.Setting{ID: http2.SettingMaxConcurrentStreams, Val: 0})
+	})
+	waitFor := func(what string, cond func() bool) {
+		t.Helper()
+		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+			c.mu.Lock()
+			ok := cond()
+			c.mu.Unlock()
+			if ok {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("timed out waiting for %s", what)
+			}
+		}
+	}
+	waitFor("the proxy to apply SETTINGS_MAX_CONCURRENT_STREAMS 0", func() bool { return c.maxStreams == 0 })
+	res := make(chan grpcResult, 1)
+	go func() { res <- callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Echo", want) }()
+	waitFor("the call to wait for streams", func() bool { return c.changed != nil })
+	pc.goAway(1, http2.ErrCodeNo)
+	r := recv(t, res, "the second call")
+	checkOK(t, "call waiting when GOAWAY came", r, want)
+	t.Logf("grpc-status %q, grpc-message %q; connections accepted: %d", r.Header.Get("Grpc-Status"), r.Header.Get("Grpc-Message"), p.Accepted.Load())
+}
