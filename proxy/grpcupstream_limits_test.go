@@ -118,15 +118,7 @@ func TestGRPCUpstreamSlowReaderBufferBounded(t *testing.T) {
 // billion calls.
 func TestGRPCUpstreamStreamIDsExhausted(t *testing.T) {
 	t.Parallel()
-	p := newH2Peer(t, h2PeerConfig{}, echo)
-	tp := startPeerProxy(t, p)
-	want := grpcMsg([]byte("hello"))
-	checkOK(t, "first call", callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Echo", want), want)
-
-	up := tp.Server.fwd.grpcUp
-	up.mu.Lock()
-	c := up.conns[0]
-	up.mu.Unlock()
+	p, tp, want, c := startEchoPeer(t, "hello")
 	c.mu.Lock()
 	c.nextID = h2MaxStreamID // the last stream ID a client may use
 	c.mu.Unlock()
@@ -145,15 +137,7 @@ func TestGRPCUpstreamStreamIDsExhausted(t *testing.T) {
 // rather than fail with UNAVAILABLE.
 func TestGRPCUpstreamGoAwayWhileWaitingForStreams(t *testing.T) {
 	t.Parallel()
-	p := newH2Peer(t, h2PeerConfig{}, echo)
-	tp := startPeerProxy(t, p)
-	want := grpcMsg([]byte("hello"))
-	checkOK(t, "first call", callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Echo", want), want)
-
-	up := tp.Server.fwd.grpcUp
-	up.mu.Lock()
-	c := up.conns[0]
-	up.mu.Unlock()
+	p, tp, want, c := startEchoPeer(t, "hello")
 	pc := p.Conns()[0]
 	pc.write(func(fr *http2.Framer) error {
 		return fr.WriteSettings(http2.Setting{ID: http2.SettingMaxConcurrentStreams, Val: 0})
@@ -180,4 +164,19 @@ func TestGRPCUpstreamGoAwayWhileWaitingForStreams(t *testing.T) {
 	r := recv(t, res, "the second call")
 	checkOK(t, "call waiting when GOAWAY came", r, want)
 	t.Logf("grpc-status %q, grpc-message %q; connections accepted: %d", r.Header.Get("Grpc-Status"), r.Header.Get("Grpc-Message"), p.Accepted.Load())
+}
+
+// startEchoPeer starts a proxy in front of a scripted Cells that echoes,
+// makes one call with msg through it, and returns the message as sent and
+// the proxy's connection to Cells that carried it.
+func startEchoPeer(t *testing.T, msg string) (*h2Peer, *testProxy, []byte, *grpcConn) {
+	t.Helper()
+	p := newH2Peer(t, h2PeerConfig{}, echo)
+	tp := startPeerProxy(t, p)
+	want := grpcMsg([]byte(msg))
+	checkOK(t, "first call", callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Echo", want), want)
+	up := tp.Server.fwd.grpcUp
+	up.mu.Lock()
+	defer up.mu.Unlock()
+	return p, tp, want, up.conns[0]
 }

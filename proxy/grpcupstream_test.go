@@ -1279,10 +1279,7 @@ func TestGRPCUpstreamRequestHeaders(t *testing.T) {
 // connections to the gRPC upstream are closed too.
 func TestGRPCUpstreamClosedOnShutdown(t *testing.T) {
 	t.Parallel()
-	p := newH2Peer(t, h2PeerConfig{}, echo)
-	tp := startPeerProxy(t, p)
-	want := grpcMsg([]byte("bye"))
-	checkOK(t, "call", callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Echo", want), want)
+	p, tp, _, _ := startEchoPeer(t, "bye")
 	if err := tp.Shutdown(); err != nil {
 		t.Fatalf("Shutdown: %v", err)
 	}

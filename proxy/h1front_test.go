@@ -707,11 +707,7 @@ func pipelineAnswers(t *testing.T, tp *testProxy, raw string, methods []string) 
 // h1HeadMax, so that net/http's server serves the whole connection. The
 // client and Cells must see the same in both.
 func TestFrontPipelinedMatchesServer(t *testing.T) {
-	rec := &recorder{Respond: func(w http.ResponseWriter, r *http.Request) {
-		io.WriteString(w, r.Method+" "+r.URL.RequestURI())
-	}}
-	up := newUpstream(t, upTLS, rec)
-	tp := startProxy(t, testConfig(up))
+	tp, rec := startEchoProxy(t, nil)
 	const host = "Host: cells.example\r\n"
 	pad := "X-Pad: " + strings.Repeat("p", h1HeadMax) + "\r\n"
 	cases := []struct {
@@ -764,11 +760,7 @@ func TestFrontPipelinedMatchesServer(t *testing.T) {
 // the CRLF to net/http's server, which, knowing no previous method,
 // answered the next request 400 and closed (found by review).
 func TestFrontCRLFAfterPOST(t *testing.T) {
-	rec := &recorder{Respond: func(w http.ResponseWriter, r *http.Request) {
-		io.WriteString(w, r.Method+" "+r.URL.RequestURI())
-	}}
-	up := newUpstream(t, upTLS, rec)
-	tp := startProxy(t, testConfig(up))
+	tp, _ := startEchoProxy(t, nil)
 	const host = "Host: cells.example\r\n"
 	got := pipelineAnswers(t, tp, "POST /a HTTP/1.1\r\n"+host+"Content-Length: 3\r\n\r\nabc\r\n"+
 		"GET /b HTTP/1.1\r\n"+host+"Connection: close\r\n\r\n", []string{"POST", "GET"})
@@ -783,13 +775,11 @@ func TestFrontCRLFAfterPOST(t *testing.T) {
 // kept-alive connection may, still has its next request served.
 func TestFrontCRLFAfterPOSTThenIdle(t *testing.T) {
 	t.Parallel()
-	rec := &recorder{Respond: func(w http.ResponseWriter, r *http.Request) {
-		io.WriteString(w, r.Method+" "+r.URL.RequestURI())
-	}}
-	cfg := testConfig(newUpstream(t, upTLS, rec))
-	cfg.ReadHeaderTimeout = 200 * time.Millisecond
-	cfg.IdleTimeout = time.Minute
-	tp := startProxy(t, cfg)
+	const readHeader = 200 * time.Millisecond
+	tp, _ := startEchoProxy(t, func(c *Config) {
+		c.ReadHeaderTimeout = readHeader
+		c.IdleTimeout = time.Minute
+	})
 	conn := tp.dialRaw(t, tp.Addr().String(), "http/1.1")
 	defer conn.Close()
 	conn.SetDeadline(time.Now().Add(30 * time.Second))
@@ -798,7 +788,7 @@ func TestFrontCRLFAfterPOSTThenIdle(t *testing.T) {
 	if _, body := readResponse(t, br, "POST"); body != "POST /a" {
 		t.Fatalf("POST: %q", body)
 	}
-	time.Sleep(5 * cfg.ReadHeaderTimeout)
+	time.Sleep(5 * readHeader)
 	if _, err := io.WriteString(conn, "GET /b HTTP/1.1\r\nHost: cells.example\r\n\r\n"); err != nil {
 		t.Fatalf("the proxy closed the connection while the client paused: %v", err)
 	}
@@ -810,4 +800,19 @@ func TestFrontCRLFAfterPOSTThenIdle(t *testing.T) {
 	if string(body) != "GET /b" {
 		t.Errorf("GET after the pause: %d %q", res.StatusCode, body)
 	}
+}
+
+// startEchoProxy starts a proxy in front of a Cells that answers each
+// request with its method and request-target, and records it; configure,
+// if not nil, adjusts the proxy's configuration first.
+func startEchoProxy(t *testing.T, configure func(*Config)) (*testProxy, *recorder) {
+	t.Helper()
+	rec := &recorder{Respond: func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, r.Method+" "+r.URL.RequestURI())
+	}}
+	cfg := testConfig(newUpstream(t, upTLS, rec))
+	if configure != nil {
+		configure(cfg)
+	}
+	return startProxy(t, cfg), rec
 }

@@ -1164,18 +1164,8 @@ func TestWebSocketLastWordsArrive(t *testing.T) {
 func TestWebSocketLastWordsReachClient(t *testing.T) {
 	const size = 16 << 20
 	msg := randomMessage(websocket.MessageBinary, size)
-	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.Header.Get("Upgrade") == "" {
-			io.WriteString(w, "ok")
-			return
-		}
-		conn, brw, err := http.NewResponseController(w).Hijack()
-		if err != nil {
-			return
-		}
-		defer conn.Close()
-		brw.WriteString("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: " +
-			wsAccept(r.Header.Get("Sec-WebSocket-Key")) + "\r\n\r\n")
+	up := wsRawUp(t, func(conn net.Conn, brw *bufio.ReadWriter, r *http.Request) {
+		brw.WriteString(accept101(r))
 		brw.Write(frameOf(0x2, msg, false))
 		brw.Write(closeFrame(1000, "bye", false))
 		brw.Flush()
@@ -1185,7 +1175,7 @@ func TestWebSocketLastWordsReachClient(t *testing.T) {
 		tc.NetConn().(*net.TCPConn).CloseWrite()
 		conn.SetReadDeadline(time.Now().Add(20 * time.Second))
 		io.Copy(io.Discard, conn)
-	}))
+	})
 	settle(t, up)
 	tp := startProxy(t, testConfig(up))
 	conn := rawWS(t, tp)

@@ -19,7 +19,8 @@ import (
 	"github.com/coder/websocket"
 )
 
-// rawUpstream answers upgrades with serve on the hijacked connection.
+// wsRawUp is a Cells that answers upgrades with serve on the hijacked
+// connection (30 s deadline), and other requests with "ok".
 func wsRawUp(t *testing.T, serve func(conn net.Conn, brw *bufio.ReadWriter, r *http.Request)) *testUpstream {
 	return newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Header.Get("Upgrade") == "" {
