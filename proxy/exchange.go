@@ -53,12 +53,25 @@ type exchange struct {
 	refused bool
 
 	out outbound // the request to Cells, on the direct path
+
+	// closeConn: the proxy decided that the client's HTTP/1 connection
+	// closes after this answer (closeAfter); the final header says so
+	// even if a 1xx from Cells cleared the header map in between.
+	closeConn bool
 }
 
 func (e *exchange) Unwrap() http.ResponseWriter { return e.ResponseWriter }
 
 func (e *exchange) WriteHeader(code int) {
+	if code < 200 && code != http.StatusSwitchingProtocols && e.req != nil && !e.req.ProtoAtLeast(1, 1) {
+		// RFC 9110, section 15.2: no 1xx to an HTTP/1.0 client, which
+		// would take it for the answer. Cells got HTTP/1.1 from us.
+		return
+	}
 	if code >= 200 && !e.wroteHeader {
+		if e.closeConn {
+			e.Header().Set("Connection", "close")
+		}
 		e.status, e.wroteHeader = code, true
 		e.declared = -1
 		if cl := e.Header().Get("Content-Length"); cl != "" {

@@ -406,6 +406,9 @@ func (f *forwarder) errorHandler(w http.ResponseWriter, r *http.Request, err err
 func closeAfter(w http.ResponseWriter, r *http.Request) {
 	if r.ProtoMajor == 1 {
 		w.Header().Set("Connection", "close")
+		if ex, ok := w.(*exchange); ok {
+			ex.closeConn = true
+		}
 	}
 }
 

@@ -927,3 +927,80 @@ func TestUpstreamConcurrentNoMixup(t *testing.T) {
 	}
 	wg.Wait()
 }
+
+// TestNo1xxToHTTP10Client: RFC 9110 §15.2: a server MUST NOT send a
+// 1xx response to an HTTP/1.0 client, which takes the first status line
+// it reads for the answer. Cells gets the request as HTTP/1.1 and may
+// send 103 Early Hints (or a 100 without Expect); the proxy must not pass
+// it on to an HTTP/1.0 client.
+func TestNo1xxToHTTP10Client(t *testing.T) {
+	t.Parallel()
+	up := newRawUpstream(t, func(conn int64, req *http.Request, w *bufio.Writer) bool {
+		io.WriteString(w, "HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n")
+		io.WriteString(w, "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\npage")
+		return true
+	})
+	tp := rawProxy(t, up)
+	for _, size := range []int{0, 64 << 10} { // direct path, then ReverseProxy
+		conn := tp.dialRaw(t, tp.Addr().String(), "http/1.1")
+		req := "GET /x HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n"
+		if size > 0 {
+			req = "POST /x HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: 65536\r\n\r\n" + strings.Repeat("x", size)
+		}
+		if _, err := io.WriteString(conn, req); err != nil {
+			t.Fatal(err)
+		}
+		all, _ := io.ReadAll(conn)
+		conn.Close()
+		first, _, _ := strings.Cut(string(all), "\r\n")
+		if !strings.HasPrefix(first, "HTTP/1.0 200") {
+			t.Errorf("%d-byte body: an HTTP/1.0 client reads status line %q, want 200; whole answer:\n%s", size, first, all)
+		}
+	}
+}
+
+// TestCloseAfterSurvives1xx: the smuggling rule (SECURITY.md, README
+// "chunked HTTP/1.1 request, HTTP/1.0 request with a body: the connection
+// closes after the answer") must hold when Cells sends a 1xx before its
+// answer: the Connection: close the proxy set for the final response is
+// not the 1xx's to take away.
+func TestCloseAfterSurvives1xx(t *testing.T) {
+	t.Parallel()
+	up := newRawUpstream(t, func(conn int64, req *http.Request, w *bufio.Writer) bool {
+		io.WriteString(w, "HTTP/1.1 100 Continue\r\n\r\n")
+		io.WriteString(w, "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\npage")
+		return true
+	})
+	tp := rawProxy(t, up)
+	for _, tc := range []struct{ name, req string }{
+		// The direct path: a small body of known length.
+		{"HTTP/1.0 keep-alive with body", "POST /x HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: keep-alive\r\nContent-Length: 5\r\n\r\nhello"},
+		// ReverseProxy: a chunked body.
+		{"HTTP/1.1 chunked", "POST /x HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"},
+	} {
+		conn := tp.dialRaw(t, tp.Addr().String(), "http/1.1")
+		if _, err := io.WriteString(conn, tc.req); err != nil {
+			t.Fatal(err)
+		}
+		br := bufio.NewReader(conn)
+		var res *http.Response
+		for {
+			var err error
+			res, err = http.ReadResponse(br, nil)
+			if err != nil {
+				t.Fatalf("%s: %v", tc.name, err)
+			}
+			if res.StatusCode >= 200 {
+				break
+			}
+		}
+		io.ReadAll(res.Body)
+		// The connection must be closed: a second request gets no answer.
+		io.WriteString(conn, "GET /second HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+		if res2, err := http.ReadResponse(br, nil); err == nil {
+			t.Errorf("%s: final response %s with Connection %q, and the connection carried another request (%s)",
+				tc.name, res.Status, res.Header["Connection"], res2.Status)
+		}
+		conn.Close()
+	}
+}
