@@ -97,9 +97,10 @@ func configProblems(stderr io.Writer, err error) error {
 }
 
 func serve(ctx context.Context, stderr io.Writer) error {
-	cfg, err := loadConfig(stderr)
+	cfg, err := proxy.Load()
 	if err != nil {
-		return err
+		// Every problem at once: the files too, not after the next start.
+		return configProblems(stderr, errors.Join(err, proxy.CheckFiles()))
 	}
 	log := newLogger(cfg, stderr)
 	// docker stop sends SIGTERM: drain instead of dying mid-upload.

@@ -7,6 +7,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"errors"
 	"fmt"
 	"math/big"
 	"net"
@@ -68,4 +69,20 @@ func upstreamRoots(caFile string) (*x509.CertPool, error) {
 		return nil, fmt.Errorf("CELLS_UPSTREAM_CA_FILE must name a PEM bundle (Cells' certs/rootCA.pem), got %q with no PEM certificate in it", caFile)
 	}
 	return pool, nil
+}
+
+// CheckFiles reads the files the environment names (CELLS_UPSTREAM_CA_FILE,
+// TLS_CERT_FILE and TLS_KEY_FILE), so that a start stopped by a bad
+// variable reports them in the same run.
+func CheckFiles() error {
+	var errs []error
+	if _, err := upstreamRoots(os.Getenv("CELLS_UPSTREAM_CA_FILE")); err != nil {
+		errs = append(errs, err)
+	}
+	if cert, key := os.Getenv("TLS_CERT_FILE"), os.Getenv("TLS_KEY_FILE"); cert != "" && key != "" {
+		if _, _, err := (&certFiles{certFile: cert, keyFile: key}).read(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
 }

@@ -22,7 +22,7 @@ import (
 type env struct {
 	Upstream           string `envconfig:"CELLS_UPSTREAM" desc:"Cells main port: https://cells:8080 (Cells keeps TLS, recommended) or http://cells:8080 (Cells with CELLS_SITE_NO_TLS=1). Required"`
 	UpstreamCAFile     string `envconfig:"CELLS_UPSTREAM_CA_FILE" desc:"PEM bundle that verifies the upstream certificate (Cells writes its self-signed root to <working dir>/certs/rootCA.pem)"`
-	UpstreamServerName string `envconfig:"CELLS_UPSTREAM_SERVER_NAME" desc:"name verified in the upstream certificate; default: the host of CELLS_UPSTREAM"`
+	UpstreamServerName string `envconfig:"CELLS_UPSTREAM_SERVER_NAME" desc:"name verified in the upstream certificate, without scheme or port; default: the host of CELLS_UPSTREAM"`
 	UpstreamInsecure   string `envconfig:"CELLS_UPSTREAM_INSECURE" default:"false" desc:"true: do not verify the upstream certificate (logged as a warning at start)"`
 	GRPCUpstream       string `envconfig:"CELLS_GRPC_UPSTREAM" desc:"where gRPC goes: https://host:port (h2 over TLS) or h2c://host:port (cleartext HTTP/2). Default: CELLS_UPSTREAM when it is https; when it is http and PYDIO_GRPC_EXTERNAL is set, h2c://<upstream host>:<that port>"`
 	GRPCExternal       string `envconfig:"PYDIO_GRPC_EXTERNAL" desc:"a port: also serve gRPC over TLS on it, on the host of PROXY_HTTPS_ADDR (the classic 33060 setup for Cells Sync)"`
@@ -33,7 +33,7 @@ type env struct {
 	HTTPSAddr          string `envconfig:"PROXY_HTTPS_ADDR" default:":8443" desc:"public listener: TLS (or cleartext with PROXY_TLS=off), HTTP/1.1, HTTP/2 and gRPC"`
 	HTTPAddr           string `envconfig:"PROXY_HTTP_ADDR" default:":8080" desc:"plain listener that answers 301 to https; off disables it"`
 	RedirectPort       string `envconfig:"PROXY_REDIRECT_HTTPS_PORT" default:"443" desc:"port written in redirects: the one users reach from outside, not the container's"`
-	ServerNames        string `envconfig:"PROXY_SERVER_NAMES" desc:"comma list of public host names, each whole (no wildcard); other Host values get 421 on HTTPS and 404 on the redirect port. Empty: any"`
+	ServerNames        string `envconfig:"PROXY_SERVER_NAMES" desc:"comma list of public host names, each whole (no wildcard; an internationalized name in its xn-- form); other Host values get 421 on HTTPS and 404 on the redirect port. Empty: any"`
 	TLS                string `envconfig:"PROXY_TLS" default:"on" desc:"off: the public port speaks cleartext (a load balancer terminates TLS in front) and cmux splits h2c prior knowledge from HTTP/1; Cells is then told X-Forwarded-Proto: http unless PROXY_TRUSTED_PROXIES names the load balancer, whose https it believes: set it, or Cells builds http:// links"`
 	TrustedProxies     string `envconfig:"PROXY_TRUSTED_PROXIES" desc:"comma list of CIDRs whose X-Forwarded-Proto and X-Forwarded-For are believed: the chain is followed from the right past them to the client, and Cells gets it from there on. Empty: none"`
 	MaxBodySize        string `envconfig:"PROXY_MAX_BODY_SIZE" default:"0" desc:"largest request body, e.g. 200MiB or 1G; larger bodies get 413. 0: no limit"`
@@ -151,10 +151,14 @@ func (e *env) applyDefaults() {
 
 func (e *env) parse() (*Config, error) {
 	var errs []error
-	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
+	// One line per problem: a value's newline (a YAML "|" block keeps one)
+	// must not start a line that names no variable.
+	bad := func(format string, args ...any) {
+		errs = append(errs, errors.New(strings.ReplaceAll(fmt.Sprintf(format, args...), "\n", `\n`)))
+	}
 	c := &Config{
 		UpstreamCAFile:     e.UpstreamCAFile,
-		UpstreamServerName: e.UpstreamServerName,
+		UpstreamServerName: strings.TrimSpace(e.UpstreamServerName),
 		CertFile:           e.CertFile,
 		KeyFile:            e.KeyFile,
 		HTTPSAddr:          e.HTTPSAddr,
@@ -173,6 +177,12 @@ func (e *env) parse() (*Config, error) {
 		c.Upstream = u
 	}
 
+	if n := c.UpstreamServerName; n != "" {
+		if _, err := netip.ParseAddr(n); err != nil && strings.ContainsAny(n, ":/@ \t") {
+			bad("CELLS_UPSTREAM_SERVER_NAME takes a host name without scheme or port, such as localhost, got %q", n)
+		}
+	}
+
 	var err error
 	if c.UpstreamInsecure, err = parseBool(e.UpstreamInsecure); err != nil {
 		bad("CELLS_UPSTREAM_INSECURE must be true or false, got %q", e.UpstreamInsecure)
@@ -189,10 +199,13 @@ func (e *env) parse() (*Config, error) {
 		}
 		grpcPort, grpcVar = e.GRPCExternalAlias, "CELLS_GRPC_EXTERNAL"
 	}
+	grpcNum := 0 // the port as a number: "+8443" and "08443" are 8443
 	if grpcPort != "" {
 		if p, err := strconv.Atoi(grpcPort); err != nil || p < 1 || p > 65535 {
 			bad("%s must be a port number from 1 to 65535, got %q", grpcVar, grpcPort)
 			grpcPort = ""
+		} else {
+			grpcNum = p
 		}
 	}
 
@@ -207,7 +220,7 @@ func (e *env) parse() (*Config, error) {
 		case c.Upstream.Scheme == "https":
 			c.GRPCUpstream = &url.URL{Scheme: "https", Host: c.Upstream.Host}
 		case grpcPort != "":
-			c.GRPCUpstream = &url.URL{Scheme: "h2c", Host: net.JoinHostPort(c.Upstream.Hostname(), grpcPort)}
+			c.GRPCUpstream = &url.URL{Scheme: "h2c", Host: net.JoinHostPort(c.Upstream.Hostname(), strconv.Itoa(grpcNum))}
 		}
 	}
 
@@ -225,10 +238,10 @@ func (e *env) parse() (*Config, error) {
 		bad("PROXY_HTTPS_ADDR must be host:port or :port, got %q: %v", c.HTTPSAddr, err)
 	} else if grpcPort != "" {
 		host, port, _ := net.SplitHostPort(c.HTTPSAddr)
-		if p, _ := net.LookupPort("tcp", port); p != 0 && strconv.Itoa(p) == strings.TrimLeft(grpcPort, "0") {
+		if p, _ := net.LookupPort("tcp", port); p != 0 && p == grpcNum {
 			bad("%s=%s is the port of PROXY_HTTPS_ADDR, which serves gRPC already: unset it, or give the classic separate port such as 33060", grpcVar, grpcPort)
 		}
-		c.GRPCAddr = net.JoinHostPort(host, grpcPort)
+		c.GRPCAddr = net.JoinHostPort(host, strconv.Itoa(grpcNum))
 	}
 	if off(c.HTTPAddr) {
 		c.HTTPAddr = ""
@@ -264,6 +277,10 @@ func (e *env) parse() (*Config, error) {
 
 	for _, n := range splitList(e.ServerNames) {
 		n = strings.ToLower(strings.TrimSuffix(n, "."))
+		if strings.IndexFunc(n, func(r rune) bool { return r <= ' ' || r > '~' }) >= 0 {
+			bad("PROXY_SERVER_NAMES takes host names in ASCII: write an internationalized name in its xn-- form, got %q", n)
+			continue
+		}
 		if strings.ContainsAny(n, ":/ *") || n == "" {
 			// A wildcard would match nothing: the names are compared
 			// whole, and Cells has one public name.
@@ -373,12 +390,17 @@ func redactURL(s string) string {
 func parsePrefix(s string) (netip.Prefix, error) {
 	if strings.Contains(s, "/") {
 		p, err := netip.ParsePrefix(s)
+		// Peers are compared unmapped: ::ffff:10.0.0.0/104 is 10.0.0.0/8.
+		if err == nil && p.Addr().Is4In6() && p.Bits() >= 96 {
+			p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
+		}
 		return p.Masked(), err
 	}
 	a, err := netip.ParseAddr(s)
 	if err != nil {
 		return netip.Prefix{}, err
 	}
+	a = a.Unmap()
 	return netip.PrefixFrom(a, a.BitLen()), nil
 }
 

@@ -1,0 +1,96 @@
+package main
+
+import (
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cells-proxy/cells-proxy/proxy"
+)
+
+// runBad runs the binary with env, killing it if it starts serving.
+func runBad(t *testing.T, env ...string) (string, int) {
+	t.Helper()
+	cmd := command(nil, env...)
+	stop := time.AfterFunc(15*time.Second, func() { cmd.Process.Kill() })
+	defer stop.Stop()
+	out, errOut, status := result(t, cmd)
+	noStackTrace(t, "output", out+errOut)
+	return errOut, status
+}
+
+// namesAVariable: every stderr line names the variable it is about.
+func namesAVariable(t *testing.T, errOut string) {
+	t.Helper()
+	for _, l := range lines(errOut) {
+		ok := false
+		for _, v := range proxy.Variables() {
+			ok = ok || strings.Contains(l, v.Name)
+		}
+		if !ok {
+			t.Errorf("stderr line names no variable: %q", l)
+		}
+	}
+}
+
+// TestNewlineInAddr: a value with a newline (a YAML "|" block keeps
+// one) still gives one line that names the variable (it used to split the
+// problem over two lines, the second naming nothing).
+func TestNewlineInAddr(t *testing.T) {
+	errOut, status := runBad(t, "CELLS_UPSTREAM=https://cells:8080", "PROXY_HTTPS_ADDR=8443\n",
+		"PROXY_HTTP_ADDR=off", "PROXY_HEALTH_ADDR=off")
+	if status != 2 {
+		t.Errorf("exit status = %d, want 2", status)
+	}
+	if n := len(lines(errOut)); n != 1 {
+		t.Errorf("one problem printed on %d lines:\n%s", n, errOut)
+	}
+	namesAVariable(t, errOut)
+}
+
+// TestVariablesAndFiles: a bad variable and a missing certificate are
+// two problems; both must be reported in one run.
+func TestVariablesAndFiles(t *testing.T) {
+	missing := filepath.Join(t.TempDir(), "missing.pem")
+	errOut, status := runBad(t, "CELLS_UPSTREAM=https://cells:8080", "PROXY_HTTPS_ADDR="+freeAddr(t),
+		"PROXY_HTTP_ADDR=off", "PROXY_HEALTH_ADDR=off", "PROXY_TLS=maybe",
+		"TLS_CERT_FILE="+missing, "TLS_KEY_FILE="+missing)
+	if status != 2 {
+		t.Errorf("exit status = %d, want 2", status)
+	}
+	for _, v := range []string{"PROXY_TLS ", "TLS_CERT_FILE ", "TLS_KEY_FILE "} {
+		if !strings.Contains(errOut, "config: "+v) {
+			t.Errorf("no line about %s:\n%s", strings.TrimSpace(v), errOut)
+		}
+	}
+}
+
+// TestServerNameUnicodeSelfSigned: PROXY_SERVER_NAMES=café.example
+// (no TLS_CERT_FILE) is a configuration problem named as such, exit 2 (it
+// used to pass Load and fail signing the self-signed certificate: exit 1,
+// a line naming no variable).
+func TestServerNameUnicodeSelfSigned(t *testing.T) {
+	errOut, status := runBad(t, "CELLS_UPSTREAM=https://cells:8080", "PROXY_HTTPS_ADDR="+freeAddr(t),
+		"PROXY_HTTP_ADDR=off", "PROXY_HEALTH_ADDR=off", "PROXY_SERVER_NAMES=café.example")
+	if status == 0 || status == -1 {
+		return // it started: TestServerNamesUnicode covers what it then does
+	}
+	if status != 2 {
+		t.Errorf("exit status = %d, want 2", status)
+	}
+	namesAVariable(t, errOut)
+}
+
+// TestGRPCPortPlusSign: PYDIO_GRPC_EXTERNAL=+8443 is port 8443, and is
+// caught by the check against PROXY_HTTPS_ADDR=:8443 (it escaped it, and the
+// start failed at listen, exit 1, instead of the configuration line).
+func TestGRPCPortPlusSign(t *testing.T) {
+	addr := freeAddr(t)
+	port := addr[strings.LastIndexByte(addr, ':')+1:]
+	errOut, status := runBad(t, "CELLS_UPSTREAM=https://cells:8080", "PROXY_HTTPS_ADDR="+addr,
+		"PROXY_HTTP_ADDR=off", "PROXY_HEALTH_ADDR=off", "PYDIO_GRPC_EXTERNAL=+"+port)
+	if status != 2 || !strings.Contains(errOut, "config: PYDIO_GRPC_EXTERNAL=") {
+		t.Errorf("status %d, stderr %q; want 2 and the line saying it is the port of PROXY_HTTPS_ADDR", status, errOut)
+	}
+}

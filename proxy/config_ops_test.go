@@ -1,0 +1,96 @@
+package proxy
+
+import (
+	"net/http"
+	"net/netip"
+	"strings"
+	"testing"
+)
+
+// loadFor sets the environment for an upstream under test, every listener
+// on loopback, and loads it.
+func loadFor(t *testing.T, up *testUpstream, extra map[string]string) (*Config, error) {
+	t.Helper()
+	vars := map[string]string{
+		"CELLS_UPSTREAM":    up.URL.String(),
+		"PROXY_HTTPS_ADDR":  "127.0.0.1:0",
+		"PROXY_HTTP_ADDR":   "off",
+		"PROXY_HEALTH_ADDR": "127.0.0.1:0",
+		"PROXY_ACCESS_LOG":  "false",
+	}
+	if up.CAFile != "" {
+		vars["CELLS_UPSTREAM_CA_FILE"] = up.CAFile
+	}
+	for k, v := range extra {
+		vars[k] = v
+	}
+	setEnv(t, vars)
+	return Load()
+}
+
+// TestServerNamesUnicode: an operator whose Cells lives at an IDN
+// writes it as typed. Browsers send the A-label (xn--...) in Host, so every
+// request must not end in 421: either the name is converted, or refused at
+// start with a line naming the variable.
+func TestServerNamesUnicode(t *testing.T) {
+	up := newUpstream(t, upPlain, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
+	cfg, err := loadFor(t, up, map[string]string{"PROXY_SERVER_NAMES": "café.example"})
+	if err != nil {
+		if !strings.Contains(err.Error(), "PROXY_SERVER_NAMES") {
+			t.Fatalf("error does not name PROXY_SERVER_NAMES: %v", err)
+		}
+		return // refused at start: fine
+	}
+	tp := startProxy(t, cfg)
+	req, _ := http.NewRequest("GET", tp.URL+"/", nil)
+	req.Host = "xn--caf-dma.example" // what a browser sends for café.example
+	res, err := tp.H1.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Body.Close()
+	if res.StatusCode == http.StatusMisdirectedRequest {
+		t.Errorf("PROXY_SERVER_NAMES=café.example accepted at start (ServerNames %q), yet a browser's Host %q gets %d",
+			cfg.ServerNames, req.Host, res.StatusCode)
+	}
+}
+
+// TestUpstreamServerNameWithPort: CELLS_UPSTREAM_SERVER_NAME is a
+// name verified in Cells' certificate; a value with a port or a scheme can
+// never verify, so every request fails with 502. It must be refused at start.
+func TestUpstreamServerNameWithPort(t *testing.T) {
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
+	for _, v := range []string{"localhost:" + up.URL.Port(), "https://localhost"} {
+		cfg, err := loadFor(t, up, map[string]string{"CELLS_UPSTREAM_SERVER_NAME": v})
+		if err != nil {
+			if !strings.Contains(err.Error(), "CELLS_UPSTREAM_SERVER_NAME") {
+				t.Errorf("%q: error does not name the variable: %v", v, err)
+			}
+			continue
+		}
+		tp := startProxy(t, cfg)
+		res, err := tp.H1.Get(tp.URL + "/")
+		if err != nil {
+			t.Fatal(err)
+		}
+		res.Body.Close()
+		t.Errorf("CELLS_UPSTREAM_SERVER_NAME=%q accepted at start; every request then gets %d", v, res.StatusCode)
+	}
+}
+
+// TestTrustedProxyMapped: a trusted proxy written in its IPv4-mapped
+// form (as dual-stack tools print it: ::ffff:172.18.0.2) is trusted (peers
+// are compared unmapped, so it used to be accepted and never trusted).
+func TestTrustedProxyMapped(t *testing.T) {
+	up := newUpstream(t, upPlain, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
+	for _, v := range []string{"::ffff:127.0.0.1", "::ffff:127.0.0.0/104"} {
+		cfg, err := loadFor(t, up, map[string]string{"PROXY_TRUSTED_PROXIES": v})
+		if err != nil {
+			continue // refused with a message: fine
+		}
+		f := &forwarder{cfg: cfg}
+		if peer := netip.MustParseAddr("127.0.0.1"); !f.trusted(peer) {
+			t.Errorf("PROXY_TRUSTED_PROXIES=%s accepted (%v), but peer %v is not trusted", v, cfg.TrustedProxies, peer)
+		}
+	}
+}
