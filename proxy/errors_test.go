@@ -12,8 +12,12 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
 )
 
 // Tests for issue 2, points 9 and 10: what the client gets when the
@@ -528,5 +532,160 @@ func TestServerPanicLogged(t *testing.T) {
 	}
 	if n := strings.Count(logged, "\n"); n != 1 {
 		t.Errorf("%d lines logged at info, want the panic's alone:\n%s", n, logged)
+	}
+}
+
+// TestClientStopsReading: a client asks for a large download and then
+// reads nothing at all. With PROXY_IDLE_TIMEOUT at 300 ms the exchange is
+// idle once the buffers on the way are full: the proxy must cut it and let
+// go of Cells' connection (Cells' write fails) within a generous bound, on
+// every path. Found by review: an HTTP/2 client with large windows whose
+// socket was full kept Cells' connection for 80 s (net/http's PING timeout),
+// and for ever while it sent PINGs, the watchdog's deadline on the pooled
+// connection ending nothing, as no read or write was running on it.
+func TestClientStopsReading(t *testing.T) {
+	var ended [6]atomic.Bool
+	var started [6]atomic.Int64
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		i := int(r.URL.Path[len(r.URL.Path)-1] - '0')
+		if r.Body != nil {
+			io.Copy(io.Discard, r.Body)
+		}
+		defer ended[i].Store(true)
+		buf := make([]byte, 32<<10)
+		for {
+			if _, err := w.Write(buf); err != nil {
+				return
+			}
+			started[i].Add(int64(len(buf)))
+		}
+	}))
+	settle(t, up)
+	cfg := testConfig(up)
+	cfg.IdleTimeout = 300 * time.Millisecond
+	tp := startProxy(t, cfg)
+
+	wait := func(t *testing.T, i int) {
+		t.Helper()
+		start := time.Now()
+		for !ended[i].Load() {
+			if time.Since(start) > 20*time.Second {
+				t.Fatalf("Cells still held %v after the client stopped reading (it sent %d MiB); idle timeout %v",
+					time.Since(start).Round(time.Second), started[i].Load()>>20, cfg.IdleTimeout)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		t.Logf("Cells' write failed %v after the request (%d MiB sent)", time.Since(start).Round(time.Millisecond), started[i].Load()>>20)
+	}
+
+	t.Run("h1 direct", func(t *testing.T) {
+		conn := tp.dialTLS(t, tp.Addr().String(), "http/1.1")
+		io.WriteString(conn, "GET /d0 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+		wait(t, 0)
+	})
+	t.Run("h1 reverseproxy", func(t *testing.T) {
+		conn := tp.dialTLS(t, tp.Addr().String(), "http/1.1")
+		body := strings.Repeat("x", 20<<10)
+		io.WriteString(conn, "POST /d1 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 20480\r\n\r\n"+body)
+		wait(t, 1)
+	})
+	h2 := func(t *testing.T, i int, bigWindow bool, pings ...bool) {
+		conn := tp.dialTLSH2(t, tp.Addr().String())
+		fr := http2.NewFramer(conn, conn)
+		fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+		io.WriteString(conn, http2.ClientPreface)
+		if bigWindow {
+			// As browsers: large windows. Then the client's socket, not
+			// flow control, holds the download back.
+			fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 1<<31 - 1})
+			fr.WriteWindowUpdate(0, 1<<31-1-65535)
+		} else {
+			fr.WriteSettings()
+		}
+		method, body := "GET", i == 5
+		if body {
+			method = "POST" // ReverseProxy (http.Transport), not the direct path
+		}
+		block := hpackBlock(":method", method, ":scheme", "https", ":path", "/d"+string(rune('0'+i)), ":authority", tp.Addr().String())
+		if err := fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: block, EndStream: !body, EndHeaders: true}); err != nil {
+			t.Fatal(err)
+		}
+		if body {
+			fr.WriteData(1, true, make([]byte, 16<<10))
+		}
+		if len(pings) > 0 {
+			// A client whose socket still sends (its keep-alive pings).
+			done := make(chan struct{})
+			t.Cleanup(func() { close(done) })
+			go func() {
+				for k := 0; ; k++ {
+					select {
+					case <-done:
+						return
+					case <-time.After(5 * time.Second):
+					}
+					if fr.WritePing(false, [8]byte{byte(k)}) != nil {
+						return
+					}
+				}
+			}()
+		}
+		if !bigWindow {
+			// Read frames (so the socket never fills) but grant no window.
+			go func() {
+				for {
+					if _, err := fr.ReadFrame(); err != nil {
+						return
+					}
+				}
+			}()
+		}
+		wait(t, i)
+	}
+	t.Run("h2 window exhausted", func(t *testing.T) { h2(t, 2, false) })
+	t.Run("h2 socket full", func(t *testing.T) { h2(t, 3, true) })
+	t.Run("h2 socket full pinging", func(t *testing.T) { h2(t, 4, true, true) })
+	t.Run("h2 socket full reverseproxy", func(t *testing.T) { h2(t, 5, true) })
+}
+
+// TestSilentAfterSmallBody: a small POST (the direct path) to a Cells
+// that never answers gets 504 over both protocols, and the connection
+// serves a next request.
+func TestSilentAfterSmallBody(t *testing.T) {
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		if r.URL.Path == "/silent" {
+			<-r.Context().Done()
+			return
+		}
+		io.WriteString(w, "fast")
+	}))
+	settle(t, up)
+	cfg := testConfig(up)
+	cfg.IdleTimeout = 300 * time.Millisecond
+	tp := startProxy(t, cfg)
+	for _, pc := range h1h2Clients(tp) {
+		t.Run(pc.name, func(t *testing.T) {
+			for i := 0; i < 2; i++ {
+				res, err := pc.c.Post(tp.URL+"/silent", "application/json", strings.NewReader(strings.Repeat("x", 100)))
+				if err != nil {
+					t.Fatal(err)
+				}
+				b, _ := io.ReadAll(res.Body)
+				res.Body.Close()
+				if res.StatusCode != http.StatusGatewayTimeout {
+					t.Errorf("status %d %q, want 504", res.StatusCode, b)
+				}
+				res, err = pc.c.Get(tp.URL + "/fast")
+				if err != nil {
+					t.Fatal(err)
+				}
+				b, _ = io.ReadAll(res.Body)
+				res.Body.Close()
+				if string(b) != "fast" {
+					t.Errorf("next: %d %q", res.StatusCode, b)
+				}
+			}
+		})
 	}
 }

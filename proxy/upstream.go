@@ -371,8 +371,11 @@ func (u *h1Upstream) dialSized(ctx context.Context, rsize, wsize int) (*upConn, 
 	if sc, ok := raw.(syscall.Conn); ok {
 		c.raw = rawConnOf(sc)
 	}
-	// Made once per connection, not per request.
-	c.interrupt = func() { c.nc.SetDeadline(time.Unix(1, 0)) }
+	// Made once per connection, not per request. The socket is closed,
+	// not only given a past deadline: a handler blocked writing to a
+	// client that reads nothing does not read Cells either, and Cells'
+	// connection must not wait for it (http.Transport closes it too).
+	c.interrupt = func() { c.nc.SetDeadline(time.Unix(1, 0)); raw.Close() }
 	c.peek = func(fd uintptr) bool {
 		c.readable = peekReadable(fd)
 		return true
