@@ -679,6 +679,9 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool)
 		r.Header.Del("Upgrade")
 	}
 
+	if r.ProtoMajor == 2 && r.ContentLength > 0 && r.Body != nil && r.Body != http.NoBody {
+		r.Body = &streamEnd{ReadCloser: r.Body, left: r.ContentLength}
+	}
 	if max := f.cfg.MaxBodySize; max > 0 {
 		if r.ContentLength > max {
 			// Say so before reading anything; the connection closes

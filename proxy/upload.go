@@ -296,3 +296,38 @@ func (u *h1Upstream) dialUpload(ctx context.Context, network, addr string) (net.
 	}
 	return &uploadConn{Conn: tc, batch: b}, nil
 }
+
+// streamEnd is an HTTP/2 request body of declared length. An HTTP/2
+// request is complete only at END_STREAM (RFC 9113 §8.1): its last bytes
+// are handed on with the stream's clean end, so that Cells never takes a
+// complete body from a stream that then carries more than declared
+// (malformed, §8.1.1) or is reset.
+type streamEnd struct {
+	io.ReadCloser
+	left int64
+}
+
+var errBodyTooLong = errors.New("cells-proxy: request body longer than its content-length")
+
+func (b *streamEnd) Read(p []byte) (int, error) {
+	if b.left <= 0 {
+		return b.ReadCloser.Read(p)
+	}
+	if int64(len(p)) > b.left {
+		p = p[:b.left]
+	}
+	n, err := b.ReadCloser.Read(p)
+	b.left -= int64(n)
+	if b.left > 0 || err != nil {
+		return n, err
+	}
+	var one [1]byte
+	m, err := b.ReadCloser.Read(one[:])
+	if m > 0 || err == nil {
+		err = errBodyTooLong
+	}
+	if err != io.EOF {
+		return 0, err
+	}
+	return n, io.EOF
+}
