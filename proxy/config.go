@@ -178,7 +178,12 @@ func (e *env) parse() (*Config, error) {
 	}
 
 	if n := c.UpstreamServerName; n != "" {
-		if _, err := netip.ParseAddr(n); err != nil && strings.ContainsAny(n, ":/@ \t") {
+		// An IP may be written in brackets (crypto/x509 verifies "[::1]").
+		ip := n
+		if len(n) > 2 && n[0] == '[' && n[len(n)-1] == ']' {
+			ip = n[1 : len(n)-1]
+		}
+		if _, err := netip.ParseAddr(ip); err != nil && strings.ContainsAny(n, ":/@ \t") {
 			bad("CELLS_UPSTREAM_SERVER_NAME takes a host name without scheme or port, such as localhost, got %q", n)
 		}
 	}

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"io"
 	"net/http"
 	"net/netip"
 	"strings"
@@ -91,6 +92,29 @@ func TestTrustedProxyMapped(t *testing.T) {
 		f := &forwarder{cfg: cfg}
 		if peer := netip.MustParseAddr("127.0.0.1"); !f.trusted(peer) {
 			t.Errorf("PROXY_TRUSTED_PROXIES=%s accepted (%v), but peer %v is not trusted", v, cfg.TrustedProxies, peer)
+		}
+	}
+}
+
+// TestUpstreamServerNameBracketedIPv6: CELLS_UPSTREAM_SERVER_NAME=[::1]
+// verifies (crypto/x509's VerifyHostname takes an IP in brackets) and is
+// accepted (found by review: 76f3b2d had refused it at start).
+func TestUpstreamServerNameBracketedIPv6(t *testing.T) {
+	up := namedUpstream(t, "::1")
+	cfg, err := loadFor(t, up, map[string]string{"CELLS_UPSTREAM_SERVER_NAME": "[::1]"})
+	if err != nil {
+		t.Fatalf("CELLS_UPSTREAM_SERVER_NAME=[::1] refused at start: %v", err)
+	}
+	tp := startProxy(t, cfg)
+	for _, pc := range h1h2Clients(tp) {
+		res, err := pc.c.Get(tp.URL + "/")
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(res.Body)
+		res.Body.Close()
+		if res.StatusCode != http.StatusOK {
+			t.Errorf("%s: %d %s", pc.name, res.StatusCode, b)
 		}
 	}
 }

@@ -124,7 +124,13 @@ func (ts *tunnels) serve(f *forwarder, ex *exchange, r *http.Request) (detached 
 		ex.WriteHeader(res.StatusCode)
 		buf := copyBuffers.Get()
 		defer copyBuffers.Put(buf)
-		io.CopyBuffer(ex, idleReader{res.Body, handshake, f.cfg.IdleTimeout}, buf[:])
+		if _, err := io.CopyBuffer(ex, idleReader{res.Body, handshake, f.cfg.IdleTimeout}, buf[:]); err != nil {
+			// Cut (idle limit, Cells gone): the client must not take
+			// a well-ended chunked body for Cells' whole answer. What
+			// came goes out first, as on a plain response.
+			http.NewResponseController(ex).Flush()
+			panic(http.ErrAbortHandler)
+		}
 		return false
 	}
 	handshake.Stop()

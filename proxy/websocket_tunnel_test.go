@@ -479,3 +479,54 @@ func TestWebSocketBothWaysOrdered(t *testing.T) {
 		}
 	}
 }
+
+// TestWebSocketRefusedChunkedBodyStalls: Cells refuses an upgrade
+// (401) with a chunked body that stalls. Cut by PROXY_IDLE_TIMEOUT, the
+// client must see the body broken, as it does for a plain response
+// (control), not a well-ended chunked body holding half of Cells' answer
+// (found by review of 5a865fb).
+func TestWebSocketRefusedChunkedBodyStalls(t *testing.T) {
+	release := make(chan struct{})
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/" {
+			io.WriteString(w, "ok")
+			return
+		}
+		conn, brw, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			return
+		}
+		defer conn.Close()
+		brw.WriteString("HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n8\r\n{\"code\":\r\n")
+		brw.Flush()
+		select {
+		case <-release:
+		case <-time.After(20 * time.Second):
+		}
+	}))
+	defer close(release)
+	cfg := testConfig(up)
+	cfg.IdleTimeout = 300 * time.Millisecond
+	tp := startProxy(t, cfg)
+	for _, tc := range []struct{ name, extra string }{
+		{"plain", ""},
+		{"upgrade", "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			conn := tp.dialTLS(t, tp.Addr().String(), "http/1.1")
+			defer conn.Close()
+			conn.SetDeadline(time.Now().Add(10 * time.Second))
+			io.WriteString(conn, "GET /ws/event HTTP/1.1\r\nHost: "+tp.Addr().String()+"\r\n"+tc.extra+"\r\n")
+			res, err := http.ReadResponse(bufio.NewReader(conn), &http.Request{Method: "GET"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, err := io.ReadAll(res.Body)
+			if err == nil {
+				t.Errorf("%d %q read as a complete response: Cells' body was cut after %v and the client cannot tell", res.StatusCode, body, cfg.IdleTimeout)
+			} else {
+				t.Logf("%d %q, %v", res.StatusCode, body, err)
+			}
+		})
+	}
+}
