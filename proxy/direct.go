@@ -70,6 +70,9 @@ func (f *forwarder) callGRPC(ex *exchange, r *http.Request) {
 		f.errorHandler(ex, r, err)
 		return
 	}
+	if s, ok := res.Body.(*grpcStream); ok {
+		ex.grpc.Store(s)
+	}
 	f.relay(ex, r, res)
 }
 

@@ -51,6 +51,9 @@ type exchange struct {
 	// the rapid-reset guard, which must not let such answers buy resets
 	// (found by review: one CONNECT bought two resets, without end).
 	refused bool
+	// grpc: the call's stream from Cells, once it answered (the drain's
+	// gRPC cut leaves a call whose answer from Cells is complete).
+	grpc atomic.Pointer[grpcStream]
 
 	out outbound // the request to Cells, on the direct path
 

@@ -760,6 +760,9 @@ func (f *forwarder) serveGRPC(ex *exchange, r *http.Request) {
 	defer context.AfterFunc(f.grpcCut, func() {
 		ex.mu.Lock()
 		defer ex.mu.Unlock()
+		if s := ex.grpc.Load(); s != nil && s.answered() {
+			return // Cells' answer is complete: only the client's reading is left
+		}
 		if !ex.done.Load() {
 			_ = http.NewResponseController(ex.ResponseWriter).SetWriteDeadline(time.Now().Add(time.Second))
 		}

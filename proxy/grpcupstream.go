@@ -1535,6 +1535,13 @@ func (s *grpcStream) failLocked(err error) {
 	}
 }
 
+// answered reports whether Cells' answer on s came complete.
+func (s *grpcStream) answered() bool {
+	s.c.mu.Lock()
+	defer s.c.mu.Unlock()
+	return s.remoteEnd && s.failed == nil
+}
+
 // abort ends s from our side (the client went, its body broke).
 func (s *grpcStream) abort(err error, code uint32) {
 	c := s.c

@@ -935,3 +935,78 @@ func TestShutdownGRPCCallDialling(t *testing.T) {
 		t.Errorf("the drain's ending of a call logged as Cells failing:\n%s", grepLines(log, "upstream error"))
 	}
 }
+
+// upstreamStreams is how many calls the gRPC upstream's connections carry.
+func upstreamStreams(u *grpcUpstream) int {
+	u.mu.Lock()
+	conns := append([]*grpcConn(nil), u.conns...)
+	u.mu.Unlock()
+	n := 0
+	for _, c := range conns {
+		c.mu.Lock()
+		n += len(c.streams)
+		c.mu.Unlock()
+	}
+	return n
+}
+
+// TestShutdownGRPCAnsweredCallSlowReader: a gRPC call that Cells has
+// answered completely before the drain's gRPC grace (the proxy holds the
+// rest of the answer, the client reads it steadily but slowly) is not one
+// the grace should end: Close leaves such a call alone (failLocked keeps a
+// complete response), but the grace's 1 s write deadline resets it.
+func TestShutdownGRPCAnsweredCallSlowReader(t *testing.T) {
+	t.Parallel()
+	e := startGRPC(t, topoTLS, func(c *Config) { c.ShutdownTimeout = time.Hour })
+	tp := e.tp
+	tp.grpcGrace = 300 * time.Millisecond
+	cc := e.dial(t, portMain, grpc.WithInitialWindowSize(65535), grpc.WithInitialConnWindowSize(65535))
+	tc := testgrpc.NewTestServiceClient(cc)
+	const msgs, size = 64, 32 << 10
+	var params []*testgrpc.ResponseParameters
+	for range msgs {
+		params = append(params, &testgrpc.ResponseParameters{Size: size})
+	}
+	stream, err := tc.StreamingOutputCall(testCtx(t), &testgrpc.StreamingOutputCallRequest{ResponseParameters: params})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Wait until the proxy holds 1 MiB unread, then until Cells' END_STREAM
+	// has come (the call is no longer on the connection): Cells is done.
+	for deadline := time.Now().Add(20 * time.Second); unreadUpstream(tp.fwd.grpcUp) < 1<<20; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the proxy never held 1 MiB unread (%d)", unreadUpstream(tp.fwd.grpcUp))
+		}
+	}
+	for deadline := time.Now().Add(20 * time.Second); upstreamStreams(tp.fwd.grpcUp) > 0; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("Cells never ended the call")
+		}
+	}
+	stopped := shutdownAsync(tp)
+	select {
+	case <-tp.fwd.grpcCut.Done():
+	case <-time.After(20 * time.Second):
+		t.Fatal("the gRPC grace never passed")
+	}
+	// The client reads on, steadily: about 2.5 s for the whole answer.
+	got := 0
+	for {
+		_, err := stream.Recv()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Errorf("after %d of %d messages (answer complete at Cells before the drain): %v (%v)", got, msgs, err, status.Code(err))
+			break
+		}
+		got++
+		time.Sleep(40 * time.Millisecond)
+	}
+	if got != msgs {
+		t.Errorf("client got %d messages, want %d", got, msgs)
+	}
+	if err := <-stopped; err != nil {
+		t.Errorf("Run = %v", err)
+	}
+}
