@@ -811,6 +811,12 @@ func TestShutdownEndsGRPCStreams(t *testing.T) {
 // unreadUpstream is how many response bytes the gRPC upstream has delivered
 // to the proxy that the proxy has not yet passed on to its client.
 func unreadUpstream(u *grpcUpstream) int {
+	return upstreamCount(u, func(s *grpcStream) int { return len(s.buf) - s.off })
+}
+
+// upstreamCount sums f over the calls open on u's connections, each under
+// its connection's lock.
+func upstreamCount(u *grpcUpstream, f func(*grpcStream) int) int {
 	u.mu.Lock()
 	conns := append([]*grpcConn(nil), u.conns...)
 	u.mu.Unlock()
@@ -818,11 +824,23 @@ func unreadUpstream(u *grpcUpstream) int {
 	for _, c := range conns {
 		c.mu.Lock()
 		for _, s := range c.streams {
-			n += len(s.buf) - s.off
+			n += f(s)
 		}
 		c.mu.Unlock()
 	}
 	return n
+}
+
+// drainingGRPC starts a Cells and a proxy whose drain gives gRPC calls
+// 300 ms of a one-hour PROXY_SHUTDOWN_TIMEOUT, and a grpc-go client of it
+// with 64 KiB windows and no BDP growth: a client that does not read holds
+// little.
+func drainingGRPC(t *testing.T) (*testProxy, testgrpc.TestServiceClient, *grpc.ClientConn) {
+	t.Helper()
+	e := startGRPC(t, topoTLS, func(c *Config) { c.ShutdownTimeout = time.Hour })
+	e.tp.grpcGrace = 300 * time.Millisecond // read by the drain, after Shutdown
+	cc := e.dial(t, portMain, grpc.WithInitialWindowSize(65535), grpc.WithInitialConnWindowSize(65535))
+	return e.tp, testgrpc.NewTestServiceClient(cc), cc
 }
 
 // TestShutdownGRPCClientNotReading: a gRPC stream whose client has
@@ -833,13 +851,7 @@ func unreadUpstream(u *grpcUpstream) int {
 // PROXY_SHUTDOWN_TIMEOUT).
 func TestShutdownGRPCClientNotReading(t *testing.T) {
 	t.Parallel()
-	e := startGRPC(t, topoTLS, func(c *Config) { c.ShutdownTimeout = time.Hour })
-	tp := e.tp
-	tp.grpcGrace = 300 * time.Millisecond
-	// 64 KiB windows, no BDP growth: a client that does not read holds
-	// little.
-	cc := e.dial(t, portMain, grpc.WithInitialWindowSize(65535), grpc.WithInitialConnWindowSize(65535))
-	tc := testgrpc.NewTestServiceClient(cc)
+	tp, tc, cc := drainingGRPC(t)
 	var params []*testgrpc.ResponseParameters
 	for range 32 {
 		params = append(params, &testgrpc.ResponseParameters{Size: 256 << 10})
@@ -936,32 +948,15 @@ func TestShutdownGRPCCallDialling(t *testing.T) {
 	}
 }
 
-// upstreamStreams is how many calls the gRPC upstream's connections carry.
-func upstreamStreams(u *grpcUpstream) int {
-	u.mu.Lock()
-	conns := append([]*grpcConn(nil), u.conns...)
-	u.mu.Unlock()
-	n := 0
-	for _, c := range conns {
-		c.mu.Lock()
-		n += len(c.streams)
-		c.mu.Unlock()
-	}
-	return n
-}
-
 // TestShutdownGRPCAnsweredCallSlowReader: a gRPC call that Cells has
 // answered completely before the drain's gRPC grace (the proxy holds the
 // rest of the answer, the client reads it steadily but slowly) is not one
 // the grace should end: Close leaves such a call alone (failLocked keeps a
-// complete response), but the grace's 1 s write deadline resets it.
+// complete response), and so does the grace's write deadline (found by
+// review: it reset the call 1 s into the grace).
 func TestShutdownGRPCAnsweredCallSlowReader(t *testing.T) {
 	t.Parallel()
-	e := startGRPC(t, topoTLS, func(c *Config) { c.ShutdownTimeout = time.Hour })
-	tp := e.tp
-	tp.grpcGrace = 300 * time.Millisecond
-	cc := e.dial(t, portMain, grpc.WithInitialWindowSize(65535), grpc.WithInitialConnWindowSize(65535))
-	tc := testgrpc.NewTestServiceClient(cc)
+	tp, tc, _ := drainingGRPC(t)
 	const msgs, size = 64, 32 << 10
 	var params []*testgrpc.ResponseParameters
 	for range msgs {
@@ -978,7 +973,7 @@ func TestShutdownGRPCAnsweredCallSlowReader(t *testing.T) {
 			t.Fatalf("the proxy never held 1 MiB unread (%d)", unreadUpstream(tp.fwd.grpcUp))
 		}
 	}
-	for deadline := time.Now().Add(20 * time.Second); upstreamStreams(tp.fwd.grpcUp) > 0; time.Sleep(5 * time.Millisecond) {
+	for deadline := time.Now().Add(20 * time.Second); upstreamCount(tp.fwd.grpcUp, func(*grpcStream) int { return 1 }) > 0; time.Sleep(5 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatal("Cells never ended the call")
 		}

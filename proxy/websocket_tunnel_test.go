@@ -22,8 +22,14 @@ import (
 // wsRawUp is a Cells that answers upgrades with serve on the hijacked
 // connection (30 s deadline), and other requests with "ok".
 func wsRawUp(t *testing.T, serve func(conn net.Conn, brw *bufio.ReadWriter, r *http.Request)) *testUpstream {
-	return newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.Header.Get("Upgrade") == "" {
+	return newUpstream(t, upTLS, hijacker(func(r *http.Request) bool { return r.Header.Get("Upgrade") == "" }, serve))
+}
+
+// hijacker answers the requests plain picks with "ok", and hands the
+// connection of the others to serve (30 s deadline).
+func hijacker(plain func(*http.Request) bool, serve func(conn net.Conn, brw *bufio.ReadWriter, r *http.Request)) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if plain(r) {
 			io.WriteString(w, "ok")
 			return
 		}
@@ -34,7 +40,7 @@ func wsRawUp(t *testing.T, serve func(conn net.Conn, brw *bufio.ReadWriter, r *h
 		defer conn.Close()
 		conn.SetDeadline(time.Now().Add(30 * time.Second))
 		serve(conn, brw, r)
-	}))
+	})
 }
 
 func accept101(r *http.Request) string {
@@ -51,49 +57,45 @@ func frag(fin bool, op byte, payload []byte, mask bool) []byte {
 	return b
 }
 
-// TestWebSocketRefusedBodyStalls: Cells refuses the upgrade (401) and its body
-// stalls. A plain request whose response body stalls is cut after
-// PROXY_IDLE_TIMEOUT (control); the refused upgrade must be too.
+// TestWebSocketRefusedBodyStalls: Cells refuses the upgrade (401) and its
+// body stalls, with a Content-Length or chunked. A plain request whose
+// response body stalls is cut after PROXY_IDLE_TIMEOUT (the control); the
+// refused upgrade must be too (found by review: it held the client, a
+// connection to Cells and a handler forever), and its client must see the
+// body broken, not a well-ended chunked body holding half of Cells' answer
+// (found by review of the first fix).
 func TestWebSocketRefusedBodyStalls(t *testing.T) {
-	release := make(chan struct{})
-	stall := func(w http.ResponseWriter, r *http.Request) {
-		conn, brw, err := http.NewResponseController(w).Hijack()
-		if err != nil {
-			return
-		}
-		defer conn.Close()
-		brw.WriteString("HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"code\":")
-		brw.Flush()
-		select {
-		case <-release:
-		case <-time.After(25 * time.Second):
-		}
-	}
-	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.URL.Path == "/" {
-			io.WriteString(w, "ok") // readiness
-			return
-		}
-		stall(w, r)
-	}))
-	defer close(release)
-	cfg := testConfig(up)
-	cfg.IdleTimeout = time.Second
-	tp := startProxy(t, cfg)
-	for _, tc := range []struct{ name, extra string }{
-		{"plain", ""},
-		{"upgrade", "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"},
+	for _, refusal := range []struct{ name, head string }{
+		{"content-length", "HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"code\":"},
+		{"chunked", "HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n8\r\n{\"code\":\r\n"},
 	} {
-		t.Run(tc.name, func(t *testing.T) {
-			conn := tp.dialTLS(t, tp.Addr().String(), "http/1.1")
-			conn.SetDeadline(time.Now().Add(15 * time.Second))
-			io.WriteString(conn, "GET /ws/event HTTP/1.1\r\nHost: "+tp.Addr().String()+"\r\n"+tc.extra+"\r\n")
-			got, err := io.ReadAll(conn)
-			if ne, ok := err.(net.Error); ok && ne.Timeout() {
-				t.Fatalf("connection still open 15 s after Cells' 401 body stalled (PROXY_IDLE_TIMEOUT 1s); client got %q", got)
-			}
-			t.Logf("client got %q, %v", got, err)
-		})
+		release := make(chan struct{})
+		defer close(release)
+		cfg := testConfig(newUpstream(t, upTLS, stallingRefusal(release, refusal.head)))
+		cfg.IdleTimeout = 300 * time.Millisecond
+		tp := startProxy(t, cfg)
+		for _, tc := range []struct{ name, extra string }{
+			{"plain", ""},
+			{"upgrade", "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"},
+		} {
+			t.Run(refusal.name+"/"+tc.name, func(t *testing.T) {
+				conn := tp.dialTLS(t, tp.Addr().String(), "http/1.1")
+				defer conn.Close()
+				conn.SetDeadline(time.Now().Add(15 * time.Second))
+				io.WriteString(conn, "GET /ws/event HTTP/1.1\r\nHost: "+tp.Addr().String()+"\r\n"+tc.extra+"\r\n")
+				res, err := http.ReadResponse(bufio.NewReader(conn), &http.Request{Method: "GET"})
+				var body []byte
+				if err == nil {
+					body, err = io.ReadAll(res.Body)
+				}
+				switch ne, ok := err.(net.Error); {
+				case ok && ne.Timeout():
+					t.Fatalf("connection still open 15 s after Cells' 401 body stalled (PROXY_IDLE_TIMEOUT %v); client got %q", cfg.IdleTimeout, body)
+				case err == nil:
+					t.Errorf("%d %q read as a complete response: Cells' body was cut after %v and the client cannot tell", res.StatusCode, body, cfg.IdleTimeout)
+				}
+			})
+		}
 	}
 }
 
@@ -480,53 +482,16 @@ func TestWebSocketBothWaysOrdered(t *testing.T) {
 	}
 }
 
-// TestWebSocketRefusedChunkedBodyStalls: Cells refuses an upgrade
-// (401) with a chunked body that stalls. Cut by PROXY_IDLE_TIMEOUT, the
-// client must see the body broken, as it does for a plain response
-// (control), not a well-ended chunked body holding half of Cells' answer
-// (found by review of 5a865fb).
-func TestWebSocketRefusedChunkedBodyStalls(t *testing.T) {
-	release := make(chan struct{})
-	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.URL.Path == "/" {
-			io.WriteString(w, "ok")
-			return
-		}
-		conn, brw, err := http.NewResponseController(w).Hijack()
-		if err != nil {
-			return
-		}
-		defer conn.Close()
-		brw.WriteString("HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n8\r\n{\"code\":\r\n")
+// stallingRefusal is a Cells that answers "/" (readiness) with "ok" and
+// every other request, upgrade or not, with head and then nothing, until
+// release is closed or 25 s have passed.
+func stallingRefusal(release <-chan struct{}, head string) http.Handler {
+	return hijacker(func(r *http.Request) bool { return r.URL.Path == "/" }, func(_ net.Conn, brw *bufio.ReadWriter, _ *http.Request) {
+		brw.WriteString(head)
 		brw.Flush()
 		select {
 		case <-release:
-		case <-time.After(20 * time.Second):
+		case <-time.After(25 * time.Second):
 		}
-	}))
-	defer close(release)
-	cfg := testConfig(up)
-	cfg.IdleTimeout = 300 * time.Millisecond
-	tp := startProxy(t, cfg)
-	for _, tc := range []struct{ name, extra string }{
-		{"plain", ""},
-		{"upgrade", "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			conn := tp.dialTLS(t, tp.Addr().String(), "http/1.1")
-			defer conn.Close()
-			conn.SetDeadline(time.Now().Add(10 * time.Second))
-			io.WriteString(conn, "GET /ws/event HTTP/1.1\r\nHost: "+tp.Addr().String()+"\r\n"+tc.extra+"\r\n")
-			res, err := http.ReadResponse(bufio.NewReader(conn), &http.Request{Method: "GET"})
-			if err != nil {
-				t.Fatal(err)
-			}
-			body, err := io.ReadAll(res.Body)
-			if err == nil {
-				t.Errorf("%d %q read as a complete response: Cells' body was cut after %v and the client cannot tell", res.StatusCode, body, cfg.IdleTimeout)
-			} else {
-				t.Logf("%d %q, %v", res.StatusCode, body, err)
-			}
-		})
-	}
+	})
 }
