@@ -225,28 +225,6 @@ func TestUploadEarlyAnswerThenNext(t *testing.T) {
 	}
 }
 
-// oddReader yields b in chunks of the sizes in ch, pausing now and then.
-type oddReader struct {
-	b  []byte
-	ch []int
-	k  int
-}
-
-func (o *oddReader) Read(p []byte) (int, error) {
-	if len(o.b) == 0 {
-		return 0, io.EOF
-	}
-	n := o.ch[o.k%len(o.ch)]
-	o.k++
-	if o.k%3 == 0 {
-		time.Sleep(time.Millisecond)
-	}
-	n = min(n, len(p), len(o.b))
-	copy(p, o.b[:n])
-	o.b = o.b[n:]
-	return n, nil
-}
-
 // TestUploadH2StreamEndBeforeComplete: an HTTP/2 request is complete only at
 // END_STREAM. A client declares content-length N, sends N bytes without
 // END_STREAM, then either more bytes (a malformed request, RFC 9113
