@@ -39,7 +39,7 @@ type env struct {
 	MaxBodySize        string `envconfig:"PROXY_MAX_BODY_SIZE" default:"0" desc:"largest request body, e.g. 200MiB or 1G; larger bodies get 413. 0: no limit"`
 	IdleTimeout        string `envconfig:"PROXY_IDLE_TIMEOUT" default:"10m" desc:"a proxied HTTP exchange with no byte moving either way for this long is cut (nginx proxy_read_timeout and proxy_send_timeout): 504 if Cells never answered, 408 if the client stopped sending its body"`
 	WSIdleTimeout      string `envconfig:"PROXY_WS_IDLE_TIMEOUT" default:"24h" desc:"the same for websockets (Cells pings every 54 s)"`
-	ShutdownTimeout    string `envconfig:"PROXY_SHUTDOWN_TIMEOUT" default:"30s" desc:"how long in-flight requests may finish after SIGTERM before connections are closed; gRPC calls get at most 5s of it"`
+	ShutdownTimeout    string `envconfig:"PROXY_SHUTDOWN_TIMEOUT" default:"30s" desc:"how long in-flight requests may finish after SIGTERM before connections are closed; gRPC calls Cells has not finished get at most 5s of it"`
 	ReadHeaderTimeout  string `envconfig:"PROXY_READ_HEADER_TIMEOUT" default:"30s" desc:"a client must send a whole request head (request line and headers) within this, or its connection is closed (slowloris)"`
 	MaxHeaderBytes     string `envconfig:"PROXY_MAX_HEADER_BYTES" default:"64KiB" desc:"largest request head, HTTP/1.1 and HTTP/2 alike; larger heads get 431 (nginx allows 32 KiB)"`
 	HealthAddr         string `envconfig:"PROXY_HEALTH_ADDR" default:"127.0.0.1:8099" desc:"loopback listener for /livez and /readyz, used by cells-proxy healthcheck; off disables it, and then cells-proxy healthcheck (the image's HEALTHCHECK) always reports unhealthy: disable the container's healthcheck too"`
