@@ -935,12 +935,7 @@ func TestUpstreamConcurrentNoMixup(t *testing.T) {
 // it on to an HTTP/1.0 client.
 func TestNo1xxToHTTP10Client(t *testing.T) {
 	t.Parallel()
-	up := newRawUpstream(t, func(conn int64, req *http.Request, w *bufio.Writer) bool {
-		io.WriteString(w, "HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n")
-		io.WriteString(w, "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\npage")
-		return true
-	})
-	tp := rawProxy(t, up)
+	tp := answeringProxy(t, "HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n")
 	for _, size := range []int{0, 64 << 10} { // direct path, then ReverseProxy
 		conn := tp.dialRaw(t, tp.Addr().String(), "http/1.1")
 		req := "GET /x HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n"
@@ -966,12 +961,7 @@ func TestNo1xxToHTTP10Client(t *testing.T) {
 // not the 1xx's to take away.
 func TestCloseAfterSurvives1xx(t *testing.T) {
 	t.Parallel()
-	up := newRawUpstream(t, func(conn int64, req *http.Request, w *bufio.Writer) bool {
-		io.WriteString(w, "HTTP/1.1 100 Continue\r\n\r\n")
-		io.WriteString(w, "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\npage")
-		return true
-	})
-	tp := rawProxy(t, up)
+	tp := answeringProxy(t, "HTTP/1.1 100 Continue\r\n\r\n")
 	for _, tc := range []struct{ name, req string }{
 		// The direct path: a small body of known length.
 		{"HTTP/1.0 keep-alive with body", "POST /x HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: keep-alive\r\nContent-Length: 5\r\n\r\nhello"},
@@ -1003,4 +993,15 @@ func TestCloseAfterSurvives1xx(t *testing.T) {
 		}
 		conn.Close()
 	}
+}
+
+// answeringProxy is a proxy in front of a raw Cells that answers every
+// request with first (a 1xx) and then 200 "page", keeping the connection.
+func answeringProxy(t *testing.T, first string) *testProxy {
+	t.Helper()
+	return rawProxy(t, newRawUpstream(t, func(conn int64, req *http.Request, w *bufio.Writer) bool {
+		io.WriteString(w, first)
+		io.WriteString(w, "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\npage")
+		return true
+	}))
 }
