@@ -25,12 +25,12 @@ import (
 
 // grpcUpstream is the HTTP/2 client that carries gRPC calls to Cells, in the
 // way nginx's grpc module and HAProxy's HTTP/2 mux do it: frames for all the
-// calls on a connection go out through one buffer, and whoever finds the
-// connection idle writes everything queued, so concurrent calls share
+// calls on a connection go out through one buffer, and the connection's
+// writer writes everything queued at once, so concurrent calls share
 // write(2)s instead of taking turns (net/http's client flushes a call's
 // HEADERS and its DATA on their own, two writes per unary call, and runs a
 // goroutine per call besides the handler's). One goroutine per connection
-// reads frames and hands them to the calls; a call with a request body
+// reads frames and hands them to the calls, one writes them; a call with a request body
 // has one more goroutine copying it, as it must overlap the response for
 // bidirectional streams.
 //
@@ -243,10 +243,11 @@ func (u *grpcUpstream) start(ctx context.Context, call *grpcCall, body io.ReadCl
 	if body != nil {
 		go s.writeBody(body)
 		// A unary call's message is usually in the body already: yield
-		// so that the copy can queue it and write it with the HEADERS,
-		// one write(2) instead of two. If the body is still empty (a
-		// stream whose client waits for Cells first), the flush below
-		// sends the HEADERS alone; either way they leave now.
+		// so that the copy can queue it behind the HEADERS, for the
+		// writer to take both in one write(2). If the body is still
+		// empty (a stream whose client waits for Cells first), the
+		// flush below hands the writer the HEADERS alone; either way
+		// they leave now.
 		runtime.Gosched()
 		s.c.flush()
 	}
@@ -391,10 +392,10 @@ func (u *grpcUpstream) open(ctx context.Context, call *grpcCall, body io.ReadClo
 			return nil, err
 		}
 		go c.readLoop()
+		go c.writeLoop() // writes the SETTINGS ACK dial queued, with the stream's HEADERS
 		if openErr != errH2Full {
 			return s, openErr
 		}
-		c.flush() // the SETTINGS ACK, which waited for the stream's HEADERS
 		if c.takesNone() {
 			fresh = c
 		}
@@ -450,6 +451,7 @@ func (u *grpcUpstream) dial(ctx context.Context) (*grpcConn, error) {
 		recvConn:   int64(u.connWindow),
 	}
 	c.sendWait.L = &c.mu
+	c.wake.L = &c.mu
 	c.stamp.Store(time.Now().UnixNano())
 	c.br = bufio.NewReaderSize(stampReader{c}, 32<<10)
 	c.henc = hpack.NewEncoder(&c.hbuf)
@@ -515,7 +517,8 @@ type grpcConn struct {
 	mu      sync.Mutex
 	wbuf    []byte // frames waiting to be written
 	spare   []byte
-	writing bool // a goroutine is writing; it takes what is queued
+	writing bool      // the writer is in a write(2); it takes what is queued after
+	wake    sync.Cond // the writer waits for frames on it
 	henc    *hpack.Encoder
 	hbuf    bytes.Buffer
 	hsize   uint64 // RFC 9113's size of the fields written since it was zeroed
@@ -621,20 +624,46 @@ func (r stampReader) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// flushLocked writes what is queued unless another goroutine is already
-// writing, in which case that one takes it. c.mu is released during the
-// write.
+// flushLocked hands what is queued to the connection's writer.
+//
+// The writer, not the call, makes the write(2): calls queue their frames
+// and go on (a unary call to reading its request's end or its answer),
+// and the writer takes everything queued since its last write in one. With
+// 32 unary calls in flight that is 0.3 write(2) per call instead of 1.5,
+// when each call wrote its own HEADERS, DATA and END_STREAM unless another
+// was writing at that moment. Memory stays bounded as before: DATA by
+// Cells' windows, HEADERS by its stream limit, and the control frames
+// answer what Cells sends.
 func (c *grpcConn) flushLocked() {
-	if c.writing {
-		return
+	if len(c.wbuf) > 0 && !c.writing {
+		c.wake.Signal()
 	}
-	c.writing = true
-	for len(c.wbuf) > 0 && c.err == nil {
+}
+
+// writeLoop is the connection's writer (flushLocked): it runs until the
+// connection fails, and fails it when a write does.
+func (c *grpcConn) writeLoop() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for {
+		for len(c.wbuf) == 0 && c.err == nil {
+			c.wake.Wait()
+		}
+		if c.err != nil {
+			return
+		}
+		c.writing = true
+		// Let the calls that are ready to run queue their frames
+		// first: under load the write takes theirs too.
+		c.mu.Unlock()
+		runtime.Gosched()
+		c.mu.Lock()
 		b := c.wbuf
 		c.wbuf = c.spare[:0]
 		c.mu.Unlock()
 		_, err := c.nc.Write(b)
 		c.mu.Lock()
+		c.writing = false
 		if cap(b) <= 64<<10 {
 			c.spare = b[:0]
 		} else {
@@ -644,8 +673,6 @@ func (c *grpcConn) flushLocked() {
 			c.failLocked(err)
 		}
 	}
-	c.wbuf = c.wbuf[:0]
-	c.writing = false
 }
 
 // close ends the connection and every call on it with err.
@@ -669,6 +696,7 @@ func (c *grpcConn) failLocked(err error) {
 	}
 	c.streams = nil
 	c.sendWait.Broadcast()
+	c.wake.Signal()
 	c.notifyLocked()
 	go c.u.remove(c)
 }
