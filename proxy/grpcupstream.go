@@ -658,6 +658,10 @@ func (c *grpcConn) writeLoop() {
 		c.mu.Unlock()
 		runtime.Gosched()
 		c.mu.Lock()
+		if c.err != nil {
+			c.writing = false
+			return
+		}
 		b := c.wbuf
 		c.wbuf = c.spare[:0]
 		c.mu.Unlock()
