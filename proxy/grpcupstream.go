@@ -132,14 +132,14 @@ const (
 	settingMaxFrameSize      = 0x5
 	settingMaxHeaderListSize = 0x6
 
-	codeProtocol       = 0x1
-	codeInternal       = 0x2
-	codeFlowControl    = 0x3
-	codeFrameSize      = 0x6
-	codeRefusedStream  = 0x7
-	codeCancel         = 0x8
-	codeCompression    = 0x9
-	codeEnhanceYouCalm = 0xb
+	codeProtocol        = 0x1
+	codeInternal        = 0x2
+	codeFlowControl     = 0x3
+	codeFrameSize       = 0x6
+	codeRefusedStream   = 0x7
+	codeCancel          = 0x8
+	codeCompression     = 0x9
+	codeEnhanceYourCalm = 0xb
 
 	h2DefaultWindow = 65535
 	h2MaxWindow     = 1<<31 - 1
@@ -519,6 +519,7 @@ type grpcConn struct {
 	spare   []byte
 	writing bool      // the writer is in a write(2); it takes what is queued after
 	wake    sync.Cond // the writer waits for frames on it
+	answers int       // acknowledgements queued since the writer last took wbuf (answerLocked)
 	henc    *hpack.Encoder
 	hbuf    bytes.Buffer
 	hsize   uint64 // RFC 9113's size of the fields written since it was zeroed
@@ -664,6 +665,7 @@ func (c *grpcConn) writeLoop() {
 		}
 		b := c.wbuf
 		c.wbuf = c.spare[:0]
+		c.answers = 0
 		c.mu.Unlock()
 		_, err := c.nc.Write(b)
 		c.mu.Lock()
@@ -677,6 +679,24 @@ func (c *grpcConn) writeLoop() {
 			c.failLocked(err)
 		}
 	}
+}
+
+// maxQueuedAnswers bounds the acknowledgements (of Cells' PINGs and
+// SETTINGS) queued while the writer has not taken the buffer: x/net's
+// HTTP/2 server's maxQueuedControlFrames.
+const maxQueuedAnswers = 10000
+
+// answerLocked counts one more acknowledgement to queue, and refuses it when
+// maxQueuedAnswers are already waiting. The read loop never waits for the
+// writer, so a Cells that stopped reading but kept sending PINGs would
+// otherwise grow the buffer without end; the connection is closed instead
+// (ENHANCE_YOUR_CALM), as x/net's server closes such a client's.
+func (c *grpcConn) answerLocked() error {
+	if c.answers >= maxQueuedAnswers {
+		return h2ConnError{codeEnhanceYourCalm, "too many PING and SETTINGS frames while not reading"}
+	}
+	c.answers++
+	return nil
 }
 
 // close ends the connection and every call on it with err.
@@ -1083,7 +1103,7 @@ func (c *grpcConn) handle(typ, flags byte, id uint32, p []byte) error {
 			return h2ConnError{codeProtocol, "unexpected CONTINUATION"}
 		}
 		if len(c.block)+len(p) > int(c.u.maxHeader)+h2MinFrame {
-			return h2ConnError{codeEnhanceYouCalm, "response header block too large"}
+			return h2ConnError{codeEnhanceYourCalm, "response header block too large"}
 		}
 		c.block = append(c.block, p...)
 		if flags&flagEndHeaders != 0 {
@@ -1117,6 +1137,10 @@ func (c *grpcConn) handle(typ, flags byte, id uint32, p []byte) error {
 			return err
 		}
 		c.mu.Lock()
+		if err := c.answerLocked(); err != nil {
+			c.mu.Unlock()
+			return err
+		}
 		c.wbuf = appendFrameHeader(c.wbuf, 0, frameSettings, flagAck, 0)
 		c.flushLocked()
 		c.mu.Unlock()
@@ -1133,6 +1157,10 @@ func (c *grpcConn) handle(typ, flags byte, id uint32, p []byte) error {
 				c.ping.Reset(c.u.pingEvery)
 			}
 		} else {
+			if err := c.answerLocked(); err != nil {
+				c.mu.Unlock()
+				return err
+			}
 			c.wbuf = appendFrameHeader(c.wbuf, 8, framePing, flagAck, 0)
 			c.wbuf = append(c.wbuf, p...)
 			c.flushLocked()

@@ -1,8 +1,11 @@
 package proxy
 
 import (
+	"bufio"
 	"io"
+	"net"
 	"net/http"
+	"net/url"
 	"testing"
 	"time"
 
@@ -179,4 +182,72 @@ func startEchoPeer(t *testing.T, msg string) (*h2Peer, *testProxy, []byte, *grpc
 	up.mu.Lock()
 	defer up.mu.Unlock()
 	return p, tp, want, up.conns[0]
+}
+
+// TestGRPCUpstreamUnreadPingsBounded: a Cells connection that stops reading
+// but keeps sending PINGs. The proxy's read loop answers each one without
+// waiting for its writer, which is stuck on the unread connection; the
+// answers must not pile up without end (x/net's server closes a client
+// that does this after 10,000 queued control frames). The proxy must close
+// the connection, and the call on it must end, long before the peer has
+// sent 500,000 PINGs.
+func TestGRPCUpstreamUnreadPingsBounded(t *testing.T) {
+	t.Parallel()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	const maxPings = 500_000
+	type flood struct {
+		sent int
+		err  error
+	}
+	flooded := make(chan flood, 1)
+	go func() {
+		nc, err := ln.Accept()
+		if err != nil {
+			flooded <- flood{err: err}
+			return
+		}
+		defer nc.Close()
+		// Nothing is ever read: the proxy's preface, its SETTINGS and
+		// the call's DATA stay in the socket buffers, until the
+		// proxy's writes block.
+		nc.SetWriteDeadline(time.Now().Add(time.Minute))
+		bw := bufio.NewWriterSize(nc, 64<<10)
+		fr := http2.NewFramer(bw, nil)
+		fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 1<<31 - 1})
+		fr.WriteWindowUpdate(0, 1<<31-1-65535)
+		for i := range maxPings {
+			fr.WritePing(false, [8]byte{byte(i >> 8), byte(i)})
+			if i%1024 == 1023 {
+				if err := bw.Flush(); err != nil {
+					flooded <- flood{sent: i, err: err}
+					return
+				}
+			}
+		}
+		flooded <- flood{sent: maxPings, err: bw.Flush()}
+	}()
+	cfg := testConfig(newUpstream(t, upPlain, &recorder{}))
+	cfg.GRPCUpstream = &url.URL{Scheme: "h2c", Host: ln.Addr().String()}
+	tp := startProxy(t, cfg)
+	// A 16 MiB request body, so that the proxy's writes to the peer
+	// block well before the PINGs end.
+	res := make(chan grpcResult, 1)
+	go func() { res <- callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Upload", grpcMsg(make([]byte, 16<<20))) }()
+	f := recv(t, flooded, "the peer's PINGs")
+	if f.err == nil {
+		t.Fatalf("the proxy read all %d PINGs from a connection it could not write to, and kept it open", f.sent)
+	}
+	t.Logf("the proxy closed the connection after about %d PINGs: %v", f.sent, f.err)
+	r := recv(t, res, "the call")
+	got := r.Trailer.Get("Grpc-Status")
+	if got == "" {
+		got = r.Header.Get("Grpc-Status") // a Trailers-Only answer
+	}
+	if got != "14" {
+		t.Errorf("call on the closed connection: grpc-status %q (HTTP %d, %v), want 14 (UNAVAILABLE)", got, r.Status, r.Err)
+	}
 }
