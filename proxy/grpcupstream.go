@@ -666,6 +666,9 @@ func (c *grpcConn) writeLoop() {
 		b := c.wbuf
 		c.wbuf = c.spare[:0]
 		c.answers = 0
+		if len(b) >= grpcMaxQueued {
+			c.sendWait.Broadcast() // copies waiting for room (writeData)
+		}
 		c.mu.Unlock()
 		_, err := c.nc.Write(b)
 		c.mu.Lock()
@@ -680,6 +683,14 @@ func (c *grpcConn) writeLoop() {
 		}
 	}
 }
+
+// grpcMaxQueued is how much a call's request body may queue while the
+// writer has not taken the buffer: past it, writeData waits for the writer,
+// as the copy used to wait in its own write(2). Without it, a Cells that
+// stops reading (or a slow path to it) would have the proxy read its
+// clients' uploads into memory up to Cells' windows (up to 2 GiB a
+// connection), and every call's frames would queue behind them.
+const grpcMaxQueued = 1 << 20
 
 // maxQueuedAnswers bounds the acknowledgements (of Cells' PINGs and
 // SETTINGS) queued while the writer has not taken the buffer: x/net's
@@ -1707,10 +1718,11 @@ func (s *grpcStream) writeData(p []byte, end bool) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for {
-		for len(p) > 0 && (s.send <= 0 || c.sendConn <= 0) && s.failed == nil && !s.sentEnd && c.err == nil {
-			// What the windows took so far leaves before waiting for more.
+		for len(p) > 0 && (s.send <= 0 || c.sendConn <= 0 || len(c.wbuf) >= grpcMaxQueued) && s.failed == nil && !s.sentEnd && c.err == nil {
+			// What the windows took so far leaves before waiting for
+			// more, or for the writer to take what is queued.
 			c.flushLocked()
-			if s.send <= 0 || c.sendConn <= 0 {
+			if s.send <= 0 || c.sendConn <= 0 || len(c.wbuf) >= grpcMaxQueued {
 				c.sendWait.Wait()
 			}
 		}
