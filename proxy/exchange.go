@@ -192,7 +192,16 @@ func (e *exchange) stop() {
 // countingBody counts request body bytes and feeds the watchdog.
 type countingBody struct {
 	io.ReadCloser
-	ex *exchange
+	ex     *exchange
+	closed atomic.Bool // by the proxy (a gRPC call's stream, the transport)
+}
+
+// Close closes the body for the proxy's own reasons: Cells' side of the call
+// failed, or the call is over. A read that this ends, the copy's to Cells
+// waiting for the client's next bytes, is no failure of the client's.
+func (b *countingBody) Close() error {
+	b.closed.Store(true)
+	return b.ReadCloser.Close()
 }
 
 func (b *countingBody) Read(p []byte) (int, error) {
@@ -203,7 +212,7 @@ func (b *countingBody) Read(p []byte) (int, error) {
 	}
 	if err != nil {
 		b.ex.bodyOpen.Store(false)
-		if err != io.EOF {
+		if err != io.EOF && !b.closed.Load() {
 			b.ex.bodyFailed.Store(true)
 		}
 	}

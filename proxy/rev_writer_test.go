@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"errors"
+	"io"
 	"net"
 	"net/http"
 	"sync"
@@ -148,5 +149,50 @@ func TestRevWriterUploadBackpressure(t *testing.T) {
 	// at most, plus the peer's receive buffer).
 	if got > 32<<20 {
 		t.Errorf("the proxy read %d bytes of the upload into memory for a Cells that reads nothing: no backpressure", got)
+	}
+}
+
+// TestRevWriterBrokenUploadUnavailable: a client-streaming call (an upload)
+// whose client has sent a message and is preparing the next; Cells drops
+// the connection before answering. The call did not fail on the client's
+// side: its client must get UNAVAILABLE (14), which gRPC clients may retry,
+// not INTERNAL (13) "malformed or incomplete request body". The stream
+// closes the client's body when the connection fails (closeBody), and the
+// copy's read that this ends is no fault of the client's. Several calls,
+// as the copy's failed read races the handler's answer.
+func TestRevWriterBrokenUploadUnavailable(t *testing.T) {
+	t.Parallel()
+	p := newH2Peer(t, h2PeerConfig{}, func(s *h2Stream) {
+		if _, err := s.read(); err != nil {
+			return
+		}
+		s.c.close() // a crash, with the call open
+	})
+	tp := startPeerProxy(t, p)
+	for i := range 20 {
+		pr, pw := io.Pipe()
+		req, err := http.NewRequestWithContext(testCtx(t), "POST", tp.URL+"/pkg.Svc/Upload", pr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header.Set("Content-Type", "application/grpc")
+		req.Header.Set("Te", "trailers")
+		go pw.Write(grpcMsg([]byte("first")))
+		res, err := tp.H2.Do(req)
+		if err != nil {
+			pw.Close()
+			t.Fatalf("call %d: %v", i, err)
+		}
+		io.Copy(io.Discard, res.Body)
+		res.Body.Close()
+		pw.Close()
+		got := res.Header.Get("Grpc-Status")
+		if got == "" {
+			got = res.Trailer.Get("Grpc-Status")
+		}
+		if got != "14" {
+			t.Fatalf("call %d: grpc-status %q (%q), want 14 (UNAVAILABLE): Cells broke, not the client's body",
+				i, got, res.Header.Get("Grpc-Message")+res.Trailer.Get("Grpc-Message"))
+		}
 	}
 }
