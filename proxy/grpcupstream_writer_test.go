@@ -125,7 +125,7 @@ func waitStalled(n *atomic.Int64, limit int64) int64 {
 	return n.Load()
 }
 
-// TestRevWriterUploadBackpressure: a Cells that grants large windows (as a
+// TestGRPCUpstreamUploadBackpressure: a Cells that grants large windows (as a
 // grpc-go server's BDP estimation does, up to 16 MiB a stream, or any value
 // a misbehaving one announces) and then stops reading. Before the writer
 // goroutine, the call's copy made the write(2) itself and blocked in it
@@ -133,7 +133,7 @@ func waitStalled(n *atomic.Int64, limit int64) int64 {
 // client's upload. With the writer, the copy only queues: it must still
 // stop when the writer cannot keep up, not move the whole window of the
 // client's upload into the proxy's write buffer.
-func TestRevWriterUploadBackpressure(t *testing.T) {
+func TestGRPCUpstreamUploadBackpressure(t *testing.T) {
 	t.Parallel()
 	const window = 1<<31 - 1
 	addr := deafPeer(t, window, http2.Setting{ID: http2.SettingInitialWindowSize, Val: window})
@@ -152,7 +152,7 @@ func TestRevWriterUploadBackpressure(t *testing.T) {
 	}
 }
 
-// TestRevWriterBrokenUploadUnavailable: a client-streaming call (an upload)
+// TestGRPCBrokenUploadUnavailable: a client-streaming call (an upload)
 // whose client has sent a message and is preparing the next; Cells drops
 // the connection before answering. The call did not fail on the client's
 // side: its client must get UNAVAILABLE (14), which gRPC clients may retry,
@@ -160,7 +160,7 @@ func TestRevWriterUploadBackpressure(t *testing.T) {
 // closes the client's body when the connection fails (closeBody), and the
 // copy's read that this ends is no fault of the client's. Several calls,
 // as the copy's failed read races the handler's answer.
-func TestRevWriterBrokenUploadUnavailable(t *testing.T) {
+func TestGRPCBrokenUploadUnavailable(t *testing.T) {
 	t.Parallel()
 	p := newH2Peer(t, h2PeerConfig{}, func(s *h2Stream) {
 		if _, err := s.read(); err != nil {
