@@ -169,7 +169,7 @@ func TestGRPCBrokenUploadUnavailable(t *testing.T) {
 		s.c.close() // a crash, with the call open
 	})
 	tp := startPeerProxy(t, p)
-	for i := range 20 {
+	for i := range 50 {
 		pr, pw := io.Pipe()
 		req, err := http.NewRequestWithContext(testCtx(t), "POST", tp.URL+"/pkg.Svc/Upload", pr)
 		if err != nil {
