@@ -831,6 +831,10 @@ func upstreamCount(u *grpcUpstream, f func(*grpcStream) int) int {
 	return n
 }
 
+// heldUnread is how much of an answer the drain tests wait for the proxy to
+// hold unread: a quarter of its stream window (1 MiB at 4 MiB).
+func heldUnread(u *grpcUpstream) int { return int(u.streamWindow) / 4 }
+
 // drainingGRPC starts a Cells and a proxy whose drain gives gRPC calls
 // 300 ms of a one-hour PROXY_SHUTDOWN_TIMEOUT, and a grpc-go client of it
 // with 64 KiB windows and no BDP growth: a client that does not read holds
@@ -861,10 +865,12 @@ func TestShutdownGRPCClientNotReading(t *testing.T) {
 		t.Fatal(err)
 	}
 	_ = stream // never read
-	// Wait until the proxy holds 1 MiB of the answer it cannot pass on.
-	for deadline := time.Now().Add(20 * time.Second); unreadUpstream(tp.fwd.grpcUp) < 1<<20; time.Sleep(10 * time.Millisecond) {
+	// Wait until the proxy holds a quarter of its stream window (1 MiB at
+	// 4 MiB) of the answer it cannot pass on.
+	held := heldUnread(tp.fwd.grpcUp)
+	for deadline := time.Now().Add(20 * time.Second); unreadUpstream(tp.fwd.grpcUp) < held; time.Sleep(10 * time.Millisecond) {
 		if time.Now().After(deadline) {
-			t.Fatalf("the proxy never held 1 MiB unread (%d)", unreadUpstream(tp.fwd.grpcUp))
+			t.Fatalf("the proxy never held %d bytes unread (%d)", held, unreadUpstream(tp.fwd.grpcUp))
 		}
 	}
 	stopped := shutdownAsync(tp)
@@ -957,7 +963,14 @@ func TestShutdownGRPCCallDialling(t *testing.T) {
 func TestShutdownGRPCAnsweredCallSlowReader(t *testing.T) {
 	t.Parallel()
 	tp, tc, _ := drainingGRPC(t)
-	const msgs, size = 64, 32 << 10
+	// An answer Cells can send whole into the proxy's stream window, with
+	// its gRPC framing, while the client reads nothing, and still leave a
+	// quarter of the window unread in the proxy besides what the client's
+	// 64 KiB window and the handler's 32 KiB copy buffer take: half the
+	// window and 64 KiB (2 MiB and 64 KiB at 4 MiB).
+	held := heldUnread(tp.fwd.grpcUp)
+	const msgs = 64
+	size := int32((int(tp.fwd.grpcUp.streamWindow)/2 + 64<<10) / msgs)
 	var params []*testgrpc.ResponseParameters
 	for range msgs {
 		params = append(params, &testgrpc.ResponseParameters{Size: size})
@@ -966,11 +979,19 @@ func TestShutdownGRPCAnsweredCallSlowReader(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Wait until the proxy holds 1 MiB unread, then until Cells' END_STREAM
-	// has come (the call is no longer on the connection): Cells is done.
-	for deadline := time.Now().Add(20 * time.Second); unreadUpstream(tp.fwd.grpcUp) < 1<<20; time.Sleep(5 * time.Millisecond) {
+	// Wait until the proxy holds a quarter of its window unread, or until a
+	// call seen on the connection has left it (with a small window, Cells
+	// sends the answer in less time than a poll), then until Cells'
+	// END_STREAM has come (the call is no longer on the connection): Cells
+	// is done.
+	for deadline, seen := time.Now().Add(20*time.Second), false; ; time.Sleep(time.Millisecond) {
+		open := upstreamCount(tp.fwd.grpcUp, func(*grpcStream) int { return 1 })
+		if unreadUpstream(tp.fwd.grpcUp) >= held || seen && open == 0 {
+			break
+		}
+		seen = seen || open > 0
 		if time.Now().After(deadline) {
-			t.Fatalf("the proxy never held 1 MiB unread (%d)", unreadUpstream(tp.fwd.grpcUp))
+			t.Fatalf("the proxy never held %d bytes unread (%d)", held, unreadUpstream(tp.fwd.grpcUp))
 		}
 	}
 	for deadline := time.Now().Add(20 * time.Second); upstreamCount(tp.fwd.grpcUp, func(*grpcStream) int { return 1 }) > 0; time.Sleep(5 * time.Millisecond) {
