@@ -230,10 +230,10 @@ func TestGRPCUpstreamResponseFlowControl(t *testing.T) {
 	t.Parallel()
 	const total = 64 << 20
 	// What may be in flight while the client reads nothing: the proxy's
-	// receive window on the upstream stream (4 MiB today) plus the
+	// receive window on the upstream stream (512 KiB today) plus the
 	// client's window on its stream from the proxy (4 MiB for net/http's
 	// client) plus copy buffers and frames in transit (well under 1 MiB):
-	// about 9 MiB. 24 MiB leaves room for a client that picks larger
+	// about 5 MiB. 24 MiB leaves room for a client that picks larger
 	// windows, and still fails a proxy that reads the response into memory
 	// (it would take all 64 MiB).
 	const bound = 24 << 20
@@ -664,7 +664,7 @@ func TestGRPCUpstreamFraming(t *testing.T) {
 // the message and the trailers. Padding takes flow-control window (RFC 9113
 // §6.9.1) but is never read by the client, so the proxy must give it back
 // as it arrives: given back only with the next bytes the client reads, as
-// it was, it used up the 4 MiB stream window before any byte came to be
+// it was, it used up the stream window before any byte came to be
 // read, and the call hung.
 func TestGRPCUpstreamPaddingOnlyData(t *testing.T) {
 	t.Parallel()
@@ -1344,7 +1344,7 @@ func TestGRPCUpstreamAbandonedCallsReturnWindow(t *testing.T) {
 // TestGRPCUpstreamSlowClients: two clients stop reading large answers that
 // share an upstream connection with a third client's small call, which
 // must still complete. Each stalled call may hold its whole stream window
-// (4 MiB) in the proxy, unread; a connection window that two such calls can
+// (512 KiB) in the proxy, unread; a connection window that two such calls can
 // use up (8 MiB, as it was) stalls every call on the connection, and Cells
 // Sync keeps large downloads open on the connection its other calls use.
 func TestGRPCUpstreamSlowClients(t *testing.T) {

@@ -832,7 +832,7 @@ func upstreamCount(u *grpcUpstream, f func(*grpcStream) int) int {
 }
 
 // heldUnread is how much of an answer the drain tests wait for the proxy to
-// hold unread: a quarter of its stream window (1 MiB at 4 MiB).
+// hold unread: a quarter of its stream window (128 KiB at 512 KiB).
 func heldUnread(u *grpcUpstream) int { return int(u.streamWindow) / 4 }
 
 // drainingGRPC starts a Cells and a proxy whose drain gives gRPC calls
@@ -865,8 +865,8 @@ func TestShutdownGRPCClientNotReading(t *testing.T) {
 		t.Fatal(err)
 	}
 	_ = stream // never read
-	// Wait until the proxy holds a quarter of its stream window (1 MiB at
-	// 4 MiB) of the answer it cannot pass on.
+	// Wait until the proxy holds a quarter of its stream window (128 KiB at
+	// 512 KiB) of the answer it cannot pass on.
 	held := heldUnread(tp.fwd.grpcUp)
 	for deadline := time.Now().Add(20 * time.Second); unreadUpstream(tp.fwd.grpcUp) < held; time.Sleep(10 * time.Millisecond) {
 		if time.Now().After(deadline) {
@@ -967,7 +967,7 @@ func TestShutdownGRPCAnsweredCallSlowReader(t *testing.T) {
 	// its gRPC framing, while the client reads nothing, and still leave a
 	// quarter of the window unread in the proxy besides what the client's
 	// 64 KiB window and the handler's 32 KiB copy buffer take: half the
-	// window and 64 KiB (2 MiB and 64 KiB at 4 MiB).
+	// window and 64 KiB (320 KiB at 512 KiB).
 	held := heldUnread(tp.fwd.grpcUp)
 	const msgs = 64
 	size := int32((int(tp.fwd.grpcUp.streamWindow)/2 + 64<<10) / msgs)

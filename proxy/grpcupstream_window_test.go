@@ -51,18 +51,20 @@ var revChunk = make([]byte, 64<<10)
 
 // TestGRPCUpstreamUnreadCallsHeld: one client opens many server-streaming
 // calls on two connections and reads none of their large answers. Once
-// Cells has stopped sending (every call out of window), the test logs what
-// the proxy holds for them, then checks that other calls on the same
-// upstream connection still complete: a small one, and an 8 MiB answer
-// read whole.
+// Cells has stopped sending (every call out of window), no call may hold
+// more than its stream window of the answer, with the buffer's slack; the
+// test logs the sum. Other calls on the same upstream connection must still
+// complete meanwhile: a small one, and an 8 MiB answer read whole.
+//
+// It measured the choice of the window (2026-11-27, 100 calls of 16 MiB
+// answers): buffers of 439 MiB at 4 MiB, 114 MiB at 1 MiB, 57 MiB at
+// 512 KiB, 27 MiB at 256 KiB; set revWindows here to measure again.
 func TestGRPCUpstreamUnreadCallsHeld(t *testing.T) {
-	calls, windows := 100, revWindows
+	calls := 100
 	if raceEnabled || testing.Short() {
-		calls, windows = 8, revWindows[:1]
+		calls = 8
 	}
-	for _, w := range windows {
-		t.Run(windowName(w), func(t *testing.T) { unreadCallsHeld(t, w, calls, 2) })
-	}
+	unreadCallsHeld(t, 0, calls, 2)
 }
 
 func unreadCallsHeld(t *testing.T, window uint32, calls, conns int) {
@@ -179,6 +181,13 @@ func unreadCallsHeld(t *testing.T, window uint32, calls, conns int) {
 	t.Logf("window %s, %d unread calls on %d client connections, %d upstream calls open: "+
 		"Cells sent %.1f MiB; the calls' buffers hold %.1f MiB unread, %.1f MiB allocated (largest %.2f MiB); heap in use %+.1f MiB",
 		windowName(w), calls, conns, open, float64(total)/mib, float64(held)/mib, float64(capSum)/mib, float64(maxCap)/mib, float64(heap)/mib)
+
+	if limit := int(w) + int(w)/2; maxCap > limit {
+		t.Errorf("a call whose client reads nothing holds a %d-byte buffer, over 1.5 times its %d-byte window", maxCap, w)
+	}
+	if open < calls {
+		t.Errorf("%d calls open on the upstream, want the %d unread ones", open, calls)
+	}
 
 	// Other calls on the same upstream connection, from another client
 	// connection, meanwhile. A generous bound for answers that take
