@@ -557,6 +557,23 @@ func TestGRPCUpstreamMaxStreamsZero(t *testing.T) {
 }
 
 // waitPeerClosed waits up to 10 s for the proxy to close c, what.
+// waitNoneTakes waits until no connection of u takes a new call (each gone
+// away, failed or removed).
+func waitNoneTakes(t *testing.T, u *grpcUpstream) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+		u.mu.Lock()
+		conns := append([]*grpcConn(nil), u.conns...)
+		u.mu.Unlock()
+		if !slices.ContainsFunc(conns, (*grpcConn).canTake) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("a connection to Cells still takes calls 10 s after its GOAWAY")
+		}
+	}
+}
+
 func waitPeerClosed(t *testing.T, c *h2PeerConn, what string) {
 	t.Helper()
 	timeout := time.After(10 * time.Second)
@@ -825,6 +842,10 @@ func TestGRPCUpstreamGoAway(t *testing.T) {
 	for i := range calls {
 		want := grpcMsg([]byte(fmt.Sprintf("call %d", i)))
 		checkOK(t, fmt.Sprintf("call %d", i), callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Echo", want), want)
+		// The answer can reach the client before the GOAWAY that follows
+		// it reaches the proxy: the next call must find the connection
+		// gone away, not race it.
+		waitNoneTakes(t, tp.fwd.grpcUp)
 	}
 	if got, want := p.Accepted.Load(), int32(calls); got != want {
 		t.Errorf("upstream accepted %d connections, want %d (one per call)", got, want)
