@@ -663,16 +663,19 @@ func (c *grpcConn) writeLoop() {
 		if c.err != nil {
 			return
 		}
-		c.writing = true
 		// Let the calls that are ready to run queue their frames
-		// first: under load the write takes theirs too.
+		// first: under load the write takes theirs too. c.writing
+		// stays false meanwhile, so that goAwayLocked, which writes
+		// only when the writer is not writing, can still send its
+		// GOAWAY (and what is queued) if the read loop fails the
+		// connection now.
 		c.mu.Unlock()
 		runtime.Gosched()
 		c.mu.Lock()
 		if c.err != nil {
-			c.writing = false
 			return
 		}
+		c.writing = true
 		b := c.wbuf
 		c.wbuf = c.spare[:0]
 		c.answers = 0
