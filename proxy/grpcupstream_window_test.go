@@ -24,8 +24,8 @@ import (
 //	go test ./proxy -run TestGRPCUpstreamUnreadCallsHeld -v
 //	go test ./proxy -run '^$' -bench GRPCUpstreamWindow -benchtime 4x
 
-// revWindows are the stream windows compared; 0 is newGRPCUpstream's.
-var revWindows = []uint32{0, 4 << 20, 1 << 20, 512 << 10, 256 << 10}
+// windowSizes are the stream windows compared; 0 is newGRPCUpstream's.
+var windowSizes = []uint32{0, 4 << 20, 1 << 20, 512 << 10, 256 << 10}
 
 func windowName(w uint32) string {
 	switch {
@@ -46,8 +46,8 @@ func setStreamWindow(tp *testProxy, w uint32) uint32 {
 	return tp.fwd.grpcUp.streamWindow
 }
 
-// revChunk is what the scripted Cells sends, 64 KiB at a time; read only.
-var revChunk = make([]byte, 64<<10)
+// bulkChunk is what the scripted Cells sends, 64 KiB at a time; read only.
+var bulkChunk = make([]byte, 64<<10)
 
 // TestGRPCUpstreamUnreadCallsHeld: one client opens many server-streaming
 // calls on two connections and reads none of their large answers. Once
@@ -58,7 +58,7 @@ var revChunk = make([]byte, 64<<10)
 //
 // It measured the choice of the window (2026-11-27, 100 calls of 16 MiB
 // answers): buffers of 439 MiB at 4 MiB, 114 MiB at 1 MiB, 57 MiB at
-// 512 KiB, 27 MiB at 256 KiB; set revWindows here to measure again.
+// 512 KiB, 27 MiB at 256 KiB; set windowSizes here to measure again.
 func TestGRPCUpstreamUnreadCallsHeld(t *testing.T) {
 	calls := 100
 	if raceEnabled || testing.Short() {
@@ -87,8 +87,8 @@ func unreadCallsHeld(t *testing.T, window uint32, calls, conns int) {
 			}
 			return
 		case "/pkg.Svc/Medium":
-			for sent := 0; sent < medium; sent += len(revChunk) {
-				if s.writeData(revChunk, false) != nil {
+			for sent := 0; sent < medium; sent += len(bulkChunk) {
+				if s.writeData(bulkChunk, false) != nil {
 					return
 				}
 			}
@@ -105,8 +105,8 @@ func unreadCallsHeld(t *testing.T, window uint32, calls, conns int) {
 				stalled <- s.ID
 			}
 		}
-		for sent := 0; sent < answer; sent += len(revChunk) {
-			if s.writeDataStall(revChunk, false, 200*time.Millisecond, stall) != nil {
+		for sent := 0; sent < answer; sent += len(bulkChunk) {
+			if s.writeDataStall(bulkChunk, false, 200*time.Millisecond, stall) != nil {
 				return
 			}
 		}
@@ -223,7 +223,7 @@ func unreadCallsHeld(t *testing.T, window uint32, calls, conns int) {
 func BenchmarkGRPCUpstreamWindow(b *testing.B) {
 	for _, cells := range []string{"peer", "grpc-go"} {
 		for _, rtt := range []time.Duration{0, time.Millisecond} {
-			for _, w := range revWindows[1:] {
+			for _, w := range windowSizes[1:] {
 				name := fmt.Sprintf("%s/rtt=%v/window=%s", cells, rtt, windowName(w))
 				b.Run(name, func(b *testing.B) {
 					if cells == "peer" {
@@ -237,7 +237,21 @@ func BenchmarkGRPCUpstreamWindow(b *testing.B) {
 	}
 }
 
-const revStreamSize = 256 << 20
+const bulkStreamSize = 256 << 20
+
+// windowProxy starts a proxy whose gRPC upstream is Cells at addr (h2c),
+// through a delay line of oneWay each way when it is not 0, with the given
+// stream window (0: the default).
+func windowProxy(b *testing.B, addr string, window uint32, oneWay time.Duration) *testProxy {
+	if oneWay > 0 {
+		addr = delayRelay(b, addr, oneWay)
+	}
+	cfg := testConfig(newUpstream(b, upPlain, &recorder{}))
+	cfg.GRPCUpstream = &url.URL{Scheme: "h2c", Host: addr}
+	tp := startProxy(b, cfg)
+	setStreamWindow(tp, window)
+	return tp
+}
 
 func benchPeerStream(b *testing.B, window uint32, oneWay time.Duration) {
 	p := newH2Peer(b, h2PeerConfig{ConnWindow: 1 << 30}, func(s *h2Stream) {
@@ -247,22 +261,15 @@ func benchPeerStream(b *testing.B, window uint32, oneWay time.Duration) {
 		if s.writeHeaders(false, 1, ":status", "200", "content-type", "application/grpc") != nil {
 			return
 		}
-		for sent := 0; sent < revStreamSize; sent += len(revChunk) {
-			if s.writeData(revChunk, false) != nil {
+		for sent := 0; sent < bulkStreamSize; sent += len(bulkChunk) {
+			if s.writeData(bulkChunk, false) != nil {
 				return
 			}
 		}
 		s.writeHeaders(true, 1, "grpc-status", "0")
 	})
-	addr := p.Addr
-	if oneWay > 0 {
-		addr = delayRelay(b, addr, oneWay)
-	}
-	cfg := testConfig(newUpstream(b, upPlain, &recorder{}))
-	cfg.GRPCUpstream = &url.URL{Scheme: "h2c", Host: addr}
-	tp := startProxy(b, cfg)
-	setStreamWindow(tp, window)
-	b.SetBytes(revStreamSize)
+	tp := windowProxy(b, p.Addr, window, oneWay)
+	b.SetBytes(bulkStreamSize)
 	b.ResetTimer()
 	for b.Loop() {
 		req, err := grpcRequest(b.Context(), tp.URL+"/pkg.Svc/Download", grpcMsg(nil))
@@ -275,7 +282,7 @@ func benchPeerStream(b *testing.B, window uint32, oneWay time.Duration) {
 		}
 		n, err := io.Copy(io.Discard, res.Body)
 		res.Body.Close()
-		if err != nil || n != revStreamSize || res.Trailer.Get("Grpc-Status") != "0" {
+		if err != nil || n != bulkStreamSize || res.Trailer.Get("Grpc-Status") != "0" {
 			b.Fatalf("received %d bytes, grpc-status %q: %v", n, res.Trailer.Get("Grpc-Status"), err)
 		}
 	}
@@ -318,14 +325,7 @@ func benchGRPCGoStream(b *testing.B, window uint32, oneWay time.Duration) {
 		gs.Stop()
 		<-served
 	})
-	addr := ln.Addr().String()
-	if oneWay > 0 {
-		addr = delayRelay(b, addr, oneWay)
-	}
-	cfg := testConfig(newUpstream(b, upPlain, &recorder{}))
-	cfg.GRPCUpstream = &url.URL{Scheme: "h2c", Host: addr}
-	tp := startProxy(b, cfg)
-	setStreamWindow(tp, window)
+	tp := windowProxy(b, ln.Addr().String(), window, oneWay)
 	tc := testgrpc.NewTestServiceClient(dialProxy(b, tp, tp.Addr().String()))
 	// The round trip of an empty call through the proxy, delay line
 	// included.
@@ -339,12 +339,12 @@ func benchGRPCGoStream(b *testing.B, window uint32, oneWay time.Duration) {
 	}
 	slices.Sort(lat)
 	b.Logf("empty call through the proxy: median %v", lat[len(lat)/2].Round(time.Microsecond))
-	params := make([]*testgrpc.ResponseParameters, revStreamSize/msgSize)
+	params := make([]*testgrpc.ResponseParameters, bulkStreamSize/msgSize)
 	for i := range params {
 		params[i] = &testgrpc.ResponseParameters{Size: msgSize}
 	}
 	req := &testgrpc.StreamingOutputCallRequest{ResponseParameters: params}
-	b.SetBytes(revStreamSize)
+	b.SetBytes(bulkStreamSize)
 	b.ResetTimer()
 	for b.Loop() {
 		stream, err := tc.StreamingOutputCall(b.Context(), req)
@@ -362,8 +362,8 @@ func benchGRPCGoStream(b *testing.B, window uint32, oneWay time.Duration) {
 			}
 			n += len(m.GetPayload().GetBody())
 		}
-		if n != revStreamSize {
-			b.Fatalf("received %d bytes, want %d", n, revStreamSize)
+		if n != bulkStreamSize {
+			b.Fatalf("received %d bytes, want %d", n, bulkStreamSize)
 		}
 	}
 }
