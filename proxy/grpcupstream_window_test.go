@@ -58,7 +58,7 @@ var bulkChunk = make([]byte, 64<<10)
 //
 // It measured the choice of the window (2026-11-27, 100 calls of 16 MiB
 // answers): buffers of 439 MiB at 4 MiB, 114 MiB at 1 MiB, 57 MiB at
-// 512 KiB, 27 MiB at 256 KiB; set windowSizes here to measure again.
+// 512 KiB, 27 MiB at 256 KiB; pass another window to unreadCallsHeld to measure again.
 func TestGRPCUpstreamUnreadCallsHeld(t *testing.T) {
 	calls := 100
 	if raceEnabled || testing.Short() {
