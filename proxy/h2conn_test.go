@@ -340,7 +340,8 @@ func refFramer(b []byte) (*http2.Framer, *bytes.Reader) {
 
 // settingsOutcome is what processing a SETTINGS frame in order leaves (RFC
 // 9113 §6.5.3): the last value of each setting, or the error of the first
-// invalid one.
+// invalid one; for HEADER_TABLE_SIZE the smallest value, which the
+// server's encoder must signal (RFC 7541 §4.2, lastSettings).
 func settingsOutcome(f http2.Frame, err error) string {
 	if err != nil {
 		var ce http2.ConnectionError
@@ -357,7 +358,11 @@ func settingsOutcome(f http2.Frame, err error) string {
 			outcome = "error " + http2.ErrCode(err.(http2.ConnectionError)).String()
 			return err
 		}
-		last[s.ID] = s.Val
+		if v, ok := last[s.ID]; ok && s.ID == http2.SettingHeaderTableSize {
+			last[s.ID] = min(v, s.Val)
+		} else {
+			last[s.ID] = s.Val
+		}
 		return nil
 	})
 	if outcome != "" {
