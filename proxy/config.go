@@ -31,7 +31,7 @@ type env struct {
 	KeyFile            string `envconfig:"TLS_KEY_FILE" desc:"private key of TLS_CERT_FILE (PEM)"`
 	HSTS               string `envconfig:"PROXY_HSTS" default:"auto" desc:"Strict-Transport-Security added to HTTPS responses that lack one: auto (max-age=31536000 with TLS_CERT_FILE, none with the self-signed certificate), off, or the header value, e.g. max-age=63072000; includeSubDomains"`
 	HTTPSAddr          string `envconfig:"PROXY_HTTPS_ADDR" default:":8443" desc:"public listener: TLS (or cleartext with PROXY_TLS=off), HTTP/1.1, HTTP/2 and gRPC"`
-	HTTPAddr           string `envconfig:"PROXY_HTTP_ADDR" default:":8080" desc:"plain listener that answers 301 to https; off disables it"`
+	HTTPAddr           string `envconfig:"PROXY_HTTP_ADDR" default:":8080" desc:"plain listener that answers 301 to https (308 for methods other than GET and HEAD, so uploads keep their body); off disables it"`
 	RedirectPort       string `envconfig:"PROXY_REDIRECT_HTTPS_PORT" default:"443" desc:"port written in redirects: the one users reach from outside, not the container's"`
 	ServerNames        string `envconfig:"PROXY_SERVER_NAMES" desc:"comma list of public host names, each whole (no wildcard; an internationalized name in its xn-- form); other Host values get 421 on HTTPS and 404 on the redirect port. Empty: any"`
 	TLS                string `envconfig:"PROXY_TLS" default:"on" desc:"off: the public port speaks cleartext (a load balancer terminates TLS in front) and cmux splits h2c prior knowledge from HTTP/1; Cells is then told X-Forwarded-Proto: http unless PROXY_TRUSTED_PROXIES names the load balancer, whose https it believes: set it, or Cells builds http:// links"`

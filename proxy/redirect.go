@@ -7,9 +7,10 @@ import (
 	"time"
 )
 
-// redirect serves the plain HTTP port: 301 to the same target on https,
-// never contacting Cells. A Host outside PROXY_SERVER_NAMES gets 404, as
-// nginx's default server in the classic setup.
+// redirect serves the plain HTTP port: 301 to the same target on https
+// for GET and HEAD, 308 for every other method, never contacting Cells. A
+// Host outside PROXY_SERVER_NAMES gets 404, as nginx's default server in
+// the classic setup.
 func (s *Server) redirect(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
 	cw := &countingWriter{ResponseWriter: w}
@@ -64,8 +65,18 @@ func (s *Server) redirectTo(w http.ResponseWriter, r *http.Request) int {
 		}
 	}
 	w.Header().Set("Location", target+uri)
-	w.WriteHeader(http.StatusMovedPermanently)
-	return http.StatusMovedPermanently
+	// 301 is what nginx's classic "return 301" gives and what every client
+	// caches. For other methods clients may, and Go's http.Client, curl -L
+	// and browsers do, follow a 301 with a GET and no body: an upload sent
+	// to http:// would be dropped without an error. 308 (RFC 9110 §15.4.9)
+	// makes them send the same method and body again to https, as
+	// httprouter and Traefik do.
+	status := http.StatusMovedPermanently
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		status = http.StatusPermanentRedirect
+	}
+	w.WriteHeader(status)
+	return status
 }
 
 func bracketIPv6(host string) string {

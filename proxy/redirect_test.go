@@ -1,6 +1,8 @@
 package proxy
 
 import (
+	"context"
+	"crypto/tls"
 	"io"
 	"net"
 	"net/http"
@@ -25,9 +27,10 @@ func rawPlain(t testing.TB, tp *testProxy, raw string) *http.Response {
 	return res
 }
 
-// TestRedirect checks the plain listener: 301 to https on the same host,
-// the configured public port (443 left out), the request-target kept byte
-// for byte, IPv6 hosts bracketed; Cells is never contacted.
+// TestRedirect checks the plain listener: 301 to https on the same host
+// for GET and HEAD, 308 for the other methods, the configured public port
+// (443 left out), the request-target kept byte for byte, IPv6 hosts
+// bracketed; Cells is never contacted.
 func TestRedirect(t *testing.T) {
 	t.Parallel()
 	tests := []struct {
@@ -51,6 +54,10 @@ func TestRedirect(t *testing.T) {
 		{"absolute form", 443, "GET", "http://cells.example.com/x%2Fy?q=1", "cells.example.com", "https://cells.example.com/x%2Fy?q=1"},
 		{"HEAD", 443, "HEAD", "/io/f", "cells.example.com", "https://cells.example.com/io/f"},
 		{"PUT", 443, "PUT", "/io/f?partNumber=1", "cells.example.com", "https://cells.example.com/io/f?partNumber=1"},
+		{"POST", 443, "POST", "/a/tree/create", "cells.example.com", "https://cells.example.com/a/tree/create"},
+		{"DELETE", 8443, "DELETE", "/io/f", "cells.example.com", "https://cells.example.com:8443/io/f"},
+		{"PROPFIND", 443, "PROPFIND", "/dav/", "cells.example.com", "https://cells.example.com/dav/"},
+		{"OPTIONS", 443, "OPTIONS", "/a/frontend/state", "cells.example.com", "https://cells.example.com/a/frontend/state"},
 	}
 	rec := &recorder{}
 	up := newUpstream(t, upTLS, rec)
@@ -63,11 +70,15 @@ func TestRedirect(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			raw := tt.method + " " + tt.target + " HTTP/1.1\r\nHost: " + tt.host + "\r\n"
-			if tt.method == "PUT" {
+			if tt.method == "PUT" || tt.method == "POST" {
 				raw += "Content-Length: 0\r\n"
 			}
 			res := rawPlain(t, proxies[tt.port], raw+"\r\n")
-			if got, want := res.StatusCode, http.StatusMovedPermanently; got != want {
+			want := http.StatusPermanentRedirect
+			if tt.method == "GET" || tt.method == "HEAD" {
+				want = http.StatusMovedPermanently
+			}
+			if got := res.StatusCode; got != want {
 				t.Errorf("status = %d, want %d", got, want)
 			}
 			if got := res.Header.Get("Location"); got != tt.want {
@@ -77,6 +88,60 @@ func TestRedirect(t *testing.T) {
 	}
 	if n := rec.count(); n != 0 {
 		t.Errorf("upstream saw %d requests, want 0", n)
+	}
+}
+
+// TestRedirectKeepsUploads: clients that follow redirects, as an S3 or
+// WebDAV client set to http:// by mistake does, send their upload again to
+// https with its method and body, and it reaches Cells whole. With a 301
+// Go's http.Client (as curl -L and browsers) sent a GET without the body:
+// the upload was dropped and the client saw no error.
+func TestRedirectKeepsUploads(t *testing.T) {
+	t.Parallel()
+	rec := &recorder{}
+	cfg := testConfig(newUpstream(t, upTLS, rec))
+	tp := startProxy(t, cfg)
+	// Location says https://127.0.0.1/…; port 443 leads to the proxy's
+	// public listener, every other address to the redirect listener.
+	dialer := &net.Dialer{}
+	tr := &http.Transport{
+		TLSClientConfig: &tls.Config{RootCAs: tp.Roots},
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			if strings.HasSuffix(addr, ":443") {
+				return dialer.DialContext(ctx, network, tp.Addr().String())
+			}
+			return dialer.DialContext(ctx, network, tp.RedirectAddr().String())
+		},
+	}
+	defer tr.CloseIdleConnections()
+	var hops []int
+	client := &http.Client{Transport: tr, CheckRedirect: func(req *http.Request, via []*http.Request) error {
+		hops = append(hops, req.Response.StatusCode)
+		return nil
+	}}
+	body := strings.Repeat("upload-", 10000)
+	for _, method := range []string{"PUT", "POST", "PATCH"} {
+		hops = hops[:0]
+		req, err := http.NewRequest(method, "http://127.0.0.1/io/personal-files/f.bin?partNumber=2", strings.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		res, err := client.Do(req)
+		if err != nil {
+			t.Fatalf("%s: %v", method, err)
+		}
+		io.Copy(io.Discard, res.Body)
+		res.Body.Close()
+		if res.StatusCode != http.StatusOK || len(hops) != 1 || hops[0] != http.StatusPermanentRedirect {
+			t.Fatalf("%s: status %d after redirects %v, want 200 after one 308", method, res.StatusCode, hops)
+		}
+		got := rec.last(t)
+		if got.Method != method || got.RequestURI != "/io/personal-files/f.bin?partNumber=2" || string(got.Body) != body {
+			t.Errorf("%s reached Cells as %s %s with %d bytes of %d", method, got.Method, got.RequestURI, len(got.Body), len(body))
+		}
+	}
+	if n := rec.count(); n != 3 {
+		t.Errorf("Cells saw %d requests, want 3", n)
 	}
 }
 
