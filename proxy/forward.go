@@ -54,6 +54,10 @@ type forwarder struct {
 	cutGRPC context.CancelFunc
 
 	ws *tunnels
+
+	// live counts the exchanges begun and not yet finished (their access
+	// line written), websocket tunnels included: the drain waits for them.
+	live atomic.Int64
 }
 
 func newForwarder(cfg *Config, log *slog.Logger) (*forwarder, error) {
@@ -592,6 +596,7 @@ func (f *forwarder) grpcHandler() http.Handler {
 }
 
 func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool) {
+	f.live.Add(1) // f.finish ends it, here or when a tunnel ends
 	ex := &exchange{ResponseWriter: w, start: time.Now(), declared: -1}
 	switch {
 	case grpcOnly || isGRPC(r):
@@ -721,6 +726,7 @@ func (f *forwarder) finish(ex *exchange, r *http.Request) {
 	if f.cfg.AccessLog {
 		ex.logAccess(f.log)
 	}
+	f.live.Add(-1)
 	if g, ok := r.Context().Value(connGuardKey{}).(*connGuard); ok && r.ProtoMajor == 2 && !ex.refused {
 		// Only a reset soon after the request counts: a browser that
 		// cancels the requests of a page the user left, or a deadline,
@@ -732,6 +738,21 @@ func (f *forwarder) finish(ex *exchange, r *http.Request) {
 		if !cancelled || time.Since(ex.start) < quickReset {
 			g.done(cancelled, f.log, r.RemoteAddr)
 		}
+	}
+}
+
+// waitExchanges waits until every exchange has finished, for at most d,
+// and returns how many are still running. A handler that the drain
+// deadline cut returns once its connections are closed, and only then
+// writes its access line: without this wait the process could exit first.
+func (f *forwarder) waitExchanges(d time.Duration) int64 {
+	deadline := time.Now().Add(d)
+	for {
+		n := f.live.Load()
+		if n <= 0 || time.Now().After(deadline) {
+			return n
+		}
+		time.Sleep(time.Millisecond)
 	}
 }
 

@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -1024,5 +1025,91 @@ func TestShutdownGRPCAnsweredCallSlowReader(t *testing.T) {
 	}
 	if err := <-stopped; err != nil {
 		t.Errorf("Run = %v", err)
+	}
+}
+
+// TestShutdownDeadlineAccessLog: the exchanges that the drain deadline
+// cuts are the ones an operator looks for in the access log after a
+// restart (which upload did it break?). Each has its line, written before
+// Run returns and before "stopped": downloads whose client reads nothing
+// (HTTP/1.1 on the front, HTTP/2 with no window left) and uploads whose
+// client stalled mid-body (HTTP/1.1 through net/http's server, HTTP/2).
+// Before, Run returned as soon as srv.Close had closed their connections,
+// and the process could exit before their handlers logged.
+func TestShutdownDeadlineAccessLog(t *testing.T) {
+	t.Parallel()
+	arrived := make(chan string, 128)
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		arrived <- r.URL.Path
+		if strings.HasSuffix(r.URL.Path, "-up") {
+			io.Copy(io.Discard, r.Body)
+			return
+		}
+		buf := make([]byte, 32<<10)
+		for {
+			if _, err := w.Write(buf); err != nil {
+				return
+			}
+		}
+	}))
+	sink := newLogSink()
+	cfg := testConfig(up)
+	cfg.AccessLog = true
+	cfg.ShutdownTimeout = 300 * time.Millisecond
+	tp := startLoggedProxy(t, cfg, sink, "json")
+
+	// n of each: HTTP/1.1 downloads never read and uploads stalled after
+	// 64 KiB of 1 MiB; on HTTP/2 connections, downloads that get no window
+	// beyond the first 64 KiB and uploads stalled after 16 KiB.
+	const n = 25
+	var paths []string
+	for k := range n {
+		down := tp.dialTLS(t, tp.Addr().String(), "http/1.1")
+		fmt.Fprintf(down, "GET /h1-%d-down HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", k)
+		upc := tp.dialTLS(t, tp.Addr().String(), "http/1.1")
+		fmt.Fprintf(upc, "PUT /h1-%d-up HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1048576\r\n\r\n", k)
+		upc.Write(make([]byte, 64<<10))
+		h2c := tp.dialTLSH2(t, tp.Addr().String())
+		fr := http2.NewFramer(h2c, h2c)
+		io.WriteString(h2c, http2.ClientPreface)
+		fr.WriteSettings()
+		for i, method := range []string{"GET", "PUT"} {
+			id := uint32(2*i + 1)
+			path := fmt.Sprintf("/h2-%d-%s", k, map[string]string{"GET": "down", "PUT": "up"}[method])
+			block := hpackBlock(":method", method, ":scheme", "https", ":path", path, ":authority", tp.Addr().String())
+			if err := fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: block, EndStream: method == "GET", EndHeaders: true}); err != nil {
+				t.Fatal(err)
+			}
+			if method == "PUT" {
+				fr.WriteData(id, false, make([]byte, 16<<10))
+			}
+		}
+		paths = append(paths, fmt.Sprintf("/h1-%d-down", k), fmt.Sprintf("/h1-%d-up", k), fmt.Sprintf("/h2-%d-down", k), fmt.Sprintf("/h2-%d-up", k))
+	}
+	for i := range paths {
+		select {
+		case <-arrived:
+		case <-time.After(30 * time.Second):
+			t.Fatalf("only %d of %d requests reached Cells", i, len(paths))
+		}
+	}
+
+	if err := tp.Shutdown(); err != nil {
+		t.Errorf("Run = %v, want nil", err)
+	}
+	// Run has returned: what is not logged now may never be.
+	logged := sink.String()
+	lines := strings.Split(logged, "\n")
+	stopped := slices.IndexFunc(lines, func(l string) bool { return parseLogLine(t, l)["msg"] == "stopped" })
+	if stopped < 0 {
+		t.Fatalf("no \"stopped\" line; log:\n%s", logged)
+	}
+	for _, p := range paths {
+		if i := slices.IndexFunc(lines, isAccess(t, p)); i < 0 || i > stopped {
+			t.Errorf("%s: access line at %d, want one before \"stopped\" (%d)", p, i, stopped)
+		}
+	}
+	if t.Failed() {
+		t.Logf("log:\n%s", logged)
 	}
 }
