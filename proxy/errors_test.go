@@ -542,7 +542,10 @@ func TestServerPanicLogged(t *testing.T) {
 // every path. Found by review: an HTTP/2 client with large windows whose
 // socket was full kept Cells' connection for 80 s (net/http's PING timeout),
 // and for ever while it sent PINGs, the watchdog's deadline on the pooled
-// connection ending nothing, as no read or write was running on it.
+// connection ending nothing, as no read or write was running on it. The
+// proxy's handler must end as well (its access line shows it): on HTTP/2
+// with the client's socket full it stayed blocked until the connection
+// died, for ever while the client sent PINGs.
 func TestClientStopsReading(t *testing.T) {
 	var ended [6]atomic.Bool
 	var started [6]atomic.Int64
@@ -563,7 +566,9 @@ func TestClientStopsReading(t *testing.T) {
 	settle(t, up)
 	cfg := testConfig(up)
 	cfg.IdleTimeout = 300 * time.Millisecond
-	tp := startProxy(t, cfg)
+	cfg.AccessLog = true
+	sink := newLogSink()
+	tp := startLoggedProxy(t, cfg, sink, "json")
 
 	wait := func(t *testing.T, i int) {
 		t.Helper()
@@ -576,6 +581,10 @@ func TestClientStopsReading(t *testing.T) {
 			time.Sleep(20 * time.Millisecond)
 		}
 		t.Logf("Cells' write failed %v after the request (%d MiB sent)", time.Since(start).Round(time.Millisecond), started[i].Load()>>20)
+		// The proxy's handler ends too (its access line is written as it
+		// does): it must not stay blocked writing to the client.
+		sink.wait(t, 0, isAccess(t, "/d"+string(rune('0'+i))))
+		t.Logf("the proxy's handler ended %v after the request", time.Since(start).Round(time.Millisecond))
 	}
 
 	t.Run("h1 direct", func(t *testing.T) {

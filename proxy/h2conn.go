@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"strings"
+	"time"
 
 	"golang.org/x/net/http/httpguts"
 	"golang.org/x/net/http2/hpack"
@@ -408,6 +409,7 @@ func putLength(hdr []byte, n int) {
 type h2Listener struct {
 	net.Listener
 	maxFrame, maxString, maxList int
+	stall                        time.Duration // writeBehind's
 }
 
 func (l h2Listener) Accept() (net.Conn, error) {
@@ -415,5 +417,5 @@ func (l h2Listener) Accept() (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	return newWriteBehind(newH2Conn(c, l.maxFrame, l.maxString, l.maxList)), nil
+	return newWriteBehind(newH2Conn(c, l.maxFrame, l.maxString, l.maxList), l.stall), nil
 }

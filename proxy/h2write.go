@@ -23,8 +23,17 @@ import (
 // at most writeBehindLinger, then the connection closes. (The servers set no
 // HTTP2Config.WriteByteTimeout: it would time writeBehind's Write, which
 // waits only when 32 KiB are pending, not the writes to the socket.)
+//
+// A client whose socket takes none of a write for stall (nginx's
+// send_timeout; at most 1.5 times as long) has its connection closed: its
+// streams' handlers would otherwise wait on the server's write until the
+// connection died, which a client that sends PINGs but reads nothing put
+// off for ever. A stream's own write deadline cannot help there: its
+// RST_STREAM waits behind the blocked write.
 type writeBehind struct {
 	net.Conn
+	stall    time.Duration // bounds each write to the socket; 0: no bound
+	deadline time.Time     // the write deadline set for stall
 
 	mu      sync.Mutex
 	room    sync.Cond // pending was taken, or a write failed
@@ -45,8 +54,8 @@ const (
 	writeBehindLinger = 5 * time.Second
 )
 
-func newWriteBehind(c net.Conn) *writeBehind {
-	w := &writeBehind{Conn: c}
+func newWriteBehind(c net.Conn, stall time.Duration) *writeBehind {
+	w := &writeBehind{Conn: c, stall: stall}
 	w.room.L = &w.mu
 	return w
 }
@@ -85,6 +94,19 @@ func (w *writeBehind) writer() {
 	for len(w.pending) > 0 && w.err == nil {
 		buf := w.pending
 		w.pending = nil
+		if w.stall > 0 && !w.closed {
+			// Each write gets at least stall, at most half as much
+			// again: the deadline moves only once less than stall
+			// is left, so a busy connection resets its timer about
+			// once every stall/2, not at every write. Under mu, so as
+			// not to undo Close's linger deadline. A write that times
+			// out leaves crypto/tls unusable: the connection is closed
+			// below, as for any failed write.
+			if now := time.Now(); w.deadline.Sub(now) < w.stall {
+				w.deadline = now.Add(w.stall + w.stall/2)
+				w.Conn.SetWriteDeadline(w.deadline)
+			}
+		}
 		w.mu.Unlock()
 		_, err := w.Conn.Write(buf)
 		putWriteBehind(buf)

@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -182,7 +183,7 @@ func writers() int {
 // connection, once the peer reads within writeBehindLinger.
 func TestWriteBehindClose(t *testing.T) {
 	peer, sc := loopbackPair(t)
-	w := newWriteBehind(sc)
+	w := newWriteBehind(sc, 0)
 
 	// Write until Write blocks: the socket's buffers and writeBehindMax
 	// are full.
@@ -229,5 +230,60 @@ func TestWriteBehindClose(t *testing.T) {
 	got := hashCopy(peer)
 	if want := hashCopy(&pattern{n: took.Load()}); got.N != want.N || got.Sum != want.Sum {
 		t.Errorf("peer received %v, want %v and the end of the connection", got, want)
+	}
+}
+
+// TestWriteBehindStall: with a stall bound, a peer that reads steadily,
+// however long the transfer, keeps its connection (each write gets its own
+// deadline); once it stops reading, the write fails within the bound, later
+// writes fail, and the connection is closed.
+func TestWriteBehindStall(t *testing.T) {
+	const stall = 500 * time.Millisecond
+	peer, sc := loopbackPair(t)
+	w := newWriteBehind(sc, stall)
+
+	writes := make(chan error, 1)
+	go func() {
+		buf := make([]byte, 16<<10)
+		for {
+			if _, err := w.Write(buf); err != nil {
+				writes <- err
+				return
+			}
+		}
+	}()
+	// Six stall bounds of steady reading, 64 KiB every 10 ms.
+	buf := make([]byte, 64<<10)
+	for start := time.Now(); time.Since(start) < 6*stall; time.Sleep(10 * time.Millisecond) {
+		peer.SetReadDeadline(time.Now().Add(10 * time.Second))
+		if _, err := io.ReadFull(peer, buf); err != nil {
+			t.Fatalf("a peer reading steadily lost its connection after %v: %v", time.Since(start).Round(time.Millisecond), err)
+		}
+	}
+	select {
+	case err := <-writes:
+		t.Fatalf("Write failed while the peer read: %v", err)
+	default:
+	}
+
+	// The peer stops reading.
+	stopped := time.Now()
+	select {
+	case err := <-writes:
+		if err == nil {
+			t.Fatal("Write returned nil")
+		}
+		t.Logf("Write failed %v after the peer stopped reading: %v", time.Since(stopped).Round(time.Millisecond), err)
+	case <-time.After(30 * time.Second):
+		t.Fatal("Write still blocked 30 s after the peer stopped reading")
+	}
+	if _, err := w.Write([]byte("x")); err == nil {
+		t.Error("a Write after the stall succeeded")
+	}
+	// The connection is closed: the peer reads what the socket holds,
+	// then its end.
+	peer.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.Copy(io.Discard, peer); err != nil && !errors.Is(err, syscall.ECONNRESET) {
+		t.Errorf("peer's read after the stall: %v, want the connection's end", err)
 	}
 }

@@ -257,7 +257,22 @@ func (s *Server) maxHeaderBytes() int {
 // its header list limit is the server's, to the byte.
 func (s *Server) h2Listener(ln net.Listener) net.Listener {
 	return h2Listener{Listener: ln, maxFrame: maxFrameSize, maxString: 2*s.maxHeaderBytes() + 8<<10,
-		maxList: h2MaxHeaderList(s.maxHeaderBytes())}
+		maxList: h2MaxHeaderList(s.maxHeaderBytes()), stall: s.h2WriteStall()}
+}
+
+// h2SendTimeout is nginx's send_timeout: an HTTP/2 client whose socket
+// takes no byte for this long is gone or hostile, and its connection is
+// closed (writeBehind).
+const h2SendTimeout = 60 * time.Second
+
+// h2WriteStall is h2SendTimeout, or PROXY_IDLE_TIMEOUT if that is shorter:
+// an exchange whose client has not taken a byte for that long is cut, and
+// on HTTP/2 only closing the connection frees its handler.
+func (s *Server) h2WriteStall() time.Duration {
+	if d := s.cfg.IdleTimeout; d > 0 && d < h2SendTimeout {
+		return d
+	}
+	return h2SendTimeout
 }
 
 // h2MaxHeaderList is the header list limit, in RFC 9113's measure, that
