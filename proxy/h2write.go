@@ -30,10 +30,27 @@ import (
 // connection died, which a client that sends PINGs but reads nothing put
 // off for ever. A stream's own write deadline cannot help there: its
 // RST_STREAM waits behind the blocked write.
+//
+// A client that takes bytes, however slowly, keeps its connection, as with
+// nginx's send_timeout: while a write waits, the socket is looked at every
+// stall/4, and the deadline moves on as long as the client's TCP has
+// acknowledged bytes since the last look (ackedBytes). Without that, a
+// client that took bytes all the time lost its connection once one write
+// of up to 32 KiB took longer than the bound: below about 500 bytes/s at
+// 60 s, 20 KiB/s at PROXY_IDLE_TIMEOUT=1s. Where the socket cannot be
+// looked at, each write must end within the bound.
 type writeBehind struct {
 	net.Conn
 	stall    time.Duration // bounds each write to the socket; 0: no bound
 	deadline time.Time     // the write deadline set for stall
+
+	// While a write runs, watch looks at acked every stall/4 and moves
+	// the deadline on if the client took bytes since the last look
+	// (mark). Guarded by mu, as deadline.
+	acked    func() (uint64, bool) // nil: the socket is not looked at
+	watch    *time.Timer
+	watching bool
+	mark     uint64
 
 	mu      sync.Mutex
 	room    sync.Cond // pending was taken, or a write failed
@@ -57,7 +74,33 @@ const (
 func newWriteBehind(c net.Conn, stall time.Duration) *writeBehind {
 	w := &writeBehind{Conn: c, stall: stall}
 	w.room.L = &w.mu
+	if stall > 0 {
+		w.acked = ackedBytes(c)
+	}
 	return w
+}
+
+// progress runs every stall/4 while the writer runs: if the client's TCP
+// acknowledged bytes since the last look, the write in progress is not
+// stalled, and its deadline moves on. Not after Close: its linger
+// deadline stands.
+func (w *writeBehind) progress() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.writing || w.closed || w.err != nil {
+		w.watching = false
+		return
+	}
+	if n, ok := w.acked(); ok && n != w.mark {
+		w.mark = n
+		// The last byte taken was at most stall/4 ago: the write fails
+		// once none has been for between stall and 1.5 times as long.
+		if d := time.Now().Add(w.stall + w.stall/4); d.After(w.deadline) {
+			w.deadline = d
+			w.Conn.SetWriteDeadline(d)
+		}
+	}
+	w.watch.Reset(w.stall / 4)
 }
 
 func (w *writeBehind) Write(p []byte) (int, error) {
@@ -106,6 +149,14 @@ func (w *writeBehind) writer() {
 				w.deadline = now.Add(w.stall + w.stall/2)
 				w.Conn.SetWriteDeadline(w.deadline)
 			}
+			if w.acked != nil && !w.watching {
+				w.watching = true
+				if w.watch == nil {
+					w.watch = time.AfterFunc(w.stall/4, w.progress)
+				} else {
+					w.watch.Reset(w.stall / 4)
+				}
+			}
 		}
 		w.mu.Unlock()
 		_, err := w.Conn.Write(buf)
@@ -120,6 +171,9 @@ func (w *writeBehind) writer() {
 	}
 	w.writing = false
 	done := w.closed || w.err != nil
+	if done && w.watching && w.watch.Stop() {
+		w.watching = false
+	}
 	w.mu.Unlock()
 	if done {
 		w.Conn.Close()

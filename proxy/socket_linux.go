@@ -6,7 +6,32 @@ import (
 	"os"
 	"sync"
 	"syscall"
+
+	"golang.org/x/sys/unix"
 )
+
+// ackedBytes returns a function that tells how many bytes the peer of c's
+// TCP socket has acknowledged so far (TCP_INFO's bytes_acked): it grows
+// whenever the peer takes bytes, also in the middle of a write that waits.
+// nil if c has no TCP socket under it.
+func ackedBytes(c net.Conn) func() (uint64, bool) {
+	tcp := tcpConn(c)
+	if tcp == nil {
+		return nil
+	}
+	rc := rawConnOf(tcp)
+	if rc == nil {
+		return nil
+	}
+	return func() (n uint64, ok bool) {
+		rc.Control(func(fd uintptr) {
+			if info, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
+				n, ok = info.Bytes_acked, true
+			}
+		})
+		return n, ok
+	}
+}
 
 // peekReadable peeks at a socket without waiting and reports whether a read
 // would not block: a byte, the end of the stream, an error. upConn.quiet
