@@ -24,8 +24,8 @@ import (
 // HTTP2Config.WriteByteTimeout: it would time writeBehind's Write, which
 // waits only when 32 KiB are pending, not the writes to the socket.)
 //
-// A client whose socket takes none of a write for stall (nginx's
-// send_timeout; at most 1.5 times as long) has its connection closed: its
+// A client whose socket takes no byte for stall (nginx's send_timeout; at
+// most 1.5 times as long) has its connection closed: its
 // streams' handlers would otherwise wait on the server's write until the
 // connection died, which a client that sends PINGs but reads nothing put
 // off for ever. A stream's own write deadline cannot help there: its
