@@ -25,11 +25,11 @@ import (
 // waits only when 32 KiB are pending, not the writes to the socket.)
 //
 // A client whose socket takes no byte for stall (nginx's send_timeout; at
-// most 1.5 times as long) has its connection closed: its
-// streams' handlers would otherwise wait on the server's write until the
-// connection died, which a client that sends PINGs but reads nothing put
-// off for ever. A stream's own write deadline cannot help there: its
-// RST_STREAM waits behind the blocked write.
+// most 1.5 times as long) has its connection closed: its streams' handlers
+// would otherwise wait on the server's write until the connection died,
+// which a client that sends PINGs but reads nothing put off for ever. A
+// stream's own write deadline cannot help there: its RST_STREAM waits
+// behind the blocked write.
 //
 // A client that takes bytes, however slowly, keeps its connection, as with
 // nginx's send_timeout: while a write waits, the socket is looked at every
