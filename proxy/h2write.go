@@ -188,7 +188,9 @@ func putWriteBehind(b []byte) {
 
 // Close closes the connection at once if nothing is pending; otherwise it
 // leaves that to the writer, which gets writeBehindLinger to finish.
-// Writes after Close fail.
+// Writes after Close fail, and so do reads at once, as after any Close:
+// net/http's server ends a connection's serve loop, and the handlers that
+// wait on it, only when its read fails.
 func (w *writeBehind) Close() error {
 	w.mu.Lock()
 	if w.closed {
@@ -198,7 +200,9 @@ func (w *writeBehind) Close() error {
 	w.closed = true
 	writing := w.writing
 	if writing {
-		w.Conn.SetWriteDeadline(time.Now().Add(writeBehindLinger))
+		now := time.Now()
+		w.Conn.SetWriteDeadline(now.Add(writeBehindLinger))
+		w.Conn.SetReadDeadline(now)
 	}
 	w.room.Broadcast()
 	w.mu.Unlock()

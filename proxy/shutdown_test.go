@@ -1113,3 +1113,82 @@ func TestShutdownDeadlineAccessLog(t *testing.T) {
 		t.Logf("log:\n%s", logged)
 	}
 }
+
+// TestShutdownDeadlineAccessLogSocketFull: as TestShutdownDeadlineAccessLog,
+// on one HTTP/2 connection whose client reads nothing at all: one download
+// with every window open has filled the socket (writeBehind's writer waits
+// on it), the other has no window left (its handler waits on the server's
+// serve loop). The drain deadline closes the connection; both handlers must
+// end, and log, before "stopped". writeBehind's Close left such a
+// connection open for writeBehindLinger, reads included, so the serve loop
+// and the second handler outlived the 2 s that shutdown waits.
+func TestShutdownDeadlineAccessLogSocketFull(t *testing.T) {
+	t.Parallel()
+	arrived := make(chan string, 2)
+	var sent atomic.Int64
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		arrived <- r.URL.Path
+		buf := make([]byte, 32<<10)
+		for {
+			n, err := w.Write(buf)
+			sent.Add(int64(n))
+			if err != nil {
+				return
+			}
+		}
+	}))
+	sink := newLogSink()
+	cfg := testConfig(up)
+	cfg.AccessLog = true
+	cfg.ShutdownTimeout = 300 * time.Millisecond
+	tp := startLoggedProxy(t, cfg, sink, "json")
+
+	conn := tp.dialTLSH2(t, tp.Addr().String())
+	fr := http2.NewFramer(conn, conn)
+	io.WriteString(conn, http2.ClientPreface)
+	fr.WriteSettings()
+	fr.WriteWindowUpdate(0, 1<<31-1-65535)
+	for _, id := range []uint32{1, 3} {
+		block := hpackBlock(":method", "GET", ":scheme", "https", ":path", fmt.Sprintf("/full-%d", id), ":authority", tp.Addr().String())
+		if err := fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: block, EndStream: true, EndHeaders: true}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fr.WriteWindowUpdate(1, 1<<31-1-65535) // stream 3 keeps the initial 64 KiB
+	for range 2 {
+		select {
+		case <-arrived:
+		case <-time.After(30 * time.Second):
+			t.Fatal("the downloads did not reach Cells")
+		}
+	}
+	// Cells has sent nothing more for 300 ms: the sockets are full.
+	for last, still, deadline := int64(-1), 0, time.Now().Add(30*time.Second); still < 6; time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("Cells still sending after 30 s to a client that reads nothing")
+		}
+		if n := sent.Load(); n != last {
+			last, still = n, 0
+		} else {
+			still++
+		}
+	}
+
+	if err := tp.Shutdown(); err != nil {
+		t.Errorf("Run = %v, want nil", err)
+	}
+	logged := sink.String()
+	lines := strings.Split(logged, "\n")
+	stopped := slices.IndexFunc(lines, func(l string) bool { return parseLogLine(t, l)["msg"] == "stopped" })
+	if stopped < 0 {
+		t.Fatalf("no \"stopped\" line; log:\n%s", logged)
+	}
+	for _, p := range []string{"/full-1", "/full-3"} {
+		if i := slices.IndexFunc(lines, isAccess(t, p)); i < 0 || i > stopped {
+			t.Errorf("%s: access line at %d, want one before \"stopped\" (%d)", p, i, stopped)
+		}
+	}
+	if t.Failed() {
+		t.Logf("log:\n%s", logged)
+	}
+}
