@@ -140,11 +140,13 @@ func (w *writeBehind) writer() {
 		if w.stall > 0 && !w.closed {
 			// Each write gets at least stall, at most half as much
 			// again: the deadline moves only once less than stall
-			// is left, so a busy connection resets its timer about
-			// once every stall/2, not at every write. Under mu, so as
-			// not to undo Close's linger deadline. A write that times
-			// out leaves crypto/tls unusable: the connection is closed
-			// below, as for any failed write.
+			// is left, so a writer that runs on (a client reading a
+			// long download) resets its timer about once every
+			// stall/2, not at every write; it clears the deadline
+			// when it stops. Under mu, so as not to undo Close's
+			// linger deadline. A write that times out leaves
+			// crypto/tls unusable: the connection is closed below, as
+			// for any failed write.
 			if now := time.Now(); w.deadline.Sub(now) < w.stall {
 				w.deadline = now.Add(w.stall + w.stall/2)
 				w.Conn.SetWriteDeadline(w.deadline)
@@ -171,6 +173,13 @@ func (w *writeBehind) writer() {
 	}
 	w.writing = false
 	done := w.closed || w.err != nil
+	if !done && !w.deadline.IsZero() {
+		// No deadline may pass while nothing is written: crypto/tls
+		// writes on its own too, the answer to a client's KeyUpdate,
+		// and a write that fails on a deadline leaves it unusable.
+		w.deadline = time.Time{}
+		w.Conn.SetWriteDeadline(time.Time{})
+	}
 	if done && w.watching && w.watch.Stop() {
 		w.watching = false
 	}

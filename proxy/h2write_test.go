@@ -1,11 +1,13 @@
 package proxy
 
 import (
+	"bytes"
 	"crypto/tls"
 	"errors"
 	"io"
 	"net"
 	"net/http"
+	"os/exec"
 	"runtime"
 	"strconv"
 	"strings"
@@ -286,4 +288,147 @@ func TestWriteBehindStall(t *testing.T) {
 	if _, err := io.Copy(io.Discard, peer); err != nil && !errors.Is(err, syscall.ECONNRESET) {
 		t.Errorf("peer's read after the stall: %v, want the connection's end", err)
 	}
+}
+
+// TestWriteBehindIdleNoDeadline: once the writer has stopped, no write
+// deadline is left on the connection to pass while it idles. crypto/tls
+// writes to the socket on its own (the answer to a client's KeyUpdate), and
+// a write that fails on a deadline leaves it unusable.
+func TestWriteBehindIdleNoDeadline(t *testing.T) {
+	const stall = 100 * time.Millisecond
+	peer, sc := loopbackPair(t)
+	w := newWriteBehind(sc, stall)
+	if _, err := w.Write([]byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	peer.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.ReadFull(peer, make([]byte, 1)); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+		w.mu.Lock()
+		writing := w.writing
+		w.mu.Unlock()
+		if !writing {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the writer still runs 10 s after its write")
+		}
+	}
+	time.Sleep(2 * stall)
+	// As crypto/tls writes, under writeBehind.
+	if _, err := sc.Write([]byte("y")); err != nil {
+		t.Fatalf("a write to the connection %v after writeBehind's last: %v", 2*stall, err)
+	}
+	w.Close()
+}
+
+// TestH2KeyUpdateAfterIdle: an HTTP/2 client over TLS 1.3 (OpenSSL's
+// s_client) sends a KeyUpdate that asks for the proxy's, after the proxy has
+// written nothing for longer than the stall bound (PROXY_IDLE_TIMEOUT, here
+// 200 ms, times 1.5). crypto/tls answers it from its Read, with a write of
+// its own to the socket: the request that follows must still be answered.
+// When writeBehind left its last write deadline on the connection, that
+// answer failed, crypto/tls failed every write after it, and the proxy
+// closed the connection instead of answering.
+func TestH2KeyUpdateAfterIdle(t *testing.T) {
+	ossl, err := exec.LookPath("openssl")
+	if err != nil {
+		t.Skip("needs openssl (s_client) to send a KeyUpdate")
+	}
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "ok")
+	}))
+	const idle = 200 * time.Millisecond
+	cfg := testConfig(up)
+	cfg.IdleTimeout = idle
+	tp := startProxy(t, cfg)
+
+	// Without -quiet, whose -ign_eof turns its commands off: "K" on a line
+	// of its own sends a KeyUpdate with update_requested. -brief keeps
+	// stdout for the connection's bytes.
+	cmd := exec.Command(ossl, "s_client", "-connect", tp.Addr().String(), "-alpn", "h2", "-tls1_3", "-brief")
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		stdin.Close()
+		cmd.Process.Kill()
+		cmd.Wait()
+		if t.Failed() {
+			t.Logf("s_client's stderr:\n%s", stderr.String())
+		}
+	}()
+	var out bytes.Buffer
+	fw := http2.NewFramer(&out, nil)
+	send := func() {
+		t.Helper()
+		if _, err := stdin.Write(out.Bytes()); err != nil {
+			t.Fatal(err)
+		}
+		out.Reset()
+	}
+	get := func(id uint32, path string) {
+		t.Helper()
+		fw.WriteHeaders(http2.HeadersFrameParam{StreamID: id, EndStream: true, EndHeaders: true,
+			BlockFragment: hpackBlock(":method", "GET", ":scheme", "https", ":path", path, ":authority", tp.Addr().String())})
+		send()
+	}
+	fr := http2.NewFramer(nil, stdout)
+	fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+	answer := func(id uint32) {
+		t.Helper()
+		stop := time.AfterFunc(10*time.Second, func() { cmd.Process.Kill() })
+		defer stop.Stop()
+		status := ""
+		for {
+			f, err := fr.ReadFrame()
+			if err != nil {
+				t.Fatalf("stream %d: %v", id, err)
+			}
+			switch f := f.(type) {
+			case *http2.SettingsFrame:
+				if !f.IsAck() {
+					fw.WriteSettingsAck()
+					send()
+				}
+			case *http2.MetaHeadersFrame:
+				if f.StreamID == id {
+					status = f.PseudoValue("status")
+				}
+			case *http2.DataFrame:
+				if f.StreamID == id && f.StreamEnded() {
+					if status != "200" || string(f.Data()) != "ok" {
+						t.Fatalf("stream %d: %s %q, want 200 \"ok\"", id, status, f.Data())
+					}
+					return
+				}
+			case *http2.RSTStreamFrame:
+				t.Fatalf("stream %d reset (%v)", f.StreamID, f.ErrCode)
+			case *http2.GoAwayFrame:
+				t.Fatalf("GOAWAY (%v)", f.ErrCode)
+			}
+		}
+	}
+
+	out.WriteString(http2.ClientPreface)
+	fw.WriteSettings()
+	get(1, "/before")
+	answer(1)
+	time.Sleep(4 * idle) // the proxy writes nothing: its next PING is 60 s away
+	io.WriteString(stdin, "K\n")
+	time.Sleep(100 * time.Millisecond)
+	get(3, "/after")
+	answer(3)
 }
