@@ -88,6 +88,13 @@ func (w *writeBehind) progress() {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if !w.writing || w.closed || w.err != nil {
+		if !w.writing && !w.closed && w.err == nil && !w.deadline.IsZero() {
+			// The writer stopped at most stall/4 ago, with at least
+			// stall left on its deadline: clear it before it passes
+			// (see writer).
+			w.deadline = time.Time{}
+			w.Conn.SetWriteDeadline(time.Time{})
+		}
 		w.watching = false
 		return
 	}
@@ -173,10 +180,15 @@ func (w *writeBehind) writer() {
 	}
 	w.writing = false
 	done := w.closed || w.err != nil
-	if !done && !w.deadline.IsZero() {
+	if !done && !w.deadline.IsZero() && (!w.watching || time.Until(w.deadline) < w.stall/2) {
 		// No deadline may pass while nothing is written: crypto/tls
 		// writes on its own too, the answer to a client's KeyUpdate,
 		// and a write that fails on a deadline leaves it unusable.
+		// With the watch armed, progress clears it within stall/4,
+		// which spares a connection that writes often (a gRPC
+		// stream's every message) two deadline changes per message;
+		// unless the deadline is nearer than that (a write that
+		// ended just in time).
 		w.deadline = time.Time{}
 		w.Conn.SetWriteDeadline(time.Time{})
 	}
