@@ -528,8 +528,9 @@ type grpcConn struct {
 	mu      sync.Mutex
 	wbuf    []byte // frames waiting to be written
 	spare   []byte
-	writing bool      // the writer is in a write(2); it takes what is queued after
+	writing bool      // a write(2) runs (the writer's or flushOwnLocked's); what is queued meanwhile waits
 	wake    sync.Cond // the writer waits for frames on it
+	idle    bool      // the writer waits on wake
 	answers int       // acknowledgements queued since the writer last took wbuf (answerLocked)
 	henc    *hpack.Encoder
 	hbuf    bytes.Buffer
@@ -643,7 +644,9 @@ func (r stampReader) Read(p []byte) (int, error) {
 // and the writer takes everything queued since its last write in one. With
 // 32 unary calls in flight the proxy makes 0.77 write(2) per call, both
 // sides counted, instead of 2.0 when each call wrote its own HEADERS, DATA
-// and END_STREAM unless another was writing at that moment. What waits for
+// and END_STREAM unless another was writing at that moment. The exception
+// is a connection with one stream: its call writes its own DATA
+// (flushOwnLocked), as no other call's frames could join them. What waits for
 // the writer is bounded: a call's DATA by Cells' windows and by
 // grpcMaxQueued, HEADERS by Cells' stream limit, acknowledgements by
 // maxQueuedAnswers.
@@ -653,14 +656,61 @@ func (c *grpcConn) flushLocked() {
 	}
 }
 
+// flushOwnLocked is flushLocked for a call's own goroutine, which may
+// wait: when the call's stream is the connection's only one and the writer
+// is idle, the call makes the write(2) itself. No other call's frames can
+// join it, so handing them to the writer would only add a goroutine
+// switch per message (a bidirectional stream's, or a lone unary call's).
+// mu is released during the write.
+func (c *grpcConn) flushOwnLocked() {
+	if len(c.wbuf) == 0 || c.writing || !c.idle || len(c.streams) != 1 || c.err != nil {
+		c.flushLocked()
+		return
+	}
+	b := c.takeLocked()
+	c.mu.Unlock()
+	_, err := c.nc.Write(b)
+	c.mu.Lock()
+	c.wroteLocked(b, err)
+	c.flushLocked() // what was queued meanwhile
+}
+
+// takeLocked takes what is queued, for one write(2) by the caller, which
+// then calls wroteLocked. Only one write runs at a time (c.writing).
+func (c *grpcConn) takeLocked() []byte {
+	c.writing = true
+	b := c.wbuf
+	c.wbuf = c.spare[:0]
+	c.answers = 0
+	if len(b) >= grpcMaxQueued {
+		c.sendWait.Broadcast() // copies waiting for room (writeData)
+	}
+	return b
+}
+
+// wroteLocked ends the write(2) of b, which failed the connection if err.
+func (c *grpcConn) wroteLocked(b []byte, err error) {
+	c.writing = false
+	if cap(b) <= 64<<10 {
+		c.spare = b[:0]
+	} else {
+		c.spare = nil
+	}
+	if err != nil {
+		c.failLocked(err)
+	}
+}
+
 // writeLoop is the connection's writer (flushLocked): it runs until the
 // connection fails, and fails it when a write does.
 func (c *grpcConn) writeLoop() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for {
-		for len(c.wbuf) == 0 && c.err == nil {
+		for (len(c.wbuf) == 0 || c.writing) && c.err == nil {
+			c.idle = true
 			c.wake.Wait()
+			c.idle = false
 		}
 		if c.err != nil {
 			return
@@ -677,25 +727,14 @@ func (c *grpcConn) writeLoop() {
 		if c.err != nil {
 			return
 		}
-		c.writing = true
-		b := c.wbuf
-		c.wbuf = c.spare[:0]
-		c.answers = 0
-		if len(b) >= grpcMaxQueued {
-			c.sendWait.Broadcast() // copies waiting for room (writeData)
+		if c.writing || len(c.wbuf) == 0 {
+			continue // a call wrote them (flushOwnLocked)
 		}
+		b := c.takeLocked()
 		c.mu.Unlock()
 		_, err := c.nc.Write(b)
 		c.mu.Lock()
-		c.writing = false
-		if cap(b) <= 64<<10 {
-			c.spare = b[:0]
-		} else {
-			c.spare = nil
-		}
-		if err != nil {
-			c.failLocked(err)
-		}
+		c.wroteLocked(b, err)
 	}
 }
 
@@ -1771,7 +1810,7 @@ func (s *grpcStream) writeData(p []byte, end bool) bool {
 			s.sentEnd, s.keptAll = true, !s.tooLong
 			c.endLocked(s)
 		}
-		c.flushLocked()
+		c.flushOwnLocked()
 		return !end
 	}
 }
