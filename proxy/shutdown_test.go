@@ -1052,11 +1052,7 @@ func TestShutdownDeadlineAccessLog(t *testing.T) {
 			}
 		}
 	}))
-	sink := newLogSink()
-	cfg := testConfig(up)
-	cfg.AccessLog = true
-	cfg.ShutdownTimeout = 300 * time.Millisecond
-	tp := startLoggedProxy(t, cfg, sink, "json")
+	tp, sink := startDrainLogged(t, up)
 
 	// n of each: HTTP/1.1 downloads never read and uploads stalled after
 	// 64 KiB of 1 MiB; on HTTP/2 connections, downloads that get no window
@@ -1094,10 +1090,27 @@ func TestShutdownDeadlineAccessLog(t *testing.T) {
 		}
 	}
 
+	shutdownLogs(t, tp, sink, paths)
+}
+
+// startDrainLogged starts a proxy for up with the access log in sink and a
+// 300 ms drain.
+func startDrainLogged(t *testing.T, up *testUpstream) (*testProxy, *logSink) {
+	sink := newLogSink()
+	cfg := testConfig(up)
+	cfg.AccessLog = true
+	cfg.ShutdownTimeout = 300 * time.Millisecond
+	return startLoggedProxy(t, cfg, sink, "json"), sink
+}
+
+// shutdownLogs stops tp as SIGTERM does and wants, once Run has returned,
+// the access line of each of paths before "stopped": what is not logged
+// then may never be.
+func shutdownLogs(t *testing.T, tp *testProxy, sink *logSink, paths []string) {
+	t.Helper()
 	if err := tp.Shutdown(); err != nil {
 		t.Errorf("Run = %v, want nil", err)
 	}
-	// Run has returned: what is not logged now may never be.
 	logged := sink.String()
 	lines := strings.Split(logged, "\n")
 	stopped := slices.IndexFunc(lines, func(l string) bool { return parseLogLine(t, l)["msg"] == "stopped" })
@@ -1137,11 +1150,7 @@ func TestShutdownDeadlineAccessLogSocketFull(t *testing.T) {
 			}
 		}
 	}))
-	sink := newLogSink()
-	cfg := testConfig(up)
-	cfg.AccessLog = true
-	cfg.ShutdownTimeout = 300 * time.Millisecond
-	tp := startLoggedProxy(t, cfg, sink, "json")
+	tp, sink := startDrainLogged(t, up)
 
 	conn := tp.dialTLSH2(t, tp.Addr().String())
 	fr := http2.NewFramer(conn, conn)
@@ -1174,21 +1183,5 @@ func TestShutdownDeadlineAccessLogSocketFull(t *testing.T) {
 		}
 	}
 
-	if err := tp.Shutdown(); err != nil {
-		t.Errorf("Run = %v, want nil", err)
-	}
-	logged := sink.String()
-	lines := strings.Split(logged, "\n")
-	stopped := slices.IndexFunc(lines, func(l string) bool { return parseLogLine(t, l)["msg"] == "stopped" })
-	if stopped < 0 {
-		t.Fatalf("no \"stopped\" line; log:\n%s", logged)
-	}
-	for _, p := range []string{"/full-1", "/full-3"} {
-		if i := slices.IndexFunc(lines, isAccess(t, p)); i < 0 || i > stopped {
-			t.Errorf("%s: access line at %d, want one before \"stopped\" (%d)", p, i, stopped)
-		}
-	}
-	if t.Failed() {
-		t.Logf("log:\n%s", logged)
-	}
+	shutdownLogs(t, tp, sink, []string{"/full-1", "/full-3"})
 }
