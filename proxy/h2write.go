@@ -149,11 +149,11 @@ func (w *writeBehind) writer() {
 			// again: the deadline moves only once less than stall
 			// is left, so a writer that runs on (a client reading a
 			// long download) resets its timer about once every
-			// stall/2, not at every write; it clears the deadline
-			// when it stops. Under mu, so as not to undo Close's
-			// linger deadline. A write that times out leaves
-			// crypto/tls unusable: the connection is closed below, as
-			// for any failed write.
+			// stall/2, not at every write; the deadline is cleared
+			// once the writer stops (below). Under mu, so as not to
+			// undo Close's linger deadline. A write that times out
+			// leaves crypto/tls unusable: the connection is closed
+			// below, as for any failed write.
 			if now := time.Now(); w.deadline.Sub(now) < w.stall {
 				w.deadline = now.Add(w.stall + w.stall/2)
 				w.Conn.SetWriteDeadline(w.deadline)
