@@ -71,6 +71,13 @@ func (e *exchange) WriteHeader(code int) {
 		// would take it for the answer. Cells got HTTP/1.1 from us.
 		return
 	}
+	if code < 200 && code != http.StatusSwitchingProtocols {
+		// A 1xx from Cells, passed on by either path with Cells' header
+		// (ReverseProxy's rule, which leaves out the hop-by-hop step it
+		// takes for the final response): its Connection fields are Cells'
+		// hop, and make the response malformed to an HTTP/2 client.
+		removeHopByHop(e.Header())
+	}
 	if code >= 200 && !e.wroteHeader {
 		if e.closeConn {
 			e.Header().Set("Connection", "close")

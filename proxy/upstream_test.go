@@ -1005,3 +1005,45 @@ func answeringProxy(t *testing.T, first string) *testProxy {
 		return true
 	}))
 }
+
+// TestNoHopByHopIn1xx: a 1xx from Cells is forwarded like any response,
+// without its hop-by-hop fields (RFC 9110 §7.6.1): those of Connection,
+// Keep-Alive and the like are Cells' hop to the proxy. An HTTP/1.1 client
+// would read them as said to it; to an HTTP/2 client a connection-specific
+// field makes the response malformed (RFC 9113 §8.2.2).
+func TestNoHopByHopIn1xx(t *testing.T) {
+	t.Parallel()
+	tp := answeringProxy(t, "HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n"+
+		"Connection: X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\n\r\n")
+	for _, c := range h1h2Clients(tp) {
+		for _, size := range []int{0, 64 << 10} { // direct path, then ReverseProxy
+			var hints []textproto.MIMEHeader
+			trace := &httptrace.ClientTrace{Got1xxResponse: func(code int, h textproto.MIMEHeader) error {
+				hints = append(hints, h)
+				return nil
+			}}
+			ctx := httptrace.WithClientTrace(context.Background(), trace)
+			req, _ := http.NewRequestWithContext(ctx, "POST", tp.URL+"/x", strings.NewReader(strings.Repeat("x", size)))
+			res, err := c.c.Do(req)
+			if err != nil {
+				t.Errorf("%s, %d-byte body: %v", c.name, size, err)
+				continue
+			}
+			body, _ := io.ReadAll(res.Body)
+			res.Body.Close()
+			if string(body) != "page" || len(hints) != 1 {
+				t.Errorf("%s, %d-byte body: body %q after %d informational responses, want page after 1", c.name, size, body, len(hints))
+				continue
+			}
+			h := hints[0]
+			if h.Get("Link") != "</a.css>; rel=preload" {
+				t.Errorf("%s, %d-byte body: the 103 lost its Link: %q", c.name, size, h)
+			}
+			for _, name := range []string{"Connection", "X-Hop", "Keep-Alive", "Proxy-Connection"} {
+				if v, ok := h[name]; ok {
+					t.Errorf("%s, %d-byte body: the 103 reached the client with %s: %q", c.name, size, name, v)
+				}
+			}
+		}
+	}
+}
