@@ -55,6 +55,8 @@ type bench struct {
 	log     io.Writer
 	// loadStart is /proc/loadavg when the run began.
 	loadStart string
+	// stubPID is stub-upstream's process, Cells for every target.
+	stubPID int
 }
 
 func main() {
@@ -106,6 +108,7 @@ func run() error {
 		return err
 	}
 	defer stub.stop()
+	b.stubPID = stub.cmd.Process.Pid
 
 	cert, key, pemFile, err := writeProxyCert(b.work)
 	if err != nil {

@@ -47,6 +47,45 @@ func cpuSeconds(pids []int) (float64, error) {
 	return float64(ticks) / clockTicks, nil
 }
 
+// machineTicks reads the first line of /proc/stat: the CPU time of the
+// whole machine, busy and idle (iowait counted idle), in clock ticks.
+func machineTicks() (busy, idle int64, err error) {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0, 0, err
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	f := strings.Fields(line)
+	// cpu user nice system idle iowait irq softirq steal (guest time is
+	// already in user).
+	if len(f) < 9 || f[0] != "cpu" {
+		return 0, 0, fmt.Errorf("/proc/stat: unexpected first line %q", line)
+	}
+	for i, v := range f[1:9] {
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil {
+			return 0, 0, fmt.Errorf("/proc/stat: %w", err)
+		}
+		if i == 3 || i == 4 {
+			idle += n
+		} else {
+			busy += n
+		}
+	}
+	return busy, idle, nil
+}
+
+// childrenCPU is the user and system CPU seconds of the harness's child
+// processes that ended and were waited for.
+func childrenCPU() float64 {
+	var ru syscall.Rusage
+	if syscall.Getrusage(syscall.RUSAGE_CHILDREN, &ru) != nil {
+		return 0
+	}
+	tv := func(t syscall.Timeval) float64 { return float64(t.Sec) + float64(t.Usec)/1e6 }
+	return tv(ru.Utime) + tv(ru.Stime)
+}
+
 // statusKiB sums a "Vm...:  N kB" field of /proc/PID/status over the processes.
 func statusKiB(pids []int, field string) (int64, error) {
 	var total int64

@@ -122,6 +122,62 @@ func cpuDelta(t *target, f func() error) (float64, error) {
 	return after - before, nil
 }
 
+// spent is what one load cost, in CPU seconds: the proxy's, the stub's
+// (Cells'), the load generator's; and the machine's CPU time left idle
+// meanwhile, in percent. With all three on the same cores, a proxied run
+// is as fast as direct only if the proxy's CPU fits in what the load
+// generator and Cells leave of the machine: see budget.
+type spent struct{ proxy, stub, load, idlePct float64 }
+
+// spend runs f, which runs one load generator to its end, and says what it
+// cost. The load generator's CPU is that of the harness's child processes
+// that ended meanwhile (getrusage RUSAGE_CHILDREN): the load tool is the
+// only one that does.
+func (b *bench) spend(t *target, f func() error) (spent, error) {
+	var sp spent
+	stub0, err := cpuSeconds([]int{b.stubPID})
+	if err != nil {
+		return sp, err
+	}
+	busy0, idle0, err := machineTicks()
+	if err != nil {
+		return sp, err
+	}
+	load0 := childrenCPU()
+	if sp.proxy, err = cpuDelta(t, f); err != nil {
+		return sp, err
+	}
+	sp.load = childrenCPU() - load0
+	busy1, idle1, err := machineTicks()
+	if err != nil {
+		return sp, err
+	}
+	if total := (busy1 - busy0) + (idle1 - idle0); total > 0 {
+		sp.idlePct = float64(idle1-idle0) / float64(total) * 100
+	}
+	stub1, err := cpuSeconds([]int{b.stubPID})
+	if err != nil {
+		return sp, err
+	}
+	sp.stub = stub1 - stub0
+	return sp, nil
+}
+
+// record files what a load of n requests cost under prefix: the proxy's CPU
+// per 100k requests (for targets that have a process of their own), the
+// stub's and the load generator's, and the machine's idle share.
+func (sp spent) record(m measurement, t *target, prefix string, n float64) {
+	if n <= 0 {
+		return
+	}
+	if t.pids != nil {
+		m[prefix+"_cpu100k"] = sp.proxy / n * 100_000
+	}
+	m[prefix+"_stub_cpu100k"] = sp.stub / n * 100_000
+	m[prefix+"_load_cpu100k"] = sp.load / n * 100_000
+	m[prefix+"_idle_pct"] = sp.idlePct
+}
+
 var (
 	wrkRPS      = regexp.MustCompile(`Requests/sec:\s+([\d.]+)`)
 	wrkTotal    = regexp.MustCompile(`(\d+) requests in`)
@@ -154,7 +210,7 @@ func (b *bench) rest(ctx context.Context, t *target, _ int) (measurement, error)
 // wrk runs wrk against path and records its figures under prefix.
 func (b *bench) wrk(ctx context.Context, t *target, prefix, path string, extra ...string) (measurement, error) {
 	var out string
-	cpu, err := cpuDelta(t, func() error {
+	sp, err := b.spend(t, func() error {
 		var err error
 		argv := append([]string{"wrk", "-t", "1", "-c", strconv.Itoa(b.wrkConns), "-d", durArg(b.dur), "--latency"}, extra...)
 		out, err = command(ctx, b.dur+30*time.Second, append(argv, b.url(t, path))...)
@@ -184,12 +240,9 @@ func (b *bench) wrk(ctx context.Context, t *target, prefix, path string, extra .
 		}
 	}
 	m[prefix+"_errors"] = errs
-	if t.pids != nil {
-		if v := wrkTotal.FindStringSubmatch(out); v != nil {
-			if n, _ := strconv.ParseFloat(v[1], 64); n > 0 {
-				m[prefix+"_cpu100k"] = cpu / n * 100_000
-			}
-		}
+	if v := wrkTotal.FindStringSubmatch(out); v != nil {
+		n, _ := strconv.ParseFloat(v[1], 64)
+		sp.record(m, t, prefix, n)
 	}
 	return m, nil
 }
@@ -216,7 +269,7 @@ func (b *bench) http2(ctx context.Context, t *target, _ int) (measurement, error
 	logFile := filepath.Join(b.work, "h2load.log")
 	defer os.Remove(logFile)
 	var out string
-	cpu, err := cpuDelta(t, func() error {
+	sp, err := b.spend(t, func() error {
 		var err error
 		out, err = command(ctx, b.dur+30*time.Second, "h2load",
 			"-t", "1", "-c", strconv.Itoa(b.h2Conns), "-m", strconv.Itoa(b.h2Streams),
@@ -236,9 +289,8 @@ func (b *bench) http2(ctx context.Context, t *target, _ int) (measurement, error
 		failed, _ := strconv.ParseFloat(v[5], 64)
 		errored, _ := strconv.ParseFloat(v[6], 64)
 		m["h2_errors"] = failed + errored
-		if done, _ := strconv.ParseFloat(v[4], 64); done > 0 && t.pids != nil {
-			m["h2_cpu100k"] = cpu / done * 100_000
-		}
+		done, _ := strconv.ParseFloat(v[4], 64)
+		sp.record(m, t, "h2", done)
 	}
 	if !strings.Contains(out, "Application protocol: h2") {
 		return nil, fmt.Errorf("h2load did not negotiate h2")
@@ -312,7 +364,7 @@ func (b *bench) grpcload(ctx context.Context, t *target, d time.Duration, args .
 
 func (b *bench) grpcUnary(ctx context.Context, t *target, _ int) (measurement, error) {
 	var r grpcResult
-	cpu, err := cpuDelta(t, func() error {
+	sp, err := b.spend(t, func() error {
 		var err error
 		r, err = b.grpcload(ctx, t, b.dur, "-mode", "unary", "-conc", "32", "-max", "3000000")
 		return err
@@ -324,9 +376,7 @@ func (b *bench) grpcUnary(ctx context.Context, t *target, _ int) (measurement, e
 	if r.OK == 0 {
 		return m, fmt.Errorf("no successful call: %v", r.Errors)
 	}
-	if t.pids != nil {
-		m["grpc_unary_cpu100k"] = cpu / float64(r.OK) * 100_000
-	}
+	sp.record(m, t, "grpc_unary", float64(r.OK))
 	return m, nil
 }
 
