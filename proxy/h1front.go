@@ -398,14 +398,34 @@ func (c *h1Conn) serveRequest(r *http.Request) (keep bool) {
 	c.front.handler.ServeHTTP(w, r)
 	keep = w.finish()
 	if r.ContentLength > 0 && c.body.left > 0 {
-		// The handler answered without reading the body (421, 413): the
-		// client may still be sending it, and closing at once could
-		// reset the connection before it reads the answer (net/http's
-		// closeWriteAndWait).
+		// The handler answered without reading the body (421, 413).
+		// The client is sending it: closing at once could reset the
+		// connection before it reads the answer (net/http's
+		// closeWriteAndWait), so it gets 500 ms either way.
+		if keep {
+			// Nothing said the connection closes: read the small body
+			// out of the way, as net/http's server does, and go on.
+			return c.discardBody(500 * time.Millisecond)
+		}
 		time.Sleep(500 * time.Millisecond)
 		return false
 	}
 	return keep
+}
+
+// discardBody reads what is left of the request's body, within d, and
+// reports whether it all came: the connection can take the next request.
+func (c *h1Conn) discardBody(d time.Duration) bool {
+	// The client watch must not read the connection under a deadline of
+	// the discard's, which it would take for the client gone.
+	c.unwatch()
+	c.nc.SetReadDeadline(time.Now().Add(d))
+	_, err := io.Copy(io.Discard, &c.body)
+	if err != nil || c.body.left > 0 {
+		return false
+	}
+	c.nc.SetReadDeadline(time.Time{})
+	return true
 }
 
 // watchedBody is a request body the client watch must not read under.

@@ -802,6 +802,55 @@ func TestFrontCRLFAfterPOSTThenIdle(t *testing.T) {
 	}
 }
 
+// TestFrontUnreadBodyKeepsConnection: the proxy answers a small request
+// without reading its body (421 for a Host outside PROXY_SERVER_NAMES).
+// net/http's server then reads the rest of the body and keeps the
+// connection, as it announced nothing else; the front used to close it
+// half a second later without a Connection: close, so the next request on
+// it, sent at once or pipelined, was lost (a POST failed in the client).
+// Both must answer the next request.
+func TestFrontUnreadBodyKeepsConnection(t *testing.T) {
+	tp, rec := startEchoProxy(t, func(c *Config) { c.ServerNames = []string{"cells.example"} })
+	const refused = "POST /a HTTP/1.1\r\nHost: evil.example\r\nContent-Length: 5\r\n\r\nhello"
+	const next = "POST /b HTTP/1.1\r\nHost: cells.example\r\nContent-Length: 2\r\n\r\n{}"
+	pad := "X-Pad: " + strings.Repeat("p", h1HeadMax) + "\r\n"
+	for _, padded := range []bool{false, true} {
+		first := refused
+		if padded {
+			line, rest, _ := strings.Cut(first, "\r\n")
+			first = line + "\r\n" + pad + rest
+		}
+		t.Run(fmt.Sprintf("padded=%v/after the answer", padded), func(t *testing.T) {
+			conn := tp.dialRaw(t, tp.Addr().String(), "http/1.1")
+			defer conn.Close()
+			br := bufio.NewReader(conn)
+			io.WriteString(conn, first)
+			if res, _ := readResponse(t, br, "POST"); res.StatusCode != http.StatusMisdirectedRequest {
+				t.Fatalf("foreign Host: %d, want 421", res.StatusCode)
+			}
+			io.WriteString(conn, next)
+			res, err := http.ReadResponse(br, &http.Request{Method: "POST"})
+			if err != nil {
+				t.Fatalf("the request after a 421 got no answer: %v", err)
+			}
+			if body, _ := io.ReadAll(res.Body); res.StatusCode != 200 || string(body) != "POST /b" {
+				t.Errorf("the request after a 421: %d %q", res.StatusCode, body)
+			}
+		})
+		t.Run(fmt.Sprintf("padded=%v/pipelined", padded), func(t *testing.T) {
+			n := rec.count()
+			last := strings.Replace(next, "\r\n\r\n", "\r\nConnection: close\r\n\r\n", 1)
+			got := pipelineAnswers(t, tp, first+last, []string{"POST", "POST"})
+			if !strings.Contains(got, `body="POST /b"`) {
+				t.Errorf("the request pipelined after a 421 was not answered:\n%s", got)
+			}
+			if seen := rec.all()[n:]; len(seen) != 1 || seen[0].RequestURI != "/b" {
+				t.Errorf("Cells saw %d requests, want only /b", len(seen))
+			}
+		})
+	}
+}
+
 // startEchoProxy starts a proxy in front of a Cells that answers each
 // request with its method and request-target, and records it; configure,
 // if not nil, adjusts the proxy's configuration first.
