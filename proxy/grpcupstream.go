@@ -1783,7 +1783,10 @@ func (s *grpcStream) writeData(p []byte, end bool) bool {
 		if s.failed != nil || s.sentEnd || c.err != nil {
 			return false
 		}
-		n := int(min(int64(len(p)), s.send, c.sendConn, int64(c.maxFrame)))
+		// Not below 0: a SETTINGS frame that lowers the initial window
+		// can leave s.send negative (RFC 9113 §6.9.2), and the empty
+		// DATA frame that ends the stream takes no window.
+		n := int(max(0, min(int64(len(p)), s.send, c.sendConn, int64(c.maxFrame))))
 		last := n == len(p)
 		if n > 0 || (last && end) {
 			var flags byte

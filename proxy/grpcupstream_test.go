@@ -13,6 +13,7 @@ import (
 	"net/url"
 	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -1065,6 +1066,72 @@ func TestGRPCUpstreamStreamWindowOverflow(t *testing.T) {
 	}
 	want := grpcMsg([]byte("next"))
 	checkOK(t, "next call", callGRPC(ctx, tp.H2, tp.URL+"/pkg.Svc/Echo", want), want)
+}
+
+// TestGRPCUpstreamWindowLoweredBeforeEnd: Cells lowers
+// SETTINGS_INITIAL_WINDOW_SIZE while a call's request body is under way, so
+// that the stream's send window goes negative (RFC 9113 §6.9.2 allows it),
+// and then the client ends its body. The END_STREAM, an empty DATA frame,
+// takes no window and must leave at once. The proxy looped on it instead,
+// holding the connection's lock: the call, every other call on the
+// connection and the proxy's shutdown hung, a core spinning.
+func TestGRPCUpstreamWindowLoweredBeforeEnd(t *testing.T) {
+	t.Parallel()
+	const sent = 30000
+	lowered := make(chan struct{})
+	p := newH2Peer(t, h2PeerConfig{}, func(s *h2Stream) {
+		// The body's first bytes, read but not granted back: the
+		// stream's window is 65,535 - 30,000.
+		if s.wait(func() bool {
+			var n int64
+			for _, ch := range s.queue {
+				n += ch.flow
+			}
+			return n >= sent
+		}, 0, nil) != nil {
+			return
+		}
+		s.c.write(func(fr *http2.Framer) error {
+			return fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 1000})
+		})
+		// Answered after the SETTINGS: the proxy applied them.
+		s.c.ping(t, [8]byte{1})
+		close(lowered)
+		// Nothing granted until END_STREAM came with a window of
+		// 1,000 - 30,000.
+		if s.wait(func() bool { return s.remoteEnd }, 0, nil) != nil {
+			return
+		}
+		body, err := s.readBody()
+		if err != nil {
+			return
+		}
+		s.respond(grpcMsg([]byte(strconv.Itoa(len(body)))))
+	})
+	tp := startPeerProxy(t, p)
+	ctx, cancel := context.WithTimeout(testCtx(t), 10*time.Second)
+	defer cancel()
+	pr, pw := io.Pipe()
+	go func() {
+		pw.Write(make([]byte, sent))
+		select {
+		case <-lowered:
+		case <-ctx.Done():
+		}
+		pw.Close()
+	}()
+	req, _ := http.NewRequestWithContext(ctx, "POST", tp.URL+"/pkg.Svc/Upload", pr)
+	req.Header.Set("Content-Type", "application/grpc")
+	req.Header.Set("Te", "trailers")
+	res, err := tp.H2.Do(req)
+	if err != nil {
+		t.Fatalf("the call hung or failed: %v", err)
+	}
+	r := grpcResult{Status: res.StatusCode, Header: res.Header}
+	r.Body, r.Err = io.ReadAll(res.Body)
+	res.Body.Close()
+	r.Trailer = res.Trailer
+	checkOK(t, "upload", r, grpcMsg([]byte(strconv.Itoa(sent))))
 }
 
 // TestGRPCUpstreamPing: a PING from the upstream gets a PING ACK with the
