@@ -652,17 +652,19 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool)
 		return
 	}
 
-	if ex.kind == "grpc" {
-		f.serveGRPC(ex, r)
-		return
-	}
-
 	// CONNECT would make the proxy open a tunnel to wherever the client
-	// names; Cells has no use for it (nginx refuses it too).
+	// names; Cells has no use for it (nginx refuses it too). Checked before
+	// gRPC: on the dedicated port, or with a gRPC content type, it went to
+	// Cells' gRPC port as a request no HTTP/2 server takes (RFC 9113 §8.5).
 	if r.Method == http.MethodConnect {
 		ex.refused = true
 		ex.Header().Set("Allow", "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, PROPFIND, PROPPATCH, MKCOL, COPY, MOVE, LOCK, UNLOCK")
 		http.Error(ex, "cells-proxy: CONNECT is not supported", http.StatusMethodNotAllowed)
+		return
+	}
+
+	if ex.kind == "grpc" {
+		f.serveGRPC(ex, r)
 		return
 	}
 

@@ -1134,6 +1134,45 @@ func TestGRPCUpstreamWindowLoweredBeforeEnd(t *testing.T) {
 	checkOK(t, "upload", r, grpcMsg([]byte(strconv.Itoa(sent))))
 }
 
+// TestGRPCConnectRefused: CONNECT is answered 405 by the proxy on every
+// port, as SECURITY.md promises ("No open proxy"), also when it says it
+// is gRPC (content-type application/grpc on the public port) or arrives on
+// the dedicated gRPC port, where every request is taken for a gRPC call.
+// It went to Cells' gRPC port, as a request no HTTP/2 server should take
+// (CONNECT with a :scheme and a :path, RFC 9113 §8.5).
+func TestGRPCConnectRefused(t *testing.T) {
+	t.Parallel()
+	var calls atomic.Int32
+	p := newH2Peer(t, h2PeerConfig{}, func(s *h2Stream) {
+		calls.Add(1)
+		s.respond(nil)
+	})
+	cfg := testConfig(newUpstream(t, upPlain, &recorder{}))
+	cfg.GRPCUpstream = &url.URL{Scheme: "h2c", Host: p.Addr}
+	cfg.GRPCAddr = "127.0.0.1:0"
+	tp := startProxy(t, cfg)
+	for _, c := range []struct {
+		name, addr string
+	}{
+		{"main-port", tp.Addr().String()},
+		{"dedicated-port", tp.GRPCAddr().String()},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			fc := dialH2At(t, tp, c.addr)
+			if err := fc.request(1, ":method", "CONNECT", ":authority", "127.0.0.1:1", "content-type", "application/grpc"); err != nil {
+				t.Fatal(err)
+			}
+			ev := fc.wait(t, "the answer to CONNECT", func(ev frameEvent) bool { return ev.StreamID == 1 })
+			if got, want := ev.String(), ":status 405"; got != want {
+				t.Errorf("CONNECT: got %s, want %s", got, want)
+			}
+		})
+	}
+	if n := calls.Load(); n != 0 {
+		t.Errorf("the gRPC upstream got %d CONNECT requests, want none", n)
+	}
+}
+
 // TestGRPCUpstreamPing: a PING from the upstream gets a PING ACK with the
 // same eight bytes, on an idle connection and during a call.
 func TestGRPCUpstreamPing(t *testing.T) {
