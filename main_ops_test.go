@@ -94,3 +94,61 @@ func TestGRPCPortPlusSign(t *testing.T) {
 		t.Errorf("status %d, stderr %q; want 2 and the line saying it is the port of PROXY_HTTPS_ADDR", status, errOut)
 	}
 }
+
+// TestMisspelledVariable: a variable cells-proxy does not read, spelt like
+// one it does (PROXY_IDLE_TIMOUT, proxy_tls in lower case) or in its
+// PROXY_ namespace, is named in a warning at start, with the variable meant
+// when one is close. It used to be ignored without a word, the default
+// serving in its place: nginx refuses an unknown directive.
+func TestMisspelledVariable(t *testing.T) {
+	addr, health := freeAddr(t), freeAddr(t)
+	cmd := command(nil, "CELLS_UPSTREAM=https://cells:8080", "PROXY_HTTPS_ADDR="+addr,
+		"PROXY_HTTP_ADDR=off", "PROXY_HEALTH_ADDR="+health,
+		"PROXY_IDLE_TIMOUT=5m", "proxy_max_body_size=1G", "PROXY_WEBSOCKET_TIMEOUT=1h",
+		"CELLS_UPSTREAM_CA=/cells/certs/rootCA.pem",
+		// Cells' own variables, in an env file shared with Cells: not ours.
+		"CELLS_SITE_NO_TLS=1", "CELLS_WORKING_DIR=/var/cells")
+	stderr := &lockedBuffer{}
+	cmd.Stderr = stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	for deadline := time.Now().Add(15 * time.Second); !strings.Contains(stderr.String(), `"msg":"listening"`); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("not listening within 15 s:\n%s", stderr)
+		}
+	}
+	out := stderr.String()
+	for _, tc := range []struct{ name, meant string }{
+		{"PROXY_IDLE_TIMOUT", "PROXY_IDLE_TIMEOUT"},
+		{"proxy_max_body_size", "PROXY_MAX_BODY_SIZE"},
+		{"PROXY_WEBSOCKET_TIMEOUT", ""},
+		{"CELLS_UPSTREAM_CA", "CELLS_UPSTREAM_CA_FILE"},
+	} {
+		line := grepLine(out, `"variable":"`+tc.name+`"`)
+		switch {
+		case line == "":
+			t.Errorf("no warning names %s:\n%s", tc.name, out)
+		case !strings.Contains(line, `"level":"WARN"`):
+			t.Errorf("%s: %q is not a warning", tc.name, line)
+		case tc.meant != "" && !strings.Contains(line, `"did_you_mean":"`+tc.meant+`"`):
+			t.Errorf("%s: %q does not suggest %s", tc.name, line, tc.meant)
+		}
+	}
+	for _, name := range []string{"CELLS_SITE_NO_TLS", "CELLS_WORKING_DIR"} {
+		if l := grepLine(out, name); l != "" {
+			t.Errorf("Cells' own %s is warned about: %q", name, l)
+		}
+	}
+}
+
+// grepLine is the first line of s that holds sub, or "".
+func grepLine(s, sub string) string {
+	for _, l := range lines(s) {
+		if strings.Contains(l, sub) {
+			return l
+		}
+	}
+	return ""
+}

@@ -7,7 +7,9 @@ import (
 	"net"
 	"net/netip"
 	"net/url"
+	"os"
 	"reflect"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -124,6 +126,17 @@ type Config struct {
 	LogLevel  slog.Level
 	LogFormat string // "json" or "text"
 	AccessLog bool
+
+	// Ignored are the variables of the environment that look meant for
+	// cells-proxy but that it does not read (a typo); New warns of each.
+	Ignored []IgnoredVariable
+}
+
+// IgnoredVariable is a variable of the environment that cells-proxy does not
+// read although its name looks like one of its own.
+type IgnoredVariable struct {
+	Name  string
+	Meant string // the variable probably meant; empty: none is close
 }
 
 // Load reads the configuration from the process environment. The error joins
@@ -135,7 +148,75 @@ func Load() (*Config, error) {
 		return nil, fmt.Errorf("reading the environment: %w", err)
 	}
 	e.applyDefaults()
-	return e.parse()
+	c, err := e.parse()
+	if c != nil {
+		c.Ignored = ignoredVariables(os.Environ())
+	}
+	return c, err
+}
+
+// ignoredVariables lists the variables of environ that cells-proxy does not
+// read but that look meant for it: any in its PROXY_ namespace or named like
+// one of its files or upstreams, and any spelt within two letters of one of
+// its own, case aside. A typo would otherwise leave the default in force
+// without a word, where nginx refuses an unknown directive. They are warned
+// of, not refused: a Kubernetes service called "proxy" puts PROXY_PORT and
+// the like in every container's environment, and Cells' own variables
+// (CELLS_SITE_NO_TLS, ...) may share an env file with cells-proxy.
+func ignoredVariables(environ []string) []IgnoredVariable {
+	known := Variables()
+	var out []IgnoredVariable
+	for _, kv := range environ {
+		name, _, _ := strings.Cut(kv, "=")
+		if slices.ContainsFunc(known, func(v Variable) bool { return v.Name == name }) {
+			continue
+		}
+		upper := strings.ToUpper(name)
+		ours := false
+		for _, p := range []string{"PROXY_", "CELLS_UPSTREAM", "CELLS_GRPC_UPSTREAM", "TLS_CERT", "TLS_KEY"} {
+			ours = ours || strings.HasPrefix(upper, p)
+		}
+		// The variable meant: one letter off; else one that the name
+		// begins (CELLS_UPSTREAM_CA); else the closest within three.
+		meant, best := "", 4
+		for _, v := range known {
+			if d := editDistance(upper, v.Name); d < best {
+				meant, best = v.Name, d
+			}
+		}
+		if best > 1 {
+			for _, v := range known {
+				if strings.HasPrefix(v.Name, upper+"_") {
+					meant = v.Name
+					break
+				}
+			}
+		}
+		if ours || best <= 2 {
+			out = append(out, IgnoredVariable{Name: name, Meant: meant})
+		}
+	}
+	return out
+}
+
+// editDistance is the Levenshtein distance between a and b, in bytes.
+func editDistance(a, b string) int {
+	prev, cur := make([]int, len(b)+1), make([]int, len(b)+1)
+	for j := range prev {
+		prev[j] = j
+	}
+	for i := 1; i <= len(a); i++ {
+		cur[0] = i
+		for j := 1; j <= len(b); j++ {
+			sub := prev[j-1]
+			if a[i-1] != b[j-1] {
+				sub++
+			}
+			cur[j] = min(sub, prev[j]+1, cur[j-1]+1)
+		}
+		prev, cur = cur, prev
+	}
+	return prev[len(b)]
 }
 
 // applyDefaults gives a variable that is set but empty its default, as if

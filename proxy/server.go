@@ -96,6 +96,13 @@ func New(cfg *Config, log *slog.Logger) (*Server, error) {
 		return nil, &FileError{errors.Join(files...)}
 	}
 	s.health = newHealth(s)
+	for _, v := range cfg.Ignored {
+		attrs := []any{"variable", v.Name}
+		if v.Meant != "" {
+			attrs = append(attrs, "did_you_mean", v.Meant)
+		}
+		log.Warn("not a cells-proxy variable, ignored: cells-proxy env lists them", attrs...)
+	}
 	if cfg.UpstreamInsecure {
 		log.Warn("CELLS_UPSTREAM_INSECURE=true: the upstream certificate is not verified")
 	}
