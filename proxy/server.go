@@ -13,6 +13,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/soheilhy/cmux"
@@ -395,7 +396,8 @@ func (s *Server) Run(ctx context.Context) error {
 	// "unencrypted" HTTP/2 over the already-decrypted stream.
 	// Under TLS, a socket that tells an upload's copy when it would wait
 	// (upload.go).
-	var root net.Listener = socketListener{s.mainLn}
+	acceptDone := make(chan struct{})
+	var root net.Listener = &retryListener{Listener: socketListener{s.mainLn}, log: s.log, done: acceptDone}
 	if s.tls != nil && s.cfg.TLS {
 		root = tls.NewListener(root, s.tls)
 	}
@@ -493,6 +495,7 @@ func (s *Server) Run(ctx context.Context) error {
 		s.log.Error("listener failed, shutting down", "err", runErr)
 	}
 	stopWatch()
+	close(acceptDone)
 	s.shutdown(mux, sv.servers)
 	if healthSrv != nil {
 		healthSrv.Close()
@@ -562,6 +565,42 @@ func (s *Server) shutdown(mux cmux.CMux, servers []drainer) {
 // (lingerTimeout's 2 s): their connections are closed, so they end at once
 // but for a handler stuck where no close reaches it.
 const exchangesLinger = 2 * time.Second
+
+// retryListener waits before accepting again when accepting failed for
+// lack of descriptors or memory, from 5 ms doubling to 1 s, and logs it, as
+// net/http's servers do (nginx stops accepting for 500 ms). cmux, which
+// accepts for the public port, retries such errors at once: a flood of
+// connections that used up RLIMIT_NOFILE made it spin on a core until
+// descriptors were freed.
+type retryListener struct {
+	net.Listener
+	log    *slog.Logger
+	done   <-chan struct{} // closed when shutdown begins: no more waiting
+	logged time.Time       // the last warning; cmux accepts on one goroutine
+}
+
+func (l *retryListener) Accept() (net.Conn, error) {
+	var delay time.Duration
+	for {
+		c, err := l.Listener.Accept()
+		if err == nil || !(errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) ||
+			errors.Is(err, syscall.ENOBUFS) || errors.Is(err, syscall.ENOMEM)) {
+			return c, err
+		}
+		delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+		// At most a line a second: under a flood, each descriptor freed
+		// is taken at once and the next accept fails again.
+		if time.Since(l.logged) >= time.Second {
+			l.logged = time.Now()
+			l.log.Warn("accepting connections failed, retrying", "addr", l.Addr().String(), "err", err, "retry_in", delay.String())
+		}
+		select {
+		case <-time.After(delay):
+		case <-l.done:
+			return nil, net.ErrClosed
+		}
+	}
+}
 
 // alpnH2 matches a TLS connection that agreed h2 in ALPN. cmux hands a
 // matcher the connection itself as its writer; cmux's read deadline bounds
