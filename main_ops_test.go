@@ -152,3 +152,18 @@ func grepLine(s, sub string) string {
 	}
 	return ""
 }
+
+// TestMisspelledRequiredVariable: CELLS_UPSTRAEM set and CELLS_UPSTREAM
+// missing: besides the line saying CELLS_UPSTREAM is required, the operator
+// is told which of the variables set was probably meant for it.
+func TestMisspelledRequiredVariable(t *testing.T) {
+	errOut, status := runBad(t, "CELLS_UPSTRAEM=https://cells:8080", "PROXY_HTTPS_ADDR="+freeAddr(t),
+		"PROXY_HTTP_ADDR=off", "PROXY_HEALTH_ADDR=off")
+	if status != 2 {
+		t.Errorf("exit status = %d, want 2", status)
+	}
+	namesAVariable(t, errOut)
+	if l := grepLine(errOut, "CELLS_UPSTRAEM"); !strings.Contains(l, "CELLS_UPSTREAM?") {
+		t.Errorf("no line suggests CELLS_UPSTREAM for CELLS_UPSTRAEM:\n%s", errOut)
+	}
+}

@@ -148,11 +148,21 @@ func Load() (*Config, error) {
 		return nil, fmt.Errorf("reading the environment: %w", err)
 	}
 	e.applyDefaults()
+	ignored := ignoredVariables(os.Environ())
 	c, err := e.parse()
-	if c != nil {
-		c.Ignored = ignoredVariables(os.Environ())
+	if err != nil {
+		// A misspelt name is often why a variable is missing or
+		// another one contradicts it: say so with the problems.
+		errs := []error{err}
+		for _, v := range ignored {
+			if v.Meant != "" {
+				errs = append(errs, fmt.Errorf("%s is not a cells-proxy variable and is ignored: did you mean %s?", v.Name, v.Meant))
+			}
+		}
+		return nil, errors.Join(errs...)
 	}
-	return c, err
+	c.Ignored = ignored
+	return c, nil
 }
 
 // ignoredVariables lists the variables of environ that cells-proxy does not
