@@ -35,7 +35,7 @@ type env struct {
 	HTTPSAddr          string `envconfig:"PROXY_HTTPS_ADDR" default:":8443" desc:"public listener: TLS (or cleartext with PROXY_TLS=off), HTTP/1.1, HTTP/2 and gRPC"`
 	HTTPAddr           string `envconfig:"PROXY_HTTP_ADDR" default:":8080" desc:"plain listener that answers 301 to https (308 for methods other than GET and HEAD, so uploads keep their body); off disables it"`
 	RedirectPort       string `envconfig:"PROXY_REDIRECT_HTTPS_PORT" default:"443" desc:"port written in redirects: the one users reach from outside, not the container's"`
-	ServerNames        string `envconfig:"PROXY_SERVER_NAMES" desc:"comma list of public host names, each whole (no wildcard; an internationalized name in its xn-- form); other Host values get 421 on HTTPS and 404 on the redirect port. Empty: any"`
+	ServerNames        string `envconfig:"PROXY_SERVER_NAMES" desc:"comma list of public host names, each whole (no wildcard; an internationalized name in its xn-- form), or IP addresses (IPv6 with or without brackets: ::1 or [2001:db8::1]); any port passes; other Host values get 421 on HTTPS and 404 on the redirect port. Empty: any"`
 	TLS                string `envconfig:"PROXY_TLS" default:"on" desc:"off: the public port speaks cleartext (a load balancer terminates TLS in front) and cmux splits h2c prior knowledge from HTTP/1; Cells is then told X-Forwarded-Proto: http unless PROXY_TRUSTED_PROXIES names the load balancer, whose https it believes: set it, or Cells builds http:// links"`
 	TrustedProxies     string `envconfig:"PROXY_TRUSTED_PROXIES" desc:"comma list of CIDRs whose X-Forwarded-Proto and X-Forwarded-For are believed: the chain is followed from the right past them to the client, and Cells gets it from there on. Empty: none"`
 	MaxBodySize        string `envconfig:"PROXY_MAX_BODY_SIZE" default:"0" desc:"largest request body, e.g. 200MiB or 1G; larger bodies get 413. 0: no limit"`
@@ -101,7 +101,8 @@ type Config struct {
 	HTTPAddr string
 	// RedirectPort is written in redirects, unless it is 443.
 	RedirectPort int
-	// ServerNames are the accepted Host names, lower case; empty: any.
+	// ServerNames are the accepted Host names, lower case, IPv6 addresses
+	// without brackets in their usual form (netip.Addr.String); empty: any.
 	ServerNames []string
 	// TLS is false when a load balancer terminates TLS in front of the proxy.
 	TLS bool
@@ -385,13 +386,34 @@ func (e *env) parse() (*Config, error) {
 			bad("PROXY_SERVER_NAMES takes host names in ASCII: write an internationalized name in its xn-- form, got %q", n)
 			continue
 		}
-		if strings.ContainsAny(n, ":/ *") || n == "" {
-			// A wildcard would match nothing: the names are compared
-			// whole, and Cells has one public name.
-			bad("PROXY_SERVER_NAMES takes host names without port, scheme or wildcard, got %q", n)
+		// An IPv6 address, bracketed as in a Host header or not, is
+		// kept as the Host check compares it: bare, in its usual form.
+		ip := n
+		if len(n) > 2 && n[0] == '[' && n[len(n)-1] == ']' {
+			ip = n[1 : len(n)-1]
+		}
+		if a, err := netip.ParseAddr(ip); err == nil && a.Is6() {
+			if a.Zone() != "" {
+				bad("PROXY_SERVER_NAMES takes IPv6 addresses without a zone (no client sends one in Host), got %q", n)
+				continue
+			}
+			c.ServerNames = append(c.ServerNames, a.String())
 			continue
 		}
-		c.ServerNames = append(c.ServerNames, n)
+		switch {
+		case strings.Contains(n, "*"):
+			// A wildcard would match nothing: the names are compared
+			// whole, and Cells has one public name.
+			bad("PROXY_SERVER_NAMES takes whole host names, no wildcard, got %q", n)
+		case strings.Contains(n, "://"):
+			bad("PROXY_SERVER_NAMES takes host names without scheme, such as cells.example.com, got %q", n)
+		case strings.Contains(n, ":"):
+			bad("PROXY_SERVER_NAMES takes host names without port (any port passes), such as cells.example.com or [2001:db8::1], got %q", n)
+		case strings.ContainsAny(n, "/ ") || n == "":
+			bad("PROXY_SERVER_NAMES takes host names such as cells.example.com, got %q", n)
+		default:
+			c.ServerNames = append(c.ServerNames, n)
+		}
 	}
 	for _, s := range splitList(e.TrustedProxies) {
 		p, err := parsePrefix(s)

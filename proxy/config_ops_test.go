@@ -118,3 +118,86 @@ func TestUpstreamServerNameBracketedIPv6(t *testing.T) {
 		}
 	}
 }
+
+// TestServerNamesIPv6: an operator who reaches Cells by an IPv6 address
+// lists it in PROXY_SERVER_NAMES, with or without brackets (it used to be
+// refused at start as a name "with port"). Exactly that address then
+// passes, with or without a port and however it is written, over HTTP/1.1,
+// HTTP/2 (:authority) and on the redirect port; another address does not.
+// The self-signed certificate carries it as an IP address, and the
+// readiness probe sends Cells a Host with brackets.
+func TestServerNamesIPv6(t *testing.T) {
+	rec := &recorder{}
+	up := newUpstream(t, upTLS, rec)
+	cfg, err := loadFor(t, up, map[string]string{
+		"PROXY_SERVER_NAMES": "[2001:DB8::1], ::1, cells.example.com",
+		"PROXY_HTTP_ADDR":    "127.0.0.1:0",
+	})
+	if err != nil {
+		t.Fatalf("PROXY_SERVER_NAMES with IPv6 literals refused at start: %v", err)
+	}
+	tp := startProxy(t, cfg)
+	for _, tc := range []struct {
+		host string
+		ok   bool
+	}{
+		{"[::1]", true},
+		{"[::1]:8443", true},
+		{"[2001:db8::1]", true},
+		{"[2001:db8::1]:8443", true},
+		{"[2001:DB8:0::1]:443", true},
+		{"cells.example.com", true},
+		{"[2001:db8::2]", false},
+		{"[2001:db8::2]:8443", false},
+		{"[::2]", false},
+	} {
+		t.Run(tc.host, func(t *testing.T) {
+			wantHTTPS, wantPlain, wantLoc := http.StatusOK, http.StatusMovedPermanently, "https://"+bracketIPv6(hostOnly(tc.host))+"/x"
+			if !tc.ok {
+				wantHTTPS, wantPlain, wantLoc = http.StatusMisdirectedRequest, http.StatusNotFound, ""
+			}
+			res, _ := rawH1(t, tp, "GET /x HTTP/1.1\r\nHost: "+tc.host+"\r\nConnection: close\r\n\r\n")
+			if got := res.StatusCode; got != wantHTTPS {
+				t.Errorf("h1 status = %d, want %d", got, wantHTTPS)
+			}
+			if got := rawH2(t, tp, h2Fields("GET", tc.host, "/x"), nil).Status; got != wantHTTPS {
+				t.Errorf("h2 status = %d, want %d", got, wantHTTPS)
+			}
+			res = rawPlain(t, tp, "GET /x HTTP/1.1\r\nHost: "+tc.host+"\r\n\r\n")
+			if got := res.StatusCode; got != wantPlain {
+				t.Errorf("redirect port status = %d, want %d", got, wantPlain)
+			}
+			if got := res.Header.Get("Location"); got != wantLoc {
+				t.Errorf("redirect port Location = %q, want %q", got, wantLoc)
+			}
+		})
+	}
+
+	leaf := tp.dialTLS(t, tp.Addr().String()).ConnectionState().PeerCertificates[0]
+	for _, n := range []string{"2001:db8::1", "::1"} {
+		if err := leaf.VerifyHostname(n); err != nil {
+			t.Errorf("self-signed certificate (IPs %v, DNS names %q) does not cover %s: %v", leaf.IPAddresses, leaf.DNSNames, n, err)
+		}
+	}
+	for _, n := range leaf.DNSNames {
+		if strings.ContainsAny(n, ":[]") {
+			t.Errorf("self-signed certificate has DNS name %q: an IP address belongs in an IP SAN", n)
+		}
+	}
+
+	if got, want := readyz(t, tp), http.StatusOK; got != want {
+		t.Fatalf("/readyz = %d, want %d", got, want)
+	}
+	probed := false
+	for _, r := range rec.all() {
+		if r.Header.Get("User-Agent") == "cells-proxy-healthcheck" {
+			probed = true
+			if got, want := r.Host, "[2001:db8::1]"; got != want {
+				t.Errorf("readiness probe Host at Cells = %q, want %q", got, want)
+			}
+		}
+	}
+	if !probed {
+		t.Error("no readiness probe reached Cells")
+	}
+}

@@ -281,6 +281,40 @@ func TestServerNamesNoWildcard(t *testing.T) {
 	}
 }
 
+// TestServerNamesForms: an IPv6 address is taken bracketed or not and
+// kept in the form the Host check compares; what can never match a Host
+// is refused with a line that says what is wrong with it.
+func TestServerNamesForms(t *testing.T) {
+	for _, tc := range []struct {
+		in, want string // want: the ServerNames, or a part of the error
+		ok       bool
+		notInErr string
+	}{
+		{"::1", "::1", true, ""},
+		{"[2001:DB8::1]", "2001:db8::1", true, ""},
+		{"2001:db8:0:0:0:0:0:1", "2001:db8::1", true, ""},
+		{"Cells.Example.com., 192.0.2.7", "cells.example.com,192.0.2.7", true, ""},
+		{"cells.example.com:8443", "without port", false, "scheme"},
+		{"[2001:db8::1]:8443", "without port", false, "scheme"},
+		{"https://cells.example.com", "without scheme", false, "port"},
+		{"fe80::1%eth0", "without a zone", false, "port"},
+		{"*.example.com", "wildcard", false, "port"},
+	} {
+		setEnv(t, map[string]string{"CELLS_UPSTREAM": "https://cells:8080", "PROXY_SERVER_NAMES": tc.in})
+		c, err := Load()
+		switch {
+		case tc.ok && err != nil:
+			t.Errorf("PROXY_SERVER_NAMES=%s: %v", tc.in, err)
+		case tc.ok:
+			if got := strings.Join(c.ServerNames, ","); got != tc.want {
+				t.Errorf("PROXY_SERVER_NAMES=%s: ServerNames = %q, want %q", tc.in, got, tc.want)
+			}
+		case err == nil || !strings.HasPrefix(err.Error(), "PROXY_SERVER_NAMES") || !strings.Contains(err.Error(), tc.want) || strings.Contains(err.Error(), tc.notInErr):
+			t.Errorf("PROXY_SERVER_NAMES=%s: err = %v, want a line about %q, not %q", tc.in, err, tc.want, tc.notInErr)
+		}
+	}
+}
+
 func TestLoadRequiresUpstream(t *testing.T) {
 	setEnv(t, nil)
 	_, err := Load()

@@ -881,6 +881,13 @@ func (f *forwarder) hostAllowed(hostport string) bool {
 		return true
 	}
 	host := hostOnly(hostport)
+	if strings.IndexByte(host, ':') >= 0 {
+		// An IPv6 address: ServerNames holds it in its usual form,
+		// and a client may write it otherwise ([2001:DB8:0::1]).
+		if a, err := netip.ParseAddr(host); err == nil {
+			host = a.String()
+		}
+	}
 	for _, n := range f.cfg.ServerNames {
 		if strings.EqualFold(host, n) {
 			return true

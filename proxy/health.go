@@ -90,7 +90,7 @@ func (h *health) probe(ctx context.Context) (bool, string) {
 		return false, err.Error()
 	}
 	if names := h.s.cfg.ServerNames; len(names) > 0 {
-		req.Host = names[0]
+		req.Host = bracketIPv6(names[0])
 	}
 	req.Header.Set("User-Agent", "cells-proxy-healthcheck")
 	res, err := h.client.Do(req)
