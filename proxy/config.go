@@ -37,7 +37,7 @@ type env struct {
 	RedirectPort       string `envconfig:"PROXY_REDIRECT_HTTPS_PORT" default:"443" desc:"port written in redirects: the one users reach from outside, not the container's"`
 	ServerNames        string `envconfig:"PROXY_SERVER_NAMES" desc:"comma list of public host names, each whole (no wildcard; an internationalized name in its xn-- form), or IP addresses (IPv6 with or without brackets: ::1 or [2001:db8::1]); any port passes; other Host values get 421 on HTTPS and 404 on the redirect port. Empty: any"`
 	TLS                string `envconfig:"PROXY_TLS" default:"on" desc:"off: the public port speaks cleartext (a load balancer terminates TLS in front) and cmux splits h2c prior knowledge from HTTP/1; Cells is then told X-Forwarded-Proto: http unless PROXY_TRUSTED_PROXIES names the load balancer, whose https it believes: set it, or Cells builds http:// links"`
-	TrustedProxies     string `envconfig:"PROXY_TRUSTED_PROXIES" desc:"comma list of CIDRs whose X-Forwarded-Proto and X-Forwarded-For are believed: the chain is followed from the right past them to the client, and Cells gets it from there on. Empty: none"`
+	TrustedProxies     string `envconfig:"PROXY_TRUSTED_PROXIES" desc:"comma list of CIDRs whose X-Forwarded-Proto and X-Forwarded-For are believed: the chain is followed from the right past them to the client, and Cells gets it from there on. A CIDR with host bits set (10.0.0.1/8) is taken as its network, with a warning at start. Empty: none"`
 	MaxBodySize        string `envconfig:"PROXY_MAX_BODY_SIZE" default:"0" desc:"largest request body, e.g. 200MiB or 1G; larger bodies get 413. 0: no limit"`
 	IdleTimeout        string `envconfig:"PROXY_IDLE_TIMEOUT" default:"10m" desc:"a proxied HTTP exchange with no byte moving either way for this long is cut (nginx proxy_read_timeout and proxy_send_timeout): 504 if Cells never answered, 408 if the client stopped sending its body; an HTTP/2 connection whose client takes no byte for this long, or 60s if shorter (nginx send_timeout), is closed"`
 	WSIdleTimeout      string `envconfig:"PROXY_WS_IDLE_TIMEOUT" default:"24h" desc:"the same for websockets (Cells pings every 54 s)"`
@@ -131,6 +131,18 @@ type Config struct {
 	// Ignored are the variables of the environment that look meant for
 	// cells-proxy but that it does not read (a typo); New warns of each.
 	Ignored []IgnoredVariable
+	// Warnings are the values Load accepted but took otherwise than
+	// written; New warns of each.
+	Warnings []Warning
+}
+
+// Warning is a value of a variable that Load accepted but that may not do
+// what the operator meant.
+type Warning struct {
+	Msg      string // the log line's message, constant
+	Variable string
+	Value    string // as written
+	TakenAs  string // what cells-proxy uses in its place
 }
 
 // IgnoredVariable is a variable of the environment that cells-proxy does not
@@ -421,6 +433,14 @@ func (e *env) parse() (*Config, error) {
 			bad("PROXY_TRUSTED_PROXIES takes CIDRs or addresses such as 10.0.0.0/8, got %q", s)
 			continue
 		}
+		if q, err := netip.ParsePrefix(s); err == nil && unmap(q) != p {
+			// nginx warns too: "low address bits of 10.0.0.1/8 are
+			// meaningless". The operator may have meant the address.
+			c.Warnings = append(c.Warnings, Warning{
+				Msg:      "a trusted CIDR has host bits set: its network is trusted, not the address",
+				Variable: "PROXY_TRUSTED_PROXIES", Value: s, TakenAs: p.String(),
+			})
+		}
 		c.TrustedProxies = append(c.TrustedProxies, p)
 	}
 
@@ -516,11 +536,7 @@ func redactURL(s string) string {
 func parsePrefix(s string) (netip.Prefix, error) {
 	if strings.Contains(s, "/") {
 		p, err := netip.ParsePrefix(s)
-		// Peers are compared unmapped: ::ffff:10.0.0.0/104 is 10.0.0.0/8.
-		if err == nil && p.Addr().Is4In6() && p.Bits() >= 96 {
-			p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
-		}
-		return p.Masked(), err
+		return unmap(p).Masked(), err
 	}
 	a, err := netip.ParseAddr(s)
 	if err != nil {
@@ -528,6 +544,15 @@ func parsePrefix(s string) (netip.Prefix, error) {
 	}
 	a = a.Unmap()
 	return netip.PrefixFrom(a, a.BitLen()), nil
+}
+
+// unmap makes an IPv4-mapped prefix an IPv4 one: peers are compared
+// unmapped, and ::ffff:10.0.0.0/104 is 10.0.0.0/8.
+func unmap(p netip.Prefix) netip.Prefix {
+	if p.Addr().Is4In6() && p.Bits() >= 96 {
+		return netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
+	}
+	return p
 }
 
 func splitList(s string) []string {

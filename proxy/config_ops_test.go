@@ -201,3 +201,50 @@ func TestServerNamesIPv6(t *testing.T) {
 		t.Error("no readiness probe reached Cells")
 	}
 }
+
+// TestTrustedProxiesHostBits: a CIDR with host bits set (10.0.0.1/8) is
+// taken as its network, as netip masks it; nginx warns of it ("low address
+// bits of 10.0.0.1/8 are meaningless"), and so must cells-proxy, once per
+// such entry, naming the variable, the value and what it is taken as: the
+// operator may have meant the address alone. ::ffff:10.0.0.0/8, 10.0.0.0/8
+// written mapped with IPv4's bits, trusts ::/8 (::1 among them) and no IPv4
+// peer at all. A CIDR without host bits, or an address, is not warned of.
+func TestTrustedProxiesHostBits(t *testing.T) {
+	up := newUpstream(t, upPlain, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
+	cfg, err := loadFor(t, up, map[string]string{
+		"PROXY_TRUSTED_PROXIES": "10.0.0.1/8, 192.168.1.0/24, 2001:db8::1/32, 172.16.5.4, ::ffff:10.0.0.0/104, ::ffff:10.0.0.1/104, ::ffff:10.0.0.0/8",
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sink := newLogSink()
+	startLoggedProxy(t, cfg, sink, "json")
+	want := map[string]string{
+		"10.0.0.1/8":          "10.0.0.0/8",
+		"2001:db8::1/32":      "2001:db8::/32",
+		"::ffff:10.0.0.1/104": "10.0.0.0/8",
+		"::ffff:10.0.0.0/8":   "::/8",
+	}
+	got := map[string]int{}
+	for _, l := range strings.Split(sink.String(), "\n") {
+		f := parseLogLine(t, l)
+		if f["variable"] != "PROXY_TRUSTED_PROXIES" {
+			continue
+		}
+		v := f["value"]
+		got[v]++
+		if f["level"] != "WARN" {
+			t.Errorf("%s: %q is not a warning", v, l)
+		}
+		if taken, ok := want[v]; !ok {
+			t.Errorf("PROXY_TRUSTED_PROXIES entry %s warned of: %q", v, l)
+		} else if f["taken_as"] != taken {
+			t.Errorf("PROXY_TRUSTED_PROXIES entry %s: taken_as %q, want %q: %q", v, f["taken_as"], taken, l)
+		}
+	}
+	for v := range want {
+		if got[v] != 1 {
+			t.Errorf("PROXY_TRUSTED_PROXIES entry %s: %d warnings, want 1; log:\n%s", v, got[v], sink.String())
+		}
+	}
+}

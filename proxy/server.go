@@ -104,6 +104,9 @@ func New(cfg *Config, log *slog.Logger) (*Server, error) {
 		}
 		log.Warn("not a cells-proxy variable, ignored: cells-proxy env lists them", attrs...)
 	}
+	for _, w := range cfg.Warnings {
+		log.Warn(w.Msg, "variable", w.Variable, "value", w.Value, "taken_as", w.TakenAs)
+	}
 	if cfg.UpstreamInsecure {
 		log.Warn("CELLS_UPSTREAM_INSECURE=true: the upstream certificate is not verified")
 	}
