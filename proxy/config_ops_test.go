@@ -248,3 +248,42 @@ func TestTrustedProxiesHostBits(t *testing.T) {
 		}
 	}
 }
+
+// TestServerNamesExactHost: PROXY_SERVER_NAMES lets through a listed name
+// or address as a client writes it in Host, and nothing else: brackets
+// around a name, unmatched brackets, or an IPv6 address without brackets
+// (no valid Host, RFC 3986 section 3.2.2) used to pass as the name inside
+// and reach Cells, which builds its links from Host.
+func TestServerNamesExactHost(t *testing.T) {
+	rec := &recorder{}
+	up := newUpstream(t, upTLS, rec)
+	cfg, err := loadFor(t, up, map[string]string{
+		"PROXY_SERVER_NAMES": "cells.example.com, ::1, 192.0.2.7",
+		"PROXY_HTTP_ADDR":    "127.0.0.1:0",
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tp := startProxy(t, cfg)
+	for _, host := range []string{
+		"[cells.example.com]", "[cells.example.com]:443", "[cells.example.com", "cells.example.com]",
+		"[192.0.2.7]", "[192.0.2.7]:443", "[::1", "::1]", "::1", "[::1]]", "[::1]x", "[::1]:443]",
+	} {
+		t.Run(host, func(t *testing.T) {
+			res, _ := rawH1(t, tp, "GET /x HTTP/1.1\r\nHost: "+host+"\r\nConnection: close\r\n\r\n")
+			if got := res.StatusCode; got != http.StatusMisdirectedRequest && got != http.StatusBadRequest {
+				t.Errorf("h1 status = %d, want %d (or 400)", got, http.StatusMisdirectedRequest)
+			}
+			if got := rawH2(t, tp, h2Fields("GET", host, "/x"), nil).Status; got != http.StatusMisdirectedRequest && got != http.StatusBadRequest {
+				t.Errorf("h2 status = %d, want %d (or 400)", got, http.StatusMisdirectedRequest)
+			}
+			res = rawPlain(t, tp, "GET /x HTTP/1.1\r\nHost: "+host+"\r\n\r\n")
+			if got := res.StatusCode; got != http.StatusNotFound && got != http.StatusBadRequest {
+				t.Errorf("redirect port status = %d, want %d (or 400); Location %q", got, http.StatusNotFound, res.Header.Get("Location"))
+			}
+		})
+	}
+	for _, r := range rec.all() {
+		t.Errorf("Cells saw a request with Host %q", r.Host)
+	}
+}

@@ -880,13 +880,9 @@ func (f *forwarder) hostAllowed(hostport string) bool {
 	if len(f.cfg.ServerNames) == 0 {
 		return true
 	}
-	host := hostOnly(hostport)
-	if strings.IndexByte(host, ':') >= 0 {
-		// An IPv6 address: ServerNames holds it in its usual form,
-		// and a client may write it otherwise ([2001:DB8:0::1]).
-		if a, err := netip.ParseAddr(host); err == nil {
-			host = a.String()
-		}
+	host, ok := serverName(hostport)
+	if !ok {
+		return false
 	}
 	for _, n := range f.cfg.ServerNames {
 		if strings.EqualFold(host, n) {
@@ -894,6 +890,38 @@ func (f *forwarder) hostAllowed(hostport string) bool {
 		}
 	}
 	return false
+}
+
+// serverName is the host of a Host or :authority value in the form
+// ServerNames holds it: without port or trailing dot, an IPv6 address
+// without brackets and in its usual form (a client may write
+// [2001:DB8:0::1]). ok is false for a host no client names a server by:
+// brackets around anything but an IPv6 address, or unmatched, an IPv6
+// address without them (RFC 3986, section 3.2.2), or a port that is not
+// a number.
+func serverName(hostport string) (host string, ok bool) {
+	var port string
+	if v6, ok := strings.CutPrefix(hostport, "["); ok {
+		v6, rest, ok := strings.Cut(v6, "]")
+		a, err := netip.ParseAddr(v6)
+		if !ok || err != nil || !a.Is6() {
+			return "", false
+		}
+		host = a.String()
+		if rest != "" {
+			if rest[0] != ':' {
+				return "", false
+			}
+			port = rest[1:]
+		}
+	} else {
+		host, port, _ = strings.Cut(hostport, ":")
+		if strings.IndexByte(host, ']') >= 0 {
+			return "", false
+		}
+		host = strings.TrimSuffix(host, ".")
+	}
+	return host, port == "" || isDigits(port)
 }
 
 // hostOnly strips the port (and IPv6 brackets) and a trailing dot.
