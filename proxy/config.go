@@ -394,6 +394,11 @@ func (e *env) parse() (*Config, error) {
 
 	for _, n := range splitList(e.ServerNames) {
 		n = strings.ToLower(strings.TrimSuffix(n, "."))
+		if strings.ContainsAny(n, " \t\r\n") {
+			// nginx's server_name takes names separated by spaces.
+			bad("PROXY_SERVER_NAMES separates names with commas, not spaces, got %q", n)
+			continue
+		}
 		if strings.IndexFunc(n, func(r rune) bool { return r <= ' ' || r > '~' }) >= 0 {
 			bad("PROXY_SERVER_NAMES takes host names in ASCII: write an internationalized name in its xn-- form, got %q", n)
 			continue
@@ -421,7 +426,7 @@ func (e *env) parse() (*Config, error) {
 			bad("PROXY_SERVER_NAMES takes host names without scheme, such as cells.example.com, got %q", n)
 		case strings.Contains(n, ":"):
 			bad("PROXY_SERVER_NAMES takes host names without port (any port passes), such as cells.example.com or [2001:db8::1], got %q", n)
-		case strings.ContainsAny(n, "/ ") || n == "":
+		case strings.Contains(n, "/") || n == "":
 			bad("PROXY_SERVER_NAMES takes host names such as cells.example.com, got %q", n)
 		default:
 			c.ServerNames = append(c.ServerNames, n)
@@ -429,6 +434,10 @@ func (e *env) parse() (*Config, error) {
 	}
 	for _, s := range splitList(e.TrustedProxies) {
 		p, err := parsePrefix(s)
+		if err != nil && strings.ContainsAny(s, " \t\r\n") {
+			bad("PROXY_TRUSTED_PROXIES separates CIDRs with commas, not spaces, got %q", s)
+			continue
+		}
 		if err != nil {
 			bad("PROXY_TRUSTED_PROXIES takes CIDRs or addresses such as 10.0.0.0/8, got %q", s)
 			continue

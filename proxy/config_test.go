@@ -315,6 +315,26 @@ func TestServerNamesForms(t *testing.T) {
 	}
 }
 
+// TestListsSeparatedBySpaces: nginx separates server_name and the like
+// with spaces; an operator who does the same here is told to use commas,
+// not to write an internationalized name in its xn-- form (what a space in
+// PROXY_SERVER_NAMES used to get) or only which form an entry takes.
+func TestListsSeparatedBySpaces(t *testing.T) {
+	for _, tc := range []struct{ name, value string }{
+		{"PROXY_SERVER_NAMES", "cells.example.com www.cells.example.com"},
+		{"PROXY_SERVER_NAMES", "cells.example.com\nwww.cells.example.com"},
+		{"PROXY_SERVER_NAMES", "cells.example.com\twww.cells.example.com"},
+		{"PROXY_TRUSTED_PROXIES", "10.0.0.0/8 192.168.0.0/16"},
+	} {
+		v := tc.value
+		setEnv(t, map[string]string{"CELLS_UPSTREAM": "https://cells:8080", tc.name: v})
+		_, err := Load()
+		if err == nil || !strings.HasPrefix(err.Error(), tc.name) || !strings.Contains(err.Error(), "commas") || strings.Contains(err.Error(), "xn--") {
+			t.Errorf("%s=%q: err = %v, want a line saying to separate with commas", tc.name, v, err)
+		}
+	}
+}
+
 func TestLoadRequiresUpstream(t *testing.T) {
 	setEnv(t, nil)
 	_, err := Load()
