@@ -426,6 +426,10 @@ func (e *env) parse() (*Config, error) {
 			bad("PROXY_SERVER_NAMES takes host names without scheme, such as cells.example.com, got %q", n)
 		case strings.Contains(n, ":"):
 			bad("PROXY_SERVER_NAMES takes host names without port (any port passes), such as cells.example.com or [2001:db8::1], got %q", n)
+		case strings.ContainsAny(n, "[]"):
+			// A Host has brackets only around an IPv6 address
+			// (RFC 3986, section 3.2.2): this would match none.
+			bad("PROXY_SERVER_NAMES takes brackets only around an IPv6 address, got %q", n)
 		case strings.Contains(n, "/") || n == "":
 			bad("PROXY_SERVER_NAMES takes host names such as cells.example.com, got %q", n)
 		default:

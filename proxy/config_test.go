@@ -299,6 +299,9 @@ func TestServerNamesForms(t *testing.T) {
 		{"https://cells.example.com", "without scheme", false, "port"},
 		{"fe80::1%eth0", "without a zone", false, "port"},
 		{"*.example.com", "wildcard", false, "port"},
+		{"[192.0.2.7]", "brackets", false, "port"},
+		{"[cells.example.com]", "brackets", false, "port"},
+		{"cells.example.com]", "brackets", false, "port"},
 	} {
 		setEnv(t, map[string]string{"CELLS_UPSTREAM": "https://cells:8080", "PROXY_SERVER_NAMES": tc.in})
 		c, err := Load()
