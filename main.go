@@ -41,7 +41,8 @@ func main() {
 	case errors.Is(err, errUsage):
 		os.Exit(2)
 	default:
-		if !errors.Is(err, errUnhealthy) {
+		// A healthcheck's line is printed, a cut drain logged.
+		if !errors.Is(err, errUnhealthy) && !errors.Is(err, proxy.ErrCut) {
 			fmt.Fprintln(os.Stderr, "cells-proxy:", err)
 		}
 		os.Exit(1)
@@ -103,8 +104,12 @@ func serve(ctx context.Context, stderr io.Writer) error {
 		return configProblems(stderr, errors.Join(err, proxy.CheckFiles()))
 	}
 	log := newLogger(cfg, stderr)
-	// docker stop sends SIGTERM: drain instead of dying mid-upload.
-	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
+	// docker stop sends SIGTERM: drain instead of dying mid-upload. A
+	// second SIGTERM or SIGINT (Ctrl-C twice) cuts the drain short.
+	stopping := make(chan os.Signal, 2)
+	signal.Notify(stopping, syscall.SIGTERM, syscall.SIGINT)
+	defer signal.Stop(stopping)
+	ctx, stop := context.WithCancel(ctx)
 	defer stop()
 	s, err := proxy.New(cfg, log)
 	if fe := (*proxy.FileError)(nil); errors.As(err, &fe) {
@@ -113,6 +118,21 @@ func serve(ctx context.Context, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	done := make(chan struct{})
+	defer close(done)
+	go func() {
+		select {
+		case <-stopping:
+			stop()
+		case <-ctx.Done():
+		}
+		select {
+		case sig := <-stopping:
+			log.Warn("second signal: cutting the drain short", "signal", sig.String())
+			s.Cut()
+		case <-done:
+		}
+	}()
 	// certbot and cert-manager renewals are picked up by polling; SIGHUP
 	// forces a reload now (a deploy hook: docker kill -s HUP).
 	hup := make(chan os.Signal, 1)

@@ -510,3 +510,107 @@ func TestBadFilesTLSOff(t *testing.T) {
 		t.Errorf("status %d, stderr %q; want 2 and a line about TLS_CERT_FILE", status, out+errOut)
 	}
 }
+
+// TestSecondSignal: a request holds the drain, PROXY_SHUTDOWN_TIMEOUT is
+// 10 minutes. A second SIGTERM or SIGINT (Ctrl-C twice, an orchestrator
+// that insists) ends the process now, exit status 1, with a warning that
+// says what it cut. It used to be ignored: the process waited the whole
+// timeout.
+func TestSecondSignal(t *testing.T) {
+	for _, tc := range []struct {
+		name          string
+		first, second syscall.Signal
+	}{
+		{"TERM TERM", syscall.SIGTERM, syscall.SIGTERM},
+		{"INT INT", syscall.SIGINT, syscall.SIGINT},
+		{"TERM INT", syscall.SIGTERM, syscall.SIGINT},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			arrived := make(chan struct{}, 1)
+			release := make(chan struct{})
+			up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				arrived <- struct{}{}
+				<-release
+			}))
+			defer up.Close()
+			defer close(release)
+
+			addr := freeAddr(t)
+			proc := command(nil, "CELLS_UPSTREAM="+up.URL, "PROXY_HTTPS_ADDR="+addr,
+				"PROXY_HTTP_ADDR=off", "PROXY_HEALTH_ADDR=off", "PROXY_SHUTDOWN_TIMEOUT=10m")
+			stderr := &lockedBuffer{}
+			proc.Stdout, proc.Stderr = io.Discard, stderr
+			if err := proc.Start(); err != nil {
+				t.Fatal(err)
+			}
+			exited := make(chan struct{})
+			var waitErr error
+			go func() { waitErr = proc.Wait(); close(exited) }()
+			defer func() {
+				select {
+				case <-exited:
+				default:
+					proc.Process.Kill()
+					<-exited
+				}
+				if t.Failed() {
+					t.Logf("cells-proxy stderr:\n%s", stderr)
+				}
+			}()
+			waitLog := func(msg string) {
+				t.Helper()
+				for deadline := time.Now().Add(15 * time.Second); !strings.Contains(stderr.String(), `"msg":"`+msg+`"`); time.Sleep(20 * time.Millisecond) {
+					if time.Now().After(deadline) {
+						t.Fatalf("no %q line within 15 s", msg)
+					}
+				}
+			}
+			waitLog("listening")
+
+			tr := &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}
+			defer tr.CloseIdleConnections()
+			go func() {
+				if res, err := (&http.Client{Transport: tr}).Get("https://" + addr + "/slow"); err == nil {
+					io.Copy(io.Discard, res.Body)
+					res.Body.Close()
+				}
+			}()
+			select {
+			case <-arrived:
+			case <-time.After(30 * time.Second):
+				t.Fatal("request did not reach the upstream")
+			}
+
+			if err := proc.Process.Signal(tc.first); err != nil {
+				t.Fatal(err)
+			}
+			waitLog("shutting down")
+			select {
+			case <-exited:
+				t.Fatalf("cells-proxy exited (%v) at the first signal with a request in flight", waitErr)
+			default:
+			}
+			if err := proc.Process.Signal(tc.second); err != nil {
+				t.Fatal(err)
+			}
+			// Well within PROXY_SHUTDOWN_TIMEOUT=10m.
+			select {
+			case <-exited:
+			case <-time.After(60 * time.Second):
+				t.Fatal("cells-proxy still draining 60 s after a second signal")
+			}
+			var exit *exec.ExitError
+			if !errors.As(waitErr, &exit) || exit.ExitCode() != 1 {
+				t.Errorf("cells-proxy after a second signal: %v, want exit status 1", waitErr)
+			}
+			out := stderr.String()
+			noStackTrace(t, "stderr", out)
+			if l := grepLine(out, `"msg":"shutdown"`); l != "" {
+				t.Errorf("the cut drain is logged as a failed shutdown: %q", l)
+			}
+			if l := grepLine(out, "drain cut short"); !strings.Contains(l, `"level":"WARN"`) || !strings.Contains(l, `"requests":1`) {
+				t.Errorf("the line about the cut drain is %q, want a warning saying one request was cut", l)
+			}
+		})
+	}
+}

@@ -38,6 +38,10 @@ type Server struct {
 	baseCtx    context.Context
 	cancelBase context.CancelCauseFunc
 
+	// cut ends the drain at once (Cut).
+	cut      context.Context
+	cutDrain context.CancelFunc
+
 	health *health
 	front  atomic.Pointer[h1Front] // the public port's HTTP/1.1 connections; set by Run
 
@@ -64,6 +68,7 @@ func New(cfg *Config, log *slog.Logger) (*Server, error) {
 	}
 	s := &Server{cfg: cfg, log: log, fwd: fwd, grpcGrace: grpcDrainGrace}
 	s.baseCtx, s.cancelBase = context.WithCancelCause(context.Background())
+	s.cut, s.cutDrain = context.WithCancel(context.Background())
 	if cfg.TLS || cfg.GRPCAddr != "" {
 		if cfg.CertFile != "" {
 			s.certFiles = &certFiles{certFile: cfg.CertFile, keyFile: cfg.KeyFile, names: cfg.ServerNames, log: log, cert: &s.cert}
@@ -499,7 +504,9 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	stopWatch()
 	close(acceptDone)
-	s.shutdown(mux, sv.servers)
+	if s.shutdown(mux, sv.servers) && runErr == nil {
+		runErr = ErrCut
+	}
 	if healthSrv != nil {
 		healthSrv.Close()
 	}
@@ -507,14 +514,25 @@ func (s *Server) Run(ctx context.Context) error {
 	return runErr
 }
 
-func (s *Server) shutdown(mux cmux.CMux, servers []drainer) {
+// ErrCut is Run's error when Cut ended the drain before what was in flight
+// had finished.
+var ErrCut = errors.New("drain cut short")
+
+// Cut ends the drain now, as if PROXY_SHUTDOWN_TIMEOUT had passed: what
+// still runs is cut and closed, and Run returns ErrCut. Called before the
+// drain has begun, it makes the drain take no time. main calls it on a
+// second SIGTERM or SIGINT.
+func (s *Server) Cut() { s.cutDrain() }
+
+// shutdown drains servers and reports whether Cut ended the drain.
+func (s *Server) shutdown(mux cmux.CMux, servers []drainer) (cut bool) {
 	s.draining.Store(true)
 	// Stop accepting on every port at once; http.Server.Shutdown closes
 	// its listener too, but cmux's children share one root listener.
 	mux.Close()
 	s.mainLn.Close()
 
-	drainCtx, cancel := context.WithTimeout(context.Background(), s.cfg.ShutdownTimeout)
+	drainCtx, cancel := context.WithTimeout(s.cut, s.cfg.ShutdownTimeout)
 	defer cancel()
 	if up := s.fwd.grpcUp; up != nil && s.grpcGrace < s.cfg.ShutdownTimeout {
 		// Uploads and downloads have the whole drain; gRPC calls only
@@ -533,17 +551,27 @@ func (s *Server) shutdown(mux cmux.CMux, servers []drainer) {
 		wg.Go(func() {
 			// Shutdown sends GOAWAY to HTTP/2 clients and waits for
 			// in-flight requests; hijacked websockets are not waited for.
-			if err := srv.Shutdown(drainCtx); err != nil && !isClosed(err) && !errors.Is(err, context.DeadlineExceeded) {
+			// Its deadline passing, or Cut, is no failure.
+			if err := srv.Shutdown(drainCtx); err != nil && !isClosed(err) && drainCtx.Err() == nil {
 				s.log.Warn("shutdown", "err", err)
 			}
 		})
 	}
 	wg.Wait()
+	cut = drainCtx.Err() != nil && s.cut.Err() != nil
+	if cut {
+		// Counted before the websockets close: they are in live too.
+		ws := s.fwd.ws.count()
+		s.log.Warn("drain cut short, closing remaining connections",
+			"requests", s.fwd.live.Load()-int64(ws), "websockets", ws)
+	}
 	s.fwd.ws.closeAll()
 	if drainCtx.Err() != nil {
 		// The drain deadline passed: end what still runs. Cancelling with
 		// a cause lets gRPC calls end with UNAVAILABLE rather than a reset.
-		s.log.Warn("drain deadline passed, closing remaining connections")
+		if !cut {
+			s.log.Warn("drain deadline passed, closing remaining connections")
+		}
 		s.cancelBase(errShutdown)
 		time.Sleep(50 * time.Millisecond)
 		for _, srv := range servers {
@@ -562,6 +590,7 @@ func (s *Server) shutdown(mux cmux.CMux, servers []drainer) {
 		s.fwd.grpcUp.Close()
 	}
 	s.log.Info("stopped")
+	return cut
 }
 
 // exchangesLinger bounds the wait for the exchanges that the drain ended
