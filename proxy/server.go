@@ -459,7 +459,9 @@ func (s *Server) Run(ctx context.Context) error {
 		srv.ReadHeaderTimeout = handshakeTimeout
 		tc := s.tls.Clone()
 		tc.NextProtos = []string{"h2"}
-		sv.serve(srv, s.h2Listener(tls.NewListener(s.grpcLn, tc)))
+		// net/http waits too when accepting fails, but logs it at debug.
+		ln := &retryListener{Listener: s.grpcLn, log: s.log, done: acceptDone}
+		sv.serve(srv, s.h2Listener(tls.NewListener(ln, tc)))
 		up := "none" // calls get UNAVAILABLE naming PYDIO_GRPC_EXTERNAL
 		if s.cfg.GRPCUpstream != nil {
 			up = s.cfg.GRPCUpstream.String()
@@ -468,7 +470,7 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	if s.httpLn != nil {
 		srv := s.newHTTPServer(http.HandlerFunc(s.redirect), func(p *http.Protocols) { p.SetHTTP1(true) })
-		sv.serve(srv, s.httpLn)
+		sv.serve(srv, &retryListener{Listener: s.httpLn, log: s.log, done: acceptDone})
 		s.log.Info("listening", "addr", s.httpLn.Addr().String(), "redirect_port", s.cfg.RedirectPort)
 	}
 	var healthSrv *http.Server
@@ -599,16 +601,18 @@ func (s *Server) shutdown(mux cmux.CMux, servers []drainer) (cut bool) {
 const exchangesLinger = 2 * time.Second
 
 // retryListener waits before accepting again when accepting failed for
-// lack of descriptors or memory, from 5 ms doubling to 1 s, and logs it, as
+// lack of descriptors or memory, from 5 ms doubling to 1 s, and warns, as
 // net/http's servers do (nginx stops accepting for 500 ms). cmux, which
 // accepts for the public port, retries such errors at once: a flood of
 // connections that used up RLIMIT_NOFILE made it spin on a core until
-// descriptors were freed.
+// descriptors were freed. net/http's servers wait, but log it through
+// ErrorLog, at debug (serverErrorLog); behind a retryListener they never see
+// the error.
 type retryListener struct {
 	net.Listener
 	log    *slog.Logger
 	done   <-chan struct{} // closed when shutdown begins: no more waiting
-	logged time.Time       // the last warning; cmux accepts on one goroutine
+	logged time.Time       // the last warning; cmux and net/http accept on one goroutine
 }
 
 func (l *retryListener) Accept() (net.Conn, error) {
