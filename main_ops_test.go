@@ -1,7 +1,9 @@
 package main
 
 import (
+	"net"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -165,5 +167,27 @@ func TestMisspelledRequiredVariable(t *testing.T) {
 	namesAVariable(t, errOut)
 	if l := grepLine(errOut, "CELLS_UPSTRAEM"); !strings.Contains(l, "CELLS_UPSTREAM?") {
 		t.Errorf("no line suggests CELLS_UPSTREAM for CELLS_UPSTRAEM:\n%s", errOut)
+	}
+}
+
+// TestGRPCExternalInUse: the gRPC port is taken by another process. The
+// line that stops the start names the variable the operator set: with
+// CELLS_GRPC_EXTERNAL, the Cells v3+ name, it used to name
+// PYDIO_GRPC_EXTERNAL, which the operator had not set.
+func TestGRPCExternalInUse(t *testing.T) {
+	taken, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer taken.Close()
+	port := strconv.Itoa(taken.Addr().(*net.TCPAddr).Port)
+	for _, name := range []string{"PYDIO_GRPC_EXTERNAL", "CELLS_GRPC_EXTERNAL"} {
+		t.Run(name, func(t *testing.T) {
+			errOut, status := runBad(t, "CELLS_UPSTREAM=https://cells:8080", "PROXY_HTTPS_ADDR="+freeAddr(t),
+				"PROXY_HTTP_ADDR=off", "PROXY_HEALTH_ADDR=off", name+"="+port)
+			if l := grepLine(errOut, "address already in use"); status != 1 || !strings.HasPrefix(l, "cells-proxy: "+name+": ") {
+				t.Errorf("status %d, stderr %q; want 1 and a line starting with %q", status, errOut, "cells-proxy: "+name+": ")
+			}
+		})
 	}
 }

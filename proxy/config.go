@@ -89,6 +89,10 @@ type Config struct {
 	GRPCUpstream *url.URL
 	// GRPCAddr, when not empty, is the dedicated gRPC listener (PYDIO_GRPC_EXTERNAL).
 	GRPCAddr string
+	// GRPCVar is the variable that set GRPCAddr, PYDIO_GRPC_EXTERNAL or its
+	// alias CELLS_GRPC_EXTERNAL, for the messages about it; empty:
+	// PYDIO_GRPC_EXTERNAL.
+	GRPCVar string
 
 	// CertFile and KeyFile hold the public certificate; both empty: self-signed.
 	CertFile, KeyFile string
@@ -358,7 +362,7 @@ func (e *env) parse() (*Config, error) {
 		if p, _ := net.LookupPort("tcp", port); p != 0 && p == grpcNum {
 			bad("%s=%s is the port of PROXY_HTTPS_ADDR, which serves gRPC already: unset it, or give the classic separate port such as 33060", grpcVar, grpcPort)
 		}
-		c.GRPCAddr = net.JoinHostPort(host, strconv.Itoa(grpcNum))
+		c.GRPCAddr, c.GRPCVar = net.JoinHostPort(host, strconv.Itoa(grpcNum)), grpcVar
 	}
 	if off(c.HTTPAddr) {
 		c.HTTPAddr = ""

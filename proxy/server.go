@@ -165,7 +165,11 @@ func (s *Server) Listen() error {
 		return ln
 	}
 	s.mainLn = listen("PROXY_HTTPS_ADDR", s.cfg.HTTPSAddr)
-	s.grpcLn = listen("PYDIO_GRPC_EXTERNAL", s.cfg.GRPCAddr)
+	grpcVar := s.cfg.GRPCVar
+	if grpcVar == "" {
+		grpcVar = "PYDIO_GRPC_EXTERNAL"
+	}
+	s.grpcLn = listen(grpcVar, s.cfg.GRPCAddr)
 	s.httpLn = listen("PROXY_HTTP_ADDR", s.cfg.HTTPAddr)
 	s.healthLn = listen("PROXY_HEALTH_ADDR", s.cfg.HealthAddr)
 	if err := errors.Join(errs...); err != nil {
