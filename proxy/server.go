@@ -47,6 +47,9 @@ type Server struct {
 
 	// grpcGrace is how much of the drain gRPC calls get (grpcDrainGrace).
 	grpcGrace time.Duration
+	// handshake bounds a new connection's TLS handshake and first bytes
+	// (handshakeTimeout).
+	handshake time.Duration
 }
 
 // grpcDrainGrace is how long gRPC calls may still run once the drain has
@@ -66,7 +69,7 @@ func New(cfg *Config, log *slog.Logger) (*Server, error) {
 	if err != nil {
 		files = append(files, err)
 	}
-	s := &Server{cfg: cfg, log: log, fwd: fwd, grpcGrace: grpcDrainGrace}
+	s := &Server{cfg: cfg, log: log, fwd: fwd, grpcGrace: grpcDrainGrace, handshake: handshakeTimeout}
 	s.baseCtx, s.cancelBase = context.WithCancelCause(context.Background())
 	s.cut, s.cutDrain = context.WithCancel(context.Background())
 	if cfg.TLS || cfg.GRPCAddr != "" {
@@ -413,16 +416,17 @@ func (s *Server) Run(ctx context.Context) error {
 	if s.tls != nil && s.cfg.TLS {
 		root = tls.NewListener(root, s.tls)
 	}
-	mux := cmux.New(root)
+	pending := &matching{conns: make(map[net.Conn]struct{})}
+	mux := cmux.New(pending.listener(root))
 	// A connection must finish its TLS handshake and show its first bytes
 	// within this, or it is dropped before it costs a server goroutine.
-	mux.SetReadTimeout(handshakeTimeout)
+	mux.SetReadTimeout(s.handshake)
 	// A TLS connection that agreed h2 in ALPN speaks HTTP/2 whatever its
 	// first bytes (RFC 9113 §3.3): a bad preface must end the connection,
 	// not reach the HTTP/1 server as a request to answer with 400. Without
 	// ALPN, and in cleartext, the preface decides.
-	h2ln := mux.MatchWithWriters(alpnH2, preface(cmux.HTTP2()))
-	h1ln := mux.Match(cmux.Any())
+	h2ln := mux.MatchWithWriters(pending.matched(alpnH2), pending.matched(preface(cmux.HTTP2())))
+	h1ln := mux.MatchWithWriters(pending.matched(preface(cmux.Any())))
 	var public http.Handler = s.fwd
 	if s.cfg.TLS && s.cfg.HSTS != "" {
 		public = hsts(public, s.cfg.HSTS)
@@ -460,7 +464,7 @@ func (s *Server) Run(ctx context.Context) error {
 		// at the preface, which ReadHeaderTimeout bounds. Give it the
 		// public port's 10 s, not PROXY_READ_HEADER_TIMEOUT (HTTP/2 does
 		// not use it otherwise).
-		srv.ReadHeaderTimeout = handshakeTimeout
+		srv.ReadHeaderTimeout = s.handshake
 		tc := s.tls.Clone()
 		tc.NextProtos = []string{"h2"}
 		// net/http waits too when accepting fails, but logs it at debug.
@@ -510,6 +514,7 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	stopWatch()
 	close(acceptDone)
+	pending.closeAll()
 	if s.shutdown(mux, sv.servers) && runErr == nil {
 		runErr = ErrCut
 	}
@@ -640,6 +645,69 @@ func (l *retryListener) Accept() (net.Conn, error) {
 			return nil, net.ErrClosed
 		}
 	}
+}
+
+// matching holds the public port's connections that cmux is still
+// matching: their TLS handshake or first bytes have not arrived. They
+// belong to no server yet, nothing in them is to drain, and the stop
+// closes them: cmux's Serve waits for each until it is matched or its read
+// deadline passes (handshakeTimeout), and a port scanner's silent
+// connection, or a client's idle preconnect, held every stop for 10 s.
+type matching struct {
+	mu     sync.Mutex
+	conns  map[net.Conn]struct{}
+	closed bool
+}
+
+// listener tracks the connections that ln, cmux's root, accepts.
+func (m *matching) listener(ln net.Listener) net.Listener { return matchingListener{ln, m} }
+
+// matched is mw, forgetting the connections it matches. cmux passes a
+// matcher the connection its root accepted as the writer.
+func (m *matching) matched(mw cmux.MatchWriter) cmux.MatchWriter {
+	return func(w io.Writer, r io.Reader) bool {
+		if !mw(w, r) {
+			return false
+		}
+		if c, ok := w.(net.Conn); ok {
+			m.mu.Lock()
+			delete(m.conns, c)
+			m.mu.Unlock()
+		}
+		return true
+	}
+}
+
+// closeAll closes the connections still matching, and from now on those
+// that the root accepts.
+func (m *matching) closeAll() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.closed = true
+	for c := range m.conns {
+		c.Close()
+	}
+	clear(m.conns)
+}
+
+type matchingListener struct {
+	net.Listener
+	m *matching
+}
+
+func (l matchingListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return c, err
+	}
+	l.m.mu.Lock()
+	if l.m.closed {
+		c.Close()
+	} else {
+		l.m.conns[c] = struct{}{}
+	}
+	l.m.mu.Unlock()
+	return c, nil
 }
 
 // alpnH2 matches a TLS connection that agreed h2 in ALPN. cmux hands a

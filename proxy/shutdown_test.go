@@ -6,11 +6,15 @@ import (
 	"context"
 	"crypto/sha256"
 	"crypto/tls"
+	"crypto/x509"
+	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/url"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -1184,4 +1188,59 @@ func TestShutdownDeadlineAccessLogSocketFull(t *testing.T) {
 	}
 
 	shutdownLogs(t, tp, sink, []string{"/full-1", "/full-3"})
+}
+
+// TestShutdownConnectionsNotYetServed: connections whose TLS handshake or
+// first bytes have not arrived belong to no server yet, and nothing in
+// them is to drain. They are closed when the stop begins. cmux waited for
+// each, up to the handshake limit (10 s; an hour here), before Run could
+// return: a port scanner's connection, or a client's idle preconnect, held
+// every stop that long.
+func TestShutdownConnectionsNotYetServed(t *testing.T) {
+	up := newUpstream(t, upPlain, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
+	cfg := testConfig(up)
+	s, err := New(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.handshake = time.Hour
+	if err := s.Listen(); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	stopped := make(chan error, 1)
+	go func() { stopped <- s.Run(ctx) }()
+
+	// A connection that sends nothing, then one that completes its
+	// handshake and sends nothing: the proxy accepts in order, so once
+	// the second's handshake is done both are in the proxy's hands.
+	silent, err := net.Dial("tcp", s.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer silent.Close()
+	roots := x509.NewCertPool()
+	roots.AddCert(s.cert.Load().Leaf)
+	idle, err := tls.Dial("tcp", s.Addr().String(), &tls.Config{RootCAs: roots, ServerName: "localhost", NextProtos: []string{"http/1.1"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer idle.Close()
+
+	cancel()
+	select {
+	case err := <-stopped:
+		if err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatal("Run still waits 60 s after the stop began, for two connections that sent nothing")
+	}
+	for name, c := range map[string]net.Conn{"silent connection": silent, "connection after its handshake": idle} {
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		if n, err := c.Read(make([]byte, 1)); n != 0 || err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Errorf("%s after the stop: read %d, %v; want it closed", name, n, err)
+		}
+	}
 }
