@@ -426,6 +426,8 @@ func (s *Server) Run(ctx context.Context) error {
 	// not reach the HTTP/1 server as a request to answer with 400. Without
 	// ALPN, and in cleartext, the preface decides.
 	h2ln := mux.MatchWithWriters(pending.matched(alpnH2), pending.matched(preface(cmux.HTTP2())))
+	// cmux.Any matches every connection the others do not, a failed
+	// handshake's too, so every connection leaves pending once matched.
 	h1ln := mux.MatchWithWriters(pending.matched(preface(cmux.Any())))
 	var public http.Handler = s.fwd
 	if s.cfg.TLS && s.cfg.HSTS != "" {
