@@ -107,3 +107,42 @@ func TestNotForwardedCoversHopHeaders(t *testing.T) {
 		}
 	}
 }
+
+// TestLinkLocalPeer: a peer on an IPv6 link-local address comes with its
+// zone (fe80::1%eth0), which no CIDR of PROXY_TRUSTED_PROXIES can name and
+// no address parser of Cells' takes. It is matched and forwarded without
+// it, as nginx's $remote_addr shows it.
+func TestLinkLocalPeer(t *testing.T) {
+	up := newRawCapture(t)
+	fwd, err := newForwarder(&Config{
+		Upstream:       &url.URL{Scheme: "http", Host: up.ln.Addr().String()},
+		TLS:            true,
+		IdleTimeout:    time.Minute,
+		TrustedProxies: []netip.Prefix{netip.MustParsePrefix("fe80::/64")},
+	}, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fwd.httpUp.CloseIdleConnections()
+	for _, c := range []struct{ remote, xff, realIP string }{
+		{"[fe80::1%eth0]:5000", "198.51.100.4, fe80::1", "198.51.100.4"}, // the trusted load balancer
+		{"[fe80:0:0:1::9%eth0]:5000", "fe80:0:0:1::9", "fe80:0:0:1::9"},  // outside the CIDR
+	} {
+		in, err := http.ReadRequest(bufio.NewReader(strings.NewReader("GET /x HTTP/1.1\r\nHost: cells.example.com\r\nX-Forwarded-For: 198.51.100.4\r\n\r\n")))
+		if err != nil {
+			t.Fatal(err)
+		}
+		in.RemoteAddr = c.remote
+		w := httptest.NewRecorder()
+		fwd.ServeHTTP(w, in)
+		got := up.take()
+		if w.Code != 200 || len(got) != 1 {
+			t.Fatalf("%s: status %d, %d requests to Cells", c.remote, w.Code, len(got))
+		}
+		for _, want := range []string{"X-Forwarded-For: " + c.xff + "\r\n", "X-Real-Ip: " + c.realIP + "\r\n"} {
+			if !strings.Contains(got[0], want) {
+				t.Errorf("peer %s: Cells received\n%s\nwithout %q", c.remote, got[0], want)
+			}
+		}
+	}
+}

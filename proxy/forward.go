@@ -251,7 +251,9 @@ func (f *forwarder) forwardedFor(in *http.Request) forwarded {
 	if err != nil {
 		return forwarded{}
 	}
-	peer := ap.Addr().Unmap()
+	// A link-local peer's zone (fe80::1%eth0) is the proxy's interface:
+	// no trusted CIDR can name it, and Cells does not parse it.
+	peer := ap.Addr().Unmap().WithZone("")
 	client := peer.String()
 	fw := forwarded{xff: client, proto: f.proto, host: in.Host, ok: true}
 	if len(f.cfg.TrustedProxies) > 0 && f.trusted(peer) {
