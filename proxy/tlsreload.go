@@ -194,7 +194,11 @@ func (c *certFiles) watch(ctx context.Context) {
 // certificate keeps serving. With the self-signed certificate there is
 // nothing to reload.
 func (s *Server) Reload() error {
-	if s.certFiles == nil {
+	switch {
+	case s.certFiles == nil && s.cfg.CertFile != "":
+		s.log.Info("TLS certificate not reloaded: nothing serves TLS (PROXY_TLS=off and no PYDIO_GRPC_EXTERNAL)")
+		return nil
+	case s.certFiles == nil:
 		s.log.Info("TLS certificate not reloaded: no TLS_CERT_FILE")
 		return nil
 	}

@@ -484,3 +484,23 @@ func TestCertWarningsChain(t *testing.T) {
 		t.Errorf("a warning about the leaf, which is fine:\n%s", tp.Log)
 	}
 }
+
+// TestReloadNothingServesTLS: with PROXY_TLS=off and no gRPC port, the
+// certificate files are checked at start but serve nothing; Reload says
+// that, not that TLS_CERT_FILE is missing when the operator set it.
+func TestReloadNothingServesTLS(t *testing.T) {
+	dir := t.TempDir()
+	certFile, keyFile := filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+	writePair(t, newCert(t), certFile, keyFile)
+	up := newUpstream(t, upTLS, &recorder{})
+	cfg := testConfig(up)
+	cfg.TLS, cfg.GRPCAddr, cfg.CertFile, cfg.KeyFile = false, "", certFile, keyFile
+	tp := startProxy(t, cfg)
+	if err := tp.Reload(); err != nil {
+		t.Fatalf("Reload: %v", err)
+	}
+	log := tp.Log.String()
+	if strings.Contains(log, "no TLS_CERT_FILE") || !strings.Contains(log, "nothing serves TLS") {
+		t.Errorf("Reload's line does not say that nothing serves TLS:\n%s", log)
+	}
+}
