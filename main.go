@@ -98,6 +98,13 @@ func configProblems(stderr io.Writer, err error) error {
 }
 
 func serve(ctx context.Context, stderr io.Writer) error {
+	// certbot and cert-manager renewals are picked up by polling; SIGHUP
+	// forces a reload now (a deploy hook: docker kill -s HUP). Caught
+	// from the start: one that arrives while the certificate is first
+	// read is a reload once serving, not SIGHUP's default, the end.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
 	cfg, err := proxy.Load()
 	if err != nil {
 		// Every problem at once: the files too, not after the next start.
@@ -133,11 +140,6 @@ func serve(ctx context.Context, stderr io.Writer) error {
 		case <-done:
 		}
 	}()
-	// certbot and cert-manager renewals are picked up by polling; SIGHUP
-	// forces a reload now (a deploy hook: docker kill -s HUP).
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
 	go func() {
 		for {
 			select {

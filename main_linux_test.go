@@ -1,14 +1,19 @@
 package main
 
 import (
+	"crypto/x509"
+	"encoding/pem"
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/cells-proxy/cells-proxy/proxy"
 )
 
 // cpuTime is the CPU time process pid has used, from /proc.
@@ -127,4 +132,132 @@ func TestDescriptorsRunOut(t *testing.T) {
 	case <-time.After(60 * time.Second):
 		t.Error("cells-proxy did not stop within 60 s of SIGTERM with its descriptors used up")
 	}
+}
+
+// TestSIGHUPDuringStart: a SIGHUP that arrives while cells-proxy is still
+// starting (a renewal hook firing as the container restarts) is a reload
+// to do once it serves, not the end of the process (SIGHUP's default
+// action, until the signal is caught). TLS_CERT_FILE is a FIFO: opening
+// it for writing returns once cells-proxy opened it to read, at start.
+func TestSIGHUPDuringStart(t *testing.T) {
+	dir := t.TempDir()
+	certFile, keyFile := filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+	if err := syscall.Mkfifo(certFile, 0o600); err != nil {
+		t.Skip("no FIFO:", err)
+	}
+	certPEM, keyPEM := selfSignedPEM(t)
+	if err := os.WriteFile(keyFile, keyPEM, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	health := freeAddr(t)
+	cmd := command(nil, "CELLS_UPSTREAM=http://127.0.0.1:9", "PROXY_HTTPS_ADDR="+freeAddr(t),
+		"PROXY_HTTP_ADDR=off", "PROXY_HEALTH_ADDR="+health, "TLS_CERT_FILE="+certFile, "TLS_KEY_FILE="+keyFile)
+	stderr := &lockedBuffer{}
+	cmd.Stderr = stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	var waitErr error
+	go func() { waitErr = cmd.Wait(); close(exited) }()
+	defer func() {
+		cmd.Process.Kill()
+		<-exited
+		if t.Failed() {
+			t.Logf("cells-proxy stderr:\n%s", stderr)
+		}
+	}()
+	opened := make(chan *os.File, 1)
+	go func() {
+		f, err := os.OpenFile(certFile, os.O_WRONLY, 0)
+		if err != nil {
+			t.Error(err)
+		}
+		opened <- f
+	}()
+	var fifo *os.File
+	select {
+	case fifo = <-opened:
+	case <-exited:
+		t.Fatalf("cells-proxy exited before reading TLS_CERT_FILE: %v", waitErr)
+	case <-time.After(20 * time.Second):
+		t.Fatal("cells-proxy did not open TLS_CERT_FILE within 20 s")
+	}
+	if fifo == nil {
+		return
+	}
+	if err := cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	// The certificate only once the signal was delivered (no longer
+	// pending for the process): before the fix, that ended it.
+	for deadline := time.Now().Add(10 * time.Second); hupPending(t, cmd.Process.Pid); time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("SIGHUP still pending after 10 s")
+		}
+	}
+	fifo.Write(certPEM)
+	fifo.Close()
+	// Once the start has read it, the reload reads the FIFO again: give
+	// it the certificate once more when it opens it (a non-blocking open
+	// for writing fails until a reader has it open).
+	sent := false
+	for deadline := time.Now().Add(20 * time.Second); !strings.Contains(stderr.String(), `"trigger":"reload"`); time.Sleep(20 * time.Millisecond) {
+		select {
+		case <-exited:
+			t.Fatalf("cells-proxy ended by the SIGHUP sent while it started: %v", waitErr)
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no reload within 20 s of start")
+		}
+		if !sent && strings.Contains(stderr.String(), `"trigger":"start"`) {
+			if f, err := os.OpenFile(certFile, os.O_WRONLY|syscall.O_NONBLOCK, 0); err == nil {
+				f.Write(certPEM)
+				f.Close()
+				sent = true
+			}
+		}
+	}
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	<-exited
+	if waitErr != nil {
+		t.Errorf("after SIGTERM: %v, want exit status 0", waitErr)
+	}
+}
+
+// selfSignedPEM is a certificate for localhost and its key, PEM-encoded.
+func selfSignedPEM(t *testing.T) (certPEM, keyPEM []byte) {
+	cert, err := proxy.SelfSigned("localhost")
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, err := x509.MarshalPKCS8PrivateKey(cert.PrivateKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Certificate[0]}),
+		pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: key})
+}
+
+// hupPending reports whether SIGHUP is pending for process pid as a whole
+// (ShdPnd in /proc/PID/status), as kill(2) leaves it until a thread takes it.
+func hupPending(t *testing.T, pid int) bool {
+	st, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		return false // gone
+	}
+	for _, l := range strings.Split(string(st), "\n") {
+		if v, ok := strings.CutPrefix(l, "ShdPnd:"); ok {
+			mask, err := strconv.ParseUint(strings.TrimSpace(v), 16, 64)
+			if err != nil {
+				t.Fatalf("ShdPnd: %v", err)
+			}
+			return mask&(1<<(syscall.SIGHUP-1)) != 0
+		}
+	}
+	t.Fatal("no ShdPnd in /proc/PID/status")
+	return false
 }
