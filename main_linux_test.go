@@ -48,21 +48,9 @@ func TestDescriptorsRunOut(t *testing.T) {
 		"CELLS_GRPC_UPSTREAM=h2c://127.0.0.1:9", "PYDIO_GRPC_EXTERNAL=" + grpcAddr[strings.LastIndexByte(grpcAddr, ':')+1:],
 		"PROXY_HTTPS_ADDR=" + addr, "PROXY_HTTP_ADDR=" + httpAddr, "PROXY_HEALTH_ADDR=off",
 		"PROXY_LOG_LEVEL=debug"}
-	stderr := &lockedBuffer{}
-	cmd.Stderr = stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan struct{})
-	var waitErr error
-	go func() { waitErr = cmd.Wait(); close(exited) }()
-	defer func() {
-		cmd.Process.Kill()
-		<-exited
-		if t.Failed() {
-			t.Logf("cells-proxy stderr:\n%s", stderr)
-		}
-	}()
+	p, stop := startBinary(t, cmd)
+	defer stop()
+	stderr, exited := p.stderr, p.exited
 	for deadline := time.Now().Add(15 * time.Second); strings.Count(stderr.String(), `"msg":"listening"`) < 3; time.Sleep(20 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatal("not listening within 15 s")
@@ -126,8 +114,8 @@ func TestDescriptorsRunOut(t *testing.T) {
 	}
 	select {
 	case <-exited:
-		if waitErr != nil {
-			t.Errorf("cells-proxy stopped with its descriptors used up: %v, want exit status 0", waitErr)
+		if p.err != nil {
+			t.Errorf("cells-proxy stopped with its descriptors used up: %v, want exit status 0", p.err)
 		}
 	case <-time.After(60 * time.Second):
 		t.Error("cells-proxy did not stop within 60 s of SIGTERM with its descriptors used up")
@@ -152,21 +140,9 @@ func TestSIGHUPDuringStart(t *testing.T) {
 	health := freeAddr(t)
 	cmd := command(nil, "CELLS_UPSTREAM=http://127.0.0.1:9", "PROXY_HTTPS_ADDR="+freeAddr(t),
 		"PROXY_HTTP_ADDR=off", "PROXY_HEALTH_ADDR="+health, "TLS_CERT_FILE="+certFile, "TLS_KEY_FILE="+keyFile)
-	stderr := &lockedBuffer{}
-	cmd.Stderr = stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan struct{})
-	var waitErr error
-	go func() { waitErr = cmd.Wait(); close(exited) }()
-	defer func() {
-		cmd.Process.Kill()
-		<-exited
-		if t.Failed() {
-			t.Logf("cells-proxy stderr:\n%s", stderr)
-		}
-	}()
+	p, stop := startBinary(t, cmd)
+	defer stop()
+	stderr, exited := p.stderr, p.exited
 	opened := make(chan *os.File, 1)
 	go func() {
 		f, err := os.OpenFile(certFile, os.O_WRONLY, 0)
@@ -179,7 +155,7 @@ func TestSIGHUPDuringStart(t *testing.T) {
 	select {
 	case fifo = <-opened:
 	case <-exited:
-		t.Fatalf("cells-proxy exited before reading TLS_CERT_FILE: %v", waitErr)
+		t.Fatalf("cells-proxy exited before reading TLS_CERT_FILE: %v", p.err)
 	case <-time.After(20 * time.Second):
 		t.Fatal("cells-proxy did not open TLS_CERT_FILE within 20 s")
 	}
@@ -205,7 +181,7 @@ func TestSIGHUPDuringStart(t *testing.T) {
 	for deadline := time.Now().Add(20 * time.Second); !strings.Contains(stderr.String(), `"trigger":"reload"`); time.Sleep(20 * time.Millisecond) {
 		select {
 		case <-exited:
-			t.Fatalf("cells-proxy ended by the SIGHUP sent while it started: %v", waitErr)
+			t.Fatalf("cells-proxy ended by the SIGHUP sent while it started: %v", p.err)
 		default:
 		}
 		if time.Now().After(deadline) {
@@ -223,8 +199,8 @@ func TestSIGHUPDuringStart(t *testing.T) {
 		t.Fatal(err)
 	}
 	<-exited
-	if waitErr != nil {
-		t.Errorf("after SIGTERM: %v, want exit status 0", waitErr)
+	if p.err != nil {
+		t.Errorf("after SIGTERM: %v, want exit status 0", p.err)
 	}
 }
 

@@ -121,6 +121,40 @@ func (b *lockedBuffer) String() string {
 	return b.b.String()
 }
 
+// running is a cells-proxy process started by startBinary.
+type running struct {
+	stderr *lockedBuffer
+	exited chan struct{} // closed once the process has exited, err set
+	err    error         // what Wait returned
+}
+
+// run starts cmd with its stderr captured (its stdout discarded unless
+// set). stop, for the caller to defer, kills the process if it still runs
+// and logs its stderr if the test failed.
+func startBinary(t *testing.T, cmd *exec.Cmd) (p *running, stop func()) {
+	t.Helper()
+	p = &running{stderr: &lockedBuffer{}, exited: make(chan struct{})}
+	if cmd.Stdout == nil {
+		cmd.Stdout = io.Discard
+	}
+	cmd.Stderr = p.stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { p.err = cmd.Wait(); close(p.exited) }()
+	return p, func() {
+		select {
+		case <-p.exited:
+		default:
+			cmd.Process.Kill()
+			<-p.exited
+		}
+		if t.Failed() {
+			t.Logf("cells-proxy stderr:\n%s", p.stderr)
+		}
+	}
+}
+
 // TestSIGTERM runs the binary against a plain-HTTP upstream, waits until
 // `cells-proxy healthcheck` says it is ready, sends SIGTERM while a request
 // is in flight, and checks that the request completes, healthcheck turns
@@ -149,26 +183,9 @@ func TestSIGTERM(t *testing.T) {
 		"PROXY_SHUTDOWN_TIMEOUT=30s",
 	}
 	proc := command(nil, env...)
-	stderr := &lockedBuffer{}
-	proc.Stdout, proc.Stderr = io.Discard, stderr
-	if err := proc.Start(); err != nil {
-		t.Fatal(err)
-	}
-	// exited is closed when the process has exited, with waitErr set.
-	exited := make(chan struct{})
-	var waitErr error
-	go func() { waitErr = proc.Wait(); close(exited) }()
-	defer func() {
-		select {
-		case <-exited:
-		default:
-			proc.Process.Kill()
-			<-exited
-		}
-		if t.Failed() {
-			t.Logf("cells-proxy stderr:\n%s", stderr.String())
-		}
-	}()
+	p, stop := startBinary(t, proc)
+	defer stop()
+	stderr, exited := p.stderr, p.exited
 
 	// Ready: the healthcheck subcommand, as Docker's HEALTHCHECK runs it.
 	var out string
@@ -230,7 +247,7 @@ func TestSIGTERM(t *testing.T) {
 	}
 	select {
 	case <-exited:
-		t.Fatalf("cells-proxy exited (%v) with a request in flight", waitErr)
+		t.Fatalf("cells-proxy exited (%v) with a request in flight", p.err)
 	default:
 	}
 
@@ -240,8 +257,8 @@ func TestSIGTERM(t *testing.T) {
 	}
 	select {
 	case <-exited:
-		if waitErr != nil {
-			t.Errorf("cells-proxy after SIGTERM: %v, want exit status 0", waitErr)
+		if p.err != nil {
+			t.Errorf("cells-proxy after SIGTERM: %v, want exit status 0", p.err)
 		}
 	case <-time.After(30 * time.Second):
 		t.Fatal("cells-proxy did not exit within 30 s of SIGTERM")
@@ -538,25 +555,9 @@ func TestSecondSignal(t *testing.T) {
 			addr := freeAddr(t)
 			proc := command(nil, "CELLS_UPSTREAM="+up.URL, "PROXY_HTTPS_ADDR="+addr,
 				"PROXY_HTTP_ADDR=off", "PROXY_HEALTH_ADDR=off", "PROXY_SHUTDOWN_TIMEOUT=10m")
-			stderr := &lockedBuffer{}
-			proc.Stdout, proc.Stderr = io.Discard, stderr
-			if err := proc.Start(); err != nil {
-				t.Fatal(err)
-			}
-			exited := make(chan struct{})
-			var waitErr error
-			go func() { waitErr = proc.Wait(); close(exited) }()
-			defer func() {
-				select {
-				case <-exited:
-				default:
-					proc.Process.Kill()
-					<-exited
-				}
-				if t.Failed() {
-					t.Logf("cells-proxy stderr:\n%s", stderr)
-				}
-			}()
+			p, stop := startBinary(t, proc)
+			defer stop()
+			stderr, exited := p.stderr, p.exited
 			waitLog := func(msg string) {
 				t.Helper()
 				for deadline := time.Now().Add(15 * time.Second); !strings.Contains(stderr.String(), `"msg":"`+msg+`"`); time.Sleep(20 * time.Millisecond) {
@@ -587,7 +588,7 @@ func TestSecondSignal(t *testing.T) {
 			waitLog("shutting down")
 			select {
 			case <-exited:
-				t.Fatalf("cells-proxy exited (%v) at the first signal with a request in flight", waitErr)
+				t.Fatalf("cells-proxy exited (%v) at the first signal with a request in flight", p.err)
 			default:
 			}
 			if err := proc.Process.Signal(tc.second); err != nil {
@@ -600,8 +601,8 @@ func TestSecondSignal(t *testing.T) {
 				t.Fatal("cells-proxy still draining 60 s after a second signal")
 			}
 			var exit *exec.ExitError
-			if !errors.As(waitErr, &exit) || exit.ExitCode() != 1 {
-				t.Errorf("cells-proxy after a second signal: %v, want exit status 1", waitErr)
+			if !errors.As(p.err, &exit) || exit.ExitCode() != 1 {
+				t.Errorf("cells-proxy after a second signal: %v, want exit status 1", p.err)
 			}
 			out := stderr.String()
 			noStackTrace(t, "stderr", out)
