@@ -36,17 +36,17 @@ func cpuTime(t *testing.T, pid int) time.Duration {
 // again, as net/http's servers and nginx do, and the log says why. cmux's
 // accept loop retried at once, without a word: the proxy spun a core (3.2
 // CPU-s in 3 s on the reviewer's machine) for as long as the flood lasted.
-// The gRPC and redirect ports, served by net/http, waited but said so only
-// at debug level: each port now warns, once, not also at debug.
+// The gRPC, redirect and health ports, served by net/http, waited but said
+// so only at debug level: each port now warns, once, not also at debug.
 func TestDescriptorsRunOut(t *testing.T) {
 	if _, err := exec.LookPath("prlimit"); err != nil {
 		t.Skip("no prlimit")
 	}
-	addr, grpcAddr, httpAddr := freeAddr(t), freeAddr(t), freeAddr(t)
+	addr, grpcAddr, httpAddr, healthAddr := freeAddr(t), freeAddr(t), freeAddr(t), freeAddr(t)
 	cmd := exec.Command("prlimit", "--nofile=64:64", bin)
 	cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "CELLS_UPSTREAM=http://127.0.0.1:9",
 		"CELLS_GRPC_UPSTREAM=h2c://127.0.0.1:9", "PYDIO_GRPC_EXTERNAL=" + grpcAddr[strings.LastIndexByte(grpcAddr, ':')+1:],
-		"PROXY_HTTPS_ADDR=" + addr, "PROXY_HTTP_ADDR=" + httpAddr, "PROXY_HEALTH_ADDR=off",
+		"PROXY_HTTPS_ADDR=" + addr, "PROXY_HTTP_ADDR=" + httpAddr, "PROXY_HEALTH_ADDR=" + healthAddr,
 		"PROXY_LOG_LEVEL=debug"}
 	p, stop := startBinary(t, cmd)
 	defer stop()
@@ -83,6 +83,7 @@ func TestDescriptorsRunOut(t *testing.T) {
 	}
 	dial(grpcAddr, 5)
 	dial(httpAddr, 5)
+	dial(healthAddr, 5)
 	time.Sleep(500 * time.Millisecond) // the proxy takes what it can
 	before := cpuTime(t, cmd.Process.Pid)
 	time.Sleep(2 * time.Second)
@@ -90,7 +91,7 @@ func TestDescriptorsRunOut(t *testing.T) {
 		t.Errorf("cells-proxy used %v of CPU in 2 s with its descriptors used up and nothing to do", used)
 	}
 	out, took := stderr.String(), time.Since(start)
-	for _, a := range []string{addr, grpcAddr, httpAddr} {
+	for _, a := range []string{addr, grpcAddr, httpAddr, healthAddr} {
 		var warned int
 		for _, l := range lines(out) {
 			if strings.Contains(l, `"addr":"`+a+`"`) && strings.Contains(l, "too many open files") {

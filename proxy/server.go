@@ -492,7 +492,9 @@ func (s *Server) Run(ctx context.Context) error {
 			WriteTimeout:      10 * time.Second,
 			ErrorLog:          serverErrorLog(s.log),
 		}
-		ln := s.healthLn
+		// The healthcheck's port warns too when descriptors run out: an
+		// unhealthy container, and the operator is to know why.
+		ln := &retryListener{Listener: s.healthLn, log: s.log, done: acceptDone}
 		sv.wg.Go(func() {
 			if err := healthSrv.Serve(ln); !isClosed(err) {
 				sv.errc <- fmt.Errorf("serving %s: %w", ln.Addr(), err)
