@@ -533,21 +533,36 @@ func parseUpstream(s string, schemes ...string) (*url.URL, error) {
 // redactURL hides a password so that an error line never leaks it. The
 // password is whatever follows the first ':' of everything up to the last
 // '@': a password may itself hold '@', '/' or '#', and the URL is being
-// reported because it does not parse as the user meant.
+// reported because it does not parse as the user meant. Without a
+// scheme and "://" in front (https:/u:pw@cells, //u:pw@cells,
+// u:pw@cells), where the user name ends is anyone's guess: everything
+// before the '@' is hidden.
 func redactURL(s string) string {
-	scheme, rest, ok := strings.Cut(s, "://")
-	if !ok {
-		return s
-	}
-	at := strings.LastIndexByte(rest, '@')
+	at := strings.LastIndexByte(s, '@')
 	if at < 0 {
 		return s
 	}
-	userinfo, host := rest[:at], rest[at+1:]
-	if user, _, hasPass := strings.Cut(userinfo, ":"); hasPass {
-		return scheme + "://" + user + ":xxxxx@" + host
+	scheme, rest, ok := strings.Cut(s[:at], "://")
+	if !ok || !isScheme(scheme) {
+		return "xxxxx" + s[at:]
+	}
+	if user, _, hasPass := strings.Cut(rest, ":"); hasPass {
+		return scheme + "://" + user + ":xxxxx" + s[at:]
 	}
 	return s
+}
+
+// isScheme reports whether s is a URL scheme (RFC 3986 §3.1).
+func isScheme(s string) bool {
+	for i, c := range s {
+		switch {
+		case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z':
+		case i > 0 && ('0' <= c && c <= '9' || c == '+' || c == '-' || c == '.'):
+		default:
+			return false
+		}
+	}
+	return s != ""
 }
 
 func parsePrefix(s string) (netip.Prefix, error) {

@@ -360,6 +360,12 @@ func TestUpstreamURLs(t *testing.T) {
 		{"https://cells:8080/cells", "", ""},
 		{"https://cells:99999", "", ""},
 		{"https://admin:s3cret@cells:8080", "", "s3cret"},
+		// Mistyped: the password must not be repeated either.
+		{"https:/admin:s3cret@cells:8080", "", "s3cret"},
+		{"https//admin:s3cret@cells:8080", "", "s3cret"},
+		{"https:admin:s3cret@cells:8080", "", "s3cret"},
+		{"//admin:s3cret@cells:8080", "", "s3cret"},
+		{"admin:s3cret@cells:8080", "", "s3cret"},
 		{"https://:8080", "", ""},
 		{"", "", ""},
 	} {

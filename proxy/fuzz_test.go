@@ -94,8 +94,8 @@ func FuzzUpstreamURL(f *testing.F) {
 			return
 		}
 		password := open + pw + shut
-		for _, scheme := range []string{"https", "http", "h2c", ""} {
-			s := scheme + "://" + user + ":" + password + "@" + rest
+		for _, scheme := range []string{"https://", "http://", "h2c://", "://", "https:/", "https:", "//", ""} {
+			s := scheme + user + ":" + password + "@" + rest
 			u, err := parseUpstream(s, "http", "https")
 			if err == nil {
 				t.Fatalf("parseUpstream(%q) = %v, want an error: it carries a password", s, u)
