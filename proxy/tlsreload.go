@@ -1,10 +1,12 @@
 package proxy
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -93,10 +95,27 @@ func (c *certFiles) read() (sum [sha256.Size]byte, cert *tls.Certificate, err er
 	if err == nil && pair.Leaf == nil {
 		err = errors.New("no certificate")
 	}
+	if err == nil && unfinishedPEM(certPEM) {
+		// X509KeyPair stops at a block with no END line: a chain file
+		// caught while being written would be served as its leaf alone,
+		// and clients would find no intermediate.
+		err = errors.New("a PEM block in the certificate file is unfinished or does not decode (a file still being written?)")
+	}
 	if err != nil {
 		return sum, nil, fmt.Errorf("TLS_CERT_FILE and TLS_KEY_FILE must hold a PEM certificate (chain) and its private key, got %q and %q: %w", c.certFile, c.keyFile, err)
 	}
 	return sum, &pair, nil
+}
+
+// unfinishedPEM reports whether data has a BEGIN line that no complete,
+// decodable PEM block follows.
+func unfinishedPEM(data []byte) bool {
+	for {
+		var b *pem.Block
+		if b, data = pem.Decode(data); b == nil {
+			return bytes.Contains(data, []byte("-----BEGIN"))
+		}
+	}
 }
 
 // poll is one periodic check. A pair that stays broken is logged once.

@@ -241,7 +241,7 @@ func TestCertReloadSymlinks(t *testing.T) {
 func TestCertReloadRefusesBrokenPair(t *testing.T) {
 	a, b := newCert(t), newCert(t)
 	bCert, bKey := pemPair(t, b)
-	_, aKey := pemPair(t, a)
+	aCert, aKey := pemPair(t, a)
 	for _, tc := range []struct {
 		name      string
 		cert, key []byte
@@ -250,6 +250,9 @@ func TestCertReloadRefusesBrokenPair(t *testing.T) {
 		{"garbage", []byte("-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n"), bKey},
 		{"half-written certificate", bCert[:len(bCert)/2], bKey},
 		{"half-written key", bCert, bKey[:len(bKey)/2]},
+		// A fullchain.pem cut in its intermediate: the leaf alone would
+		// match the key, and clients would get no chain.
+		{"half-written chain", append(bCert[:len(bCert):len(bCert)], aCert[:len(aCert)/2]...), bKey},
 		{"empty", nil, nil},
 		{"key in both", bKey, bKey},
 	} {
