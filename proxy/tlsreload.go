@@ -57,6 +57,9 @@ func (c *certFiles) load(force bool) (outcome, error) {
 	defer c.mu.Unlock()
 	sum, cert, err := c.read()
 	if err == nil && sum == c.served && !force {
+		// The files are back to the served pair: the next breakage is
+		// news, even if it is the same as the last one.
+		c.failed = [sha256.Size]byte{}
 		return unchanged, nil
 	}
 	if err == nil {

@@ -309,6 +309,35 @@ func TestCertReloadRefusesBrokenPair(t *testing.T) {
 	})
 }
 
+// TestCertReloadBrokenAgain: files that break, come back to the served
+// pair and later break the same way again are logged each time they
+// break: the second breakage is news, not the repeat of the first.
+func TestCertReloadBrokenAgain(t *testing.T) {
+	dir := t.TempDir()
+	certFile, keyFile := filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+	a := newCert(t)
+	writePair(t, a, certFile, keyFile)
+	setCertPollInterval(t, time.Hour) // the test drives the checks
+	rp := startReloadProxy(t, certFile, keyFile, a)
+	for i := range 2 {
+		// The key becomes unreadable (a secret volume being remounted,
+		// a renewal that lost it), then comes back unchanged.
+		if err := os.Rename(keyFile, keyFile+".away"); err != nil {
+			t.Fatal(err)
+		}
+		rp.certFiles.poll()
+		rp.certFiles.poll()
+		if err := os.Rename(keyFile+".away", keyFile); err != nil {
+			t.Fatal(err)
+		}
+		rp.certFiles.poll()
+		if got, want := strings.Count(rp.Log.String(), "TLS certificate not reloaded"), i+1; got != want {
+			t.Errorf("after breakage %d: %d error lines, want %d; log:\n%s", i+1, got, want, rp.Log)
+		}
+	}
+	rp.wantSerial(t, rp.Addr().String(), a, "after the files came back")
+}
+
 // TestReload: Server.Reload, what SIGHUP calls, serves the new files at
 // once, with no poll in between.
 func TestReload(t *testing.T) {
