@@ -371,6 +371,8 @@ func TestRedactPath(t *testing.T) {
 		{"/io/f?PYDIO_JWT=abc&a=b", "/io/f?PYDIO_JWT=REDACTED&a=b"},
 		{"/io/f?X-Amz-Signature=abc&X-Amz-Credential=AKIA%2F2026&X-Amz-Date=1", "/io/f?X-Amz-Signature=REDACTED&X-Amz-Credential=REDACTED&X-Amz-Date=1"},
 		{"/io/f?x-amz-signature=abc", "/io/f?x-amz-signature=REDACTED"},
+		// A SigV2 presigned URL (s3cmd signurl, rclone with v2_auth).
+		{"/io/f?AWSAccessKeyId=AKIA1&Expires=1767225600&Signature=abc%2Bd", "/io/f?AWSAccessKeyId=REDACTED&Expires=1767225600&Signature=REDACTED"},
 		{"/io/f?X-Amz-Security-Token=abc", "/io/f?X-Amz-Security-Token=REDACTED"},
 		{"/oidc/cb?code=abc&state=s", "/oidc/cb?code=REDACTED&state=s"},
 		{"/a/f?access_token=a&id_token=b", "/a/f?access_token=REDACTED&id_token=REDACTED"},

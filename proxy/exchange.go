@@ -252,8 +252,10 @@ func (e *exchange) logAccess(log *slog.Logger) {
 }
 
 // secretParams are query parameters that carry credentials: Cells' JWT and
-// the parts of an S3 presigned URL that would let a log reader replay it.
-var secretParams = []string{"pydio_jwt", "x-amz-signature", "x-amz-credential", "x-amz-security-token", "access_token", "id_token", "code"}
+// the parts of an S3 presigned URL that would let a log reader replay it,
+// SigV4's and SigV2's (s3cmd signurl, rclone with v2_auth).
+var secretParams = []string{"pydio_jwt", "x-amz-signature", "x-amz-credential", "x-amz-security-token",
+	"signature", "awsaccesskeyid", "access_token", "id_token", "code"}
 
 // redactPath is the request path and query with secret values replaced.
 func redactPath(r *http.Request) string {
