@@ -162,6 +162,15 @@ func (f *forwarder) reverseProxy(target *url.URL, t http.RoundTripper) *httputil
 			if res.StatusCode < 100 {
 				return errStatus(res.StatusCode)
 			}
+			// The exchange ended (the idle watchdog, the drain, the
+			// client gone) before Cells' answer was taken. http.Transport
+			// may still return one that Cells wrote to the body the proxy
+			// had cut: a Go handler whose body read fails answers an
+			// empty 200, which a stalled uploader would take for its
+			// upload's result. The exchange's own ending answers instead.
+			if ctx := res.Request.Context(); ctx.Err() != nil {
+				return context.Cause(ctx)
+			}
 			return nil
 		},
 	}
