@@ -671,7 +671,10 @@ func TestSilentAfterSmallBody(t *testing.T) {
 	}))
 	settle(t, up)
 	cfg := testConfig(up)
-	cfg.IdleTimeout = 300 * time.Millisecond
+	// The timeout also bounds /fast, which may need a new TLS connection
+	// to Cells: 300 ms was too short for that on a busy 2-core machine
+	// under the race detector.
+	cfg.IdleTimeout = time.Second
 	tp := startProxy(t, cfg)
 	for _, pc := range h1h2Clients(tp) {
 		t.Run(pc.name, func(t *testing.T) {
