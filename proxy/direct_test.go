@@ -2,15 +2,12 @@ package proxy
 
 import (
 	"bufio"
-	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
-	"net/url"
 	"slices"
 	"strings"
 	"testing"
-	"time"
 )
 
 // TestDirectMatchesReverseProxy sends requests a Cells client sends through
@@ -21,16 +18,7 @@ import (
 // the same values (their order across names aside), the same body.
 func TestDirectMatchesReverseProxy(t *testing.T) {
 	up := newRawCapture(t)
-	fwd, err := newForwarder(&Config{
-		Upstream:       &url.URL{Scheme: "http", Host: up.ln.Addr().String()},
-		TLS:            true,
-		IdleTimeout:    time.Minute,
-		TrustedProxies: []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")},
-	}, slog.New(slog.DiscardHandler))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer fwd.httpUp.CloseIdleConnections()
+	fwd := up.forwarder(t, netip.MustParsePrefix("10.0.0.0/8"))
 
 	const host = "Host: cells.example.com\r\n"
 	cases := []struct {
@@ -114,16 +102,7 @@ func TestNotForwardedCoversHopHeaders(t *testing.T) {
 // it, as nginx's $remote_addr shows it.
 func TestLinkLocalPeer(t *testing.T) {
 	up := newRawCapture(t)
-	fwd, err := newForwarder(&Config{
-		Upstream:       &url.URL{Scheme: "http", Host: up.ln.Addr().String()},
-		TLS:            true,
-		IdleTimeout:    time.Minute,
-		TrustedProxies: []netip.Prefix{netip.MustParsePrefix("fe80::/64")},
-	}, slog.New(slog.DiscardHandler))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer fwd.httpUp.CloseIdleConnections()
+	fwd := up.forwarder(t, netip.MustParsePrefix("fe80::/64"))
 	for _, c := range []struct{ remote, xff, realIP string }{
 		{"[fe80::1%eth0]:5000", "198.51.100.4, fe80::1", "198.51.100.4"}, // the trusted load balancer
 		{"[fe80:0:0:1::9%eth0]:5000", "fe80:0:0:1::9", "fe80:0:0:1::9"},  // outside the CIDR

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"net/textproto"
 	"net/url"
 	"reflect"
@@ -238,6 +239,23 @@ func (c *rawCapture) take() []string {
 	return h
 }
 
+// forwarder is a forwarder to c, as the public TLS port's, believing the
+// forwarding headers of trusted peers.
+func (c *rawCapture) forwarder(tb testing.TB, trusted ...netip.Prefix) *forwarder {
+	tb.Helper()
+	fwd, err := newForwarder(&Config{
+		Upstream:       &url.URL{Scheme: "http", Host: c.ln.Addr().String()},
+		TLS:            true,
+		IdleTimeout:    time.Minute,
+		TrustedProxies: trusted,
+	}, slog.New(slog.DiscardHandler))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(fwd.httpUp.CloseIdleConnections)
+	return fwd
+}
+
 // fuzzHopHeaders are hop-by-hop headers the fuzzed request always carries,
 // on top of the fuzzed one.
 const fuzzHopHeaders = "Connection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\n" +
@@ -271,15 +289,7 @@ func FuzzRewrite(f *testing.F) {
 	f.Add("DELETE", "/x", "User-Agent", " cells-client/4 ")
 
 	up := newRawCapture(f)
-	fwd, err := newForwarder(&Config{
-		Upstream:    &url.URL{Scheme: "http", Host: up.ln.Addr().String()},
-		TLS:         true,
-		IdleTimeout: time.Minute,
-	}, slog.New(slog.DiscardHandler))
-	if err != nil {
-		f.Fatal(err)
-	}
-	f.Cleanup(fwd.httpUp.CloseIdleConnections)
+	fwd := up.forwarder(f)
 
 	f.Fuzz(func(t *testing.T, method, target, name, value string) {
 		head := method + " " + target + " HTTP/1.1\r\nHost: cells.example.com:443\r\n" + name + ": " + value + "\r\n" +
