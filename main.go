@@ -18,6 +18,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"strings"
 	"syscall"
 	"text/tabwriter"
@@ -111,6 +112,7 @@ func serve(ctx context.Context, stderr io.Writer) error {
 		return configProblems(stderr, errors.Join(err, proxy.CheckFiles()))
 	}
 	log := newLogger(cfg, stderr)
+	limitMemory(log)
 	// docker stop sends SIGTERM: drain instead of dying mid-upload. A
 	// second SIGTERM or SIGINT (Ctrl-C twice) cuts the drain short.
 	stopping := make(chan os.Signal, 2)
@@ -152,6 +154,23 @@ func serve(ctx context.Context, stderr io.Writer) error {
 	}()
 	log.Info("starting", "version", version)
 	return s.Run(ctx)
+}
+
+// limitMemory gives the garbage collector 90% of the container's memory
+// limit (proxy.MemoryLimit says why), leaving the rest to what it does not
+// count: the binary's pages, the kernel's socket buffers. GOMEMLIMIT, when
+// set, is the operator's word, and "off" among them.
+func limitMemory(log *slog.Logger) {
+	if os.Getenv("GOMEMLIMIT") != "" {
+		return
+	}
+	limit := proxy.MemoryLimit("/")
+	if limit <= 0 {
+		return
+	}
+	soft := limit - limit/10
+	debug.SetMemoryLimit(soft)
+	log.Info("memory limit", "cgroup", limit, "gomemlimit", soft)
 }
 
 func newLogger(cfg *proxy.Config, w io.Writer) *slog.Logger {

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -237,4 +238,82 @@ func hupPending(t *testing.T, pid int) bool {
 	}
 	t.Fatal("no ShdPnd in /proc/PID/status")
 	return false
+}
+
+// TestMemoryLimitFromCgroup runs the binary in a memory cgroup of its own,
+// limited to 256 MiB, and checks that the garbage collector gets 90% of it,
+// and that GOMEMLIMIT set by the operator is left alone. It needs a
+// writable memory cgroup (root, cgroup v1 or v2 with the memory controller
+// delegated); TestMemoryLimit covers the layouts without one.
+func TestMemoryLimitFromCgroup(t *testing.T) {
+	dir := newMemoryCgroup(t, 256<<20)
+	for _, tc := range []struct {
+		name string
+		vars []string
+		want string // the start's line, or "" for none
+	}{
+		{"from the cgroup", nil, `"msg":"memory limit","cgroup":268435456,"gomemlimit":241591911}`},
+		{"GOMEMLIMIT set", []string{"GOMEMLIMIT=100MiB"}, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			env := append([]string{"CELLS_UPSTREAM=http://127.0.0.1:9", "PROXY_HTTPS_ADDR=" + freeAddr(t),
+				"PROXY_HTTP_ADDR=off", "PROXY_HEALTH_ADDR=off"}, tc.vars...)
+			// The shell joins the cgroup, then becomes cells-proxy.
+			cmd := exec.Command("sh", "-c", `echo $$ > "$1/cgroup.procs" && exec "$2"`, "sh", dir, bin)
+			cmd.Env = command(nil, env...).Env
+			p, stop := startBinary(t, cmd)
+			defer stop()
+			for deadline := time.Now().Add(20 * time.Second); !strings.Contains(p.stderr.String(), `"msg":"listening"`); time.Sleep(20 * time.Millisecond) {
+				select {
+				case <-p.exited:
+					t.Fatalf("cells-proxy exited: %v", p.err)
+				default:
+				}
+				if time.Now().After(deadline) {
+					t.Fatal("not listening within 20 s")
+				}
+			}
+			got := p.stderr.String()
+			if tc.want != "" && !strings.Contains(got, tc.want) {
+				t.Errorf("no %s in the log", tc.want)
+			}
+			if tc.want == "" && strings.Contains(got, `"memory limit"`) {
+				t.Error("the memory limit was set though GOMEMLIMIT was")
+			}
+		})
+	}
+}
+
+// newMemoryCgroup makes a memory cgroup limited to limit bytes inside the
+// test's own, removed at the end of the test (once its processes are
+// gone), or skips the test if it cannot.
+func newMemoryCgroup(t *testing.T, limit int64) string {
+	own, err := os.ReadFile("/proc/self/cgroup")
+	if err != nil {
+		t.Skip("no cgroups:", err)
+	}
+	var parent, file string
+	for _, l := range strings.Split(string(own), "\n") {
+		f := strings.SplitN(l, ":", 3)
+		switch {
+		case len(f) < 3:
+		case slices.Contains(strings.Split(f[1], ","), "memory"):
+			parent, file = filepath.Join("/sys/fs/cgroup/memory", f[2]), "memory.limit_in_bytes"
+		case f[0] == "0" && f[1] == "" && parent == "":
+			parent, file = filepath.Join("/sys/fs/cgroup", f[2]), "memory.max"
+		}
+	}
+	dir := filepath.Join(parent, "cells-proxy-test-"+strconv.Itoa(os.Getpid()))
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Skip("cannot make a memory cgroup:", err)
+	}
+	t.Cleanup(func() {
+		for deadline := time.Now().Add(10 * time.Second); os.Remove(dir) != nil && time.Now().Before(deadline); {
+			time.Sleep(50 * time.Millisecond)
+		}
+	})
+	if err := os.WriteFile(filepath.Join(dir, file), []byte(strconv.FormatInt(limit, 10)), 0o644); err != nil {
+		t.Skip("cannot limit a memory cgroup:", err)
+	}
+	return dir
 }

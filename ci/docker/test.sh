@@ -373,7 +373,12 @@ start_stub stub-b -http 127.0.0.1:0 -h2c 127.0.0.1:0 || exit 1
 upb_http=$(awk '$2 == "http" { sub(/.*:/, "", $3); print $3 }' "$WORK/stub-b.out")
 upb_h2c=$(awk '$2 == "h2c" { sub(/.*:/, "", $3); print $3 }' "$WORK/stub-b.out")
 read -r https_port grpc_port health_port < <($probe freeports 3 | xargs)
-$DOCKER run -d --name cp-image-test-b --network host --read-only --cap-drop ALL --health-interval 1s \
+# This container also runs under a memory limit, which cells-proxy gives its garbage collector (README, "Memory").
+memory=()
+if [ "$($DOCKER info --format '{{.MemoryLimit}}')" = true ]; then
+	memory=(--memory 256m)
+fi
+$DOCKER run -d --name cp-image-test-b --network host --read-only --cap-drop ALL --health-interval 1s "${memory[@]}" \
 	-e CELLS_UPSTREAM="http://127.0.0.1:$upb_http" \
 	-e CELLS_GRPC_UPSTREAM="h2c://127.0.0.1:$upb_h2c" \
 	-e PYDIO_GRPC_EXTERNAL="$grpc_port" \
@@ -391,6 +396,12 @@ check "topology B: gRPC call on the dedicated TLS port" $probe grpc -insecure "1
 $DOCKER stop -t 40 cp-image-test-b >/dev/null
 check "topology B: docker stop gives exit 0" test "$($DOCKER inspect -f '{{.State.ExitCode}}' cp-image-test-b)" = 0
 $DOCKER logs cp-image-test-b >"$WORK/image-test-b.log" 2>&1
+if [ ${#memory[@]} -gt 0 ]; then
+	check "topology B: --memory 256m gives the collector 90% of it" \
+		grep -q '"msg":"memory limit","cgroup":268435456,"gomemlimit":241591911' "$WORK/image-test-b.log"
+else
+	echo "SKIP: this Docker engine cannot limit memory (docker info: MemoryLimit false)"
+fi
 $DOCKER rm cp-image-test-b >/dev/null
 
 # ---------------------------------------------------------------------------------------------------------
