@@ -26,7 +26,8 @@ var certPollInterval = 5 * time.Second
 // certFiles keeps the certificate served from TLS_CERT_FILE and TLS_KEY_FILE
 // current. A new pair replaces the old one only once it parses and its key
 // matches its certificate: a half-written or mismatched pair is refused with
-// an error in the log, and the old certificate keeps serving. Connections
+// an error in the log (a warning first, if a poll found it), and the old
+// certificate keeps serving. Connections
 // already open are not touched; new handshakes get the new certificate.
 type certFiles struct {
 	certFile, keyFile string
@@ -38,6 +39,7 @@ type certFiles struct {
 	mu     sync.Mutex
 	served [sha256.Size]byte // the content of the pair being served
 	failed [sha256.Size]byte // the content of the last pair refused, not to log it at every poll
+	warned bool              // failed was seen by one poll and logged at WARN only
 }
 
 // outcome is what a check of the files did.
@@ -47,6 +49,7 @@ const (
 	unchanged    outcome = iota // same content as served
 	reloaded                    // a new pair is served
 	refused                     // a new pair did not load
+	refusedOnce                 // a new pair did not load at a poll that followed a good check
 	refusedAgain                // the pair refused at the previous check, still
 )
 
@@ -59,19 +62,26 @@ func (c *certFiles) load(force bool) (outcome, error) {
 	if err == nil && sum == c.served && !force {
 		// The files are back to the served pair: the next breakage is
 		// news, even if it is the same as the last one.
-		c.failed = [sha256.Size]byte{}
+		c.failed, c.warned = [sha256.Size]byte{}, false
 		return unchanged, nil
 	}
 	if err == nil {
-		c.served, c.failed = sum, [sha256.Size]byte{}
+		c.served, c.failed, c.warned = sum, [sha256.Size]byte{}, false
 		c.cert.Store(cert)
 		return reloaded, nil
 	}
-	if sum == c.failed {
-		return refusedAgain, err
+	switch {
+	case !force && c.failed == [sha256.Size]byte{}:
+		// A renewal that writes the certificate and then the key
+		// (cp, certbot repointing two symlinks) can be caught in
+		// between by a poll: the next poll decides.
+		c.failed, c.warned = sum, true
+		return refusedOnce, err
+	case force || c.warned || sum != c.failed:
+		c.failed, c.warned = sum, false
+		return refused, err
 	}
-	c.failed = sum
-	return refused, err
+	return refusedAgain, err
 }
 
 // read loads the pair; sum identifies the content read (or the error).
@@ -121,11 +131,16 @@ func unfinishedPEM(data []byte) bool {
 	}
 }
 
-// poll is one periodic check. A pair that stays broken is logged once.
+// poll is one periodic check. Files found broken are a warning the first
+// time, an error if the next poll finds them broken still; a pair that
+// stays broken is logged once.
 func (c *certFiles) poll() {
 	switch out, err := c.load(false); out {
 	case reloaded:
 		c.logServed("poll")
+	case refusedOnce:
+		c.log.Warn("TLS certificate files do not load (a renewal being written?), the current one keeps serving; checked again at the next poll",
+			"trigger", "poll", "err", err)
 	case refused:
 		c.log.Error("TLS certificate not reloaded, the current one keeps serving", "trigger", "poll", "err", err)
 	default:

@@ -269,13 +269,17 @@ func TestCertReloadRefusesBrokenPair(t *testing.T) {
 			if err := os.WriteFile(keyFile, tc.key, 0o600); err != nil {
 				t.Fatal(err)
 			}
-			// Three polls see the broken pair: one error line.
+			// Three polls see the broken pair: a warning, then one
+			// error line.
 			for range 3 {
 				rp.certFiles.poll()
 			}
 			rp.wantSerial(t, rp.Addr().String(), a, "after a broken pair")
 			rp.wantSerial(t, rp.GRPCAddr().String(), a, "after a broken pair")
-			if got, want := strings.Count(rp.Log.String(), "TLS certificate not reloaded"), 1; got != want {
+			if got, want := reloadLines(rp.Log.String(), "WARN"), 1; got != want {
+				t.Errorf("%d warning lines for one broken pair, want %d; log:\n%s", got, want, rp.Log)
+			}
+			if got, want := reloadLines(rp.Log.String(), "ERROR"), 1; got != want {
 				t.Errorf("%d error lines for one broken pair, want %d; log:\n%s", got, want, rp.Log)
 			}
 			if !strings.Contains(rp.Log.String(), "level=ERROR") || !strings.Contains(rp.Log.String(), "TLS_CERT_FILE") {
@@ -309,6 +313,95 @@ func TestCertReloadRefusesBrokenPair(t *testing.T) {
 	})
 }
 
+// reloadLines counts the lines of log at level that say a pair found
+// broken was not served.
+func reloadLines(log, level string) int {
+	n := 0
+	for l := range strings.SplitSeq(log, "\n") {
+		if strings.Contains(l, "level="+level+" ") &&
+			(strings.Contains(l, "TLS certificate not reloaded") || strings.Contains(l, "TLS certificate files do not load")) {
+			n++
+		}
+	}
+	return n
+}
+
+// TestCertReloadTwoSteps: a renewal that writes the certificate, then the
+// key (cp cert; cp key, or certbot repointing its two live/ symlinks) can
+// be caught in between by a poll, which finds a certificate and a key that
+// do not match. That poll warns, serves the current pair still and pages
+// no one; the next poll serves the renewed pair. Files still broken at the
+// next poll, the same way or another, are an error, logged once; a SIGHUP
+// that finds them broken is an error at once.
+func TestCertReloadTwoSteps(t *testing.T) {
+	a, b, c := newCert(t), newCert(t), newCert(t)
+	bCert, _ := pemPair(t, b)
+	cCert, _ := pemPair(t, c)
+	_, aKey := pemPair(t, a)
+	dir := t.TempDir()
+	certFile, keyFile := filepath.Join(dir, "fullchain.pem"), filepath.Join(dir, "privkey.pem")
+	writePair(t, a, certFile, keyFile)
+	setCertPollInterval(t, time.Hour) // the test drives the checks
+	rp := startReloadProxy(t, certFile, keyFile, a, b, c)
+	count := func(when string, warns, errs int) {
+		t.Helper()
+		if got := reloadLines(rp.Log.String(), "WARN"); got != warns {
+			t.Errorf("%s: %d warning lines, want %d; log:\n%s", when, got, warns, rp.Log)
+		}
+		if got := reloadLines(rp.Log.String(), "ERROR"); got != errs {
+			t.Errorf("%s: %d error lines, want %d; log:\n%s", when, got, errs, rp.Log)
+		}
+	}
+
+	// cp cert: a poll comes before cp key.
+	if err := os.WriteFile(certFile, bCert, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	rp.certFiles.poll()
+	rp.wantSerial(t, rp.Addr().String(), a, "between the two files")
+	count("a poll between the two files", 1, 0)
+	if l := rp.Log.String(); !strings.Contains(l, "keeps serving") || !strings.Contains(l, "next poll") {
+		t.Errorf("the warning does not say the current certificate is kept and checked again at the next poll:\n%s", l)
+	}
+	// cp key: the next poll serves the renewal, with no error.
+	writePair(t, b, certFile, keyFile)
+	rp.certFiles.poll()
+	rp.wantSerial(t, rp.Addr().String(), b, "after the second file")
+	count("after the renewal", 1, 0)
+
+	// A renewal that stops half-way: the next poll finds it broken
+	// still, an error; the polls after it say nothing more.
+	if err := os.WriteFile(certFile, cCert, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	rp.certFiles.poll()
+	count("a first poll of a broken pair", 2, 0)
+	rp.certFiles.poll()
+	count("a second poll of a broken pair", 2, 1)
+	rp.certFiles.poll()
+	count("a third poll of a broken pair", 2, 1)
+	// Broken another way at the next poll: an error again.
+	if err := os.WriteFile(keyFile, aKey[:len(aKey)/2], 0o600); err != nil {
+		t.Fatal(err)
+	}
+	rp.certFiles.poll()
+	count("another breakage", 2, 2)
+	// SIGHUP on files broken is an error at once, and the polls after it
+	// do not repeat it.
+	writePair(t, b, certFile, keyFile)
+	rp.certFiles.poll()
+	if err := os.WriteFile(certFile, cCert, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := rp.Reload(); err == nil {
+		t.Errorf("Reload of a mismatched pair: no error")
+	}
+	count("Reload of a mismatched pair", 2, 3)
+	rp.certFiles.poll()
+	count("a poll after Reload", 2, 3)
+	rp.wantSerial(t, rp.Addr().String(), b, "after the broken pairs")
+}
+
 // TestCertReloadBrokenAgain: files that break, come back to the served
 // pair and later break the same way again are logged each time they
 // break: the second breakage is news, not the repeat of the first.
@@ -331,7 +424,10 @@ func TestCertReloadBrokenAgain(t *testing.T) {
 			t.Fatal(err)
 		}
 		rp.certFiles.poll()
-		if got, want := strings.Count(rp.Log.String(), "TLS certificate not reloaded"), i+1; got != want {
+		if got, want := reloadLines(rp.Log.String(), "WARN"), i+1; got != want {
+			t.Errorf("after breakage %d: %d warning lines, want %d; log:\n%s", i+1, got, want, rp.Log)
+		}
+		if got, want := reloadLines(rp.Log.String(), "ERROR"), i+1; got != want {
 			t.Errorf("after breakage %d: %d error lines, want %d; log:\n%s", i+1, got, want, rp.Log)
 		}
 	}
