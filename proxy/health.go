@@ -22,10 +22,11 @@ type health struct {
 	s      *Server
 	client *http.Client
 
-	mu      sync.Mutex
-	checked time.Time
-	ok      bool
-	detail  string
+	mu       sync.Mutex
+	checked  time.Time
+	ok       bool
+	detail   string
+	inflight chan struct{} // closed when the probe running ends; nil if none runs
 }
 
 // readyCache bounds how often a busy healthcheck reaches Cells.
@@ -71,14 +72,38 @@ func (h *health) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
+// ready is the cached answer, or that of a probe that the callers arriving
+// while it runs share. The probe runs under none of their contexts: a
+// healthcheck that gives up must not make the others' answer "context
+// canceled" while Cells is fine. Each caller stops waiting when its own
+// context ends.
 func (h *health) ready(ctx context.Context) (bool, string) {
 	h.mu.Lock()
-	defer h.mu.Unlock()
 	if time.Since(h.checked) < readyCache {
+		defer h.mu.Unlock()
 		return h.ok, h.detail
 	}
-	h.ok, h.detail = h.probe(ctx)
-	h.checked = time.Now()
+	done := h.inflight
+	if done == nil {
+		done = make(chan struct{})
+		h.inflight = done
+		go func() {
+			// The client's Timeout bounds it; the stop ends it.
+			ok, detail := h.probe(h.s.baseCtx)
+			h.mu.Lock()
+			h.ok, h.detail, h.checked, h.inflight = ok, detail, time.Now(), nil
+			h.mu.Unlock()
+			close(done)
+		}()
+	}
+	h.mu.Unlock()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		return false, "readiness probe abandoned: " + ctx.Err().Error()
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
 	return h.ok, h.detail
 }
 

@@ -1,0 +1,81 @@
+package proxy
+
+import (
+	"bufio"
+	"io"
+	"net"
+	"net/http"
+	"sync"
+	"testing"
+)
+
+// TestReadyzCallerGone: healthchecks that arrive together share one probe
+// of Cells. The one that started it giving up (Docker killing a slow
+// healthcheck, a load balancer's timeout) must not turn the others'
+// answer into "context canceled" while Cells is fine.
+func TestReadyzCallerGone(t *testing.T) {
+	arrived, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("User-Agent") == "cells-proxy-healthcheck" {
+			// Cells is slow to answer the probe: it is in flight until
+			// the test says.
+			once.Do(func() { close(arrived) })
+			select {
+			case <-release:
+			case <-r.Context().Done():
+				return
+			}
+		}
+		io.WriteString(w, "ok")
+	}))
+	tp := startProxy(t, testConfig(up))
+	health := tp.HealthAddr().String()
+
+	// The first caller starts the probe.
+	first, err := net.Dial("tcp", health)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer first.Close()
+	if _, err := io.WriteString(first, "GET /readyz HTTP/1.1\r\nHost: "+health+"\r\n\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	<-arrived
+
+	// The second comes while the probe runs.
+	second := make(chan int, 1)
+	go func() {
+		c := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
+		res, err := c.Get("http://" + health + "/readyz")
+		if err != nil {
+			t.Errorf("second GET /readyz: %v", err)
+			second <- 0
+			return
+		}
+		io.Copy(io.Discard, res.Body)
+		res.Body.Close()
+		second <- res.StatusCode
+	}()
+
+	// The first goes away: its end of the connection closes, which
+	// cancels its request at the proxy. The proxy then answers it and
+	// closes: once that is read, the proxy is done with the first caller.
+	if err := first.(*net.TCPConn).CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	if res, err := http.ReadResponse(bufio.NewReader(first), nil); err == nil {
+		io.Copy(io.Discard, res.Body)
+		res.Body.Close()
+	}
+	io.Copy(io.Discard, first)
+
+	// Cells answers the probe.
+	close(release)
+	if got, want := <-second, http.StatusOK; got != want {
+		t.Errorf("/readyz for the caller that stayed = %d, want %d", got, want)
+	}
+	if got, want := readyz(t, tp), http.StatusOK; got != want {
+		t.Errorf("/readyz after = %d, want %d", got, want)
+	}
+}
