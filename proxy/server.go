@@ -471,6 +471,7 @@ func (s *Server) Run(ctx context.Context) error {
 		tc.NextProtos = []string{"h2"}
 		// net/http waits too when accepting fails, but logs it at debug.
 		ln := &retryListener{Listener: s.grpcLn, log: s.log, done: acceptDone}
+		srv.ConnState = pending.connState
 		sv.serve(srv, s.h2Listener(tls.NewListener(ln, tc)))
 		up := "none" // calls get UNAVAILABLE naming PYDIO_GRPC_EXTERNAL
 		if s.cfg.GRPCUpstream != nil {
@@ -480,6 +481,7 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	if s.httpLn != nil {
 		srv := s.newHTTPServer(http.HandlerFunc(s.redirect), func(p *http.Protocols) { p.SetHTTP1(true) })
+		srv.ConnState = pending.connState
 		sv.serve(srv, &retryListener{Listener: s.httpLn, log: s.log, done: acceptDone})
 		s.log.Info("listening", "addr", s.httpLn.Addr().String(), "redirect_port", s.cfg.RedirectPort)
 	}
@@ -657,6 +659,13 @@ func (l *retryListener) Accept() (net.Conn, error) {
 // closes them: cmux's Serve waits for each until it is matched or its read
 // deadline passes (handshakeTimeout), and a port scanner's silent
 // connection, or a client's idle preconnect, held every stop for 10 s.
+//
+// It holds too the gRPC and the redirect ports' connections that have not
+// begun a request (connState): no HTTP/2 preface read yet, or no request
+// head. http.Server.Shutdown counts such a connection as idle only once it
+// is 5 s old (golang/go#22682), and so held the stop that long. On the
+// redirect port a head still arriving is dropped with them: its answer
+// would send the client to the public port, which no longer accepts.
 type matching struct {
 	mu     sync.Mutex
 	conns  map[net.Conn]struct{}
@@ -682,8 +691,24 @@ func (m *matching) matched(mw cmux.MatchWriter) cmux.MatchWriter {
 	}
 }
 
-// closeAll closes the connections still matching, and from now on those
-// that the root accepts.
+// connState is an http.Server's ConnState: it holds the connections that
+// have not begun a request. net/http's HTTP/2 server leaves StateNew once
+// it has read the preface, before it reads a frame.
+func (m *matching) connState(c net.Conn, st http.ConnState) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	switch {
+	case st != http.StateNew:
+		delete(m.conns, c)
+	case m.closed:
+		c.Close()
+	default:
+		m.conns[c] = struct{}{}
+	}
+}
+
+// closeAll closes the connections still matching or with no request
+// begun, and from now on those that the root accepts or a server sees new.
 func (m *matching) closeAll() {
 	m.mu.Lock()
 	defer m.mu.Unlock()
