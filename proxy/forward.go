@@ -843,6 +843,13 @@ func malformed(r *http.Request) string {
 					return "invalid content-length"
 				}
 			}
+			// It takes a length past int64 for 0 too, and ignores the
+			// length of a request whose HEADERS end the stream: such a
+			// request has no body, and would reach Cells as an empty
+			// upload (RFC 9113 §8.1.1 calls it malformed).
+			if n, err := strconv.ParseInt(vv[0], 10, 64); err != nil || n != r.ContentLength {
+				return "content-length does not match the body"
+			}
 		}
 	}
 	return ""

@@ -845,8 +845,9 @@ func TestMisdirectedHost(t *testing.T) {
 // TestMalformedRequests: what net/http lets through to the handler but
 // must not reach Cells gets 400 from the proxy, on HTTP/1.1 and HTTP/2,
 // and is not logged as Cells failing. An HTTP/2 content-length that is not
-// a number (net/http's HTTP/2 server takes it for 0) would have made Cells
-// store an empty file, the body reset only afterwards; a port that is not
+// a number or is past int64 (net/http's HTTP/2 server takes it for 0), or
+// that a request whose HEADERS end the stream carries (net/http ignores
+// it), would have made Cells store an empty file; a port that is not
 // a number passes PROXY_SERVER_NAMES, which compares names, and Cells
 // builds its external URLs from Host; an :authority that net/http's client
 // refuses was answered 502, as if Cells had failed.
@@ -869,6 +870,7 @@ func TestMalformedRequests(t *testing.T) {
 		{"content-length +5", put("+5"), false},
 		{"content-length 5,5", put("5,5"), false},
 		{"content-length 5 and 6", append(put("5"), "content-length", "6"), false},
+		{"content-length past int64", put("9223372036854775808"), false},
 		{"port not a number", h2Fields("GET", "cells.example.com:evil.example", "/a/frontend/bootconf"), true},
 		{"port %2f", h2Fields("GET", "cells.example.com:%2f%2fevil.example", "/a/frontend/bootconf"), true},
 		{"authority with a space", h2Fields("GET", "bad host", "/a/x"), false},
@@ -898,6 +900,23 @@ func TestMalformedRequests(t *testing.T) {
 			}
 		})
 	}
+	t.Run("content-length 5, stream ended", func(t *testing.T) {
+		// net/http's HTTP/2 server ignores the content-length of a
+		// request whose HEADERS end the stream: Cells was sent an empty
+		// PUT, and stored an empty file where 5 bytes were announced.
+		before := rec.count()
+		fc := dialH2(t, tp)
+		fc.wmu.Lock()
+		fc.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, EndHeaders: true, EndStream: true, BlockFragment: fc.block(put("5")...)})
+		fc.wmu.Unlock()
+		if ev := fc.answer(t, 1); ev.String() != ":status 400" {
+			t.Errorf("HTTP/2: %v, want :status 400", ev)
+		}
+		if rec.count() > before {
+			s := rec.last(t)
+			t.Errorf("Cells got %s %s Content-Length %q body %q", s.Method, s.RequestURI, s.Header.Get("Content-Length"), s.Body)
+		}
+	})
 	// The well-formed neighbours pass.
 	fc := dialH2(t, tp)
 	fc.wmu.Lock()
