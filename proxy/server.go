@@ -426,9 +426,12 @@ func (s *Server) Run(ctx context.Context) error {
 	// not reach the HTTP/1 server as a request to answer with 400. Without
 	// ALPN, and in cleartext, the preface decides.
 	h2ln := mux.MatchWithWriters(pending.matched(alpnH2), pending.matched(preface(cmux.HTTP2())))
-	// cmux.Any matches every connection the others do not, a failed
-	// handshake's too, so every connection leaves pending once matched.
-	h1ln := mux.MatchWithWriters(pending.matched(preface(cmux.Any())))
+	// Every other connection that has shown a byte in time is HTTP/1's.
+	// One that has not (a failed handshake, a silent client) matches
+	// nothing and cmux closes it: handed on, it would wait
+	// PROXY_READ_HEADER_TIMEOUT more for a request. It leaves pending
+	// either way.
+	h1ln := mux.MatchWithWriters(pending.last(preface(shows)))
 	var public http.Handler = s.fwd
 	if s.cfg.TLS && s.cfg.HSTS != "" {
 		public = hsts(public, s.cfg.HSTS)
@@ -707,6 +710,20 @@ func (m *matching) connState(c net.Conn, st http.ConnState) {
 	}
 }
 
+// last is mw for the last matcher: a connection it does not match, cmux
+// closes, so it leaves pending whatever mw says.
+func (m *matching) last(mw cmux.MatchWriter) cmux.MatchWriter {
+	return func(w io.Writer, r io.Reader) bool {
+		ok := mw(w, r)
+		if c, isConn := w.(net.Conn); isConn {
+			m.mu.Lock()
+			delete(m.conns, c)
+			m.mu.Unlock()
+		}
+		return ok
+	}
+}
+
 // closeAll closes the connections still matching or with no request
 // begun, and from now on those that the root accepts or a server sees new.
 func (m *matching) closeAll() {
@@ -739,12 +756,21 @@ func (l matchingListener) Accept() (net.Conn, error) {
 	return c, nil
 }
 
-// alpnH2 matches a TLS connection that agreed h2 in ALPN. cmux hands a
-// matcher the connection itself as its writer; cmux's read deadline bounds
-// the handshake.
-func alpnH2(w io.Writer, _ io.Reader) bool {
+// alpnH2 matches a TLS connection that agreed h2 in ALPN and has sent its
+// first byte. cmux hands a matcher the connection itself as its writer;
+// cmux's read deadline bounds the handshake and that byte, which the HTTP/2
+// server would otherwise wait for under PROXY_READ_HEADER_TIMEOUT.
+func alpnH2(w io.Writer, r io.Reader) bool {
 	tc, ok := w.(*tls.Conn)
-	return ok && tc.Handshake() == nil && tc.ConnectionState().NegotiatedProtocol == "h2"
+	return ok && tc.Handshake() == nil && tc.ConnectionState().NegotiatedProtocol == "h2" && shows(r)
+}
+
+// shows reports whether the client has sent a byte before cmux's read
+// deadline.
+func shows(r io.Reader) bool {
+	var b [1]byte
+	n, _ := r.Read(b[:])
+	return n > 0
 }
 
 // preface adapts a cmux.Matcher to MatchWithWriters.

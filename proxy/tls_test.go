@@ -16,6 +16,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -476,43 +477,71 @@ func TestHSTS(t *testing.T) {
 }
 
 // TestSilentClientClosed: a TCP connection that never sends its
-// ClientHello is closed after the 10 s of the README's limits table
-// ("TLS handshake and protocol sniffing"), on the public port and on the
-// dedicated gRPC port (PYDIO_GRPC_EXTERNAL) alike. Found by review: the
+// ClientHello, or completes its handshake and then sends nothing, is closed
+// after the 10 s of the README's limits table ("TLS handshake and protocol
+// sniffing"), on the public port and on the dedicated gRPC port
+// (PYDIO_GRPC_EXTERNAL) alike, whatever ALPN agreed, and so is a silent
+// connection to the public port with PROXY_TLS=off. Found by review: the
 // gRPC port has no cmux, and its handshake waited PROXY_READ_HEADER_TIMEOUT
-// (30 s by default, whatever the operator sets).
+// (30 s by default, whatever the operator sets); on the public port a
+// connection that agreed h2 went to the HTTP/2 server at once, which waited
+// PROXY_READ_HEADER_TIMEOUT for its preface, and one that agreed http/1.1 or
+// nothing went to the HTTP/1.1 front once sniffing gave up, which waited
+// that long again for a request (40 s).
 func TestSilentClientClosed(t *testing.T) {
 	t.Parallel()
 	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
 	cfg := testConfig(up)
 	cfg.GRPCAddr = "127.0.0.1:0"
 	tp := startProxy(t, cfg)
+	cleartext := testConfig(up)
+	cleartext.TLS = false
+	plain := startProxy(t, cleartext)
 
-	for _, port := range []struct{ name, addr string }{
-		{"public", tp.Addr().String()},
-		{"grpc", tp.GRPCAddr().String()},
-	} {
-		t.Run(port.name, func(t *testing.T) {
-			t.Parallel()
-			c, err := net.Dial("tcp", port.addr)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer c.Close()
-			// Nothing at all: not even a ClientHello.
-			c.SetReadDeadline(time.Now().Add(15 * time.Second))
+	dialTCP := func(addr string) net.Conn {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	public, grpcPort := tp.Addr().String(), tp.GRPCAddr().String()
+	conns := []struct {
+		name string
+		c    net.Conn
+	}{
+		// Nothing at all: not even a ClientHello.
+		{"public", dialTCP(public)},
+		{"grpc", dialTCP(grpcPort)},
+		// A handshake, then nothing.
+		{"public/after-handshake-h2", tp.dialTLS(t, public, "h2")},
+		{"public/after-handshake-http1.1", tp.dialTLS(t, public, "http/1.1")},
+		{"public/after-handshake-no-alpn", tp.dialTLS(t, public)},
+		{"grpc/after-handshake-h2", tp.dialTLS(t, grpcPort, "h2")},
+		{"public-cleartext", dialTCP(plain.Addr().String())},
+	}
+	// All at once: each waits out the limit, and subtests would run only
+	// as many at a time as there are CPUs.
+	var wg sync.WaitGroup
+	for _, tc := range conns {
+		tc.c.SetReadDeadline(time.Now().Add(15 * time.Second))
+		wg.Go(func() {
 			start := time.Now()
 			var buf [512]byte
+			var err error
 			for {
-				_, err = c.Read(buf[:])
+				_, err = tc.c.Read(buf[:])
 				if err != nil {
 					break
 				}
 			}
 			if errors.Is(err, os.ErrDeadlineExceeded) {
-				t.Fatalf("%s port: a client that sent nothing still connected after %v", port.name, time.Since(start).Round(time.Second))
+				t.Errorf("%s: a client that sent nothing still connected after %v", tc.name, time.Since(start).Round(time.Second))
+				return
 			}
-			t.Logf("%s port closed the silent connection after %v (%v)", port.name, time.Since(start).Round(100*time.Millisecond), err)
+			t.Logf("%s: the silent connection was closed after %v (%v)", tc.name, time.Since(start).Round(100*time.Millisecond), err)
 		})
 	}
+	wg.Wait()
 }
