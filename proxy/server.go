@@ -133,7 +133,9 @@ func (e *FileError) Error() string { return e.Err.Error() }
 func (e *FileError) Unwrap() error { return e.Err }
 
 // tlsConfig is the public TLS policy: TLS 1.2 and 1.3, forward-secret AEAD
-// suites only, ALPN h2 and http/1.1 (grpc-go refuses a server without h2).
+// suites only, ALPN h2, http/1.1 and http/1.0 (grpc-go refuses a server
+// without h2; curl --http1.0 offers http/1.0 alone, and Go's TLS server
+// refuses a client that offers nothing it lists).
 func (s *Server) tlsConfig() *tls.Config {
 	return &tls.Config{
 		MinVersion: tls.VersionTLS12,
@@ -145,7 +147,7 @@ func (s *Server) tlsConfig() *tls.Config {
 			tls.TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
 			tls.TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
 		},
-		NextProtos: []string{"h2", "http/1.1"},
+		NextProtos: []string{"h2", "http/1.1", "http/1.0"},
 		GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
 			return s.cert.Load(), nil
 		},

@@ -293,6 +293,9 @@ func TestALPN(t *testing.T) {
 		{"public", []string{"http/1.1"}, "http/1.1"},
 		{"public", []string{"h2"}, "h2"},
 		{"public", nil, ""},
+		// curl --http1.0 offers http/1.0 alone; nginx agrees it. Go's
+		// TLS server refuses a client that offers nothing it knows.
+		{"public", []string{"http/1.0"}, "http/1.0"},
 		{"grpc", []string{"h2", "http/1.1"}, "h2"},
 		{"grpc", []string{"h2"}, "h2"},
 		// HTTP/1.1 cannot carry gRPC. Go's TLS server lets an http/1.1
@@ -327,6 +330,14 @@ func TestALPN(t *testing.T) {
 	b, _ := io.ReadAll(conn)
 	if got, want := strings.SplitN(string(b), "\r\n", 2)[0], "HTTP/1.1 200 OK"; got != want {
 		t.Errorf("public port, no ALPN: status line = %q, want %q", got, want)
+	}
+
+	// Nor is one that agreed http/1.0 refused its HTTP/1.0 request.
+	conn = tp.dialRaw(t, tp.Addr().String(), "http/1.0")
+	io.WriteString(conn, "GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+	b, _ = io.ReadAll(conn)
+	if got, want := strings.SplitN(string(b), "\r\n", 2)[0], "HTTP/1.0 200 OK"; got != want {
+		t.Errorf("public port, ALPN http/1.0: status line = %q, want %q", got, want)
 	}
 
 	// The gRPC port speaks only HTTP/2: an HTTP/1.1 request there is not
