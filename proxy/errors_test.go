@@ -356,6 +356,31 @@ func TestUpstreamCertificate(t *testing.T) {
 	}
 }
 
+// TestUpstreamSchemeMismatch: CELLS_UPSTREAM=http:// in front of a Cells
+// that keeps TLS (its default) reaches Go's TLS server in clear, which
+// answers every request "400 Client sent an HTTP request to an HTTPS
+// server". Every client got that 400 while /readyz said "ok: cells answers
+// 400" (the container healthy) and nothing was logged. /readyz is 503 and
+// names the variable to fix, and the log says so too.
+func TestUpstreamSchemeMismatch(t *testing.T) {
+	up := newUpstream(t, upTLS, &recorder{})
+	cfg := testConfig(nil)
+	cfg.Upstream = &url.URL{Scheme: "http", Host: up.Addr()}
+	tp := startProxy(t, cfg)
+	res, err := http.Get("http://" + tp.HealthAddr().String() + "/readyz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(res.Body)
+	res.Body.Close()
+	if got, want := res.StatusCode, http.StatusServiceUnavailable; got != want || !strings.Contains(string(b), "CELLS_UPSTREAM=https://") {
+		t.Errorf("/readyz = %d %q, want %d naming CELLS_UPSTREAM=https://", got, b, want)
+	}
+	if logged := tp.Log.String(); !strings.Contains(logged, "CELLS_UPSTREAM=https://") {
+		t.Errorf("log does not name CELLS_UPSTREAM=https://:\n%s", logged)
+	}
+}
+
 // TestClientGoneCancelsUpstream: when the client goes away, the upstream
 // request ends too: the upstream handler's context is done, and a body it
 // is reading fails rather than ending as if complete.

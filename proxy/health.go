@@ -122,15 +122,32 @@ func (h *health) probe(ctx context.Context) (bool, string) {
 	if err != nil {
 		return false, "cells unreachable: " + err.Error()
 	}
+	// Cells keeps TLS (its default) where CELLS_UPSTREAM says http: every
+	// client would get this 400 from it.
+	tlsPort := up.Scheme == "http" && res.StatusCode == http.StatusBadRequest && startsWith(res.Body, plainToTLS)
 	res.Body.Close()
 	loc := res.Header.Get("Location")
 	switch {
 	case res.StatusCode >= 300 && res.StatusCode < 400 && strings.Contains(loc, "starting"):
 		return false, "cells is starting"
+	case tlsPort:
+		h.s.log.Warn("cells speaks TLS where CELLS_UPSTREAM says http, and clients get its 400: set CELLS_UPSTREAM=https://, with CELLS_UPSTREAM_CA_FILE, or run Cells with CELLS_SITE_NO_TLS=1", "upstream", up.Host)
+		return false, "cells speaks TLS on " + up.Host + ": set CELLS_UPSTREAM=https://" + up.Host + " (and CELLS_UPSTREAM_CA_FILE), or run Cells with CELLS_SITE_NO_TLS=1"
 	case res.StatusCode >= 500:
 		return false, fmt.Sprintf("cells answers %d", res.StatusCode)
 	}
 	return true, fmt.Sprintf("ok: cells answers %d", res.StatusCode)
+}
+
+// plainToTLS begins the body of the 400 that Go's TLS servers, Cells' among
+// them, answer to a request sent in clear (net/http's conn.serve).
+const plainToTLS = "Client sent an HTTP request to an HTTPS server"
+
+// startsWith reports whether r begins with prefix.
+func startsWith(r io.Reader, prefix string) bool {
+	b := make([]byte, len(prefix))
+	n, _ := io.ReadFull(r, b)
+	return string(b[:n]) == prefix
 }
 
 // ProbeTimeout bounds Probe below the 3 s the image's HEALTHCHECK and the
