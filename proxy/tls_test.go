@@ -555,4 +555,24 @@ func TestSilentClientClosed(t *testing.T) {
 		})
 	}
 	wg.Wait()
+	// A connection that matches nothing is cmux's ErrNotMatched, which
+	// must not close the listener: the ports still serve.
+	for _, c := range []struct {
+		name   string
+		client *http.Client
+		url    string
+	}{
+		{"public, HTTP/1.1", tp.H1, tp.URL}, {"public, HTTP/2", tp.H2, tp.URL},
+		{"public-cleartext, HTTP/1.1", plain.H1, plain.URL}, {"public-cleartext, h2c", plain.H2, plain.URL},
+	} {
+		res, err := c.client.Get(c.url + "/a/frontend/bootconf")
+		if err != nil {
+			t.Errorf("%s after the silent connections: %v", c.name, err)
+			continue
+		}
+		res.Body.Close()
+		if res.StatusCode != http.StatusOK {
+			t.Errorf("%s after the silent connections: %s", c.name, res.Status)
+		}
+	}
 }
