@@ -123,6 +123,11 @@ func (h *h2conn) Read(p []byte) (int, error) {
 				p = p[:h.pass]
 			}
 			n, err := h.Conn.Read(p)
+			if err != nil && h.pass == len(clientPreface) {
+				// The first read, which runs the gRPC port's
+				// handshake: a plain HTTP request gets its 400.
+				answerPlainHTTP(err)
+			}
 			h.pass -= n
 			return n, err
 		}

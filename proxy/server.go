@@ -764,7 +764,33 @@ func (l matchingListener) Accept() (net.Conn, error) {
 // server would otherwise wait for under PROXY_READ_HEADER_TIMEOUT.
 func alpnH2(w io.Writer, r io.Reader) bool {
 	tc, ok := w.(*tls.Conn)
-	return ok && tc.Handshake() == nil && tc.ConnectionState().NegotiatedProtocol == "h2" && shows(r)
+	if !ok {
+		return false
+	}
+	if err := tc.Handshake(); err != nil {
+		answerPlainHTTP(err)
+		return false
+	}
+	return tc.ConnectionState().NegotiatedProtocol == "h2" && shows(r)
+}
+
+// answerPlainHTTP answers a client that sent a plain HTTP request to a TLS
+// port (http://host:443, a load balancer that does not speak TLS to the
+// proxy) with a 400 that says so, as net/http's TLS servers do (Cells' own
+// among them) and nginx does (its 497), rather than a closed connection and
+// no word. err is the handshake's: the public port's runs in alpnH2, the
+// gRPC port's in h2conn's first read; neither is net/http's to answer. The
+// connection is closed after it.
+func answerPlainHTTP(err error) {
+	var re tls.RecordHeaderError
+	if !errors.As(err, &re) || re.Conn == nil {
+		return
+	}
+	switch string(re.RecordHeader[:]) {
+	case "GET /", "HEAD ", "POST ", "PUT /", "OPTIO", "DELET", "PATCH", "PROPF":
+		re.Conn.SetWriteDeadline(time.Now().Add(time.Second))
+		io.WriteString(re.Conn, "HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\nClient sent an HTTP request to an HTTPS server.\n")
+	}
 }
 
 // shows reports whether the client has sent a byte before cmux's read

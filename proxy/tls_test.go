@@ -576,3 +576,45 @@ func TestSilentClientClosed(t *testing.T) {
 		}
 	}
 }
+
+// TestPlainHTTPToTLSPort: a plain HTTP request sent to a TLS port
+// (http://host:443, or a load balancer set up without TLS to the proxy) gets
+// a 400 that says what is wrong, then the connection closes, as net/http's
+// TLS servers answer (Cells' among them) and nginx (its 497). Both ports run
+// the handshake where net/http does not see it (a cmux matcher, h2conn's
+// first read), and only closed the connection: the client saw an empty
+// reply.
+func TestPlainHTTPToTLSPort(t *testing.T) {
+	t.Parallel()
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
+	cfg := testConfig(up)
+	cfg.GRPCAddr = "127.0.0.1:0"
+	tp := startProxy(t, cfg)
+	for _, port := range []struct{ name, addr string }{
+		{"public", tp.Addr().String()}, {"grpc", tp.GRPCAddr().String()},
+	} {
+		for _, req := range []string{
+			"GET /login HTTP/1.1\r\nHost: cells.example.com\r\n\r\n",
+			"PROPFIND /dav/ HTTP/1.1\r\nHost: cells.example.com\r\nDepth: 1\r\n\r\n",
+		} {
+			t.Run(port.name+"/"+strings.Fields(req)[0], func(t *testing.T) {
+				c, err := net.Dial("tcp", port.addr)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer c.Close()
+				c.SetDeadline(time.Now().Add(20 * time.Second))
+				if _, err := io.WriteString(c, req); err != nil {
+					t.Fatal(err)
+				}
+				got, err := io.ReadAll(c)
+				if err != nil {
+					t.Fatalf("%v after %q", err, got)
+				}
+				if !strings.HasPrefix(string(got), "HTTP/1.0 400 Bad Request\r\n") || !strings.Contains(string(got), "Client sent an HTTP request to an HTTPS server") {
+					t.Errorf("got %q, want a 400 saying the request was plain HTTP", got)
+				}
+			})
+		}
+	}
+}
