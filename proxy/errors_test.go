@@ -726,3 +726,27 @@ func TestSilentAfterSmallBody(t *testing.T) {
 		})
 	}
 }
+
+// TestUpstreamSpeaksClear is the other way round: CELLS_UPSTREAM says https
+// where Cells runs with CELLS_SITE_NO_TLS=1. Clients get 502, and the log
+// said only "tls: first record does not look like a TLS handshake"; it now
+// names the variable to change.
+func TestUpstreamSpeaksClear(t *testing.T) {
+	up := newUpstream(t, upPlain, &recorder{})
+	cfg := testConfig(nil)
+	cfg.Upstream = &url.URL{Scheme: "https", Host: up.Addr()}
+	tp := startProxy(t, cfg)
+	for _, client := range []*http.Client{tp.H1, tp.H2} {
+		res, err := client.Get(tp.URL + "/a/frontend/bootconf")
+		if err != nil {
+			t.Fatal(err)
+		}
+		res.Body.Close()
+		if res.StatusCode != http.StatusBadGateway {
+			t.Errorf("%s: %s, want 502", res.Proto, res.Status)
+		}
+	}
+	if logged := tp.Log.String(); !strings.Contains(logged, "set CELLS_UPSTREAM=http://") {
+		t.Errorf("log does not name CELLS_UPSTREAM=http://:\n%s", logged)
+	}
+}

@@ -447,6 +447,7 @@ func (f *forwarder) classify(r *http.Request, err error) (int, string) {
 	var maxBytes *http.MaxBytesError
 	var unknownAuthority x509.UnknownAuthorityError
 	var hostname x509.HostnameError
+	var clear tls.RecordHeaderError
 	var netErr net.Error
 	switch {
 	case errors.Is(err, errShutdown):
@@ -459,6 +460,12 @@ func (f *forwarder) classify(r *http.Request, err error) (int, string) {
 	case errors.As(err, &unknownAuthority), errors.As(err, &hostname):
 		f.log.Error("upstream certificate not trusted: set CELLS_UPSTREAM_CA_FILE (Cells' certs/rootCA.pem) or CELLS_UPSTREAM_SERVER_NAME, or CELLS_UPSTREAM_INSECURE=true", "err", err)
 		return http.StatusBadGateway, "cells-proxy: upstream certificate not trusted"
+	case errors.As(err, &clear):
+		// Cells runs with CELLS_SITE_NO_TLS=1 (or a gRPC port in clear)
+		// where the proxy was told https: the error alone says only that
+		// a record does not look like TLS.
+		f.log.Error("cells does not speak TLS where cells-proxy was told https: set CELLS_UPSTREAM=http://… for a Cells run with CELLS_SITE_NO_TLS=1, and CELLS_GRPC_UPSTREAM=h2c://… for its gRPC port", "err", err)
+		return http.StatusBadGateway, "cells-proxy: upstream does not speak TLS"
 	case errors.Is(err, syscall.ECONNREFUSED):
 		return http.StatusBadGateway, "cells-proxy: upstream refused the connection"
 	case errors.As(err, &netErr) && netErr.Timeout():
