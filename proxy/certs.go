@@ -28,14 +28,18 @@ func SelfSigned(names ...string) (tls.Certificate, error) {
 		return tls.Certificate{}, fmt.Errorf("generating a serial number: %w", err)
 	}
 	tmpl := &x509.Certificate{
-		SerialNumber:          serial,
-		Subject:               pkix.Name{CommonName: "cells-proxy self-signed", Organization: []string{"cells-proxy"}},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(365 * 24 * time.Hour),
-		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
-		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		SerialNumber: serial,
+		Subject:      pkix.Name{CommonName: "cells-proxy self-signed", Organization: []string{"cells-proxy"}},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(365 * 24 * time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		// Not a CA: Firefox refuses a server certificate that says it
+		// is one (MOZILLA_PKIX_ERROR_CA_CERT_USED_AS_END_ENTITY), even
+		// once the operator has made it trusted. Clients that trust
+		// this certificate itself need no CA: Go, curl --cacert and
+		// browsers' exceptions take a self-signed leaf as its own root.
 		BasicConstraintsValid: true,
-		IsCA:                  true,
 	}
 	for _, n := range names {
 		if ip := net.ParseIP(n); ip != nil {

@@ -14,6 +14,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -616,5 +617,42 @@ func TestPlainHTTPToTLSPort(t *testing.T) {
 				}
 			})
 		}
+	}
+}
+
+// TestSelfSignedNotCA: the self-signed certificate says it is not a CA.
+// Firefox refuses a server certificate that says it is one
+// (MOZILLA_PKIX_ERROR_CA_CERT_USED_AS_END_ENTITY), even once trusted; it
+// said so. Clients that trust the certificate itself still verify it: Go's,
+// and OpenSSL's (curl --cacert), checked with openssl verify.
+func TestSelfSignedNotCA(t *testing.T) {
+	cert, err := SelfSigned("localhost", "127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaf := cert.Leaf
+	if leaf.IsCA || !leaf.BasicConstraintsValid || leaf.KeyUsage&x509.KeyUsageCertSign != 0 {
+		t.Errorf("IsCA %v, basic constraints %v, key usage %b: want a leaf that says it is not a CA",
+			leaf.IsCA, leaf.BasicConstraintsValid, leaf.KeyUsage)
+	}
+	roots := x509.NewCertPool()
+	roots.AddCert(leaf)
+	if _, err := leaf.Verify(x509.VerifyOptions{Roots: roots, DNSName: "localhost"}); err != nil {
+		t.Errorf("Go, trusting the certificate itself: %v", err)
+	}
+	ossl, err := exec.LookPath("openssl")
+	if err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("CI must run this test: .ci/run installs openssl")
+		}
+		t.Skip("needs openssl")
+	}
+	f := filepath.Join(t.TempDir(), "cert.pem")
+	if err := os.WriteFile(f, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Certificate[0]}), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command(ossl, "verify", "-x509_strict", "-purpose", "sslserver", "-CAfile", f, f).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), ": OK") {
+		t.Errorf("openssl verify, trusting the certificate itself: %v\n%s", err, out)
 	}
 }
