@@ -111,3 +111,34 @@ func TestH2MaxFrameSize(t *testing.T) {
 		})
 	}
 }
+
+// TestH2NoExtendedConnect: neither HTTP/2 port advertises
+// SETTINGS_ENABLE_CONNECT_PROTOCOL (RFC 8441). Browsers that see it open
+// websockets over HTTP/2 as an extended CONNECT, which the proxy answers
+// 405 (it tunnels websockets from HTTP/1.1 only): Cells' /ws/event and
+// /ws/chat would break. net/http's server advertises it only under
+// GODEBUG=http2xconnect=1 in Go 1.26 (golang/go#71128); this fails first
+// if a Go release turns it on by default.
+func TestH2NoExtendedConnect(t *testing.T) {
+	tp := startTLSProxy(t, newCert(t))
+	for port, addr := range tlsPorts(tp) {
+		t.Run(port, func(t *testing.T) {
+			conn, fr := h2Conn(t, tp, addr)
+			io.WriteString(conn, http2.ClientPreface)
+			if err := fr.WriteSettings(); err != nil {
+				t.Fatal(err)
+			}
+			f, err := fr.ReadFrame()
+			if err != nil {
+				t.Fatal(err)
+			}
+			settings, ok := f.(*http2.SettingsFrame)
+			if !ok {
+				t.Fatalf("first frame %v, want SETTINGS", f)
+			}
+			if v, ok := settings.Value(http2.SettingEnableConnectProtocol); ok && v != 0 {
+				t.Errorf("SETTINGS_ENABLE_CONNECT_PROTOCOL = %d: browsers would send websockets as extended CONNECT", v)
+			}
+		})
+	}
+}
