@@ -361,7 +361,7 @@ func isWebSocket(r *http.Request) bool {
 // response broke before its header. Responses from Cells, errors included,
 // are never replaced.
 func (f *forwarder) errorHandler(w http.ResponseWriter, r *http.Request, err error) {
-	status, msg := f.classify(r, err)
+	status, msg, fix := f.classify(r, err)
 	if errors.Is(context.Cause(r.Context()), errIdle) {
 		// The watchdog may have set a read deadline on the connection,
 		// which cancels its context: it cannot carry another request.
@@ -391,8 +391,13 @@ func (f *forwarder) errorHandler(w http.ResponseWriter, r *http.Request, err err
 		panic(http.ErrAbortHandler)
 	}
 	if status >= 500 && !errors.Is(err, errShutdown) && !errors.Is(context.Cause(r.Context()), errShutdown) {
-		// The drain's own endings are not Cells failing.
-		f.log.Warn("upstream error", "method", r.Method, "host", r.Host, "path", redactPath(r), "status", status, "err", err)
+		// The drain's own endings are not Cells failing. One line per
+		// request: the fix, when the configuration is the cause.
+		if fix != "" {
+			f.log.Error(fix, "method", r.Method, "host", r.Host, "path", redactPath(r), "status", status, "err", err)
+		} else {
+			f.log.Warn("upstream error", "method", r.Method, "host", r.Host, "path", redactPath(r), "status", status, "err", err)
+		}
 	}
 	if isGRPC(r) {
 		code := grpcCode(status)
@@ -430,19 +435,20 @@ func closeAfter(w http.ResponseWriter, r *http.Request) {
 // statusClientClosed is nginx's 499, used only in the access log.
 const statusClientClosed = 499
 
-// classify maps a transport error to the status the client gets: 0 when the
-// client itself has gone.
-func (f *forwarder) classify(r *http.Request, err error) (int, string) {
+// classify maps a transport error to the status the client gets (0 when
+// the client itself has gone) and its message, and says what to change
+// when the proxy's configuration is the likely cause (fix).
+func (f *forwarder) classify(r *http.Request, err error) (status int, msg, fix string) {
 	ctx := r.Context()
 	switch cause := context.Cause(ctx); {
 	case errors.Is(cause, errIdle):
-		return http.StatusGatewayTimeout, "cells-proxy: upstream timed out (PROXY_IDLE_TIMEOUT)"
+		return http.StatusGatewayTimeout, "cells-proxy: upstream timed out (PROXY_IDLE_TIMEOUT)", ""
 	case grpcDeadline(ctx):
-		return http.StatusGatewayTimeout, "cells-proxy: deadline exceeded waiting for upstream"
+		return http.StatusGatewayTimeout, "cells-proxy: deadline exceeded waiting for upstream", ""
 	case errors.Is(cause, errShutdown):
-		return http.StatusServiceUnavailable, "cells-proxy: shutting down"
+		return http.StatusServiceUnavailable, "cells-proxy: shutting down", ""
 	case ctx.Err() != nil:
-		return 0, ""
+		return 0, "", ""
 	}
 	var maxBytes *http.MaxBytesError
 	var unknownAuthority x509.UnknownAuthorityError
@@ -452,26 +458,26 @@ func (f *forwarder) classify(r *http.Request, err error) (int, string) {
 	switch {
 	case errors.Is(err, errShutdown):
 		// The drain ended the gRPC calls (grpcDrainGrace).
-		return http.StatusServiceUnavailable, "cells-proxy: shutting down"
+		return http.StatusServiceUnavailable, "cells-proxy: shutting down", ""
 	case errors.As(err, &maxBytes):
-		return http.StatusRequestEntityTooLarge, "cells-proxy: request body larger than PROXY_MAX_BODY_SIZE"
+		return http.StatusRequestEntityTooLarge, "cells-proxy: request body larger than PROXY_MAX_BODY_SIZE", ""
 	case errors.Is(err, errHeaderListSize):
-		return http.StatusRequestHeaderFieldsTooLarge, "cells-proxy: request head larger than Cells accepts"
+		return http.StatusRequestHeaderFieldsTooLarge, "cells-proxy: request head larger than Cells accepts", ""
 	case errors.As(err, &unknownAuthority), errors.As(err, &hostname):
-		f.log.Error("upstream certificate not trusted: set CELLS_UPSTREAM_CA_FILE (Cells' certs/rootCA.pem) or CELLS_UPSTREAM_SERVER_NAME, or CELLS_UPSTREAM_INSECURE=true", "err", err)
-		return http.StatusBadGateway, "cells-proxy: upstream certificate not trusted"
+		return http.StatusBadGateway, "cells-proxy: upstream certificate not trusted",
+			"upstream certificate not trusted: set CELLS_UPSTREAM_CA_FILE (Cells' certs/rootCA.pem) or CELLS_UPSTREAM_SERVER_NAME, or CELLS_UPSTREAM_INSECURE=true"
 	case errors.As(err, &clear):
 		// Cells runs with CELLS_SITE_NO_TLS=1 (or a gRPC port in clear)
 		// where the proxy was told https: the error alone says only that
 		// a record does not look like TLS.
-		f.log.Error("cells does not speak TLS where cells-proxy was told https: set CELLS_UPSTREAM=http://… for a Cells run with CELLS_SITE_NO_TLS=1, and CELLS_GRPC_UPSTREAM=h2c://… for its gRPC port", "err", err)
-		return http.StatusBadGateway, "cells-proxy: upstream does not speak TLS"
+		return http.StatusBadGateway, "cells-proxy: upstream does not speak TLS",
+			"cells does not speak TLS where cells-proxy was told https: set CELLS_UPSTREAM=http://… for a Cells run with CELLS_SITE_NO_TLS=1, and CELLS_GRPC_UPSTREAM=h2c://… for its gRPC port"
 	case errors.Is(err, syscall.ECONNREFUSED):
-		return http.StatusBadGateway, "cells-proxy: upstream refused the connection"
+		return http.StatusBadGateway, "cells-proxy: upstream refused the connection", ""
 	case errors.As(err, &netErr) && netErr.Timeout():
-		return http.StatusGatewayTimeout, "cells-proxy: upstream timed out"
+		return http.StatusGatewayTimeout, "cells-proxy: upstream timed out", ""
 	}
-	return http.StatusBadGateway, "cells-proxy: upstream unavailable"
+	return http.StatusBadGateway, "cells-proxy: upstream unavailable", ""
 }
 
 // grpcDeadline reports whether ctx ended at the call's own deadline.
