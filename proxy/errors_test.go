@@ -2,11 +2,17 @@ package proxy
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"math/big"
 	"net"
 	"net/http"
 	"net/url"
@@ -297,6 +303,13 @@ func namedUpstream(t *testing.T, names ...string) *testUpstream {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return certUpstream(t, cert)
+}
+
+// certUpstream is a TLS upstream on 127.0.0.1 that serves cert, and its
+// CA file holds cert.
+func certUpstream(t *testing.T, cert tls.Certificate) *testUpstream {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -356,6 +369,43 @@ func TestUpstreamCertificate(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestUpstreamCertificateExpired: a Cells certificate past its NotAfter
+// (or before its NotBefore: a clock wrong on either host) is a 502 and one
+// line per request that says so and names the ways out; x509's text alone
+// gave no fix.
+func TestUpstreamCertificateExpired(t *testing.T) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "cells"},
+		NotBefore: time.Now().Add(-48 * time.Hour), NotAfter: time.Now().Add(-time.Hour),
+		IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)}, KeyUsage: x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}, BasicConstraintsValid: true}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	up := certUpstream(t, tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key})
+	cfg := testConfig(nil)
+	cfg.Upstream = &url.URL{Scheme: "https", Host: up.Addr()}
+	cfg.UpstreamCAFile = up.CAFile
+	tp := startProxy(t, cfg)
+	for _, pc := range h1h2Clients(tp) {
+		res, err := pc.c.Get(tp.URL + "/a/frontend/bootconf")
+		if err != nil {
+			t.Fatal(err)
+		}
+		res.Body.Close()
+		if res.StatusCode != http.StatusBadGateway {
+			t.Errorf("%s: %s, want 502", pc.name, res.Status)
+		}
+	}
+	if logged := tp.Log.String(); strings.Count(logged, "upstream certificate expired or not yet valid") != 2 {
+		t.Errorf("log: want one line per request (2) saying the certificate expired:\n%s", logged)
 	}
 }
 

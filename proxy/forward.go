@@ -454,6 +454,7 @@ func (f *forwarder) classify(r *http.Request, err error) (status int, msg, fix s
 	var unknownAuthority x509.UnknownAuthorityError
 	var hostname x509.HostnameError
 	var clear tls.RecordHeaderError
+	var invalid x509.CertificateInvalidError
 	var netErr net.Error
 	switch {
 	case errors.Is(err, errShutdown):
@@ -466,6 +467,9 @@ func (f *forwarder) classify(r *http.Request, err error) (status int, msg, fix s
 	case errors.As(err, &unknownAuthority), errors.As(err, &hostname):
 		return http.StatusBadGateway, "cells-proxy: upstream certificate not trusted",
 			"upstream certificate not trusted: set CELLS_UPSTREAM_CA_FILE (Cells' certs/rootCA.pem) or CELLS_UPSTREAM_SERVER_NAME, or CELLS_UPSTREAM_INSECURE=true"
+	case errors.As(err, &invalid) && invalid.Reason == x509.Expired:
+		return http.StatusBadGateway, "cells-proxy: upstream certificate expired or not yet valid",
+			"upstream certificate expired or not yet valid: renew Cells' certificate or set the clock right, or CELLS_UPSTREAM_INSECURE=true"
 	case errors.As(err, &clear):
 		// Cells runs with CELLS_SITE_NO_TLS=1 (or a gRPC port in clear)
 		// where the proxy was told https: the error alone says only that
