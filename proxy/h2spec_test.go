@@ -67,19 +67,7 @@ func TestH2MaxFrameSize(t *testing.T) {
 	tp := startTLSProxy(t, newCert(t))
 	for port, addr := range tlsPorts(tp) {
 		t.Run(port, func(t *testing.T) {
-			conn, fr := h2Conn(t, tp, addr)
-			io.WriteString(conn, http2.ClientPreface)
-			if err := fr.WriteSettings(); err != nil {
-				t.Fatal(err)
-			}
-			f, err := fr.ReadFrame()
-			if err != nil {
-				t.Fatal(err)
-			}
-			settings, ok := f.(*http2.SettingsFrame)
-			if !ok {
-				t.Fatalf("first frame %v, want SETTINGS", f)
-			}
+			fr, settings := serverSettings(t, tp, addr)
 			max := uint32(16384) // RFC 9113 §6.5.2: the value when not sent
 			if v, ok := settings.Value(http2.SettingMaxFrameSize); ok {
 				max = v
@@ -123,22 +111,31 @@ func TestH2NoExtendedConnect(t *testing.T) {
 	tp := startTLSProxy(t, newCert(t))
 	for port, addr := range tlsPorts(tp) {
 		t.Run(port, func(t *testing.T) {
-			conn, fr := h2Conn(t, tp, addr)
-			io.WriteString(conn, http2.ClientPreface)
-			if err := fr.WriteSettings(); err != nil {
-				t.Fatal(err)
-			}
-			f, err := fr.ReadFrame()
-			if err != nil {
-				t.Fatal(err)
-			}
-			settings, ok := f.(*http2.SettingsFrame)
-			if !ok {
-				t.Fatalf("first frame %v, want SETTINGS", f)
-			}
+			_, settings := serverSettings(t, tp, addr)
 			if v, ok := settings.Value(http2.SettingEnableConnectProtocol); ok && v != 0 {
 				t.Errorf("SETTINGS_ENABLE_CONNECT_PROTOCOL = %d: browsers would send websockets as extended CONNECT", v)
 			}
 		})
 	}
+}
+
+// serverSettings opens an HTTP/2 connection to addr, sends the preface and
+// an empty SETTINGS, and returns the framer and the server's first frame,
+// which must be its SETTINGS.
+func serverSettings(t *testing.T, tp *testProxy, addr string) (*http2.Framer, *http2.SettingsFrame) {
+	t.Helper()
+	conn, fr := h2Conn(t, tp, addr)
+	io.WriteString(conn, http2.ClientPreface)
+	if err := fr.WriteSettings(); err != nil {
+		t.Fatal(err)
+	}
+	f, err := fr.ReadFrame()
+	if err != nil {
+		t.Fatal(err)
+	}
+	settings, ok := f.(*http2.SettingsFrame)
+	if !ok {
+		t.Fatalf("first frame %v, want SETTINGS", f)
+	}
+	return fr, settings
 }
