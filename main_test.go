@@ -92,15 +92,37 @@ func noStackTrace(t *testing.T, name, output string) {
 	}
 }
 
-// freeAddr is a 127.0.0.1 address with a port nothing listens on now.
+// handedOut holds the ports freeAddr has returned in this test process.
+var handedOut struct {
+	sync.Mutex
+	ports map[string]bool
+}
+
+// freeAddr is a 127.0.0.1 address with a port nothing listens on now, and
+// one it has not returned before: the kernel may give a port just closed to
+// the next bind to port 0, and two of a test's ports were once the same (CI
+// saw PYDIO_GRPC_EXTERNAL refused as the port of PROXY_HTTPS_ADDR).
 func freeAddr(t *testing.T) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	handedOut.Lock()
+	defer handedOut.Unlock()
+	if handedOut.ports == nil {
+		handedOut.ports = make(map[string]bool)
 	}
-	defer ln.Close()
-	return ln.Addr().String()
+	for range 100 {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr := ln.Addr().String()
+		ln.Close()
+		if !handedOut.ports[addr] {
+			handedOut.ports[addr] = true
+			return addr
+		}
+	}
+	t.Fatal("no port not handed out before in 100 tries")
+	return ""
 }
 
 // lockedBuffer collects a running process's output.
