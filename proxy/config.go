@@ -334,6 +334,10 @@ func (e *env) parse() (*Config, error) {
 		u, err := parseUpstream(e.GRPCUpstream, "https", "h2c")
 		if err != nil {
 			bad("CELLS_GRPC_UPSTREAM %v, e.g. h2c://cells:33060 or https://cells:8080", err)
+		} else if u.Scheme == "h2c" && u.Port() == "" {
+			// Cleartext HTTP/2 has no port of its own: without one the
+			// dial went to 80, where no Cells serves gRPC.
+			bad("CELLS_GRPC_UPSTREAM=%q has no port: give Cells' gRPC port, e.g. h2c://%s:33060", e.GRPCUpstream, u.Hostname())
 		}
 		c.GRPCUpstream = u
 	} else if c.Upstream != nil {

@@ -346,6 +346,28 @@ func TestLoadRequiresUpstream(t *testing.T) {
 	}
 }
 
+// TestGRPCUpstreamNeedsPort: h2c has no default port. Without one the
+// dial went to port 80, and every gRPC call failed with a refused
+// connection that named no setting.
+func TestGRPCUpstreamNeedsPort(t *testing.T) {
+	for _, in := range []string{"h2c://cells", "h2c://cells/", "h2c://[::1]"} {
+		setEnv(t, map[string]string{"CELLS_UPSTREAM": "http://cells:8080", "CELLS_GRPC_UPSTREAM": in})
+		_, err := Load()
+		if err == nil || !strings.HasPrefix(err.Error(), "CELLS_GRPC_UPSTREAM=") || !strings.Contains(err.Error(), "no port") {
+			t.Errorf("CELLS_GRPC_UPSTREAM=%s: err = %v, want one line saying it has no port", in, err)
+		}
+	}
+	for in, want := range map[string]string{"h2c://cells:33060": "h2c://cells:33060", "https://cells": "https://cells"} {
+		setEnv(t, map[string]string{"CELLS_UPSTREAM": "http://cells:8080", "CELLS_GRPC_UPSTREAM": in})
+		c, err := Load()
+		if err != nil {
+			t.Errorf("CELLS_GRPC_UPSTREAM=%s: %v", in, err)
+		} else if got := c.GRPCUpstream.String(); got != want {
+			t.Errorf("CELLS_GRPC_UPSTREAM=%s: GRPCUpstream = %s, want %s", in, got, want)
+		}
+	}
+}
+
 func TestUpstreamURLs(t *testing.T) {
 	for _, tc := range []struct {
 		in      string
