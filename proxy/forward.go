@@ -190,6 +190,10 @@ func (f *forwarder) rewrite(pr *httputil.ProxyRequest, target *url.URL) {
 	out.URL.ForceQuery = in.URL.ForceQuery
 	out.Host = in.Host
 	f.setForwarded(in, out)
+	// A client's request trailers are not passed on, as on the gRPC path
+	// (grpcStream.writeData says why). ReverseProxy's copy of the map was
+	// taken before the body was read: Cells got the names without values.
+	out.Trailer = nil
 	if out.Body != nil && in.ProtoMajor == 1 {
 		if sock := socketOf(in); sock != nil {
 			out.Body = &sourceBody{ReadCloser: out.Body, sock: sock}

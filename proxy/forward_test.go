@@ -625,7 +625,7 @@ func TestHopByHop(t *testing.T) {
 			b.WriteString(k + ": " + v + "\r\n")
 		}
 		b.WriteString("Transfer-Encoding: chunked\r\n\r\n")
-		b.WriteString("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+		b.WriteString("5\r\nhello\r\n6\r\n world\r\n0\r\nX-Checksum: 5eb63bbbe01eeed0\r\n\r\n")
 		res, _ := rawH1(t, tp, b.String())
 		if res.StatusCode != http.StatusOK {
 			t.Fatalf("status = %d, want 200", res.StatusCode)
@@ -646,6 +646,11 @@ func TestHopByHop(t *testing.T) {
 		}
 		if string(got.Body) != "hello world" {
 			t.Errorf("upstream body = %q, want %q", got.Body, "hello world")
+		}
+		// Request trailers are dropped whole, as on the gRPC path; they
+		// reached Cells as names without their values.
+		if got.Trailer != nil {
+			t.Errorf("upstream trailers = %q, want none", got.Trailer)
 		}
 		wantPassed(t, got.Header)
 		wantResponse(t, res.Header)
@@ -685,6 +690,33 @@ func TestHopByHop(t *testing.T) {
 			t.Errorf("response Connection = %q, want none", v)
 		}
 	})
+
+	for _, h2 := range []bool{false, true} {
+		t.Run("trailers/h2="+strconv.FormatBool(h2), func(t *testing.T) {
+			// net/http's client, over either protocol, sends a request's
+			// trailers after its body.
+			pr, pw := io.Pipe()
+			req, _ := http.NewRequest("PUT", "https://"+host+"/io/personal-files/a.bin", pr)
+			req.Trailer = http.Header{"X-Checksum": nil}
+			go func() {
+				io.WriteString(pw, "hello world")
+				req.Trailer.Set("X-Checksum", "5eb63bbbe01eeed0")
+				pw.Close()
+			}()
+			res, err := tp.client(h2).Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			res.Body.Close()
+			got := rec.last(t)
+			if string(got.Body) != "hello world" {
+				t.Errorf("upstream body = %q, want %q", got.Body, "hello world")
+			}
+			if got.Trailer != nil || got.Header.Get("Trailer") != "" {
+				t.Errorf("upstream trailers = %q, Trailer field %q, want none", got.Trailer, got.Header.Values("Trailer"))
+			}
+		})
+	}
 }
 
 // TestUpgradeNotWebsocket: an Upgrade other than websocket is not passed on.

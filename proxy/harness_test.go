@@ -267,6 +267,7 @@ type seen struct {
 	Header     http.Header
 	Body       []byte
 	Remote     netip.AddrPort
+	Trailer    http.Header // after the body
 }
 
 // recorder is an upstream handler that records every request and answers
@@ -281,7 +282,7 @@ func (rec *recorder) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	body, _ := io.ReadAll(r.Body)
 	ap, _ := netip.ParseAddrPort(r.RemoteAddr)
 	rec.mu.Lock()
-	rec.reqs = append(rec.reqs, seen{r.Method, r.Host, r.RequestURI, r.Proto, r.Header.Clone(), body, ap})
+	rec.reqs = append(rec.reqs, seen{r.Method, r.Host, r.RequestURI, r.Proto, r.Header.Clone(), body, ap, r.Trailer.Clone()})
 	rec.mu.Unlock()
 	if rec.Respond != nil {
 		rec.Respond(w, r)
