@@ -44,7 +44,9 @@ func main() {
 	default:
 		// A healthcheck's line is printed, a cut drain logged.
 		if !errors.Is(err, errUnhealthy) && !errors.Is(err, proxy.ErrCut) {
-			fmt.Fprintln(os.Stderr, "cells-proxy:", err)
+			for line := range strings.SplitSeq(err.Error(), "\n") {
+				fmt.Fprintln(os.Stderr, "cells-proxy:", line)
+			}
 		}
 		os.Exit(1)
 	}

@@ -317,3 +317,58 @@ func newMemoryCgroup(t *testing.T, limit int64) string {
 	}
 	return dir
 }
+
+// TestListenPrivilegedPort: the image runs as a user without
+// CAP_NET_BIND_SERVICE, and PROXY_HTTPS_ADDR=:443 is what an operator
+// types first. The line that stops the start says so and what to do
+// instead; it was the bare "bind: permission denied". Needs root, to run
+// the binary as nobody, and a host where ports below 1024 are privileged.
+func TestListenPrivilegedPort(t *testing.T) {
+	setpriv, err := exec.LookPath("setpriv")
+	if err != nil || os.Geteuid() != 0 {
+		t.Skip("needs root and setpriv")
+	}
+	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+	if start, _ := strconv.Atoi(strings.TrimSpace(string(b))); err != nil || start < 1000 {
+		t.Skip("ports below 1024 are not privileged here")
+	}
+	port := 0
+	for p := 1000; p < 1024 && port == 0; p++ {
+		if ln, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(p)); err == nil {
+			ln.Close()
+			port = p
+		}
+	}
+	if port == 0 {
+		t.Skip("no free port from 1000 to 1023")
+	}
+	// The test binary's directory is root's alone: nobody gets a copy.
+	dir, err := os.MkdirTemp("", "cells-proxy-nobody-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	exe, err := os.ReadFile(bin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nobodyBin := filepath.Join(dir, "cells-proxy")
+	if err := os.WriteFile(nobodyBin, exe, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", nobodyBin)
+	cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "CELLS_UPSTREAM=https://cells:8080",
+		"PROXY_HTTPS_ADDR=127.0.0.1:" + strconv.Itoa(port), "PROXY_HTTP_ADDR=off", "PROXY_HEALTH_ADDR=off"}
+	stop := time.AfterFunc(15*time.Second, func() { cmd.Process.Kill() })
+	defer stop.Stop()
+	out, errOut, status := result(t, cmd)
+	noStackTrace(t, "output", out+errOut)
+	l := grepLine(errOut, "permission denied")
+	if status != 1 || !strings.HasPrefix(l, "cells-proxy: PROXY_HTTPS_ADDR: ") || !strings.Contains(l, "below 1024") ||
+		!strings.Contains(l, "-p 443:8443") {
+		t.Errorf("status %d, stderr %q; want 1 and a line naming PROXY_HTTPS_ADDR, ports below 1024 and the fix", status, errOut)
+	}
+}

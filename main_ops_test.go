@@ -187,7 +187,44 @@ func TestGRPCExternalInUse(t *testing.T) {
 				"PROXY_HTTP_ADDR=off", "PROXY_HEALTH_ADDR=off", name+"="+port)
 			if l := grepLine(errOut, "address already in use"); status != 1 || !strings.HasPrefix(l, "cells-proxy: "+name+": ") {
 				t.Errorf("status %d, stderr %q; want 1 and a line starting with %q", status, errOut, "cells-proxy: "+name+": ")
+			} else if !strings.HasSuffix(l, "set "+name+" to a free port") {
+				t.Errorf("line %q does not end with the fix, set %s to a free port", l, name)
 			}
 		})
+	}
+}
+
+// TestListenersInUse: every listener that cannot listen is named, one line
+// each with the fix, all at once. The second line lacked the "cells-proxy:"
+// the first had, and neither said what to do.
+func TestListenersInUse(t *testing.T) {
+	var taken []string
+	for range 2 {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		taken = append(taken, ln.Addr().String())
+	}
+	errOut, status := runBad(t, "CELLS_UPSTREAM=https://cells:8080", "PROXY_HTTPS_ADDR="+taken[0],
+		"PROXY_HTTP_ADDR="+freeAddr(t), "PROXY_HEALTH_ADDR="+taken[1])
+	if status != 1 {
+		t.Errorf("exit status = %d, want 1", status)
+	}
+	n := 0
+	for _, l := range lines(errOut) {
+		if strings.HasPrefix(l, "cells-proxy: ") {
+			n++
+		}
+	}
+	if n != 2 {
+		t.Errorf("%d lines start with cells-proxy:, want 2:\n%s", n, errOut)
+	}
+	for _, name := range []string{"PROXY_HTTPS_ADDR", "PROXY_HEALTH_ADDR"} {
+		if l := grepLine(errOut, name+": "); !strings.HasPrefix(l, "cells-proxy: "+name+": listen tcp ") ||
+			!strings.Contains(l, "address already in use") || !strings.HasSuffix(l, "set "+name+" to a free port") {
+			t.Errorf("line about %s = %q, want it to start with cells-proxy: %[1]s: and to end with the fix", name, l)
+		}
 	}
 }

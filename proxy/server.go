@@ -164,7 +164,7 @@ func (s *Server) Listen() error {
 		}
 		ln, err := net.Listen("tcp", addr)
 		if err != nil {
-			errs = append(errs, fmt.Errorf("%s: %w", name, err))
+			errs = append(errs, fmt.Errorf("%s: %w%s", name, err, listenFix(name, err)))
 			return nil
 		}
 		return ln
@@ -182,6 +182,19 @@ func (s *Server) Listen() error {
 		return err
 	}
 	return nil
+}
+
+// listenFix is what an operator can do about a listener that failed, the
+// two causes one meets in a container: the port is taken, or it is below
+// 1024 and the process (the image's non-root user) may not bind it.
+func listenFix(name string, err error) string {
+	switch {
+	case errors.Is(err, syscall.EADDRINUSE):
+		return ": another process listens there (an nginx left in front of Cells?): stop it, or set " + name + " to a free port"
+	case errors.Is(err, syscall.EACCES):
+		return ": a port below 1024 needs root, CAP_NET_BIND_SERVICE or a lower net.ipv4.ip_unprivileged_port_start (Docker lowers it except with host networking): listen above 1024, as the defaults :8443 and :8080 do, and publish 443 and 80 to them (-p 443:8443 -p 80:8080)"
+	}
+	return ""
 }
 
 func (s *Server) closeListeners() {
