@@ -432,6 +432,42 @@ func TestUpstreamSchemeMismatch(t *testing.T) {
 	if logged := tp.Log.String(); !strings.Contains(logged, "CELLS_UPSTREAM=https://") {
 		t.Errorf("log does not name CELLS_UPSTREAM=https://:\n%s", logged)
 	}
+	// The next probes (past readyCache: the image's HEALTHCHECK asks every
+	// 10 s) answer the same, and the log says it once while it lasts.
+	for range 3 {
+		if ok, detail := tp.health.probe(t.Context()); ok || !strings.Contains(detail, "CELLS_UPSTREAM=https://") {
+			t.Errorf("probe = %v %q, want false naming CELLS_UPSTREAM=https://", ok, detail)
+		}
+	}
+	if n := strings.Count(tp.Log.String(), "cells speaks TLS where CELLS_UPSTREAM says http"); n != 1 {
+		t.Errorf("the warning was logged %d times over four probes, want once:\n%s", n, tp.Log.String())
+	}
+}
+
+// TestUpstreamSchemeMismatchAgain: the warning is logged again when the
+// mismatch comes back after a probe found Cells answering in clear (Cells
+// restarted without CELLS_SITE_NO_TLS). The upstream answers as Go's TLS
+// servers answer a request in clear, or as a Cells in clear.
+func TestUpstreamSchemeMismatchAgain(t *testing.T) {
+	var keepsTLS atomic.Bool
+	up := newUpstream(t, upPlain, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if keepsTLS.Load() {
+			http.Error(w, plainToTLS+".", http.StatusBadRequest)
+			return
+		}
+		io.WriteString(w, "ok")
+	}))
+	tp := startProxy(t, testConfig(up))
+	const warning = "cells speaks TLS where CELLS_UPSTREAM says http"
+	for i, tls := range []bool{true, true, false, true, true} {
+		keepsTLS.Store(tls)
+		if ok, detail := tp.health.probe(t.Context()); ok == tls {
+			t.Errorf("probe %d = %v %q, want %v", i, ok, detail, !tls)
+		}
+	}
+	if n := strings.Count(tp.Log.String(), warning); n != 2 {
+		t.Errorf("the warning was logged %d times, want twice (once each time it began):\n%s", n, tp.Log.String())
+	}
 }
 
 // TestClientGoneCancelsUpstream: when the client goes away, the upstream

@@ -27,6 +27,11 @@ type health struct {
 	ok       bool
 	detail   string
 	inflight chan struct{} // closed when the probe running ends; nil if none runs
+
+	// tlsWarned: the warning that Cells speaks TLS where CELLS_UPSTREAM
+	// says http was logged, and no probe since saw otherwise. Probes run
+	// one at a time (inflight), so only the one running touches it.
+	tlsWarned bool
 }
 
 // readyCache bounds how often a busy healthcheck reaches Cells.
@@ -127,11 +132,19 @@ func (h *health) probe(ctx context.Context) (bool, string) {
 	tlsPort := up.Scheme == "http" && res.StatusCode == http.StatusBadRequest && startsWith(res.Body, plainToTLS)
 	res.Body.Close()
 	loc := res.Header.Get("Location")
+	if !tlsPort {
+		h.tlsWarned = false
+	}
 	switch {
 	case res.StatusCode >= 300 && res.StatusCode < 400 && strings.Contains(loc, "starting"):
 		return false, "cells is starting"
 	case tlsPort:
-		h.s.log.Warn("cells speaks TLS where CELLS_UPSTREAM says http, and clients get its 400: set CELLS_UPSTREAM=https://, with CELLS_UPSTREAM_CA_FILE, or run Cells with CELLS_SITE_NO_TLS=1", "upstream", up.Host)
+		// Once while it lasts, not at every probe (every 10 s with the
+		// image's HEALTHCHECK): /readyz repeats it to whoever asks.
+		if !h.tlsWarned {
+			h.tlsWarned = true
+			h.s.log.Warn("cells speaks TLS where CELLS_UPSTREAM says http, and clients get its 400: set CELLS_UPSTREAM=https://, with CELLS_UPSTREAM_CA_FILE, or run Cells with CELLS_SITE_NO_TLS=1", "upstream", up.Host)
+		}
 		return false, "cells speaks TLS on " + up.Host + ": set CELLS_UPSTREAM=https://" + up.Host + " (and CELLS_UPSTREAM_CA_FILE), or run Cells with CELLS_SITE_NO_TLS=1"
 	case res.StatusCode >= 500:
 		return false, fmt.Sprintf("cells answers %d", res.StatusCode)
