@@ -76,7 +76,7 @@ func upstreamRoots(caFile string) (*x509.CertPool, error) {
 }
 
 // CheckFiles reads the files the environment names (CELLS_UPSTREAM_CA_FILE,
-// TLS_CERT_FILE and TLS_KEY_FILE), so that a start stopped by a bad
+// TLS_CERT_FILE, TLS_KEY_FILE and the PROXY_ACME_WEBROOT directory), so that a start stopped by a bad
 // variable reports them in the same run.
 func CheckFiles() error {
 	var errs []error
@@ -87,6 +87,9 @@ func CheckFiles() error {
 		if _, _, err := (&certFiles{certFile: cert, keyFile: key}).read(); err != nil {
 			errs = append(errs, err)
 		}
+	}
+	if err := checkACMEWebroot(os.Getenv("PROXY_ACME_WEBROOT")); err != nil {
+		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
 }

@@ -31,6 +31,7 @@ type env struct {
 	GRPCExternalAlias  string `envconfig:"CELLS_GRPC_EXTERNAL" desc:"alias of PYDIO_GRPC_EXTERNAL (the Cells v3+ name); if both are set they must agree"`
 	CertFile           string `envconfig:"TLS_CERT_FILE" desc:"public certificate chain (PEM). With TLS_KEY_FILE; both absent: a self-signed certificate is generated in memory"`
 	KeyFile            string `envconfig:"TLS_KEY_FILE" desc:"private key of TLS_CERT_FILE (PEM)"`
+	ACMEWebroot        string `envconfig:"PROXY_ACME_WEBROOT" desc:"directory given to certbot --webroot -w (or acme.sh --webroot, lego --http.webroot): the plain HTTP port answers /.well-known/acme-challenge/<token> from <dir>/.well-known/acme-challenge/, on any Host, instead of redirecting it, so that HTTP-01 renewals pass while cells-proxy holds port 80. Empty: everything is redirected"`
 	HSTS               string `envconfig:"PROXY_HSTS" default:"auto" desc:"Strict-Transport-Security added to HTTPS responses that lack one: auto (max-age=31536000 with TLS_CERT_FILE, none with the self-signed certificate), off, or the header value, e.g. max-age=63072000; includeSubDomains"`
 	HTTPSAddr          string `envconfig:"PROXY_HTTPS_ADDR" default:":8443" desc:"public listener: TLS (or cleartext with PROXY_TLS=off), HTTP/1.1, HTTP/2 and gRPC"`
 	HTTPAddr           string `envconfig:"PROXY_HTTP_ADDR" default:":8080" desc:"plain listener that answers 301 to https (308 for methods other than GET and HEAD, so uploads keep their body); off disables it"`
@@ -96,6 +97,9 @@ type Config struct {
 
 	// CertFile and KeyFile hold the public certificate; both empty: self-signed.
 	CertFile, KeyFile string
+	// ACMEWebroot, when set, is where the redirect port finds HTTP-01
+	// challenge files (acme.go).
+	ACMEWebroot string
 	// HSTS is the Strict-Transport-Security value added to the responses of
 	// the public port when TLS is on and Cells sent none; empty: none.
 	HSTS string
@@ -277,6 +281,7 @@ func (e *env) parse() (*Config, error) {
 		UpstreamServerName: strings.TrimSpace(e.UpstreamServerName),
 		CertFile:           e.CertFile,
 		KeyFile:            e.KeyFile,
+		ACMEWebroot:        e.ACMEWebroot,
 		HTTPSAddr:          e.HTTPSAddr,
 		HTTPAddr:           e.HTTPAddr,
 		HealthAddr:         e.HealthAddr,
@@ -370,6 +375,9 @@ func (e *env) parse() (*Config, error) {
 	}
 	if off(c.HTTPAddr) {
 		c.HTTPAddr = ""
+		if c.ACMEWebroot != "" {
+			bad("PROXY_ACME_WEBROOT is served on the plain HTTP port, which PROXY_HTTP_ADDR=off turns off: set PROXY_HTTP_ADDR (the default :8080, published as port 80), or unset PROXY_ACME_WEBROOT")
+		}
 	} else if err := checkListenAddr(c.HTTPAddr); err != nil {
 		bad("PROXY_HTTP_ADDR must be host:port, :port or off, got %q: %v", c.HTTPAddr, err)
 	}

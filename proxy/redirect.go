@@ -48,6 +48,13 @@ func (w *countingWriter) Write(p []byte) (int, error) {
 
 // redirectTo answers r and returns the status.
 func (s *Server) redirectTo(w http.ResponseWriter, r *http.Request) int {
+	if s.cfg.ACMEWebroot != "" && (r.Method == http.MethodGet || r.Method == http.MethodHead) {
+		// On any Host: the name being validated may not be in
+		// PROXY_SERVER_NAMES yet, and a token is public.
+		if token, ok := acmeToken(r.URL.Path); ok {
+			return s.serveChallenge(w, r, token)
+		}
+	}
 	host := hostOnly(r.Host)
 	if host == "" || !s.fwd.hostAllowed(r.Host) {
 		http.NotFound(w, r)

@@ -101,6 +101,9 @@ func New(cfg *Config, log *slog.Logger) (*Server, error) {
 			log.Warn("TLS_CERT_FILE and TLS_KEY_FILE are not used: PROXY_TLS=off and no PYDIO_GRPC_EXTERNAL")
 		}
 	}
+	if err := checkACMEWebroot(cfg.ACMEWebroot); err != nil {
+		files = append(files, err)
+	}
 	if len(files) > 0 {
 		return nil, &FileError{errors.Join(files...)}
 	}

@@ -318,11 +318,17 @@ start_stub stub -https 127.0.0.1:0 -write-ca "$WORK/upstream/rootCA.pem" || exit
 chmod 644 "$WORK/upstream/rootCA.pem"
 up_port=$(awk '$2 == "https" { sub(/.*:/, "", $3); print $3 }' "$WORK/stub.out")
 read -r https_port http_port health_port < <($probe freeports 3 | xargs)
+# A certbot --webroot directory as certbot leaves it: root's, files 0644.
+acme_token=Lw9c3xQ_8bR-acme-token
+mkdir -p "$WORK/acme/.well-known/acme-challenge"
+printf '%s.thumbprint' "$acme_token" >"$WORK/acme/.well-known/acme-challenge/$acme_token"
+chmod -R a+rX,go-w "$WORK/acme"
 
 $DOCKER run -d --name cp-image-test --network host \
 	--read-only --cap-drop ALL --security-opt no-new-privileges:true \
 	--health-interval 1s --stop-timeout 40 \
 	-v "$WORK/upstream/rootCA.pem:/etc/cells-proxy/upstream-ca.pem:ro" \
+	-v "$WORK/acme:/acme:ro" -e PROXY_ACME_WEBROOT=/acme \
 	-e CELLS_UPSTREAM="https://127.0.0.1:$up_port" \
 	-e CELLS_UPSTREAM_CA_FILE=/etc/cells-proxy/upstream-ca.pem \
 	-e PROXY_HTTPS_ADDR="127.0.0.1:$https_port" \
@@ -342,6 +348,8 @@ base=https://127.0.0.1:$https_port
 check "HTTPS GET over HTTP/2" $probe get -insecure -proto HTTP/2.0 -contains '"uri":"/a/frontend/bootconf?x=%2F"' "$base/a/frontend/bootconf?x=%2F"
 check "HTTPS GET over HTTP/1.1" $probe get -insecure -h1 -proto HTTP/1.1 -contains 'hello from cells' "$base/small"
 check "redirect port answers 301" $probe get -status 301 "http://127.0.0.1:$http_port/login?a=b"
+check "redirect port serves an ACME challenge from the mounted webroot" \
+	$probe get -contains "$acme_token.thumbprint" "http://127.0.0.1:$http_port/.well-known/acme-challenge/$acme_token"
 check "websocket echo" $probe ws -insecure "wss://127.0.0.1:$https_port/ws/event"
 check "gRPC call" $probe grpc -insecure "127.0.0.1:$https_port"
 check "cells-proxy healthcheck by docker exec" $DOCKER exec cp-image-test /cells-proxy healthcheck
