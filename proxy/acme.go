@@ -65,15 +65,19 @@ func acmeToken(path string) (string, bool) {
 }
 
 // serveChallenge answers an ACME server's GET for token from the webroot,
-// or 404, and returns the status. The file is opened under the challenge
-// directory (os.OpenInRoot): a symbolic link out of it is not followed.
+// or 404, and returns the status. Only a regular file is served: certbot
+// writes one, and a symbolic link could lead anywhere. (os.OpenInRoot would
+// follow links that stay inside the directory, for 32 KB of binary.)
 func (s *Server) serveChallenge(w http.ResponseWriter, r *http.Request, token string) int {
-	f, err := os.OpenInRoot(filepath.Join(s.cfg.ACMEWebroot, filepath.FromSlash(acmePrefix)), token)
-	var fi fs.FileInfo
+	name := filepath.Join(s.cfg.ACMEWebroot, filepath.FromSlash(acmePrefix), token)
+	fi, err := os.Lstat(name)
+	if err == nil && (!fi.Mode().IsRegular() || fi.Size() > acmeMaxFile) {
+		err = errors.New("not a regular file of at most 64 KiB")
+	}
+	var f *os.File
 	if err == nil {
-		defer f.Close()
-		if fi, err = f.Stat(); err == nil && (!fi.Mode().IsRegular() || fi.Size() > acmeMaxFile) {
-			err = errors.New("not a regular file of at most 64 KiB")
+		if f, err = os.Open(name); err == nil {
+			defer f.Close()
 		}
 	}
 	if err != nil {

@@ -98,9 +98,8 @@ func TestACMEChallenge(t *testing.T) {
 	if n := rec.count(); n != 0 {
 		t.Errorf("upstream saw %d requests, want 0", n)
 	}
-	// A link out of the webroot is not followed, and the operator is told
-	// why the renewal failed; a token not there is the ACME server's
-	// business.
+	// A link is not followed, and the operator is told why the renewal
+	// failed; a token not there is the ACME server's business.
 	if l := tp.Log.String(); !strings.Contains(l, "cannot serve an ACME challenge") || strings.Contains(l, "NoSuchToken") {
 		t.Errorf("log, want a warning for the links and none for the missing token:\n%s", l)
 	}
