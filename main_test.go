@@ -377,6 +377,12 @@ func TestBadFiles(t *testing.T) {
 			[]string{"CELLS_UPSTREAM_CA_FILE must", "TLS_CERT_FILE must", "TLS_KEY_FILE must"}},
 		{"not PEM", []string{"CELLS_UPSTREAM_CA_FILE=" + junk, "TLS_CERT_FILE=" + junk, "TLS_KEY_FILE=" + junk},
 			[]string{"CELLS_UPSTREAM_CA_FILE must", "TLS_CERT_FILE and TLS_KEY_FILE must"}},
+		// Without TLS_CERT_FILE: no line saying that a self-signed
+		// certificate is served by a proxy that does not start.
+		{"CA file alone", []string{"CELLS_UPSTREAM_CA_FILE=" + missing},
+			[]string{"CELLS_UPSTREAM_CA_FILE must"}},
+		{"webroot alone", []string{"PROXY_ACME_WEBROOT=" + missing, "PROXY_HTTP_ADDR=" + freeAddr(t)},
+			[]string{"PROXY_ACME_WEBROOT must"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			env := append([]string{"CELLS_UPSTREAM=https://cells:8080", "PROXY_HTTPS_ADDR=" + addr,

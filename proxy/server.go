@@ -65,6 +65,7 @@ func New(cfg *Config, log *slog.Logger) (*Server, error) {
 	// The files the configuration names are read here; every one that
 	// cannot be is reported, as Load reports every bad variable.
 	var files []error
+	var selfSigned []string // the names of the self-signed certificate, if one is served
 	fwd, err := newForwarder(cfg, log)
 	if err != nil {
 		files = append(files, err)
@@ -77,16 +78,13 @@ func New(cfg *Config, log *slog.Logger) (*Server, error) {
 			s.certFiles = &certFiles{certFile: cfg.CertFile, keyFile: cfg.KeyFile, names: cfg.ServerNames, log: log, cert: &s.cert}
 			if _, err := s.certFiles.load(true); err != nil {
 				files = append(files, err)
-			} else {
-				s.certFiles.logServed("start")
 			}
 		} else {
-			names := append([]string{"localhost", "127.0.0.1", "::1"}, cfg.ServerNames...)
-			cert, err := SelfSigned(names...)
+			selfSigned = append([]string{"localhost", "127.0.0.1", "::1"}, cfg.ServerNames...)
+			cert, err := SelfSigned(selfSigned...)
 			if err != nil {
 				return nil, err
 			}
-			log.Warn("no TLS_CERT_FILE: serving a self-signed certificate; browsers and Cells Sync will not trust it", "names", names)
 			s.cert.Store(&cert)
 		}
 		s.tls = s.tlsConfig()
@@ -106,6 +104,14 @@ func New(cfg *Config, log *slog.Logger) (*Server, error) {
 	}
 	if len(files) > 0 {
 		return nil, &FileError{errors.Join(files...)}
+	}
+	// What is served is logged once the start cannot fail on a file: a
+	// "serving" line above the line that stops the start was false.
+	switch {
+	case s.certFiles != nil:
+		s.certFiles.logServed("start")
+	case selfSigned != nil:
+		log.Warn("no TLS_CERT_FILE: serving a self-signed certificate; browsers and Cells Sync will not trust it", "names", selfSigned)
 	}
 	s.health = newHealth(s)
 	for _, v := range cfg.Ignored {
