@@ -228,3 +228,17 @@ func TestListenersInUse(t *testing.T) {
 		}
 	}
 }
+
+// TestQuotedPath: a path in quotes (docker run --env-file keeps them) is one
+// problem, one line saying to remove them, not a second line about a file
+// called "/acme" with its quotes that does not exist.
+func TestQuotedPath(t *testing.T) {
+	errOut, status := runBad(t, "CELLS_UPSTREAM=https://cells:8080", "PROXY_HTTPS_ADDR="+freeAddr(t),
+		"PROXY_HTTP_ADDR="+freeAddr(t), "PROXY_HEALTH_ADDR=off", `PROXY_ACME_WEBROOT="`+t.TempDir()+`"`)
+	if status != 2 {
+		t.Errorf("exit status = %d, want 2", status)
+	}
+	if got := lines(errOut); len(got) != 1 || !strings.Contains(got[0], "config: PROXY_ACME_WEBROOT ") || !strings.Contains(got[0], "quotes") {
+		t.Errorf("stderr = %q, want one line about PROXY_ACME_WEBROOT's quotes", errOut)
+	}
+}

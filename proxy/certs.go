@@ -13,6 +13,8 @@ import (
 	"net"
 	"os"
 	"time"
+
+	"github.com/kelseyhightower/envconfig"
 )
 
 // SelfSigned makes an ECDSA P-256 certificate for names (host names or IP
@@ -79,16 +81,23 @@ func upstreamRoots(caFile string) (*x509.CertPool, error) {
 // TLS_CERT_FILE, TLS_KEY_FILE and the PROXY_ACME_WEBROOT directory), so that a start stopped by a bad
 // variable reports them in the same run.
 func CheckFiles() error {
+	// The paths as Load takes them: one in quotes is reported there,
+	// and the file it names here.
+	var e env
+	if err := envconfig.Process("", &e); err != nil {
+		return nil // Load reports it
+	}
+	e.unpad()
 	var errs []error
-	if _, err := upstreamRoots(os.Getenv("CELLS_UPSTREAM_CA_FILE")); err != nil {
+	if _, err := upstreamRoots(e.UpstreamCAFile); err != nil {
 		errs = append(errs, err)
 	}
-	if cert, key := os.Getenv("TLS_CERT_FILE"), os.Getenv("TLS_KEY_FILE"); cert != "" && key != "" {
+	if cert, key := e.CertFile, e.KeyFile; cert != "" && key != "" {
 		if _, _, err := (&certFiles{certFile: cert, keyFile: key}).read(); err != nil {
 			errs = append(errs, err)
 		}
 	}
-	if err := checkACMEWebroot(os.Getenv("PROXY_ACME_WEBROOT")); err != nil {
+	if err := checkACMEWebroot(e.ACMEWebroot); err != nil {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)

@@ -168,13 +168,14 @@ func Load() (*Config, error) {
 		// Only strings are decoded, so this cannot fail on a value.
 		return nil, fmt.Errorf("reading the environment: %w", err)
 	}
+	padding := e.unpad()
 	e.applyDefaults()
 	ignored := ignoredVariables(os.Environ())
 	c, err := e.parse()
-	if err != nil {
+	if err != nil || len(padding) > 0 {
 		// A misspelt name is often why a variable is missing or
 		// another one contradicts it: say so with the problems.
-		errs := []error{err}
+		errs := append(padding, err)
 		for _, v := range ignored {
 			if v.Meant != "" {
 				errs = append(errs, fmt.Errorf("%s is not a cells-proxy variable and is ignored: did you mean %s?", v.Name, v.Meant))
@@ -256,6 +257,42 @@ func editDistance(a, b string, rows *[2][]int) int {
 		prev, cur = cur, prev
 	}
 	return prev[len(b)]
+}
+
+// padded lists the variables whose values are paths or URLs, where a space
+// or tab at either end is never meant: a file "ca.pem " does not exist and
+// the error about it would not show why.
+var padded = []string{"CELLS_UPSTREAM", "CELLS_GRPC_UPSTREAM", "CELLS_UPSTREAM_CA_FILE", "TLS_CERT_FILE", "TLS_KEY_FILE", "PROXY_ACME_WEBROOT"}
+
+// unquote returns s without the quotes around it, and whether it had them.
+func unquote(s string) (string, bool) {
+	if len(s) >= 2 && (s[0] == '"' || s[0] == '\'') && s[len(s)-1] == s[0] {
+		return s[1 : len(s)-1], true
+	}
+	return s, false
+}
+
+// unpad reports every value written in quotes, which docker run --env-file
+// and compose's list form (- NAME="value") keep as part of the value, and
+// every path or URL with a space or tab at an end (an .env file's trailing
+// space), one line each naming the fix. It takes each value as meant, so
+// that the other problems are reported with them.
+func (e *env) unpad() []error {
+	var errs []error
+	v := reflect.ValueOf(e).Elem()
+	for i, f := range reflect.VisibleFields(v.Type()) {
+		name, s := f.Tag.Get("envconfig"), v.Field(i).String()
+		if u, ok := unquote(s); ok {
+			errs = append(errs, fmt.Errorf("%s is written in quotes, got %q: remove them (docker run --env-file and compose's - NAME=value list keep quotes as part of the value)", name, redactURL(s)))
+			s = u
+		}
+		if t := strings.TrimSpace(s); t != s && slices.Contains(padded, name) {
+			errs = append(errs, fmt.Errorf("%s has a space or tab at its start or end, got %q: remove it", name, redactURL(s)))
+			s = t
+		}
+		v.Field(i).SetString(s)
+	}
+	return errs
 }
 
 // applyDefaults gives a variable that is set but empty its default, as if
@@ -446,7 +483,7 @@ func (e *env) parse() (*Config, error) {
 			// A Host has brackets only around an IPv6 address
 			// (RFC 3986, section 3.2.2): this would match none.
 			bad("PROXY_SERVER_NAMES takes brackets only around an IPv6 address, got %q", n)
-		case strings.Contains(n, "/") || n == "":
+		case strings.ContainsAny(n, "/\"'") || n == "":
 			bad("PROXY_SERVER_NAMES takes host names such as cells.example.com, got %q", n)
 		default:
 			c.ServerNames = append(c.ServerNames, n)

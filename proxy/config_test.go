@@ -455,3 +455,42 @@ func TestVariablesDocumented(t *testing.T) {
 		seen[v.Name] = true
 	}
 }
+
+// TestQuotedValues: docker run --env-file and compose's list form
+// (- NAME="value") keep quotes as part of the value, and an .env file keeps
+// a trailing space. Each is one line naming the variable and saying to
+// remove them. PROXY_SERVER_NAMES="cells.example.com" used to be accepted
+// as the name "cells.example.com" with its quotes: every request got 421.
+func TestQuotedValues(t *testing.T) {
+	for _, tc := range []struct{ name, value, want string }{
+		{"PROXY_SERVER_NAMES", `"cells.example.com"`, "quotes"},
+		{"PROXY_SERVER_NAMES", `'cells.example.com'`, "quotes"},
+		{"CELLS_UPSTREAM", `"https://cells:8080"`, "quotes"},
+		{"PROXY_IDLE_TIMEOUT", `"10m"`, "quotes"},
+		{"PROXY_IDLE_TIMEOUT", `""`, "quotes"},
+		{"PYDIO_GRPC_EXTERNAL", `"33060"`, "quotes"},
+		{"CELLS_UPSTREAM", "https://cells:8080 ", "space"},
+		{"CELLS_UPSTREAM_CA_FILE", "/cells/certs/rootCA.pem ", "space"},
+		{"TLS_CERT_FILE", " /certs/fullchain.pem", "space"},
+	} {
+		t.Run(tc.name+"="+tc.value, func(t *testing.T) {
+			vars := map[string]string{"CELLS_UPSTREAM": "https://cells:8080", tc.name: tc.value}
+			if strings.HasPrefix(tc.name, "TLS_") {
+				vars["TLS_KEY_FILE"] = "/certs/privkey.pem"
+			}
+			setEnv(t, vars)
+			_, err := Load()
+			if err == nil {
+				t.Fatalf("Load accepted %s=%s", tc.name, tc.value)
+			}
+			got := strings.Split(err.Error(), "\n")
+			if len(got) != 1 || !strings.HasPrefix(got[0], tc.name+" ") || !strings.Contains(got[0], tc.want) || !strings.Contains(got[0], "remove") {
+				t.Errorf("%s=%s: err = %q, want one line naming it and saying to remove the %s", tc.name, tc.value, err, tc.want)
+			}
+		})
+	}
+	setEnv(t, map[string]string{"CELLS_UPSTREAM": `"https://admin:s3cret@cells:8080"`})
+	if _, err := Load(); err == nil || strings.Contains(err.Error(), "s3cret") {
+		t.Errorf("quoted CELLS_UPSTREAM with a password: err = %v, want one that hides the password", err)
+	}
+}
