@@ -838,4 +838,12 @@ func TestUpstreamSpeaksClear(t *testing.T) {
 	if logged := tp.Log.String(); strings.Count(logged, "set CELLS_UPSTREAM=http://") != 2 || strings.Contains(logged, "upstream error") {
 		t.Errorf("log does not name CELLS_UPSTREAM=http:// once per request (2), and nothing else:\n%s", logged)
 	}
+	// Cells Sync dials the gRPC port that Cells' discovery advertises:
+	// only PYDIO_GRPC_EXTERNAL makes the proxy listen there. The fix
+	// used to name CELLS_GRPC_UPSTREAM=h2c:// alone, which does not.
+	for _, l := range strings.Split(tp.Log.String(), "\n") {
+		if strings.Contains(l, "set CELLS_UPSTREAM=http://") && !strings.Contains(l, "PYDIO_GRPC_EXTERNAL") {
+			t.Errorf("the fix does not name PYDIO_GRPC_EXTERNAL for Cells' gRPC port: %s", l)
+		}
+	}
 }

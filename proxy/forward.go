@@ -479,7 +479,7 @@ func (f *forwarder) classify(r *http.Request, err error) (status int, msg, fix s
 		// where the proxy was told https: the error alone says only that
 		// a record does not look like TLS.
 		return http.StatusBadGateway, "cells-proxy: upstream does not speak TLS",
-			"cells does not speak TLS where cells-proxy was told https: set CELLS_UPSTREAM=http://… for a Cells run with CELLS_SITE_NO_TLS=1, and CELLS_GRPC_UPSTREAM=h2c://… for its gRPC port"
+			"cells does not speak TLS where cells-proxy was told https: for a Cells run with CELLS_SITE_NO_TLS=1, set CELLS_UPSTREAM=http://… and PYDIO_GRPC_EXTERNAL to the gRPC port Cells was given (its CELLS_GRPC_EXTERNAL), which Cells Sync dials; a CELLS_GRPC_UPSTREAM takes h2c://…"
 	case errors.Is(err, syscall.ECONNREFUSED):
 		return http.StatusBadGateway, "cells-proxy: upstream refused the connection", ""
 	case errors.As(err, &netErr) && netErr.Timeout():
