@@ -474,10 +474,11 @@ func (f *forwarder) classify(r *http.Request, err error) (status int, msg, fix s
 	case errors.As(err, &invalid) && invalid.Reason == x509.Expired:
 		return http.StatusBadGateway, "cells-proxy: upstream certificate expired or not yet valid",
 			"upstream certificate expired or not yet valid: renew Cells' certificate or set the clock right, or CELLS_UPSTREAM_INSECURE=true"
-	case errors.As(err, &clear):
+	case errors.As(err, &clear), errors.Is(err, http.ErrSchemeMismatch):
 		// Cells runs with CELLS_SITE_NO_TLS=1 (or a gRPC port in clear)
 		// where the proxy was told https: the error alone says only that
-		// a record does not look like TLS.
+		// a record does not look like TLS (http.Client, the readiness
+		// probe's, makes that ErrSchemeMismatch).
 		return http.StatusBadGateway, "cells-proxy: upstream does not speak TLS",
 			"cells does not speak TLS where cells-proxy was told https: for a Cells run with CELLS_SITE_NO_TLS=1, set CELLS_UPSTREAM=http://… and PYDIO_GRPC_EXTERNAL to the gRPC port Cells was given (its CELLS_GRPC_EXTERNAL), which Cells Sync dials; a CELLS_GRPC_UPSTREAM takes h2c://…"
 	case errors.Is(err, syscall.ECONNREFUSED):

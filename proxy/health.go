@@ -125,6 +125,11 @@ func (h *health) probe(ctx context.Context) (bool, string) {
 	req.Header.Set("User-Agent", "cells-proxy-healthcheck")
 	res, err := h.client.Do(req)
 	if err != nil {
+		// A setting the likely cause: the fix that the request log
+		// gives, not Go's error alone.
+		if _, _, fix := h.s.fwd.classify(req, err); fix != "" {
+			return false, "cells unreachable: " + fix
+		}
 		return false, "cells unreachable: " + err.Error()
 	}
 	// Cells keeps TLS (its default) where CELLS_UPSTREAM says http: every

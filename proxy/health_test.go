@@ -2,9 +2,12 @@ package proxy
 
 import (
 	"bufio"
+	"context"
 	"io"
 	"net"
 	"net/http"
+	"net/url"
+	"strings"
 	"sync"
 	"testing"
 )
@@ -77,5 +80,32 @@ func TestReadyzCallerGone(t *testing.T) {
 	}
 	if got, want := readyz(t, tp), http.StatusOK; got != want {
 		t.Errorf("/readyz after = %d, want %d", got, want)
+	}
+}
+
+// TestReadyzNamesTheFix: when a setting is why Cells cannot be reached,
+// what `cells-proxy healthcheck` prints (docker inspect shows it) names
+// the variable to change, as the request log does. It used to print Go's
+// error alone: "x509: certificate signed by unknown authority", "http:
+// server gave HTTP response to HTTPS client".
+func TestReadyzNamesTheFix(t *testing.T) {
+	named := namedUpstream(t, "cells.internal")
+	plain := newUpstream(t, upPlain, &recorder{})
+	for _, tc := range []struct {
+		name, upstream, caFile, want string
+	}{
+		{"untrusted", named.Addr(), named.CAFile, "CELLS_UPSTREAM_SERVER_NAME"},
+		{"clear", plain.Addr(), "", "CELLS_UPSTREAM=http://"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := testConfig(nil)
+			cfg.Upstream = &url.URL{Scheme: "https", Host: tc.upstream}
+			cfg.UpstreamCAFile = tc.caFile
+			tp := startProxy(t, cfg)
+			_, err := Probe(context.Background(), tp.HealthAddr().String())
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("healthcheck: %v, want a line naming %s", err, tc.want)
+			}
+		})
 	}
 }
