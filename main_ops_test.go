@@ -242,3 +242,22 @@ func TestQuotedPath(t *testing.T) {
 		t.Errorf("stderr = %q, want one line about PROXY_ACME_WEBROOT's quotes", errOut)
 	}
 }
+
+// TestUnusedCAFileMissing: in topology B (CELLS_UPSTREAM=http://, gRPC in
+// clear) nothing uses CELLS_UPSTREAM_CA_FILE, and a Cells run with
+// CELLS_SITE_NO_TLS=1 writes no certs/rootCA.pem. An operator who kept the
+// compose file's CA line was told only that the file cannot be read: with
+// restart: unless-stopped, the proxy waited for it at every restart, for
+// ever. The line now says to unset it.
+func TestUnusedCAFileMissing(t *testing.T) {
+	missing := filepath.Join(t.TempDir(), "rootCA.pem")
+	errOut, status := runBad(t, "CELLS_UPSTREAM=http://cells:8080", "PYDIO_GRPC_EXTERNAL=33060",
+		"PROXY_HTTPS_ADDR="+freeAddr(t), "PROXY_HTTP_ADDR=off", "PROXY_HEALTH_ADDR=off",
+		"CELLS_UPSTREAM_CA_FILE="+missing)
+	if status != 2 {
+		t.Errorf("exit status = %d, want 2", status)
+	}
+	if got := lines(errOut); len(got) != 1 || !strings.Contains(got[0], "unset CELLS_UPSTREAM_CA_FILE") {
+		t.Errorf("stderr = %q, want one line saying to unset CELLS_UPSTREAM_CA_FILE", errOut)
+	}
+}

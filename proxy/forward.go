@@ -63,6 +63,12 @@ type forwarder struct {
 func newForwarder(cfg *Config, log *slog.Logger) (*forwarder, error) {
 	roots, err := upstreamRoots(cfg.UpstreamCAFile)
 	if err != nil {
+		if cfg.Upstream != nil && cfg.Upstream.Scheme == "http" && (cfg.GRPCUpstream == nil || cfg.GRPCUpstream.Scheme == "h2c") {
+			// Topology B: a Cells run with CELLS_SITE_NO_TLS=1 writes
+			// no certs/rootCA.pem, and a restarted proxy would wait
+			// for it for ever.
+			err = fmt.Errorf("%w; nothing uses it with an http:// CELLS_UPSTREAM and gRPC in clear: unset CELLS_UPSTREAM_CA_FILE", err)
+		}
 		return nil, err
 	}
 	f := &forwarder{cfg: cfg, log: log, proto: "https", ws: newTunnels()}
