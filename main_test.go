@@ -302,6 +302,21 @@ func TestHealthcheckNothingListening(t *testing.T) {
 	noStackTrace(t, "output", out+errOut)
 }
 
+// TestHealthcheckHealthOff: with PROXY_HEALTH_ADDR=off the healthcheck can
+// never pass; its line says what to do, as the README does: set it, or
+// disable the container's healthcheck. It used to say only "nothing to
+// ask", and Docker marked a working proxy unhealthy with no way out named.
+func TestHealthcheckHealthOff(t *testing.T) {
+	out, _, status := result(t, command([]string{"healthcheck"},
+		"CELLS_UPSTREAM=https://cells:8080", "PROXY_HEALTH_ADDR=off"))
+	if status != 1 {
+		t.Errorf("exit status = %d, want 1", status)
+	}
+	if !strings.Contains(out, "disable") || !strings.Contains(out, "healthcheck") {
+		t.Errorf("output = %q, want it to say to disable the container's healthcheck", out)
+	}
+}
+
 // TestBadConfig sets several bad variables at once: each gets one line
 // naming the variable, its value and what it must be; exit status 2; no
 // stack trace. The subcommands that read the configuration behave alike.

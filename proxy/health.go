@@ -177,7 +177,7 @@ const ProbeTimeout = 2500 * time.Millisecond
 // of a running proxy whether it is ready.
 func Probe(ctx context.Context, healthAddr string) (string, error) {
 	if healthAddr == "" {
-		return "", fmt.Errorf("PROXY_HEALTH_ADDR is off: nothing to ask")
+		return "", fmt.Errorf("PROXY_HEALTH_ADDR is off: nothing to ask; set it (default 127.0.0.1:8099), or disable the container's healthcheck (compose: healthcheck: disable: true)")
 	}
 	host, port, err := net.SplitHostPort(healthAddr)
 	if err != nil {
