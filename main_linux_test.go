@@ -372,3 +372,50 @@ func TestListenPrivilegedPort(t *testing.T) {
 		t.Errorf("status %d, stderr %q; want 1 and a line naming PROXY_HTTPS_ADDR, ports below 1024 and the fix", status, errOut)
 	}
 }
+
+// TestKeyNotReadable: certbot writes privkey.pem readable by root alone,
+// and the image runs as uid 65532. The line said "TLS_KEY_FILE must name a
+// file cells-proxy can read: ... permission denied", naming no user; it now
+// names the uid that must be able to read it.
+func TestKeyNotReadable(t *testing.T) {
+	dir := t.TempDir()
+	// The test's directory and the one above it, for the image's user.
+	for _, d := range []string{dir, filepath.Dir(dir)} {
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	certPEM, keyPEM := selfSignedPEM(t)
+	certFile, keyFile := filepath.Join(dir, "fullchain.pem"), filepath.Join(dir, "privkey.pem")
+	if err := os.WriteFile(certFile, certPEM, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(keyFile, keyPEM, 0o000); err != nil {
+		t.Fatal(err)
+	}
+	uid := os.Getuid()
+	cmd := command(nil, "CELLS_UPSTREAM=https://cells:8080", "PROXY_HTTPS_ADDR="+freeAddr(t),
+		"PROXY_HTTP_ADDR=off", "PROXY_HEALTH_ADDR=off", "TLS_CERT_FILE="+certFile, "TLS_KEY_FILE="+keyFile)
+	if uid == 0 {
+		// Root reads any file: run a copy of the binary as the
+		// image's user instead.
+		uid = 65532
+		exe := filepath.Join(dir, "cells-proxy")
+		b, err := os.ReadFile(bin)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(exe, b, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		cmd.Path, cmd.Args[0] = exe, exe
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(uid), Gid: uint32(uid)}}
+	}
+	_, errOut, status := result(t, cmd)
+	if status != 2 {
+		t.Errorf("exit status = %d, want 2", status)
+	}
+	if got := lines(errOut); len(got) != 1 || !strings.Contains(got[0], "TLS_KEY_FILE") || !strings.Contains(got[0], "uid "+strconv.Itoa(uid)) {
+		t.Errorf("stderr = %q, want one line naming TLS_KEY_FILE and uid %d", errOut, uid)
+	}
+}

@@ -42,7 +42,7 @@ func checkACMEWebroot(dir string) error {
 		f.Close()
 	}
 	if err != nil {
-		return fmt.Errorf("PROXY_ACME_WEBROOT must name a directory cells-proxy can read, the one certbot --webroot -w writes to: %w", err)
+		return fmt.Errorf("PROXY_ACME_WEBROOT must name a directory cells-proxy can read, the one certbot --webroot -w writes to: %w%s", err, readableBy(err))
 	}
 	return nil
 }

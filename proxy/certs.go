@@ -9,6 +9,7 @@ import (
 	"crypto/x509/pkix"
 	"errors"
 	"fmt"
+	"io/fs"
 	"math/big"
 	"net"
 	"os"
@@ -61,6 +62,16 @@ func SelfSigned(names ...string) (tls.Certificate, error) {
 	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}, nil
 }
 
+// readableBy is what to do about a file the process may not read: the image
+// runs as uid 65532, and certbot and Cells write their keys and roots for
+// root alone. Empty for any other error.
+func readableBy(err error) string {
+	if !errors.Is(err, fs.ErrPermission) {
+		return ""
+	}
+	return fmt.Sprintf(": make it, and the folders above it, readable by uid %d, which cells-proxy runs as", os.Getuid())
+}
+
 // upstreamRoots reads CELLS_UPSTREAM_CA_FILE; nil means the system roots.
 func upstreamRoots(caFile string) (*x509.CertPool, error) {
 	if caFile == "" {
@@ -68,7 +79,7 @@ func upstreamRoots(caFile string) (*x509.CertPool, error) {
 	}
 	pem, err := os.ReadFile(caFile)
 	if err != nil {
-		return nil, fmt.Errorf("CELLS_UPSTREAM_CA_FILE must name a PEM bundle cells-proxy can read (Cells' certs/rootCA.pem): %w", err)
+		return nil, fmt.Errorf("CELLS_UPSTREAM_CA_FILE must name a PEM bundle cells-proxy can read (Cells' certs/rootCA.pem): %w%s", err, readableBy(err))
 	}
 	pool := x509.NewCertPool()
 	if !pool.AppendCertsFromPEM(pem) {

@@ -89,10 +89,10 @@ func (c *certFiles) read() (sum [sha256.Size]byte, cert *tls.Certificate, err er
 	certPEM, errCert := os.ReadFile(c.certFile)
 	keyPEM, errKey := os.ReadFile(c.keyFile)
 	if errCert != nil {
-		errCert = fmt.Errorf("TLS_CERT_FILE must name a file cells-proxy can read: %w", errCert)
+		errCert = fmt.Errorf("TLS_CERT_FILE must name a file cells-proxy can read: %w%s", errCert, readableBy(errCert))
 	}
 	if errKey != nil {
-		errKey = fmt.Errorf("TLS_KEY_FILE must name a file cells-proxy can read: %w", errKey)
+		errKey = fmt.Errorf("TLS_KEY_FILE must name a file cells-proxy can read: %w%s", errKey, readableBy(errKey))
 	}
 	if err := errors.Join(errCert, errKey); err != nil {
 		return sha256.Sum256([]byte(err.Error())), nil, err
