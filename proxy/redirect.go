@@ -57,7 +57,9 @@ func (s *Server) redirectTo(w http.ResponseWriter, r *http.Request) int {
 	}
 	host := hostOnly(r.Host)
 	if host == "" || !s.fwd.hostAllowed(r.Host) {
-		http.NotFound(w, r)
+		// Said as the HTTPS port's 421 says it: the operator whose
+		// browser tried http:// first learns which setting to change.
+		http.Error(w, "cells-proxy: unknown host (PROXY_SERVER_NAMES)", http.StatusNotFound)
 		return http.StatusNotFound
 	}
 	target := "https://" + bracketIPv6(host)

@@ -196,13 +196,35 @@ func TestRedirectAccessLog(t *testing.T) {
 	tp := startLoggedProxy(t, cfg, sink, "json")
 	rawPlain(t, tp, "GET /x?pydio_jwt=secret HTTP/1.1\r\nHost: cells.example.com\r\n\r\n")
 	rawPlain(t, tp, "GET /y HTTP/1.1\r\nHost: evil.example\r\n\r\n")
-	for path, want := range map[string][2]string{"/x?pydio_jwt=REDACTED": {"301", "0"}, "/y": {"404", "19"}} {
+	for path, want := range map[string][2]string{"/x?pydio_jwt=REDACTED": {"301", "0"}, "/y": {"404", "47"}} {
 		l, _ := sink.wait(t, 0, isAccess(t, path))
 		if f := parseLogLine(t, l); f["status"] != want[0] || f["bytes_out"] != want[1] || f["proto"] != "redirect" || f["method"] != "GET" {
-			t.Errorf("access line %s, want status %s, bytes_out %s (\"404 page not found\\n\"), proto redirect", l, want[0], want[1])
+			t.Errorf("access line %s, want status %s, bytes_out %s (\"cells-proxy: unknown host (PROXY_SERVER_NAMES)\\n\"), proto redirect", l, want[0], want[1])
 		}
 	}
 	if strings.Contains(sink.String(), "secret") {
 		t.Errorf("a secret reached the log:\n%s", sink.String())
+	}
+}
+
+// TestRedirectUnknownHostSaysWhy: a browser sent to http:// with a name
+// missing from PROXY_SERVER_NAMES got "404 page not found", with no clue;
+// its body now names the variable, as the 421 of the HTTPS port does.
+func TestRedirectUnknownHostSaysWhy(t *testing.T) {
+	t.Parallel()
+	cfg := testConfig(newUpstream(t, upTLS, &recorder{}))
+	cfg.ServerNames = []string{"cells.example.com"}
+	tp := startProxy(t, cfg)
+	conn, err := net.Dial("tcp", tp.RedirectAddr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	res := rawResponse(t, conn, "GET /x HTTP/1.1\r\nHost: files.example.com\r\n\r\n")
+	body, _ := io.ReadAll(res.Body)
+	res.Body.Close()
+	if res.StatusCode != http.StatusNotFound || !strings.Contains(string(body), "PROXY_SERVER_NAMES") {
+		t.Errorf("unknown host on the redirect port: %s %q, want 404 naming PROXY_SERVER_NAMES", res.Status, body)
 	}
 }
