@@ -261,3 +261,22 @@ func TestUnusedCAFileMissing(t *testing.T) {
 		t.Errorf("stderr = %q, want one line saying to unset CELLS_UPSTREAM_CA_FILE", errOut)
 	}
 }
+
+// TestFileIsADirectory: docker run -v and compose mount a directory where
+// the host file to mount does not exist, and the operator who named a file
+// got "read /certs/rootCA.pem: is a directory". The line now says why that
+// happens and what to check.
+func TestFileIsADirectory(t *testing.T) {
+	dir := t.TempDir()
+	errOut, status := runBad(t, "CELLS_UPSTREAM=https://cells:8080", "PROXY_HTTPS_ADDR="+freeAddr(t),
+		"PROXY_HTTP_ADDR=off", "PROXY_HEALTH_ADDR=off", "CELLS_UPSTREAM_CA_FILE="+dir,
+		"TLS_CERT_FILE="+dir, "TLS_KEY_FILE="+dir)
+	if status != 2 {
+		t.Errorf("exit status = %d, want 2", status)
+	}
+	for _, v := range []string{"CELLS_UPSTREAM_CA_FILE", "TLS_CERT_FILE", "TLS_KEY_FILE"} {
+		if l := grepLine(errOut, "config: "+v+" "); !strings.Contains(l, "host path") {
+			t.Errorf("%s: line %q, want it to say to check the host path of the mount", v, l)
+		}
+	}
+}

@@ -13,6 +13,7 @@ import (
 	"math/big"
 	"net"
 	"os"
+	"syscall"
 	"time"
 
 	"github.com/kelseyhightower/envconfig"
@@ -64,12 +65,16 @@ func SelfSigned(names ...string) (tls.Certificate, error) {
 
 // readableBy is what to do about a file the process may not read: the image
 // runs as uid 65532, and certbot and Cells write their keys and roots for
-// root alone. Empty for any other error.
+// root alone. For a directory where a file was named: Docker mounts one
+// where the host file to mount does not exist. Empty for any other error.
 func readableBy(err error) string {
-	if !errors.Is(err, fs.ErrPermission) {
-		return ""
+	switch {
+	case errors.Is(err, fs.ErrPermission):
+		return fmt.Sprintf(": make it, and the folders above it, readable by uid %d, which cells-proxy runs as", os.Getuid())
+	case errors.Is(err, syscall.EISDIR):
+		return " (a volume whose host path does not exist is mounted as an empty directory: check the host path)"
 	}
-	return fmt.Sprintf(": make it, and the folders above it, readable by uid %d, which cells-proxy runs as", os.Getuid())
+	return ""
 }
 
 // upstreamRoots reads CELLS_UPSTREAM_CA_FILE; nil means the system roots.
