@@ -847,3 +847,89 @@ func TestUpstreamSpeaksClear(t *testing.T) {
 		}
 	}
 }
+
+// TestUpstreamLoop: CELLS_UPSTREAM set to the public URL (Cells'
+// CELLS_SITE_EXTERNAL) leads back to cells-proxy, through the host's port
+// mapping; a relay stands in for it here. The readiness probe comes back
+// marked and is answered 508 at once, /readyz names the fix, and the log
+// says it once. Without the mark every probe went round the loop, a new
+// connection each time, until its 2 s ran out, and said "cells
+// unreachable: context deadline exceeded".
+func TestUpstreamLoop(t *testing.T) {
+	for _, tlsOn := range []bool{true, false} {
+		t.Run("tls="+strconv.FormatBool(tlsOn), func(t *testing.T) {
+			relay, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer relay.Close()
+			var target atomic.Value // the proxy's public address
+			var accepted atomic.Int64
+			go func() {
+				for {
+					c, err := relay.Accept()
+					if err != nil {
+						return
+					}
+					accepted.Add(1)
+					go func() {
+						defer c.Close()
+						p, err := net.Dial("tcp", target.Load().(string))
+						if err != nil {
+							return
+						}
+						defer p.Close()
+						go io.Copy(p, c)
+						io.Copy(c, p)
+					}()
+				}
+			}()
+			cfg := testConfig(nil)
+			cfg.TLS = tlsOn
+			cfg.Upstream = &url.URL{Scheme: "http", Host: relay.Addr().String()}
+			if tlsOn {
+				cfg.Upstream.Scheme = "https"
+				cfg.UpstreamInsecure = true // the proxy's own self-signed certificate
+			}
+			cfg.ServerNames = []string{"files.example.com"}
+			tp := startProxy(t, cfg)
+			target.Store(tp.Addr().String())
+
+			res, err := http.Get("http://" + tp.HealthAddr().String() + "/readyz")
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, _ := io.ReadAll(res.Body)
+			res.Body.Close()
+			if res.StatusCode != http.StatusServiceUnavailable || !strings.Contains(string(b), "leads back to cells-proxy itself") {
+				t.Errorf("/readyz = %d %q, want 503 saying CELLS_UPSTREAM leads back to cells-proxy", res.StatusCode, b)
+			}
+			for range 3 {
+				if ok, detail := tp.health.probe(t.Context()); ok || !strings.Contains(detail, "leads back") {
+					t.Errorf("probe = %v %q", ok, detail)
+				}
+			}
+			if n := accepted.Load(); n > 4 {
+				t.Errorf("the relay took %d connections for four probes: the probe went round", n)
+			}
+			// Once the probe has seen the loop, a client's request is
+			// refused at once instead of going round.
+			before := accepted.Load()
+			res, err = tp.H1.Get(tp.URL + "/a/frontend/state")
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, _ = io.ReadAll(res.Body)
+			res.Body.Close()
+			if res.StatusCode != http.StatusLoopDetected || !strings.Contains(string(b), "CELLS_UPSTREAM") {
+				t.Errorf("a request while looping = %d %q, want 508 naming CELLS_UPSTREAM", res.StatusCode, b)
+			}
+			if n := accepted.Load() - before; n != 0 {
+				t.Errorf("the relay took %d connections for a request while looping, want none", n)
+			}
+			if n := strings.Count(tp.Log.String(), "CELLS_UPSTREAM leads back to cells-proxy itself"); n != 1 {
+				t.Errorf("logged %d times over four probes, want once:\n%s", n, tp.Log.String())
+			}
+		})
+	}
+}

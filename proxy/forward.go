@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
@@ -55,6 +56,13 @@ type forwarder struct {
 
 	ws *tunnels
 
+	// probeToken marks the readiness probe's request (probeHeader), so
+	// that one arriving back here is recognised; random per process.
+	probeToken string
+	// looping: the last readiness probe came back here; every request is
+	// refused until a probe finds otherwise.
+	looping atomic.Bool
+
 	// live counts the exchanges begun and not yet finished (their access
 	// line written), websocket tunnels included: the drain waits for them.
 	live atomic.Int64
@@ -71,7 +79,7 @@ func newForwarder(cfg *Config, log *slog.Logger) (*forwarder, error) {
 		}
 		return nil, err
 	}
-	f := &forwarder{cfg: cfg, log: log, proto: "https", ws: newTunnels()}
+	f := &forwarder{cfg: cfg, log: log, proto: "https", ws: newTunnels(), probeToken: rand.Text()}
 	f.grpcCut, f.cutGRPC = context.WithCancel(context.Background())
 	if !cfg.TLS {
 		f.proto = "http"
@@ -679,6 +687,26 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool)
 			return
 		}
 		http.Error(ex, "cells-proxy: "+msg, http.StatusBadRequest)
+		return
+	}
+	if v := r.Header[probeHeader]; len(v) == 1 && v[0] == f.probeToken && ex.kind != "grpc" {
+		// The readiness probe came back: nothing to forward (probeHeader
+		// says why). Before the Host check: the probe's Host need not
+		// be one of PROXY_SERVER_NAMES.
+		ex.refused = true
+		ex.Header().Set(probeHeader, f.probeToken)
+		http.Error(ex, "cells-proxy: CELLS_UPSTREAM leads back to cells-proxy", http.StatusLoopDetected)
+		return
+	}
+	if f.looping.Load() {
+		// Every request would go round too, each a new connection,
+		// until the descriptors run out: answer at once.
+		ex.refused = true
+		if ex.kind == "grpc" {
+			writeGRPCStatus(ex, grpcCode(http.StatusBadGateway), "cells-proxy: CELLS_UPSTREAM leads back to cells-proxy")
+			return
+		}
+		http.Error(ex, "cells-proxy: CELLS_UPSTREAM leads back to cells-proxy", http.StatusLoopDetected)
 		return
 	}
 	if !f.hostAllowed(r.Host) {

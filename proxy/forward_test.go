@@ -703,7 +703,11 @@ func TestHopByHop(t *testing.T) {
 				req.Trailer.Set("X-Checksum", "5eb63bbbe01eeed0")
 				pw.Close()
 			}()
-			res, err := tp.client(h2).Do(req)
+			client := tp.H1
+			if h2 {
+				client = tp.H2
+			}
+			res, err := client.Do(req)
 			if err != nil {
 				t.Fatal(err)
 			}

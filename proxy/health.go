@@ -28,11 +28,25 @@ type health struct {
 	detail   string
 	inflight chan struct{} // closed when the probe running ends; nil if none runs
 
-	// tlsWarned: the warning that Cells speaks TLS where CELLS_UPSTREAM
-	// says http was logged, and no probe since saw otherwise. Probes run
-	// one at a time (inflight), so only the one running touches it.
-	tlsWarned bool
+	// warned is the misconfiguration last logged (warnTLS, warnLoop), until
+	// a probe sees otherwise: each is logged once while it lasts. Probes
+	// run one at a time (inflight), so only the one running touches it.
+	warned string
 }
+
+// The misconfigurations the probe recognises.
+const (
+	warnTLS  = "tls"
+	warnLoop = "loop"
+)
+
+// probeHeader carries the forwarder's probeToken on the readiness probe's
+// request to CELLS_UPSTREAM. A request that arrives on the public port with
+// it is the probe come back: CELLS_UPSTREAM leads to cells-proxy itself
+// (the public URL, Cells' CELLS_SITE_EXTERNAL, where Cells' own address was
+// meant). The forwarder answers it 508 with the token, instead of sending
+// it round again until the descriptors run out.
+const probeHeader = "X-Cells-Proxy-Probe"
 
 // readyCache bounds how often a busy healthcheck reaches Cells.
 const readyCache = 2 * time.Second
@@ -123,6 +137,7 @@ func (h *health) probe(ctx context.Context) (bool, string) {
 		req.Host = bracketIPv6(names[0])
 	}
 	req.Header.Set("User-Agent", "cells-proxy-healthcheck")
+	req.Header.Set(probeHeader, h.s.fwd.probeToken)
 	res, err := h.client.Do(req)
 	if err != nil {
 		// A setting the likely cause: the fix that the request log
@@ -135,22 +150,35 @@ func (h *health) probe(ctx context.Context) (bool, string) {
 	// Cells keeps TLS (its default) where CELLS_UPSTREAM says http: every
 	// client would get this 400 from it.
 	tlsPort := up.Scheme == "http" && res.StatusCode == http.StatusBadRequest && startsWith(res.Body, plainToTLS)
+	loop := res.StatusCode == http.StatusLoopDetected && res.Header.Get(probeHeader) == h.s.fwd.probeToken
 	res.Body.Close()
 	loc := res.Header.Get("Location")
-	if !tlsPort {
-		h.tlsWarned = false
+	// Each misconfiguration is logged once while it lasts, not at every
+	// probe (every 10 s with the image's HEALTHCHECK): /readyz repeats it
+	// to whoever asks.
+	warn := ""
+	switch {
+	case tlsPort:
+		warn = warnTLS
+	case loop:
+		warn = warnLoop
 	}
+	first := warn != "" && warn != h.warned
+	h.warned = warn
+	h.s.fwd.looping.Store(loop)
 	switch {
 	case res.StatusCode >= 300 && res.StatusCode < 400 && strings.Contains(loc, "starting"):
 		return false, "cells is starting"
 	case tlsPort:
-		// Once while it lasts, not at every probe (every 10 s with the
-		// image's HEALTHCHECK): /readyz repeats it to whoever asks.
-		if !h.tlsWarned {
-			h.tlsWarned = true
+		if first {
 			h.s.log.Warn("cells speaks TLS where CELLS_UPSTREAM says http, and clients get its 400: set CELLS_UPSTREAM=https://, with CELLS_UPSTREAM_CA_FILE, or run Cells with CELLS_SITE_NO_TLS=1", "upstream", up.Host)
 		}
 		return false, "cells speaks TLS on " + up.Host + ": set CELLS_UPSTREAM=https://" + up.Host + " (and CELLS_UPSTREAM_CA_FILE), or run Cells with CELLS_SITE_NO_TLS=1"
+	case loop:
+		if first {
+			h.s.log.Error("CELLS_UPSTREAM leads back to cells-proxy itself: requests are refused with 508 until it is set to Cells' own address, such as https://cells:8080, not the public URL", "upstream", up.Host)
+		}
+		return false, "CELLS_UPSTREAM=" + up.String() + " leads back to cells-proxy itself: set it to Cells' own address, such as https://cells:8080"
 	case res.StatusCode >= 500:
 		return false, fmt.Sprintf("cells answers %d", res.StatusCode)
 	}
