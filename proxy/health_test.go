@@ -10,6 +10,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 )
 
 // TestReadyzCallerGone: healthchecks that arrive together share one probe
@@ -107,5 +108,26 @@ func TestReadyzNamesTheFix(t *testing.T) {
 				t.Errorf("healthcheck: %v, want a line naming %s", err, tc.want)
 			}
 		})
+	}
+}
+
+// TestListeningLines: every listener says where it listens at start, the
+// health listener too (an operator whose healthcheck fails looks for it).
+func TestListeningLines(t *testing.T) {
+	tp := startProxy(t, testConfig(newUpstream(t, upTLS, &recorder{})))
+	// Run logs them as it starts each server, after startProxy returns.
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		logged, missing := tp.Log.String(), ""
+		for _, addr := range []net.Addr{tp.Addr(), tp.RedirectAddr(), tp.HealthAddr()} {
+			if !strings.Contains(logged, "msg=listening addr="+addr.String()+" ") {
+				missing = addr.String()
+			}
+		}
+		if missing == "" {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no listening line for %s within 10 s:\n%s", missing, logged)
+		}
 	}
 }

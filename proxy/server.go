@@ -529,6 +529,7 @@ func (s *Server) Run(ctx context.Context) error {
 				sv.errc <- fmt.Errorf("serving %s: %w", ln.Addr(), err)
 			}
 		})
+		s.log.Info("listening", "addr", s.healthLn.Addr().String(), "health", "/livez /readyz")
 	}
 
 	// A renewed certificate on disk is served without a restart.
