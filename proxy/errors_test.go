@@ -933,3 +933,32 @@ func TestUpstreamLoop(t *testing.T) {
 		})
 	}
 }
+
+// TestInsecureWarning: CELLS_UPSTREAM_INSECURE=true warns that the
+// certificate is not verified only where a connection to Cells uses TLS;
+// with Cells in clear it says the setting does nothing.
+func TestInsecureWarning(t *testing.T) {
+	for _, tc := range []struct {
+		upstream, grpc string
+		want           string
+	}{
+		{"https://cells:8080", "", "the upstream certificate is not verified"},
+		{"http://cells:8080", "https://cells:8443", "the upstream certificate is not verified"},
+		{"http://cells:8080", "h2c://cells:33060", "does nothing"},
+		{"http://cells:8080", "", "does nothing"},
+	} {
+		var logged strings.Builder
+		cfg := testConfig(nil)
+		cfg.Upstream, _ = url.Parse(tc.upstream)
+		if tc.grpc != "" {
+			cfg.GRPCUpstream, _ = url.Parse(tc.grpc)
+		}
+		cfg.UpstreamInsecure = true
+		if _, err := New(cfg, slog.New(slog.NewTextHandler(&logged, nil))); err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(logged.String(), "CELLS_UPSTREAM_INSECURE=true") || !strings.Contains(logged.String(), tc.want) {
+			t.Errorf("%s, gRPC %q: log %q, want a warning saying %q", tc.upstream, tc.grpc, logged.String(), tc.want)
+		}
+	}
+}

@@ -124,7 +124,11 @@ func New(cfg *Config, log *slog.Logger) (*Server, error) {
 	for _, w := range cfg.Warnings {
 		log.Warn(w.Msg, "variable", w.Variable, "value", w.Value, "taken_as", w.TakenAs)
 	}
-	if cfg.UpstreamInsecure {
+	switch {
+	case !cfg.UpstreamInsecure:
+	case cfg.Upstream.Scheme == "http" && (cfg.GRPCUpstream == nil || cfg.GRPCUpstream.Scheme == "h2c"):
+		log.Warn("CELLS_UPSTREAM_INSECURE=true does nothing: no connection to Cells uses TLS (http:// CELLS_UPSTREAM, gRPC in clear); unset it")
+	default:
 		log.Warn("CELLS_UPSTREAM_INSECURE=true: the upstream certificate is not verified")
 	}
 	if cfg.GRPCUpstream == nil {
