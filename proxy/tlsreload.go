@@ -180,6 +180,12 @@ func (c *certFiles) warn(cert *tls.Certificate) {
 		c.log.Warn(w, "file", c.certFile, "not_before", leaf.NotBefore.UTC().Format(time.RFC3339),
 			"not_after", leaf.NotAfter.UTC().Format(time.RFC3339))
 	}
+	if len(cert.Certificate) == 1 && len(leaf.IssuingCertificateURL) > 0 && !bytes.Equal(leaf.RawIssuer, leaf.RawSubject) {
+		// The leaf alone, from a CA that publishes its issuer: certbot's
+		// cert.pem where fullchain.pem was meant.
+		c.log.Warn("TLS_CERT_FILE holds the certificate without the intermediate that issued it: browsers fetch that, but Cells Sync, cec and curl refuse the connection; give the full chain (certbot: fullchain.pem, not cert.pem)",
+			"file", c.certFile, "issuer", leaf.Issuer.String(), "issuer_url", leaf.IssuingCertificateURL[0])
+	}
 	for _, der := range cert.Certificate[1:] {
 		ca, err := x509.ParseCertificate(der)
 		if err != nil || now.Before(ca.NotAfter) && now.After(ca.NotBefore) {

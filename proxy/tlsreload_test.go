@@ -579,6 +579,30 @@ func TestCertWarnings(t *testing.T) {
 func TestCertWarningsChain(t *testing.T) {
 	setCertPollInterval(t, time.Hour)
 	now := time.Now()
+	leaf, inter, leafKey := chainCerts(t, "expired intermediate", now.Add(-time.Hour), nil)
+	pair := tls.Certificate{Certificate: [][]byte{leaf.Raw, inter.Raw}, PrivateKey: leafKey, Leaf: leaf}
+	dir := t.TempDir()
+	certFile, keyFile := filepath.Join(dir, "fullchain.pem"), filepath.Join(dir, "privkey.pem")
+	writePair(t, pair, certFile, keyFile)
+	cfg := testConfig(newUpstream(t, upTLS, &recorder{}))
+	cfg.CertFile, cfg.KeyFile = certFile, keyFile
+	tp := startProxy(t, cfg)
+	if !strings.Contains(tp.Log.String(), "chain has a certificate outside its validity") ||
+		!strings.Contains(tp.Log.String(), "expired intermediate") {
+		t.Errorf("no warning for the expired intermediate:\n%s", tp.Log)
+	}
+	if strings.Contains(tp.Log.String(), "TLS_CERT_FILE's certificate") {
+		t.Errorf("a warning about the leaf, which is fine:\n%s", tp.Log)
+	}
+}
+
+// chainCerts is a leaf for 127.0.0.1 issued by an intermediate named cn,
+// valid until interTo, issued by a root; the leaf names issuerURL as
+// where its issuer's certificate is published (Authority Information
+// Access), as a public CA's do.
+func chainCerts(t *testing.T, cn string, interTo time.Time, issuerURL []string) (leaf, inter *x509.Certificate, leafKey *ecdsa.PrivateKey) {
+	t.Helper()
+	now := time.Now()
 	key := func() *ecdsa.PrivateKey {
 		k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 		if err != nil {
@@ -593,23 +617,45 @@ func TestCertWarningsChain(t *testing.T) {
 	}
 	rootTmpl := ca("test root", now.Add(-48*time.Hour), now.Add(48*time.Hour))
 	root := signCert(t, rootTmpl, rootTmpl, &rootKey.PublicKey, rootKey)
-	inter := signCert(t, ca("expired intermediate", now.Add(-48*time.Hour), now.Add(-time.Hour)), root, &interKey.PublicKey, rootKey)
-	leaf := signCert(t, &x509.Certificate{SerialNumber: big.NewInt(now.UnixNano() + 1), Subject: pkix.Name{CommonName: "127.0.0.1"},
+	inter = signCert(t, ca(cn, now.Add(-48*time.Hour), interTo), root, &interKey.PublicKey, rootKey)
+	leaf = signCert(t, &x509.Certificate{SerialNumber: big.NewInt(now.UnixNano() + 1), Subject: pkix.Name{CommonName: "127.0.0.1"},
 		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(90 * 24 * time.Hour), IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)},
-		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}, inter, &leafKey.PublicKey, interKey)
-	pair := tls.Certificate{Certificate: [][]byte{leaf.Raw, inter.Raw}, PrivateKey: leafKey, Leaf: leaf}
-	dir := t.TempDir()
-	certFile, keyFile := filepath.Join(dir, "fullchain.pem"), filepath.Join(dir, "privkey.pem")
-	writePair(t, pair, certFile, keyFile)
-	cfg := testConfig(newUpstream(t, upTLS, &recorder{}))
-	cfg.CertFile, cfg.KeyFile = certFile, keyFile
-	tp := startProxy(t, cfg)
-	if !strings.Contains(tp.Log.String(), "chain has a certificate outside its validity") ||
-		!strings.Contains(tp.Log.String(), "expired intermediate") {
-		t.Errorf("no warning for the expired intermediate:\n%s", tp.Log)
-	}
-	if strings.Contains(tp.Log.String(), "TLS_CERT_FILE's certificate") {
-		t.Errorf("a warning about the leaf, which is fine:\n%s", tp.Log)
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		IssuingCertificateURL: issuerURL}, inter, &leafKey.PublicKey, interKey)
+	return leaf, inter, leafKey
+}
+
+// TestCertWithoutChain: certbot's cert.pem where fullchain.pem was meant.
+// Browsers fetch the missing intermediate from the address the certificate
+// names; Go's clients (Cells Sync, cec) and curl do not, and refuse the
+// connection. The log says so at start; not for the full chain, nor for a
+// certificate that names no such address (a private CA's, issued by a root
+// its clients hold).
+func TestCertWithoutChain(t *testing.T) {
+	setCertPollInterval(t, time.Hour)
+	const warning = "without the intermediate"
+	leaf, inter, key := chainCerts(t, "R3", time.Now().Add(48*time.Hour), []string{"http://r3.i.lencr.org/"})
+	private, _, privateKey := chainCerts(t, "private", time.Now().Add(48*time.Hour), nil)
+	for _, tc := range []struct {
+		name string
+		pair tls.Certificate
+		want bool
+	}{
+		{"cert.pem", tls.Certificate{Certificate: [][]byte{leaf.Raw}, PrivateKey: key, Leaf: leaf}, true},
+		{"fullchain.pem", tls.Certificate{Certificate: [][]byte{leaf.Raw, inter.Raw}, PrivateKey: key, Leaf: leaf}, false},
+		{"private CA", tls.Certificate{Certificate: [][]byte{private.Raw}, PrivateKey: privateKey, Leaf: private}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			certFile, keyFile := filepath.Join(dir, "cert.pem"), filepath.Join(dir, "privkey.pem")
+			writePair(t, tc.pair, certFile, keyFile)
+			cfg := testConfig(newUpstream(t, upTLS, &recorder{}))
+			cfg.CertFile, cfg.KeyFile = certFile, keyFile
+			tp := startProxy(t, cfg)
+			if got := strings.Contains(tp.Log.String(), warning); got != tc.want {
+				t.Errorf("warning %q logged: %v, want %v:\n%s", warning, got, tc.want, tp.Log)
+			}
+		})
 	}
 }
 
