@@ -2,12 +2,14 @@ package proxy
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -38,6 +40,7 @@ type health struct {
 const (
 	warnTLS  = "tls"
 	warnLoop = "loop"
+	warnGRPC = "grpc"
 )
 
 // probeHeader carries the forwarder's probeToken on the readiness probe's
@@ -153,6 +156,8 @@ func (h *health) probe(ctx context.Context) (bool, string) {
 	loop := res.StatusCode == http.StatusLoopDetected && res.Header.Get(probeHeader) == h.s.fwd.probeToken
 	res.Body.Close()
 	loc := res.Header.Get("Location")
+	starting := res.StatusCode >= 300 && res.StatusCode < 400 && strings.Contains(loc, "starting")
+	answers := !starting && !tlsPort && !loop && res.StatusCode < 500
 	// Each misconfiguration is logged once while it lasts, not at every
 	// probe (every 10 s with the image's HEALTHCHECK): /readyz repeats it
 	// to whoever asks.
@@ -162,12 +167,14 @@ func (h *health) probe(ctx context.Context) (bool, string) {
 		warn = warnTLS
 	case loop:
 		warn = warnLoop
+	case answers && h.grpcRefused(ctx):
+		warn = warnGRPC
 	}
 	first := warn != "" && warn != h.warned
 	h.warned = warn
 	h.s.fwd.looping.Store(loop)
 	switch {
-	case res.StatusCode >= 300 && res.StatusCode < 400 && strings.Contains(loc, "starting"):
+	case starting:
 		return false, "cells is starting"
 	case tlsPort:
 		if first {
@@ -181,8 +188,36 @@ func (h *health) probe(ctx context.Context) (bool, string) {
 		return false, "CELLS_UPSTREAM=" + up.String() + " leads back to cells-proxy itself: set it to Cells' own address, such as https://cells:8080"
 	case res.StatusCode >= 500:
 		return false, fmt.Sprintf("cells answers %d", res.StatusCode)
+	case warn == warnGRPC:
+		// Ready all the same: browsers and cec work; only Cells Sync
+		// cannot connect.
+		addr := h.s.fwd.grpcUp.addr
+		_, port, _ := net.SplitHostPort(addr)
+		if first {
+			h.s.log.Warn("Cells answers on CELLS_UPSTREAM but refuses connections on its gRPC port, and Cells Sync cannot connect: start Cells with CELLS_GRPC_EXTERNAL="+port+", or set CELLS_GRPC_UPSTREAM to the port it serves gRPC on", "grpc_upstream", addr)
+		}
+		return true, fmt.Sprintf("ok: cells answers %d; but its gRPC port %s refuses connections: Cells Sync cannot connect", res.StatusCode, addr)
 	}
 	return true, fmt.Sprintf("ok: cells answers %d", res.StatusCode)
+}
+
+// grpcRefused reports whether Cells' gRPC port, when it is not CELLS_UPSTREAM's
+// (topology B: Cells in clear, gRPC on the port of its CELLS_GRPC_EXTERNAL),
+// refuses connections while the main port answers: Cells was not given
+// that port, the usual reason why Cells Sync cannot connect in that setup.
+// A connection that sends nothing is what grpc-go's server ignores without
+// a log line (load balancers' TCP checks).
+func (h *health) grpcRefused(ctx context.Context) bool {
+	u := h.s.fwd.grpcUp
+	if u == nil || h.s.cfg.GRPCUpstream.Host == h.s.cfg.Upstream.Host {
+		return false
+	}
+	c, err := (&net.Dialer{Timeout: time.Second}).DialContext(ctx, "tcp", u.addr)
+	if err != nil {
+		return errors.Is(err, syscall.ECONNREFUSED)
+	}
+	c.Close()
+	return false
 }
 
 // plainToTLS begins the body of the 400 that Go's TLS servers, Cells' among

@@ -131,3 +131,42 @@ func TestListeningLines(t *testing.T) {
 		}
 	}
 }
+
+// TestReadyzGRPCPortRefused: topology B, Cells in clear answering on its
+// main port but not started with CELLS_GRPC_EXTERNAL, so nothing listens on
+// the gRPC port cells-proxy forwards to. /readyz stays 200 (browsers work)
+// but says Cells Sync cannot connect, and the log says why once. A gRPC
+// port that listens draws no such word.
+func TestReadyzGRPCPortRefused(t *testing.T) {
+	up := newUpstream(t, upPlain, &recorder{})
+	grpcUp := newUpstream(t, upH2C, &recorder{})
+	for _, tc := range []struct {
+		name, grpc string
+		warned     bool
+	}{
+		{"refused", refusedAddr(t), true},
+		{"listening", grpcUp.Addr(), false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := testConfig(up)
+			cfg.GRPCUpstream = &url.URL{Scheme: "h2c", Host: tc.grpc}
+			tp := startProxy(t, cfg)
+			for range 3 {
+				ok, detail := tp.health.probe(t.Context())
+				if !ok || strings.Contains(detail, "Cells Sync cannot connect") != tc.warned {
+					t.Errorf("probe = %v %q, want ready, naming the gRPC port: %v", ok, detail, tc.warned)
+				}
+			}
+			const warning = "refuses connections on its gRPC port"
+			if n, want := strings.Count(tp.Log.String(), warning), map[bool]int{true: 1}[tc.warned]; n != want {
+				t.Errorf("warning logged %d times over three probes, want %d:\n%s", n, want, tp.Log)
+			}
+			if tc.warned {
+				_, port, _ := net.SplitHostPort(tc.grpc)
+				if !strings.Contains(tp.Log.String(), "CELLS_GRPC_EXTERNAL="+port) {
+					t.Errorf("the warning does not name CELLS_GRPC_EXTERNAL=%s:\n%s", port, tp.Log)
+				}
+			}
+		})
+	}
+}
