@@ -92,37 +92,14 @@ func noStackTrace(t *testing.T, name, output string) {
 	}
 }
 
-// handedOut holds the ports freeAddr has returned in this test process.
-var handedOut struct {
-	sync.Mutex
-	ports map[string]bool
-}
-
-// freeAddr is a 127.0.0.1 address with a port nothing listens on now, and
-// one it has not returned before: the kernel may give a port just closed to
-// the next bind to port 0, and two of a test's ports were once the same (CI
-// saw PYDIO_GRPC_EXTERNAL refused as the port of PROXY_HTTPS_ADDR).
+// freeAddr is a 127.0.0.1 address for the binary to listen on: nothing
+// listens there, and the port is reserved for the test until it ends
+// (reservePort), so that nothing else on the machine is given it in the
+// meantime, not another of the test's ports, nor a listener of a test of
+// another package running beside these.
 func freeAddr(t *testing.T) string {
 	t.Helper()
-	handedOut.Lock()
-	defer handedOut.Unlock()
-	if handedOut.ports == nil {
-		handedOut.ports = make(map[string]bool)
-	}
-	for range 100 {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		addr := ln.Addr().String()
-		ln.Close()
-		if !handedOut.ports[addr] {
-			handedOut.ports[addr] = true
-			return addr
-		}
-	}
-	t.Fatal("no port not handed out before in 100 tries")
-	return ""
+	return reservePort(t)
 }
 
 // lockedBuffer collects a running process's output.
