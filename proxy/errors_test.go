@@ -197,15 +197,11 @@ func TestIdleTimeout(t *testing.T) {
 	}
 }
 
-// refusedAddr is a 127.0.0.1 address on which nothing listens.
+// refusedAddr is a 127.0.0.1 address on which nothing listens, nor will
+// until the test ends (reservePort).
 func refusedAddr(t *testing.T) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	return addr
+	t.Helper()
+	return reservePort(t)
 }
 
 // TestUpstreamRefused: Cells down answers 502 at once, not after a timeout.

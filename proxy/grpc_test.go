@@ -891,12 +891,7 @@ func TestGRPCErrors(t *testing.T) {
 	for _, scheme := range []string{"h2c", "https"} {
 		t.Run("upstream-down/"+scheme, func(t *testing.T) {
 			t.Parallel()
-			ln, err := net.Listen("tcp", "127.0.0.1:0")
-			if err != nil {
-				t.Fatal(err)
-			}
-			closed := ln.Addr().String()
-			ln.Close()
+			closed := reservePort(t)
 			e := startGRPC(t, topoH2C, func(c *Config) {
 				c.GRPCUpstream = &url.URL{Scheme: scheme, Host: closed}
 				c.UpstreamInsecure = true

@@ -43,15 +43,9 @@ func serveAt(t *testing.T, addr string, h http.Handler) *http.Server {
 // soon as Cells listens again, and no request hangs.
 func TestUpstreamRestart(t *testing.T) {
 	ok := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") })
-	first := serveAt(t, "127.0.0.1:0", ok)
-	// serveAt on :0 does not tell the port; listen ourselves instead.
-	first.Close()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
+	// The port stays Cells' while it is down: no other test's listener
+	// may take it in between.
+	addr := reservePort(t)
 	up := serveAt(t, addr, ok)
 	cfg := testConfig(nil)
 	cfg.Upstream = &url.URL{Scheme: "http", Host: addr}
