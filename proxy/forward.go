@@ -62,6 +62,9 @@ type forwarder struct {
 	// looping: the last readiness probe came back here; every request is
 	// refused until a probe finds otherwise.
 	looping atomic.Bool
+	// portSeen: a request has named the port clients reach the proxy on,
+	// and checkRedirectPort has compared it with PROXY_REDIRECT_HTTPS_PORT.
+	portSeen atomic.Bool
 
 	// live counts the exchanges begun and not yet finished (their access
 	// line written), websocket tunnels included: the drain waits for them.
@@ -719,6 +722,11 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool)
 		return
 	}
 
+	if !grpcOnly && !f.portSeen.Load() {
+		// Not on the PYDIO_GRPC_EXTERNAL port, whose number Sync names.
+		f.checkRedirectPort(r.Host)
+	}
+
 	// CONNECT would make the proxy open a tunnel to wherever the client
 	// names; Cells has no use for it (nginx refuses it too). Checked before
 	// gRPC: on the dedicated port, or with a gRPC content type, it went to
@@ -950,6 +958,29 @@ func isDigits(s string) bool {
 }
 
 // hostAllowed applies PROXY_SERVER_NAMES to a Host or :authority value.
+// checkRedirectPort compares the port named in the Host of a request on
+// the public port, the first that names one, with PROXY_REDIRECT_HTTPS_PORT,
+// where the redirect port sends http:// clients, and warns once when they
+// differ: an operator who publishes 8443 and leaves the default 443 has
+// every http:// link redirected to a port nothing answers on. A Host
+// without a port (443 for https) says nothing, and is not the last checked.
+func (f *forwarder) checkRedirectPort(hostport string) {
+	if f.cfg.HTTPAddr == "" || !f.cfg.TLS {
+		f.portSeen.Store(true) // no redirects, or the port is a load balancer's
+		return
+	}
+	i := strings.LastIndexByte(hostport, ':')
+	if i < 0 || strings.HasSuffix(hostport, "]") {
+		return
+	}
+	port, err := strconv.Atoi(hostport[i+1:])
+	if err != nil || f.portSeen.Swap(true) || port == f.cfg.RedirectPort {
+		return
+	}
+	f.log.Warn("HTTPS requests name a port other than PROXY_REDIRECT_HTTPS_PORT, to which the redirect port sends http:// clients: set PROXY_REDIRECT_HTTPS_PORT to the port users reach",
+		"host", hostport, "redirect_port", f.cfg.RedirectPort)
+}
+
 func (f *forwarder) hostAllowed(hostport string) bool {
 	if len(f.cfg.ServerNames) == 0 {
 		return true

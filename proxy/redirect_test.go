@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -226,5 +227,37 @@ func TestRedirectUnknownHostSaysWhy(t *testing.T) {
 	res.Body.Close()
 	if res.StatusCode != http.StatusNotFound || !strings.Contains(string(body), "PROXY_SERVER_NAMES") {
 		t.Errorf("unknown host on the redirect port: %s %q, want 404 naming PROXY_SERVER_NAMES", res.Status, body)
+	}
+}
+
+// TestRedirectPortMismatch: requests on the HTTPS port name port P (users
+// reach the proxy on P) while PROXY_REDIRECT_HTTPS_PORT is left at 443:
+// every http:// link would be redirected to a port nothing answers on. The
+// log says so, once; not when the two agree.
+func TestRedirectPortMismatch(t *testing.T) {
+	t.Parallel()
+	const warning = "HTTPS requests name a port other than PROXY_REDIRECT_HTTPS_PORT"
+	for _, agree := range []bool{false, true} {
+		t.Run("agree="+strconv.FormatBool(agree), func(t *testing.T) {
+			cfg := testConfig(newUpstream(t, upTLS, &recorder{}))
+			if agree {
+				cfg.HTTPSAddr = reservePort(t)
+				_, port, _ := net.SplitHostPort(cfg.HTTPSAddr)
+				cfg.RedirectPort, _ = strconv.Atoi(port)
+			}
+			tp := startProxy(t, cfg)
+			for range 3 {
+				// Host as browsers send it for https://127.0.0.1:port/.
+				res, err := tp.H1.Get(tp.URL + "/a/frontend/state")
+				if err != nil {
+					t.Fatal(err)
+				}
+				res.Body.Close()
+			}
+			want := map[bool]int{false: 1}[agree]
+			if n := strings.Count(tp.Log.String(), warning); n != want {
+				t.Errorf("warned %d times, want %d:\n%s", n, want, tp.Log)
+			}
+		})
 	}
 }
