@@ -361,8 +361,8 @@ func TestH2KeyUpdateAfterIdle(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
+	stderr := &syncBuffer{}
+	cmd.Stderr = stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -431,8 +431,15 @@ func TestH2KeyUpdateAfterIdle(t *testing.T) {
 	get(1, "/before")
 	answer(1)
 	time.Sleep(4 * idle) // the proxy writes nothing: its next PING is 60 s away
+	// s_client takes "K" for a command only at the start of what it reads
+	// from stdin, and drops the rest of that read: the next request must
+	// not be written until it has read the command, and said so.
 	io.WriteString(stdin, "K\n")
-	time.Sleep(100 * time.Millisecond)
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(stderr.String(), "KEYUPDATE"); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("s_client did not take the KeyUpdate command within 10 s")
+		}
+	}
 	get(3, "/after")
 	answer(3)
 }
