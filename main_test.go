@@ -19,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cells-proxy/cells-proxy/internal/testport"
 	"github.com/cells-proxy/cells-proxy/proxy"
 )
 
@@ -94,12 +95,12 @@ func noStackTrace(t *testing.T, name, output string) {
 
 // freeAddr is a 127.0.0.1 address for the binary to listen on: nothing
 // listens there, and the port is reserved for the test until it ends
-// (reservePort), so that nothing else on the machine is given it in the
+// (testport.Reserve), so that nothing else on the machine is given it in the
 // meantime, not another of the test's ports, nor a listener of a test of
 // another package running beside these.
 func freeAddr(t *testing.T) string {
 	t.Helper()
-	return reservePort(t)
+	return testport.Reserve(t)
 }
 
 // lockedBuffer collects a running process's output.

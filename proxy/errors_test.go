@@ -24,6 +24,8 @@ import (
 
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
+
+	"github.com/cells-proxy/cells-proxy/internal/testport"
 )
 
 // Tests for issue 2, points 9 and 10: what the client gets when the
@@ -198,10 +200,10 @@ func TestIdleTimeout(t *testing.T) {
 }
 
 // refusedAddr is a 127.0.0.1 address on which nothing listens, nor will
-// until the test ends (reservePort).
+// until the test ends (testport.Reserve).
 func refusedAddr(t *testing.T) string {
 	t.Helper()
-	return reservePort(t)
+	return testport.Reserve(t)
 }
 
 // TestUpstreamRefused: Cells down answers 502 at once, not after a timeout.

@@ -27,6 +27,8 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/orca"
 	"google.golang.org/grpc/status"
+
+	"github.com/cells-proxy/cells-proxy/internal/testport"
 )
 
 // gRPC through the proxy (issue 2, point 8, and the gRPC parts of points 3,
@@ -891,7 +893,7 @@ func TestGRPCErrors(t *testing.T) {
 	for _, scheme := range []string{"h2c", "https"} {
 		t.Run("upstream-down/"+scheme, func(t *testing.T) {
 			t.Parallel()
-			closed := reservePort(t)
+			closed := testport.Reserve(t)
 			e := startGRPC(t, topoH2C, func(c *Config) {
 				c.GRPCUpstream = &url.URL{Scheme: scheme, Host: closed}
 				c.UpstreamInsecure = true

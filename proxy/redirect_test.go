@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/cells-proxy/cells-proxy/internal/testport"
 )
 
 // rawPlain sends raw, one complete HTTP/1.x request, to the redirect
@@ -241,7 +243,7 @@ func TestRedirectPortMismatch(t *testing.T) {
 		t.Run("agree="+strconv.FormatBool(agree), func(t *testing.T) {
 			cfg := testConfig(newUpstream(t, upTLS, &recorder{}))
 			if agree {
-				cfg.HTTPSAddr = reservePort(t)
+				cfg.HTTPSAddr = testport.Reserve(t)
 				_, port, _ := net.SplitHostPort(cfg.HTTPSAddr)
 				cfg.RedirectPort, _ = strconv.Atoi(port)
 			}

@@ -13,6 +13,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/cells-proxy/cells-proxy/internal/testport"
 )
 
 // serveAt starts a plain HTTP/1.1 upstream on addr, retrying while the
@@ -45,7 +47,7 @@ func TestUpstreamRestart(t *testing.T) {
 	ok := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") })
 	// The port stays Cells' while it is down: no other test's listener
 	// may take it in between.
-	addr := reservePort(t)
+	addr := testport.Reserve(t)
 	up := serveAt(t, addr, ok)
 	cfg := testConfig(nil)
 	cfg.Upstream = &url.URL{Scheme: "http", Host: addr}

@@ -1,6 +1,6 @@
 //go:build !linux
 
-package main
+package testport
 
 import (
 	"net"
@@ -8,17 +8,16 @@ import (
 	"testing"
 )
 
-// handedOut holds the ports reservePort has returned in this test process.
+// handedOut holds the ports Reserve has returned in this test process.
 var handedOut struct {
 	sync.Mutex
 	ports map[string]bool
 }
 
-// reservePort is a 127.0.0.1 address with a port nothing listens on now,
-// and one it has not returned before. Unlike Linux's (reserve_linux_test.go)
-// it does not hold the port: another process may be given it before the
-// test listens there.
-func reservePort(t testing.TB) string {
+// Reserve is a 127.0.0.1 address with a port nothing listens on now, and
+// one it has not returned before. Unlike Linux's it does not hold the
+// port: another process may be given it before the test listens there.
+func Reserve(t testing.TB) string {
 	t.Helper()
 	handedOut.Lock()
 	defer handedOut.Unlock()
