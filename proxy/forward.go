@@ -692,7 +692,7 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool)
 		http.Error(ex, "cells-proxy: "+msg, http.StatusBadRequest)
 		return
 	}
-	if v := r.Header[probeHeader]; len(v) == 1 && v[0] == f.probeToken && ex.kind != "grpc" {
+	if v := probeMark(r); len(v) == 1 && v[0] == f.probeToken && ex.kind != "grpc" {
 		// The readiness probe came back: nothing to forward (probeHeader
 		// says why). Before the Host check: the probe's Host need not
 		// be one of PROXY_SERVER_NAMES.
@@ -958,6 +958,15 @@ func isDigits(s string) bool {
 }
 
 // hostAllowed applies PROXY_SERVER_NAMES to a Host or :authority value.
+// probeMark is r's probeHeader values. The readiness probe asks for "/":
+// other requests do not pay the header lookup.
+func probeMark(r *http.Request) []string {
+	if r.RequestURI != "/" {
+		return nil
+	}
+	return r.Header[probeHeader]
+}
+
 // checkRedirectPort compares the port named in the Host of a request on
 // the public port, the first that names one, with PROXY_REDIRECT_HTTPS_PORT,
 // where the redirect port sends http:// clients, and warns once when they
