@@ -502,10 +502,7 @@ func TestHSTS(t *testing.T) {
 // that long again for a request (40 s).
 func TestSilentClientClosed(t *testing.T) {
 	t.Parallel()
-	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
-	cfg := testConfig(up)
-	cfg.GRPCAddr = "127.0.0.1:0"
-	tp := startProxy(t, cfg)
+	tp, up := startWithGRPCPort(t)
 	cleartext := testConfig(up)
 	cleartext.TLS = false
 	plain := startProxy(t, cleartext)
@@ -578,6 +575,16 @@ func TestSilentClientClosed(t *testing.T) {
 	}
 }
 
+// startWithGRPCPort starts a proxy with a dedicated gRPC port in front of
+// an upstream that answers 200 to everything.
+func startWithGRPCPort(t *testing.T) (*testProxy, *testUpstream) {
+	t.Helper()
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
+	cfg := testConfig(up)
+	cfg.GRPCAddr = "127.0.0.1:0"
+	return startProxy(t, cfg), up
+}
+
 // TestPlainHTTPToTLSPort: a plain HTTP request sent to a TLS port
 // (http://host:443, or a load balancer set up without TLS to the proxy) gets
 // a 400 that says what is wrong, then the connection closes, as net/http's
@@ -587,10 +594,7 @@ func TestSilentClientClosed(t *testing.T) {
 // reply.
 func TestPlainHTTPToTLSPort(t *testing.T) {
 	t.Parallel()
-	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
-	cfg := testConfig(up)
-	cfg.GRPCAddr = "127.0.0.1:0"
-	tp := startProxy(t, cfg)
+	tp, _ := startWithGRPCPort(t)
 	for _, port := range []struct{ name, addr string }{
 		{"public", tp.Addr().String()}, {"grpc", tp.GRPCAddr().String()},
 	} {
