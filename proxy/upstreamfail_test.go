@@ -40,9 +40,11 @@ func serveAt(t *testing.T, addr string, h http.Handler) *http.Server {
 }
 
 // TestUpstreamRestart kills Cells under load and starts it again on the
-// same port: during the outage every request gets a fast 502 (each within
-// 1 s, generous: a refused connect takes microseconds), service returns as
-// soon as Cells listens again, and no request hangs.
+// same port: during the outage every request gets a fast 502 (a refused
+// connect takes microseconds; the bound, 5 s, is half the dial timeout a
+// request that waited for Cells would take, and far from what a stalled
+// test process adds), service returns as soon as Cells listens again, and
+// no request hangs.
 func TestUpstreamRestart(t *testing.T) {
 	ok := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") })
 	// The port stays Cells' while it is down: no other test's listener
@@ -134,8 +136,8 @@ func TestUpstreamRestart(t *testing.T) {
 			t.Errorf("got status %d, want only 200 and 502", s)
 		}
 	}
-	if slowest > time.Second {
-		t.Errorf("slowest 502 took %v, want each within 1 s", slowest)
+	if slowest > 5*time.Second {
+		t.Errorf("slowest 502 took %v, want each well within the 10 s dial timeout", slowest)
 	}
 	// Only a request in flight when Cells died may break mid-answer: at
 	// most one per worker.
