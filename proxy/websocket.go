@@ -369,9 +369,10 @@ var lingerTimeout = 2 * time.Second
 // kernel reset the connection, which throws away what it has not yet
 // sent: the end of the last message one side sent before it closed, or the
 // close frames. So each socket first ends its sending side (TLS's
-// close_notify, then a FIN behind the bytes queued), then what the peer
-// still sends is read and dropped until it closes too, for at most
-// lingerTimeout: nginx's lingering close, net/http's closeWriteAndWait.
+// close_notify, unless a write was cut, then a FIN behind the bytes
+// queued), then what the peer still sends is read and dropped until it
+// closes too, for at most lingerTimeout: nginx's lingering close,
+// net/http's closeWriteAndWait.
 func lingerClose(conns ...net.Conn) {
 	deadline := time.Now().Add(lingerTimeout)
 	var wg sync.WaitGroup
@@ -385,7 +386,15 @@ func lingerClose(conns ...net.Conn) {
 			defer c.Close()
 			for l := c; l != nil; l = wrapped(l) {
 				if tc, ok := l.(*tls.Conn); ok {
-					tc.CloseWrite() // bounded by a deadline of its own
+					// A write that failed (a deadline, a stop) may have
+					// sent part of a TLS record: a close_notify behind it
+					// would read, to the peer, as the rest of that record
+					// and fail as a bad MAC instead of a truncation.
+					// tls.Conn keeps a failed write's error, which
+					// Write(nil) returns without writing.
+					if _, err := tc.Write(nil); err == nil {
+						tc.CloseWrite() // bounded by a deadline of its own
+					}
 					break
 				}
 			}

@@ -1089,12 +1089,19 @@ func rawWS(t *testing.T, tp *testProxy) *tls.Conn {
 	t.Helper()
 	conn := tp.dialTLS(t, tp.Addr().String(), "http/1.1")
 	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	readWS101(t, tp, conn)
+	return conn
+}
+
+// readWS101 asks for a websocket on conn and reads the 101, byte by byte,
+// so that nothing after its blank line is taken.
+func readWS101(t *testing.T, tp *testProxy, conn *tls.Conn) {
+	t.Helper()
 	if _, err := io.WriteString(conn, "GET /ws/event HTTP/1.1\r\nHost: "+tp.Addr().String()+
 		"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
 		"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"); err != nil {
 		t.Fatal(err)
 	}
-	// Byte by byte, so that nothing after the 101's blank line is taken.
 	var head []byte
 	for !bytes.HasSuffix(head, []byte("\r\n\r\n")) {
 		var b [1]byte
@@ -1106,7 +1113,6 @@ func rawWS(t *testing.T, tp *testProxy) *tls.Conn {
 	if !bytes.HasPrefix(head, []byte("HTTP/1.1 101 ")) {
 		t.Fatalf("handshake answer %q, want a 101", head)
 	}
-	return conn
 }
 
 // TestWebSocketFrameInOneRecord: a small frame leaves the proxy in one

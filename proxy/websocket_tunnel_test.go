@@ -4,7 +4,9 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -494,4 +496,117 @@ func stallingRefusal(release <-chan struct{}, head string) http.Handler {
 		case <-time.After(25 * time.Second):
 		}
 	})
+}
+
+// TestWebSocketCutWriteNoCloseNotify: the idle timeout cuts the proxy's
+// write to a client that stopped reading, mid TLS record. The connection
+// then ends with a FIN alone: a close_notify behind the cut record's first
+// bytes would read, to the client, as the rest of that record and fail as
+// a bad MAC, instead of the truncation it is (found by review: it did).
+// The client's bytes are taken off the wire, below its TLS, to see where
+// the stream ends.
+func TestWebSocketCutWriteNoCloseNotify(t *testing.T) {
+	t.Parallel()
+	const size = 64 << 20 // more than the sockets between Cells and the client hold
+	up := wsRawUp(t, func(conn net.Conn, brw *bufio.ReadWriter, r *http.Request) {
+		brw.WriteString(accept101(r))
+		brw.Write(binary.BigEndian.AppendUint64([]byte{0x82, 127}, size))
+		chunk := make([]byte, 1<<20)
+		for range size / len(chunk) {
+			if _, err := brw.Write(chunk); err != nil {
+				return
+			}
+		}
+		brw.Flush()
+		io.Copy(io.Discard, conn)
+	})
+	cfg := testConfig(up)
+	cfg.WSIdleTimeout = 300 * time.Millisecond
+	tp := startProxy(t, cfg)
+
+	// A write cut exactly between two records (rare) shows nothing: try
+	// again.
+	for try := 1; ; try++ {
+		wire, err := cutWebSocketWrite(t, tp)
+		end, cut := lastRecord(wire)
+		t.Logf("try %d: %d bytes; the client's read ended with %v; last record at %d", try, len(wire), err, end)
+		if !cut {
+			if try < 3 {
+				continue
+			}
+			t.Fatalf("the stream ended between records %d times: the proxy's write was never cut mid-record", try)
+		}
+		// TLS 1.3 sends close_notify as a 19-byte application_data record.
+		if tail := wire[max(0, len(wire)-24):]; len(wire)-24 > end && bytes.HasPrefix(tail, []byte{0x17, 0x03, 0x03, 0x00, 0x13}) {
+			t.Errorf("a close_notify record follows the first %d bytes of a cut record", len(wire)-24-end-5)
+		}
+		if errors.Is(err, io.EOF) || err == nil || strings.Contains(err.Error(), "MAC") {
+			t.Errorf("the client's read ended with %v, want an unexpected EOF", err)
+		}
+		return
+	}
+}
+
+// cutWebSocketWrite opens a websocket through tp whose client reads
+// nothing past the 101 until the proxy stops the tunnel (its idle
+// timeout), then reads to the end. It returns what came off the wire and
+// the error that ended the client's reading.
+func cutWebSocketWrite(t *testing.T, tp *testProxy) ([]byte, error) {
+	t.Helper()
+	raw, err := net.Dial("tcp", tp.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	tap := &tapConn{Conn: raw}
+	conn := tls.Client(tap, tp.TLSConfig("http/1.1"))
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(30 * time.Second))
+	readWS101(t, tp, conn)
+	for deadline := time.Now().Add(20 * time.Second); !tp.fwd.ws.stopping(); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the idle timeout never stopped the tunnel")
+		}
+	}
+	_, err = io.Copy(io.Discard, conn)
+	return tap.got.Bytes(), err
+}
+
+// tapConn keeps a copy of what is read through it.
+type tapConn struct {
+	net.Conn
+	got bytes.Buffer
+}
+
+func (c *tapConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	c.got.Write(p[:n])
+	return n, err
+}
+
+// lastRecord walks the TLS records of wire: the offset of the last one, and
+// whether the wire ends inside it.
+func lastRecord(wire []byte) (at int, cut bool) {
+	for at = 0; at+5 <= len(wire); {
+		next := at + 5 + int(binary.BigEndian.Uint16(wire[at+3:]))
+		if next > len(wire) {
+			return at, true
+		}
+		if next == len(wire) {
+			return at, false
+		}
+		at = next
+	}
+	return at, at < len(wire)
+}
+
+// stopping: some open tunnel has begun to stop (stopPumps).
+func (ts *tunnels) stopping() bool {
+	ts.mu.Lock()
+	defer ts.mu.Unlock()
+	for t := range ts.open {
+		if t.stopping.Load() {
+			return true
+		}
+	}
+	return false
 }
