@@ -161,8 +161,12 @@ func (s *Server) tlsConfig() *tls.Config {
 			tls.TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
 		},
 		NextProtos: []string{"h2", "http/1.1", "http/1.0"},
-		GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
-			return s.cert.Load(), nil
+		GetCertificate: func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
+			cert := s.cert.Load()
+			if s.certFiles != nil {
+				s.certFiles.checkName(hello.ServerName, cert)
+			}
+			return cert, nil
 		},
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -35,6 +36,11 @@ type certFiles struct {
 	checked           atomic.Int64 // unix time of the last check of the served certificate's warnings
 	log               *slog.Logger
 	cert              *atomic.Pointer[tls.Certificate] // the Server's, read by GetCertificate
+
+	// With PROXY_SERVER_NAMES empty, the names clients ask for (SNI) are
+	// checked against the certificate served instead (checkName).
+	nameOK     atomic.Pointer[nameSeen]        // the last name asked for that the served certificate covers
+	nameWarned atomic.Pointer[tls.Certificate] // the certificate a name it lacks was logged for
 
 	mu     sync.Mutex
 	served [sha256.Size]byte // the content of the pair being served
@@ -215,6 +221,37 @@ func certWarnings(leaf *x509.Certificate, names []string, now time.Time) []strin
 		}
 	}
 	return w
+}
+
+// nameSeen is a name clients asked for and the certificate served then.
+type nameSeen struct {
+	cert *tls.Certificate
+	name string
+}
+
+// checkName is called at each handshake with the name the client asks for
+// (SNI) and the certificate it gets. With PROXY_SERVER_NAMES set, the start
+// checks that the certificate covers them; without, a client is the first
+// to learn which name users reach. A name the certificate does not cover
+// is logged once for each certificate served: browsers, Cells Sync and
+// curl refuse the connection. A name it covers is kept, so the handshakes
+// that follow compare a pointer and a string.
+func (c *certFiles) checkName(name string, cert *tls.Certificate) {
+	if name == "" || len(c.names) > 0 || c.nameWarned.Load() == cert {
+		return
+	}
+	if ok := c.nameOK.Load(); ok != nil && ok.cert == cert && ok.name == name {
+		return
+	}
+	if cert.Leaf.VerifyHostname(name) == nil {
+		c.nameOK.Store(&nameSeen{cert, name})
+		return
+	}
+	if c.nameWarned.Swap(cert) == cert {
+		return
+	}
+	c.log.Warn("clients ask for a name that TLS_CERT_FILE's certificate does not cover: they will refuse it; serve a certificate for that name (logged once for each certificate)",
+		"server_name", name, "file", c.certFile, "certificate_names", strings.Join(cert.Leaf.DNSNames, ","))
 }
 
 // watch polls the files until ctx ends.

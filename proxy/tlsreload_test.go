@@ -678,3 +678,87 @@ func TestReloadNothingServesTLS(t *testing.T) {
 		t.Errorf("Reload's line does not say that nothing serves TLS:\n%s", log)
 	}
 }
+
+// TestCertNameNotCovered: with PROXY_SERVER_NAMES empty, the first client
+// that asks (by SNI) for a name TLS_CERT_FILE's certificate does not cover
+// is logged, naming it: the one way the log can tell an operator that users
+// reach the proxy by a name the certificate lacks. Once for each
+// certificate served; a name it covers, no SNI (an IP address) or, with
+// PROXY_SERVER_NAMES set (checked at start, other names refused), nothing.
+func TestCertNameNotCovered(t *testing.T) {
+	setCertPollInterval(t, time.Hour)
+	const warning = "clients ask for a name that TLS_CERT_FILE's certificate does not cover"
+	pair := func(t *testing.T, certFile, keyFile string, names ...string) {
+		cert, err := SelfSigned(names...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		writePair(t, cert, certFile, keyFile)
+	}
+	files := func(t *testing.T) (certFile, keyFile string) {
+		dir := t.TempDir()
+		return filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+	}
+	hello := func(t *testing.T, tp *testProxy, name string) {
+		t.Helper()
+		conn, err := tls.Dial("tcp", tp.Addr().String(), &tls.Config{ServerName: name, InsecureSkipVerify: true})
+		if err != nil {
+			t.Fatalf("handshake asking for %q: %v", name, err)
+		}
+		conn.Close()
+	}
+	warnings := func(tp *testProxy) []string {
+		var w []string
+		for _, l := range strings.Split(tp.Log.String(), "\n") {
+			if strings.Contains(l, warning) {
+				w = append(w, l)
+			}
+		}
+		return w
+	}
+
+	t.Run("no PROXY_SERVER_NAMES", func(t *testing.T) {
+		certFile, keyFile := files(t)
+		pair(t, certFile, keyFile, "cells.example.com", "*.cells.example.com")
+		cfg := testConfig(newUpstream(t, upTLS, &recorder{}))
+		cfg.CertFile, cfg.KeyFile = certFile, keyFile
+		tp := startProxy(t, cfg)
+		for _, name := range []string{"", "cells.example.com", "CELLS.example.com", "www.cells.example.com", "cells.example.com"} {
+			hello(t, tp, name)
+		}
+		if w := warnings(tp); len(w) != 0 {
+			t.Fatalf("names the certificate covers were logged: %q", w)
+		}
+		hello(t, tp, "files.example.com")
+		hello(t, tp, "other.example.com")
+		hello(t, tp, "files.example.com")
+		w := warnings(tp)
+		if len(w) != 1 || !strings.Contains(w[0], "files.example.com") || !strings.Contains(w[0], "cells.example.com") {
+			t.Fatalf("want one warning naming files.example.com and the certificate's names, got %q", w)
+		}
+		// A new certificate, still without the name: once more.
+		pair(t, certFile, keyFile, "cells.example.com")
+		if err := tp.Reload(); err != nil {
+			t.Fatal(err)
+		}
+		hello(t, tp, "cells.example.com")
+		hello(t, tp, "files.example.com")
+		hello(t, tp, "files.example.com")
+		if w := warnings(tp); len(w) != 2 {
+			t.Errorf("after a reload, want a second warning, got %d: %q", len(w), w)
+		}
+	})
+
+	t.Run("PROXY_SERVER_NAMES", func(t *testing.T) {
+		certFile, keyFile := files(t)
+		pair(t, certFile, keyFile, "cells.example.com")
+		cfg := testConfig(newUpstream(t, upTLS, &recorder{}))
+		cfg.CertFile, cfg.KeyFile = certFile, keyFile
+		cfg.ServerNames = []string{"cells.example.com"}
+		tp := startProxy(t, cfg)
+		hello(t, tp, "files.example.com")
+		if w := warnings(tp); len(w) != 0 {
+			t.Errorf("a name outside PROXY_SERVER_NAMES was logged: %q", w)
+		}
+	})
+}
