@@ -329,6 +329,19 @@ func (tp *testProxy) dialTLS(t testing.TB, addr string, alpn ...string) *tls.Con
 	return conn
 }
 
+// tlsOver is an HTTP/1.1 client's TLS connection to the proxy's public
+// port, over wrap of the TCP connection (closed at the test's end).
+func (tp *testProxy) tlsOver(t testing.TB, wrap func(net.Conn) net.Conn) *tls.Conn {
+	t.Helper()
+	tcp, err := net.Dial("tcp", tp.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn := tls.Client(wrap(tcp), tp.TLSConfig("http/1.1"))
+	t.Cleanup(func() { conn.Close() })
+	return conn
+}
+
 // dialTLSH2 is dialTLS offering only h2; the test fails unless the server
 // agreed it.
 func (tp *testProxy) dialTLSH2(t testing.TB, addr string) *tls.Conn {

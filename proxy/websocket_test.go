@@ -681,13 +681,8 @@ func TestWebSocketBuffered(t *testing.T) {
 		t.Parallel()
 		wsUp := newWSUpstream(nil)
 		tp := startProxy(t, testConfig(newUpstream(t, upTLS, wsUp)))
-		tcp, err := net.Dial("tcp", tp.Addr().String())
-		if err != nil {
-			t.Fatal(err)
-		}
-		held := &heldConn{Conn: tcp}
-		conn := tls.Client(held, tp.TLSConfig("http/1.1"))
-		defer conn.Close()
+		var held *heldConn
+		conn := tp.tlsOver(t, func(tcp net.Conn) net.Conn { held = &heldConn{Conn: tcp}; return held })
 		conn.SetDeadline(time.Now().Add(10 * time.Second))
 		if err := conn.Handshake(); err != nil {
 			t.Fatal(err)

@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -553,12 +552,8 @@ func TestWebSocketCutWriteNoCloseNotify(t *testing.T) {
 // the error that ended the client's reading.
 func cutWebSocketWrite(t *testing.T, tp *testProxy) ([]byte, error) {
 	t.Helper()
-	raw, err := net.Dial("tcp", tp.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	tap := &tapConn{Conn: raw}
-	conn := tls.Client(tap, tp.TLSConfig("http/1.1"))
+	var tap *tapConn
+	conn := tp.tlsOver(t, func(tcp net.Conn) net.Conn { tap = &tapConn{Conn: tcp}; return tap })
 	defer conn.Close()
 	conn.SetDeadline(time.Now().Add(30 * time.Second))
 	readWS101(t, tp, conn)
@@ -567,7 +562,7 @@ func cutWebSocketWrite(t *testing.T, tp *testProxy) ([]byte, error) {
 			t.Fatal("the idle timeout never stopped the tunnel")
 		}
 	}
-	_, err = io.Copy(io.Discard, conn)
+	_, err := io.Copy(io.Discard, conn)
 	return tap.got.Bytes(), err
 }
 
