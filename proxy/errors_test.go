@@ -433,7 +433,7 @@ func TestUpstreamSchemeMismatch(t *testing.T) {
 	// The next probes (past readyCache: the image's HEALTHCHECK asks every
 	// 10 s) answer the same, and the log says it once while it lasts.
 	for range 3 {
-		if ok, detail := tp.health.probe(t.Context()); ok || !strings.Contains(detail, "CELLS_UPSTREAM=https://") {
+		if ok, detail, _ := tp.health.probe(t.Context()); ok || !strings.Contains(detail, "CELLS_UPSTREAM=https://") {
 			t.Errorf("probe = %v %q, want false naming CELLS_UPSTREAM=https://", ok, detail)
 		}
 	}
@@ -459,7 +459,7 @@ func TestUpstreamSchemeMismatchAgain(t *testing.T) {
 	const warning = "cells speaks TLS where CELLS_UPSTREAM says http"
 	for i, tls := range []bool{true, true, false, true, true} {
 		keepsTLS.Store(tls)
-		if ok, detail := tp.health.probe(t.Context()); ok == tls {
+		if ok, detail, _ := tp.health.probe(t.Context()); ok == tls {
 			t.Errorf("probe %d = %v %q, want %v", i, ok, detail, !tls)
 		}
 	}
@@ -856,42 +856,10 @@ func TestUpstreamSpeaksClear(t *testing.T) {
 func TestUpstreamLoop(t *testing.T) {
 	for _, tlsOn := range []bool{true, false} {
 		t.Run("tls="+strconv.FormatBool(tlsOn), func(t *testing.T) {
-			relay, err := net.Listen("tcp", "127.0.0.1:0")
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer relay.Close()
-			var target atomic.Value // the proxy's public address
-			var accepted atomic.Int64
-			go func() {
-				for {
-					c, err := relay.Accept()
-					if err != nil {
-						return
-					}
-					accepted.Add(1)
-					go func() {
-						defer c.Close()
-						p, err := net.Dial("tcp", target.Load().(string))
-						if err != nil {
-							return
-						}
-						defer p.Close()
-						go io.Copy(p, c)
-						io.Copy(c, p)
-					}()
-				}
-			}()
-			cfg := testConfig(nil)
-			cfg.TLS = tlsOn
-			cfg.Upstream = &url.URL{Scheme: "http", Host: relay.Addr().String()}
-			if tlsOn {
-				cfg.Upstream.Scheme = "https"
-				cfg.UpstreamInsecure = true // the proxy's own self-signed certificate
-			}
-			cfg.ServerNames = []string{"files.example.com"}
-			tp := startProxy(t, cfg)
-			target.Store(tp.Addr().String())
+			relay := newLoopRelay(t)
+			accepted := &relay.accepted
+			tp := startProxy(t, relay.config(tlsOn))
+			relay.target.Store(tp.Addr().String())
 
 			res, err := http.Get("http://" + tp.HealthAddr().String() + "/readyz")
 			if err != nil {
@@ -903,7 +871,7 @@ func TestUpstreamLoop(t *testing.T) {
 				t.Errorf("/readyz = %d %q, want 503 saying CELLS_UPSTREAM leads back to cells-proxy", res.StatusCode, b)
 			}
 			for range 3 {
-				if ok, detail := tp.health.probe(t.Context()); ok || !strings.Contains(detail, "leads back") {
+				if ok, detail, _ := tp.health.probe(t.Context()); ok || !strings.Contains(detail, "leads back") {
 					t.Errorf("probe = %v %q", ok, detail)
 				}
 			}
@@ -930,6 +898,58 @@ func TestUpstreamLoop(t *testing.T) {
 			}
 		})
 	}
+}
+
+// loopRelay stands for the host's port mapping that takes CELLS_UPSTREAM
+// set to the public URL back to the proxy: a TCP relay to target.
+type loopRelay struct {
+	ln       net.Listener
+	target   atomic.Value // the proxy's public address, set once it listens
+	accepted atomic.Int64 // connections taken
+}
+
+func newLoopRelay(t *testing.T) *loopRelay {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := &loopRelay{ln: ln}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			r.accepted.Add(1)
+			go func() {
+				defer c.Close()
+				p, err := net.Dial("tcp", r.target.Load().(string))
+				if err != nil {
+					return
+				}
+				defer p.Close()
+				go io.Copy(p, c)
+				io.Copy(c, p)
+			}()
+		}
+	}()
+	return r
+}
+
+// config is a proxy configuration whose CELLS_UPSTREAM is the relay, with
+// the public port in TLS or not.
+func (r *loopRelay) config(tlsOn bool) *Config {
+	cfg := testConfig(nil)
+	cfg.TLS = tlsOn
+	cfg.Upstream = &url.URL{Scheme: "http", Host: r.ln.Addr().String()}
+	if tlsOn {
+		cfg.Upstream.Scheme = "https"
+		cfg.UpstreamInsecure = true // the proxy's own self-signed certificate
+	}
+	cfg.ServerNames = []string{"files.example.com"}
+	return cfg
 }
 
 // TestInsecureWarning: CELLS_UPSTREAM_INSECURE=true warns that the

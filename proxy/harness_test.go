@@ -150,18 +150,21 @@ type testProxy struct {
 
 // startProxy runs a Server for cfg until the test ends (or tp.Shutdown),
 // logging as text at debug level into tp.Log.
-func startProxy(t testing.TB, cfg *Config) *testProxy {
+func startProxy(t testing.TB, cfg *Config, setup ...func(*Server)) *testProxy {
 	t.Helper()
 	logBuf := &syncBuffer{}
 	log := slog.New(slog.NewTextHandler(logBuf, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	tp := startProxyLog(t, cfg, log, logBuf.String)
+	tp := startProxyLog(t, cfg, log, logBuf.String, setup...)
 	tp.Log = logBuf
 	return tp
 }
 
 // startProxyLog is startProxy with the caller's logger; logText gives what
-// it wrote, shown when the test fails.
-func startProxyLog(t testing.TB, cfg *Config, log *slog.Logger, logText func() string) *testProxy {
+// it wrote, shown when the test fails. The proxy does not probe Cells from
+// the start (watchStart), which would put a request at some moment among
+// those a test counts, unless setup, which runs between Listen and Run,
+// asks for it.
+func startProxyLog(t testing.TB, cfg *Config, log *slog.Logger, logText func() string, setup ...func(*Server)) *testProxy {
 	t.Helper()
 	s, err := New(cfg, log)
 	if err != nil {
@@ -169,6 +172,10 @@ func startProxyLog(t testing.TB, cfg *Config, log *slog.Logger, logText func() s
 	}
 	if err := s.Listen(); err != nil {
 		t.Fatalf("Listen: %v", err)
+	}
+	s.watchEvery = 0
+	for _, f := range setup {
+		f(s)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	tp := &testProxy{Server: s, Log: &syncBuffer{}, stop: cancel, stopped: make(chan error, 1)}

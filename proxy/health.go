@@ -29,6 +29,7 @@ type health struct {
 	ok       bool
 	detail   string
 	inflight chan struct{} // closed when the probe running ends; nil if none runs
+	answered bool          // the last probe had Cells' own answer (probe)
 
 	// warned is the misconfiguration last logged (warnTLS, warnLoop), until
 	// a probe sees otherwise: each is logged once while it lasts. Probes
@@ -111,9 +112,9 @@ func (h *health) ready(ctx context.Context) (bool, string) {
 		h.inflight = done
 		go func() {
 			// The client's Timeout bounds it; the stop ends it.
-			ok, detail := h.probe(h.s.baseCtx)
+			ok, detail, answered := h.probe(h.s.baseCtx)
 			h.mu.Lock()
-			h.ok, h.detail, h.checked, h.inflight = ok, detail, time.Now(), nil
+			h.ok, h.detail, h.answered, h.checked, h.inflight = ok, detail, answered, time.Now(), nil
 			h.mu.Unlock()
 			close(done)
 		}()
@@ -129,12 +130,14 @@ func (h *health) ready(ctx context.Context) (bool, string) {
 	return h.ok, h.detail
 }
 
-// probe asks Cells for its front page, as a browser would.
-func (h *health) probe(ctx context.Context) (bool, string) {
+// probe asks Cells for its front page, as a browser would; answered: Cells
+// itself answered, neither starting nor failing (a 5xx), or with the 400
+// of its TLS port to a request in clear.
+func (h *health) probe(ctx context.Context) (ok bool, detail string, answered bool) {
 	up := h.s.cfg.Upstream
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, up.String()+"/", nil)
 	if err != nil {
-		return false, err.Error()
+		return false, err.Error(), false
 	}
 	if names := h.s.cfg.ServerNames; len(names) > 0 {
 		req.Host = bracketIPv6(names[0])
@@ -146,9 +149,9 @@ func (h *health) probe(ctx context.Context) (bool, string) {
 		// A setting the likely cause: the fix that the request log
 		// gives, not Go's error alone.
 		if _, _, fix := h.s.fwd.classify(req, err); fix != "" {
-			return false, "cells unreachable: " + fix
+			return false, "cells unreachable: " + fix, false
 		}
-		return false, "cells unreachable: " + err.Error()
+		return false, "cells unreachable: " + err.Error(), false
 	}
 	// Cells keeps TLS (its default) where CELLS_UPSTREAM says http: every
 	// client would get this 400 from it.
@@ -158,6 +161,7 @@ func (h *health) probe(ctx context.Context) (bool, string) {
 	loc := res.Header.Get("Location")
 	starting := res.StatusCode >= 300 && res.StatusCode < 400 && strings.Contains(loc, "starting")
 	answers := !starting && !tlsPort && !loop && res.StatusCode < 500
+	answered = answers || tlsPort
 	// Each misconfiguration is logged once while it lasts, not at every
 	// probe (every 10 s with the image's HEALTHCHECK): /readyz repeats it
 	// to whoever asks.
@@ -175,19 +179,19 @@ func (h *health) probe(ctx context.Context) (bool, string) {
 	h.s.fwd.looping.Store(loop)
 	switch {
 	case starting:
-		return false, "cells is starting"
+		return false, "cells is starting", answered
 	case tlsPort:
 		if first {
 			h.s.log.Warn("cells speaks TLS where CELLS_UPSTREAM says http, and clients get its 400: set CELLS_UPSTREAM=https://, with CELLS_UPSTREAM_CA_FILE, or run Cells with CELLS_SITE_NO_TLS=1", "upstream", up.Host)
 		}
-		return false, "cells speaks TLS on " + up.Host + ": set CELLS_UPSTREAM=https://" + up.Host + " (and CELLS_UPSTREAM_CA_FILE), or run Cells with CELLS_SITE_NO_TLS=1"
+		return false, "cells speaks TLS on " + up.Host + ": set CELLS_UPSTREAM=https://" + up.Host + " (and CELLS_UPSTREAM_CA_FILE), or run Cells with CELLS_SITE_NO_TLS=1", answered
 	case loop:
 		if first {
 			h.s.log.Error("CELLS_UPSTREAM leads back to cells-proxy itself: requests are refused with 508 until it is set to Cells' own address, such as https://cells:8080, not the public URL", "upstream", up.Host)
 		}
-		return false, "CELLS_UPSTREAM=" + up.String() + " leads back to cells-proxy itself: set it to Cells' own address, such as https://cells:8080"
+		return false, "CELLS_UPSTREAM=" + up.String() + " leads back to cells-proxy itself: set it to Cells' own address, such as https://cells:8080", answered
 	case res.StatusCode >= 500:
-		return false, fmt.Sprintf("cells answers %d", res.StatusCode)
+		return false, fmt.Sprintf("cells answers %d", res.StatusCode), answered
 	case warn == warnGRPC:
 		// Ready all the same: browsers and cec work; only Cells Sync
 		// cannot connect.
@@ -196,9 +200,40 @@ func (h *health) probe(ctx context.Context) (bool, string) {
 		if first {
 			h.s.log.Warn("Cells answers on CELLS_UPSTREAM but refuses connections on its gRPC port, and Cells Sync cannot connect: start Cells with CELLS_GRPC_EXTERNAL="+port+", or set CELLS_GRPC_UPSTREAM to the port it serves gRPC on", "grpc_upstream", addr)
 		}
-		return true, fmt.Sprintf("ok: cells answers %d; but its gRPC port %s refuses connections: Cells Sync cannot connect", res.StatusCode, addr)
+		return true, fmt.Sprintf("ok: cells answers %d; but its gRPC port %s refuses connections: Cells Sync cannot connect", res.StatusCode, addr), answered
 	}
-	return true, fmt.Sprintf("ok: cells answers %d", res.StatusCode)
+	return true, fmt.Sprintf("ok: cells answers %d", res.StatusCode), answered
+}
+
+// startProbeEvery spaces watchStart's probes while Cells does not answer.
+const startProbeEvery = 5 * time.Second
+
+// watchStart probes Cells from the start until it answers, as the image's
+// HEALTHCHECK does every 10 s: a proxy run without one (systemd, a compose
+// file without a healthcheck) learns at once what only /readyz would tell,
+// and logs it: CELLS_UPSTREAM leading back to the proxy (which arms the
+// loop guard before a request goes round), TLS where it says http, Cells
+// Sync's port refused. Once Cells has answered, a line says so and the
+// probes stop: /readyz probes on demand as before. Unreachable, starting
+// or failing, Cells is asked again, without a log line.
+func (h *health) watchStart(ctx context.Context, every time.Duration) {
+	for {
+		ok, detail := h.ready(ctx)
+		h.mu.Lock()
+		answered := h.answered
+		h.mu.Unlock()
+		if answered {
+			if ok {
+				h.s.log.Info("cells answers", "upstream", h.s.cfg.Upstream.Host, "detail", detail)
+			}
+			return
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(every):
+		}
+	}
 }
 
 // grpcRefused reports whether Cells' gRPC port, when it is not CELLS_UPSTREAM's

@@ -9,8 +9,11 @@ import (
 	"net/url"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/cells-proxy/cells-proxy/internal/testport"
 )
 
 // TestReadyzCallerGone: healthchecks that arrive together share one probe
@@ -152,7 +155,7 @@ func TestReadyzGRPCPortRefused(t *testing.T) {
 			cfg.GRPCUpstream = &url.URL{Scheme: "h2c", Host: tc.grpc}
 			tp := startProxy(t, cfg)
 			for range 3 {
-				ok, detail := tp.health.probe(t.Context())
+				ok, detail, _ := tp.health.probe(t.Context())
 				if !ok || strings.Contains(detail, "Cells Sync cannot connect") != tc.warned {
 					t.Errorf("probe = %v %q, want ready, naming the gRPC port: %v", ok, detail, tc.warned)
 				}
@@ -169,4 +172,87 @@ func TestReadyzGRPCPortRefused(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestWatchStart: with nobody asking /readyz (no HEALTHCHECK: systemd, a
+// compose file without one), the proxy probes Cells from the start until
+// Cells answers, and logs what /readyz would have said: a line once Cells
+// answers, after which it stops; TLS where CELLS_UPSTREAM says http; a
+// CELLS_UPSTREAM that leads back to the proxy, whose first client then gets
+// 508 instead of going round. While Cells is down it asks again, silently.
+func TestWatchStart(t *testing.T) {
+	const every = 20 * time.Millisecond
+	watch := func(s *Server) { s.watchEvery = every }
+	logged := func(t *testing.T, tp *testProxy, line string) {
+		t.Helper()
+		for deadline := time.Now().Add(10 * time.Second); !strings.Contains(tp.Log.String(), line); time.Sleep(5 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("never logged %q:\n%s", line, tp.Log)
+			}
+		}
+	}
+	var probes atomic.Int32
+	ok := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("User-Agent") == "cells-proxy-healthcheck" {
+			probes.Add(1)
+		}
+		io.WriteString(w, "ok")
+	})
+
+	t.Run("cells answers", func(t *testing.T) {
+		probes.Store(0)
+		tp := startProxy(t, testConfig(newUpstream(t, upTLS, ok)), watch)
+		logged(t, tp, `msg="cells answers"`)
+		// Past the probe's cache and ten more intervals: a watch that
+		// went on would have probed again.
+		time.Sleep(readyCache + 10*every)
+		if n := probes.Load(); n != 1 {
+			t.Errorf("Cells got %d probes, want 1: the watch stops once Cells answers", n)
+		}
+	})
+
+	t.Run("cells down, then up", func(t *testing.T) {
+		probes.Store(0)
+		addr := testport.Reserve(t)
+		cfg := testConfig(nil)
+		cfg.Upstream = &url.URL{Scheme: "http", Host: addr}
+		tp := startProxy(t, cfg, watch)
+		logged(t, tp, `health="/livez /readyz"`) // the last line of the start
+		before := tp.Log.String()
+		time.Sleep(5 * every)
+		if l := tp.Log.String(); l != before {
+			t.Errorf("Cells down at the start was logged:\n%s", strings.TrimPrefix(l, before))
+		}
+		serveAt(t, addr, ok)
+		logged(t, tp, `msg="cells answers"`)
+	})
+
+	t.Run("tls where http", func(t *testing.T) {
+		up := newUpstream(t, upTLS, ok)
+		cfg := testConfig(up)
+		cfg.Upstream = &url.URL{Scheme: "http", Host: cfg.Upstream.Host}
+		tp := startProxy(t, cfg, watch)
+		logged(t, tp, "cells speaks TLS where CELLS_UPSTREAM says http")
+		time.Sleep(5 * every)
+		if n := strings.Count(tp.Log.String(), "cells speaks TLS"); n != 1 || strings.Contains(tp.Log.String(), "cells answers") {
+			t.Errorf("want the warning once and no \"cells answers\", got %d warnings:\n%s", n, tp.Log)
+		}
+	})
+
+	t.Run("loop", func(t *testing.T) {
+		relay := newLoopRelay(t)
+		tp := startProxy(t, relay.config(true), func(s *Server) {
+			relay.target.Store(s.Addr().String())
+			watch(s)
+		})
+		logged(t, tp, "CELLS_UPSTREAM leads back to cells-proxy itself")
+		res, err := tp.H1.Get(tp.URL + "/a/frontend/state")
+		if err != nil {
+			t.Fatal(err)
+		}
+		res.Body.Close()
+		if res.StatusCode != http.StatusLoopDetected {
+			t.Errorf("the first request = %d, want 508 with no /readyz ever asked", res.StatusCode)
+		}
+	})
 }

@@ -50,6 +50,9 @@ type Server struct {
 	// handshake bounds a new connection's TLS handshake and first bytes
 	// (handshakeTimeout).
 	handshake time.Duration
+	// watchEvery spaces the probes of Cells from the start until it
+	// answers (health.watchStart); 0: none (tests that count requests).
+	watchEvery time.Duration
 }
 
 // grpcDrainGrace is how long gRPC calls may still run once the drain has
@@ -70,7 +73,7 @@ func New(cfg *Config, log *slog.Logger) (*Server, error) {
 	if err != nil {
 		files = append(files, err)
 	}
-	s := &Server{cfg: cfg, log: log, fwd: fwd, grpcGrace: grpcDrainGrace, handshake: handshakeTimeout}
+	s := &Server{cfg: cfg, log: log, fwd: fwd, grpcGrace: grpcDrainGrace, handshake: handshakeTimeout, watchEvery: startProbeEvery}
 	s.baseCtx, s.cancelBase = context.WithCancelCause(context.Background())
 	s.cut, s.cutDrain = context.WithCancel(context.Background())
 	if cfg.TLS || cfg.GRPCAddr != "" {
@@ -545,6 +548,10 @@ func (s *Server) Run(ctx context.Context) error {
 	defer stopWatch()
 	if s.certFiles != nil {
 		sv.wg.Go(func() { s.certFiles.watch(watchCtx) })
+	}
+	// What /readyz would say of Cells is logged from the start.
+	if s.watchEvery > 0 {
+		sv.wg.Go(func() { s.health.watchStart(watchCtx, s.watchEvery) })
 	}
 
 	var runErr error
