@@ -31,9 +31,10 @@ type health struct {
 	inflight chan struct{} // closed when the probe running ends; nil if none runs
 	answered bool          // the last probe had Cells' own answer (probe)
 
-	// warned is the misconfiguration last logged (warnTLS, warnLoop), until
-	// a probe sees otherwise: each is logged once while it lasts. Probes
-	// run one at a time (inflight), so only the one running touches it.
+	// warned is the misconfiguration last logged (warnTLS, warnLoop,
+	// warnGRPC, or a fix of classify's), until a probe sees otherwise: each
+	// is logged once while it lasts. Probes run one at a time (inflight),
+	// so only the one running touches it.
 	warned string
 }
 
@@ -149,6 +150,13 @@ func (h *health) probe(ctx context.Context) (ok bool, detail string, answered bo
 		// A setting the likely cause: the fix that the request log
 		// gives, not Go's error alone.
 		if _, _, fix := h.s.fwd.classify(req, err); fix != "" {
+			// A setting, not Cells being down: logged once while it
+			// lasts, as the misconfigurations below, so that the start
+			// (watchStart) says it before a client meets it.
+			if h.warned != fix {
+				h.s.log.Warn("cells unreachable: "+fix, "upstream", up.Host)
+			}
+			h.warned = fix
 			return false, "cells unreachable: " + fix, false
 		}
 		return false, "cells unreachable: " + err.Error(), false

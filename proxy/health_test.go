@@ -191,17 +191,20 @@ func TestWatchStart(t *testing.T) {
 			}
 		}
 	}
-	var probes atomic.Int32
-	ok := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.Header.Get("User-Agent") == "cells-proxy-healthcheck" {
-			probes.Add(1)
-		}
-		io.WriteString(w, "ok")
-	})
+	// ok is a Cells that counts the probes it answers.
+	ok := func(probes *atomic.Int32) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.Header.Get("User-Agent") == "cells-proxy-healthcheck" {
+				probes.Add(1)
+			}
+			io.WriteString(w, "ok")
+		})
+	}
 
 	t.Run("cells answers", func(t *testing.T) {
-		probes.Store(0)
-		tp := startProxy(t, testConfig(newUpstream(t, upTLS, ok)), watch)
+		t.Parallel()
+		var probes atomic.Int32
+		tp := startProxy(t, testConfig(newUpstream(t, upTLS, ok(&probes))), watch)
 		logged(t, tp, `msg="cells answers"`)
 		// Past the probe's cache and ten more intervals: a watch that
 		// went on would have probed again.
@@ -212,7 +215,7 @@ func TestWatchStart(t *testing.T) {
 	})
 
 	t.Run("cells down, then up", func(t *testing.T) {
-		probes.Store(0)
+		t.Parallel()
 		addr := testport.Reserve(t)
 		cfg := testConfig(nil)
 		cfg.Upstream = &url.URL{Scheme: "http", Host: addr}
@@ -223,12 +226,13 @@ func TestWatchStart(t *testing.T) {
 		if l := tp.Log.String(); l != before {
 			t.Errorf("Cells down at the start was logged:\n%s", strings.TrimPrefix(l, before))
 		}
-		serveAt(t, addr, ok)
+		serveAt(t, addr, ok(new(atomic.Int32)))
 		logged(t, tp, `msg="cells answers"`)
 	})
 
 	t.Run("tls where http", func(t *testing.T) {
-		up := newUpstream(t, upTLS, ok)
+		t.Parallel()
+		up := newUpstream(t, upTLS, ok(new(atomic.Int32)))
 		cfg := testConfig(up)
 		cfg.Upstream = &url.URL{Scheme: "http", Host: cfg.Upstream.Host}
 		tp := startProxy(t, cfg, watch)
@@ -239,7 +243,22 @@ func TestWatchStart(t *testing.T) {
 		}
 	})
 
+	t.Run("certificate not trusted", func(t *testing.T) {
+		t.Parallel()
+		cfg := testConfig(newUpstream(t, upTLS, ok(new(atomic.Int32))))
+		cfg.UpstreamCAFile = "" // the system's roots, which do not hold Cells' CA
+		tp := startProxy(t, cfg, watch)
+		const warning = "cells unreachable: upstream certificate not trusted: set CELLS_UPSTREAM_CA_FILE"
+		logged(t, tp, warning)
+		// Past the probe's cache: probed again, and not logged again.
+		time.Sleep(readyCache + 5*every)
+		if n := strings.Count(tp.Log.String(), warning); n != 1 {
+			t.Errorf("logged %d times, want once while it lasts:\n%s", n, tp.Log)
+		}
+	})
+
 	t.Run("loop", func(t *testing.T) {
+		t.Parallel()
 		relay := newLoopRelay(t)
 		tp := startProxy(t, relay.config(true), func(s *Server) {
 			relay.target.Store(s.Addr().String())
