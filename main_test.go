@@ -591,6 +591,8 @@ func TestSecondSignal(t *testing.T) {
 				}
 			}
 			waitLog("listening")
+			// Cells is probed from the start, health listener or not.
+			waitLog("cells answers")
 
 			tr := &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}
 			defer tr.CloseIdleConnections()
