@@ -51,6 +51,9 @@ type exchange struct {
 	// the rapid-reset guard, which must not let such answers buy resets
 	// (found by review: one CONNECT bought two resets, without end).
 	refused bool
+	// probe: the proxy's own readiness probe come back (CELLS_UPSTREAM
+	// leads to the proxy): no access line, the probe's ERROR says it.
+	probe bool
 	// grpc: the call's stream from Cells, once it answered (the drain's
 	// gRPC cut leaves a call whose answer from Cells is complete).
 	grpc atomic.Pointer[grpcStream]

@@ -696,7 +696,7 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool)
 		// The readiness probe came back: nothing to forward (probeHeader
 		// says why). Before the Host check: the probe's Host need not
 		// be one of PROXY_SERVER_NAMES.
-		ex.refused = true
+		ex.refused, ex.probe = true, true
 		ex.Header().Set(probeHeader, f.probeToken)
 		http.Error(ex, "cells-proxy: CELLS_UPSTREAM leads back to cells-proxy", http.StatusLoopDetected)
 		return
@@ -800,7 +800,7 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool)
 // HTTP/2 rapid-reset bookkeeping.
 func (f *forwarder) finish(ex *exchange, r *http.Request) {
 	ex.stop()
-	if f.cfg.AccessLog {
+	if f.cfg.AccessLog && !ex.probe {
 		ex.logAccess(f.log)
 	}
 	f.live.Add(-1)
@@ -957,7 +957,6 @@ func isDigits(s string) bool {
 	return true
 }
 
-// hostAllowed applies PROXY_SERVER_NAMES to a Host or :authority value.
 // probeMark is r's probeHeader values. The readiness probe asks for "/":
 // other requests do not pay the header lookup.
 func probeMark(r *http.Request) []string {
@@ -990,6 +989,7 @@ func (f *forwarder) checkRedirectPort(hostport string) {
 		"host", hostport, "redirect_port", f.cfg.RedirectPort)
 }
 
+// hostAllowed applies PROXY_SERVER_NAMES to a Host or :authority value.
 func (f *forwarder) hostAllowed(hostport string) bool {
 	if len(f.cfg.ServerNames) == 0 {
 		return true

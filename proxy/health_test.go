@@ -261,21 +261,38 @@ func TestWatchStart(t *testing.T) {
 		}
 	})
 
-	t.Run("loop", func(t *testing.T) {
-		t.Parallel()
-		relay := newLoopRelay(t)
-		tp := startProxy(t, relay.config(true), func(s *Server) {
-			relay.target.Store(s.Addr().String())
-			watch(s)
+	// The loop, through the public port (CELLS_UPSTREAM the public https
+	// URL) or through the redirect port (the public http:// URL, whose
+	// 301 or 404 the probe took for Cells' answer). The probe's own
+	// requests get no access line: the ERROR says it once, where an access
+	// line would come every probe.
+	for _, port := range []string{"public", "redirect"} {
+		t.Run("loop through the "+port+" port", func(t *testing.T) {
+			t.Parallel()
+			relay := newLoopRelay(t)
+			cfg := relay.config(port == "public")
+			cfg.TLS, cfg.AccessLog = true, true
+			tp := startProxy(t, cfg, func(s *Server) {
+				to := s.Addr()
+				if port == "redirect" {
+					to = s.RedirectAddr()
+				}
+				relay.target.Store(to.String())
+				watch(s)
+			})
+			logged(t, tp, "CELLS_UPSTREAM leads back to cells-proxy itself")
+			res, err := tp.H1.Get(tp.URL + "/a/frontend/state")
+			if err != nil {
+				t.Fatal(err)
+			}
+			res.Body.Close()
+			if res.StatusCode != http.StatusLoopDetected {
+				t.Errorf("the first request = %d, want 508 with no /readyz ever asked", res.StatusCode)
+			}
+			logged(t, tp, "path=/a/frontend/state")
+			if n := strings.Count(tp.Log.String(), "msg=request"); n != 1 {
+				t.Errorf("%d access lines, want the client's alone:\n%s", n, tp.Log)
+			}
 		})
-		logged(t, tp, "CELLS_UPSTREAM leads back to cells-proxy itself")
-		res, err := tp.H1.Get(tp.URL + "/a/frontend/state")
-		if err != nil {
-			t.Fatal(err)
-		}
-		res.Body.Close()
-		if res.StatusCode != http.StatusLoopDetected {
-			t.Errorf("the first request = %d, want 508 with no /readyz ever asked", res.StatusCode)
-		}
-	})
+	}
 }

@@ -14,6 +14,15 @@ import (
 func (s *Server) redirect(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
 	cw := &countingWriter{ResponseWriter: w}
+	if v := probeMark(r); len(v) == 1 && v[0] == s.fwd.probeToken {
+		// The readiness probe: CELLS_UPSTREAM is the public http://
+		// URL, which leads here. Answered as the public port answers
+		// it (probeHeader), so that the probe says so rather than
+		// taking the redirect for Cells' answer.
+		w.Header().Set(probeHeader, s.fwd.probeToken)
+		http.Error(w, "cells-proxy: CELLS_UPSTREAM leads back to cells-proxy", http.StatusLoopDetected)
+		return
+	}
 	status := s.redirectTo(cw, r)
 	if r.Method == http.MethodHead {
 		cw.n = 0 // net/http discards a HEAD response's body
