@@ -698,7 +698,7 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool)
 		// be one of PROXY_SERVER_NAMES.
 		ex.refused, ex.probe = true, true
 		ex.Header().Set(probeHeader, f.probeToken)
-		http.Error(ex, "cells-proxy: CELLS_UPSTREAM leads back to cells-proxy", http.StatusLoopDetected)
+		http.Error(ex, loopAnswer, http.StatusLoopDetected)
 		return
 	}
 	if f.looping.Load() {
@@ -706,10 +706,10 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool)
 		// until the descriptors run out: answer at once.
 		ex.refused = true
 		if ex.kind == "grpc" {
-			writeGRPCStatus(ex, grpcCode(http.StatusBadGateway), "cells-proxy: CELLS_UPSTREAM leads back to cells-proxy")
+			writeGRPCStatus(ex, grpcCode(http.StatusBadGateway), loopAnswer)
 			return
 		}
-		http.Error(ex, "cells-proxy: CELLS_UPSTREAM leads back to cells-proxy", http.StatusLoopDetected)
+		http.Error(ex, loopAnswer, http.StatusLoopDetected)
 		return
 	}
 	if !f.hostAllowed(r.Host) {

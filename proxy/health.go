@@ -53,6 +53,10 @@ const (
 // it round again until the descriptors run out.
 const probeHeader = "X-Cells-Proxy-Probe"
 
+// loopAnswer is the 508's text, to the probe come back and, while the probe
+// sees the loop, to every request.
+const loopAnswer = "cells-proxy: CELLS_UPSTREAM leads back to cells-proxy"
+
 // readyCache bounds how often a busy healthcheck reaches Cells.
 const readyCache = 2 * time.Second
 

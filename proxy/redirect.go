@@ -20,7 +20,7 @@ func (s *Server) redirect(w http.ResponseWriter, r *http.Request) {
 		// it (probeHeader), so that the probe says so rather than
 		// taking the redirect for Cells' answer.
 		w.Header().Set(probeHeader, s.fwd.probeToken)
-		http.Error(w, "cells-proxy: CELLS_UPSTREAM leads back to cells-proxy", http.StatusLoopDetected)
+		http.Error(w, loopAnswer, http.StatusLoopDetected)
 		return
 	}
 	status := s.redirectTo(cw, r)
