@@ -250,7 +250,7 @@ func (c *certFiles) checkName(name string, cert *tls.Certificate) {
 	if c.nameWarned.Swap(cert) == cert {
 		return
 	}
-	c.log.Warn("clients ask for a name that TLS_CERT_FILE's certificate does not cover: they will refuse it; serve a certificate for that name (logged once for each certificate)",
+	c.log.Warn("clients ask for a name that TLS_CERT_FILE's certificate does not cover: they will refuse it; if users reach the proxy by that name, serve a certificate for it (logged once for each certificate, for the first such name)",
 		"server_name", name, "file", c.certFile, "certificate_names", strings.Join(cert.Leaf.DNSNames, ","))
 }
 
