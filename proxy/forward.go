@@ -692,7 +692,7 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool)
 		http.Error(ex, "cells-proxy: "+msg, http.StatusBadRequest)
 		return
 	}
-	if v := probeMark(r); len(v) == 1 && v[0] == f.probeToken && ex.kind != "grpc" {
+	if f.probeCameBack(r) && ex.kind != "grpc" {
 		// The readiness probe came back: nothing to forward (probeHeader
 		// says why). Before the Host check: the probe's Host need not
 		// be one of PROXY_SERVER_NAMES.
@@ -957,13 +957,15 @@ func isDigits(s string) bool {
 	return true
 }
 
-// probeMark is r's probeHeader values. The readiness probe asks for "/":
-// other requests do not pay the header lookup.
-func probeMark(r *http.Request) []string {
+// probeCameBack reports whether r is this proxy's readiness probe, come
+// back to it: it carries the probe's mark (probeHeader). The probe asks
+// for "/": other requests do not pay the header lookup.
+func (f *forwarder) probeCameBack(r *http.Request) bool {
 	if r.RequestURI != "/" {
-		return nil
+		return false
 	}
-	return r.Header[probeHeader]
+	v := r.Header[probeHeader]
+	return len(v) == 1 && v[0] == f.probeToken
 }
 
 // checkRedirectPort compares the port named in the Host of a request on

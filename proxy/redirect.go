@@ -14,7 +14,7 @@ import (
 func (s *Server) redirect(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
 	cw := &countingWriter{ResponseWriter: w}
-	if v := probeMark(r); len(v) == 1 && v[0] == s.fwd.probeToken {
+	if s.fwd.probeCameBack(r) {
 		// The readiness probe: CELLS_UPSTREAM is the public http://
 		// URL, which leads here. Answered as the public port answers
 		// it (probeHeader), so that the probe says so rather than
