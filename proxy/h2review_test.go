@@ -1,0 +1,640 @@
+package proxy
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/url"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"golang.org/x/net/http2"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	testgrpc "google.golang.org/grpc/interop/grpc_testing"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+)
+
+// The gRPC upstream leg against what a Cells (grpc-go) server, or a broken
+// one, does to a connection while calls are on it, seen from a real grpc-go
+// client: a graceful stop, resets before the answer, an answer that ends
+// without trailers, a GOAWAY with an error code, a stream limit lowered
+// under open calls, HPACK table size changes both ways, empty DATA frames,
+// a dropped connection before the answer. These complete what
+// grpcupstream_test.go covers.
+
+// reviewService echoes, and counts its calls.
+type reviewService struct {
+	testgrpc.UnimplementedTestServiceServer
+	calls atomic.Int32
+}
+
+func (s *reviewService) UnaryCall(ctx context.Context, in *testgrpc.SimpleRequest) (*testgrpc.SimpleResponse, error) {
+	s.calls.Add(1)
+	return &testgrpc.SimpleResponse{Payload: in.GetPayload()}, nil
+}
+
+func (s *reviewService) FullDuplexCall(stream testgrpc.TestService_FullDuplexCallServer) error {
+	s.calls.Add(1)
+	for {
+		in, err := stream.Recv()
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		if err := stream.Send(&testgrpc.StreamingOutputCallResponse{Payload: in.GetPayload()}); err != nil {
+			return err
+		}
+	}
+}
+
+// reviewListener is the listener one grpc-go server serves: it takes the
+// connections a dispatcher hands it, and its Close (GracefulStop's) leaves
+// the real listener open for the next server.
+type reviewListener struct {
+	addr net.Addr
+	ch   chan net.Conn
+	done chan struct{}
+	once sync.Once
+}
+
+func newReviewListener(addr net.Addr) *reviewListener {
+	return &reviewListener{addr: addr, ch: make(chan net.Conn), done: make(chan struct{})}
+}
+
+func (l *reviewListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.ch:
+		return c, nil
+	case <-l.done:
+		return nil, net.ErrClosed
+	}
+}
+
+func (l *reviewListener) Close() error {
+	l.once.Do(func() { close(l.done) })
+	return nil
+}
+
+func (l *reviewListener) Addr() net.Addr { return l.addr }
+
+// TestH2ReviewGracefulStop: Cells (a real grpc-go server) stops gracefully
+// while a bidirectional stream is open through the proxy: grpc-go's two
+// GOAWAYs (the first with the largest stream ID, a PING, then the real last
+// stream ID). The open stream goes on to its end with status OK on the
+// draining connection; a call made meanwhile goes to the Cells that took
+// over, on a new connection, and does not fail; and the old connection
+// closes, so that GracefulStop returns.
+func TestH2ReviewGracefulStop(t *testing.T) {
+	t.Parallel()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	lnA, lnB := newReviewListener(ln.Addr()), newReviewListener(ln.Addr())
+	var current atomic.Pointer[reviewListener]
+	current.Store(lnA)
+	dispatched := make(chan struct{})
+	go func() {
+		defer close(dispatched)
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			l := current.Load()
+			select {
+			case l.ch <- c:
+			case <-l.done:
+				c.Close()
+			}
+		}
+	}()
+	svcA, svcB := &reviewService{}, &reviewService{}
+	gsA, gsB := grpc.NewServer(), grpc.NewServer()
+	testgrpc.RegisterTestServiceServer(gsA, svcA)
+	testgrpc.RegisterTestServiceServer(gsB, svcB)
+	var served sync.WaitGroup
+	served.Go(func() { gsA.Serve(lnA) })
+	served.Go(func() { gsB.Serve(lnB) })
+	t.Cleanup(func() {
+		gsA.Stop()
+		gsB.Stop()
+		served.Wait()
+		ln.Close()
+		<-dispatched
+	})
+
+	cfg := testConfig(newUpstream(t, upPlain, &recorder{}))
+	cfg.GRPCUpstream = &url.URL{Scheme: "h2c", Host: ln.Addr().String()}
+	tp := startProxy(t, cfg)
+	tc := testgrpc.NewTestServiceClient(dialProxy(t, tp, tp.Addr().String()))
+
+	ctx, cancel := context.WithTimeout(testCtx(t), 20*time.Second)
+	defer cancel()
+	stream, err := tc.FullDuplexCall(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	exchange := func(what string, seed uint64) {
+		t.Helper()
+		p := payload(64<<10, seed)
+		if err := stream.Send(&testgrpc.StreamingOutputCallRequest{Payload: p}); err != nil {
+			t.Fatalf("%s: Send: %v", what, err)
+		}
+		res, err := stream.Recv()
+		if err != nil {
+			t.Fatalf("%s: Recv: %v", what, err)
+		}
+		if !proto.Equal(res.GetPayload(), p) {
+			t.Fatalf("%s: the message came back different", what)
+		}
+	}
+	exchange("before the stop", 1)
+
+	current.Store(lnB)
+	stopped := make(chan struct{})
+	go func() {
+		gsA.GracefulStop()
+		close(stopped)
+	}()
+	waitNoneTakes(t, tp.fwd.grpcUp)
+
+	p := payload(1000, 2)
+	res, err := tc.UnaryCall(ctx, &testgrpc.SimpleRequest{Payload: p})
+	if err != nil {
+		t.Fatalf("a call made while Cells stops gracefully: %v", err)
+	}
+	if !proto.Equal(res.GetPayload(), p) {
+		t.Error("the call's answer differs from its request")
+	}
+	if got, want := svcB.calls.Load(), int32(1); got != want {
+		t.Errorf("the Cells that took over saw %d calls, want %d", got, want)
+	}
+
+	exchange("during the stop", 3)
+	if err := stream.CloseSend(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := stream.Recv(); err != io.EOF {
+		t.Errorf("the stream open during the stop ended with %v, want io.EOF (status OK)", err)
+	}
+	if got, want := svcA.calls.Load(), int32(1); got != want {
+		t.Errorf("the stopping Cells saw %d calls, want %d (the stream)", got, want)
+	}
+	select {
+	case <-stopped:
+	case <-time.After(10 * time.Second):
+		t.Error("GracefulStop did not return 10 s after the last stream ended: the proxy kept the drained connection open")
+	}
+}
+
+// streamMsg is a StreamingOutputCallResponse carrying s, framed.
+func streamMsg(s string) []byte {
+	b, err := proto.Marshal(&testgrpc.StreamingOutputCallResponse{Payload: &testgrpc.Payload{Body: []byte(s)}})
+	if err != nil {
+		panic(err)
+	}
+	return grpcMsg(b)
+}
+
+// TestH2ReviewAnswerWithoutTrailers: Cells ends a server stream with
+// END_STREAM on a DATA frame, without trailers (a crash between messages
+// in a server that flushes its stream's end, or a non-gRPC server). The
+// client gets every message, then an error status: never io.EOF, which
+// would tell it the stream was complete.
+func TestH2ReviewAnswerWithoutTrailers(t *testing.T) {
+	t.Parallel()
+	p := newH2Peer(t, h2PeerConfig{}, func(s *h2Stream) {
+		if _, err := s.readBody(); err != nil {
+			return
+		}
+		if s.writeHeaders(false, 1, ":status", "200", "content-type", "application/grpc") != nil {
+			return
+		}
+		s.writeData(append(streamMsg("one"), streamMsg("two")...), true)
+	})
+	tp := startPeerProxy(t, p)
+	tc := testgrpc.NewTestServiceClient(dialProxy(t, tp, tp.Addr().String()))
+	ctx, cancel := context.WithTimeout(testCtx(t), 20*time.Second)
+	defer cancel()
+	stream, err := tc.StreamingOutputCall(ctx, &testgrpc.StreamingOutputCallRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"one", "two"} {
+		res, err := stream.Recv()
+		if err != nil {
+			t.Fatalf("Recv: %v", err)
+		}
+		if got := string(res.GetPayload().GetBody()); got != want {
+			t.Errorf("message = %q, want %q", got, want)
+		}
+	}
+	_, err = stream.Recv()
+	if err == io.EOF || status.Code(err) == codes.OK {
+		t.Fatalf("Recv after an answer without trailers = %v, want an error status", err)
+	}
+	t.Logf("status: %v", err)
+}
+
+// TestH2ReviewResetBeforeAnswer: Cells resets a unary call before its
+// response header, with each error code. The client gets an error status at
+// once, not a hang; only REFUSED_STREAM (the call was not processed, RFC
+// 9113 §8.7) is sent again, as Cells may have acted on the others; and
+// the connection serves the next call.
+func TestH2ReviewResetBeforeAnswer(t *testing.T) {
+	t.Parallel()
+	codesSent := []http2.ErrCode{
+		http2.ErrCodeNo, http2.ErrCodeProtocol, http2.ErrCodeInternal, http2.ErrCodeFlowControl,
+		http2.ErrCodeStreamClosed, http2.ErrCodeCancel, http2.ErrCodeEnhanceYourCalm,
+		http2.ErrCodeInadequateSecurity, http2.ErrCodeHTTP11Required, http2.ErrCode(0x77),
+	}
+	var mu sync.Mutex
+	seen := map[string]int{}
+	p := newH2Peer(t, h2PeerConfig{}, func(s *h2Stream) {
+		if _, err := s.readBody(); err != nil {
+			return
+		}
+		code := s.Get("x-reset")
+		mu.Lock()
+		seen[code]++
+		mu.Unlock()
+		if code == "" {
+			s.respond(grpcMsg(nil))
+			return
+		}
+		var c uint32
+		fmt.Sscan(code, &c)
+		s.reset(http2.ErrCode(c))
+	})
+	tp := startPeerProxy(t, p)
+	tc := testgrpc.NewTestServiceClient(dialProxy(t, tp, tp.Addr().String()))
+	for _, code := range codesSent {
+		t.Run(code.String(), func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(testCtx(t), 20*time.Second)
+			defer cancel()
+			_, err := tc.EmptyCall(metadata.AppendToOutgoingContext(ctx, "x-reset", fmt.Sprint(uint32(code))), &testgrpc.Empty{})
+			if status.Code(err) == codes.OK {
+				t.Fatalf("a call Cells reset (%v) succeeded", code)
+			}
+			mu.Lock()
+			n := seen[fmt.Sprint(uint32(code))]
+			mu.Unlock()
+			if n != 1 {
+				t.Errorf("Cells saw the call %d times, want once: a call reset with %v may have been processed", n, code)
+			}
+			if _, err := tc.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
+				t.Errorf("the call after the reset: %v", err)
+			}
+		})
+	}
+	if got, want := p.Accepted.Load(), int32(1); got != want {
+		t.Errorf("upstream accepted %d connections, want %d: a stream reset must not end the connection", got, want)
+	}
+}
+
+// TestH2ReviewGoAwayWithErrorCode: Cells sends GOAWAY with an error code
+// (ENHANCE_YOUR_CALM, as grpc-go's keepalive enforcement does) and the
+// stream being answered as its last stream ID, then finishes that answer.
+// The call completes with status OK (RFC 9113 §6.8: streams up to the last
+// ID may still complete, whatever the code); the next call goes to a new
+// connection.
+func TestH2ReviewGoAwayWithErrorCode(t *testing.T) {
+	t.Parallel()
+	p := newH2Peer(t, h2PeerConfig{}, func(s *h2Stream) {
+		if _, err := s.readBody(); err != nil {
+			return
+		}
+		if s.c.N > 1 {
+			s.respond(grpcMsg(nil))
+			return
+		}
+		if s.writeHeaders(false, 1, ":status", "200", "content-type", "application/grpc") != nil ||
+			s.writeData(streamMsg("before"), false) != nil ||
+			s.c.goAway(s.ID, http2.ErrCodeEnhanceYourCalm) != nil ||
+			s.writeData(streamMsg("after"), false) != nil ||
+			s.writeHeaders(true, 1, "grpc-status", "0") != nil {
+			return
+		}
+		s.c.close()
+	})
+	tp := startPeerProxy(t, p)
+	tc := testgrpc.NewTestServiceClient(dialProxy(t, tp, tp.Addr().String()))
+	ctx, cancel := context.WithTimeout(testCtx(t), 20*time.Second)
+	defer cancel()
+	stream, err := tc.StreamingOutputCall(ctx, &testgrpc.StreamingOutputCallRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"before", "after"} {
+		res, err := stream.Recv()
+		if err != nil {
+			t.Fatalf("Recv: %v", err)
+		}
+		if got := string(res.GetPayload().GetBody()); got != want {
+			t.Errorf("message = %q, want %q", got, want)
+		}
+	}
+	if _, err := stream.Recv(); err != io.EOF {
+		t.Errorf("end of the stream below the GOAWAY = %v, want io.EOF (status OK)", err)
+	}
+	waitNoneTakes(t, tp.fwd.grpcUp)
+	if _, err := tc.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
+		t.Errorf("the call after the GOAWAY: %v", err)
+	}
+	if got, want := p.Accepted.Load(), int32(2); got != want {
+		t.Errorf("upstream accepted %d connections, want %d", got, want)
+	}
+}
+
+// TestH2ReviewStreamLimitLowered: with three calls open on a connection,
+// Cells lowers SETTINGS_MAX_CONCURRENT_STREAMS to 1 (and enforces it:
+// streams past it are refused). Six more concurrent calls all succeed (on
+// another connection, or sent again after a refusal), and so do the three.
+func TestH2ReviewStreamLimitLowered(t *testing.T) {
+	t.Parallel()
+	held := make(chan *h2Stream, 3)
+	release := make(chan struct{})
+	p := newH2Peer(t, h2PeerConfig{}, func(s *h2Stream) {
+		body, err := s.readBody()
+		if err != nil {
+			return
+		}
+		if s.Get(":path") == "/pkg.Svc/Hold" {
+			held <- s
+			select {
+			case <-release:
+			case <-s.Done():
+				return
+			}
+		}
+		s.respond(body)
+	})
+	tp := startPeerProxy(t, p)
+
+	var wg sync.WaitGroup
+	heldResults := make([]grpcResult, 3)
+	heldBodies := make([][]byte, 3)
+	for i := range heldResults {
+		heldBodies[i] = grpcMsg(randomBytes(1000, byte(i)))
+		wg.Go(func() { heldResults[i] = callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Hold", heldBodies[i]) })
+	}
+	var c *h2PeerConn
+	for range heldResults {
+		c = recv(t, held, "a held call at the upstream").c
+	}
+	c.mu.Lock()
+	c.maxStreams = 1
+	c.mu.Unlock()
+	if err := c.write(func(fr *http2.Framer) error {
+		return fr.WriteSettings(http2.Setting{ID: http2.SettingMaxConcurrentStreams, Val: 1})
+	}); err != nil {
+		t.Fatal(err)
+	}
+
+	results := make([]grpcResult, 6)
+	bodies := make([][]byte, len(results))
+	var nwg sync.WaitGroup
+	for i := range results {
+		bodies[i] = grpcMsg(randomBytes(2000, byte(10+i)))
+		nwg.Go(func() { results[i] = callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Echo", bodies[i]) })
+	}
+	// The new calls must not wait for the held ones to end.
+	done := make(chan struct{})
+	go func() {
+		nwg.Wait()
+		close(done)
+	}()
+	recv(t, done, "the calls made after the limit was lowered")
+	close(release)
+	wg.Wait()
+	for i, r := range results {
+		checkOK(t, fmt.Sprintf("call %d after the limit was lowered", i), r, bodies[i])
+	}
+	for i, r := range heldResults {
+		checkOK(t, fmt.Sprintf("call %d open when the limit was lowered", i), r, heldBodies[i])
+	}
+}
+
+// TestH2ReviewHPACKTableSizes: Cells changes HPACK table sizes both ways
+// mid-connection: its SETTINGS_HEADER_TABLE_SIZE goes to 0 then back to
+// 4096 (the proxy's encoder must signal the smallest size), and its own
+// encoder shrinks its table to 0 then grows it back (size updates at the
+// start of its blocks, which the proxy's decoder must take). Every call on
+// the connection succeeds, with its headers and trailers intact.
+func TestH2ReviewHPACKTableSizes(t *testing.T) {
+	t.Parallel()
+	p := newH2Peer(t, h2PeerConfig{}, func(s *h2Stream) {
+		body, err := s.readBody()
+		if err != nil {
+			return
+		}
+		if got, want := s.Get("x-call"), s.Get(":path"); got != want {
+			s.writeHeaders(true, 1, ":status", "200", "content-type", "application/grpc",
+				"grpc-status", "13", "grpc-message", "x-call "+got+" on "+want)
+			return
+		}
+		if sz := s.Get("x-enc-table"); sz != "" {
+			var n uint32
+			fmt.Sscan(sz, &n)
+			s.c.wmu.Lock()
+			s.c.enc.SetMaxDynamicTableSize(n)
+			s.c.wmu.Unlock()
+		}
+		if s.writeHeaders(false, 1, ":status", "200", "content-type", "application/grpc", "x-answer", s.Get(":path")) != nil ||
+			s.writeData(body, false) != nil {
+			return
+		}
+		s.writeHeaders(true, 1, "grpc-status", "0", "x-trailer", s.Get(":path"))
+		if sz := s.Get("x-settings-table"); sz != "" {
+			var n uint32
+			fmt.Sscan(sz, &n)
+			s.c.write(func(fr *http2.Framer) error {
+				return fr.WriteSettings(http2.Setting{ID: http2.SettingHeaderTableSize, Val: n})
+			})
+		}
+	})
+	tp := startPeerProxy(t, p)
+	steps := []struct{ name, k, v string }{
+		{"first", "", ""},
+		{"settings-0", "x-settings-table", "0"},
+		{"after-settings-0", "", ""},
+		{"settings-4096", "x-settings-table", "4096"},
+		{"after-settings-4096", "", ""},
+		{"encoder-0", "x-enc-table", "0"},
+		{"after-encoder-0", "", ""},
+		{"encoder-4096", "x-enc-table", "4096"},
+		{"after-encoder-4096", "", ""},
+	}
+	for _, st := range steps {
+		path := "/pkg.Svc/" + st.name
+		want := grpcMsg([]byte(st.name))
+		kv := []string{"x-call", path}
+		if st.k != "" {
+			kv = append(kv, st.k, st.v)
+		}
+		r := callGRPC(testCtx(t), tp.H2, tp.URL+path, want, kv...)
+		checkOK(t, st.name, r, want)
+		if got := r.Header.Get("X-Answer"); got != path {
+			t.Errorf("%s: header x-answer = %q, want %q", st.name, got, path)
+		}
+		if got := r.Trailer.Get("X-Trailer"); got != path {
+			t.Errorf("%s: trailer x-trailer = %q, want %q", st.name, got, path)
+		}
+	}
+	if got, want := p.Accepted.Load(), int32(1); got != want {
+		t.Errorf("upstream accepted %d connections, want %d", got, want)
+	}
+}
+
+// TestH2ReviewEmptyDataFrames: Cells sends thousands of empty DATA frames
+// between and around its messages, and ends the stream with its trailers.
+// The message arrives intact, status OK.
+func TestH2ReviewEmptyDataFrames(t *testing.T) {
+	t.Parallel()
+	want := append(streamMsg("one"), streamMsg("two")...)
+	p := newH2Peer(t, h2PeerConfig{}, func(s *h2Stream) {
+		if _, err := s.readBody(); err != nil {
+			return
+		}
+		if s.writeHeaders(false, 1, ":status", "200", "content-type", "application/grpc") != nil {
+			return
+		}
+		empty := func() bool {
+			for range 3000 {
+				if s.dataFrame(nil, -1, false) != nil {
+					return false
+				}
+			}
+			return true
+		}
+		if !empty() || s.writeData(want[:7], false) != nil || !empty() ||
+			s.writeData(want[7:], false) != nil || !empty() {
+			return
+		}
+		s.writeHeaders(true, 1, "grpc-status", "0")
+	})
+	tp := startPeerProxy(t, p)
+	tc := testgrpc.NewTestServiceClient(dialProxy(t, tp, tp.Addr().String()))
+	ctx, cancel := context.WithTimeout(testCtx(t), 20*time.Second)
+	defer cancel()
+	stream, err := tc.StreamingOutputCall(ctx, &testgrpc.StreamingOutputCallRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, w := range []string{"one", "two"} {
+		res, err := stream.Recv()
+		if err != nil {
+			t.Fatalf("Recv: %v", err)
+		}
+		if got := string(res.GetPayload().GetBody()); got != w {
+			t.Errorf("message = %q, want %q", got, w)
+		}
+	}
+	if _, err := stream.Recv(); err != io.EOF {
+		t.Errorf("end of stream = %v, want io.EOF", err)
+	}
+}
+
+// TestH2ReviewDropBeforeAnswer: Cells' connection drops (TCP reset) after
+// it read a unary call and before it answered. The client gets
+// UNAVAILABLE, not a hang; the call is not sent again (Cells may have acted
+// on it); the next call succeeds on a new connection.
+func TestH2ReviewDropBeforeAnswer(t *testing.T) {
+	t.Parallel()
+	var seen atomic.Int32
+	p := newH2Peer(t, h2PeerConfig{}, func(s *h2Stream) {
+		_, err := s.readBody()
+		if err != nil {
+			return
+		}
+		if s.Get(":path") == "/grpc.testing.TestService/UnaryCall" {
+			seen.Add(1)
+			s.c.abort()
+			return
+		}
+		s.respond(grpcMsg(nil))
+	})
+	tp := startPeerProxy(t, p)
+	tc := testgrpc.NewTestServiceClient(dialProxy(t, tp, tp.Addr().String()))
+	ctx, cancel := context.WithTimeout(testCtx(t), 20*time.Second)
+	defer cancel()
+	_, err := tc.UnaryCall(ctx, &testgrpc.SimpleRequest{Payload: payload(100, 1)})
+	if got, want := status.Code(err), codes.Unavailable; got != want {
+		t.Errorf("call whose connection dropped = %v, want %v", err, want)
+	}
+	if got := seen.Load(); got != 1 {
+		t.Errorf("Cells saw the call %d times, want once", got)
+	}
+	if _, err := tc.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
+		t.Errorf("the next call: %v", err)
+	}
+}
+
+// TestH2ReviewLargeMetadata: response header metadata and trailer metadata
+// of 20 KiB each (sent by the client as request metadata, which Cells
+// echoes), of bytes HPACK's Huffman code does not shorten: every header
+// block is more than a 16 KiB frame holds, and crosses the proxy as HEADERS
+// and CONTINUATION frames, both legs, between a real grpc-go client and
+// server. Each arrives intact. (The proxy's own limit on a request's head,
+// 64 KiB, is below what three such fields would need.)
+func TestH2ReviewLargeMetadata(t *testing.T) {
+	t.Parallel()
+	big := func(seed byte) string {
+		const rare = "{}|~^<>\\`"
+		b := randomBytes(20<<10, seed)
+		for i := range b {
+			b[i] = rare[int(b[i])%len(rare)]
+		}
+		return string(b)
+	}
+	hdr, trl := big(2), big(3)
+	eachGRPC(t, nil, func(t *testing.T, e *grpcEnv, port grpcPort, tc testgrpc.TestServiceClient) {
+		ctx := probe(testCtx(t), "echo", "x-echo-big", hdr, "x-trail-big", trl)
+		stream, err := tc.FullDuplexCall(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := payload(100<<10, 7)
+		if err := stream.Send(&testgrpc.StreamingOutputCallRequest{Payload: p}); err != nil {
+			t.Fatal(err)
+		}
+		res, err := stream.Recv()
+		if err != nil {
+			t.Fatalf("Recv: %v", err)
+		}
+		if !proto.Equal(res.GetPayload(), p) {
+			t.Error("the message came back different")
+		}
+		stream.CloseSend()
+		if _, err := stream.Recv(); err != io.EOF {
+			t.Fatalf("end of stream = %v, want io.EOF", err)
+		}
+		h, err := stream.Header()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, c := range []struct {
+			what string
+			got  []string
+			want string
+		}{
+			{"request metadata at Cells", e.svc.lastMD(t).Get("x-trail-big"), trl},
+			{"response header", h.Get("x-echo-big"), hdr},
+			{"trailer", stream.Trailer().Get("x-trail-big"), trl},
+		} {
+			if len(c.got) != 1 || c.got[0] != c.want {
+				t.Errorf("%s: got %d values (first %s), want one of %d bytes", c.what, len(c.got), short(c.got...), len(c.want))
+			}
+		}
+	})
+}
