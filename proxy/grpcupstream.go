@@ -555,6 +555,7 @@ type grpcConn struct {
 	// waiting for Cells to allow streams (awaitStreams); nil when none
 	// waits.
 	changed  chan struct{}
+	waiting  int       // calls in awaitStreams
 	pingSent time.Time // zero: no PING outstanding
 	err      error     // the connection is broken
 }
@@ -577,10 +578,15 @@ func (c *grpcConn) takesNone() bool {
 // awaitStreams waits until Cells allows streams on c, which took none: a
 // SETTINGS frame raising the limit. It fails when ctx ends, when wait
 // fires, or when c fails or is going away; c is then closed unless it
-// carries streams, as nothing would open one on it.
+// carries streams or another call still waits on it, as nothing would open
+// a stream on it. (Closed while others waited, one client giving up failed
+// them all at once, with UNAVAILABLE, even had Cells raised its limit a
+// moment later.)
 func (c *grpcConn) awaitStreams(ctx context.Context, wait <-chan time.Time) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.waiting++
+	defer func() { c.waiting-- }()
 	for c.err == nil && !c.goaway && c.maxStreams == 0 {
 		if c.changed == nil {
 			c.changed = make(chan struct{})
@@ -597,7 +603,7 @@ func (c *grpcConn) awaitStreams(ctx context.Context, wait <-chan time.Time) erro
 		}
 		c.mu.Lock()
 		if err != nil {
-			if c.maxStreams == 0 && len(c.streams) == 0 {
+			if c.maxStreams == 0 && len(c.streams) == 0 && c.waiting == 1 {
 				c.failLocked(errH2NoStreams)
 			}
 			return err

@@ -1,11 +1,13 @@
 package proxy
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"io"
 	"net"
 	"net/url"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -637,4 +639,45 @@ func TestH2ReviewLargeMetadata(t *testing.T) {
 			}
 		}
 	})
+}
+
+// TestH2ReviewNoStreamsOneClientGivesUp: Cells allows no stream on its
+// connection for a moment (SETTINGS_MAX_CONCURRENT_STREAMS 0) and two calls
+// wait on it for the limit to rise. One client gives up. The other call
+// must go on waiting, and complete once Cells raises its limit: one
+// client's cancellation must not close the connection the other waits on,
+// failing that call at once with UNAVAILABLE. Not parallel: it counts the
+// calls waiting in the whole process.
+func TestH2ReviewNoStreamsOneClientGivesUp(t *testing.T) {
+	p := newH2Peer(t, h2PeerConfig{Settings: []http2.Setting{{ID: http2.SettingMaxConcurrentStreams, Val: 0}}}, echo)
+	tp := startPeerProxy(t, p)
+	// waitFor waits until cond holds of the number of calls waiting.
+	waitFor := func(what string, cond func(n int) bool) {
+		t.Helper()
+		buf := make([]byte, 1<<20)
+		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+			if cond(bytes.Count(buf[:runtime.Stack(buf, true)], []byte("(*grpcConn).awaitStreams("))) {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("waiting 10 s for %s", what)
+			}
+		}
+	}
+	want := grpcMsg([]byte("the call that waits"))
+	stays := make(chan grpcResult, 1)
+	go func() { stays <- callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Stays", want) }()
+	waitFor("one call to wait for Cells to allow streams", func(n int) bool { return n >= 1 })
+	ctx, cancel := context.WithCancel(testCtx(t))
+	leaves := make(chan grpcResult, 1)
+	go func() { leaves <- callGRPC(ctx, tp.H2, tp.URL+"/pkg.Svc/Leaves", grpcMsg(nil)) }()
+	waitFor("two calls to wait for Cells to allow streams", func(n int) bool { return n >= 2 })
+	cancel()
+	recv(t, leaves, "the call whose client gave up")
+	waitFor("the proxy to end the call whose client gave up", func(n int) bool { return n <= 1 })
+	// Cells raises its limit (on a connection still open, if it is).
+	p.Conns()[0].write(func(fr *http2.Framer) error {
+		return fr.WriteSettings(http2.Setting{ID: http2.SettingMaxConcurrentStreams, Val: 100})
+	})
+	checkOK(t, "the call that waited while another client gave up", recv(t, stays, "the call that waited"), want)
 }
