@@ -681,3 +681,92 @@ func TestH2ReviewNoStreamsOneClientGivesUp(t *testing.T) {
 	})
 	checkOK(t, "the call that waited while another client gave up", recv(t, stays, "the call that waited"), want)
 }
+
+// TestH2ReviewChaos: 300 calls, 24 at a time, on a Cells that answers each
+// in one of several ways, some of which break other calls on the same
+// connection: a complete answer, a reset before or in the middle of the
+// answer, an answer without trailers, GOAWAY then a dropped connection in
+// the middle of an answer, a dropped connection alone. Every call ends
+// (nothing hangs), and a call the client is told succeeded (grpc-status 0)
+// carries exactly the answer Cells sent: a broken answer never passes for a
+// complete one. Afterwards the proxy still serves calls.
+func TestH2ReviewChaos(t *testing.T) {
+	t.Parallel()
+	fates := []string{"ok", "ok", "ok", "ok", "ok", "ok", "ok", "ok", "ok", "ok", "ok", "ok", "reset-before", "reset-mid", "no-trailers", "goaway-drop", "drop"}
+	p := newH2Peer(t, h2PeerConfig{}, func(s *h2Stream) {
+		body, err := s.readBody()
+		if err != nil {
+			return
+		}
+		fate := s.Get("x-fate")
+		if fate == "reset-before" {
+			s.reset(http2.ErrCodeInternal)
+			return
+		}
+		if fate == "drop" {
+			s.c.abort()
+			return
+		}
+		if s.writeHeaders(false, 1, ":status", "200", "content-type", "application/grpc") != nil {
+			return
+		}
+		half := len(body) / 2
+		if s.writeData(body[:half], false) != nil {
+			return
+		}
+		switch fate {
+		case "reset-mid":
+			s.reset(http2.ErrCodeCancel)
+			return
+		case "goaway-drop":
+			s.c.goAway(s.ID, http2.ErrCodeNo)
+			s.c.abort()
+			return
+		case "no-trailers":
+			s.writeData(body[half:], true)
+			return
+		}
+		if s.writeData(body[half:], false) != nil {
+			return
+		}
+		s.writeHeaders(true, 1, "grpc-status", "0")
+	})
+	tp := startPeerProxy(t, p)
+
+	const calls, parallel = 300, 24
+	sem := make(chan struct{}, parallel)
+	var wg sync.WaitGroup
+	var okCalls, failed atomic.Int32
+	for i := range calls {
+		sem <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			fate := fates[i%len(fates)]
+			want := grpcMsg(randomBytes(1000+i*37, byte(i)))
+			r := callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Chaos", want, "x-fate", fate)
+			if r.Err != nil {
+				t.Errorf("call %d (%s): %v", i, fate, r.Err)
+				return
+			}
+			st := r.Trailer.Get("Grpc-Status")
+			if st == "" {
+				st = r.Header.Get("Grpc-Status")
+			}
+			if st != "0" {
+				failed.Add(1)
+				return
+			}
+			okCalls.Add(1)
+			if fate != "ok" {
+				t.Errorf("call %d (%s): grpc-status 0 for an answer Cells broke (%d of %d bytes)", i, fate, len(r.Body), len(want))
+			}
+			if !bytes.Equal(r.Body, want) {
+				t.Errorf("call %d (%s): grpc-status 0 with %d bytes, not the %d Cells sent", i, fate, len(r.Body), len(want))
+			}
+		})
+	}
+	wg.Wait()
+	t.Logf("%d calls OK, %d failed, on %d upstream connections", okCalls.Load(), failed.Load(), p.Accepted.Load())
+	want := grpcMsg([]byte("after the chaos"))
+	checkOK(t, "a call after the chaos", callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Chaos", want, "x-fate", "ok"), want)
+}
