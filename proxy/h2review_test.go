@@ -3,6 +3,7 @@ package proxy
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -838,5 +839,97 @@ func TestH2ReviewLargeMessages(t *testing.T) {
 	}
 	if err := recv(t, sent, "the stream's sender"); err != nil {
 		t.Errorf("sending: %v", err)
+	}
+}
+
+// floodService's StreamingOutputCall sends 64 KiB messages until its stream
+// ends, then reports how it ended.
+type floodService struct {
+	testgrpc.UnimplementedTestServiceServer
+	started chan struct{}
+	ended   chan error
+}
+
+func (s *floodService) StreamingOutputCall(in *testgrpc.StreamingOutputCallRequest, stream testgrpc.TestService_StreamingOutputCallServer) error {
+	s.started <- struct{}{}
+	msg := &testgrpc.StreamingOutputCallResponse{Payload: payload(64<<10, 5)}
+	for {
+		if err := stream.Send(msg); err != nil {
+			s.ended <- stream.Context().Err()
+			return err
+		}
+	}
+}
+
+// TestH2ReviewCancelWhileCellsBlocked: a grpc-go client reads one message
+// of a server stream, stops reading until Cells (a real grpc-go server) is
+// held back by flow control, its Send blocked, and the proxy holds all it
+// may; then the client cancels the call. The cancellation reaches Cells
+// through the full windows: its handler's context ends and its Send
+// returns, and the connection serves the next call.
+func TestH2ReviewCancelWhileCellsBlocked(t *testing.T) {
+	t.Parallel()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc := &floodService{started: make(chan struct{}, 2), ended: make(chan error, 2)}
+	gs := grpc.NewServer()
+	testgrpc.RegisterTestServiceServer(gs, svc)
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		gs.Serve(ln)
+	}()
+	t.Cleanup(func() {
+		gs.Stop()
+		<-served
+	})
+	cfg := testConfig(newUpstream(t, upPlain, &recorder{}))
+	cfg.GRPCUpstream = &url.URL{Scheme: "h2c", Host: ln.Addr().String()}
+	tp := startProxy(t, cfg)
+	tc := testgrpc.NewTestServiceClient(dialProxy(t, tp, tp.Addr().String()))
+
+	for i := range 2 {
+		ctx, cancel := context.WithCancel(testCtx(t))
+		stream, err := tc.StreamingOutputCall(ctx, &testgrpc.StreamingOutputCallRequest{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := stream.Recv(); err != nil {
+			t.Fatalf("call %d: first message: %v", i, err)
+		}
+		recv(t, svc.started, "the handler at Cells")
+		// Until every window on the way is full: the proxy's stream
+		// holds at most its 512 KiB window of the answer.
+		waitHeldBack(t, tp.fwd.grpcUp)
+		cancel()
+		if err := recv(t, svc.ended, "Cells' handler to see the cancellation"); !errors.Is(err, context.Canceled) {
+			t.Errorf("call %d: Cells' handler context ended with %v, want %v", i, err, context.Canceled)
+		}
+	}
+}
+
+// waitHeldBack waits until the one stream on u's connections has a full
+// receive window: Cells may send nothing more on it.
+func waitHeldBack(t *testing.T, u *grpcUpstream) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+		u.mu.Lock()
+		conns := append([]*grpcConn(nil), u.conns...)
+		u.mu.Unlock()
+		for _, c := range conns {
+			c.mu.Lock()
+			for _, s := range c.streams {
+				if s.recv < 16<<10 {
+					c.mu.Unlock()
+					return
+				}
+			}
+			c.mu.Unlock()
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no stream's receive window filled up within 10 s")
+		}
 	}
 }
