@@ -933,3 +933,63 @@ func waitHeldBack(t *testing.T, u *grpcUpstream) {
 		}
 	}
 }
+
+// TestH2ReviewIgnoredFrames: Cells sends, between the frames of an answer,
+// frames the proxy must ignore (RFC 9113 §4.1, §5.5): PRIORITY, frames of
+// unknown or extension types (ALTSVC, ORIGIN, PRIORITY_UPDATE, 0xfa) on the
+// stream and on the connection, a PING ACK nobody asked for, and a
+// WINDOW_UPDATE on a stream that is over. The answer arrives intact and the
+// connection serves the next call.
+func TestH2ReviewIgnoredFrames(t *testing.T) {
+	t.Parallel()
+	var lastID atomic.Uint32
+	p := newH2Peer(t, h2PeerConfig{}, func(s *h2Stream) {
+		body, err := s.readBody()
+		if err != nil {
+			return
+		}
+		noise := func() error {
+			return s.c.write(func(fr *http2.Framer) error {
+				for _, f := range []struct {
+					typ http2.FrameType
+					id  uint32
+					p   []byte
+				}{
+					{0xa, 0, []byte{0, 4, 'c', 'e', 'l', 'l', 'h', '2', '=', '"', ':', '4', '4', '3', '"'}}, // ALTSVC
+					{0xc, 0, []byte{0, 5, 'c', 'e', 'l', 'l', 's'}},                                         // ORIGIN
+					{0x10, 0, []byte{0, 0, 0, byte(s.ID), 'u', '=', '1'}},                                   // PRIORITY_UPDATE
+					{0xfa, s.ID, []byte("unknown on the stream")},
+					{0xfa, 0, nil},
+				} {
+					if err := fr.WriteRawFrame(f.typ, 0, f.id, f.p); err != nil {
+						return err
+					}
+				}
+				if err := fr.WritePriority(s.ID, http2.PriorityParam{StreamDep: 0, Weight: 200}); err != nil {
+					return err
+				}
+				if prev := lastID.Load(); prev != 0 {
+					if err := fr.WriteWindowUpdate(prev, 1000); err != nil {
+						return err
+					}
+				}
+				return fr.WritePing(true, [8]byte{'u', 'n', 'a', 's', 'k', 'e', 'd'})
+			})
+		}
+		defer lastID.Store(s.ID)
+		if noise() != nil || s.writeHeaders(false, 1, ":status", "200", "content-type", "application/grpc") != nil ||
+			noise() != nil || s.writeData(body[:len(body)/2], false) != nil || noise() != nil ||
+			s.writeData(body[len(body)/2:], false) != nil || noise() != nil {
+			return
+		}
+		s.writeHeaders(true, 1, "grpc-status", "0")
+	})
+	tp := startPeerProxy(t, p)
+	for i := range 3 {
+		want := grpcMsg(randomBytes(5000, byte(i)))
+		checkOK(t, fmt.Sprintf("call %d", i), callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Noise", want), want)
+	}
+	if got, want := p.Accepted.Load(), int32(1); got != want {
+		t.Errorf("upstream accepted %d connections, want %d", got, want)
+	}
+}
