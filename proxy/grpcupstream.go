@@ -816,6 +816,10 @@ func (c *grpcConn) goAwayLocked(code uint32, err error) {
 func (c *grpcConn) health() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.healthLocked()
+}
+
+func (c *grpcConn) healthLocked() {
 	if c.err != nil {
 		return
 	}
@@ -871,6 +875,16 @@ func (c *grpcConn) open(call *grpcCall, body io.ReadCloser) (*grpcStream, error)
 	c.lastID = s.id
 	c.streams[s.id] = s
 	c.appendHeaderBlock(s.id, body == nil)
+	if len(c.streams) == 1 && c.pingSent.IsZero() && time.Since(time.Unix(0, c.stamp.Load())) >= c.u.pingEvery {
+		// The first call on a connection Cells has been quiet on for
+		// pingEvery: the PING check waits on a timer set for a
+		// connection without calls, which may fire up to pingEvery
+		// from now, and a call on a connection that died without a
+		// FIN or RST would wait that long. The PING goes now, after
+		// the HEADERS (grpc-go counts a PING that finds no stream open
+		// against the client).
+		c.healthLocked()
+	}
 	if body == nil {
 		c.flushLocked()
 	}

@@ -993,3 +993,54 @@ func TestH2ReviewIgnoredFrames(t *testing.T) {
 		t.Errorf("upstream accepted %d connections, want %d", got, want)
 	}
 }
+
+// TestH2ReviewPingOnCallAfterIdle: a call starts on a connection Cells has
+// been quiet on for longer than pingEvery (no call was open, so none was
+// PINGed for). Cells has died without a FIN or RST reaching the proxy (its
+// host gone, a network cut): it answers nothing, PINGs included. The proxy
+// must PING with the call, as it promises for a call open while nothing was
+// heard for pingEvery, and end the call with UNAVAILABLE once the PING goes
+// unanswered, instead of leaving it to the timer set for an idle
+// connection, up to pingEvery later (5 minutes by default: a Cells Sync
+// call without a deadline hung that long, plus pingTimeout).
+func TestH2ReviewPingOnCallAfterIdle(t *testing.T) {
+	t.Parallel()
+	p := newH2Peer(t, h2PeerConfig{SilentPings: true}, func(s *h2Stream) {
+		body, err := s.readBody()
+		if err != nil {
+			return
+		}
+		if s.Get(":path") == "/pkg.Svc/Echo" {
+			s.respond(body)
+		}
+		// Otherwise nothing: Cells is gone.
+	})
+	tp := startPingProxy(t, p, time.Hour, 200*time.Millisecond)
+	want := grpcMsg([]byte("before the idle hour"))
+	checkOK(t, "first call", callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Echo", want), want)
+	u := tp.fwd.grpcUp
+	u.mu.Lock()
+	c := u.conns[0]
+	u.mu.Unlock()
+	// Two hours without a frame from Cells, without the wait.
+	c.stamp.Store(time.Now().Add(-2 * time.Hour).UnixNano())
+
+	res := make(chan grpcResult, 1)
+	go func() { res <- callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Watch", grpcMsg(nil)) }()
+	for deadline := time.Now().Add(10 * time.Second); pingsSeen(p) == 0; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("no PING within 10 s of a call on a connection quiet for two hours (pingEvery 1 h)")
+		}
+	}
+	r := recv(t, res, "the call on the dead connection")
+	if r.Err != nil {
+		t.Fatal(r.Err)
+	}
+	st := r.Trailer.Get("Grpc-Status")
+	if st == "" {
+		st = r.Header.Get("Grpc-Status")
+	}
+	if st != "14" {
+		t.Errorf("grpc-status %q, want 14 (UNAVAILABLE)", st)
+	}
+}
