@@ -1044,3 +1044,68 @@ func TestH2ReviewPingOnCallAfterIdle(t *testing.T) {
 		t.Errorf("grpc-status %q, want 14 (UNAVAILABLE)", st)
 	}
 }
+
+// TestH2ReviewGoAwayUnderLoad: 120 concurrent unary calls from a grpc-go
+// client; Cells sends GOAWAY on its first connection when the 20th stream
+// arrives, with that stream as the last it will process, and processes
+// nothing above it (RFC 9113 §6.8), as a Cells stopping or recycling its
+// connection (grpc-go's MaxConnectionAge, Go's IdleTimeout) does while
+// calls keep coming. Every call must succeed: those up to the last stream
+// ID on the first connection, those above it sent again on another, as
+// they were not processed and their bodies are small (grpcUpstream.do).
+//
+// Skipped: a known bug, left for a design change. In runs on a 2-core
+// machine, 5 to 19 of the 100 calls above the last stream ID failed with
+// UNAVAILABLE instead. The refusal
+// (failLocked) closes the client's request body at once, and a refused
+// call is sent again only if its body was read to the end before (keptAll).
+// Under load the refusal often comes before the body copy (writeBody) has
+// read the message or the client's END_STREAM: its goroutine has not run
+// yet, or waits in Read for the empty DATA frame that ends the stream. The
+// call then fails, where grpc-go talking to Cells directly would have
+// retried it transparently. A fix must hand the rest of the body over to
+// the next attempt without waiting for its end (a stream's client may wait
+// for Cells before sending more): the body copy must stop without closing
+// the body, and what it read but did not send must go first to the next
+// attempt; not a small change to the copy's concurrency.
+func TestH2ReviewGoAwayUnderLoad(t *testing.T) {
+	t.Skip("known bug: calls refused by GOAWAY before their body was read to the end fail with UNAVAILABLE instead of being sent again (see the comment)")
+	t.Parallel()
+	var mu sync.Mutex
+	streams := 0
+	var last uint32
+	p := newH2Peer(t, h2PeerConfig{}, func(s *h2Stream) {
+		if s.c.N == 1 {
+			mu.Lock()
+			streams++
+			if streams == 20 {
+				last = s.ID
+				s.c.goAway(last, http2.ErrCodeNo)
+			}
+			ignore := last != 0 && s.ID > last
+			mu.Unlock()
+			if ignore {
+				return // not processed: no answer
+			}
+		}
+		if _, err := s.readBody(); err != nil {
+			return
+		}
+		s.respond(grpcMsg(nil))
+	})
+	tp := startPeerProxy(t, p)
+	tc := testgrpc.NewTestServiceClient(dialProxy(t, tp, tp.Addr().String()))
+	const calls = 120
+	var wg sync.WaitGroup
+	var failed atomic.Int32
+	for i := range calls {
+		wg.Go(func() {
+			if _, err := tc.UnaryCall(testCtx(t), &testgrpc.SimpleRequest{Payload: payload(500, uint64(i))}); err != nil {
+				failed.Add(1)
+				t.Errorf("call %d: %v", i, err)
+			}
+		})
+	}
+	wg.Wait()
+	t.Logf("%d of %d calls failed; %d upstream connections; GOAWAY's last stream ID %d", failed.Load(), calls, p.Accepted.Load(), last)
+}
