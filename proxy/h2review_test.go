@@ -1109,3 +1109,77 @@ func TestH2ReviewGoAwayUnderLoad(t *testing.T) {
 	wg.Wait()
 	t.Logf("%d of %d calls failed; %d upstream connections; GOAWAY's last stream ID %d", failed.Load(), calls, p.Accepted.Load(), last)
 }
+
+// earlyService's FullDuplexCall answers the first message and returns,
+// status OK, while its client is still sending.
+type earlyService struct {
+	testgrpc.UnimplementedTestServiceServer
+}
+
+func (earlyService) FullDuplexCall(stream testgrpc.TestService_FullDuplexCallServer) error {
+	in, err := stream.Recv()
+	if err != nil {
+		return err
+	}
+	return stream.Send(&testgrpc.StreamingOutputCallResponse{Payload: in.GetPayload()})
+}
+
+// TestH2ReviewCellsEndsStreamEarly: Cells (a real grpc-go server) ends a
+// bidirectional stream with status OK while its client still sends large
+// messages, and resets the client's side (RST_STREAM NO_ERROR after the
+// trailers, as grpc-go does). The client gets the answer and status OK,
+// not an error, whatever its own sends see; the next stream on the
+// connection works the same.
+func TestH2ReviewCellsEndsStreamEarly(t *testing.T) {
+	t.Parallel()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	gs := grpc.NewServer()
+	testgrpc.RegisterTestServiceServer(gs, earlyService{})
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		gs.Serve(ln)
+	}()
+	t.Cleanup(func() {
+		gs.Stop()
+		<-served
+	})
+	cfg := testConfig(newUpstream(t, upPlain, &recorder{}))
+	cfg.GRPCUpstream = &url.URL{Scheme: "h2c", Host: ln.Addr().String()}
+	tp := startProxy(t, cfg)
+	tc := testgrpc.NewTestServiceClient(dialProxy(t, tp, tp.Addr().String()))
+
+	for i := range 3 {
+		ctx, cancel := context.WithTimeout(testCtx(t), 20*time.Second)
+		stream, err := tc.FullDuplexCall(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		first := payload(1000, uint64(i))
+		if err := stream.Send(&testgrpc.StreamingOutputCallRequest{Payload: first}); err != nil {
+			t.Fatal(err)
+		}
+		sending := make(chan struct{})
+		go func() {
+			defer close(sending)
+			// Until the stream ends: io.EOF once it has.
+			for stream.Send(&testgrpc.StreamingOutputCallRequest{Payload: payload(256<<10, 9)}) == nil {
+			}
+		}()
+		res, err := stream.Recv()
+		if err != nil {
+			t.Fatalf("stream %d: Recv: %v", i, err)
+		}
+		if !proto.Equal(res.GetPayload(), first) {
+			t.Errorf("stream %d: the answer differs from the first message", i)
+		}
+		if _, err := stream.Recv(); err != io.EOF {
+			t.Errorf("stream %d: end = %v, want io.EOF (status OK)", i, err)
+		}
+		recv(t, sending, "the client's sends to end")
+		cancel()
+	}
+}
