@@ -232,15 +232,13 @@ func (u *grpcUpstream) do(call *grpcCall) (*http.Response, error) {
 			return s.res, nil
 		}
 		s.stop()
-		// Cells did not process the call (RFC 9113 §8.7): send it again
-		// if the whole body is at hand, as a unary call's is.
-		replay, ok := s.replay()
-		if !ok || attempt == 3 {
+		// Cells did not process the call (RFC 9113 §8.7): send it again,
+		// with what was read of the body and the rest as it comes.
+		next, ok := s.handOver(attempt < 3)
+		if !ok {
 			return nil, s.err
 		}
-		if body != nil {
-			body = io.NopCloser(bytes.NewReader(replay))
-		}
+		body = next
 	}
 }
 
@@ -1631,26 +1629,67 @@ type grpcStream struct {
 	sentEnd   bool  // END_STREAM or RST_STREAM sent
 	remoteEnd bool  // END_STREAM or RST_STREAM received
 	closed    bool  // Close called
-	// The request body sent, kept while it is at most grpcReplayMax, so
-	// that a call Cells refused can be sent again; keptAll once its end
-	// was sent too.
+	// The request body read so far, kept while it is at most
+	// grpcReplayMax, so that a call Cells refused can be sent again;
+	// keptAll once its end was read too.
 	kept    []byte
 	keptAll bool
 	tooLong bool
 	refused bool // Cells did not process the call (REFUSED_STREAM, or above a GOAWAY's last stream)
+	// After a refusal: decided once do has called handOver; handoff, the
+	// next attempt's pipe, to which the body copy then sends the rest of
+	// the body; copyDone once the body copy has ended.
+	decided  bool
+	handoff  *io.PipeWriter
+	copyDone bool
 }
 
 // grpcReplayMax is the most request body kept for sending a refused call
 // again: a unary call's message (Cells Sync's are small).
 const grpcReplayMax = 64 << 10
 
-// replay reports whether s was refused and can be sent again, with the
-// body to send.
-func (s *grpcStream) replay() ([]byte, bool) {
-	s.c.mu.Lock()
-	defer s.c.mu.Unlock()
-	return s.kept, s.refused && (s.body == nil || s.keptAll)
+// handOver decides, once an attempt has failed, whether the call is sent
+// again (again, and Cells refused it with no more of the body read than
+// grpcReplayMax), and returns the next attempt's body: what was read of the
+// body, then, unless its end was read too, the rest, which the body copy
+// reads on and passes through a pipe. The copy waits for this decision when
+// it finds the stream refused, so that no byte is lost or read twice (a
+// stream's client may wait for Cells before it sends more: the next attempt
+// does not wait for the body's end).
+func (s *grpcStream) handOver(again bool) (io.ReadCloser, bool) {
+	c := s.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	s.decided = true
+	s.cond.Broadcast()
+	switch {
+	case !again || !s.refused:
+	case s.body == nil:
+		return nil, true
+	case s.tooLong:
+	case s.keptAll:
+		go s.closeBody()
+		return io.NopCloser(bytes.NewReader(s.kept)), true
+	case !s.copyDone:
+		pr, pw := io.Pipe()
+		s.handoff = pw
+		return handedBody{io.MultiReader(bytes.NewReader(s.kept), pr), pr}, true
+	}
+	if s.body != nil {
+		go s.closeBody()
+	}
+	return nil, false
 }
+
+// handedBody is the body of a call's next attempt: what the refused one
+// read, then the pipe its body copy feeds.
+type handedBody struct {
+	io.Reader
+	pr *io.PipeReader
+}
+
+// Close makes the feeding copy stop and close the client's body.
+func (b handedBody) Close() error { return b.pr.Close() }
 
 // closeBody closes the request body: a copy blocked reading it returns.
 func (s *grpcStream) closeBody() {
@@ -1675,7 +1714,9 @@ func (s *grpcStream) failLocked(err error) {
 	}
 	s.cond.Broadcast()
 	s.c.sendWait.Broadcast()
-	if s.body != nil {
+	if s.body != nil && !s.refused {
+		// A refused call's body may go to its next attempt: handOver
+		// decides.
 		go s.closeBody()
 	}
 }
@@ -1756,24 +1797,112 @@ func (s *grpcStream) Close() error {
 var h2BodyBuffers = newPool(func() *[h2MinFrame]byte { return new([h2MinFrame]byte) })
 
 // writeBody copies the request body to DATA frames, as fast as the
-// windows allow, and ends the stream when the body ends.
+// windows allow, and ends the stream when the body ends. What it reads is
+// kept for sending again (keep). Should Cells refuse the stream, it
+// waits for do's decision (handOver) and, if the call goes again, passes the
+// rest of the body on to the next attempt.
 func (s *grpcStream) writeBody(body io.ReadCloser) {
 	buf := h2BodyBuffers.Get()
 	defer h2BodyBuffers.Put(buf)
 	defer s.closeBody()
 	for {
 		n, err := body.Read(buf[:])
+		if w := s.keep(buf[:n], err); w != nil {
+			pumpBody(w, body, buf[:n], err, buf[:])
+			return
+		}
 		if n > 0 && !s.writeData(buf[:n], false) {
+			s.handOff(body, buf[:])
 			return
 		}
 		if err == io.EOF {
-			s.writeData(nil, true)
+			if !s.writeData(nil, true) {
+				s.handOff(body, buf[:])
+			} else if w := s.finish(); w != nil {
+				w.Close()
+			}
 			return
 		}
 		if err != nil {
+			if w := s.finish(); w != nil {
+				w.CloseWithError(err)
+			}
 			s.abort(err, codeCancel)
 			return
 		}
+	}
+}
+
+// finish notes that the body copy ends, unless the call was handed over:
+// it then returns the next attempt's pipe, to be closed.
+func (s *grpcStream) finish() *io.PipeWriter {
+	c := s.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if s.handoff == nil {
+		s.copyDone = true
+	}
+	return s.handoff
+}
+
+// keep notes p, read from the body with err, for a next attempt; or
+// returns the next attempt's pipe, to which p goes instead, if the call
+// was handed over already.
+func (s *grpcStream) keep(p []byte, err error) *io.PipeWriter {
+	c := s.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if s.handoff != nil {
+		return s.handoff
+	}
+	if !s.tooLong {
+		if s.tooLong = len(s.kept)+len(p) > grpcReplayMax; s.tooLong {
+			s.kept = nil
+		} else {
+			s.kept = append(s.kept, p...)
+			s.keptAll = err == io.EOF
+		}
+	}
+	return nil
+}
+
+// handOff ends the copy of a stream that no longer takes the body: if
+// Cells refused it, once do has decided, the rest of the body goes to the
+// next attempt, if any.
+func (s *grpcStream) handOff(body io.ReadCloser, buf []byte) {
+	c := s.c
+	c.mu.Lock()
+	for s.refused && !s.decided {
+		s.cond.Wait()
+	}
+	w := s.handoff
+	s.copyDone = w == nil
+	c.mu.Unlock()
+	if w != nil {
+		pumpBody(w, body, nil, nil, buf)
+	}
+}
+
+// pumpBody copies p, read with err, then the rest of body to w, until the
+// body ends or w's reader is closed.
+func pumpBody(w *io.PipeWriter, body io.Reader, p []byte, err error, buf []byte) {
+	for {
+		if len(p) > 0 {
+			if _, werr := w.Write(p); werr != nil {
+				return
+			}
+		}
+		switch {
+		case err == io.EOF:
+			w.Close()
+			return
+		case err != nil:
+			w.CloseWithError(err)
+			return
+		}
+		var n int
+		n, err = body.Read(buf)
+		p = buf[:n]
 	}
 }
 
@@ -1815,13 +1944,6 @@ func (s *grpcStream) writeData(p []byte, end bool) bool {
 			}
 			c.wbuf = appendFrameHeader(c.wbuf, n, frameData, flags, s.id)
 			c.wbuf = append(c.wbuf, p[:n]...)
-			if !s.tooLong {
-				if s.tooLong = len(s.kept)+n > grpcReplayMax; s.tooLong {
-					s.kept = nil
-				} else {
-					s.kept = append(s.kept, p[:n]...)
-				}
-			}
 			s.send -= int64(n)
 			c.sendConn -= int64(n)
 			p = p[n:]
@@ -1830,7 +1952,7 @@ func (s *grpcStream) writeData(p []byte, end bool) bool {
 			continue
 		}
 		if end {
-			s.sentEnd, s.keptAll = true, !s.tooLong
+			s.sentEnd = true
 			c.endLocked(s)
 		}
 		c.flushOwnLocked()
