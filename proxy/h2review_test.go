@@ -1257,3 +1257,35 @@ func TestH2ReviewStreamRefusedSentAgain(t *testing.T) {
 		t.Errorf("upstream accepted %d connections, want %d", got, want)
 	}
 }
+
+// TestH2ReviewRefusedLargeBody: Cells refuses (REFUSED_STREAM) a call after
+// more than grpcReplayMax of its body arrived. The proxy, which no longer
+// holds all of it, does not send it again: the client gets UNAVAILABLE at
+// once, not a hang, and Cells sees the call once.
+func TestH2ReviewRefusedLargeBody(t *testing.T) {
+	t.Parallel()
+	var seen atomic.Int32
+	p := newH2Peer(t, h2PeerConfig{}, func(s *h2Stream) {
+		seen.Add(1)
+		got := 0
+		for got <= grpcReplayMax {
+			b, err := s.read()
+			if err != nil {
+				return
+			}
+			got += len(b)
+		}
+		s.reset(http2.ErrCodeRefusedStream)
+	})
+	tp := startPeerProxy(t, p)
+	r := callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Upload", grpcMsg(randomBytes(200<<10, 1)))
+	if r.Err != nil {
+		t.Fatal(r.Err)
+	}
+	if got := r.Header.Get("Grpc-Status"); got != "14" {
+		t.Errorf("grpc-status %q (%q), want 14 (UNAVAILABLE)", got, r.Header.Get("Grpc-Message"))
+	}
+	if got := seen.Load(); got != 1 {
+		t.Errorf("Cells saw the call %d times, want once", got)
+	}
+}
