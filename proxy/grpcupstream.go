@@ -41,8 +41,11 @@ import (
 // receive window given back as the client reads (so a slow client holds
 // Cells back instead of filling the proxy's memory), a PING when nothing
 // was heard for 5 min while calls are open and the connection dropped if
-// it is not answered in 20 s, GOAWAY honoured (no new calls on the connection, calls above its
-// last stream ID failed), the 1 MiB response header limit, header fields
+// it is not answered in 20 s (and at once for the first call after 5 min
+// of silence), GOAWAY honoured (no new calls on the connection; calls above
+// its last stream ID, like those refused with REFUSED_STREAM, sent again on
+// another connection, up to three attempts, while at most 64 KiB of their
+// body was read), the 1 MiB response header limit, header fields
 // checked both ways, trailers handed to the forwarder at the end of the
 // body, and the request's context resetting the stream (RST_STREAM
 // CANCEL). It speaks only what gRPC needs: no server push (disabled in
