@@ -1,0 +1,120 @@
+package proxy
+
+import (
+	"bufio"
+	"bytes"
+	"io"
+	"net/http"
+	"strconv"
+	"testing"
+	"time"
+)
+
+// TestFrontWatchByteStartsHandedOverUpload: while the front serves a slow
+// GET, its client watch reads the connection and takes the first byte of a
+// pipelined upload with Expect: 100-continue, which the front hands to
+// net/http's server. The byte the watch took must be replayed in its place:
+// net/http must read the upload's head whole, answer 100 Continue, and Cells
+// get the body byte for byte.
+func TestFrontWatchByteStartsHandedOverUpload(t *testing.T) {
+	t.Parallel()
+	rec := &wireRecorder{Respond: func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/slow" {
+			// Past clientWatchDelay: the watch is reading the client
+			// when the next request's first byte comes.
+			time.Sleep(4 * clientWatchDelay)
+		}
+		io.WriteString(w, "ok")
+	}}
+	up := newUpstream(t, upTLS, rec)
+	tp := startProxy(t, testConfig(up))
+	front := frontOf(t, tp)
+
+	conn := tp.dialRaw(t, tp.Addr().String(), "http/1.1")
+	br := bufio.NewReader(conn)
+	if _, err := io.WriteString(conn, "GET /slow HTTP/1.1\r\nHost: cells.example\r\n\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	// Not an assertion: only the moment the watch is likely reading.
+	time.Sleep(2 * clientWatchDelay)
+	body := bytes.Repeat([]byte("0123456789abcdef"), 2<<10) // 32 KiB, past maxSyncBody
+	head := "PUT /upload HTTP/1.1\r\nHost: cells.example\r\nExpect: 100-continue\r\nContent-Length: " + strconv.Itoa(len(body)) + "\r\n\r\n"
+	if _, err := io.WriteString(conn, head[:1]); err != nil {
+		t.Fatal(err)
+	}
+	if res, got := readResponse(t, br, http.MethodGet); res.StatusCode != http.StatusOK || got != "ok" {
+		t.Fatalf("answer to GET /slow = %d %q, want 200 \"ok\"", res.StatusCode, got)
+	}
+	if _, err := io.WriteString(conn, head[1:]); err != nil {
+		t.Fatal(err)
+	}
+	res, err := http.ReadResponse(br, &http.Request{Method: http.MethodPut})
+	if err != nil {
+		t.Fatalf("reading the answer to the upload's head: %v", err)
+	}
+	if got, want := res.StatusCode, http.StatusContinue; got != want {
+		t.Fatalf("answer to the upload's head = %d, want %d", got, want)
+	}
+	if _, err := conn.Write(body); err != nil {
+		t.Fatal(err)
+	}
+	// A second 100 may come: net/http's server sends one when the body
+	// is first read, and ReverseProxy passes on Cells' own, racing it
+	// (a client must take any number of 1xx, RFC 9110, section 15.2).
+	for {
+		res, got := readResponse(t, br, http.MethodPut)
+		if res.StatusCode == http.StatusContinue {
+			continue
+		}
+		if res.StatusCode != http.StatusOK || got != "ok" {
+			t.Fatalf("answer to PUT /upload = %d %q, want 200 \"ok\"", res.StatusCode, got)
+		}
+		break
+	}
+	if n := front.handoffs.Load(); n != 1 {
+		t.Errorf("%d connections handed over, want 1", n)
+	}
+	quiesce(t, tp, up)
+	seen := rec.all()
+	if len(seen) != 2 {
+		t.Fatalf("upstream saw %d requests, want 2", len(seen))
+	}
+	w := seen[1]
+	if w.Method != http.MethodPut || w.RequestURI != "/upload" {
+		t.Fatalf("upstream's second request = %s %s, want PUT /upload", w.Method, w.RequestURI)
+	}
+	if w.BodyErr != nil || !bytes.Equal(w.Body, body) {
+		t.Errorf("upstream got a body of %d bytes (err %v), want the %d sent", len(w.Body), w.BodyErr, len(body))
+	}
+}
+
+// TestH1TransferEncodingListedTwice: "chunked, chunked" on one line (the
+// two-line form is in TestH1Smuggling) is refused before Cells: a recipient
+// that dechunked once would read the inner chunked framing as the body.
+func TestH1TransferEncodingListedTwice(t *testing.T) {
+	t.Parallel()
+	for _, te := range []string{"chunked, chunked", "chunked,chunked", "identity", "chunked, identity, chunked"} {
+		t.Run(te, func(t *testing.T) {
+			t.Parallel()
+			rec := &wireRecorder{}
+			up := newUpstream(t, upTLS, rec)
+			tp := startProxy(t, testConfig(up))
+			raw := "POST /a HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: " + te + "\r\n\r\n" +
+				oneChunk(oneChunk("x")+"0\r\n\r\n") + "0\r\n\r\n" + smuggled
+			got := rawExchange(t, tp, raw)
+			quiesce(t, tp, up)
+			if len(got.Responses) != 1 {
+				t.Fatalf("client got %d responses %v, want exactly 1", len(got.Responses), got.statuses())
+			}
+			if s := got.Responses[0].StatusCode; s != http.StatusNotImplemented && s != http.StatusBadRequest {
+				t.Errorf("status = %d, want 501 or 400", s)
+			}
+			if !got.Closed {
+				t.Errorf("connection still open after the answer (%v), want it closed", got.Err)
+			}
+			for _, w := range rec.all() {
+				t.Errorf("upstream saw %s %s (body %q), want nothing", w.Method, w.RequestURI, w.Body)
+			}
+		})
+	}
+}
