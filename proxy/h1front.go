@@ -627,7 +627,13 @@ func (w *h1Response) writeFields(final bool) {
 		if final && k == "Trailer" && w.chunked {
 			for _, v := range vv {
 				for _, name := range splitList(v) {
-					w.trailers = append(w.trailers, http.CanonicalHeaderKey(name))
+					// As net/http's declareTrailer: a field that may
+					// not be a trailer (RFC 9110, section 6.5.1) is
+					// not declared, so not sent after the body.
+					name = http.CanonicalHeaderKey(name)
+					if httpguts.ValidTrailerHeader(name) {
+						w.trailers = append(w.trailers, name)
+					}
 				}
 			}
 		}

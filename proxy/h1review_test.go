@@ -4,7 +4,9 @@ import (
 	"bufio"
 	"bytes"
 	"io"
+	"net"
 	"net/http"
+	"net/url"
 	"strconv"
 	"testing"
 	"time"
@@ -116,5 +118,64 @@ func TestH1TransferEncodingListedTwice(t *testing.T) {
 				t.Errorf("upstream saw %s %s (body %q), want nothing", w.Method, w.RequestURI, w.Body)
 			}
 		})
+	}
+}
+
+// TestFrontForbiddenTrailer: a Cells response announcing, and sending, a
+// trailer field that may not be one (Content-Type, RFC 9110, section 6.5.1)
+// reaches an HTTP/1.1 client as net/http's server writes it: the announced
+// name is not declared (httpguts.ValidTrailerHeader), so the field is not
+// sent after the body, where a lenient client could take it for the
+// response's own. The upstream is raw: Go's server would not send it.
+func TestFrontForbiddenTrailer(t *testing.T) {
+	t.Parallel()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				br := bufio.NewReader(c)
+				for {
+					r, err := http.ReadRequest(br)
+					if err != nil {
+						return
+					}
+					io.Copy(io.Discard, r.Body)
+					io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTrailer: Content-Type, X-Sum\r\nTransfer-Encoding: chunked\r\n\r\n"+
+						"2\r\nok\r\n0\r\nContent-Type: evil/x\r\nX-Sum: 1\r\n\r\n")
+				}
+			}()
+		}
+	}()
+	up := newUpstream(t, upPlain, http.NotFoundHandler())
+	cfg := testConfig(up)
+	cfg.Upstream = &url.URL{Scheme: "http", Host: ln.Addr().String()}
+	tp := startProxy(t, cfg)
+
+	conn := tp.dialRaw(t, tp.Addr().String(), "http/1.1")
+	if _, err := io.WriteString(conn, "GET /t HTTP/1.1\r\nHost: cells.example\r\nConnection: close\r\n\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	raw, err := io.ReadAll(conn)
+	if err != nil {
+		t.Fatalf("reading the response: %v", err)
+	}
+	_, rest, ok := bytes.Cut(raw, []byte("\r\n0\r\n"))
+	if !ok {
+		t.Fatalf("no last chunk in the response %q", raw)
+	}
+	if bytes.Contains(rest, []byte("evil")) {
+		t.Errorf("a Content-Type trailer reached the client: %q", rest)
+	}
+	if !bytes.Contains(rest, []byte("X-Sum: 1\r\n")) {
+		t.Errorf("trailer section %q, want X-Sum: 1 in it", rest)
 	}
 }
