@@ -3,11 +3,13 @@ package proxy
 import (
 	"bufio"
 	"bytes"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/url"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 )
@@ -177,5 +179,107 @@ func TestFrontForbiddenTrailer(t *testing.T) {
 	}
 	if !bytes.Contains(rest, []byte("X-Sum: 1\r\n")) {
 		t.Errorf("trailer section %q, want X-Sum: 1 in it", rest)
+	}
+}
+
+// TestHopByHopCannotStripProxyFields: a client naming the proxy's own
+// fields (and Content-Length, Host) in Connection, as if hop-by-hop, must
+// not take them off the request Cells gets: X-Forwarded-For, X-Real-IP and
+// X-Forwarded-Proto stay the proxy's, the body keeps its framing, Host
+// stays. Both the front's direct path (small body) and net/http's (an
+// upload past maxSyncBody) are checked.
+func TestHopByHopCannotStripProxyFields(t *testing.T) {
+	t.Parallel()
+	for _, size := range []int{5, 32 << 10} {
+		t.Run(strconv.Itoa(size), func(t *testing.T) {
+			t.Parallel()
+			rec := &wireRecorder{}
+			up := newUpstream(t, upTLS, rec)
+			tp := startProxy(t, testConfig(up))
+			body := strings.Repeat("h", size)
+			raw := "POST /a HTTP/1.1\r\nHost: cells.example\r\n" +
+				"Connection: X-Forwarded-For, X-Real-IP, X-Forwarded-Proto, Content-Length, Host\r\n" +
+				"X-Forwarded-For: 6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\n" +
+				"Content-Length: " + strconv.Itoa(size) + "\r\n\r\n" + body +
+				"GET /b HTTP/1.1\r\nHost: cells.example\r\nConnection: close\r\n\r\n"
+			got := rawExchange(t, tp, raw)
+			quiesce(t, tp, up)
+			if s := got.statuses(); len(s) != 2 || s[0] != 200 || s[1] != 200 {
+				t.Fatalf("client got %v, want [200 200]", s)
+			}
+			seen := rec.all()
+			if len(seen) != 2 {
+				t.Fatalf("upstream saw %d requests, want 2", len(seen))
+			}
+			w := seen[0]
+			if w.BodyErr != nil || string(w.Body) != body {
+				t.Errorf("upstream body: %d bytes, err %v; want %d", len(w.Body), w.BodyErr, size)
+			}
+			if got, want := w.Host, "cells.example"; got != want {
+				t.Errorf("upstream Host = %q, want %q", got, want)
+			}
+			for k, want := range map[string]string{"X-Forwarded-For": "127.0.0.1", "X-Real-Ip": "127.0.0.1", "X-Forwarded-Proto": "https"} {
+				if got := w.Header.Values(k); len(got) != 1 || got[0] != want {
+					t.Errorf("upstream %s = %q, want %q", k, got, want)
+				}
+			}
+			if got, want := seen[1].RequestURI, "/b"; got != want {
+				t.Errorf("upstream's second request = %q, want %q", got, want)
+			}
+		})
+	}
+}
+
+// TestExpectRefusedBodyNotARequest: Cells refuses an Expect: 100-continue
+// upload before its body (a bad S3 signature); the client sends the body
+// anyway, at once or after the refusal, and the body holds what looks like
+// a request. The body's bytes must never be read as a request: the client
+// gets the 403 alone and the connection closes, and Cells never sees the
+// inner request.
+func TestExpectRefusedBodyNotARequest(t *testing.T) {
+	t.Parallel()
+	for _, size := range []int{len(smuggled), 64 << 10} {
+		for _, after := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%d/after=%v", size, after), func(t *testing.T) {
+				t.Parallel()
+				rec := &wireRecorder{Respond: func(w http.ResponseWriter, r *http.Request) {}}
+				up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+					if r.URL.Path == "/io/b/k" {
+						w.WriteHeader(http.StatusForbidden) // unread
+						return
+					}
+					rec.ServeHTTP(w, r)
+				}))
+				tp := startProxy(t, testConfig(up))
+				body := strings.Repeat(smuggled, size/len(smuggled))
+				head := "PUT /io/b/k HTTP/1.1\r\nHost: cells.example\r\nExpect: 100-continue\r\nContent-Length: " + strconv.Itoa(len(body)) + "\r\n\r\n"
+				conn := tp.dialRaw(t, tp.Addr().String(), "http/1.1")
+				br := bufio.NewReader(conn)
+				wrote := make(chan struct{})
+				if after {
+					io.WriteString(conn, head)
+					res, got := readResponse(t, br, http.MethodPut)
+					if res.StatusCode != http.StatusForbidden {
+						t.Fatalf("answer to the head = %d %q, want 403", res.StatusCode, got)
+					}
+					go func() { defer close(wrote); io.WriteString(conn, body) }()
+				} else {
+					go func() { defer close(wrote); io.WriteString(conn, head+body) }()
+					res, got := readResponse(t, br, http.MethodPut)
+					if res.StatusCode != http.StatusForbidden {
+						t.Fatalf("answer = %d %q, want 403", res.StatusCode, got)
+					}
+				}
+				if res, err := http.ReadResponse(br, nil); err == nil {
+					t.Errorf("a second response, %d, after the refused upload: its body was read as a request", res.StatusCode)
+				}
+				conn.Close()
+				<-wrote
+				quiesce(t, tp, up)
+				for _, w := range rec.all() {
+					t.Errorf("upstream saw %s %s from the refused upload's body", w.Method, w.RequestURI)
+				}
+			})
+		}
 	}
 }
