@@ -937,21 +937,9 @@ func TestGRPCUpstreamConnectionDrop(t *testing.T) {
 	// it needs, and far less than a hang.
 	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
 	defer cancel()
-	stream, err := tc.StreamingOutputCall(ctx, &testgrpc.StreamingOutputCallRequest{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, want := range []string{"one", "two"} {
-		res, err := stream.Recv()
-		if err != nil {
-			t.Fatalf("Recv before the drop: %v", err)
-		}
-		if got := string(res.GetPayload().GetBody()); got != want {
-			t.Errorf("message = %q, want %q", got, want)
-		}
-	}
+	stream := streamingRecv(t, ctx, tc, "one", "two")
 	close(clientGot)
-	_, err = stream.Recv()
+	_, err := stream.Recv()
 	// Pinned: the proxy ends a response whose upstream body broke with
 	// UNAVAILABLE in the trailers (forward.go, grpcBroken): the status that
 	// tells a client such as Cells Sync to call again.

@@ -229,20 +229,8 @@ func TestH2ReviewAnswerWithoutTrailers(t *testing.T) {
 	tc := testgrpc.NewTestServiceClient(dialProxy(t, tp, tp.Addr().String()))
 	ctx, cancel := context.WithTimeout(testCtx(t), 20*time.Second)
 	defer cancel()
-	stream, err := tc.StreamingOutputCall(ctx, &testgrpc.StreamingOutputCallRequest{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, want := range []string{"one", "two"} {
-		res, err := stream.Recv()
-		if err != nil {
-			t.Fatalf("Recv: %v", err)
-		}
-		if got := string(res.GetPayload().GetBody()); got != want {
-			t.Errorf("message = %q, want %q", got, want)
-		}
-	}
-	_, err = stream.Recv()
+	stream := streamingRecv(t, ctx, tc, "one", "two")
+	_, err := stream.Recv()
 	if err == io.EOF || status.Code(err) == codes.OK {
 		t.Fatalf("Recv after an answer without trailers = %v, want an error status", err)
 	}
@@ -334,19 +322,7 @@ func TestH2ReviewGoAwayWithErrorCode(t *testing.T) {
 	tc := testgrpc.NewTestServiceClient(dialProxy(t, tp, tp.Addr().String()))
 	ctx, cancel := context.WithTimeout(testCtx(t), 20*time.Second)
 	defer cancel()
-	stream, err := tc.StreamingOutputCall(ctx, &testgrpc.StreamingOutputCallRequest{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, want := range []string{"before", "after"} {
-		res, err := stream.Recv()
-		if err != nil {
-			t.Fatalf("Recv: %v", err)
-		}
-		if got := string(res.GetPayload().GetBody()); got != want {
-			t.Errorf("message = %q, want %q", got, want)
-		}
-	}
+	stream := streamingRecv(t, ctx, tc, "before", "after")
 	if _, err := stream.Recv(); err != io.EOF {
 		t.Errorf("end of the stream below the GOAWAY = %v, want io.EOF (status OK)", err)
 	}
@@ -530,19 +506,7 @@ func TestH2ReviewEmptyDataFrames(t *testing.T) {
 	tc := testgrpc.NewTestServiceClient(dialProxy(t, tp, tp.Addr().String()))
 	ctx, cancel := context.WithTimeout(testCtx(t), 20*time.Second)
 	defer cancel()
-	stream, err := tc.StreamingOutputCall(ctx, &testgrpc.StreamingOutputCallRequest{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, w := range []string{"one", "two"} {
-		res, err := stream.Recv()
-		if err != nil {
-			t.Fatalf("Recv: %v", err)
-		}
-		if got := string(res.GetPayload().GetBody()); got != w {
-			t.Errorf("message = %q, want %q", got, w)
-		}
-	}
+	stream := streamingRecv(t, ctx, tc, "one", "two")
 	if _, err := stream.Recv(); err != io.EOF {
 		t.Errorf("end of stream = %v, want io.EOF", err)
 	}
@@ -1288,4 +1252,24 @@ func TestH2ReviewRefusedLargeBody(t *testing.T) {
 	if got := seen.Load(); got != 1 {
 		t.Errorf("Cells saw the call %d times, want once", got)
 	}
+}
+
+// streamingRecv opens a StreamingOutputCall through tc and receives the
+// messages want, in order; the caller checks how the stream ends.
+func streamingRecv(t *testing.T, ctx context.Context, tc testgrpc.TestServiceClient, want ...string) testgrpc.TestService_StreamingOutputCallClient {
+	t.Helper()
+	stream, err := tc.StreamingOutputCall(ctx, &testgrpc.StreamingOutputCallRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, w := range want {
+		res, err := stream.Recv()
+		if err != nil {
+			t.Fatalf("Recv (before %q): %v", w, err)
+		}
+		if got := string(res.GetPayload().GetBody()); got != w {
+			t.Errorf("message = %q, want %q", got, w)
+		}
+	}
+	return stream
 }
