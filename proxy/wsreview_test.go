@@ -304,3 +304,69 @@ func TestWSReviewNoCrossTalk(t *testing.T) {
 	wg.Wait()
 	settleTunnels(t, tp)
 }
+
+// TestWSReviewPlainUpstreamLastWords: a Cells without TLS
+// (CELLS_SITE_NO_TLS=1) sends its 101, frames longer than the handshake's
+// 4 KiB reader and its close frame in one write, and closes at once: the
+// client gets every byte, those the handshake's reader took and those still
+// on the socket behind them, then the end.
+func TestWSReviewPlainUpstreamLastWords(t *testing.T) {
+	t.Parallel()
+	big := make([]byte, 10<<10)
+	for i := range big {
+		big[i] = byte(i * 13)
+	}
+	frames := bytes.Join([][]byte{wsFrame("first", false), frameOf(0x2, big, false), wsFrame("second", false), closeFrame(1000, "bye", false)}, nil)
+	up := newUpstream(t, upPlain, hijacker(func(r *http.Request) bool { return r.Header.Get("Upgrade") == "" }, func(conn net.Conn, brw *bufio.ReadWriter, r *http.Request) {
+		brw.WriteString(accept101(r))
+		brw.Write(frames)
+		brw.Flush()
+	}))
+	tp := startProxy(t, testConfig(up))
+	conn := rawWS(t, tp)
+	got, err := io.ReadAll(conn)
+	if !bytes.Equal(got, frames) {
+		t.Errorf("the client got %d bytes then %v, want the %d Cells sent: first difference at %d", len(got), err, len(frames), firstDiff(got, frames))
+	}
+}
+
+// TestWSReviewLargeEarlyFrames: a client sends its upgrade request and,
+// without waiting for the 101, 40 KiB of frames and its close frame, then
+// ends its side: more than net/http's and the front's buffers hold, so the
+// frames are split between those buffers, crypto/tls and the socket. Cells
+// gets them all, in order.
+func TestWSReviewLargeEarlyFrames(t *testing.T) {
+	t.Parallel()
+	var frames []byte
+	for i := range 40 {
+		p := make([]byte, 1000+i)
+		for j := range p {
+			p[j] = byte(i + j)
+		}
+		frames = append(frames, frameOf(0x2, p, true)...)
+	}
+	frames = append(frames, closeFrame(1000, "bye", true)...)
+	gotc := make(chan []byte, 1)
+	up := wsRawUp(t, func(conn net.Conn, brw *bufio.ReadWriter, r *http.Request) {
+		brw.WriteString(accept101(r))
+		brw.Flush()
+		b := make([]byte, len(frames))
+		n, _ := io.ReadFull(brw, b)
+		gotc <- b[:n]
+		io.Copy(io.Discard, brw)
+	})
+	tp := startProxy(t, testConfig(up))
+	host := tp.Addr().String()
+	conn := tp.dialRaw(t, host, "http/1.1")
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	req := "GET /ws/event HTTP/1.1\r\nHost: " + host + "\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
+		"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+	if _, err := conn.Write(append([]byte(req), frames...)); err != nil {
+		t.Fatal(err)
+	}
+	conn.CloseWrite()
+	got := recv(t, gotc, "Cells' read")
+	if !bytes.Equal(got, frames) {
+		t.Errorf("Cells got %d bytes, want the %d the client sent: first difference at %d", len(got), len(frames), firstDiff(got, frames))
+	}
+}
