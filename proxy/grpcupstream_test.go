@@ -1167,22 +1167,8 @@ func TestGRPCUpstreamPing(t *testing.T) {
 	t.Parallel()
 	inCall := make(chan *h2Stream, 1)
 	release := make(chan struct{})
-	p := newH2Peer(t, h2PeerConfig{}, func(s *h2Stream) {
-		body, err := s.readBody()
-		if err != nil {
-			return
-		}
-		if s.Get(":path") == "/pkg.Svc/Ping" {
-			inCall <- s
-			// The call stays open until the PING is answered.
-			select {
-			case <-release:
-			case <-s.Done():
-				return
-			}
-		}
-		s.respond(body)
-	})
+	// The call to /pkg.Svc/Ping stays open until the PING is answered.
+	p := newHoldingPeer(t, "/pkg.Svc/Ping", inCall, release)
 	tp := startPeerProxy(t, p)
 
 	want := grpcMsg([]byte("ping"))

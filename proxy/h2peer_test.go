@@ -802,3 +802,24 @@ func (s *h2Stream) respond(body []byte, trailer ...string) error {
 	}
 	return s.writeHeaders(true, 1, append([]string{"grpc-status", "0"}, trailer...)...)
 }
+
+// newHoldingPeer is a Cells that echoes each call's body, but hands a call
+// to path over to held first and answers it only once release is closed
+// (or drops it if the stream ends meanwhile).
+func newHoldingPeer(t testing.TB, path string, held chan<- *h2Stream, release <-chan struct{}) *h2Peer {
+	return newH2Peer(t, h2PeerConfig{}, func(s *h2Stream) {
+		body, err := s.readBody()
+		if err != nil {
+			return
+		}
+		if s.Get(":path") == path {
+			held <- s
+			select {
+			case <-release:
+			case <-s.Done():
+				return
+			}
+		}
+		s.respond(body)
+	})
+}

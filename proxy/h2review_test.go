@@ -343,21 +343,7 @@ func TestH2ReviewStreamLimitLowered(t *testing.T) {
 	t.Parallel()
 	held := make(chan *h2Stream, 3)
 	release := make(chan struct{})
-	p := newH2Peer(t, h2PeerConfig{}, func(s *h2Stream) {
-		body, err := s.readBody()
-		if err != nil {
-			return
-		}
-		if s.Get(":path") == "/pkg.Svc/Hold" {
-			held <- s
-			select {
-			case <-release:
-			case <-s.Done():
-				return
-			}
-		}
-		s.respond(body)
-	})
+	p := newHoldingPeer(t, "/pkg.Svc/Hold", held, release)
 	tp := startPeerProxy(t, p)
 
 	var wg sync.WaitGroup
