@@ -358,18 +358,7 @@ func (s *probeService) FullDuplexCall(stream testgrpc.TestService_FullDuplexCall
 	if slices.Contains(mode, "hold") {
 		return s.hold(stream.Context())
 	}
-	for {
-		in, err := stream.Recv()
-		if err == io.EOF {
-			return nil
-		}
-		if err != nil {
-			return err
-		}
-		if err := stream.Send(&testgrpc.StreamingOutputCallResponse{Payload: in.GetPayload()}); err != nil {
-			return err
-		}
-	}
+	return echoDuplex(stream)
 }
 
 // probe returns ctx carrying x-probe: mode and the extra metadata pairs.
@@ -1215,6 +1204,22 @@ func TestGRPCWebIsHTTP(t *testing.T) {
 			if rec.count() == before {
 				t.Errorf("%s %s: %s grpc-status %q, want it to reach CELLS_UPSTREAM", pc.name, ct, res.Status, res.Header.Get("Grpc-Status"))
 			}
+		}
+	}
+}
+
+// echoDuplex sends each message of stream back until the client ends it.
+func echoDuplex(stream testgrpc.TestService_FullDuplexCallServer) error {
+	for {
+		in, err := stream.Recv()
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		if err := stream.Send(&testgrpc.StreamingOutputCallResponse{Payload: in.GetPayload()}); err != nil {
+			return err
 		}
 	}
 }

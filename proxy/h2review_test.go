@@ -44,18 +44,7 @@ func (s *reviewService) UnaryCall(ctx context.Context, in *testgrpc.SimpleReques
 
 func (s *reviewService) FullDuplexCall(stream testgrpc.TestService_FullDuplexCallServer) error {
 	s.calls.Add(1)
-	for {
-		in, err := stream.Recv()
-		if err == io.EOF {
-			return nil
-		}
-		if err != nil {
-			return err
-		}
-		if err := stream.Send(&testgrpc.StreamingOutputCallResponse{Payload: in.GetPayload()}); err != nil {
-			return err
-		}
-	}
+	return echoDuplex(stream)
 }
 
 // reviewListener is the listener one grpc-go server serves: it takes the
