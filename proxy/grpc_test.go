@@ -105,15 +105,7 @@ func startGRPC(t *testing.T, topo grpcTopology, configure func(*Config)) *grpcEn
 	case topoH2C:
 		up := newUpstream(t, upPlain, e.rec)
 		ln := newCrashListener(t)
-		served := make(chan struct{})
-		go func() {
-			defer close(served)
-			gs.Serve(ln)
-		}()
-		t.Cleanup(func() {
-			gs.Stop()
-			<-served
-		})
+		serveGRPC(t, gs, ln)
 		cfg = testConfig(up)
 		cfg.GRPCUpstream = &url.URL{Scheme: "h2c", Host: ln.Addr().String()}
 		e.kill = ln.crash
@@ -1222,4 +1214,18 @@ func echoDuplex(stream testgrpc.TestService_FullDuplexCallServer) error {
 			return err
 		}
 	}
+}
+
+// serveGRPC serves gs on ln until the test ends, then stops it and waits
+// for Serve to return.
+func serveGRPC(tb testing.TB, gs *grpc.Server, ln net.Listener) {
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		gs.Serve(ln)
+	}()
+	tb.Cleanup(func() {
+		gs.Stop()
+		<-served
+	})
 }

@@ -316,15 +316,7 @@ func benchGRPCGoStream(b *testing.B, window uint32, oneWay time.Duration) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	served := make(chan struct{})
-	go func() {
-		defer close(served)
-		gs.Serve(ln)
-	}()
-	b.Cleanup(func() {
-		gs.Stop()
-		<-served
-	})
+	serveGRPC(b, gs, ln)
 	tp := windowProxy(b, ln.Addr().String(), window, oneWay)
 	tc := testgrpc.NewTestServiceClient(dialProxy(b, tp, tp.Addr().String()))
 	// The round trip of an empty call through the proxy, delay line

@@ -724,15 +724,7 @@ func TestH2ReviewLargeMessages(t *testing.T) {
 	}
 	gs := grpc.NewServer(grpc.MaxRecvMsgSize(limit), grpc.MaxSendMsgSize(limit))
 	testgrpc.RegisterTestServiceServer(gs, &reviewService{})
-	served := make(chan struct{})
-	go func() {
-		defer close(served)
-		gs.Serve(ln)
-	}()
-	t.Cleanup(func() {
-		gs.Stop()
-		<-served
-	})
+	serveGRPC(t, gs, ln)
 	cfg := testConfig(newUpstream(t, upPlain, &recorder{}))
 	cfg.GRPCUpstream = &url.URL{Scheme: "h2c", Host: ln.Addr().String()}
 	tp := startProxy(t, cfg)
@@ -815,15 +807,7 @@ func TestH2ReviewCancelWhileCellsBlocked(t *testing.T) {
 	svc := &floodService{started: make(chan struct{}, 2), ended: make(chan error, 2)}
 	gs := grpc.NewServer()
 	testgrpc.RegisterTestServiceServer(gs, svc)
-	served := make(chan struct{})
-	go func() {
-		defer close(served)
-		gs.Serve(ln)
-	}()
-	t.Cleanup(func() {
-		gs.Stop()
-		<-served
-	})
+	serveGRPC(t, gs, ln)
 	cfg := testConfig(newUpstream(t, upPlain, &recorder{}))
 	cfg.GRPCUpstream = &url.URL{Scheme: "h2c", Host: ln.Addr().String()}
 	tp := startProxy(t, cfg)
@@ -1070,15 +1054,7 @@ func TestH2ReviewCellsEndsStreamEarly(t *testing.T) {
 	}
 	gs := grpc.NewServer()
 	testgrpc.RegisterTestServiceServer(gs, earlyService{})
-	served := make(chan struct{})
-	go func() {
-		defer close(served)
-		gs.Serve(ln)
-	}()
-	t.Cleanup(func() {
-		gs.Stop()
-		<-served
-	})
+	serveGRPC(t, gs, ln)
 	cfg := testConfig(newUpstream(t, upPlain, &recorder{}))
 	cfg.GRPCUpstream = &url.URL{Scheme: "h2c", Host: ln.Addr().String()}
 	tp := startProxy(t, cfg)
