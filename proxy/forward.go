@@ -780,6 +780,18 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool)
 	if r.Body != nil && r.Body != http.NoBody {
 		r.Body = &countingBody{ReadCloser: r.Body, ex: ex}
 		ex.bodyOpen.Store(true)
+		if r.ProtoMajor == 2 && r.ContentLength == 0 {
+			// Declared empty, its stream still open: as for streamEnd,
+			// the request is complete only at END_STREAM, and DATA
+			// before it makes it malformed (RFC 9113 §8.1.1). Neither
+			// path reads a body of length 0: without this wait Cells
+			// took such a request as a complete empty one.
+			if err := streamEnded(r.Body); err != nil {
+				ex.bodyFailed.Store(true) // the client's fault, whatever the error
+				f.errorHandler(ex, r, err)
+				return
+			}
+		}
 	}
 
 	if ex.kind == "ws" {

@@ -331,3 +331,22 @@ func (b *streamEnd) Read(p []byte) (int, error) {
 	}
 	return n, io.EOF
 }
+
+// streamEnded waits for the end of an HTTP/2 request body declared empty
+// (content-length: 0) whose HEADERS did not end the stream: nil at a clean
+// END_STREAM, an error for DATA or a reset. Clients end such a stream at
+// once, with an empty DATA frame.
+func streamEnded(body io.Reader) error {
+	var one [1]byte
+	for {
+		n, err := body.Read(one[:])
+		switch {
+		case n > 0:
+			return errBodyTooLong
+		case err == io.EOF:
+			return nil
+		case err != nil:
+			return err
+		}
+	}
+}
