@@ -1,7 +1,13 @@
 package proxy
 
 import (
+	"bytes"
+	"context"
 	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -48,5 +54,355 @@ func TestH2FrontReviewZeroLengthThenData(t *testing.T) {
 	}
 	if want := []string{`POST /a/tree/create/0 "" <nil>`, `GET /after "" <nil>`}; fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Errorf("Cells saw %q, want %q", got, want)
+	}
+}
+
+// TestH2FrontReviewSplitCookies: an HTTP/2 client may split Cookie into
+// fields (RFC 9113 §8.2.3); Cells over HTTP/1.1 gets one, joined by "; ".
+func TestH2FrontReviewSplitCookies(t *testing.T) {
+	rec := &wireRecorder{}
+	up := newUpstream(t, upTLS, rec)
+	tp := startProxy(t, testConfig(up))
+	for _, size := range []int{0, 100, 15000} {
+		method := "GET"
+		var extra []string
+		if size > 0 {
+			method = "PUT"
+			extra = []string{"content-length", strconv.Itoa(size)}
+		}
+		fields := pseudo(tp, method, "/c"+strconv.Itoa(size), append(extra, "cookie", "a=1", "cookie", "b=2", "cookie", "c=3")...)
+		res := rawH2(t, tp, fields, patternBody(size))
+		if res.Status != 200 {
+			t.Errorf("size %d: status %d", size, res.Status)
+		}
+	}
+	quiesce(t, tp, up)
+	for _, w := range rec.all() {
+		if got, want := w.Header["Cookie"], []string{"a=1; b=2; c=3"}; fmt.Sprint(got) != fmt.Sprint(want) {
+			t.Errorf("%s: Cells got Cookie %q, want %q", w.RequestURI, got, want)
+		}
+	}
+}
+
+// TestH2FrontReviewDownloadCancels: many concurrent downloads on one
+// HTTP/2 connection, some cancelled mid-body: every completed one is
+// right, byte for byte.
+func TestH2FrontReviewDownloadCancels(t *testing.T) {
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		n, _ := strconv.Atoi(r.URL.Query().Get("n"))
+		body := patternBody(n)
+		if r.URL.Query().Get("len") == "1" {
+			w.Header().Set("Content-Length", strconv.Itoa(n))
+		}
+		w.Header().Set("X-Path", r.URL.Path)
+		for len(body) > 0 {
+			k := min(len(body), 7000)
+			if _, err := w.Write(body[:k]); err != nil {
+				return
+			}
+			w.(http.Flusher).Flush()
+			body = body[k:]
+		}
+	}))
+	tp := startProxy(t, testConfig(up))
+	c := tp.H2
+	type result struct{ err error }
+	const N = 120
+	done := make(chan string, N)
+	for i := range N {
+		go func() {
+			n := []int{0, 10, 5000, 70000, 300000}[i%5]
+			path := fmt.Sprintf("/d/%d?n=%d&len=%d", i, n, i%2)
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			req, _ := http.NewRequestWithContext(ctx, "GET", tp.URL+path, nil)
+			res, err := c.Do(req)
+			if err != nil {
+				done <- "err " + err.Error()
+				return
+			}
+			defer res.Body.Close()
+			if got := res.Header.Get("X-Path"); got != fmt.Sprintf("/d/%d", i) {
+				done <- fmt.Sprintf("%s: X-Path %q", path, got)
+				return
+			}
+			if i%3 == 0 && n > 0 {
+				buf := make([]byte, n/2+1)
+				io.ReadFull(res.Body, buf)
+				cancel()
+				done <- ""
+				return
+			}
+			b, err := io.ReadAll(res.Body)
+			if err != nil {
+				done <- fmt.Sprintf("%s: %v", path, err)
+				return
+			}
+			if !bytes.Equal(b, patternBody(n)) {
+				done <- fmt.Sprintf("%s: body of %d bytes differs", path, len(b))
+				return
+			}
+			done <- ""
+		}()
+	}
+	for range N {
+		select {
+		case s := <-done:
+			if s != "" {
+				t.Error(s)
+			}
+		case <-time.After(60 * time.Second):
+			t.Fatal("timed out")
+		}
+	}
+}
+
+// TestH2FrontReviewTrailers: Cells' response trailers reach an HTTP/2
+// client on both paths.
+func TestH2FrontReviewTrailers(t *testing.T) {
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		w.Header().Set("Trailer", "X-Sum")
+		io.WriteString(w, "body")
+		w.Header().Set("X-Sum", "abc")
+		w.Header().Set(http.TrailerPrefix+"X-Late", "late")
+	}))
+	tp := startProxy(t, testConfig(up))
+	for _, size := range []int{0, 40 << 10} {
+		var body io.Reader
+		if size > 0 {
+			body = bytes.NewReader(patternBody(size))
+		}
+		req, _ := http.NewRequest("POST", tp.URL+"/t", body)
+		res, err := tp.H2.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(res.Body)
+		res.Body.Close()
+		if string(b) != "body" || res.Trailer.Get("X-Sum") != "abc" || res.Trailer.Get("X-Late") != "late" {
+			t.Errorf("size %d: body %q trailer %v", size, b, res.Trailer)
+		}
+	}
+}
+
+// TestH2FrontReviewCutResponses: a response Cells cuts short (declared
+// length not reached, chunked without its end) reaches an HTTP/2 client
+// as an error, never as a complete body.
+func TestH2FrontReviewCutResponses(t *testing.T) {
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		conn, brw, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			return
+		}
+		defer conn.Close()
+		switch r.URL.Path {
+		case "/len":
+			brw.WriteString("HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + strings.Repeat("x", 50000))
+		case "/chunked":
+			brw.WriteString("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+		case "/close":
+			brw.WriteString("HTTP/1.1 200 OK\r\n\r\n" + strings.Repeat("y", 30000))
+		}
+		brw.Flush()
+		time.Sleep(100 * time.Millisecond)
+	}))
+	tp := startProxy(t, testConfig(up))
+	for _, p := range []string{"/len", "/chunked", "/close"} {
+		res, err := tp.H2.Get(tp.URL + p)
+		if err != nil {
+			t.Fatalf("%s: %v", p, err)
+		}
+		b, err := io.ReadAll(res.Body)
+		res.Body.Close()
+		t.Logf("%s: %d bytes, err %v", p, len(b), err)
+		if p != "/close" && err == nil {
+			t.Errorf("%s: a cut response read as complete (%d bytes)", p, len(b))
+		}
+		if p == "/close" && (err != nil || len(b) != 30000) {
+			t.Errorf("%s: %d bytes, err %v; want 30000, nil", p, len(b), err)
+		}
+	}
+}
+
+// TestH2FrontReviewStatuses: HEAD, 204, 304 and 103 over HTTP/2.
+func TestH2FrontReviewStatuses(t *testing.T) {
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/204":
+			w.WriteHeader(204)
+		case "/304":
+			w.Header().Set("ETag", `"x"`)
+			w.WriteHeader(304)
+		case "/103":
+			w.Header().Set("Link", "</a.css>; rel=preload")
+			w.WriteHeader(103)
+			w.Header().Del("Link")
+			io.WriteString(w, "final")
+		default:
+			w.Header().Set("Content-Length", "12345")
+			if r.Method != "HEAD" {
+				w.Write(make([]byte, 12345))
+			}
+		}
+	}))
+	tp := startProxy(t, testConfig(up))
+	for _, tc := range []struct{ method, path, want string }{
+		{"HEAD", "/file", "200 12345 0"},
+		{"GET", "/204", "204 0 0"},
+		{"GET", "/304", "304 0 0"},
+		{"GET", "/103", "200 5 5"},
+	} {
+		req, _ := http.NewRequest(tc.method, tp.URL+tc.path, nil)
+		res, err := tp.H2.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, err := io.ReadAll(res.Body)
+		res.Body.Close()
+		if got := fmt.Sprint(res.StatusCode, " ", res.ContentLength, " ", len(b)); got != tc.want || err != nil {
+			t.Errorf("%s %s: %s (%v), want %s", tc.method, tc.path, got, err, tc.want)
+		}
+	}
+}
+
+// TestH2FrontReviewShortBody: a stream that ends before its declared
+// content-length never reaches Cells as a complete body.
+func TestH2FrontReviewShortBody(t *testing.T) {
+	for _, size := range []int{100, 20000, 200000} {
+		t.Run(strconv.Itoa(size), func(t *testing.T) {
+			rec := &wireRecorder{}
+			up := newUpstream(t, upTLS, rec)
+			tp := startProxy(t, testConfig(up))
+			fc := dialH2(t, tp)
+			fc.wmu.Lock()
+			fc.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, EndHeaders: true,
+				BlockFragment: fc.block(pseudo(tp, "PUT", "/io/b/f", "content-length", strconv.Itoa(size))...)})
+			for b := patternBody(size / 2); len(b) > 0; {
+				k := min(len(b), 16384)
+				fc.fr.WriteData(1, len(b) == k, b[:k])
+				b = b[k:]
+			}
+			fc.wmu.Unlock()
+			t.Logf("client got %v", fc.answer(t, 1))
+			fc.request(3, pseudo(tp, "GET", "/after")...)
+			if got := fc.answer(t, 3).String(); got != ":status 200" {
+				t.Errorf("next request: %s", got)
+			}
+			quiesce(t, tp, up)
+			for _, w := range rec.all() {
+				if w.Method == "PUT" && w.BodyErr == nil {
+					t.Errorf("Cells took a complete %d-byte body, declared %d", len(w.Body), size)
+				}
+			}
+		})
+	}
+}
+
+// TestH2FrontReviewEarlyAnswer: Cells answers an upload (413, 401) before
+// reading its body while the client still sends; the client gets Cells'
+// answer and its connection carries the next requests.
+func TestH2FrontReviewEarlyAnswer(t *testing.T) {
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/big":
+			http.Error(w, "<Error><Code>EntityTooLarge</Code></Error>", 413)
+		case "/auth":
+			w.Header().Set("WWW-Authenticate", "Bearer")
+			http.Error(w, "unauthorized", 401)
+		default:
+			n, err := io.Copy(io.Discard, r.Body)
+			fmt.Fprintf(w, "%d %v", n, err)
+		}
+	}))
+	tp := startProxy(t, testConfig(up))
+	for i, p := range []string{"/big", "/auth", "/big", "/auth"} {
+		pr, pw := io.Pipe()
+		go func() {
+			b := patternBody(1 << 20)
+			pw.Write(b)
+			pw.Close()
+		}()
+		req, _ := http.NewRequest("PUT", tp.URL+p, pr)
+		if i >= 2 {
+			req.Header.Set("Expect", "100-continue")
+			req.ContentLength = 1 << 20
+		}
+		res, err := tp.H2.Do(req)
+		if err != nil {
+			t.Fatalf("%s: %v", p, err)
+		}
+		b, _ := io.ReadAll(res.Body)
+		res.Body.Close()
+		pr.CloseWithError(io.ErrClosedPipe)
+		if res.StatusCode != 413 && res.StatusCode != 401 {
+			t.Errorf("%s: %d %q", p, res.StatusCode, b)
+		}
+		res, err = tp.H2.Post(tp.URL+"/echo", "text/plain", strings.NewReader("hello"))
+		if err != nil {
+			t.Fatalf("after %s: %v", p, err)
+		}
+		b, _ = io.ReadAll(res.Body)
+		res.Body.Close()
+		if string(b) != "5 <nil>" {
+			t.Errorf("after %s: %d %q", p, res.StatusCode, b)
+		}
+	}
+}
+
+// TestH2FrontReviewAuthority: :authority and a differing Host field.
+func TestH2FrontReviewAuthority(t *testing.T) {
+	rec := &wireRecorder{}
+	up := newUpstream(t, upTLS, rec)
+	tp := startProxy(t, testConfig(up))
+	res := rawH2(t, tp, []string{":method", "GET", ":scheme", "https", ":authority", "files.example.com:8443", ":path", "/a/x", "host", "evil.example"}, nil)
+	t.Logf("status %d", res.Status)
+	res = rawH2(t, tp, []string{":method", "GET", ":scheme", "https", ":path", "/a/y", "host", "files.example.com:443"}, nil)
+	t.Logf("status %d", res.Status)
+	quiesce(t, tp, up)
+	for _, w := range rec.all() {
+		t.Logf("Cells saw %s %s Host %q header %v", w.Method, w.RequestURI, w.Host, w.Header)
+	}
+}
+
+// TestH2FrontReviewWindowStall: a client that grants no window, then
+// grants it bit by bit, gets its whole download.
+func TestH2FrontReviewWindowStall(t *testing.T) {
+	const size = 300000
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/len" {
+			w.Header().Set("Content-Length", strconv.Itoa(size))
+		}
+		w.Write(patternBody(size))
+	}))
+	tp := startProxy(t, testConfig(up))
+	for _, p := range []string{"/len", "/chunked"} {
+		fc := dialH2At(t, tp, tp.Addr().String(), http2.Setting{ID: http2.SettingInitialWindowSize, Val: 0})
+		fc.request(1, pseudo(tp, "GET", p)...)
+		if got := fc.answer(t, 1).String(); got != ":status 200" {
+			t.Fatalf("%s: %s", p, got)
+		}
+		time.Sleep(200 * time.Millisecond)
+		var body []byte
+		for end := false; !end; {
+			fc.wmu.Lock()
+			fc.fr.WriteWindowUpdate(1, 1000)
+			fc.fr.WriteWindowUpdate(0, 1000)
+			fc.wmu.Unlock()
+			got := 0
+			for got < 1000 && !end {
+				ev := fc.wait(t, "data", func(ev frameEvent) bool { return ev.StreamID == 1 })
+				if ev.Type != http2.FrameData {
+					t.Fatalf("%s: %v after %d bytes", p, ev, len(body))
+				}
+				body = append(body, ev.Data...)
+				got += len(ev.Data)
+				end = ev.End
+			}
+		}
+		if !bytes.Equal(body, patternBody(size)) {
+			t.Errorf("%s: %d bytes, differ", p, len(body))
+		}
+		fc.Close()
 	}
 }
