@@ -406,3 +406,80 @@ func TestH2FrontReviewWindowStall(t *testing.T) {
 		fc.Close()
 	}
 }
+
+// TestH2FrontReviewUploadCancels: concurrent uploads on one HTTP/2
+// connection, with and without content-length, a third of them cancelled
+// half-way: Cells gets every completed one byte for byte, and never a
+// cancelled one as a complete body.
+func TestH2FrontReviewUploadCancels(t *testing.T) {
+	rec := &wireRecorder{}
+	up := newUpstream(t, upTLS, rec)
+	tp := startProxy(t, testConfig(up))
+	const N = 60
+	sizes := []int{5000, 50000, 300000}
+	done := make(chan string, N)
+	for i := range N {
+		go func() {
+			n := sizes[i%3]
+			body := patternBody(n)
+			pr, pw := io.Pipe()
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			cut := i%3 == 1
+			go func() {
+				half := n / 2
+				pw.Write(body[:half])
+				if cut {
+					cancel()
+					pw.CloseWithError(context.Canceled)
+					return
+				}
+				pw.Write(body[half:])
+				pw.Close()
+			}()
+			req, _ := http.NewRequestWithContext(ctx, "PUT", fmt.Sprintf("%s/io/b/%d", tp.URL, i), pr)
+			if i%2 == 0 {
+				req.ContentLength = int64(n)
+			}
+			res, err := tp.H2.Do(req)
+			if err != nil {
+				if !cut {
+					done <- fmt.Sprintf("upload %d: %v", i, err)
+					return
+				}
+				done <- ""
+				return
+			}
+			b, _ := io.ReadAll(res.Body)
+			res.Body.Close()
+			if !cut && (res.StatusCode != 200 || string(b) != "ok") {
+				done <- fmt.Sprintf("upload %d: %d %q", i, res.StatusCode, b)
+				return
+			}
+			done <- ""
+		}()
+	}
+	for range N {
+		select {
+		case s := <-done:
+			if s != "" {
+				t.Error(s)
+			}
+		case <-time.After(60 * time.Second):
+			t.Fatal("timed out")
+		}
+	}
+	quiesce(t, tp, up)
+	for _, w := range rec.all() {
+		var i int
+		fmt.Sscanf(w.RequestURI, "/io/b/%d", &i)
+		n := sizes[i%3]
+		cut := i%3 == 1
+		switch {
+		case cut && w.BodyErr == nil:
+			t.Errorf("upload %d, cancelled: Cells got a complete body of %d bytes", i, len(w.Body))
+		case !cut && (w.BodyErr != nil || !bytes.Equal(w.Body, patternBody(n))):
+			t.Errorf("upload %d: Cells got %d bytes, err %v; want %d bytes", i, len(w.Body), w.BodyErr, n)
+		}
+	}
+}
