@@ -3,9 +3,13 @@ package proxy
 import (
 	"bytes"
 	"context"
+	"encoding/pem"
 	"fmt"
 	"io"
 	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -481,5 +485,66 @@ func TestH2FrontReviewUploadCancels(t *testing.T) {
 		case !cut && (w.BodyErr != nil || !bytes.Equal(w.Body, patternBody(n))):
 			t.Errorf("upload %d: Cells got %d bytes, err %v; want %d bytes", i, len(w.Body), w.BodyErr, n)
 		}
+	}
+}
+
+// TestH2FrontReviewCurl: curl over HTTP/2, as cec's and scripts' uploads
+// go: a file of known length, one from stdin (no content-length), and a
+// raw path with escapes and a query kept byte for byte.
+func TestH2FrontReviewCurl(t *testing.T) {
+	curl, err := exec.LookPath("curl")
+	if err != nil {
+		t.Skip("no curl")
+	}
+	rec := &wireRecorder{}
+	up := newUpstream(t, upTLS, rec)
+	tp := startProxy(t, testConfig(up))
+	dir := t.TempDir()
+	ca := filepath.Join(dir, "ca.pem")
+	cert := tp.cert.Load()
+	if err := os.WriteFile(ca, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Leaf.Raw}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	file := filepath.Join(dir, "f")
+	body := patternBody(3 << 20)
+	if err := os.WriteFile(file, body, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	const target = "/io/b/a%2Fb/%2e%2e//x;y/%C3%A9?q=a+b%20c&X-Amz-Signature=s"
+	base := []string{"--http2", "-sS", "--cacert", ca, "--path-as-is", "-o", "/dev/null", "-w", "%{http_version} %{http_code}",
+		"-b", "a=1; b=2", "-H", "X-Forwarded-For: 6.6.6.6", "-H", "X-Real-IP: 6.6.6.6"}
+	for _, tc := range []struct {
+		name string
+		args []string
+	}{
+		{"get", nil},
+		{"file", []string{"-T", file}},
+		{"stdin", []string{"-T", "-"}},
+	} {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		cmd := exec.CommandContext(ctx, curl, append(append(base, tc.args...), tp.URL+target)...)
+		if tc.name == "stdin" {
+			cmd.Stdin = bytes.NewReader(body)
+		}
+		out, err := cmd.CombinedOutput()
+		cancel()
+		if got, want := string(out), "2 200"; err != nil || got != want {
+			t.Errorf("curl %s: %q, %v; want %q", tc.name, out, err, want)
+		}
+	}
+	quiesce(t, tp, up)
+	for _, w := range rec.all() {
+		if w.RequestURI != target {
+			t.Errorf("%s: Cells got target %q, want %q", w.Method, w.RequestURI, target)
+		}
+		if got := fmt.Sprint(w.Header["X-Forwarded-For"], w.Header["X-Real-Ip"], w.Header["Cookie"]); got != "[127.0.0.1] [127.0.0.1] [a=1; b=2]" {
+			t.Errorf("%s: Cells got X-Forwarded-For, X-Real-Ip, Cookie %s", w.Method, got)
+		}
+		if w.Method == "PUT" && (w.BodyErr != nil || !bytes.Equal(w.Body, body)) {
+			t.Errorf("PUT: Cells got %d bytes, err %v; want %d", len(w.Body), w.BodyErr, len(body))
+		}
+	}
+	if got := len(rec.all()); got != 3 {
+		t.Errorf("Cells got %d requests, want 3", got)
 	}
 }
