@@ -548,3 +548,144 @@ func TestH2FrontReviewCurl(t *testing.T) {
 		t.Errorf("Cells got %d requests, want 3", got)
 	}
 }
+
+// TestH2FrontReviewUploadEndings: uploads on one connection, their DATA
+// interleaved, each ended one way: cleanly, reset before or just after its
+// last declared byte, with more than declared, or with END_STREAM short
+// of it. Cells gets the clean ones byte for byte and never takes another
+// as complete; every stream gets an answer and the connection lives on.
+func TestH2FrontReviewUploadEndings(t *testing.T) {
+	rec := &wireRecorder{}
+	up := newUpstream(t, upTLS, rec)
+	tp := startProxy(t, testConfig(up))
+	fc := dialH2(t, tp)
+	fc.request(1, pseudo(tp, "GET", "/first")...)
+	fc.answer(t, 1) // the server's SETTINGS are in
+	type upload struct {
+		id     uint32
+		size   int
+		sized  bool
+		ending string
+		sent   int
+	}
+	var ups []*upload
+	id := uint32(3)
+	for _, size := range []int{1, 12 << 10, 12<<10 + 1, 70000} {
+		for _, sized := range []bool{true, false} {
+			for _, ending := range []string{"clean", "reset-before", "reset-after", "excess", "short"} {
+				if !sized && (ending == "excess" || ending == "short") {
+					continue
+				}
+				ups = append(ups, &upload{id: id, size: size, sized: sized, ending: ending})
+				id += 2
+			}
+		}
+	}
+	write := func(f func() error) {
+		fc.wmu.Lock()
+		defer fc.wmu.Unlock()
+		if err := f(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, u := range ups {
+		kv := pseudo(tp, "PUT", fmt.Sprintf("/io/b/%d", u.id))
+		if u.sized {
+			kv = append(kv, "content-length", strconv.Itoa(u.size))
+		}
+		write(func() error {
+			return fc.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: u.id, EndHeaders: true, BlockFragment: fc.block(kv...)})
+		})
+	}
+	// Round-robin, up to 5000 bytes at a time; each stream stops one
+	// byte short of its end, which its ending decides.
+	for more := true; more; {
+		more = false
+		for _, u := range ups {
+			left := u.size - 1 - u.sent
+			if u.ending == "short" {
+				left = u.size/2 - u.sent
+			}
+			if left <= 0 {
+				continue
+			}
+			k := min(left, 5000)
+			b := patternBody(u.size)[u.sent : u.sent+k]
+			write(func() error { return fc.fr.WriteData(u.id, false, b) })
+			u.sent += k
+			more = true
+		}
+	}
+	last := func(u *upload) []byte { return patternBody(u.size)[u.size-1:] }
+	for _, u := range ups {
+		write(func() error {
+			switch u.ending {
+			case "clean":
+				return fc.fr.WriteData(u.id, true, last(u))
+			case "reset-before":
+				return fc.fr.WriteRSTStream(u.id, http2.ErrCodeCancel)
+			case "reset-after":
+				if err := fc.fr.WriteData(u.id, false, last(u)); err != nil {
+					return err
+				}
+				return fc.fr.WriteRSTStream(u.id, http2.ErrCodeCancel)
+			case "excess":
+				return fc.fr.WriteData(u.id, true, append(last(u), 'x'))
+			default: // short
+				return fc.fr.WriteData(u.id, true, nil)
+			}
+		})
+	}
+	// The answers come in any order: one wait takes them all.
+	answers := map[uint32]string{}
+	waiting := 0
+	for _, u := range ups {
+		if !strings.HasPrefix(u.ending, "reset") {
+			waiting++
+		}
+	}
+	fc.wait(t, "the uploads' answers", func(ev frameEvent) bool {
+		u := ups[(ev.StreamID-3)/2%uint32(len(ups))]
+		if ev.StreamID < 3 || u.id != ev.StreamID || strings.HasPrefix(u.ending, "reset") || answers[ev.StreamID] != "" {
+			return false
+		}
+		if ev.Type == http2.FrameHeaders || ev.Type == http2.FrameRSTStream {
+			answers[ev.StreamID] = ev.String()
+			waiting--
+		}
+		return waiting == 0
+	})
+	for _, u := range ups {
+		if got := answers[u.id]; u.ending == "clean" && got != ":status 200" {
+			t.Errorf("upload %d (%d bytes, sized %v) ended cleanly: %v", u.id, u.size, u.sized, got)
+		}
+	}
+	fc.request(id, pseudo(tp, "GET", "/last")...)
+	if got := fc.answer(t, id).String(); got != ":status 200" {
+		t.Errorf("request after the uploads: %s", got)
+	}
+	quiesce(t, tp, up)
+	byID := map[uint32]*upload{}
+	for _, u := range ups {
+		byID[u.id] = u
+	}
+	clean := 0
+	for _, w := range rec.all() {
+		var id uint32
+		if _, err := fmt.Sscanf(w.RequestURI, "/io/b/%d", &id); err != nil {
+			continue
+		}
+		u := byID[id]
+		if u.ending == "clean" {
+			clean++
+			if w.BodyErr != nil || !bytes.Equal(w.Body, patternBody(u.size)) {
+				t.Errorf("upload %d (%d bytes, sized %v), clean: Cells got %d bytes, err %v", id, u.size, u.sized, len(w.Body), w.BodyErr)
+			}
+		} else if w.BodyErr == nil {
+			t.Errorf("upload %d (%d bytes, sized %v), %s: Cells took a complete body of %d bytes", id, u.size, u.sized, u.ending, len(w.Body))
+		}
+	}
+	if clean != 8 {
+		t.Errorf("Cells got %d clean uploads, want 8", clean)
+	}
+}
