@@ -689,3 +689,67 @@ func TestH2FrontReviewUploadEndings(t *testing.T) {
 		t.Errorf("Cells got %d clean uploads, want 8", clean)
 	}
 }
+
+// TestH2FrontReviewCancelsBeforeAnswer: requests on one HTTP/2
+// connection, a third of them cancelled while Cells prepares its answer,
+// in rounds that reuse the connections to Cells: every answer that
+// arrives is its own request's, byte for byte.
+func TestH2FrontReviewCancelsBeforeAnswer(t *testing.T) {
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		i, _ := strconv.Atoi(r.URL.Query().Get("i"))
+		select {
+		case <-time.After(time.Duration(i%5) * 10 * time.Millisecond):
+		case <-r.Context().Done():
+			return
+		}
+		w.Header().Set("X-Path", r.URL.RequestURI())
+		w.Write(patternBody(1000 + i))
+	}))
+	tp := startProxy(t, testConfig(up))
+	for round := range 4 {
+		const N = 60
+		done := make(chan string, N)
+		for i := range N {
+			go func() {
+				path := fmt.Sprintf("/r/%d?i=%d", round, i)
+				ctx, cancel := context.WithCancel(context.Background())
+				defer cancel()
+				if i%3 == 0 {
+					time.AfterFunc(time.Duration(i%7)*7*time.Millisecond, cancel)
+				}
+				req, _ := http.NewRequestWithContext(ctx, "GET", tp.URL+path, nil)
+				res, err := tp.H2.Do(req)
+				if err != nil {
+					if i%3 != 0 {
+						done <- fmt.Sprintf("%s: %v", path, err)
+						return
+					}
+					done <- ""
+					return
+				}
+				b, err := io.ReadAll(res.Body)
+				res.Body.Close()
+				switch {
+				case err != nil && i%3 == 0:
+					done <- ""
+				case err != nil:
+					done <- fmt.Sprintf("%s: %v", path, err)
+				case res.Header.Get("X-Path") != path || !bytes.Equal(b, patternBody(1000+i)):
+					done <- fmt.Sprintf("%s: got the answer of %q (%d bytes)", path, res.Header.Get("X-Path"), len(b))
+				default:
+					done <- ""
+				}
+			}()
+		}
+		for range N {
+			select {
+			case s := <-done:
+				if s != "" {
+					t.Error(s)
+				}
+			case <-time.After(60 * time.Second):
+				t.Fatal("timed out")
+			}
+		}
+	}
+}
