@@ -753,3 +753,26 @@ func TestH2FrontReviewCancelsBeforeAnswer(t *testing.T) {
 		}
 	}
 }
+
+// TestH2FrontReviewZeroLengthNeverEnds: a request declared empty whose
+// stream never ends is cut by the idle timeout like any stalled body
+// (408), and Cells sees nothing of it.
+func TestH2FrontReviewZeroLengthNeverEnds(t *testing.T) {
+	rec := &wireRecorder{}
+	up := newUpstream(t, upTLS, rec)
+	cfg := testConfig(up)
+	cfg.IdleTimeout = 300 * time.Millisecond
+	tp := startProxy(t, cfg)
+	fc := dialH2(t, tp)
+	fc.wmu.Lock()
+	fc.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, EndHeaders: true,
+		BlockFragment: fc.block(pseudo(tp, "POST", "/a/never", "content-length", "0")...)})
+	fc.wmu.Unlock()
+	if got, want := fc.answer(t, 1).String(), ":status 408"; got != want {
+		t.Errorf("client got %s, want %s", got, want)
+	}
+	quiesce(t, tp, up)
+	if n := len(rec.all()); n != 0 {
+		t.Errorf("Cells got %d requests, want none", n)
+	}
+}
