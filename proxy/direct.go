@@ -184,6 +184,7 @@ func (f *forwarder) endBroken(ex *exchange, r *http.Request, res *http.Response,
 //go:noinline
 func relayHeader(h http.Header, r *http.Request, res *http.Response) int {
 	removeHopByHop(res.Header)
+	dropBodilessLength(res)
 	for k, vv := range res.Header {
 		if prev, ok := h[k]; ok {
 			h[k] = append(prev, vv...)
@@ -203,6 +204,17 @@ func relayHeader(h http.Header, r *http.Request, res *http.Response) int {
 		h.Add("Trailer", strings.Join(keys, ", "))
 	}
 	return announced
+}
+
+// dropBodilessLength drops the Content-Length of a 204 or 304 from Cells:
+// no content follows either (RFC 9110, sections 6.4.1 and 8.6). net/http's
+// HTTP/1 server leaves the field out of both; its HTTP/2 server passes it
+// on, and Go's HTTP/2 client (rclone, cec, Cells Sync) then takes the
+// empty response for a body cut short ("unexpected EOF").
+func dropBodilessLength(res *http.Response) {
+	if res.StatusCode == http.StatusNoContent || res.StatusCode == http.StatusNotModified {
+		delete(res.Header, "Content-Length")
+	}
 }
 
 // relayTrailer moves Cells' trailers to h, as ReverseProxy does: under

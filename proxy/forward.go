@@ -179,6 +179,7 @@ func (f *forwarder) reverseProxy(target *url.URL, t http.RoundTripper) *httputil
 			if res.StatusCode < 100 {
 				return errStatus(res.StatusCode)
 			}
+			dropBodilessLength(res)
 			// The exchange ended (the idle watchdog, the drain, the
 			// client gone) before Cells' answer was taken. http.Transport
 			// may still return one that Cells wrote to the body the proxy
