@@ -106,6 +106,128 @@ func topologies() []struct {
 	}{{"http", false}, {"https", true}}
 }
 
+// TestUpstreamReviewUploadCutMidBody: Cells closes a kept-alive connection
+// after reading the head and part of a 1 MiB upload (the Transport's path).
+// The client gets an error answer, never a 2xx, and Cells sees the upload's
+// head once: a body partly written is never sent again.
+func TestUpstreamReviewUploadCutMidBody(t *testing.T) {
+	t.Parallel()
+	for _, tc := range topologies() {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			var heads atomic.Int64
+			up := newConnUpstream(t, tc.tls, func(n int64, c net.Conn, br *bufio.Reader) {
+				for {
+					req, err := http.ReadRequest(br)
+					if err != nil {
+						return
+					}
+					if req.URL.Path == "/io/b/cut" {
+						heads.Add(1)
+						io.CopyN(io.Discard, req.Body, 1000)
+						return
+					}
+					io.Copy(io.Discard, req.Body)
+					io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+				}
+			})
+			tp := up.proxy(t)
+			for _, cl := range h1h2Clients(tp) {
+				before := heads.Load()
+				// A connection in the Transport's pool.
+				req, _ := http.NewRequest("PUT", tp.URL+"/io/b/warm", strings.NewReader(strings.Repeat("w", 64<<10)))
+				res := doDrain(t, cl.c, req)
+				if res.StatusCode != 200 {
+					t.Fatalf("%s warm: %d", cl.name, res.StatusCode)
+				}
+				req, _ = http.NewRequest("PUT", tp.URL+"/io/b/cut", strings.NewReader(strings.Repeat("x", 1<<20)))
+				res, err := cl.c.Do(req)
+				if err == nil {
+					io.Copy(io.Discard, res.Body)
+					res.Body.Close()
+					if res.StatusCode != http.StatusBadGateway {
+						t.Errorf("%s: status %d, want 502", cl.name, res.StatusCode)
+					}
+				} else {
+					t.Logf("%s: %v", cl.name, err)
+				}
+				if got := heads.Load() - before; got != 1 {
+					t.Errorf("%s: Cells read the cut upload's head %d times, want 1", cl.name, got)
+				}
+			}
+		})
+	}
+}
+
+// TestUpstreamReviewEarlyAnswerKeepAlive: Cells answers an upload before
+// reading its body and keeps the connection. The client gets that answer,
+// and every request Cells reads after it on any connection is one a
+// client sent: the proxy never leaves part of a body behind on a
+// connection it sends another request on.
+func TestUpstreamReviewEarlyAnswerKeepAlive(t *testing.T) {
+	t.Parallel()
+	for _, tc := range topologies() {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			var bad atomic.Value
+			up := newConnUpstream(t, tc.tls, func(n int64, c net.Conn, br *bufio.Reader) {
+				for {
+					req, err := http.ReadRequest(br)
+					if err != nil {
+						if err != io.EOF && !strings.Contains(err.Error(), "closed") && !strings.Contains(err.Error(), "reset") {
+							bad.Store(err.Error())
+						}
+						return
+					}
+					if !strings.HasPrefix(req.URL.Path, "/io/") {
+						bad.Store("path " + req.URL.Path)
+						return
+					}
+					if req.URL.Path == "/io/b/refused" {
+						io.WriteString(c, "HTTP/1.1 413 Request Entity Too Large\r\nContent-Length: 8\r\n\r\ntoo big\n")
+					}
+					if _, err := io.Copy(io.Discard, req.Body); err != nil {
+						return
+					}
+					if req.URL.Path != "/io/b/refused" {
+						fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nc%03d", n)
+					}
+				}
+			})
+			tp := up.proxy(t)
+			for i := range 3 {
+				for _, cl := range h1h2Clients(tp) {
+					for _, size := range []int{20 << 10, 1 << 20} {
+						req, _ := http.NewRequest("PUT", tp.URL+"/io/b/refused", strings.NewReader(strings.Repeat("r", size)))
+						res, err := cl.c.Do(req)
+						if err == nil {
+							b, _ := io.ReadAll(res.Body)
+							res.Body.Close()
+							if res.StatusCode != http.StatusRequestEntityTooLarge || string(b) != "too big\n" {
+								t.Errorf("%s %d, round %d: %d %q, want Cells' 413", cl.name, size, i, res.StatusCode, b)
+							}
+						} else {
+							t.Logf("%s %d: %v", cl.name, size, err)
+						}
+						req, _ = http.NewRequest("PUT", tp.URL+"/io/b/next", strings.NewReader(strings.Repeat("n", size)))
+						res = doDrain(t, cl.c, req)
+						if res.StatusCode != 200 {
+							t.Errorf("%s %d, round %d: next upload %d", cl.name, size, i, res.StatusCode)
+						}
+						res, body := getBody(t, cl.c, "GET", tp.URL+"/io/b/get")
+						if res.StatusCode != 200 || !strings.HasPrefix(body, "c") {
+							t.Errorf("%s %d, round %d: GET %d %q", cl.name, size, i, res.StatusCode, body)
+						}
+					}
+				}
+			}
+			if v := bad.Load(); v != nil {
+				t.Errorf("Cells read something no client sent: %v", v)
+			}
+		})
+	}
+}
+
 // TestUpstreamReviewResponseFraming: answers whose framing is unusual but
 // valid pass through whole, to HTTP/1.1 and HTTP/2 clients, and the
 // connection they came on serves the next request right.
@@ -195,6 +317,163 @@ func TestUpstreamReviewResponseFraming(t *testing.T) {
 				}
 			}
 			_ = time.Second
+		})
+	}
+}
+
+// TestUpstreamReviewChurn: many clients at once through both paths while
+// Cells drops its connections after every few answers, silently or with
+// Connection: close. Every answer a client gets is the one to its own
+// request; a GET or HEAD always gets one; a request with a body reaches
+// Cells at most once.
+func TestUpstreamReviewChurn(t *testing.T) {
+	t.Parallel()
+	for _, tc := range topologies() {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			var seen sync.Map // request id: times Cells read it
+			up := newConnUpstream(t, tc.tls, func(n int64, c net.Conn, br *bufio.Reader) {
+				for i := 0; ; i++ {
+					req, err := http.ReadRequest(br)
+					if err != nil {
+						return
+					}
+					id := req.URL.Query().Get("id")
+					if _, err := io.Copy(io.Discard, req.Body); err != nil {
+						return
+					}
+					if v, dup := seen.LoadOrStore(id, new(atomic.Int64)); dup {
+						v.(*atomic.Int64).Add(1)
+					}
+					closing := ""
+					if i%5 == 3 {
+						closing = "Connection: close\r\n"
+					}
+					body := req.Method + " " + id
+					fmt.Fprintf(c, "HTTP/1.1 200 OK\r\n%sContent-Length: %d\r\n\r\n%s", closing, len(body), body)
+					if closing != "" || i%7 == 6 {
+						return
+					}
+				}
+			})
+			tp := up.proxy(t)
+			var wg sync.WaitGroup
+			for g := range 6 {
+				wg.Go(func() {
+					cl := h1h2Clients(tp)[g%2]
+					for i := range 40 {
+						id := fmt.Sprintf("%d-%d", g, i)
+						var method, body string
+						switch i % 4 {
+						case 0:
+							method = "GET"
+						case 1:
+							method = "HEAD"
+						case 2:
+							method, body = "POST", `{"a":1}`
+						case 3:
+							method, body = "PUT", strings.Repeat("p", 40<<10)
+						}
+						req, _ := http.NewRequest(method, tp.URL+"/a/x?id="+id, strings.NewReader(body))
+						if body == "" {
+							req.Body = nil
+						}
+						res, err := cl.c.Do(req)
+						if err != nil {
+							t.Errorf("%s %s %s: %v", cl.name, method, id, err)
+							continue
+						}
+						got, err := io.ReadAll(res.Body)
+						res.Body.Close()
+						switch {
+						case err != nil:
+							t.Errorf("%s %s %s: body: %v", cl.name, method, id, err)
+						case res.StatusCode == http.StatusBadGateway && body != "":
+							// A request with a body met a connection
+							// Cells was closing: not sent again.
+						case res.StatusCode != 200:
+							t.Errorf("%s %s %s: %d %q", cl.name, method, id, res.StatusCode, got)
+						case method != "HEAD" && string(got) != method+" "+id:
+							t.Errorf("%s %s %s: got the answer %q", cl.name, method, id, got)
+						}
+					}
+				})
+			}
+			wg.Wait()
+			seen.Range(func(k, v any) bool {
+				if n := v.(*atomic.Int64).Load(); n > 0 {
+					t.Errorf("Cells read request %v %d more times", k, n)
+				}
+				return true
+			})
+		})
+	}
+}
+
+// TestUpstreamReviewClosedOnRequest: both topologies, Cells closes a
+// kept-alive connection on reading the request the proxy sent on it. A GET
+// or HEAD is sent again on a new connection and answered; a request with a
+// body, or a WebDAV MOVE, is not (Cells may have acted on it): the client
+// gets 502 and Cells read it once.
+func TestUpstreamReviewClosedOnRequest(t *testing.T) {
+	t.Parallel()
+	for _, tc := range topologies() {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			var reads sync.Map // path: times read
+			up := newConnUpstream(t, tc.tls, func(n int64, c net.Conn, br *bufio.Reader) {
+				for i := 0; ; i++ {
+					req, err := http.ReadRequest(br)
+					if err != nil {
+						return
+					}
+					io.Copy(io.Discard, req.Body)
+					v, _ := reads.LoadOrStore(req.URL.Path, new(atomic.Int64))
+					v.(*atomic.Int64).Add(1)
+					if i == 1 {
+						return // the second request on each connection
+					}
+					fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nc%03d", n)
+				}
+			})
+			tp := up.proxy(t)
+			for _, cl := range h1h2Clients(tp) {
+				for _, m := range []struct{ method, body string }{{"GET", ""}, {"HEAD", ""}, {"MOVE", ""}, {"POST", "{}"}, {"PUT", strings.Repeat("b", 64<<10)}} {
+					// Each request goes on a connection that has served one.
+					warm, _ := http.NewRequest("PUT", tp.URL+"/warm", strings.NewReader(m.body))
+					if m.body == "" {
+						warm, _ = http.NewRequest("GET", tp.URL+"/warm", nil)
+					}
+					doDrain(t, cl.c, warm)
+					path := "/" + cl.name + "/" + m.method
+					req, _ := http.NewRequest(m.method, tp.URL+path, strings.NewReader(m.body))
+					if m.body == "" {
+						req.Body = nil
+					}
+					res, err := cl.c.Do(req)
+					if err != nil {
+						t.Errorf("%s %s: %v", cl.name, m.method, err)
+						continue
+					}
+					io.Copy(io.Discard, res.Body)
+					res.Body.Close()
+					v, _ := reads.Load(path)
+					n := int64(0)
+					if v != nil {
+						n = v.(*atomic.Int64).Load()
+					}
+					switch m.method {
+					case "GET", "HEAD":
+						if res.StatusCode != 200 || n != 2 {
+							t.Errorf("%s %s: %d, Cells read it %d times; want 200 after 2", cl.name, m.method, res.StatusCode, n)
+						}
+					default:
+						if res.StatusCode != http.StatusBadGateway || n != 1 {
+							t.Errorf("%s %s: %d, Cells read it %d times; want 502 after 1", cl.name, m.method, res.StatusCode, n)
+						}
+					}
+				}
+			}
 		})
 	}
 }
