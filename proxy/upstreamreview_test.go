@@ -249,6 +249,7 @@ func TestUpstreamReviewResponseFraming(t *testing.T) {
 		"/204-body":    `204 ""`,
 		"/304-length":  `304 ""`,
 		"/http10-eof":  `200 "hello world"`,
+		"/long":        `200 "hello"`,
 	}
 	oddAnswers := map[string]string{
 		"/cl-same":     "HTTP/1.1 200 OK\r\nContent-Length: 11\r\nContent-Length: 11\r\n\r\nhello world",
@@ -256,6 +257,7 @@ func TestUpstreamReviewResponseFraming(t *testing.T) {
 		"/204-body":    "HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\nhello",
 		"/304-length":  "HTTP/1.1 304 Not Modified\r\nContent-Length: 100\r\nEtag: \"x\"\r\n\r\n",
 		"/http10-eof":  "HTTP/1.0 200 OK\r\n\r\nhello world",
+		"/long":        "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello world",
 	}
 	for _, tc := range topologies() {
 		t.Run(tc.name, func(t *testing.T) {
@@ -295,6 +297,21 @@ func TestUpstreamReviewResponseFraming(t *testing.T) {
 					if _, body := getBody(t, cl.c, "GET", tp.URL+"/next"); !strings.HasPrefix(body, "c") {
 						t.Errorf("%s after %s: %q", cl.name, path, body)
 					}
+					// The same as an upload's answer, then the next upload.
+					for _, p := range []string{path, "/next"} {
+						req, _ := http.NewRequest("PUT", tp.URL+p, strings.NewReader(strings.Repeat("u", 64<<10)))
+						res, err := cl.c.Do(req)
+						if err != nil {
+							t.Errorf("%s PUT %s: %v", cl.name, p, err)
+							continue
+						}
+						b, err := io.ReadAll(res.Body)
+						res.Body.Close()
+						got := fmt.Sprintf("%d %q", res.StatusCode, b)
+						if p == path && got != want || p == "/next" && (res.StatusCode != 200 || !strings.HasPrefix(string(b), "c")) || err != nil {
+							t.Errorf("%s PUT %s after %s: %s %v", cl.name, p, path, got, err)
+						}
+					}
 				}
 				// An upload's answer (the Transport's path).
 				req, _ := http.NewRequest("PUT", tp.URL+"/204-body", strings.NewReader(strings.Repeat("u", 64<<10)))
@@ -304,6 +321,12 @@ func TestUpstreamReviewResponseFraming(t *testing.T) {
 					t.Errorf("%s PUT answered 204 with a length: %d %q %v", cl.name, res.StatusCode, b, err)
 				}
 				for path := range answers {
+					// As the answer to an upload (the Transport's path).
+					req, _ := http.NewRequest("PUT", tp.URL+path, strings.NewReader(strings.Repeat("u", 64<<10)))
+					res := doDrain(t, cl.c, req)
+					if res.StatusCode != 200 || (path == "/trailers" && res.Trailer.Get("X-Sum") != "42") {
+						t.Errorf("%s PUT %s: %d %v", cl.name, path, res.StatusCode, res.Trailer)
+					}
 					res, body := getBody(t, cl.c, "GET", tp.URL+path)
 					if res.StatusCode != 200 || body != "hello world" {
 						t.Errorf("%s %s: %d %q, want 200 \"hello world\"", cl.name, path, res.StatusCode, body)
