@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bufio"
+	"context"
 	"crypto/tls"
 	"fmt"
 	"io"
@@ -497,6 +498,66 @@ func TestUpstreamReviewClosedOnRequest(t *testing.T) {
 					}
 				}
 			}
+		})
+	}
+}
+
+// TestUpstreamReviewCancelMidExchange: clients give up at every point of
+// an exchange (before Cells answers, mid-body) while others go on. A
+// connection given up on is never lent again with the rest of its answer
+// in it: every answer a client reads whole is the one to its request.
+func TestUpstreamReviewCancelMidExchange(t *testing.T) {
+	t.Parallel()
+	for _, tc := range topologies() {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			up := newConnUpstream(t, tc.tls, func(n int64, c net.Conn, br *bufio.Reader) {
+				for {
+					req, err := http.ReadRequest(br)
+					if err != nil {
+						return
+					}
+					io.Copy(io.Discard, req.Body)
+					body := strings.Repeat(req.URL.Query().Get("id")+";", 200)
+					if req.URL.Query().Get("slow") == "" {
+						fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
+						continue
+					}
+					// In three parts, the first after a pause.
+					time.Sleep(time.Millisecond)
+					fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s", len(body), body[:10])
+					time.Sleep(time.Millisecond)
+					io.WriteString(c, body[10:len(body)/2])
+					time.Sleep(time.Millisecond)
+					if _, err := io.WriteString(c, body[len(body)/2:]); err != nil {
+						return
+					}
+				}
+			})
+			tp := up.proxy(t)
+			var wg sync.WaitGroup
+			for g := range 4 {
+				wg.Go(func() {
+					cl := h1h2Clients(tp)[g%2]
+					for i := range 30 {
+						ctx, cancel := context.WithTimeout(context.Background(), time.Duration(i%6)*700*time.Microsecond)
+						req, _ := http.NewRequestWithContext(ctx, "GET", fmt.Sprintf("%s/a?slow=1&id=s%d-%d", tp.URL, g, i), nil)
+						if res, err := cl.c.Do(req); err == nil {
+							io.Copy(io.Discard, res.Body)
+							res.Body.Close()
+						}
+						cancel()
+						id := fmt.Sprintf("f%d-%d", g, i)
+						_, body, err := fetch(cl.c, "GET", tp.URL+"/a?id="+id)
+						if err != nil {
+							t.Errorf("%s %s: %v", cl.name, id, err)
+						} else if want := strings.Repeat(id+";", 200); body != want {
+							t.Errorf("%s %s: got %.40q, want %.40q", cl.name, id, body, want)
+						}
+					}
+				})
+			}
+			wg.Wait()
 		})
 	}
 }
