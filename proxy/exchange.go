@@ -69,6 +69,12 @@ type exchange struct {
 func (e *exchange) Unwrap() http.ResponseWriter { return e.ResponseWriter }
 
 func (e *exchange) WriteHeader(code int) {
+	if code < 200 && code != http.StatusSwitchingProtocols {
+		// Cells is working on it (102 Processing) or has hints (103):
+		// the exchange is not idle, even when the client is HTTP/1.0
+		// and gets none of it.
+		e.touch()
+	}
 	if code < 200 && code != http.StatusSwitchingProtocols && e.req != nil && !e.req.ProtoAtLeast(1, 1) {
 		// RFC 9110, section 15.2: no 1xx to an HTTP/1.0 client, which
 		// would take it for the answer. Cells got HTTP/1.1 from us.

@@ -561,3 +561,52 @@ func TestUpstreamReviewCancelMidExchange(t *testing.T) {
 		})
 	}
 }
+
+// TestUpstreamReviewProcessingKeepsExchange: a Cells that takes long to
+// answer but says it is working on it with 102 Processing (RFC 2518,
+// section 10.1: a COPY or MOVE of a large collection) is not cut by
+// PROXY_IDLE_TIMEOUT: bytes move to the client, so the exchange is not
+// idle. Both paths.
+func TestUpstreamReviewProcessingKeepsExchange(t *testing.T) {
+	t.Parallel()
+	up := newConnUpstream(t, false, func(n int64, c net.Conn, br *bufio.Reader) {
+		for {
+			req, err := http.ReadRequest(br)
+			if err != nil {
+				return
+			}
+			io.Copy(io.Discard, req.Body)
+			// 1 s of 102s, twice the idle timeout, 10 ms apart.
+			for range 100 {
+				if _, err := io.WriteString(c, "HTTP/1.1 102 Processing\r\n\r\n"); err != nil {
+					return
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+			io.WriteString(c, "HTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\ndone")
+		}
+	})
+	cfg := testConfig(nil)
+	cfg.Upstream = &url.URL{Scheme: "http", Host: up.ln.Addr().String()}
+	cfg.IdleTimeout = 500 * time.Millisecond
+	tp := startProxy(t, cfg)
+	for _, cl := range h1h2Clients(tp) {
+		for _, body := range []string{"", strings.Repeat("m", 64<<10)} {
+			req, _ := http.NewRequest("MOVE", tp.URL+"/dav/personal-files/big", strings.NewReader(body))
+			if body == "" {
+				req.Body = nil
+			}
+			req.Header.Set("Destination", tp.URL+"/dav/personal-files/big2")
+			res, err := cl.c.Do(req)
+			if err != nil {
+				t.Errorf("%s MOVE with %d bytes: %v", cl.name, len(body), err)
+				continue
+			}
+			b, _ := io.ReadAll(res.Body)
+			res.Body.Close()
+			if res.StatusCode != http.StatusCreated || string(b) != "done" {
+				t.Errorf("%s MOVE with %d bytes: %d %q, want 201 \"done\"", cl.name, len(body), res.StatusCode, b)
+			}
+		}
+	}
+}
