@@ -519,6 +519,11 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	if s.httpLn != nil {
 		srv := s.newHTTPServer(http.HandlerFunc(s.redirect), func(p *http.Protocols) { p.SetHTTP1(true) })
+		// The redirect never reads a body, but net/http discards up to
+		// 256 KiB of one before it answers, and without a deadline a
+		// client that stalls in its body holds the connection for good:
+		// the whole request, head and body, within the head's limit.
+		srv.ReadTimeout = srv.ReadHeaderTimeout
 		srv.ConnState = pending.connState
 		sv.serve(srv, &retryListener{Listener: s.httpLn, log: s.log, done: acceptDone})
 		s.log.Info("listening", "addr", s.httpLn.Addr().String(), "redirect_port", s.cfg.RedirectPort)

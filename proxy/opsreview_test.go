@@ -1,0 +1,50 @@
+package proxy
+
+import (
+	"errors"
+	"io"
+	"net"
+	"os"
+	"strings"
+	"testing"
+	"time"
+)
+
+// stalledUpload opens a connection to the redirect port and sends the head
+// of a POST and 3 bytes of its 1000-byte body, then nothing: a client that
+// stalled, or one that holds connections open on port 80.
+func stalledUpload(t *testing.T, tp *testProxy) net.Conn {
+	t.Helper()
+	c, err := net.Dial("tcp", tp.RedirectAddr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	if _, err := io.WriteString(c, "POST /upload HTTP/1.1\r\nHost: cells.example.com\r\nContent-Length: 1000\r\n\r\nabc"); err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// TestOpsReviewRedirectStalledBody: the redirect port never reads a body,
+// but net/http discards up to 256 KiB of one before it answers, with no
+// deadline. A client that sent a head and part of a body held its
+// connection and a goroutine for good, and never got its 308: enough of
+// them use up the descriptors the public port shares. The whole request
+// must arrive within PROXY_READ_HEADER_TIMEOUT; then the client gets its
+// 308 and the connection is closed.
+func TestOpsReviewRedirectStalledBody(t *testing.T) {
+	cfg := testConfig(newUpstream(t, upPlain, &recorder{}))
+	cfg.ReadHeaderTimeout = time.Second
+	tp := startProxy(t, cfg)
+	c := stalledUpload(t, tp)
+	// A bound for a loaded machine, far above the 1 s limit.
+	c.SetReadDeadline(time.Now().Add(30 * time.Second))
+	b, err := io.ReadAll(c)
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("the redirect port still holds a stalled upload's connection after 30 s (read %q)", b)
+	}
+	if got := string(b); !strings.HasPrefix(got, "HTTP/1.1 308 ") || !strings.Contains(got, "\r\nLocation: https://cells.example.com/upload\r\n") {
+		t.Errorf("answer to a stalled upload = %q, want its 308 to https", got)
+	}
+}
