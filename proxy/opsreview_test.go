@@ -48,3 +48,34 @@ func TestOpsReviewRedirectStalledBody(t *testing.T) {
 		t.Errorf("answer to a stalled upload = %q, want its 308 to https", got)
 	}
 }
+
+// TestOpsReviewShutdownRedirectStalledBody: a connection to the redirect
+// port whose request body is still arriving is closed when the stop
+// begins, as one whose head is still arriving: its answer would send the
+// client to the public port, which no longer accepts. It held every stop
+// until PROXY_SHUTDOWN_TIMEOUT passed.
+func TestOpsReviewShutdownRedirectStalledBody(t *testing.T) {
+	cfg := testConfig(newUpstream(t, upPlain, &recorder{}))
+	cfg.ReadHeaderTimeout = time.Hour // the drain must not wait for it
+	cfg.ShutdownTimeout = 3 * time.Second
+	cfg.AccessLog = true
+	tp := startProxy(t, cfg)
+	c := stalledUpload(t, tp)
+	// The access line is written by the handler, once the head is read:
+	// the connection is the server's, past the head.
+	for deadline := time.Now().Add(30 * time.Second); !strings.Contains(tp.Log.String(), "proto=redirect"); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the stalled upload's head did not reach the redirect handler")
+		}
+	}
+	if err := tp.Shutdown(); err != nil {
+		t.Errorf("Run: %v", err)
+	}
+	if strings.Contains(tp.Log.String(), "drain deadline passed") {
+		t.Errorf("the drain waited until its deadline for a redirect-port upload that stalled:\n%s", tp.Log)
+	}
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.Copy(io.Discard, c); errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Errorf("the stalled upload's connection is still open after the stop")
+	}
+}

@@ -524,7 +524,7 @@ func (s *Server) Run(ctx context.Context) error {
 		// client that stalls in its body holds the connection for good:
 		// the whole request, head and body, within the head's limit.
 		srv.ReadTimeout = srv.ReadHeaderTimeout
-		srv.ConnState = pending.connState
+		srv.ConnState = pending.unanswered
 		sv.serve(srv, &retryListener{Listener: s.httpLn, log: s.log, done: acceptDone})
 		s.log.Info("listening", "addr", s.httpLn.Addr().String(), "redirect_port", s.cfg.RedirectPort)
 	}
@@ -712,8 +712,9 @@ func (l *retryListener) Accept() (net.Conn, error) {
 // begun a request (connState): no HTTP/2 preface read yet, or no request
 // head. http.Server.Shutdown counts such a connection as idle only once it
 // is 5 s old (golang/go#22682), and so held the stop that long. On the
-// redirect port a head still arriving is dropped with them: its answer
-// would send the client to the public port, which no longer accepts.
+// redirect port a request whose head or body is still arriving is dropped
+// with them (unanswered): its answer would send the client to the public
+// port, which no longer accepts.
 type matching struct {
 	mu     sync.Mutex
 	conns  map[net.Conn]struct{}
@@ -753,6 +754,17 @@ func (m *matching) connState(c net.Conn, st http.ConnState) {
 	default:
 		m.conns[c] = struct{}{}
 	}
+}
+
+// unanswered is connState for the redirect port: a connection is held
+// too while its request is active, as its body may still be arriving
+// (net/http discards it before answering). Its answer would send the
+// client to the public port, which no longer accepts once the stop begins.
+func (m *matching) unanswered(c net.Conn, st http.ConnState) {
+	if st == http.StateActive {
+		st = http.StateNew
+	}
+	m.connState(c, st)
 }
 
 // last is mw for the last matcher: a connection it does not match, cmux
