@@ -575,6 +575,10 @@ func parseUpstream(s string, schemes ...string) (*url.URL, error) {
 		if n, err := strconv.Atoi(p); err != nil || n < 1 || n > 65535 {
 			return nil, fmt.Errorf("has a bad port %q", p)
 		}
+	} else if strings.HasSuffix(u.Host, ":") {
+		// https://cells:${PORT} with PORT unset: the dial would go to
+		// the scheme's port without a word.
+		return nil, fmt.Errorf("has no port after its ':' (a variable left unset?), got %q", redactURL(s))
 	}
 	return &url.URL{Scheme: u.Scheme, Host: u.Host}, nil
 }

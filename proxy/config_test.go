@@ -389,6 +389,10 @@ func TestUpstreamURLs(t *testing.T) {
 		{"//admin:s3cret@cells:8080", "", "s3cret"},
 		{"admin:s3cret@cells:8080", "", "s3cret"},
 		{"https://:8080", "", ""},
+		// A port left empty, as a compose file's https://cells:${PORT}
+		// with PORT unset gives: not 443 without a word.
+		{"https://cells:", "", ""},
+		{"http://[::1]:", "", ""},
 		{"", "", ""},
 	} {
 		t.Run(tc.in, func(t *testing.T) {
