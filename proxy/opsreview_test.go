@@ -4,6 +4,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"net/http"
 	"os"
 	"strings"
 	"testing"
@@ -77,5 +78,16 @@ func TestOpsReviewShutdownRedirectStalledBody(t *testing.T) {
 	c.SetReadDeadline(time.Now().Add(10 * time.Second))
 	if _, err := io.Copy(io.Discard, c); errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Errorf("the stalled upload's connection is still open after the stop")
+	}
+}
+
+// TestOpsReviewRedirectAsteriskTarget: a request-target of "*" with a
+// method other than OPTIONS (which net/http answers itself) was redirected
+// to https://cells.example.com*, which is no URL.
+func TestOpsReviewRedirectAsteriskTarget(t *testing.T) {
+	tp := startProxy(t, testConfig(newUpstream(t, upPlain, &recorder{})))
+	res := rawPlain(t, tp, "GET * HTTP/1.1\r\nHost: cells.example.com\r\n\r\n")
+	if got, want := res.Header.Get("Location"), "https://cells.example.com/"; res.StatusCode != http.StatusMovedPermanently || got != want {
+		t.Errorf("GET * on the redirect port: %s, Location %q; want 301 to %q", res.Status, got, want)
 	}
 }

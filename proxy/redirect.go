@@ -78,6 +78,11 @@ func (s *Server) redirectTo(w http.ResponseWriter, r *http.Request) int {
 	uri := r.RequestURI
 	if len(uri) == 0 || uri[0] != '/' {
 		uri = requestPath(r)
+		if uri == "*" {
+			// GET * names no resource (net/http answers OPTIONS *
+			// itself), and https://host* would be no URL.
+			uri = "/"
+		}
 		if r.URL.RawQuery != "" {
 			uri += "?" + r.URL.RawQuery
 		}
