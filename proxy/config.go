@@ -274,7 +274,7 @@ func unquote(s string) (string, bool) {
 
 // unpad reports every value written in quotes, which docker run --env-file
 // and compose's list form (- NAME="value") keep as part of the value, and
-// every path or URL with a space or tab at an end (an .env file's trailing
+// every path or URL with a space, tab or line break at an end (an .env file's trailing
 // space), one line each naming the fix. It takes each value as meant, so
 // that the other problems are reported with them.
 func (e *env) unpad() []error {
@@ -287,7 +287,7 @@ func (e *env) unpad() []error {
 			s = u
 		}
 		if t := strings.TrimSpace(s); t != s && slices.Contains(padded, name) {
-			errs = append(errs, fmt.Errorf("%s has a space or tab at its start or end, got %q: remove it", name, redactURL(s)))
+			errs = append(errs, fmt.Errorf("%s has a space, tab or line break at its start or end, got %q: remove it", name, redactURL(s)))
 			s = t
 		}
 		v.Field(i).SetString(s)

@@ -91,3 +91,23 @@ func TestOpsReviewRedirectAsteriskTarget(t *testing.T) {
 		t.Errorf("GET * on the redirect port: %s, Location %q; want 301 to %q", res.Status, got, want)
 	}
 }
+
+// TestOpsReviewPathTrailingNewline: a path or URL that ends in a line
+// break (a Kubernetes secret or a YAML block keeps one) is refused with a
+// line that names the variable and says what to remove; it said "a space
+// or tab", which the operator then looked for in vain.
+func TestOpsReviewPathTrailingNewline(t *testing.T) {
+	setEnv(t, map[string]string{"CELLS_UPSTREAM": "https://cells:8080\n"})
+	_, err := Load()
+	if err == nil {
+		t.Fatal("Load with CELLS_UPSTREAM ending in a line break: no error")
+	}
+	for l := range strings.SplitSeq(err.Error(), "\n") {
+		if !strings.HasPrefix(l, "CELLS_UPSTREAM ") {
+			t.Errorf("line %q does not begin with the variable", l)
+		}
+		if strings.Contains(l, `\n"`) && !strings.Contains(l, "line break") {
+			t.Errorf("line %q does not say that a line break is what to remove", l)
+		}
+	}
+}
