@@ -74,7 +74,8 @@ func Variables() []Variable {
 }
 
 // Config is the validated configuration of a Server. Its zero value is not
-// usable: build it with Load, or fill it in (tests do) and call Validate.
+// usable: build it with Load (tests fill it in, as Load would: there is no
+// separate validation).
 type Config struct {
 	// Upstream is the Cells main port, scheme http or https.
 	Upstream *url.URL
