@@ -111,3 +111,32 @@ func TestOpsReviewPathTrailingNewline(t *testing.T) {
 		}
 	}
 }
+
+// TestOpsReviewRedirectHostForms: with PROXY_SERVER_NAMES, Host values
+// that only look like a known name are refused on the redirect port, and a
+// known name written with a trailing dot goes to the name without it; a
+// Host that net/http refuses never reaches the redirect.
+func TestOpsReviewRedirectHostForms(t *testing.T) {
+	cfg := testConfig(newUpstream(t, upPlain, &recorder{}))
+	cfg.ServerNames = []string{"cells.example.com", "2001:db8::1"}
+	tp := startProxy(t, cfg)
+	for _, tc := range []struct {
+		host   string
+		status int
+		loc    string
+	}{
+		{"cells.example.com:443:evil.example", http.StatusNotFound, ""},
+		{"cells.example.com:evil", http.StatusNotFound, ""},
+		{"[cells.example.com]", http.StatusNotFound, ""},
+		{"2001:db8::1", http.StatusNotFound, ""}, // unbracketed: no client writes it
+		{"[2001:DB8:0::1]:80", http.StatusMovedPermanently, "https://[2001:DB8:0::1]/x"},
+		{"cells.example.com.", http.StatusMovedPermanently, "https://cells.example.com/x"},
+		{"cells.example.com@evil.example", http.StatusBadRequest, ""},
+		{"evil.example/cells.example.com", http.StatusBadRequest, ""},
+	} {
+		res := rawPlain(t, tp, "GET /x HTTP/1.1\r\nHost: "+tc.host+"\r\n\r\n")
+		if got := res.Header.Get("Location"); res.StatusCode != tc.status || got != tc.loc {
+			t.Errorf("Host %q: %s, Location %q; want %d, %q", tc.host, res.Status, got, tc.status, tc.loc)
+		}
+	}
+}
