@@ -114,6 +114,11 @@ func serve(ctx context.Context, stderr io.Writer) error {
 		return configProblems(stderr, errors.Join(err, proxy.CheckFiles()))
 	}
 	log := newLogger(cfg, stderr)
+	// What net/http's Transport writes with the log package (an answer
+	// Cells sent on an idle connection, with its first bytes) goes
+	// through the same handler: one format on stderr, at warn.
+	slog.SetLogLoggerLevel(slog.LevelWarn)
+	slog.SetDefault(log)
 	limitMemory(log)
 	// docker stop sends SIGTERM: drain instead of dying mid-upload. A
 	// second SIGTERM or SIGINT (Ctrl-C twice) cuts the drain short.
