@@ -151,7 +151,7 @@ type Warning struct {
 	Msg      string // the log line's message, constant
 	Variable string
 	Value    string // as written
-	TakenAs  string // what cells-proxy uses in its place
+	TakenAs  string // what cells-proxy uses in its place; empty: nothing, the value has no effect
 }
 
 // IgnoredVariable is a variable of the environment that cells-proxy does not
@@ -185,7 +185,30 @@ func Load() (*Config, error) {
 		return nil, errors.Join(errs...)
 	}
 	c.Ignored = ignored
+	c.noEffect(os.LookupEnv)
 	return c, nil
+}
+
+// noEffect adds a warning for each variable set to a value that the rest
+// of the configuration leaves without effect: the operator expects it to
+// apply, as with nginx's directives, which warn when they cannot.
+func (c *Config) noEffect(lookup func(string) (string, bool)) {
+	set := func(name string) (string, bool) {
+		v, ok := lookup(name)
+		return v, ok && strings.TrimSpace(v) != "" // empty is unset
+	}
+	if v, ok := set("PROXY_HSTS"); ok && !c.TLS && c.HSTS != "" {
+		c.Warnings = append(c.Warnings, Warning{
+			Msg:      "PROXY_HSTS does nothing with PROXY_TLS=off: HSTS is sent over HTTPS only, so the TLS front before cells-proxy must send it; unset it",
+			Variable: "PROXY_HSTS", Value: v,
+		})
+	}
+	if v, ok := set("PROXY_REDIRECT_HTTPS_PORT"); ok && c.HTTPAddr == "" {
+		c.Warnings = append(c.Warnings, Warning{
+			Msg:      "PROXY_REDIRECT_HTTPS_PORT does nothing with PROXY_HTTP_ADDR=off: there is no redirect port; unset it",
+			Variable: "PROXY_REDIRECT_HTTPS_PORT", Value: v,
+		})
+	}
 }
 
 // ignoredVariables lists the variables of environ that cells-proxy does not

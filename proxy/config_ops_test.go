@@ -287,3 +287,60 @@ func TestServerNamesExactHost(t *testing.T) {
 		t.Errorf("Cells saw a request with Host %q", r.Host)
 	}
 }
+
+// TestNoEffectWarnings: a variable set to a value that the rest of the
+// configuration leaves without effect is warned of at start, naming it and
+// what turns it off, with no taken_as: PROXY_HSTS with PROXY_TLS=off (HSTS
+// goes over HTTPS only), PROXY_REDIRECT_HTTPS_PORT with PROXY_HTTP_ADDR=off
+// (no redirects). Where they apply, or are empty or off, nothing is said.
+func TestNoEffectWarnings(t *testing.T) {
+	up := newUpstream(t, upPlain, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
+	for _, tc := range []struct {
+		env  map[string]string
+		want []string // variables warned of
+	}{
+		{map[string]string{"PROXY_TLS": "off", "PROXY_HSTS": "max-age=63072000", "PROXY_REDIRECT_HTTPS_PORT": "8443"},
+			[]string{"PROXY_HSTS", "PROXY_REDIRECT_HTTPS_PORT"}},
+		{map[string]string{"PROXY_TLS": "off", "PROXY_HSTS": "off"}, nil},
+		{map[string]string{"PROXY_TLS": "off", "PROXY_HSTS": "auto"}, nil}, // auto: none without a certificate file
+		{map[string]string{"PROXY_HSTS": "max-age=63072000", "PROXY_HTTP_ADDR": "127.0.0.1:0", "PROXY_REDIRECT_HTTPS_PORT": "8443"}, nil},
+		{map[string]string{"PROXY_REDIRECT_HTTPS_PORT": "443"}, []string{"PROXY_REDIRECT_HTTPS_PORT"}}, // the default, written: still nothing
+	} {
+		cfg, err := loadFor(t, up, tc.env)
+		if err != nil {
+			t.Fatalf("%v: %v", tc.env, err)
+		}
+		var got []string
+		for _, w := range cfg.Warnings {
+			got = append(got, w.Variable)
+			if !strings.Contains(w.Msg, "does nothing") || w.TakenAs != "" {
+				t.Errorf("%v: warning %+v, want one saying it does nothing, without taken_as", tc.env, w)
+			}
+		}
+		if strings.Join(got, " ") != strings.Join(tc.want, " ") {
+			t.Errorf("%v: warnings for %q, want %q", tc.env, got, tc.want)
+		}
+	}
+
+	// In the log: one line each, naming the variable and its value.
+	cfg, err := loadFor(t, up, map[string]string{"PROXY_REDIRECT_HTTPS_PORT": "8443"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sink := newLogSink()
+	startLoggedProxy(t, cfg, sink, "json")
+	n := 0
+	for _, l := range strings.Split(sink.String(), "\n") {
+		f := parseLogLine(t, l)
+		if f["variable"] != "PROXY_REDIRECT_HTTPS_PORT" {
+			continue
+		}
+		n++
+		if _, ok := f["taken_as"]; ok || f["level"] != "WARN" || f["value"] != "8443" || !strings.Contains(f["msg"], "PROXY_HTTP_ADDR=off") {
+			t.Errorf("log line %q: want a warning naming PROXY_HTTP_ADDR=off, value 8443, no taken_as", l)
+		}
+	}
+	if n != 1 {
+		t.Errorf("%d log lines about PROXY_REDIRECT_HTTPS_PORT, want 1; log:\n%s", n, sink.String())
+	}
+}

@@ -125,7 +125,11 @@ func New(cfg *Config, log *slog.Logger) (*Server, error) {
 		log.Warn("not a cells-proxy variable, ignored: cells-proxy env lists them", attrs...)
 	}
 	for _, w := range cfg.Warnings {
-		log.Warn(w.Msg, "variable", w.Variable, "value", w.Value, "taken_as", w.TakenAs)
+		attrs := []any{"variable", w.Variable, "value", w.Value}
+		if w.TakenAs != "" {
+			attrs = append(attrs, "taken_as", w.TakenAs)
+		}
+		log.Warn(w.Msg, attrs...)
 	}
 	switch {
 	case !cfg.UpstreamInsecure:
