@@ -25,14 +25,68 @@ import (
 // gets each connection's number (from 1) and the request read from it,
 // and writes whatever it likes. It stops when the test ends.
 type rawUpstream struct {
-	ln     net.Listener
+	*connServer
 	tls    *tls.Config // nil: cleartext
 	caFile string      // with tls, the PEM of its certificate
-	conns  atomic.Int64
 	reqs   atomic.Int64
-	wg     sync.WaitGroup
-	mu     sync.Mutex
-	open   map[net.Conn]bool
+}
+
+// connServer accepts connections on a loopback port until the test ends,
+// numbers them from 1 and hands each to handle on a goroutine of its own;
+// it closes each as handle returns, and those still open at the end.
+type connServer struct {
+	ln    net.Listener
+	conns atomic.Int64
+	wg    sync.WaitGroup
+	mu    sync.Mutex
+	open  map[net.Conn]bool
+}
+
+func startConnServer(t *testing.T, handle func(n int64, c net.Conn)) *connServer {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &connServer{ln: ln, open: map[net.Conn]bool{}}
+	s.wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			n := s.conns.Add(1)
+			s.mu.Lock()
+			s.open[c] = true
+			s.mu.Unlock()
+			s.wg.Go(func() {
+				defer func() {
+					c.Close()
+					s.mu.Lock()
+					delete(s.open, c)
+					s.mu.Unlock()
+				}()
+				handle(n, c)
+			})
+		}
+	})
+	t.Cleanup(func() {
+		ln.Close()
+		s.mu.Lock()
+		for c := range s.open {
+			c.Close()
+		}
+		s.mu.Unlock()
+		s.wg.Wait()
+	})
+	return s
+}
+
+// openConns is how many connections the server holds open.
+func (s *connServer) openConns() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.open)
 }
 
 func newRawUpstream(t *testing.T, serve func(conn int64, req *http.Request, w *bufio.Writer) (keep bool)) *rawUpstream {
@@ -57,64 +111,33 @@ func newRawTLSUpstream(t *testing.T, serve func(conn int64, req *http.Request, w
 
 func newRawUpstreamTLS(t *testing.T, conf *tls.Config, serve func(conn int64, req *http.Request, w *bufio.Writer) (keep bool)) *rawUpstream {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	u := &rawUpstream{ln: ln, tls: conf, open: map[net.Conn]bool{}}
-	u.wg.Go(func() {
+	u := &rawUpstream{tls: conf}
+	u.connServer = startConnServer(t, func(n int64, c net.Conn) {
+		var rw io.ReadWriter = c
+		held := &heldConn{Conn: c}
+		if u.tls != nil {
+			tc := tls.Server(held, u.tls)
+			if tc.Handshake() != nil {
+				return
+			}
+			rw = tc
+		}
+		br, bw := bufio.NewReader(rw), bufio.NewWriter(rw)
 		for {
-			c, err := ln.Accept()
+			req, err := http.ReadRequest(br)
 			if err != nil {
 				return
 			}
-			n := u.conns.Add(1)
-			u.mu.Lock()
-			u.open[c] = true
-			u.mu.Unlock()
-			u.wg.Go(func() {
-				defer func() {
-					c.Close()
-					u.mu.Lock()
-					delete(u.open, c)
-					u.mu.Unlock()
-				}()
-				var rw io.ReadWriter = c
-				held := &heldConn{Conn: c}
-				if u.tls != nil {
-					tc := tls.Server(held, u.tls)
-					if tc.Handshake() != nil {
-						return
-					}
-					rw = tc
-				}
-				br, bw := bufio.NewReader(rw), bufio.NewWriter(rw)
-				for {
-					req, err := http.ReadRequest(br)
-					if err != nil {
-						return
-					}
-					if _, err := io.Copy(io.Discard, req.Body); err != nil {
-						return // a cut body: not a request
-					}
-					u.reqs.Add(1)
-					held.hold = u.tls != nil
-					keep := serve(n, req, bw)
-					if bw.Flush() != nil || held.release() != nil || !keep {
-						return
-					}
-				}
-			})
+			if _, err := io.Copy(io.Discard, req.Body); err != nil {
+				return // a cut body: not a request
+			}
+			u.reqs.Add(1)
+			held.hold = u.tls != nil
+			keep := serve(n, req, bw)
+			if bw.Flush() != nil || held.release() != nil || !keep {
+				return
+			}
 		}
-	})
-	t.Cleanup(func() {
-		ln.Close()
-		u.mu.Lock()
-		for c := range u.open {
-			c.Close()
-		}
-		u.mu.Unlock()
-		u.wg.Wait()
 	})
 	return u
 }
@@ -124,13 +147,6 @@ func (u *rawUpstream) URL() *url.URL {
 		return &url.URL{Scheme: "https", Host: u.ln.Addr().String()}
 	}
 	return &url.URL{Scheme: "http", Host: u.ln.Addr().String()}
-}
-
-// openConns is how many connections the upstream holds open.
-func (u *rawUpstream) openConns() int {
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	return len(u.open)
 }
 
 // oneAnswerUpstream answers the first request on each connection with

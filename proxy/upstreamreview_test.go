@@ -20,22 +20,14 @@ import (
 // serve reads the requests itself (their bodies too, or not), and writes
 // what it likes. Plain or TLS with a certificate made for the test.
 type connUpstream struct {
-	ln     net.Listener
+	*connServer
 	caFile string
 	tls    bool
-	conns  atomic.Int64
-	wg     sync.WaitGroup
-	mu     sync.Mutex
-	open   map[net.Conn]bool
 }
 
 func newConnUpstream(t *testing.T, withTLS bool, serve func(n int64, c net.Conn, br *bufio.Reader)) *connUpstream {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	u := &connUpstream{ln: ln, tls: withTLS, open: map[net.Conn]bool{}}
+	u := &connUpstream{tls: withTLS}
 	var conf *tls.Config
 	if withTLS {
 		cert, err := SelfSigned("127.0.0.1")
@@ -45,43 +37,16 @@ func newConnUpstream(t *testing.T, withTLS bool, serve func(n int64, c net.Conn,
 		conf = &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{"http/1.1"}}
 		u.caFile = writeCertPEM(t, cert)
 	}
-	u.wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
+	u.connServer = startConnServer(t, func(n int64, c net.Conn) {
+		nc := c
+		if conf != nil {
+			tc := tls.Server(c, conf)
+			if tc.Handshake() != nil {
 				return
 			}
-			n := u.conns.Add(1)
-			u.mu.Lock()
-			u.open[c] = true
-			u.mu.Unlock()
-			u.wg.Go(func() {
-				defer func() {
-					c.Close()
-					u.mu.Lock()
-					delete(u.open, c)
-					u.mu.Unlock()
-				}()
-				nc := c
-				if conf != nil {
-					tc := tls.Server(c, conf)
-					if tc.Handshake() != nil {
-						return
-					}
-					nc = tc
-				}
-				serve(n, nc, bufio.NewReader(nc))
-			})
+			nc = tc
 		}
-	})
-	t.Cleanup(func() {
-		ln.Close()
-		u.mu.Lock()
-		for c := range u.open {
-			c.Close()
-		}
-		u.mu.Unlock()
-		u.wg.Wait()
+		serve(n, nc, bufio.NewReader(nc))
 	})
 	return u
 }
