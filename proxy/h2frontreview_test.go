@@ -149,16 +149,7 @@ func TestH2FrontReviewDownloadCancels(t *testing.T) {
 			done <- ""
 		}()
 	}
-	for range N {
-		select {
-		case s := <-done:
-			if s != "" {
-				t.Error(s)
-			}
-		case <-time.After(60 * time.Second):
-			t.Fatal("timed out")
-		}
-	}
+	awaitReports(t, done, N)
 }
 
 // TestH2FrontReviewTrailers: Cells' response trailers reach an HTTP/2
@@ -463,16 +454,7 @@ func TestH2FrontReviewUploadCancels(t *testing.T) {
 			done <- ""
 		}()
 	}
-	for range N {
-		select {
-		case s := <-done:
-			if s != "" {
-				t.Error(s)
-			}
-		case <-time.After(60 * time.Second):
-			t.Fatal("timed out")
-		}
-	}
+	awaitReports(t, done, N)
 	quiesce(t, tp, up)
 	for _, w := range rec.all() {
 		var i int
@@ -741,16 +723,7 @@ func TestH2FrontReviewCancelsBeforeAnswer(t *testing.T) {
 				}
 			}()
 		}
-		for range N {
-			select {
-			case s := <-done:
-				if s != "" {
-					t.Error(s)
-				}
-			case <-time.After(60 * time.Second):
-				t.Fatal("timed out")
-			}
-		}
+		awaitReports(t, done, N)
 	}
 }
 
@@ -774,5 +747,21 @@ func TestH2FrontReviewZeroLengthNeverEnds(t *testing.T) {
 	quiesce(t, tp, up)
 	if n := len(rec.all()); n != 0 {
 		t.Errorf("Cells got %d requests, want none", n)
+	}
+}
+
+// awaitReports takes n reports from done, each empty or a failure to
+// report, for at most a minute each.
+func awaitReports(t *testing.T, done <-chan string, n int) {
+	t.Helper()
+	for range n {
+		select {
+		case s := <-done:
+			if s != "" {
+				t.Error(s)
+			}
+		case <-time.After(60 * time.Second):
+			t.Fatal("timed out")
+		}
 	}
 }
