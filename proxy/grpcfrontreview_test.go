@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/encoding/gzip"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
+	"google.golang.org/grpc/metadata"
 )
 
 // Review of the client-facing side of gRPC: what a grpc-go client such as
@@ -277,6 +278,35 @@ func TestGRPCFrontReviewSmallMessages(t *testing.T) {
 		}
 		if _, err := s2.Recv(); err != io.EOF {
 			t.Errorf("end of the stream after the half-close = %v, want io.EOF", err)
+		}
+	})
+}
+
+// TestGRPCFrontReviewLargeMetadata: request metadata of 40 KiB (text and
+// binary, within PROXY_MAX_HEADER_BYTES) reaches Cells, and comes back as
+// Cells' response headers and trailers, byte for byte.
+func TestGRPCFrontReviewLargeMetadata(t *testing.T) {
+	t.Parallel()
+	text := strings.Repeat("0123456789abcdef", 1<<10) // 16 KiB
+	bin := string(randomBytes(12<<10, 3))             // 16 KiB once base64-encoded
+	eachGRPC(t, nil, func(t *testing.T, e *grpcEnv, port grpcPort, tc testgrpc.TestServiceClient) {
+		ctx := probe(testCtx(t), "echo", "x-echo-text", text, "x-trail-data-bin", bin)
+		var header, trailer metadata.MD
+		if _, err := tc.UnaryCall(ctx, &testgrpc.SimpleRequest{}, grpc.Header(&header), grpc.Trailer(&trailer)); err != nil {
+			t.Fatalf("call with 40 KiB of metadata: %v", err)
+		}
+		md := e.svc.lastMD(t)
+		if got := md.Get("x-echo-text"); len(got) != 1 || got[0] != text {
+			t.Error("Cells saw x-echo-text changed")
+		}
+		if got := md.Get("x-trail-data-bin"); len(got) != 1 || got[0] != bin {
+			t.Error("Cells saw x-trail-data-bin changed")
+		}
+		if got := header.Get("x-echo-text"); len(got) != 1 || got[0] != text {
+			t.Error("response header x-echo-text changed")
+		}
+		if got := trailer.Get("x-trail-data-bin"); len(got) != 1 || got[0] != bin {
+			t.Error("trailer x-trail-data-bin changed")
 		}
 	})
 }
