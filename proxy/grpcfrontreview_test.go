@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -307,6 +309,39 @@ func TestGRPCFrontReviewLargeMetadata(t *testing.T) {
 		}
 		if got := trailer.Get("x-trail-data-bin"); len(got) != 1 || got[0] != bin {
 			t.Error("trailer x-trail-data-bin changed")
+		}
+	})
+}
+
+// TestGRPCFrontReviewTrustedForwardedFor: behind a load balancer in
+// PROXY_TRUSTED_PROXIES, a gRPC call's x-forwarded-for metadata is followed
+// from the right past the trusted addresses to the client, as for HTTP:
+// Cells gets one x-forwarded-for, starting with the client, one x-real-ip
+// (the client's, not the one sent), and the balancer's x-forwarded-proto
+// and x-forwarded-host.
+func TestGRPCFrontReviewTrustedForwardedFor(t *testing.T) {
+	t.Parallel()
+	trust := func(c *Config) { c.TrustedProxies = []netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")} }
+	eachGRPC(t, trust, func(t *testing.T, e *grpcEnv, port grpcPort, tc testgrpc.TestServiceClient) {
+		ctx := metadata.AppendToOutgoingContext(testCtx(t),
+			"x-forwarded-for", "198.51.100.66, 203.0.113.7",
+			"x-forwarded-for", "127.0.0.1",
+			"x-real-ip", "198.51.100.66",
+			"x-forwarded-proto", "http",
+			"x-forwarded-host", "cells.example.com")
+		if _, err := tc.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
+			t.Fatal(err)
+		}
+		md := e.svc.lastMD(t)
+		for _, c := range []struct{ key, want string }{
+			{"x-forwarded-for", "203.0.113.7, 127.0.0.1, 127.0.0.1"},
+			{"x-real-ip", "203.0.113.7"},
+			{"x-forwarded-proto", "http"},
+			{"x-forwarded-host", "cells.example.com"},
+		} {
+			if got := md.Get(c.key); !slices.Equal(got, []string{c.want}) {
+				t.Errorf("Cells' %s = %q, want [%q]", c.key, got, c.want)
+			}
 		}
 	})
 }
