@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bytes"
+	"context"
 	"crypto/tls"
 	"encoding/binary"
 	"fmt"
@@ -342,6 +343,50 @@ func TestGRPCFrontReviewTrustedForwardedFor(t *testing.T) {
 			if got := md.Get(c.key); !slices.Equal(got, []string{c.want}) {
 				t.Errorf("Cells' %s = %q, want [%q]", c.key, got, c.want)
 			}
+		}
+	})
+}
+
+// TestGRPCFrontReviewCancelWhileBlocked: a client cancels a stream whose
+// messages Cells has stopped reading (the proxy's copy to Cells waits for
+// Cells' flow-control window, and the client's own window at the proxy
+// is full): Cells sees the cancel, and the connection carries the next
+// call.
+func TestGRPCFrontReviewCancelWhileBlocked(t *testing.T) {
+	t.Parallel()
+	eachGRPC(t, nil, func(t *testing.T, e *grpcEnv, port grpcPort, tc testgrpc.TestServiceClient) {
+		ctx, cancel := context.WithCancel(testCtx(t))
+		defer cancel()
+		stream, err := tc.FullDuplexCall(probe(ctx, "hold"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		h := waitHeld(t, e.svc)
+		sent := make(chan struct{})
+		go func() {
+			defer close(sent)
+			// 16 MiB, more than the proxy's and Cells' windows
+			// together: the last Sends block until the cancel.
+			for i := range 128 {
+				if stream.Send(&testgrpc.StreamingOutputCallRequest{Payload: payload(128<<10, uint64(i))}) != nil {
+					return
+				}
+			}
+		}()
+		// Not a timed assertion: the Sends fill the windows meanwhile;
+		// the cancel must work whether or not they have.
+		time.Sleep(500 * time.Millisecond)
+		cancel()
+		if err := waitEnded(t, h); err == nil {
+			t.Error("Cells' handler ended without an error after the client cancelled")
+		}
+		select {
+		case <-sent:
+		case <-time.After(20 * time.Second):
+			t.Fatal("Send still blocked 20 s after the cancel")
+		}
+		if _, err := tc.UnaryCall(testCtx(t), &testgrpc.SimpleRequest{Payload: payload(100, 1)}); err != nil {
+			t.Errorf("the next call on the connection: %v", err)
 		}
 	})
 }
