@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -389,4 +390,68 @@ func TestGRPCFrontReviewCancelWhileBlocked(t *testing.T) {
 			t.Errorf("the next call on the connection: %v", err)
 		}
 	})
+}
+
+// TestGRPCFrontReviewBeyondMaxStreams: one client connection starts more
+// streams at once than the proxy's MAX_CONCURRENT_STREAMS (250): the
+// first 250 all stay open until each has had an answer, grpc-go queues the
+// surplus until they end, and every stream gets its own answers.
+func TestGRPCFrontReviewBeyondMaxStreams(t *testing.T) {
+	t.Parallel()
+	const n = 300
+	e := startGRPC(t, topoH2C, nil)
+	for _, port := range grpcPorts {
+		t.Run(string(port), func(t *testing.T) {
+			tc := testgrpc.NewTestServiceClient(e.dial(t, port))
+			errs := make(chan error, n)
+			var open atomic.Int32
+			full := make(chan struct{})
+			var wg sync.WaitGroup
+			for i := range n {
+				wg.Go(func() {
+					stream, err := tc.FullDuplexCall(probe(testCtx(t), "echo"))
+					if err != nil {
+						errs <- err
+						return
+					}
+					for j := range 3 {
+						want := fmt.Sprintf("stream %d message %d", i, j)
+						if err := stream.Send(&testgrpc.StreamingOutputCallRequest{Payload: &testgrpc.Payload{Body: []byte(want)}}); err != nil {
+							errs <- err
+							return
+						}
+						out, err := stream.Recv()
+						if err != nil {
+							errs <- err
+							return
+						}
+						if got := string(out.GetPayload().GetBody()); got != want {
+							errs <- fmt.Errorf("got %q, want %q", got, want)
+							return
+						}
+						if j == 0 {
+							if open.Add(1) == 250 {
+								close(full)
+							}
+							select {
+							case <-full:
+							case <-time.After(20 * time.Second):
+								errs <- fmt.Errorf("stream %d: 250 streams never were open at once", i)
+								return
+							}
+						}
+					}
+					stream.CloseSend()
+					if _, err := stream.Recv(); err != io.EOF {
+						errs <- fmt.Errorf("stream %d ended with %v, want io.EOF", i, err)
+					}
+				})
+			}
+			wg.Wait()
+			close(errs)
+			for err := range errs {
+				t.Error(err)
+			}
+		})
+	}
 }
