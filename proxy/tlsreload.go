@@ -111,6 +111,9 @@ func (c *certFiles) read() (sum [sha256.Size]byte, cert *tls.Certificate, err er
 	h.Write(keyPEM)
 	h.Sum(sum[:0])
 	pair, err := tls.X509KeyPair(certPEM, keyPEM)
+	if err != nil {
+		err = pairMistake(certPEM, keyPEM, err)
+	}
 	if err == nil && pair.Leaf == nil {
 		err = errors.New("no certificate")
 	}
@@ -124,6 +127,43 @@ func (c *certFiles) read() (sum [sha256.Size]byte, cert *tls.Certificate, err er
 		return sum, nil, fmt.Errorf("TLS_CERT_FILE and TLS_KEY_FILE must hold a PEM certificate (chain) and its private key, got %q and %q: %w", c.certFile, c.keyFile, err)
 	}
 	return sum, &pair, nil
+}
+
+// pairMistake is err, X509KeyPair's, or what an operator did that caused it
+// when that can be told: crypto/tls says "failed to parse private key" of a
+// key under a passphrase (openssl req -newkey without -noenc writes one) and
+// "private key does not match public key" of a chain whose leaf is not first.
+func pairMistake(certPEM, keyPEM []byte, err error) error {
+	for rest := keyPEM; ; {
+		var b *pem.Block
+		if b, rest = pem.Decode(rest); b == nil {
+			break
+		}
+		if b.Type == "ENCRYPTED PRIVATE KEY" || strings.HasSuffix(b.Type, "PRIVATE KEY") && strings.Contains(b.Headers["Proc-Type"], "ENCRYPTED") {
+			return errors.New("the private key is protected by a passphrase, which cells-proxy cannot ask for: write it without one (openssl pkey -in key.pem -out key-nopass.pem) and keep that file readable only by cells-proxy")
+		}
+	}
+	n := 0
+	for rest := certPEM; ; {
+		var b *pem.Block
+		if b, rest = pem.Decode(rest); b == nil {
+			break
+		}
+		if b.Type != "CERTIFICATE" {
+			continue
+		}
+		if n++; n > 1 && keyMatches(b, keyPEM) {
+			return fmt.Errorf("the private key belongs to certificate %d of the file, not to the first: the server's certificate must come first, then the certificates that issued it", n)
+		}
+	}
+	return err
+}
+
+// keyMatches reports whether keyPEM holds the private key of the
+// certificate in b.
+func keyMatches(b *pem.Block, keyPEM []byte) bool {
+	_, err := tls.X509KeyPair(pem.EncodeToMemory(b), keyPEM)
+	return err == nil
 }
 
 // unfinishedPEM reports whether data has a BEGIN line that no complete,
