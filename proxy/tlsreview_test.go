@@ -3,7 +3,9 @@ package proxy
 import (
 	"crypto/tls"
 	"encoding/pem"
+	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -85,4 +87,122 @@ func TestTLSReviewPairMistakes(t *testing.T) {
 func mustPEMKey(t *testing.T, cert tls.Certificate) []byte {
 	_, k := pemPair(t, cert)
 	return k
+}
+
+// TestTLSReviewSNIForms: the forms a name takes in a ClientHello (OpenSSL
+// sends the case as given; curl strips a trailing dot from the URL's host)
+// are each served the certificate without the log saying clients ask
+// for a name it lacks; no SNI at all neither. A name it lacks is logged.
+func TestTLSReviewSNIForms(t *testing.T) {
+	if _, err := exec.LookPath("openssl"); err != nil {
+		t.Skip("needs openssl (s_client sends the name as given)")
+	}
+	cert, err := SelfSigned("cells.example.com")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tp := startTLSProxy(t, cert)
+	const warning = "clients ask for a name that TLS_CERT_FILE's certificate does not cover"
+	sClient := func(t *testing.T, args ...string) {
+		t.Helper()
+		args = append([]string{"s_client", "-connect", tp.Addr().String(), "-brief", "-alpn", "h2,http/1.1"}, args...)
+		cmd := exec.Command("openssl", args...)
+		cmd.Stdin = strings.NewReader("")
+		out, err := cmd.CombinedOutput()
+		if err != nil || !strings.Contains(string(out), "CONNECTION ESTABLISHED") {
+			t.Fatalf("openssl %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+	}
+	for _, name := range []string{"CELLS.Example.COM", "cells.example.com"} {
+		sClient(t, "-servername", name)
+	}
+	sClient(t, "-noservername")
+	// crypto/tls refuses an SNI with a trailing dot (decode_error, RFC
+	// 6066 §3 forbids it), which s_client sends as given; curl strips it.
+	if _, err := exec.LookPath("curl"); err == nil {
+		_, port, _ := net.SplitHostPort(tp.Addr().String())
+		url := "https://cells.example.com.:" + port + "/"
+		out, err := exec.Command("curl", "-sS", "-k", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}",
+			"--resolve", "cells.example.com.:"+port+":127.0.0.1", url).CombinedOutput()
+		if err != nil || string(out) != "200" {
+			t.Errorf("curl %s: %v, %s; want 200", url, err, out)
+		}
+	}
+	if strings.Contains(tp.Log.String(), warning) {
+		t.Errorf("a name the certificate covers was logged as not covered:\n%s", tp.Log)
+	}
+	sClient(t, "-servername", "files.example.org")
+	if !strings.Contains(tp.Log.String(), "server_name=files.example.org") {
+		t.Errorf("a name the certificate lacks was not logged:\n%s", tp.Log)
+	}
+}
+
+// TestTLSReviewTLSToCleartextPorts: an operator's curl https:// sent to
+// the redirect port, or to the public port with PROXY_TLS=off, fails at
+// once with OpenSSL's "wrong version number" (the port answered 400 in
+// clear, or closed), not at a timeout.
+func TestTLSReviewTLSToCleartextPorts(t *testing.T) {
+	if _, err := exec.LookPath("curl"); err != nil {
+		t.Skip("needs curl")
+	}
+	cfg := testConfig(newUpstream(t, upTLS, &recorder{}))
+	cfg.TLS = false
+	plain := startProxy(t, cfg)
+	for name, addr := range map[string]string{"public, PROXY_TLS=off": plain.Addr().String(), "redirect": plain.RedirectAddr().String()} {
+		start := time.Now()
+		out, err := exec.Command("curl", "-sS", "-k", "-m", "20", "https://"+addr+"/").CombinedOutput()
+		if err == nil || strings.Contains(string(out), "timed out") {
+			t.Errorf("%s: curl https:// %v after %v: %s; want a TLS error at once", name, err, time.Since(start).Round(time.Millisecond), out)
+		}
+		t.Logf("%s: %s", name, strings.TrimSpace(string(out)))
+	}
+}
+
+// TestTLSReviewLargeClientHello: a ClientHello over one record (16 KiB:
+// post-quantum key shares, a long ALPN list), sent one byte at a time,
+// agrees h2 and serves a request on the public port.
+func TestTLSReviewLargeClientHello(t *testing.T) {
+	tp, _ := startWithGRPCPort(t)
+	alpn := []string{}
+	for i := range 120 {
+		alpn = append(alpn, fmt.Sprintf("x-%03d-%s", i, strings.Repeat("p", 200)))
+	}
+	alpn = append(alpn, "h2")
+	for _, addr := range []string{tp.Addr().String(), tp.GRPCAddr().String()} {
+		nc, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer nc.Close()
+		nc.SetDeadline(time.Now().Add(20 * time.Second))
+		rec := &trickleConn{Conn: nc}
+		c := tls.Client(rec, tp.TLSConfig(alpn...))
+		if err := c.Handshake(); err != nil {
+			t.Fatalf("%s: handshake: %v", addr, err)
+		}
+		if got := c.ConnectionState().NegotiatedProtocol; got != "h2" {
+			t.Errorf("%s: ALPN %q, want h2", addr, got)
+		}
+		if rec.first < 16<<10 {
+			t.Errorf("ClientHello of %d bytes, want one over a record", rec.first)
+		}
+	}
+}
+
+// trickleConn writes one byte at a time and counts the first write.
+type trickleConn struct {
+	net.Conn
+	first int
+}
+
+func (c *trickleConn) Write(p []byte) (int, error) {
+	if c.first == 0 {
+		c.first = len(p)
+	}
+	for i := range p {
+		if _, err := c.Conn.Write(p[i : i+1]); err != nil {
+			return i, err
+		}
+	}
+	return len(p), nil
 }
