@@ -1,11 +1,19 @@
 package proxy
 
 import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/pem"
 	"fmt"
 	"log/slog"
+	"math/big"
 	"net"
+	"net/http"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -205,4 +213,108 @@ func (c *trickleConn) Write(p []byte) (int, error) {
 		}
 	}
 	return len(p), nil
+}
+
+// TestTLSReviewUpstreamCerts: towards Cells, a CELLS_UPSTREAM_CA_FILE
+// bundle whose root for Cells is not its first certificate verifies
+// Cells; Cells restarting on the same port with a new certificate from
+// that root (its sessions and tickets forgotten, the proxy's pooled
+// connections dead) is served at the first request; restarting with one
+// from a root outside the bundle is a 502 whose log line names
+// CELLS_UPSTREAM_CA_FILE; and a CELLS_UPSTREAM_SERVER_NAME that the
+// certificate lacks is a 502 whose log names that variable.
+func TestTLSReviewUpstreamCerts(t *testing.T) {
+	newRoot := func(cn string) (*x509.Certificate, *ecdsa.PrivateKey) {
+		k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tmpl := &x509.Certificate{SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: cn},
+			NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), IsCA: true,
+			BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
+		return signCert(t, tmpl, tmpl, &k.PublicKey, k), k
+	}
+	leafOf := func(root *x509.Certificate, rootKey *ecdsa.PrivateKey) tls.Certificate {
+		k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			t.Fatal(err)
+		}
+		leaf := signCert(t, &x509.Certificate{SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: "cells"},
+			NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), DNSNames: []string{"localhost", "cells"},
+			IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)}, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}},
+			root, &k.PublicKey, rootKey)
+		return tls.Certificate{Certificate: [][]byte{leaf.Raw}, PrivateKey: k, Leaf: leaf}
+	}
+	cellsRoot, cellsKey := newRoot("cells root")
+	otherRoot, otherKey := newRoot("another root")
+	var bundle []byte
+	for _, c := range []*x509.Certificate{otherRoot, cellsRoot} {
+		bundle = append(bundle, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})...)
+	}
+	caFile := filepath.Join(t.TempDir(), "bundle.pem")
+	if err := os.WriteFile(caFile, bundle, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	// cells serves cert on addr until the next call or the test's end.
+	var srv *http.Server
+	cells := func(cert tls.Certificate) {
+		if srv != nil {
+			srv.Close()
+		}
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		srv = &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}),
+			ErrorLog: slog.NewLogLogger(slog.DiscardHandler, slog.LevelError)}
+		go srv.Serve(tls.NewListener(ln, &tls.Config{Certificates: []tls.Certificate{cert}}))
+	}
+	cells(leafOf(cellsRoot, cellsKey))
+	t.Cleanup(func() { srv.Close() })
+
+	start := func(serverName string) *testProxy {
+		cfg := testConfig(nil)
+		cfg.Upstream = &url.URL{Scheme: "https", Host: addr}
+		cfg.UpstreamCAFile, cfg.UpstreamServerName = caFile, serverName
+		return startProxy(t, cfg)
+	}
+	get := func(tp *testProxy, want int, when string) {
+		t.Helper()
+		for _, c := range []*http.Client{tp.H1, tp.H2} {
+			res, err := c.Get(tp.URL + "/a/frontend/bootconf")
+			if err != nil {
+				t.Fatalf("%s: %v", when, err)
+			}
+			res.Body.Close()
+			if res.StatusCode != want {
+				t.Errorf("%s: %s, want %d", when, res.Status, want)
+			}
+		}
+	}
+	tp := start("")
+	get(tp, http.StatusOK, "Cells' root second in the bundle")
+	cells(leafOf(cellsRoot, cellsKey))
+	get(tp, http.StatusOK, "Cells restarted with a new certificate from its root")
+	cells(leafOf(otherRoot, otherKey))
+	get(tp, http.StatusOK, "Cells restarted with a certificate from the bundle's other root")
+	untrusted, untrustedKey := newRoot("untrusted root")
+	cells(leafOf(untrusted, untrustedKey))
+	get(tp, http.StatusBadGateway, "Cells restarted with a certificate from outside the bundle")
+	if !strings.Contains(tp.Log.String(), "set CELLS_UPSTREAM_CA_FILE") {
+		t.Errorf("no log line names CELLS_UPSTREAM_CA_FILE:\n%s", tp.Log)
+	}
+
+	cells(leafOf(cellsRoot, cellsKey))
+	named := start("files.example.com")
+	get(named, http.StatusBadGateway, "CELLS_UPSTREAM_SERVER_NAME the certificate lacks")
+	if log := named.Log.String(); !strings.Contains(log, "CELLS_UPSTREAM_SERVER_NAME") || !strings.Contains(log, "files.example.com") {
+		t.Errorf("no log line names CELLS_UPSTREAM_SERVER_NAME and the name:\n%s", log)
+	}
+	get(start("CELLS"), http.StatusOK, "CELLS_UPSTREAM_SERVER_NAME in capitals")
 }
