@@ -893,6 +893,13 @@ func (f *forwarder) serveGRPC(ex *exchange, r *http.Request) {
 // Cells failing, 502), nor that a port is a number (Cells builds its
 // external URLs from Host, and PROXY_SERVER_NAMES compares the name only).
 func malformed(r *http.Request) string {
+	// net/http's HTTP/2 server takes any :method (the HTTP/1.1 front
+	// refuses one that is not a token, as RFC 9110 §9.1 requires): such a
+	// request failed as Cells' fault, 502 and a warning, or went to
+	// Cells' gRPC port as it came.
+	if !httpguts.ValidHeaderFieldName(r.Method) {
+		return "invalid method"
+	}
 	host := r.Host
 	if strings.ContainsFunc(host, func(c rune) bool { return c >= utf8.RuneSelf }) {
 		// An HTTP/2 :authority outside ASCII, which net/http's client
