@@ -169,10 +169,35 @@ func (f *forwarder) endBroken(ex *exchange, r *http.Request, res *http.Response,
 		}
 		return true
 	}
+	f.logCutShort(r, err)
+	return false
+}
+
+// logCutShort warns of a response body that Cells cut short, unless the
+// exchange itself ended it (the client gone, the idle watchdog, the
+// drain), which the access line tells.
+func (f *forwarder) logCutShort(r *http.Request, err error) {
 	if r.Context().Err() == nil {
 		f.log.Warn("upstream response cut short", "method", r.Method, "host", r.Host, "path", redactPath(r), "err", err)
 	}
-	return false
+}
+
+// cutShortBody is a response body on ReverseProxy's path, which logs a
+// body that breaks off as the direct path does (httputil's own line named
+// no request, and came at each idle cut too). r is the request to Cells:
+// its method, Host, RequestURI, query and context are the client's.
+type cutShortBody struct {
+	io.ReadCloser
+	f *forwarder
+	r *http.Request
+}
+
+func (b *cutShortBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if err != nil && err != io.EOF {
+		b.f.logCutShort(b.r, err)
+	}
+	return n, err
 }
 
 // relayHeader moves Cells' response header fields to h, the client's

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log"
 	"log/slog"
 	"math"
 	"net"
@@ -171,8 +172,11 @@ func (f *forwarder) reverseProxy(target *url.URL, t http.RoundTripper) *httputil
 		// fly, server-sent events).
 		FlushInterval: -1,
 		BufferPool:    bufferPool{},
-		ErrorLog:      slog.NewLogLogger(f.log.Handler(), slog.LevelWarn),
-		ErrorHandler:  f.errorHandler,
+		// Its own lines are replaced: a response body that breaks
+		// off is logged by cutShortBody, as on the direct path, and
+		// the proxy's errors by errorHandler.
+		ErrorLog:     log.New(io.Discard, "", 0),
+		ErrorHandler: f.errorHandler,
 		// As the direct path: http.Transport passes on a status below 100,
 		// which net/http's WriteHeader panics on.
 		ModifyResponse: func(res *http.Response) error {
@@ -188,6 +192,9 @@ func (f *forwarder) reverseProxy(target *url.URL, t http.RoundTripper) *httputil
 			// upload's result. The exchange's own ending answers instead.
 			if ctx := res.Request.Context(); ctx.Err() != nil {
 				return context.Cause(ctx)
+			}
+			if res.Body != http.NoBody && res.StatusCode != http.StatusSwitchingProtocols {
+				res.Body = &cutShortBody{ReadCloser: res.Body, f: f, r: res.Request}
 			}
 			return nil
 		},

@@ -1,8 +1,13 @@
 package proxy
 
 import (
+	"bytes"
+	"fmt"
+	"io"
+	"net/http"
 	"strings"
 	"testing"
+	"time"
 )
 
 // TestLogReviewInvalidMethodH2: net/http's HTTP/2 server passes on a
@@ -52,5 +57,73 @@ func TestLogReviewInvalidMethodH2(t *testing.T) {
 	log := tp.Log.String()
 	if strings.Contains(log, "upstream error") || strings.Contains(log, "secret") {
 		t.Errorf("invalid methods logged as Cells' failure, or a secret logged:\n%s", log)
+	}
+}
+
+// TestLogReviewCutShortBothPaths: a response whose body Cells cuts short
+// gives the same warning on both forwarding paths, "upstream response cut
+// short" with the request's method, host and redacted path; one the idle
+// watchdog cuts gives none, the access line saying what was sent (found by
+// review: an upload's response, which goes through httputil.ReverseProxy,
+// gave httputil's own line instead, "httputil: ReverseProxy read error
+// during body copy: unexpected EOF", naming no request, and one at each
+// idle cut).
+func TestLogReviewCutShortBothPaths(t *testing.T) {
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		w.Write(make([]byte, 1000)) // chunked: no length to compare with
+		w.(http.Flusher).Flush()
+		if strings.HasPrefix(r.URL.Path, "/stall") {
+			<-r.Context().Done()
+			return
+		}
+		panic(http.ErrAbortHandler)
+	}))
+	cfg := testConfig(up)
+	cfg.AccessLog = true
+	cfg.IdleTimeout = 300 * time.Millisecond
+	sink := newLogSink()
+	tp := startLoggedProxy(t, cfg, sink, "json")
+	from := 0
+	for _, pc := range h1h2Clients(tp) {
+		for _, body := range []int{0, 20000} { // the direct path, ReverseProxy's
+			for _, p := range []string{"/cut", "/stall"} {
+				name := fmt.Sprintf("%s %s with a %d-byte body", pc.name, p, body)
+				req, _ := http.NewRequest("POST", tp.URL+p+"?pydio_jwt=secret-1", bytes.NewReader(make([]byte, body)))
+				res, err := pc.c.Do(req)
+				if err != nil {
+					t.Fatalf("%s: %v", name, err)
+				}
+				if _, err := io.Copy(io.Discard, res.Body); err == nil {
+					t.Errorf("%s: a body cut short read to its end", name)
+				}
+				res.Body.Close()
+				_, i := sink.wait(t, from, isAccess(t, p+"?pydio_jwt=REDACTED"))
+				var warned []map[string]string
+				for _, l := range strings.Split(sink.String(), "\n")[from:i] {
+					// Not the test set-up's: a self-signed certificate,
+					// the redirect port's 443.
+					f := parseLogLine(t, l)
+					if f["level"] == "WARN" && !strings.HasPrefix(f["msg"], "no TLS_CERT_FILE") && !strings.HasPrefix(f["msg"], "HTTPS requests name a port") {
+						warned = append(warned, f)
+					}
+				}
+				from = i + 1
+				if p == "/stall" {
+					if len(warned) != 0 {
+						t.Errorf("%s: the idle cut warned: %v", name, warned)
+					}
+					continue
+				}
+				if len(warned) != 1 {
+					t.Errorf("%s: %d warnings, want 1: %v", name, len(warned), warned)
+					continue
+				}
+				f := warned[0]
+				if f["msg"] != "upstream response cut short" || f["method"] != "POST" || f["path"] != p+"?pydio_jwt=REDACTED" {
+					t.Errorf("%s: warning %v, want upstream response cut short with the method and redacted path", name, f)
+				}
+			}
+		}
 	}
 }
