@@ -178,7 +178,7 @@ func (f *forwarder) endBroken(ex *exchange, r *http.Request, res *http.Response,
 // drain), which the access line tells.
 func (f *forwarder) logCutShort(r *http.Request, err error) {
 	if r.Context().Err() == nil {
-		f.log.Warn("upstream response cut short", "method", r.Method, "host", r.Host, "path", redactPath(r), "err", err)
+		f.log.Warn("upstream response cut short", "method", r.Method, "host", r.Host, "path", redactPath(r), "err", logErr(err))
 	}
 }
 

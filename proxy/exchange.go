@@ -2,9 +2,11 @@ package proxy
 
 import (
 	"context"
+	"errors"
 	"io"
 	"log/slog"
 	"net/http"
+	"net/textproto"
 	"net/url"
 	"strconv"
 	"strings"
@@ -315,6 +317,19 @@ func isSecretParam(k string) bool {
 		}
 	}
 	return false
+}
+
+// logErr is err as a log line gives it: without the header line of Cells'
+// answer that textproto's errors quote whole (a malformed Set-Cookie with a
+// session, a token in a malformed trailer), only what is wrong with it.
+// Only errors take this path.
+func logErr(err error) string {
+	var pe textproto.ProtocolError
+	if !errors.As(err, &pe) {
+		return err.Error()
+	}
+	what, _, _ := strings.Cut(string(pe), ":")
+	return strings.Replace(err.Error(), string(pe), what+" (the line is not logged)", 1)
 }
 
 // pool is a typed sync.Pool.

@@ -423,9 +423,9 @@ func (f *forwarder) errorHandler(w http.ResponseWriter, r *http.Request, err err
 		// The drain's own endings are not Cells failing. One line per
 		// request: the fix, when the configuration is the cause.
 		if fix != "" {
-			f.log.Error(fix, "method", r.Method, "host", r.Host, "path", redactPath(r), "status", status, "err", err)
+			f.log.Error(fix, "method", r.Method, "host", r.Host, "path", redactPath(r), "status", status, "err", logErr(err))
 		} else {
-			f.log.Warn("upstream error", "method", r.Method, "host", r.Host, "path", redactPath(r), "status", status, "err", err)
+			f.log.Warn("upstream error", "method", r.Method, "host", r.Host, "path", redactPath(r), "status", status, "err", logErr(err))
 		}
 	}
 	if isGRPC(r) {

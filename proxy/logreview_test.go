@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bufio"
 	"bytes"
 	"fmt"
 	"io"
@@ -125,5 +126,58 @@ func TestLogReviewCutShortBothPaths(t *testing.T) {
 				}
 			}
 		}
+	}
+}
+
+// TestLogReviewMalformedHeaderFromCells: a malformed header or trailer line
+// in Cells' answer makes the request fail (502) or its body break off, and
+// the warning says so without the line, which may be a session cookie or a
+// token (found by review: textproto's error quoted it whole, on both
+// forwarding paths).
+func TestLogReviewMalformedHeaderFromCells(t *testing.T) {
+	up := newRawUpstream(t, func(conn int64, req *http.Request, w *bufio.Writer) bool {
+		io.Copy(io.Discard, req.Body)
+		switch req.URL.Path {
+		case "/ctl":
+			io.WriteString(w, "HTTP/1.1 200 OK\r\nSet-Cookie: pydio_session=secret-1\x01\r\nContent-Length: 2\r\n\r\nok")
+		case "/colon":
+			io.WriteString(w, "HTTP/1.1 200 OK\r\nSet-Cookie pydio_session=secret-2\r\nContent-Length: 2\r\n\r\nok")
+		case "/trailer":
+			io.WriteString(w, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-Token secret-3\r\n\r\n")
+		}
+		return false
+	})
+	cfg := testConfig(nil)
+	cfg.Upstream = up.URL()
+	cfg.AccessLog = true
+	sink := newLogSink()
+	tp := startLoggedProxy(t, cfg, sink, "json")
+	from := 0
+	for _, p := range []string{"/ctl", "/colon", "/trailer"} {
+		for _, body := range []int{0, 20000} { // the direct path, ReverseProxy's
+			name := fmt.Sprintf("%s with a %d-byte body", p, body)
+			req, _ := http.NewRequest("POST", tp.URL+p, bytes.NewReader(make([]byte, body)))
+			res, err := tp.H1.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			io.Copy(io.Discard, res.Body)
+			res.Body.Close()
+			want := "upstream error"
+			if p == "/trailer" {
+				want = "upstream response cut short"
+			}
+			line, i := sink.wait(t, from, func(l string) bool {
+				f := parseLogLine(t, l)
+				return f["msg"] == want && f["path"] == p
+			})
+			from = i + 1
+			if f := parseLogLine(t, line); !strings.Contains(f["err"], "malformed MIME header") {
+				t.Errorf("%s: err %q does not say what Cells got wrong", name, f["err"])
+			}
+		}
+	}
+	if log := sink.String(); strings.Contains(log, "secret") {
+		t.Errorf("a header line of Cells' answer reached the log:\n%s", log)
 	}
 }
