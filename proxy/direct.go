@@ -160,6 +160,11 @@ func (f *forwarder) endBroken(ex *exchange, r *http.Request, res *http.Response,
 		if !ok {
 			return false // the client is gone
 		}
+		if !errors.Is(err, errShutdown) {
+			// Cells broke the call off: worth the line an HTTP response
+			// gets, not the drain's own ending of it.
+			f.logCutShort(r, err)
+		}
 		if res.Trailer == nil {
 			res.Trailer = make(http.Header)
 		}

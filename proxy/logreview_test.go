@@ -7,11 +7,19 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/coder/websocket"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	grpchealth "google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
 )
 
 // TestLogReviewInvalidMethodH2: net/http's HTTP/2 server passes on a
@@ -277,11 +285,7 @@ func TestLogReviewTextInjection(t *testing.T) {
 				}
 				t.Logf("request %d: %v", i, c.answer(t, id))
 			}
-			isRequest := func(l string) bool { return parseLogLine(t, l)["msg"] == "request" }
-			for i, from := 0, 0; i < len(reqs); i++ {
-				_, at := sink.wait(t, from, isRequest)
-				from = at + 1
-			}
+			accessLinesIn(t, sink, len(reqs))
 			for _, l := range strings.Split(sink.String(), "\n") {
 				f := parseLogLine(t, l)
 				if f["level"] == "ERROR" || strings.HasPrefix(f["path"], "/forged") {
@@ -301,5 +305,126 @@ func TestLogReviewTextInjection(t *testing.T) {
 				t.Errorf("%d access lines for %d requests:\n%s", lines, len(reqs), sink.String())
 			}
 		})
+	}
+}
+
+// TestLogReviewGRPCMetadata: a gRPC call's metadata (x-pydio-bearer,
+// authorization) stays out of the log, at debug too, whether Cells
+// answers, breaks the call off, or cannot be reached.
+func TestLogReviewGRPCMetadata(t *testing.T) {
+	gs := grpc.NewServer()
+	healthpb.RegisterHealthServer(gs, grpchealth.NewServer())
+	defer gs.Stop()
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("X-Break") != "" {
+			w.Header().Set("Content-Type", "application/grpc")
+			w.WriteHeader(http.StatusOK)
+			w.(http.Flusher).Flush()
+			panic(http.ErrAbortHandler)
+		}
+		gs.ServeHTTP(w, r)
+	}))
+	down := testConfig(up)
+	down.GRPCUpstream = &url.URL{Scheme: "https", Host: refusedAddr(t)}
+	for name, cfg := range map[string]*Config{"up": testConfig(up), "down": down} {
+		t.Run(name, func(t *testing.T) {
+			cfg.AccessLog = true
+			sink := newLogSink()
+			tp := startLoggedProxy(t, cfg, sink, "json")
+			cc, err := grpc.NewClient(tp.Addr().String(), grpc.WithTransportCredentials(credentials.NewTLS(tp.TLSConfig())))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer cc.Close()
+			for _, brk := range []string{"", "1"} {
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				ctx = metadata.AppendToOutgoingContext(ctx, "x-pydio-bearer", "secret-1", "authorization", "Bearer secret-2", "x-break", brk)
+				_, err := healthpb.NewHealthClient(cc).Check(ctx, &healthpb.HealthCheckRequest{Service: ""})
+				cancel()
+				t.Logf("%s, break %q: %v", name, brk, err)
+			}
+			cc.Close()
+			accessLinesIn(t, sink, 2)
+			if log := sink.String(); strings.Contains(log, "secret") {
+				t.Errorf("metadata reached the log:\n%s", log)
+			}
+		})
+	}
+}
+
+// accessLinesIn waits until sink holds n access lines.
+func accessLinesIn(t *testing.T, sink *logSink, n int) {
+	t.Helper()
+	isRequest := func(l string) bool { return parseLogLine(t, l)["msg"] == "request" }
+	for i, from := 0, 0; i < n; i++ {
+		_, at := sink.wait(t, from, isRequest)
+		from = at + 1
+	}
+}
+
+// TestLogReviewGRPCBrokenWarns: a gRPC call whose stream Cells breaks off
+// after its response headers ends UNAVAILABLE for the client, and is
+// logged as an HTTP response cut short is, once (found by review: only
+// its access line said anything, status 200). A stream the stop ends
+// is no failure of Cells': no warning.
+func TestLogReviewGRPCBrokenWarns(t *testing.T) {
+	gs := grpc.NewServer()
+	healthpb.RegisterHealthServer(gs, grpchealth.NewServer())
+	defer gs.Stop()
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if strings.HasSuffix(r.URL.Path, "/Watch") {
+			gs.ServeHTTP(w, r)
+			return
+		}
+		w.Header().Set("Content-Type", "application/grpc")
+		w.WriteHeader(http.StatusOK)
+		w.(http.Flusher).Flush()
+		panic(http.ErrAbortHandler)
+	}))
+	cfg := testConfig(up)
+	cfg.AccessLog = true
+	sink := newLogSink()
+	tp := startLoggedProxy(t, cfg, sink, "json")
+	cc, err := grpc.NewClient(tp.Addr().String(), grpc.WithTransportCredentials(credentials.NewTLS(tp.TLSConfig())))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_, err = healthpb.NewHealthClient(cc).Check(ctx, &healthpb.HealthCheckRequest{})
+	if got, want := status.Code(err), codes.Unavailable; got != want {
+		t.Errorf("call broken off by Cells: %v, want %v", err, want)
+	}
+	const path = "/grpc.health.v1.Health/Check"
+	_, at := sink.wait(t, 0, isAccess(t, path))
+	n := 0
+	for _, l := range strings.Split(sink.String(), "\n")[:at] {
+		if f := parseLogLine(t, l); f["level"] == "WARN" && f["msg"] == "upstream response cut short" && f["path"] == path {
+			n++
+		}
+	}
+	if n != 1 {
+		t.Errorf("%d warnings for a call Cells broke off, want 1; log:\n%s", n, sink.String())
+	}
+
+	watch, err := healthpb.NewHealthClient(cc).Watch(ctx, &healthpb.HealthCheckRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := watch.Recv(); err != nil {
+		t.Fatal(err)
+	}
+	stopped := make(chan error, 1)
+	go func() { stopped <- tp.Shutdown() }()
+	if _, err := watch.Recv(); status.Code(err) != codes.Unavailable {
+		t.Errorf("stream ended by the stop: %v, want Unavailable", err)
+	}
+	if err := <-stopped; err != nil {
+		t.Fatal(err)
+	}
+	sink.wait(t, at+1, isAccess(t, "/grpc.health.v1.Health/Watch"))
+	if strings.Count(sink.String(), "upstream response cut short") != 1 {
+		t.Errorf("the stop's end of a stream logged as Cells breaking it off:\n%s", sink.String())
 	}
 }
