@@ -4,8 +4,10 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"strings"
@@ -13,6 +15,7 @@ import (
 	"time"
 
 	"github.com/coder/websocket"
+	"golang.org/x/net/http2"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
@@ -426,5 +429,63 @@ func TestLogReviewGRPCBrokenWarns(t *testing.T) {
 	sink.wait(t, at+1, isAccess(t, "/grpc.health.v1.Health/Watch"))
 	if strings.Count(sink.String(), "upstream response cut short") != 1 {
 		t.Errorf("the stop's end of a stream logged as Cells breaking it off:\n%s", sink.String())
+	}
+}
+
+// TestLogReviewScannerQuiet: what a scanner does to the public port (bytes
+// that are not TLS, an old TLS version, plain HTTP to the TLS port, a bad
+// HTTP/2 preface after ALPN h2, HTTP/2 frames that break the protocol, a
+// connection closed at once) writes nothing at info or above: net/http's
+// own lines about clients are at debug, and none of these is a request.
+func TestLogReviewScannerQuiet(t *testing.T) {
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
+	cfg := testConfig(up)
+	cfg.AccessLog = true
+	sink := newLogSink()
+	tp := startLoggedProxy(t, cfg, sink, "json")
+	addr := tp.Addr().String()
+	tcp := func(send string) {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		if send == "" {
+			return // closed at once
+		}
+		io.WriteString(c, send)
+		io.Copy(io.Discard, c) // until the proxy closes it
+	}
+	tcp("")
+	tcp("\x16\x03\x01\x00\x05hello")
+	tcp("GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+	tcp("SSH-2.0-OpenSSH_9.6\r\n")
+	old := tp.TLSConfig()
+	old.MinVersion, old.MaxVersion = tls.VersionTLS10, tls.VersionTLS11
+	if c, err := tls.Dial("tcp", addr, old); err == nil {
+		c.Close()
+		t.Error("a TLS 1.1 client connected")
+	}
+	for _, send := range []string{"GET / HTTP/1.1\r\n\r\n", http2.ClientPreface + "\x00\x00\x01\x09\x00\x00\x00\x00\x01x"} {
+		c := tp.dialRaw(t, addr, "h2")
+		io.WriteString(c, send)
+		io.Copy(io.Discard, c)
+		c.Close()
+	}
+	// A request, so that the log has an end to wait for.
+	res, err := tp.H2.Get(tp.URL + "/last")
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Body.Close()
+	_, at := sink.wait(t, 0, isAccess(t, "/last"))
+	for _, l := range strings.Split(sink.String(), "\n")[:at] {
+		// Not the start's lines, nor the test set-up's warnings (a
+		// self-signed certificate, the redirect port's 443).
+		f := parseLogLine(t, l)
+		if f["level"] != "DEBUG" && f["msg"] != "listening" && !strings.HasPrefix(f["msg"], "no TLS_CERT_FILE") && !strings.HasPrefix(f["msg"], "HTTPS requests name a port") {
+			t.Errorf("a scanner's connection logged at %s: %s", f["level"], l)
+		}
 	}
 }
