@@ -489,3 +489,52 @@ func TestLogReviewScannerQuiet(t *testing.T) {
 		}
 	}
 }
+
+// TestLogReviewSlowPathSecrets: the requests the HTTP/1.1 front hands to
+// net/http's server (a chunked upload, Expect: 100-continue, a query with
+// ';', which net/http's server remarks on) keep their credentials out of
+// the log at debug too, whether Cells answers or breaks its answer off.
+func TestLogReviewSlowPathSecrets(t *testing.T) {
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		w.Write([]byte("partial"))
+		w.(http.Flusher).Flush()
+		if strings.HasPrefix(r.URL.Path, "/broken") {
+			panic(http.ErrAbortHandler)
+		}
+	}))
+	cfg := testConfig(up)
+	cfg.AccessLog = true
+	sink := newLogSink()
+	tp := startLoggedProxy(t, cfg, sink, "text")
+	const query = "?a=1;pydio_jwt=secret-1&X-Amz-Credential=secret-2"
+	from := 0
+	for _, pc := range h1h2Clients(tp) {
+		for _, p := range []string{"/ok", "/broken"} {
+			body := io.MultiReader(strings.NewReader("chunk"), bytes.NewReader(make([]byte, 30000)))
+			req, _ := http.NewRequest("PUT", tp.URL+p+query, body) // no length: chunked on HTTP/1.1
+			req.Header.Set("Authorization", "AWS4-HMAC-SHA256 Credential=secret-3, Signature=secret-4")
+			req.Header.Set("Cookie", "pydio_session=secret-5")
+			req.Header.Set("X-Pydio-Bearer", "secret-6")
+			req.Header.Set("Expect", "100-continue")
+			if res, err := pc.c.Do(req); err == nil {
+				io.Copy(io.Discard, res.Body)
+				res.Body.Close()
+			}
+			_, at := sink.wait(t, from, isAccess(t, p+"?a=1;pydio_jwt=REDACTED&X-Amz-Credential=REDACTED"))
+			from = at + 1
+		}
+	}
+	tp.H1.CloseIdleConnections()
+	tp.H2.CloseIdleConnections()
+	if err := tp.Shutdown(); err != nil {
+		t.Fatal(err)
+	}
+	log := sink.String()
+	if strings.Count(log, "upstream response cut short") != 2 {
+		t.Errorf("want a warning for each broken answer:\n%s", log)
+	}
+	if strings.Contains(log, "secret") {
+		t.Errorf("a secret reached the log:\n%s", log)
+	}
+}
