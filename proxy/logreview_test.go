@@ -435,15 +435,38 @@ func TestLogReviewGRPCBrokenWarns(t *testing.T) {
 // TestLogReviewScannerQuiet: what a scanner does to the public port (bytes
 // that are not TLS, an old TLS version, plain HTTP to the TLS port, a bad
 // HTTP/2 preface after ALPN h2, HTTP/2 frames that break the protocol, a
-// connection closed at once) writes nothing at info or above: net/http's
+// connection closed at once, and on the gRPC port HTTP/1.1) writes nothing
+// at info or above, on the public port and the gRPC port: net/http's
 // own lines about clients are at debug, and none of these is a request.
 func TestLogReviewScannerQuiet(t *testing.T) {
 	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
 	cfg := testConfig(up)
 	cfg.AccessLog = true
+	cfg.GRPCAddr = "127.0.0.1:0"
 	sink := newLogSink()
 	tp := startLoggedProxy(t, cfg, sink, "json")
-	addr := tp.Addr().String()
+	scan(t, tp, tp.Addr().String(), false)
+	scan(t, tp, tp.GRPCAddr().String(), true)
+	// A request, so that the log has an end to wait for.
+	res, err := tp.H2.Get(tp.URL + "/last")
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Body.Close()
+	_, at := sink.wait(t, 0, isAccess(t, "/last"))
+	for _, l := range strings.Split(sink.String(), "\n")[:at] {
+		// Not the start's lines, nor the test set-up's warnings (a
+		// self-signed certificate, the redirect port's 443).
+		f := parseLogLine(t, l)
+		if f["level"] != "DEBUG" && f["msg"] != "listening" && !strings.HasPrefix(f["msg"], "no TLS_CERT_FILE") && !strings.HasPrefix(f["msg"], "HTTPS requests name a port") {
+			t.Errorf("a scanner's connection logged at %s: %s", f["level"], l)
+		}
+	}
+}
+
+// scan connects to addr as scanners do; to the gRPC port, with an
+// HTTP/1.1 request too.
+func scan(t *testing.T, tp *testProxy, addr string, grpcPort bool) {
 	tcp := func(send string) {
 		c, err := net.Dial("tcp", addr)
 		if err != nil {
@@ -473,20 +496,11 @@ func TestLogReviewScannerQuiet(t *testing.T) {
 		io.Copy(io.Discard, c)
 		c.Close()
 	}
-	// A request, so that the log has an end to wait for.
-	res, err := tp.H2.Get(tp.URL + "/last")
-	if err != nil {
-		t.Fatal(err)
-	}
-	res.Body.Close()
-	_, at := sink.wait(t, 0, isAccess(t, "/last"))
-	for _, l := range strings.Split(sink.String(), "\n")[:at] {
-		// Not the start's lines, nor the test set-up's warnings (a
-		// self-signed certificate, the redirect port's 443).
-		f := parseLogLine(t, l)
-		if f["level"] != "DEBUG" && f["msg"] != "listening" && !strings.HasPrefix(f["msg"], "no TLS_CERT_FILE") && !strings.HasPrefix(f["msg"], "HTTPS requests name a port") {
-			t.Errorf("a scanner's connection logged at %s: %s", f["level"], l)
-		}
+	if grpcPort {
+		c := tp.dialRaw(t, addr, "http/1.1")
+		io.WriteString(c, "GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+		io.Copy(io.Discard, c)
+		c.Close()
 	}
 }
 
