@@ -124,7 +124,9 @@ func TestGRPCFrontReviewDedicatedPort(t *testing.T) {
 	t.Parallel()
 	e := startGRPC(t, topoH2C, nil)
 	addr := e.addr(portDedicated)
-	c := &http.Client{Transport: &http2.Transport{TLSClientConfig: e.tp.TLSConfig()}}
+	tr := &http.Transport{TLSClientConfig: e.tp.TLSConfig(), Protocols: new(http.Protocols)}
+	tr.Protocols.SetHTTP2(true)
+	c := &http.Client{Transport: tr}
 	t.Cleanup(c.CloseIdleConnections)
 	empty := "\x00\x00\x00\x00\x00" // one empty gRPC message
 	for _, tc := range []struct {

@@ -110,7 +110,6 @@ func TestH2FrontReviewDownloadCancels(t *testing.T) {
 	}))
 	tp := startProxy(t, testConfig(up))
 	c := tp.H2
-	type result struct{ err error }
 	const N = 120
 	done := make(chan string, N)
 	for i := range N {
@@ -301,10 +300,10 @@ func TestH2FrontReviewEarlyAnswer(t *testing.T) {
 	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case "/big":
-			http.Error(w, "<Error><Code>EntityTooLarge</Code></Error>", 413)
+			http.Error(w, "<Error><Code>EntityTooLarge</Code></Error>", http.StatusRequestEntityTooLarge)
 		case "/auth":
 			w.Header().Set("WWW-Authenticate", "Bearer")
-			http.Error(w, "unauthorized", 401)
+			http.Error(w, "unauthorized", http.StatusUnauthorized)
 		default:
 			n, err := io.Copy(io.Discard, r.Body)
 			fmt.Fprintf(w, "%d %v", n, err)
