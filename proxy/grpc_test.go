@@ -133,6 +133,17 @@ func (e *grpcEnv) dial(t testing.TB, port grpcPort, opts ...grpc.DialOption) *gr
 	return dialProxy(t, e.tp, e.addr(port), opts...)
 }
 
+// wantMetadata checks that Cells got each key of kv (key, value, ...)
+// once, with its value.
+func wantMetadata(t *testing.T, md metadata.MD, kv ...string) {
+	t.Helper()
+	for i := 0; i+1 < len(kv); i += 2 {
+		if got := md.Get(kv[i]); !slices.Equal(got, []string{kv[i+1]}) {
+			t.Errorf("Cells' %s = %q, want [%q]", kv[i], got, kv[i+1])
+		}
+	}
+}
+
 func dialProxy(t testing.TB, tp *testProxy, addr string, opts ...grpc.DialOption) *grpc.ClientConn {
 	t.Helper()
 	cc := newGRPCClient(t, tp, addr, opts...)
@@ -839,17 +850,11 @@ func TestGRPCAuthorityAndForwardedFor(t *testing.T) {
 						if _, err := tc.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
 							t.Fatal(err)
 						}
-						md := e.svc.lastMD(t)
-						for _, c := range []struct{ key, want string }{
-							{":authority", want},
-							{"x-forwarded-for", "127.0.0.1"},
-							{"x-real-ip", "127.0.0.1"},
-							{"x-forwarded-proto", "https"},
-						} {
-							if got := md.Get(c.key); !slices.Equal(got, []string{c.want}) {
-								t.Errorf("upstream %s = %q, want [%q]", c.key, got, c.want)
-							}
-						}
+						wantMetadata(t, e.svc.lastMD(t),
+							":authority", want,
+							"x-forwarded-for", "127.0.0.1",
+							"x-real-ip", "127.0.0.1",
+							"x-forwarded-proto", "https")
 					})
 				}
 			}

@@ -9,7 +9,6 @@ import (
 	"io"
 	"net/http"
 	"net/netip"
-	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -345,17 +344,11 @@ func TestGRPCFrontReviewTrustedForwardedFor(t *testing.T) {
 		if _, err := tc.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
 			t.Fatal(err)
 		}
-		md := e.svc.lastMD(t)
-		for _, c := range []struct{ key, want string }{
-			{"x-forwarded-for", "203.0.113.7, 127.0.0.1, 127.0.0.1"},
-			{"x-real-ip", "203.0.113.7"},
-			{"x-forwarded-proto", "http"},
-			{"x-forwarded-host", "cells.example.com"},
-		} {
-			if got := md.Get(c.key); !slices.Equal(got, []string{c.want}) {
-				t.Errorf("Cells' %s = %q, want [%q]", c.key, got, c.want)
-			}
-		}
+		wantMetadata(t, e.svc.lastMD(t),
+			"x-forwarded-for", "203.0.113.7, 127.0.0.1, 127.0.0.1",
+			"x-real-ip", "203.0.113.7",
+			"x-forwarded-proto", "http",
+			"x-forwarded-host", "cells.example.com")
 	})
 }
 

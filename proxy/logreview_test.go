@@ -18,7 +18,6 @@ import (
 	"golang.org/x/net/http2"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials"
 	grpchealth "google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
@@ -334,11 +333,7 @@ func TestLogReviewGRPCMetadata(t *testing.T) {
 			cfg.AccessLog = true
 			sink := newLogSink()
 			tp := startLoggedProxy(t, cfg, sink, "json")
-			cc, err := grpc.NewClient(tp.Addr().String(), grpc.WithTransportCredentials(credentials.NewTLS(tp.TLSConfig())))
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer cc.Close()
+			cc := dialProxy(t, tp, tp.Addr().String())
 			for _, brk := range []string{"", "1"} {
 				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 				ctx = metadata.AppendToOutgoingContext(ctx, "x-pydio-bearer", "secret-1", "authorization", "Bearer secret-2", "x-break", brk)
@@ -388,14 +383,10 @@ func TestLogReviewGRPCBrokenWarns(t *testing.T) {
 	cfg.AccessLog = true
 	sink := newLogSink()
 	tp := startLoggedProxy(t, cfg, sink, "json")
-	cc, err := grpc.NewClient(tp.Addr().String(), grpc.WithTransportCredentials(credentials.NewTLS(tp.TLSConfig())))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cc.Close()
+	cc := dialProxy(t, tp, tp.Addr().String())
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	_, err = healthpb.NewHealthClient(cc).Check(ctx, &healthpb.HealthCheckRequest{})
+	_, err := healthpb.NewHealthClient(cc).Check(ctx, &healthpb.HealthCheckRequest{})
 	if got, want := status.Code(err), codes.Unavailable; got != want {
 		t.Errorf("call broken off by Cells: %v, want %v", err, want)
 	}
