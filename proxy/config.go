@@ -300,7 +300,12 @@ func unquote(s string) (string, bool) {
 // and compose's list form (- NAME="value") keep as part of the value, and
 // every path or URL with a space, tab or line break at an end (an .env file's trailing
 // space), one line each naming the fix. It takes each value as meant, so
-// that the other problems are reported with them.
+// that the other problems are reported with them. Any other value, a
+// number, duration, size, switch, address or name, is taken without the
+// space, tab or line break at its ends, which is never part of it: a YAML
+// "|" block keeps a newline and a .env file saved on Windows a carriage
+// return, and durations and ports used to refuse them where sizes and
+// switches took them.
 func (e *env) unpad() []error {
 	var errs []error
 	v := reflect.ValueOf(e).Elem()
@@ -310,8 +315,10 @@ func (e *env) unpad() []error {
 			errs = append(errs, fmt.Errorf("%s is written in quotes, got %q: remove them (docker run --env-file and compose's - NAME=value list keep quotes as part of the value)", name, redactURL(s)))
 			s = u
 		}
-		if t := strings.TrimSpace(s); t != s && slices.Contains(padded, name) {
-			errs = append(errs, fmt.Errorf("%s has a space, tab or line break at its start or end, got %q: remove it", name, redactURL(s)))
+		if t := strings.TrimSpace(s); t != s {
+			if slices.Contains(padded, name) {
+				errs = append(errs, fmt.Errorf("%s has a space, tab or line break at its start or end, got %q: remove it", name, redactURL(s)))
+			}
 			s = t
 		}
 		v.Field(i).SetString(s)

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"log/slog"
 	"net/netip"
 	"strings"
 	"testing"
@@ -496,5 +497,36 @@ func TestQuotedValues(t *testing.T) {
 	setEnv(t, map[string]string{"CELLS_UPSTREAM": `"https://admin:s3cret@cells:8080"`})
 	if _, err := Load(); err == nil || strings.Contains(err.Error(), "s3cret") {
 		t.Errorf("quoted CELLS_UPSTREAM with a password: err = %v, want one that hides the password", err)
+	}
+}
+
+// TestValueEndsTrimmed: a line break, carriage return, space or tab at the
+// ends of a value that is no path or URL (a YAML "|" block keeps a
+// newline, a .env file saved on Windows a carriage return) is not part of
+// it, for every kind of value alike: durations and ports refused it where
+// sizes and switches took it.
+func TestValueEndsTrimmed(t *testing.T) {
+	setEnv(t, map[string]string{
+		"CELLS_UPSTREAM":            "https://cells:8080",
+		"PROXY_IDLE_TIMEOUT":        "7m\n",
+		"PROXY_SHUTDOWN_TIMEOUT":    " 12s\r\n",
+		"PROXY_REDIRECT_HTTPS_PORT": "8443\r",
+		"PROXY_MAX_BODY_SIZE":       "2MiB\t",
+		"PROXY_TLS":                 "off\n",
+		"PROXY_LOG_LEVEL":           "warn\r\n",
+		"PROXY_HTTPS_ADDR":          "127.0.0.1:9443\n",
+	})
+	c, err := Load()
+	if err != nil {
+		t.Fatalf("Load: %v", err)
+	}
+	if c.IdleTimeout != 7*time.Minute || c.ShutdownTimeout != 12*time.Second {
+		t.Errorf("durations: idle %v, shutdown %v; want 7m0s, 12s", c.IdleTimeout, c.ShutdownTimeout)
+	}
+	if c.RedirectPort != 8443 || c.MaxBodySize != 2<<20 || c.TLS || c.LogLevel != slog.LevelWarn {
+		t.Errorf("redirect port %d, body size %d, TLS %v, log level %v; want 8443, %d, false, WARN", c.RedirectPort, c.MaxBodySize, c.TLS, c.LogLevel, 2<<20)
+	}
+	if c.HTTPSAddr != "127.0.0.1:9443" {
+		t.Errorf("PROXY_HTTPS_ADDR = %q, want 127.0.0.1:9443", c.HTTPSAddr)
 	}
 }
