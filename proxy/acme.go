@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 )
 
 // HTTP-01 renewals (RFC 8555 §8.3) need port 80, which cells-proxy holds
@@ -82,9 +83,11 @@ func (s *Server) serveChallenge(w http.ResponseWriter, r *http.Request, token st
 	}
 	if err != nil {
 		// A token certbot has not written (or has cleaned up) is the
-		// ACME server's 404. One the proxy may not read fails the
-		// renewal without a word in certbot's log: say it here.
-		if !errors.Is(err, fs.ErrNotExist) {
+		// ACME server's 404, as is one too long for a file name (acmeToken
+		// takes 256 bytes, NAME_MAX is 255): anyone may ask for either.
+		// One the proxy may not read fails the renewal without a word in
+		// certbot's log: say it here.
+		if !errors.Is(err, fs.ErrNotExist) && !errors.Is(err, syscall.ENAMETOOLONG) {
 			s.log.Warn("PROXY_ACME_WEBROOT: cannot serve an ACME challenge, and its renewal will fail: cells-proxy's user must be able to read the files certbot writes there", "path", r.URL.Path, "err", err)
 		}
 		http.NotFound(w, r)
