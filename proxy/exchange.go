@@ -249,17 +249,56 @@ func (e *exchange) logAccess(log *slog.Logger) {
 	if r.Method == http.MethodHead {
 		out = 0 // net/http's servers discard a HEAD response's body
 	}
-	log.LogAttrs(r.Context(), slog.LevelInfo, "request",
+	// On the stack (the slice does not escape): the optional grpc_status
+	// costs other requests nothing.
+	attrs := make([]slog.Attr, 0, 11)
+	attrs = append(attrs,
 		slog.String("proto", e.kind),
 		slog.String("method", r.Method),
 		slog.String("host", r.Host),
 		slog.String("path", redactPath(r)),
 		slog.Int("status", status),
+	)
+	if e.kind == "grpc" {
+		// gRPC answers HTTP 200 even for a failed call: the status the
+		// client was sent is what tells a failed Cells Sync call.
+		if code, ok := e.grpcStatus(); ok {
+			attrs = append(attrs, slog.Int("grpc_status", code))
+		}
+	}
+	attrs = append(attrs,
 		slog.Int64("bytes_in", e.bytesIn.Load()),
 		slog.Int64("bytes_out", out),
 		slog.Duration("duration", time.Since(e.start)),
 		slog.String("client", r.RemoteAddr),
 	)
+	log.LogAttrs(r.Context(), slog.LevelInfo, "request", attrs...)
+}
+
+// grpcStatus is the gRPC status code of the call's answer, ok false when
+// the client gets none: it went away or reset the stream, or the answer
+// carries none. Every answer goes through the exchange's header map (Cells'
+// relayed by relayHeader and relayTrailer, the proxy's own by
+// writeGRPCStatus and endBroken), and the handler has not returned yet, so
+// the map is still the one net/http sends the trailers from: grpc-status
+// in the headers (Trailers-Only, or a trailer Cells declared) or under
+// http.TrailerPrefix (one it did not).
+func (e *exchange) grpcStatus() (int, bool) {
+	if e.status == 0 || e.status == statusClientClosed || e.req.Context().Err() != nil {
+		return 0, false
+	}
+	h := e.Header()
+	v := h.Get("Grpc-Status")
+	if v == "" {
+		if vv := h[http.TrailerPrefix+"Grpc-Status"]; len(vv) > 0 {
+			v = vv[0]
+		}
+	}
+	code, err := strconv.Atoi(v)
+	if err != nil || code < 0 {
+		return 0, false
+	}
+	return code, true
 }
 
 // secretParams are query parameters that carry credentials: Cells' JWT and

@@ -422,9 +422,14 @@ func (f *forwarder) errorHandler(w http.ResponseWriter, r *http.Request, err err
 	if status >= 500 && !errors.Is(err, errShutdown) && !errors.Is(context.Cause(r.Context()), errShutdown) {
 		// The drain's own endings are not Cells failing. One line per
 		// request: the fix, when the configuration is the cause.
-		if fix != "" {
+		switch {
+		case fix != "":
 			f.log.Error(fix, "method", r.Method, "host", r.Host, "path", redactPath(r), "status", status, "err", logErr(err))
-		} else {
+		case status == http.StatusGatewayTimeout && isGRPC(r) && grpcDeadline(r.Context()):
+			// The client's own deadline (grpc-timeout) passed: its
+			// choice, not Cells or the proxy failing.
+			f.log.Info("call's deadline passed before Cells answered", "method", r.Method, "host", r.Host, "path", redactPath(r), "err", logErr(err))
+		default:
 			f.log.Warn("upstream error", "method", r.Method, "host", r.Host, "path", redactPath(r), "status", status, "err", logErr(err))
 		}
 	}
