@@ -435,12 +435,20 @@ func (f *forwarder) errorHandler(w http.ResponseWriter, r *http.Request, err err
 	}
 	if isGRPC(r) {
 		code := grpcCode(status)
-		if status == http.StatusGatewayTimeout && !grpcDeadline(r.Context()) {
+		var reset h2StreamReset
+		switch {
+		case status == http.StatusGatewayTimeout && !grpcDeadline(r.Context()):
 			// Cells did not answer in time (a connection or handshake
 			// that never completes), but the call set no deadline
 			// that passed: UNAVAILABLE, which clients retry, as gRPC
 			// maps HTTP's 504.
 			code = 14
+		case status == http.StatusBadGateway && errors.As(err, &reset):
+			// Cells reset the call before its response header: the
+			// code grpc-go's client gives for the reset, not the
+			// UNAVAILABLE of a Cells out of reach, which would have
+			// the client send again a call Cells may have started on.
+			code, msg = reset.grpcCode(), reset.Error()
 		}
 		writeGRPCStatus(w, code, msg)
 		return
@@ -566,10 +574,14 @@ func grpcEscape(s string) string {
 }
 
 // grpcBroken is the gRPC status a call gets when its stream from Cells
-// breaks before its end: UNAVAILABLE, or DEADLINE_EXCEEDED once the
-// caller's deadline has passed. ok is false when the client is gone:
-// nobody to tell.
+// breaks before its end: DEADLINE_EXCEEDED once the caller's deadline has
+// passed; for a stream Cells reset, the code grpc-go's client derives from
+// the reset (h2StreamReset.grpcCode); otherwise, the connection to Cells
+// lost or the proxy shutting down, UNAVAILABLE, as grpc-go's client gives
+// for a transport that closes. ok is false when the client is gone: nobody
+// to tell.
 func grpcBroken(ctx context.Context, err error) (code int, msg string, ok bool) {
+	var reset h2StreamReset
 	switch cause := context.Cause(ctx); {
 	case errors.Is(cause, errGRPCDeadline), pastDeadline(ctx):
 		return 4, "cells-proxy: deadline exceeded", true
@@ -579,6 +591,8 @@ func grpcBroken(ctx context.Context, err error) (code int, msg string, ok bool) 
 		return 0, "", false
 	case errors.Is(err, errShutdown):
 		return 14, "cells-proxy: shutting down", true
+	case errors.As(err, &reset):
+		return reset.grpcCode(), reset.Error(), true
 	}
 	return 14, "cells-proxy: upstream stream broke: " + err.Error(), true
 }

@@ -195,6 +195,33 @@ func (e h2StreamReset) Error() string {
 	return "cells-proxy: upstream reset the stream (" + h2CodeName(e.code) + ")"
 }
 
+// grpcCode is the gRPC status code for the reset: the one grpc-go's client
+// derives from the RST_STREAM error code (http2ErrConvTab in its
+// internal/transport/http_util.go), so that a client sees through the
+// proxy what it would have seen connected to Cells. Only REFUSED_STREAM,
+// a call Cells did not process (RFC 9113 §8.7), is UNAVAILABLE, which
+// clients take as safe to retry: a call Cells reset once it had started
+// on it (INTERNAL_ERROR, CANCEL) may have done its work, and a Cells Sync
+// write sent again could be done twice.
+func (e h2StreamReset) grpcCode() int {
+	switch e.code {
+	case 0x0, codeProtocol, codeInternal, 0x4, 0x5, codeFrameSize, codeCompression, 0xa, 0xd:
+		// NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, SETTINGS_TIMEOUT,
+		// STREAM_CLOSED, FRAME_SIZE_ERROR, COMPRESSION_ERROR,
+		// CONNECT_ERROR, HTTP_1_1_REQUIRED
+		return 13 // INTERNAL
+	case codeFlowControl, codeEnhanceYourCalm:
+		return 8 // RESOURCE_EXHAUSTED
+	case codeRefusedStream:
+		return 14 // UNAVAILABLE
+	case codeCancel:
+		return 1 // CANCELLED
+	case 0xc: // INADEQUATE_SECURITY
+		return 7 // PERMISSION_DENIED
+	}
+	return 2 // UNKNOWN, as grpc-go gives a code not in its table
+}
+
 var (
 	errH2GoAway    = errors.New("cells-proxy: upstream closed the connection (GOAWAY) before handling the call")
 	errH2BodyClose = errors.New("cells-proxy: response body closed")
