@@ -41,7 +41,7 @@ func TestDirectMatchesReverseProxy(t *testing.T) {
 			"Connection: User-Agent\r\nUser-Agent: gone\r\n\r\n"},
 		{"trusted proxy's chain", "10.1.2.3:1000", "GET /x HTTP/1.1\r\n" + host +
 			"X-Forwarded-For: 198.51.100.4, 10.9.9.9\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: cells.example.org\r\n\r\n"},
-		{"HTTP/1.0 without Host", "203.0.113.9:41000", "GET /old HTTP/1.0\r\n\r\n"},
+		{"HTTP/1.0", "203.0.113.9:41000", "GET /old HTTP/1.0\r\n" + host + "\r\n"},
 		{"IPv6 Host", "203.0.113.9:41000", "GET / HTTP/1.1\r\nHost: [2001:db8::1]:8443\r\nIdempotency-Key: 7\r\n\r\n"},
 	}
 	for _, c := range cases {

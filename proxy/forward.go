@@ -709,6 +709,14 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool)
 		return
 	}
 
+	if r.Host == "" && r.ProtoMajor == 1 && r.ProtoMinor == 0 && !grpcOnly && len(f.cfg.ServerNames) > 0 {
+		// HTTP/1.0 has no Host field (RFC 1945); a client old enough to
+		// leave it out is given the site's first name, as nginx gives it
+		// its server_name, and as the readiness probe names the site.
+		// Without PROXY_SERVER_NAMES the proxy has no name to give, and
+		// the request is refused below.
+		r.Host = bracketIPv6(f.cfg.ServerNames[0])
+	}
 	if msg := malformed(r); msg != "" {
 		ex.refused = true
 		closeAfter(ex, r)
@@ -925,6 +933,15 @@ func malformed(r *http.Request) string {
 	// Cells' gRPC port as it came.
 	if !httpguts.ValidHeaderFieldName(r.Method) {
 		return "invalid method"
+	}
+	if r.Host == "" {
+		// An HTTP/2 request without :authority or Host (RFC 9113 §8.3.1
+		// requires one), an HTTP/1.1 one with an empty Host, or an
+		// HTTP/1.0 one without it went to Cells with CELLS_UPSTREAM's
+		// host in its place: Cells built links and redirects to its
+		// internal address. nginx and net/http's HTTP/1.1 server answer
+		// 400 too.
+		return "missing Host"
 	}
 	host := r.Host
 	if strings.ContainsFunc(host, func(c rune) bool { return c >= utf8.RuneSelf }) {

@@ -35,7 +35,13 @@ type h2Response struct {
 // client rewrites :path or :authority, and reads the response of stream 1.
 func rawH2(t testing.TB, tp *testProxy, fields []string, body []byte) h2Response {
 	t.Helper()
-	conn := tp.dialTLSH2(t, tp.Addr().String())
+	return rawH2At(t, tp, tp.Addr().String(), fields, body)
+}
+
+// rawH2At is rawH2 to the proxy's port at addr (the gRPC port, say).
+func rawH2At(t testing.TB, tp *testProxy, addr string, fields []string, body []byte) h2Response {
+	t.Helper()
+	conn := tp.dialTLSH2(t, addr)
 	defer conn.Close()
 	conn.SetDeadline(time.Now().Add(10 * time.Second))
 	if _, err := io.WriteString(conn, http2.ClientPreface); err != nil {

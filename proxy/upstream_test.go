@@ -216,7 +216,7 @@ func TestUpstreamKeepAliveClientClose(t *testing.T) {
 	tp := startProxy(t, testConfig(up))
 	for i, raw := range []string{
 		"GET /a HTTP/1.1\r\nHost: cells.example.com\r\nConnection: close\r\n\r\n",
-		"GET /b HTTP/1.0\r\n\r\n",
+		"GET /b HTTP/1.0\r\nHost: cells.example.com\r\n\r\n",
 		"POST /c HTTP/1.0\r\nHost: cells.example.com\r\nContent-Length: 2\r\n\r\n{}",
 		"HEAD /d HTTP/1.1\r\nHost: cells.example.com\r\nConnection: close\r\n\r\n",
 	} {
