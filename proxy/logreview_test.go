@@ -361,7 +361,9 @@ func accessLinesIn(t *testing.T, sink *logSink, n int) {
 }
 
 // TestLogReviewGRPCBrokenWarns: a gRPC call whose stream Cells breaks off
-// after its response headers ends UNAVAILABLE for the client, and is
+// after its response headers (net/http's server resets it with
+// INTERNAL_ERROR when the handler aborts) ends INTERNAL for the client, as
+// grpc-go's client gives for that reset connected to Cells, and is
 // logged as an HTTP response cut short is, once (found by review: only
 // its access line said anything, status 200). A stream the stop ends
 // is no failure of Cells': no warning.
@@ -387,7 +389,7 @@ func TestLogReviewGRPCBrokenWarns(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	_, err := healthpb.NewHealthClient(cc).Check(ctx, &healthpb.HealthCheckRequest{})
-	if got, want := status.Code(err), codes.Unavailable; got != want {
+	if got, want := status.Code(err), codes.Internal; got != want {
 		t.Errorf("call broken off by Cells: %v, want %v", err, want)
 	}
 	const path = "/grpc.health.v1.Health/Check"
