@@ -436,6 +436,7 @@ func (f *forwarder) errorHandler(w http.ResponseWriter, r *http.Request, err err
 	if isGRPC(r) {
 		code := grpcCode(status)
 		var reset h2StreamReset
+		var fault h2StreamFault
 		switch {
 		case status == http.StatusGatewayTimeout && !grpcDeadline(r.Context()):
 			// Cells did not answer in time (a connection or handshake
@@ -449,6 +450,10 @@ func (f *forwarder) errorHandler(w http.ResponseWriter, r *http.Request, err err
 			// UNAVAILABLE of a Cells out of reach, which would have
 			// the client send again a call Cells may have started on.
 			code, msg = reset.grpcCode(), reset.Error()
+		case status == http.StatusBadGateway && errors.As(err, &fault):
+			// Cells answered, but with a head HTTP/2 forbids: INTERNAL,
+			// as grpc-go's client says of it connected to Cells.
+			code, msg = 13, fault.Error()
 		}
 		writeGRPCStatus(w, code, msg)
 		return
@@ -576,12 +581,15 @@ func grpcEscape(s string) string {
 // grpcBroken is the gRPC status a call gets when its stream from Cells
 // breaks before its end: DEADLINE_EXCEEDED once the caller's deadline has
 // passed; for a stream Cells reset, the code grpc-go's client derives from
-// the reset (h2StreamReset.grpcCode); otherwise, the connection to Cells
+// the reset (h2StreamReset.grpcCode); INTERNAL for a stream the proxy
+// reset because Cells broke HTTP/2 on it (h2StreamFault, trailers without
+// END_STREAM or DATA beyond its window); otherwise, the connection to Cells
 // lost or the proxy shutting down, UNAVAILABLE, as grpc-go's client gives
 // for a transport that closes. ok is false when the client is gone: nobody
 // to tell.
 func grpcBroken(ctx context.Context, err error) (code int, msg string, ok bool) {
 	var reset h2StreamReset
+	var fault h2StreamFault
 	switch cause := context.Cause(ctx); {
 	case errors.Is(cause, errGRPCDeadline), pastDeadline(ctx):
 		return 4, "cells-proxy: deadline exceeded", true
@@ -593,6 +601,8 @@ func grpcBroken(ctx context.Context, err error) (code int, msg string, ok bool) 
 		return 14, "cells-proxy: shutting down", true
 	case errors.As(err, &reset):
 		return reset.grpcCode(), reset.Error(), true
+	case errors.As(err, &fault):
+		return 13, fault.Error(), true // INTERNAL, as for a reset
 	}
 	return 14, "cells-proxy: upstream stream broke: " + err.Error(), true
 }

@@ -3,6 +3,7 @@ package proxy
 import (
 	"fmt"
 	"io"
+	"strings"
 	"sync/atomic"
 	"testing"
 
@@ -18,8 +19,11 @@ import (
 // header; "mid" resets it after the header and one message; "drop-mid"
 // drops the connection there instead; "after-trailers" sends a complete
 // answer, then the reset; "goaway" sends GOAWAY with last stream ID 0, the
-// call unprocessed, and closes the connection. calls counts the calls it
-// saw, each attempt the proxy makes.
+// call unprocessed, and closes the connection. Three fates break HTTP/2 on
+// the call's stream alone: "bad-head" answers with a field name in upper
+// case, "open-trailers" sends its trailers after a message without
+// END_STREAM, "bad-trailers" puts an upper-case name in them. calls counts
+// the calls it saw, each attempt the proxy makes.
 func resetPeer(t *testing.T, calls *atomic.Int32) *h2Peer {
 	return newH2Peer(t, h2PeerConfig{}, func(s *h2Stream) {
 		if _, err := s.readBody(); err != nil {
@@ -37,6 +41,12 @@ func resetPeer(t *testing.T, calls *atomic.Int32) *h2Peer {
 			s.c.goAway(0, http2.ErrCodeNo)
 			s.c.close()
 			return
+		case "bad-head":
+			if s.writeHeaders(false, 1, ":status", "200", "content-type", "application/grpc", "X-Bad", "1") == nil &&
+				s.writeData(streamMsg("first"), false) == nil {
+				s.writeHeaders(true, 1, "grpc-status", "0")
+			}
+			return
 		}
 		if s.writeHeaders(false, 1, ":status", "200", "content-type", "application/grpc") != nil ||
 			s.writeData(streamMsg("first"), false) != nil {
@@ -51,6 +61,10 @@ func resetPeer(t *testing.T, calls *atomic.Int32) *h2Peer {
 			if s.writeHeaders(true, 1, "grpc-status", "0") == nil {
 				s.reset(http2.ErrCode(code))
 			}
+		case "open-trailers":
+			s.writeHeaders(false, 1, "grpc-status", "0")
+		case "bad-trailers":
+			s.writeHeaders(true, 1, "grpc-status", "0", "X-Bad", "1")
 		}
 	})
 }
@@ -145,6 +159,44 @@ func TestGRPCResetStatusOthers(t *testing.T) {
 		t.Run("reset-after-trailers/"+code.String(), func(t *testing.T) {
 			if err := call(t, "after-trailers", code, "first"); err != io.EOF {
 				t.Errorf("end of the stream = %v, want io.EOF: Cells completed the call", err)
+			}
+		})
+	}
+}
+
+// TestGRPCStreamFaultStatus: Cells breaks HTTP/2 on a call's stream alone,
+// with a malformed response head or malformed trailers. The proxy resets
+// that stream (TestGRPCUpstreamBadResponseHeaders) and its client gets
+// INTERNAL, as grpc-go's client connected to Cells gives for these: Cells
+// has answered the call, so it must not end with UNAVAILABLE, which clients
+// take as safe to send again. It was UNAVAILABLE until 2026-11-29. The
+// call is not sent again.
+func TestGRPCStreamFaultStatus(t *testing.T) {
+	t.Parallel()
+	var calls atomic.Int32
+	tp := startPeerProxy(t, resetPeer(t, &calls))
+	tc := testgrpc.NewTestServiceClient(dialProxy(t, tp, tp.Addr().String()))
+	for _, c := range []struct {
+		fate string
+		msgs []string // what the client gets before the status
+		want string   // in the status message
+	}{
+		{"bad-head", nil, "malformed response header"},
+		{"open-trailers", []string{"first"}, "trailers without END_STREAM"},
+		{"bad-trailers", []string{"first"}, "malformed response header"},
+	} {
+		t.Run(c.fate, func(t *testing.T) {
+			ctx := metadata.AppendToOutgoingContext(testCtx(t), "x-fate", c.fate)
+			before := calls.Load()
+			_, err := streamingRecv(t, ctx, tc, c.msgs...).Recv()
+			if got := status.Code(err); got != codes.Internal {
+				t.Errorf("status = %v (%v), want %v", got, err, codes.Internal)
+			}
+			if msg := status.Convert(err).Message(); !strings.Contains(msg, "HTTP/2 error from upstream on the call (PROTOCOL_ERROR): "+c.want) {
+				t.Errorf("message = %q, want it to name the fault (%q)", msg, c.want)
+			}
+			if n := calls.Load() - before; n != 1 {
+				t.Errorf("Cells saw the call %d times, want once", n)
 			}
 		})
 	}

@@ -188,6 +188,22 @@ func (e h2ConnError) Error() string {
 	return "cells-proxy: HTTP/2 error from upstream (" + h2CodeName(e.code) + "): " + e.msg
 }
 
+// h2StreamFault is a call on which Cells broke HTTP/2's rules for a
+// stream alone (a malformed response head, DATA beyond the call's window):
+// the proxy resets that stream with code and the connection's other calls
+// go on. grpc-go's client, connected to Cells, ends such a call with
+// INTERNAL (its operateHeaders, and its handleData for a window exceeded),
+// not with the UNAVAILABLE of a connection lost: a call Cells has answered,
+// however badly, has been processed, and must not look safe to send again.
+type h2StreamFault struct {
+	code uint32
+	msg  string
+}
+
+func (e h2StreamFault) Error() string {
+	return "cells-proxy: HTTP/2 error from upstream on the call (" + h2CodeName(e.code) + "): " + e.msg
+}
+
 // h2StreamReset is a call Cells reset with RST_STREAM.
 type h2StreamReset struct{ code uint32 }
 
@@ -1316,7 +1332,7 @@ func (c *grpcConn) handle(typ, flags byte, id uint32, p []byte) error {
 			}
 		} else if s := c.streams[id]; s != nil {
 			if s.send += n; n == 0 || s.send > h2MaxWindow {
-				s.failLocked(h2ConnError{codeFlowControl, "bad stream WINDOW_UPDATE"})
+				s.failLocked(h2StreamFault{codeFlowControl, "bad stream WINDOW_UPDATE"})
 				c.resetLocked(s, codeFlowControl)
 			}
 		}
@@ -1359,13 +1375,13 @@ func (c *grpcConn) handleData(flags byte, id uint32, p []byte) error {
 		return nil
 	}
 	if s.res == nil {
-		s.failLocked(h2ConnError{codeProtocol, "DATA before the response header"})
+		s.failLocked(h2StreamFault{codeProtocol, "DATA before the response header"})
 		c.resetLocked(s, codeProtocol)
 		c.consumedLocked(nil, size)
 		return nil
 	}
 	if s.recv -= size; s.recv < 0 {
-		s.failLocked(h2ConnError{codeFlowControl, "stream receive window exceeded"})
+		s.failLocked(h2StreamFault{codeFlowControl, "stream receive window exceeded"})
 		c.resetLocked(s, codeFlowControl)
 		c.consumedLocked(nil, size)
 		return nil
@@ -1455,7 +1471,7 @@ func (c *grpcConn) endBlock() error {
 		s.kept, s.tooLong = nil, true
 	} else {
 		if !end {
-			s.failLocked(h2ConnError{codeProtocol, "trailers without END_STREAM"})
+			s.failLocked(h2StreamFault{codeProtocol, "trailers without END_STREAM"})
 			c.resetLocked(s, codeProtocol)
 			return nil
 		}
@@ -1475,7 +1491,7 @@ func (c *grpcConn) endBlock() error {
 	return nil
 }
 
-var errBadResponseHeader = errors.New("cells-proxy: malformed HTTP/2 response header from upstream")
+var errBadResponseHeader = h2StreamFault{codeProtocol, "malformed response header"}
 
 // response builds s's response from the decoded fields.
 func (c *grpcConn) response(s *grpcStream, end bool) (*http.Response, bool, error) {
@@ -1496,7 +1512,7 @@ func (c *grpcConn) response(s *grpcStream, end bool) (*http.Response, bool, erro
 		addField(h, values[i:i+1:i+1], f)
 	}
 	if c.fieldsSize > int(c.u.maxHeader) {
-		return nil, false, fmt.Errorf("cells-proxy: upstream response header larger than %d bytes", c.u.maxHeader)
+		return nil, false, h2StreamFault{codeProtocol, fmt.Sprintf("response header larger than %d bytes", c.u.maxHeader)}
 	}
 	code, err := strconv.Atoi(status)
 	if err != nil || len(status) != 3 || code < 100 {
@@ -1551,7 +1567,7 @@ func (c *grpcConn) trailers() (http.Header, error) {
 		addField(t, values[i:i+1:i+1], f)
 	}
 	if c.fieldsSize > int(c.u.maxHeader) {
-		return nil, fmt.Errorf("cells-proxy: upstream trailers larger than %d bytes", c.u.maxHeader)
+		return nil, h2StreamFault{codeProtocol, fmt.Sprintf("trailers larger than %d bytes", c.u.maxHeader)}
 	}
 	return t, nil
 }

@@ -1275,12 +1275,14 @@ func TestGRPCUpstreamBadResponseHeaders(t *testing.T) {
 				t.Fatalf("call: %v", r.Err)
 			}
 			// Pinned: the proxy's own trailers-only answer for an
-			// upstream that failed before its response head (forward.go,
-			// errorHandler: 502, as gRPC UNAVAILABLE).
-			if r.Status != http.StatusOK || r.Header.Get("Grpc-Status") != "14" ||
-				r.Header.Get("Grpc-Message") != "cells-proxy: upstream unavailable" || len(r.Body) != 0 {
-				t.Errorf("client got %d, grpc-status %q, grpc-message %q, %d body bytes; want 200, \"14\", %q and none",
-					r.Status, r.Header.Get("Grpc-Status"), r.Header.Get("Grpc-Message"), len(r.Body), "cells-proxy: upstream unavailable")
+			// upstream whose response head is malformed (forward.go,
+			// fail: INTERNAL, as grpc-go's client gives connected to
+			// Cells; UNAVAILABLE until 2026-11-29).
+			const msg = "cells-proxy: HTTP/2 error from upstream on the call (PROTOCOL_ERROR): malformed response header"
+			if r.Status != http.StatusOK || r.Header.Get("Grpc-Status") != "13" ||
+				r.Header.Get("Grpc-Message") != grpcEscape(msg) || len(r.Body) != 0 {
+				t.Errorf("client got %d, grpc-status %q, grpc-message %q, %d body bytes; want 200, \"13\", %q and none",
+					r.Status, r.Header.Get("Grpc-Status"), r.Header.Get("Grpc-Message"), len(r.Body), grpcEscape(msg))
 			}
 			// RFC 9113 §8.1.1: a malformed response is a stream error
 			// of type PROTOCOL_ERROR.
