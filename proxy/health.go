@@ -60,6 +60,13 @@ const loopAnswer = "cells-proxy: CELLS_UPSTREAM leads back to cells-proxy"
 // readyCache bounds how often a busy healthcheck reaches Cells.
 const readyCache = 2 * time.Second
 
+// probeTimeout bounds a readiness probe from its start to its answer, the
+// request to Cells and the dial of its gRPC port together, within
+// ProbeTimeout, so that the healthcheck prints why. Each step bounded on
+// its own, a slow answer followed by a gRPC port dropping SYNs took longer,
+// and the healthcheck printed its own timeout instead.
+const probeTimeout = ProbeTimeout - 500*time.Millisecond
+
 func newHealth(s *Server) *health {
 	return &health{
 		s: s,
@@ -67,8 +74,8 @@ func newHealth(s *Server) *health {
 			Transport: s.fwd.httpTransport,
 			// A starting Cells redirects to starting.html: see it, do not follow.
 			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
-			// Within ProbeTimeout, so that the healthcheck prints why.
-			Timeout: ProbeTimeout - 500*time.Millisecond,
+			// No Timeout of its own: probe's deadline bounds the request
+			// with the rest of the probe.
 		},
 	}
 }
@@ -116,7 +123,7 @@ func (h *health) ready(ctx context.Context) (bool, string) {
 		done = make(chan struct{})
 		h.inflight = done
 		go func() {
-			// The client's Timeout bounds it; the stop ends it.
+			// Its own deadline (probeTimeout) bounds it; the stop ends it.
 			ok, detail, answered := h.probe(h.s.baseCtx)
 			h.mu.Lock()
 			h.ok, h.detail, h.answered, h.checked, h.inflight = ok, detail, answered, time.Now(), nil
@@ -139,6 +146,10 @@ func (h *health) ready(ctx context.Context) (bool, string) {
 // itself answered, neither starting nor failing (a 5xx), or with the 400
 // of its TLS port to a request in clear.
 func (h *health) probe(ctx context.Context) (ok bool, detail string, answered bool) {
+	// One deadline for all the steps: the gRPC dial, after Cells
+	// answered, gets what is left.
+	ctx, cancel := context.WithTimeout(ctx, probeTimeout)
+	defer cancel()
 	up := h.s.cfg.Upstream
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, up.String()+"/", nil)
 	if err != nil {
@@ -253,12 +264,16 @@ func (h *health) watchStart(ctx context.Context, every time.Duration) {
 // refuses connections while the main port answers: Cells was not given
 // that port, the usual reason why Cells Sync cannot connect in that setup.
 // A connection that sends nothing is what grpc-go's server ignores without
-// a log line (load balancers' TCP checks).
+// a log line (load balancers' TCP checks). A dial that runs out of time
+// (SYNs dropped, or the probe's deadline reached) is no refusal: it says
+// nothing of the port, and is not warned about.
 func (h *health) grpcRefused(ctx context.Context) bool {
 	u := h.s.fwd.grpcUp
 	if u == nil || h.s.cfg.GRPCUpstream.Host == h.s.cfg.Upstream.Host {
 		return false
 	}
+	// At most a second, and within the probe's deadline (ctx): a refusal
+	// comes back at once.
 	c, err := (&net.Dialer{Timeout: time.Second}).DialContext(ctx, "tcp", u.addr)
 	if err != nil {
 		return errors.Is(err, syscall.ECONNREFUSED)
