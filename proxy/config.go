@@ -45,7 +45,7 @@ type env struct {
 	ShutdownTimeout    string `envconfig:"PROXY_SHUTDOWN_TIMEOUT" default:"30s" desc:"how long in-flight requests may finish after SIGTERM before connections are closed; gRPC calls Cells has not finished get at most 5s of it"`
 	ReadHeaderTimeout  string `envconfig:"PROXY_READ_HEADER_TIMEOUT" default:"30s" desc:"a client must send a whole request head (request line and headers) within this, or its connection is closed (slowloris)"`
 	MaxHeaderBytes     string `envconfig:"PROXY_MAX_HEADER_BYTES" default:"64KiB" desc:"largest request head, HTTP/1.1 and HTTP/2 alike; larger heads get 431 (nginx allows 32 KiB)"`
-	HealthAddr         string `envconfig:"PROXY_HEALTH_ADDR" default:"127.0.0.1:8099" desc:"loopback listener for /livez and /readyz, used by cells-proxy healthcheck; off disables it, and then cells-proxy healthcheck (the image's HEALTHCHECK) always reports unhealthy: disable the container's healthcheck too"`
+	HealthAddr         string `envconfig:"PROXY_HEALTH_ADDR" default:"127.0.0.1:8099" desc:"plain HTTP listener for /livez and /readyz, used by cells-proxy healthcheck; on loopback by default, so never published; another address (0.0.0.0:8099 for kubelet probes of the pod IP) exposes them, and /readyz says why Cells does not answer: its address, Go's errors; off disables it, and then cells-proxy healthcheck (the image's HEALTHCHECK) always reports unhealthy: disable the container's healthcheck too"`
 	LogLevel           string `envconfig:"PROXY_LOG_LEVEL" default:"info" desc:"debug, info, warn or error"`
 	LogFormat          string `envconfig:"PROXY_LOG_FORMAT" default:"json" desc:"json or text"`
 	AccessLog          string `envconfig:"PROXY_ACCESS_LOG" default:"true" desc:"true: one log line per request"`

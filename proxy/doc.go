@@ -18,6 +18,6 @@
 // when it has a body to stream (in batches of what the client has sent,
 // upload.go). The dedicated gRPC listener
 // (PYDIO_GRPC_EXTERNAL) is TLS and HTTP/2 only and sends everything to the
-// gRPC upstream. A plain listener redirects to https, and a loopback
-// listener answers health checks.
+// gRPC upstream. A plain listener redirects to https, and a health
+// listener, on loopback by default, answers health checks.
 package proxy

@@ -13,7 +13,8 @@ import (
 	"time"
 )
 
-// health serves the loopback-only health listener (PROXY_HEALTH_ADDR):
+// health serves the health listener (PROXY_HEALTH_ADDR, loopback unless
+// set otherwise, as for a kubelet that probes the pod's IP):
 //
 //	/livez   200 while the process serves; 503 once it drains.
 //	/readyz  200 when Cells answers on its main port; 503 while it is

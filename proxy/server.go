@@ -536,7 +536,8 @@ func (s *Server) Run(ctx context.Context) error {
 	if s.healthLn != nil {
 		healthSrv = &http.Server{
 			Handler: s.health,
-			// Only the local healthcheck talks here; it must not hang.
+			// Only healthchecks talk here (the local command, a kubelet);
+			// they must not hang.
 			ReadHeaderTimeout: 5 * time.Second,
 			WriteTimeout:      10 * time.Second,
 			ErrorLog:          serverErrorLog(s.log),
