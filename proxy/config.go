@@ -152,6 +152,7 @@ type Warning struct {
 	Variable string
 	Value    string // as written
 	TakenAs  string // what cells-proxy uses in its place; empty: nothing, the value has no effect
+	Fix      string // the setting that makes the value do what was meant; empty: none to give
 }
 
 // IgnoredVariable is a variable of the environment that cells-proxy does not
@@ -441,6 +442,23 @@ func (e *env) parse() (*Config, error) {
 		}
 		c.GRPCAddr, c.GRPCVar = net.JoinHostPort(host, strconv.Itoa(grpcNum)), grpcVar
 	}
+	if u := c.GRPCUpstream; u != nil && u.Scheme == "h2c" && grpcPort == "" && c.TLS && !samePort(c.HTTPSAddr, u.Port()) {
+		// Topology B: Cells' discovery advertises its CELLS_GRPC_EXTERNAL
+		// port, and Cells Sync dials the public host there, with TLS,
+		// never the main port. Without the same port here the upstream
+		// only gets the calls that arrive on PROXY_HTTPS_ADDR, where
+		// Sync sends none, and Sync fails to connect with no line saying
+		// why. Nothing is said when the public port is that port (it
+		// serves gRPC already, and the fix would be refused), nor with
+		// PROXY_TLS=off: the front before cells-proxy answers Sync's TLS
+		// on that port, and may well pass the calls to the cleartext
+		// public port, which forwards them.
+		c.Warnings = append(c.Warnings, Warning{
+			Msg:      "CELLS_GRPC_UPSTREAM is h2c (Cells in clear, topology B) and no PYDIO_GRPC_EXTERNAL is set: Cells' discovery sends Cells Sync to this host on the port of CELLS_GRPC_UPSTREAM, with TLS, and nothing here listens there, so Sync cannot connect; set PYDIO_GRPC_EXTERNAL to that port (fix)",
+			Variable: "CELLS_GRPC_UPSTREAM", Value: e.GRPCUpstream,
+			Fix: "PYDIO_GRPC_EXTERNAL=" + u.Port(),
+		})
+	}
 	if off(c.HTTPAddr) {
 		c.HTTPAddr = ""
 		if c.ACMEWebroot != "" {
@@ -711,6 +729,17 @@ func sameListener(a, b string) bool {
 		return ipA.Unmap() == ipB.Unmap()
 	}
 	return strings.EqualFold(ha, hb)
+}
+
+// samePort reports whether the listener address addr is on port, a number.
+func samePort(addr, port string) bool {
+	_, p, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false // reported already
+	}
+	a, errA := net.LookupPort("tcp", p)
+	b, errB := strconv.Atoi(port)
+	return errA == nil && errB == nil && a != 0 && a == b
 }
 
 // checkListenAddr finds, before anything listens, the mistakes in a

@@ -344,3 +344,78 @@ func TestNoEffectWarnings(t *testing.T) {
 		t.Errorf("%d log lines about PROXY_REDIRECT_HTTPS_PORT, want 1; log:\n%s", n, sink.String())
 	}
 }
+
+// TestGRPCExternalWarning: with Cells in clear (topology B) its discovery
+// sends Cells Sync to the public host on Cells' gRPC port, with TLS. An h2c
+// CELLS_GRPC_UPSTREAM without that port served here left Sync unable to
+// connect and nothing saying why: the start now warns, naming the variable
+// to set and the port. Not when the port is set (under either name), when
+// gRPC goes over TLS to Cells' main port, when the public port is that port,
+// or with PROXY_TLS=off, where the front before cells-proxy serves it.
+func TestGRPCExternalWarning(t *testing.T) {
+	up := newUpstream(t, upPlain, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
+	for _, tc := range []struct {
+		name string
+		env  map[string]string
+		fix  string // "": no warning
+	}{
+		{"h2c", map[string]string{"CELLS_GRPC_UPSTREAM": "h2c://cells:33060"}, "PYDIO_GRPC_EXTERNAL=33060"},
+		{"h2c other port", map[string]string{"CELLS_GRPC_UPSTREAM": "h2c://127.0.0.1:9443"}, "PYDIO_GRPC_EXTERNAL=9443"},
+		{"PYDIO_GRPC_EXTERNAL", map[string]string{"CELLS_GRPC_UPSTREAM": "h2c://cells:33060", "PYDIO_GRPC_EXTERNAL": "33060"}, ""},
+		{"CELLS_GRPC_EXTERNAL", map[string]string{"CELLS_GRPC_UPSTREAM": "h2c://cells:33060", "CELLS_GRPC_EXTERNAL": "33060"}, ""},
+		{"default from PYDIO_GRPC_EXTERNAL", map[string]string{"PYDIO_GRPC_EXTERNAL": "33060"}, ""},
+		{"https", map[string]string{"CELLS_GRPC_UPSTREAM": "https://cells:8080"}, ""},
+		{"public port is Cells' gRPC port", map[string]string{"CELLS_GRPC_UPSTREAM": "h2c://cells:8443", "PROXY_HTTPS_ADDR": "127.0.0.1:8443"}, ""},
+		{"PROXY_TLS=off", map[string]string{"CELLS_GRPC_UPSTREAM": "h2c://cells:33060", "PROXY_TLS": "off"}, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg, err := loadFor(t, up, tc.env)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var got []Warning
+			for _, w := range cfg.Warnings {
+				if w.Variable == "CELLS_GRPC_UPSTREAM" {
+					got = append(got, w)
+				}
+			}
+			switch {
+			case tc.fix == "" && len(got) > 0:
+				t.Errorf("warnings %+v, want none", got)
+			case tc.fix == "":
+			case len(got) != 1:
+				t.Errorf("warnings %+v, want one about CELLS_GRPC_UPSTREAM", got)
+			default:
+				w := got[0]
+				if w.Fix != tc.fix || w.Value != tc.env["CELLS_GRPC_UPSTREAM"] || w.TakenAs != "" {
+					t.Errorf("warning %+v, want fix %s, value %s, no taken_as", w, tc.fix, tc.env["CELLS_GRPC_UPSTREAM"])
+				}
+				if !strings.Contains(w.Msg, "PYDIO_GRPC_EXTERNAL") || !strings.Contains(w.Msg, "Cells Sync") {
+					t.Errorf("warning message %q does not name PYDIO_GRPC_EXTERNAL and Cells Sync", w.Msg)
+				}
+			}
+		})
+	}
+
+	// In the log at start: one warning line, with the value and the fix.
+	cfg, err := loadFor(t, up, map[string]string{"CELLS_GRPC_UPSTREAM": "h2c://127.0.0.1:33060"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sink := newLogSink()
+	startLoggedProxy(t, cfg, sink, "json")
+	n := 0
+	for _, l := range strings.Split(sink.String(), "\n") {
+		f := parseLogLine(t, l)
+		if f["variable"] != "CELLS_GRPC_UPSTREAM" {
+			continue
+		}
+		n++
+		if f["level"] != "WARN" || f["value"] != "h2c://127.0.0.1:33060" || f["fix"] != "PYDIO_GRPC_EXTERNAL=33060" {
+			t.Errorf("log line %q: want a warning with value h2c://127.0.0.1:33060 and fix PYDIO_GRPC_EXTERNAL=33060", l)
+		}
+	}
+	if n != 1 {
+		t.Errorf("%d log lines about CELLS_GRPC_UPSTREAM, want 1; log:\n%s", n, sink.String())
+	}
+}

@@ -129,6 +129,9 @@ func New(cfg *Config, log *slog.Logger) (*Server, error) {
 		if w.TakenAs != "" {
 			attrs = append(attrs, "taken_as", w.TakenAs)
 		}
+		if w.Fix != "" {
+			attrs = append(attrs, "fix", w.Fix)
+		}
 		log.Warn(w.Msg, attrs...)
 	}
 	switch {
