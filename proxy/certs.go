@@ -10,19 +10,36 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"math/big"
 	"net"
 	"os"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/kelseyhightower/envconfig"
 )
 
+// selfSignedValidity is how long a self-signed certificate is valid from
+// its making.
+const selfSignedValidity = 365 * 24 * time.Hour
+
+// selfSignedRenewBefore is how long before its end the self-signed
+// certificate is replaced by a new one (selfSignedRenewal).
+const selfSignedRenewBefore = 30 * 24 * time.Hour
+
 // SelfSigned makes an ECDSA P-256 certificate for names (host names or IP
-// addresses), valid for a year from an hour ago. It is kept in memory only:
+// addresses), valid from an hour ago to a year from now. It is kept in memory only:
 // the root filesystem may be read-only.
 func SelfSigned(names ...string) (tls.Certificate, error) {
+	return selfSigned(selfSignedValidity, names...)
+}
+
+// selfSigned is SelfSigned, valid for validity from now; tests make
+// certificates near their end with it.
+func selfSigned(validity time.Duration, names ...string) (tls.Certificate, error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return tls.Certificate{}, fmt.Errorf("generating a key: %w", err)
@@ -35,7 +52,7 @@ func SelfSigned(names ...string) (tls.Certificate, error) {
 		SerialNumber: serial,
 		Subject:      pkix.Name{CommonName: "cells-proxy self-signed", Organization: []string{"cells-proxy"}},
 		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(365 * 24 * time.Hour),
+		NotAfter:     time.Now().Add(validity),
 		KeyUsage:     x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 		// Not a CA: Firefox refuses a server certificate that says it
@@ -61,6 +78,57 @@ func SelfSigned(names ...string) (tls.Certificate, error) {
 		return tls.Certificate{}, err
 	}
 	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}, nil
+}
+
+// selfSignedRenewal keeps the self-signed certificate valid in a proxy that
+// runs longer than its year (a long-lived container): the handshake that
+// finds it within selfSignedRenewBefore of its end makes a new one for the
+// same names, which every handshake then gets. Connections already open
+// keep the old one, still valid. A client that was told to trust the old
+// certificate itself (curl --cacert, a browser's exception) must be told
+// again: the renewal is logged as a warning, as the start is.
+type selfSignedRenewal struct {
+	names []string
+	cert  *atomic.Pointer[tls.Certificate] // the Server's, read by GetCertificate
+	log   *slog.Logger
+
+	// mu is taken only by handshakes that find the certificate near its
+	// end, so that one makes the new certificate while the others wait
+	// the millisecond it takes, and get it.
+	mu    sync.Mutex
+	retry time.Time // after a failure, no new attempt before this
+}
+
+// current returns the certificate a handshake serves in place of cert, the
+// one just loaded from the Server: cert itself unless it is near its end.
+// The common case costs a clock read and a comparison, no lock.
+func (r *selfSignedRenewal) current(cert *tls.Certificate) *tls.Certificate {
+	now := time.Now()
+	if cert.Leaf.NotAfter.Sub(now) > selfSignedRenewBefore {
+		return cert
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if cur := r.cert.Load(); cur != cert {
+		return cur // renewed by a handshake that held mu before this one
+	}
+	if now.Before(r.retry) {
+		return cert
+	}
+	fresh, err := SelfSigned(r.names...)
+	if err != nil {
+		// Not at every handshake: the old certificate serves until its
+		// end, and a minute later the next handshake tries again.
+		r.retry = now.Add(time.Minute)
+		r.log.Error("the self-signed certificate nears its end and no new one could be made; retried in a minute", "err", err,
+			"not_after", cert.Leaf.NotAfter.UTC().Format(time.RFC3339))
+		return cert
+	}
+	r.cert.Store(&fresh)
+	r.log.Warn("no TLS_CERT_FILE: the self-signed certificate nears its end, serving a new one; clients told to trust the old one must be told to trust this one",
+		"names", r.names, "serial", fresh.Leaf.SerialNumber.Text(16), "not_after", fresh.Leaf.NotAfter.UTC().Format(time.RFC3339),
+		"old_not_after", cert.Leaf.NotAfter.UTC().Format(time.RFC3339))
+	return &fresh
 }
 
 // readableBy is what to do about a file the process may not read: the image

@@ -27,7 +27,8 @@ type Server struct {
 	tls *tls.Config // nil when PROXY_TLS=off
 
 	cert      atomic.Pointer[tls.Certificate]
-	certFiles *certFiles // nil with the self-signed certificate
+	certFiles *certFiles         // nil with the self-signed certificate
+	renewal   *selfSignedRenewal // nil unless the self-signed certificate is served
 	draining  atomic.Bool
 
 	// Set by Listen.
@@ -89,6 +90,7 @@ func New(cfg *Config, log *slog.Logger) (*Server, error) {
 				return nil, err
 			}
 			s.cert.Store(&cert)
+			s.renewal = &selfSignedRenewal{names: selfSigned, cert: &s.cert, log: log}
 		}
 		s.tls = s.tlsConfig()
 	} else if cfg.CertFile != "" {
@@ -175,6 +177,9 @@ func (s *Server) tlsConfig() *tls.Config {
 			cert := s.cert.Load()
 			if s.certFiles != nil {
 				s.certFiles.checkName(hello.ServerName, cert)
+			}
+			if s.renewal != nil {
+				cert = s.renewal.current(cert)
 			}
 			return cert, nil
 		},

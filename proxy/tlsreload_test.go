@@ -7,6 +7,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"fmt"
 	"io"
 	"log/slog"
 	"math/big"
@@ -16,6 +17,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -469,6 +471,94 @@ func TestReloadSelfSigned(t *testing.T) {
 	}
 	if tp.cert.Load() != before {
 		t.Errorf("Reload replaced the self-signed certificate")
+	}
+}
+
+// TestSelfSignedRenewal: the self-signed certificate is valid for a year,
+// and a proxy running longer served it expired until restarted. The
+// handshake that finds it within selfSignedRenewBefore of its end now gets
+// a new one for the same names, once, and the handshakes after it too;
+// concurrent handshakes all get the new one.
+func TestSelfSignedRenewal(t *testing.T) {
+	up := newUpstream(t, upTLS, &recorder{})
+	cfg := testConfig(up)
+	cfg.ServerNames = []string{"cells.example.com", "192.0.2.7"}
+	names := []string{"localhost", "127.0.0.1", "::1", "cells.example.com", "192.0.2.7"}
+	nearEnd := func() *tls.Certificate {
+		c, err := selfSigned(time.Hour, names...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return &c
+	}
+	old := nearEnd()
+	tp := startProxy(t, cfg, func(s *Server) { s.cert.Store(old) })
+	addr := tp.Addr().String()
+	served := func(name string) *x509.Certificate {
+		t.Helper()
+		// The certificate is checked below, not by the handshake: the
+		// test looks at whichever one is served.
+		cs, err := handshake(addr, &tls.Config{ServerName: name, InsecureSkipVerify: true})
+		if err != nil {
+			t.Fatalf("handshake: %v", err)
+		}
+		return cs.PeerCertificates[0]
+	}
+	renewals := func() int { return strings.Count(tp.Log.String(), "self-signed certificate nears its end") }
+
+	fresh := served("cells.example.com")
+	if fresh.SerialNumber.Cmp(old.Leaf.SerialNumber) == 0 {
+		t.Fatalf("a certificate an hour from its end is still served (serial %x)", fresh.SerialNumber)
+	}
+	if got, want := fresh.NotAfter, time.Now().Add(selfSignedRenewBefore); !got.After(want) {
+		t.Errorf("new certificate ends %v, want after %v", got, want)
+	}
+	if got, want := fmt.Sprint(fresh.DNSNames, fresh.IPAddresses), fmt.Sprint(old.Leaf.DNSNames, old.Leaf.IPAddresses); got != want {
+		t.Errorf("new certificate names %s, want %s", got, want)
+	}
+	roots := x509.NewCertPool()
+	roots.AddCert(fresh)
+	for _, n := range names {
+		if _, err := fresh.Verify(x509.VerifyOptions{Roots: roots, DNSName: n}); err != nil {
+			t.Errorf("new certificate does not verify for %s: %v", n, err)
+		}
+	}
+	if got := served("localhost"); got.SerialNumber.Cmp(fresh.SerialNumber) != 0 {
+		t.Errorf("next handshake: serial %x, want the new %x", got.SerialNumber, fresh.SerialNumber)
+	}
+	if got := renewals(); got != 1 {
+		t.Errorf("%d renewal warnings, want 1; log:\n%s", got, tp.Log.String())
+	}
+
+	// Many handshakes find the next one near its end at once: one makes
+	// the new certificate and they all get it.
+	old = nearEnd()
+	tp.cert.Store(old)
+	const n = 16
+	serials := make([]*big.Int, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() {
+			cs, err := handshake(addr, &tls.Config{ServerName: "cells.example.com", InsecureSkipVerify: true})
+			if err != nil {
+				t.Errorf("concurrent handshake %d: %v", i, err)
+				return
+			}
+			serials[i] = cs.PeerCertificates[0].SerialNumber
+		})
+	}
+	wg.Wait()
+	for i, s := range serials {
+		switch {
+		case s == nil:
+		case s.Cmp(old.Leaf.SerialNumber) == 0:
+			t.Errorf("concurrent handshake %d got the certificate near its end", i)
+		case s.Cmp(serials[0]) != 0:
+			t.Errorf("concurrent handshake %d: serial %x, handshake 0 got %x: more than one new certificate", i, s, serials[0])
+		}
+	}
+	if got := renewals(); got != 2 {
+		t.Errorf("%d renewal warnings, want 2; log:\n%s", got, tp.Log.String())
 	}
 }
 
