@@ -422,7 +422,12 @@ func (u *grpcUpstream) open(ctx context.Context, call *grpcCall, body io.ReadClo
 		dcancel(nil)
 		var s *grpcStream
 		openErr := errH2Full
-		if err == nil {
+		// The dial does not end with the call (the connection is for
+		// the calls to come), so the call may have ended meanwhile: its
+		// client reset it or its deadline passed, and was told so. It
+		// is not sent then (the loop returns its cause): Cells would do
+		// a call whose client may send it again, or did already.
+		if err == nil && ctx.Err() == nil {
 			// Before the others see the connection: had another call
 			// taken its only stream, this one would dial again.
 			s, openErr = c.open(call, body)

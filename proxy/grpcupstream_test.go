@@ -1734,3 +1734,105 @@ func TestGRPCUpstreamClosed(t *testing.T) {
 		t.Errorf("the proxy opened %d connections to Cells' gRPC port, want 1: none after Close", n)
 	}
 }
+
+// TestGRPCUpstreamRetryClientGone: a call Cells left unprocessed (above the
+// last stream ID of a GOAWAY, the connection then closed) goes again on a
+// new connection, and its client resets it while the proxy is still
+// dialling that connection. The call must not reach Cells once the
+// connection is up: its client has been told it failed, and may well send
+// it again itself (a Cells Sync write), which Cells would then do twice.
+// The connection itself is kept for the next call.
+func TestGRPCUpstreamRetryClientGone(t *testing.T) {
+	t.Parallel()
+	var mu sync.Mutex
+	seen := map[string]int{}
+	next := make(chan uint32, 1) // the stream ID the next call got
+	p := newH2Peer(t, h2PeerConfig{}, func(s *h2Stream) {
+		call := s.Get("x-call")
+		mu.Lock()
+		seen[call]++
+		first := seen[call] == 1
+		mu.Unlock()
+		body, err := s.readBody()
+		if err != nil {
+			return
+		}
+		switch {
+		case call == "gone" && first:
+			s.c.goAway(0, http2.ErrCodeNo)
+			s.c.close()
+		case call == "next":
+			next <- s.ID
+			s.respond(body)
+		}
+	})
+	// Between the proxy and the peer: the second connection (the one the
+	// unprocessed call goes again on) waits for release.
+	held, release := make(chan struct{}, 1), make(chan struct{})
+	gate := startConnServer(t, func(n int64, c net.Conn) {
+		if n == 2 {
+			held <- struct{}{}
+			select {
+			case <-release:
+			case <-t.Context().Done():
+				return
+			}
+		}
+		up, err := net.Dial("tcp", p.Addr)
+		if err != nil {
+			return
+		}
+		done := make(chan struct{}, 2)
+		go func() { io.Copy(up, c); done <- struct{}{} }()
+		go func() { io.Copy(c, up); done <- struct{}{} }()
+		<-done
+		up.Close()
+		c.Close()
+		<-done
+	})
+	cfg := testConfig(newUpstream(t, upPlain, &recorder{}))
+	cfg.GRPCUpstream = &url.URL{Scheme: "h2c", Host: gate.ln.Addr().String()}
+	tp := startProxy(t, cfg)
+
+	fc := dialH2(t, tp)
+	fc.wmu.Lock()
+	err := fc.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, EndHeaders: true, BlockFragment: fc.block(
+		pseudo(tp, "POST", "/pkg.Svc/Write", "content-type", "application/grpc", "te", "trailers", "x-call", "gone")...)})
+	if err == nil {
+		err = fc.fr.WriteData(1, true, grpcMsg([]byte("write once")))
+	}
+	fc.wmu.Unlock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	recv(t, held, "the proxy dialling again for the unprocessed call")
+	// The client resets the call. The server handles a connection's frames
+	// in order: once the request after the reset is answered, the reset
+	// has cancelled the call.
+	fc.wmu.Lock()
+	err = fc.fr.WriteRSTStream(1, http2.ErrCodeCancel)
+	fc.wmu.Unlock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := fc.request(3, pseudo(tp, "GET", "/")...); err != nil {
+		t.Fatal(err)
+	}
+	if ev := fc.answer(t, 3); ev.Type != http2.FrameHeaders {
+		t.Fatalf("the request after the reset: %v", ev)
+	}
+	close(release)
+
+	want := grpcMsg([]byte("next"))
+	checkOK(t, "the next call", callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Echo", want, "x-call", "next"), want)
+	// The connection dialled for the reset call carries the next one, which
+	// is its first stream unless the reset call went out on it.
+	if id := recv(t, next, "the next call at the upstream"); id != 1 {
+		t.Errorf("the next call is stream %d of its connection, want 1: the call its client had reset was sent to Cells before it", id)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if n := seen["gone"]; n != 1 {
+		t.Errorf("Cells saw the reset call %d times, want once (the attempt it left unprocessed)", n)
+	}
+}
