@@ -29,6 +29,10 @@ const acmePrefix = "/.well-known/acme-challenge/"
 // a token, a dot and a thumbprint, about 90 bytes.
 const acmeMaxFile = 64 << 10
 
+// acmeNotRegular is the warning for a token's name that is there but is
+// not what certbot writes.
+const acmeNotRegular = "PROXY_ACME_WEBROOT: cannot serve an ACME challenge, and its renewal will fail: the token must be a regular file of at most 64 KiB, as certbot writes it"
+
 // checkACMEWebroot reports whether dir is a directory cells-proxy can read.
 func checkACMEWebroot(dir string) error {
 	if dir == "" {
@@ -69,27 +73,47 @@ func acmeToken(path string) (string, bool) {
 // or 404, and returns the status. Only a regular file is served: certbot
 // writes one, and a symbolic link could lead anywhere. (os.OpenInRoot would
 // follow links that stay inside the directory, for 32 KB of binary.)
+//
+// The name is opened once, without following a link or waiting for a
+// writer (openChallenge), and what was opened is looked at and served:
+// certbot's cleanup and the next challenge write the same names, and
+// whoever can write the webroot could swap a link or a named pipe in
+// between a look at the name and its opening, which would then follow the
+// link or wait for the pipe's writer forever, holding the handler.
 func (s *Server) serveChallenge(w http.ResponseWriter, r *http.Request, token string) int {
 	name := filepath.Join(s.cfg.ACMEWebroot, filepath.FromSlash(acmePrefix), token)
-	fi, err := os.Lstat(name)
-	if err == nil && (!fi.Mode().IsRegular() || fi.Size() > acmeMaxFile) {
-		err = errors.New("not a regular file of at most 64 KiB")
-	}
-	var f *os.File
-	if err == nil {
-		if f, err = os.Open(name); err == nil {
-			defer f.Close()
-		}
-	}
+	f, err := openChallenge(name)
 	if err != nil {
 		// A token certbot has not written (or has cleaned up) is the
 		// ACME server's 404, as is one too long for a file name (acmeToken
 		// takes 256 bytes, NAME_MAX is 255): anyone may ask for either.
 		// One the proxy may not read fails the renewal without a word in
-		// certbot's log: say it here.
-		if !errors.Is(err, fs.ErrNotExist) && !errors.Is(err, syscall.ENAMETOOLONG) {
+		// certbot's log: say it here. So does a symbolic link (ELOOP, as
+		// O_NOFOLLOW reports it), put there by someone, not by certbot.
+		switch {
+		case errors.Is(err, fs.ErrNotExist) || errors.Is(err, syscall.ENAMETOOLONG):
+		case errors.Is(err, syscall.ELOOP):
+			s.log.Warn(acmeNotRegular, "path", r.URL.Path, "err", errors.New("a symbolic link, which is not followed"))
+		default:
 			s.log.Warn("PROXY_ACME_WEBROOT: cannot serve an ACME challenge, and its renewal will fail: cells-proxy's user must be able to read the files certbot writes there", "path", r.URL.Path, "err", err)
 		}
+		http.NotFound(w, r)
+		return http.StatusNotFound
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err == nil && !fi.Mode().IsRegular() {
+		err = fmt.Errorf("a %s, not a regular file", fileKind(fi.Mode()))
+	} else if err == nil && fi.Size() > acmeMaxFile {
+		err = fmt.Errorf("%d bytes, more than 64 KiB", fi.Size())
+	}
+	if err != nil {
+		// certbot writes a regular file under each token's name: a named
+		// pipe, a directory or a large file there was put by someone
+		// else who writes the webroot, as a link was, and the renewal
+		// that asks for it fails. Like the link, it is named in a
+		// warning; only a name that is not there is anyone's to ask for.
+		s.log.Warn(acmeNotRegular, "path", r.URL.Path, "err", err)
 		http.NotFound(w, r)
 		return http.StatusNotFound
 	}
@@ -99,4 +123,19 @@ func (s *Server) serveChallenge(w http.ResponseWriter, r *http.Request, token st
 	w.WriteHeader(http.StatusOK)
 	io.Copy(w, io.LimitReader(f, fi.Size()))
 	return http.StatusOK
+}
+
+// fileKind names what a token's name is when it is not a regular file.
+func fileKind(m fs.FileMode) string {
+	switch {
+	case m.IsDir():
+		return "directory"
+	case m&fs.ModeNamedPipe != 0:
+		return "named pipe"
+	case m&fs.ModeSocket != 0:
+		return "socket"
+	case m&fs.ModeDevice != 0:
+		return "device"
+	}
+	return "special file"
 }
