@@ -3,7 +3,9 @@ package main
 import (
 	"crypto/x509"
 	"encoding/pem"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -393,24 +395,9 @@ func TestKeyNotReadable(t *testing.T) {
 	if err := os.WriteFile(keyFile, keyPEM, 0o000); err != nil {
 		t.Fatal(err)
 	}
-	uid := os.Getuid()
 	cmd := command(nil, "CELLS_UPSTREAM=https://cells:8080", "PROXY_HTTPS_ADDR="+freeAddr(t),
 		"PROXY_HTTP_ADDR=off", "PROXY_HEALTH_ADDR=off", "TLS_CERT_FILE="+certFile, "TLS_KEY_FILE="+keyFile)
-	if uid == 0 {
-		// Root reads any file: run a copy of the binary as the
-		// image's user instead.
-		uid = 65532
-		exe := filepath.Join(dir, "cells-proxy")
-		b, err := os.ReadFile(bin)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(exe, b, 0o755); err != nil {
-			t.Fatal(err)
-		}
-		cmd.Path, cmd.Args[0] = exe, exe
-		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(uid), Gid: uint32(uid)}}
-	}
+	uid := asImageUser(t, cmd, dir)
 	_, errOut, status := result(t, cmd)
 	if status != 2 {
 		t.Errorf("exit status = %d, want 2", status)
@@ -418,4 +405,114 @@ func TestKeyNotReadable(t *testing.T) {
 	if got := lines(errOut); len(got) != 1 || !strings.Contains(got[0], "TLS_KEY_FILE") || !strings.Contains(got[0], "uid "+strconv.Itoa(uid)) {
 		t.Errorf("stderr = %q, want one line naming TLS_KEY_FILE and uid %d", errOut, uid)
 	}
+}
+
+// asImageUser makes cmd run as the image's user, uid 65532, when the test
+// runs as root, which reads any file and searches any directory: a copy of
+// the binary in dir (which that user must be able to reach) is run instead.
+// It returns the uid cmd runs as.
+func asImageUser(t *testing.T, cmd *exec.Cmd, dir string) int {
+	t.Helper()
+	uid := os.Getuid()
+	if uid != 0 {
+		return uid
+	}
+	uid = 65532
+	exe := filepath.Join(dir, "cells-proxy")
+	b, err := os.ReadFile(bin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(exe, b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	cmd.Path, cmd.Args[0] = exe, exe
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(uid), Gid: uint32(uid)}}
+	return uid
+}
+
+// TestACMEWebrootSearchOnly: serving a challenge opens a file by name in
+// the webroot, which takes search (x) permission on the directories, not
+// read (r). The start check opened the webroot itself, which takes read:
+// a webroot of mode 0711 was refused though it serves, and one of 0644
+// taken though every challenge then failed. Now the first starts and
+// serves, and the second stops the start with a line naming the variable
+// and the uid.
+func TestACMEWebrootSearchOnly(t *testing.T) {
+	dir := t.TempDir()
+	// The test's directory and the one above it, for the image's user.
+	for _, d := range []string{dir, filepath.Dir(dir)} {
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	const token, keyAuth = "evaGxfADs6pSRb2LAv9IZf17Dt3juxGJ-PCt92wr-oA", "evaGxfADs6pSRb2LAv9IZf17Dt3juxGJ-PCt92wr-oA.9jg46WB3rR_AHD-EBXdN7cBkH1WOu0tA3M9fm21mqTI"
+	searchOnly, readOnly := filepath.Join(dir, "search-only"), filepath.Join(dir, "read-only")
+	challenges := filepath.Join(searchOnly, ".well-known", "acme-challenge")
+	if err := os.MkdirAll(challenges, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(challenges, token), []byte(keyAuth), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(readOnly, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for d, mode := range map[string]os.FileMode{searchOnly: 0o711, readOnly: 0o644} {
+		if err := os.Chmod(d, mode); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	t.Run("read, no search", func(t *testing.T) {
+		cmd := command(nil, "CELLS_UPSTREAM=https://cells:8080", "PROXY_HTTPS_ADDR="+freeAddr(t),
+			"PROXY_HTTP_ADDR="+freeAddr(t), "PROXY_HEALTH_ADDR=off", "PROXY_ACME_WEBROOT="+readOnly)
+		uid := asImageUser(t, cmd, dir)
+		// A binary that takes the webroot runs until it is killed.
+		kill := time.AfterFunc(15*time.Second, func() { cmd.Process.Kill() })
+		defer kill.Stop()
+		_, errOut, status := result(t, cmd)
+		if status != 2 {
+			t.Errorf("exit status = %d, want 2", status)
+		}
+		if got := lines(errOut); len(got) != 1 || !strings.HasPrefix(got[0], "cells-proxy: config: PROXY_ACME_WEBROOT must") ||
+			!strings.Contains(got[0], "uid "+strconv.Itoa(uid)) {
+			t.Errorf("stderr = %q, want one line naming PROXY_ACME_WEBROOT and uid %d", errOut, uid)
+		}
+	})
+
+	t.Run("search, no read", func(t *testing.T) {
+		httpAddr := freeAddr(t)
+		cmd := command(nil, "CELLS_UPSTREAM=https://cells:8080", "PROXY_HTTPS_ADDR="+freeAddr(t),
+			"PROXY_HTTP_ADDR="+httpAddr, "PROXY_HEALTH_ADDR=off", "PROXY_ACME_WEBROOT="+searchOnly)
+		asImageUser(t, cmd, dir)
+		p, stop := startBinary(t, cmd)
+		defer stop()
+		client := &http.Client{Transport: &http.Transport{}, Timeout: time.Minute}
+		defer client.CloseIdleConnections()
+		// Bounded: until the binary listens, or exits, or 20 s.
+		var res *http.Response
+		for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+			select {
+			case <-p.exited:
+				t.Fatalf("cells-proxy exited: %v", p.err)
+			default:
+			}
+			var err error
+			if res, err = client.Get("http://" + httpAddr + "/.well-known/acme-challenge/" + token); err == nil {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("GET the token: %v 20 s after the start", err)
+			}
+		}
+		b, err := io.ReadAll(res.Body)
+		res.Body.Close()
+		if res.StatusCode != http.StatusOK || string(b) != keyAuth || err != nil {
+			t.Errorf("GET the token: %d %q %v, want 200 %q", res.StatusCode, b, err, keyAuth)
+		}
+		if l := p.stderr.String(); strings.Contains(l, "ACME") {
+			t.Errorf("stderr, want no line about the webroot:\n%s", l)
+		}
+	})
 }

@@ -33,23 +33,43 @@ const acmeMaxFile = 64 << 10
 // not what certbot writes.
 const acmeNotRegular = "PROXY_ACME_WEBROOT: cannot serve an ACME challenge, and its renewal will fail: the token must be a regular file of at most 64 KiB, as certbot writes it"
 
-// checkACMEWebroot reports whether dir is a directory cells-proxy can read.
+// checkACMEWebroot reports whether dir is a directory cells-proxy can serve
+// challenges from. Serving opens DIR/.well-known/acme-challenge/TOKEN by
+// name, which takes search (x) permission on each directory on the way, not
+// read (r): nothing is listed. So a webroot root owns with mode 0711
+// serves and is taken, and one with 0644, which fails every challenge, is
+// refused.
 func checkACMEWebroot(dir string) error {
 	if dir == "" {
 		return nil
 	}
-	f, err := os.Open(dir)
+	fi, err := os.Stat(dir)
+	if err == nil && !fi.IsDir() {
+		err = &fs.PathError{Op: "stat", Path: dir, Err: syscall.ENOTDIR}
+	}
 	if err == nil {
-		var fi fs.FileInfo
-		if fi, err = f.Stat(); err == nil && !fi.IsDir() {
-			err = errors.New("not a directory")
+		// Looking a name up in a directory takes search permission on it:
+		// the name, which no token can be (a token has no dot), is not
+		// there, and neither may the directories be before certbot's
+		// first run makes them. Only a refusal tells anything.
+		_, err = os.Lstat(filepath.Join(dir, ".well-known", "acme-challenge", ".cells-proxy"))
+		if !errors.Is(err, fs.ErrPermission) {
+			err = nil
 		}
-		f.Close()
 	}
 	if err != nil {
-		return fmt.Errorf("PROXY_ACME_WEBROOT must name a directory cells-proxy can read, the one certbot --webroot -w writes to: %w%s", err, readableBy(err))
+		return fmt.Errorf("PROXY_ACME_WEBROOT must name a directory cells-proxy can open files in, the one certbot --webroot -w writes to: %w%s", err, searchableBy(err))
 	}
 	return nil
+}
+
+// searchableBy is the fix for a directory cells-proxy may not open files
+// in, readableBy's counterpart for directories.
+func searchableBy(err error) string {
+	if !errors.Is(err, fs.ErrPermission) {
+		return ""
+	}
+	return fmt.Sprintf(": let uid %d, which cells-proxy runs as, search it, the folders above it and .well-known/acme-challenge in it (the x permission, as in mode 755 or 711; reading them is not needed)", os.Getuid())
 }
 
 // acmeToken is the token of an HTTP-01 challenge request for path, and

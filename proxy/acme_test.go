@@ -105,8 +105,8 @@ func TestACMEChallenge(t *testing.T) {
 	}
 }
 
-// TestACMEWebrootChecked: a PROXY_ACME_WEBROOT that is not a readable
-// directory stops the start with the others' lines, not the first renewal.
+// TestACMEWebrootChecked: a PROXY_ACME_WEBROOT that is not a directory
+// stops the start with the others' lines, not the first renewal.
 func TestACMEWebrootChecked(t *testing.T) {
 	file := filepath.Join(t.TempDir(), "file")
 	if err := os.WriteFile(file, nil, 0o644); err != nil {

@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -86,6 +87,53 @@ func TestACMEChallengeOpenedOnce(t *testing.T) {
 		}
 		if !warned {
 			t.Errorf("GET %s: no warning naming %q in the log:\n%s", tc.token, tc.kind, tp.Log)
+		}
+	}
+}
+
+// TestACMEWebrootSearchable: the start check asks of the webroot what
+// serving a challenge needs, search (x) permission on it and on the
+// directories certbot makes in it, not read (r). As root, which searches
+// any directory, it is skipped: TestACMEWebrootSearchOnly runs the binary
+// as the image's user instead.
+func TestACMEWebrootSearchable(t *testing.T) {
+	if os.Geteuid() == 0 {
+		t.Skip("root searches any directory")
+	}
+	// mk is a webroot whose directories, from the top down to
+	// .well-known/acme-challenge, have modes.
+	mk := func(modes ...os.FileMode) string {
+		root := t.TempDir()
+		dirs := []string{root, filepath.Join(root, ".well-known"), filepath.Join(root, ".well-known", "acme-challenge")}[:len(modes)]
+		if err := os.MkdirAll(dirs[len(dirs)-1], 0o755); err != nil {
+			t.Fatal(err)
+		}
+		// Deepest first, and back for the clean-up.
+		for i := len(dirs) - 1; i >= 0; i-- {
+			if err := os.Chmod(dirs[i], modes[i]); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { os.Chmod(dirs[i], 0o755) })
+		}
+		return root
+	}
+	for _, tc := range []struct {
+		name  string
+		dir   string
+		taken bool
+	}{
+		{"search, no read, before certbot's first run", mk(0o111), true},
+		{"search, no read, with certbot's directories", mk(0o111, 0o111, 0o111), true},
+		{"read, no search", mk(0o644), false},
+		{"a challenge directory without search", mk(0o755, 0o755, 0o644), false},
+	} {
+		err := checkACMEWebroot(tc.dir)
+		if tc.taken && err != nil {
+			t.Errorf("%s: %v, want it taken", tc.name, err)
+		}
+		if !tc.taken && (err == nil || !strings.HasPrefix(err.Error(), "PROXY_ACME_WEBROOT must name a directory") ||
+			!strings.Contains(err.Error(), "uid "+strconv.Itoa(os.Getuid()))) {
+			t.Errorf("%s: %v, want it refused, naming the variable and uid %d", tc.name, err, os.Getuid())
 		}
 	}
 }
