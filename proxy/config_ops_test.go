@@ -226,11 +226,8 @@ func TestTrustedProxiesHostBits(t *testing.T) {
 		"::ffff:10.0.0.0/8":   "::/8",
 	}
 	got := map[string]int{}
-	for _, l := range strings.Split(sink.String(), "\n") {
-		f := parseLogLine(t, l)
-		if f["variable"] != "PROXY_TRUSTED_PROXIES" {
-			continue
-		}
+	for _, f := range linesNaming(t, sink, "PROXY_TRUSTED_PROXIES") {
+		l := f["line"]
 		v := f["value"]
 		got[v]++
 		if f["level"] != "WARN" {
@@ -329,18 +326,13 @@ func TestNoEffectWarnings(t *testing.T) {
 	}
 	sink := newLogSink()
 	startLoggedProxy(t, cfg, sink, "json")
-	n := 0
-	for _, l := range strings.Split(sink.String(), "\n") {
-		f := parseLogLine(t, l)
-		if f["variable"] != "PROXY_REDIRECT_HTTPS_PORT" {
-			continue
-		}
-		n++
+	lines := linesNaming(t, sink, "PROXY_REDIRECT_HTTPS_PORT")
+	for _, f := range lines {
 		if _, ok := f["taken_as"]; ok || f["level"] != "WARN" || f["value"] != "8443" || !strings.Contains(f["msg"], "PROXY_HTTP_ADDR=off") {
-			t.Errorf("log line %q: want a warning naming PROXY_HTTP_ADDR=off, value 8443, no taken_as", l)
+			t.Errorf("log line %q: want a warning naming PROXY_HTTP_ADDR=off, value 8443, no taken_as", f["line"])
 		}
 	}
-	if n != 1 {
+	if n := len(lines); n != 1 {
 		t.Errorf("%d log lines about PROXY_REDIRECT_HTTPS_PORT, want 1; log:\n%s", n, sink.String())
 	}
 }
@@ -404,18 +396,27 @@ func TestGRPCExternalWarning(t *testing.T) {
 	}
 	sink := newLogSink()
 	startLoggedProxy(t, cfg, sink, "json")
-	n := 0
-	for _, l := range strings.Split(sink.String(), "\n") {
-		f := parseLogLine(t, l)
-		if f["variable"] != "CELLS_GRPC_UPSTREAM" {
-			continue
-		}
-		n++
+	lines := linesNaming(t, sink, "CELLS_GRPC_UPSTREAM")
+	for _, f := range lines {
 		if f["level"] != "WARN" || f["value"] != "h2c://127.0.0.1:33060" || f["fix"] != "PYDIO_GRPC_EXTERNAL=33060" {
-			t.Errorf("log line %q: want a warning with value h2c://127.0.0.1:33060 and fix PYDIO_GRPC_EXTERNAL=33060", l)
+			t.Errorf("log line %q: want a warning with value h2c://127.0.0.1:33060 and fix PYDIO_GRPC_EXTERNAL=33060", f["line"])
 		}
 	}
-	if n != 1 {
+	if n := len(lines); n != 1 {
 		t.Errorf("%d log lines about CELLS_GRPC_UPSTREAM, want 1; log:\n%s", n, sink.String())
 	}
+}
+
+// linesNaming returns the JSON log lines in sink whose "variable" is name,
+// parsed, each with its text under "line" for messages.
+func linesNaming(t *testing.T, sink *logSink, name string) []map[string]string {
+	t.Helper()
+	var out []map[string]string
+	for _, l := range strings.Split(sink.String(), "\n") {
+		if f := parseLogLine(t, l); f["variable"] == name {
+			f["line"] = l
+			out = append(out, f)
+		}
+	}
+	return out
 }
