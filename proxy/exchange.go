@@ -283,22 +283,28 @@ func (e *exchange) logAccess(log *slog.Logger) {
 // the map is still the one net/http sends the trailers from: grpc-status
 // in the headers (Trailers-Only, or a trailer Cells declared) or under
 // http.TrailerPrefix (one it did not).
+//
+// The client reads the status from the call's last HEADERS, as grpc-go's
+// does: a grpc-status Cells put in its response head as well is not the
+// call's, so the trailer's comes first, and of several values the last.
+// A value that is not a number is UNKNOWN, as grpc-go's client takes it.
 func (e *exchange) grpcStatus() (int, bool) {
 	if e.status == 0 || e.status == statusClientClosed || e.req.Context().Err() != nil {
 		return 0, false
 	}
 	h := e.Header()
-	v := h.Get("Grpc-Status")
-	if v == "" {
-		if vv := h[http.TrailerPrefix+"Grpc-Status"]; len(vv) > 0 {
-			v = vv[0]
-		}
+	vv := h[http.TrailerPrefix+"Grpc-Status"]
+	if len(vv) == 0 {
+		vv = h["Grpc-Status"]
 	}
-	code, err := strconv.Atoi(v)
-	if err != nil || code < 0 {
+	if len(vv) == 0 {
 		return 0, false
 	}
-	return code, true
+	code, err := strconv.ParseInt(vv[len(vv)-1], 10, 32)
+	if err != nil {
+		return 2, true // UNKNOWN
+	}
+	return int(code), true
 }
 
 // secretParams are query parameters that carry credentials: Cells' JWT and

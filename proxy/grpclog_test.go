@@ -5,6 +5,7 @@ import (
 	"context"
 	"io"
 	"net/http"
+	"net/url"
 	"strconv"
 	"strings"
 	"testing"
@@ -12,6 +13,7 @@ import (
 
 	"google.golang.org/grpc/codes"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 )
 
@@ -188,5 +190,56 @@ func TestGRPCDeadlineLoggedAtInfo(t *testing.T) {
 	}
 	if info != 1 {
 		t.Errorf("%d Info lines for the deadline, want 1; log:\n%s", info, sink.String())
+	}
+}
+
+// TestGRPCStatusLoggedAsClientReadsIt: grpc_status is the status the
+// client takes from the call's end, however Cells wrote it. Cells put a
+// grpc-status of 0 in its response head, then failed the call in its
+// trailers: the client got INTERNAL, the line said 0, a failed call logged
+// as a good one. And a grpc-status that is not a number, which grpc-go's
+// client takes for UNKNOWN, left the line without grpc_status, as for a
+// client that went away.
+func TestGRPCStatusLoggedAsClientReadsIt(t *testing.T) {
+	peer := newH2Peer(t, h2PeerConfig{}, func(s *h2Stream) {
+		if _, err := s.readBody(); err != nil {
+			return
+		}
+		switch s.Get("x-fate") {
+		case "status-in-head":
+			if s.writeHeaders(false, 1, ":status", "200", "content-type", "application/grpc", "grpc-status", "0") == nil &&
+				s.writeData(streamMsg("first"), false) == nil {
+				s.writeHeaders(true, 1, "grpc-status", "13", "grpc-message", "failed")
+			}
+		case "not-a-number":
+			s.writeHeaders(true, 1, ":status", "200", "content-type", "application/grpc", "grpc-status", "internal")
+		}
+	})
+	cfg := testConfig(newUpstream(t, upPlain, &recorder{}))
+	cfg.GRPCUpstream = &url.URL{Scheme: "h2c", Host: peer.Addr}
+	cfg.AccessLog = true
+	sink := newLogSink()
+	tp := startLoggedProxy(t, cfg, sink, "json")
+	tc := testgrpc.NewTestServiceClient(dialProxy(t, tp, tp.Addr().String()))
+	const path = "/grpc.testing.TestService/StreamingOutputCall"
+	from := 0
+	for _, c := range []struct {
+		fate string
+		msgs []string
+		want codes.Code
+	}{
+		{"status-in-head", []string{"first"}, codes.Internal},
+		{"not-a-number", nil, codes.Unknown},
+	} {
+		ctx := metadata.AppendToOutgoingContext(testCtx(t), "x-fate", c.fate)
+		_, err := streamingRecv(t, ctx, tc, c.msgs...).Recv()
+		if got := status.Code(err); got != c.want {
+			t.Fatalf("%s: client got %v (%v), want %v", c.fate, got, err, c.want)
+		}
+		line, at := sink.wait(t, from, isAccess(t, path))
+		from = at + 1
+		if got, want := parseLogLine(t, line)["grpc_status"], strconv.Itoa(int(c.want)); got != want {
+			t.Errorf("%s: grpc_status = %q, want %q, what the client got; line: %s", c.fate, got, want, line)
+		}
 	}
 }
