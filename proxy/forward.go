@@ -723,8 +723,8 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool)
 		// HTTP/1.0 has no Host field (RFC 1945); a client old enough to
 		// leave it out is given the site's first name, as nginx gives it
 		// its server_name, and as the readiness probe names the site.
-		// Without PROXY_SERVER_NAMES the proxy has no name to give, and
-		// the request is refused below.
+		// Without PROXY_SERVER_NAMES the proxy has no name to give: the
+		// request goes with CELLS_UPSTREAM's host (malformed lets it by).
 		r.Host = bracketIPv6(f.cfg.ServerNames[0])
 	}
 	if msg := malformed(r); msg != "" {
@@ -944,13 +944,15 @@ func malformed(r *http.Request) string {
 	if !httpguts.ValidHeaderFieldName(r.Method) {
 		return "invalid method"
 	}
-	if r.Host == "" {
+	if r.Host == "" && (r.ProtoMajor != 1 || r.ProtoMinor != 0) {
 		// An HTTP/2 request without :authority or Host (RFC 9113 §8.3.1
-		// requires one), an HTTP/1.1 one with an empty Host, or an
-		// HTTP/1.0 one without it went to Cells with CELLS_UPSTREAM's
-		// host in its place: Cells built links and redirects to its
-		// internal address. nginx and net/http's HTTP/1.1 server answer
-		// 400 too.
+		// requires one), or an HTTP/1.1 one with an empty Host, went to
+		// Cells with CELLS_UPSTREAM's host in its place: Cells built links
+		// and redirects to its internal address. nginx and net/http's
+		// HTTP/1.1 server answer 400 too. HTTP/1.0 has no Host field,
+		// and what sends it without one today is a health check (HAProxy's
+		// default option httpchk is "OPTIONS / HTTP/1.0"), not a browser
+		// that follows links: refused, it would mark the proxy down.
 		return "missing Host"
 	}
 	host := r.Host
