@@ -16,7 +16,7 @@ import (
 // health serves the health listener (PROXY_HEALTH_ADDR, loopback unless
 // set otherwise, as for a kubelet that probes the pod's IP):
 //
-//	/livez   200 while the process serves; 503 once it drains.
+//	/livez   200 while the process answers, its drain included.
 //	/readyz  200 when Cells answers on its main port; 503 while it is
 //	         starting (303 to starting.html), down, or the proxy drains.
 //
@@ -87,8 +87,12 @@ func (h *health) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	draining := h.s.draining.Load()
 	switch r.URL.Path {
 	case "/livez":
+		// Alive while it drains too: the drain finishes uploads and
+		// calls in flight, and a liveness probe that failed then would
+		// have an orchestrator kill the process, and cut them. /readyz
+		// is the one that takes it out of rotation.
 		if draining {
-			http.Error(w, "draining", http.StatusServiceUnavailable)
+			fmt.Fprintln(w, "ok: draining")
 			return
 		}
 		fmt.Fprintln(w, "ok")

@@ -42,10 +42,16 @@ func shutdownAsync(tp *testProxy) <-chan error {
 // readyz is the status of /readyz on the health listener.
 func readyz(t *testing.T, tp *testProxy) int {
 	t.Helper()
+	return healthStatus(t, tp, "/readyz")
+}
+
+// healthStatus is the status of the health listener's answer for path.
+func healthStatus(t *testing.T, tp *testProxy, path string) int {
+	t.Helper()
 	c := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}, Timeout: 10 * time.Second}
-	res, err := c.Get("http://" + tp.HealthAddr().String() + "/readyz")
+	res, err := c.Get("http://" + tp.HealthAddr().String() + path)
 	if err != nil {
-		t.Fatalf("GET /readyz: %v", err)
+		t.Fatalf("GET %s: %v", path, err)
 	}
 	io.Copy(io.Discard, res.Body)
 	res.Body.Close()
@@ -116,7 +122,7 @@ func (g *gate) wait(t *testing.T) string {
 }
 
 // TestShutdownDrainsUpload stops the proxy while an HTTP/1.1 upload is
-// half sent: readiness turns 503, the public port refuses new
+// half sent: readiness turns 503 (liveness stays 200), the public port refuses new
 // connections, the upload completes (Cells gets every byte, the client
 // gets 200), and Run returns nil.
 func TestShutdownDrainsUpload(t *testing.T) {
@@ -200,6 +206,11 @@ func TestShutdownDrainsUpload(t *testing.T) {
 	case r := <-resc:
 		t.Fatalf("upload ended before its body was sent: %+v", r)
 	default:
+	}
+	// Alive while it drains: a liveness probe failing now would have an
+	// orchestrator kill the proxy and cut this upload.
+	if got, want := healthStatus(t, tp, "/livez"), http.StatusOK; got != want {
+		t.Errorf("/livez while draining = %d, want %d", got, want)
 	}
 
 	if _, err := pw.Write(body[size/2:]); err != nil {
