@@ -142,6 +142,7 @@ func (f *forwarder) relay(ex *exchange, r *http.Request, res *http.Response) {
 	}
 	res.Body.Close() // sets res.Trailer
 	if len(res.Trailer) > 0 {
+		dropForbiddenTrailers(res.Trailer)
 		// Chunked, so that the trailers can follow the body.
 		ex.FlushError()
 		relayTrailer(ex.Header(), res, announced)
@@ -193,16 +194,34 @@ func (f *forwarder) logCutShort(r *http.Request, err error) {
 // its method, Host, RequestURI, query and context are the client's.
 type cutShortBody struct {
 	io.ReadCloser
-	f *forwarder
-	r *http.Request
+	f   *forwarder
+	r   *http.Request
+	res *http.Response
 }
 
 func (b *cutShortBody) Read(p []byte) (int, error) {
 	n, err := b.ReadCloser.Read(p)
-	if err != nil && err != io.EOF {
+	if err == io.EOF {
+		dropForbiddenTrailers(b.res.Trailer) // read with the body's end
+	} else if err != nil {
 		b.f.logCutShort(b.r, err)
 	}
 	return n, err
+}
+
+// dropForbiddenTrailers deletes from Cells' trailers the fields that may
+// not be trailers (RFC 9110, section 6.5.1: Content-Length, Content-Type,
+// Host...). net/http's servers and the front drop such a field when Cells
+// declares it in Trailer, but one Cells did not declare is passed on under
+// http.TrailerPrefix, which net/http's HTTP/1 server and the front write
+// after the body as it stands: a lenient client or cache could take it for
+// the response's own.
+func dropForbiddenTrailers(t http.Header) {
+	for k := range t {
+		if !httpguts.ValidTrailerHeader(k) {
+			delete(t, k)
+		}
+	}
 }
 
 // relayHeader moves Cells' response header fields to h, the client's

@@ -194,7 +194,7 @@ func (f *forwarder) reverseProxy(target *url.URL, t http.RoundTripper) *httputil
 				return context.Cause(ctx)
 			}
 			if res.Body != http.NoBody && res.StatusCode != http.StatusSwitchingProtocols {
-				res.Body = &cutShortBody{ReadCloser: res.Body, f: f, r: res.Request}
+				res.Body = &cutShortBody{ReadCloser: res.Body, f: f, r: res.Request, res: res}
 			}
 			return nil
 		},
