@@ -64,8 +64,22 @@ func (s *Server) redirectTo(w http.ResponseWriter, r *http.Request) int {
 			return s.serveChallenge(w, r, token)
 		}
 	}
-	host := hostOnly(r.Host)
-	if host == "" || !s.fwd.hostAllowed(r.Host) {
+	host, known := hostOnly(r.Host), s.fwd.hostAllowed(r.Host)
+	switch {
+	case r.Host == "" && r.ProtoMajor == 1 && r.ProtoMinor == 0 && len(s.cfg.ServerNames) > 0:
+		// HTTP/1.0 has no Host field: the site's first name, as the
+		// public port gives it, and as nginx's $host falls back to
+		// server_name. A health check (HAProxy's "OPTIONS / HTTP/1.0")
+		// then sees a redirect, not a 404.
+		host, known = s.cfg.ServerNames[0], true
+	case host == "":
+		// No name to send the client to (an HTTP/1.1 empty Host, an
+		// HTTP/2 preface in clear): the 404 below blamed
+		// PROXY_SERVER_NAMES, even unset. Said as the public port says it.
+		http.Error(w, "cells-proxy: missing Host", http.StatusBadRequest)
+		return http.StatusBadRequest
+	}
+	if !known {
 		// Said as the HTTPS port's 421 says it: the operator whose
 		// browser tried http:// first learns which setting to change.
 		http.Error(w, "cells-proxy: unknown host (PROXY_SERVER_NAMES)", http.StatusNotFound)

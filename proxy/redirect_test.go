@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bufio"
 	"context"
 	"crypto/tls"
 	"io"
@@ -166,7 +167,9 @@ func TestRedirectServerNames(t *testing.T) {
 		{"foreign host", "GET /x HTTP/1.1\r\nHost: evil.example\r\n\r\n", http.StatusNotFound, ""},
 		{"foreign host with port", "GET /x HTTP/1.1\r\nHost: evil.example:80\r\n\r\n", http.StatusNotFound, ""},
 		{"suffix of a name", "GET /x HTTP/1.1\r\nHost: example.com\r\n\r\n", http.StatusNotFound, ""},
-		{"no host", "GET /x HTTP/1.0\r\n\r\n", http.StatusNotFound, ""},
+		// HTTP/1.0 has no Host: the first name, as on the public port.
+		{"HTTP/1.0 without host", "GET /x HTTP/1.0\r\n\r\n", http.StatusMovedPermanently, "https://cells.example.com/x"},
+		{"empty host", "GET /x HTTP/1.1\r\nHost: \r\n\r\n", http.StatusBadRequest, ""},
 		{"absolute form for a foreign host", "GET http://evil.example/x HTTP/1.1\r\nHost: cells.example.com\r\n\r\n", http.StatusNotFound, ""},
 		{"known host", "GET /x?y HTTP/1.1\r\nHost: Cells.Example.Com:80\r\n\r\n", http.StatusMovedPermanently, "https://Cells.Example.Com/x?y"},
 	}
@@ -183,6 +186,43 @@ func TestRedirectServerNames(t *testing.T) {
 	}
 	if n := rec.count(); n != 0 {
 		t.Errorf("upstream saw %d requests, want 0", n)
+	}
+}
+
+// TestRedirectHostless: a request that names no host, without
+// PROXY_SERVER_NAMES to give it one, is a 400 that says so, as on the
+// public port. It was a 404 telling the operator to look at
+// PROXY_SERVER_NAMES, which was not set: an HTTP/1.0 health check without
+// Host, an empty Host, and an HTTP/2 client speaking in clear to port 80.
+func TestRedirectHostless(t *testing.T) {
+	t.Parallel()
+	tp := startProxy(t, testConfig(newUpstream(t, upTLS, &recorder{})))
+	for _, tt := range []struct{ name, raw string }{
+		{"HTTP/1.0", "OPTIONS / HTTP/1.0\r\n\r\n"},
+		{"empty Host", "GET /x HTTP/1.1\r\nHost: \r\n\r\n"},
+		{"HTTP/2 preface", "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			conn, err := net.Dial("tcp", tp.RedirectAddr().String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			conn.SetDeadline(time.Now().Add(10 * time.Second))
+			io.WriteString(conn, tt.raw)
+			res, err := http.ReadResponse(bufio.NewReader(conn), nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, _ := io.ReadAll(res.Body)
+			res.Body.Close()
+			if got, want := res.StatusCode, http.StatusBadRequest; got != want {
+				t.Errorf("status = %d, want %d", got, want)
+			}
+			if got, want := string(body), "cells-proxy: missing Host\n"; got != want {
+				t.Errorf("body = %q, want %q", got, want)
+			}
+		})
 	}
 }
 
