@@ -1,7 +1,9 @@
 package proxy
 
 import (
+	"bytes"
 	"context"
+	"crypto/sha256"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -162,7 +164,7 @@ func (e *FileError) Unwrap() error { return e.Err }
 // without h2; curl --http1.0 offers http/1.0 alone, and Go's TLS server
 // refuses a client that offers nothing it lists).
 func (s *Server) tlsConfig() *tls.Config {
-	return &tls.Config{
+	c := &tls.Config{
 		MinVersion: tls.VersionTLS12,
 		CipherSuites: []uint16{
 			tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
@@ -184,6 +186,33 @@ func (s *Server) tlsConfig() *tls.Config {
 			return cert, nil
 		},
 	}
+	// A session ticket names the certificate served when it was issued,
+	// and resumes only while that one is served, as nginx ties its
+	// sessions to its certificates (ngx_ssl_session_id_context). A
+	// resumed session shows the client the certificate of its first
+	// handshake: without this, clients kept seeing the certificate a
+	// reload had replaced for as long as their ticket lived (7 days).
+	c.WrapSession = func(cs tls.ConnectionState, ss *tls.SessionState) ([]byte, error) {
+		ss.Extra = append(ss.Extra, s.certMark())
+		return c.EncryptTicket(cs, ss)
+	}
+	c.UnwrapSession = func(identity []byte, cs tls.ConnectionState) (*tls.SessionState, error) {
+		ss, err := c.DecryptTicket(identity, cs)
+		if ss == nil || err != nil {
+			return ss, err
+		}
+		if n := len(ss.Extra); n == 0 || !bytes.Equal(ss.Extra[n-1], s.certMark()) {
+			return nil, nil // a full handshake, with the certificate now served
+		}
+		return ss, nil
+	}
+	return c
+}
+
+// certMark identifies the certificate served now, for session tickets.
+func (s *Server) certMark() []byte {
+	sum := sha256.Sum256(s.cert.Load().Certificate[0])
+	return sum[:]
 }
 
 // Listen opens every configured listener. Run calls it when it was not

@@ -852,3 +852,72 @@ func TestCertNameNotCovered(t *testing.T) {
 		}
 	})
 }
+
+// TestCertReloadEndsResumption: a client that resumes a session after a
+// reload is served the new certificate: its ticket, issued with the old
+// one, is refused and the handshake is a full one; tickets issued before
+// a reload resume until it, those issued after it resume after it. The
+// resumed session showed the replaced certificate for as long as the
+// ticket lived.
+func TestCertReloadEndsResumption(t *testing.T) {
+	t.Parallel()
+	old, err := SelfSigned("127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fresh, err := SelfSigned("127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := testConfig(newUpstream(t, upTLS, &recorder{}))
+	dir := t.TempDir()
+	cfg.CertFile, cfg.KeyFile = filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+	writePair(t, old, cfg.CertFile, cfg.KeyFile)
+	tp := startProxy(t, cfg)
+	roots := x509.NewCertPool()
+	roots.AddCert(old.Leaf)
+	roots.AddCert(fresh.Leaf)
+	for _, v := range []uint16{tls.VersionTLS12, tls.VersionTLS13} {
+		writePair(t, old, cfg.CertFile, cfg.KeyFile)
+		if err := tp.Reload(); err != nil {
+			t.Fatal(err)
+		}
+		c := &tls.Config{RootCAs: roots, ServerName: "127.0.0.1", MinVersion: v, MaxVersion: v,
+			ClientSessionCache: tls.NewLRUClientSessionCache(4), NextProtos: []string{"http/1.1"}}
+		steps := []struct {
+			reload    bool
+			resumed   bool
+			servesNew bool
+		}{
+			{false, false, false},
+			{false, true, false},
+			{true, false, true},
+			{false, true, true},
+		}
+		for i, st := range steps {
+			if st.reload {
+				writePair(t, fresh, cfg.CertFile, cfg.KeyFile)
+				if err := tp.Reload(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			// A request read to its end: TLS 1.3 tickets come after the
+			// handshake.
+			conn, err := tls.Dial("tcp", tp.Addr().String(), c)
+			if err != nil {
+				t.Fatalf("%s, connection %d: %v", tls.VersionName(v), i, err)
+			}
+			conn.SetDeadline(time.Now().Add(10 * time.Second))
+			io.WriteString(conn, "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+			io.ReadAll(conn)
+			cs := conn.ConnectionState()
+			conn.Close()
+			if got := cs.DidResume; got != st.resumed {
+				t.Errorf("%s, connection %d: resumed %v, want %v", tls.VersionName(v), i, got, st.resumed)
+			}
+			if got := cs.PeerCertificates[0].Equal(fresh.Leaf); got != st.servesNew {
+				t.Errorf("%s, connection %d: the certificate seen is the reloaded one: %v, want %v", tls.VersionName(v), i, got, st.servesNew)
+			}
+		}
+	}
+}
