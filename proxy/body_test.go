@@ -11,10 +11,12 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"net/http/httptrace"
+	"net/textproto"
 	"runtime"
 	"runtime/metrics"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -570,6 +572,107 @@ func TestExpectContinue(t *testing.T) {
 						t.Errorf("response = %q, want %q", got, want)
 					}
 				})
+			}
+		}
+	}
+}
+
+// TestExpectContinueOnce: a client that sends Expect: 100-continue gets
+// one 100 Continue, whether Cells reads the upload at once or only after
+// the proxy, done waiting for Cells' 100 (ExpectContinueTimeout), has
+// started sending it; the upload arrives whole. Other 1xx from Cells (103
+// Early Hints) still reach the client, and a client that sent no Expect
+// gets no 100.
+func TestExpectContinueOnce(t *testing.T) {
+	const size = 1 << 20
+	// gotContinue holds, per request (X-Test-Id), a channel closed when
+	// the client has its first 100: a Cells that reads late waits for it.
+	var gotContinue sync.Map
+	bodyRead := make(chan checksum, 1)
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/io/late" {
+			ch, _ := gotContinue.Load(r.Header.Get("X-Test-Id"))
+			select {
+			case <-ch.(chan struct{}):
+			case <-time.After(10 * time.Second): // bounded: the counts say what went wrong
+			}
+		} else {
+			w.Header().Set("Link", "</a.css>; rel=preload")
+			w.WriteHeader(http.StatusEarlyHints)
+			w.Header().Del("Link")
+		}
+		got := hashCopy(r.Body)
+		bodyRead <- got
+		fmt.Fprint(w, got.N)
+	}))
+	settle(t, up)
+	tp := startProxy(t, testConfig(up))
+	id := 0
+	for _, pc := range h1h2Clients(tp) {
+		// Long enough that the client sends no body before a 100.
+		tr := pc.c.Transport.(*http.Transport).Clone()
+		tr.ExpectContinueTimeout = 10 * time.Second
+		c := &http.Client{Transport: tr}
+		t.Cleanup(tr.CloseIdleConnections)
+		for _, tc := range []struct {
+			name             string
+			path             string
+			expect           bool
+			want100, want103 int32
+		}{
+			{"Cells reads at once", "/io/now", true, 1, 1},
+			{"Cells reads late", "/io/late", true, 1, 0},
+			{"no Expect", "/io/now", false, 0, 1},
+		} {
+			id++
+			done := make(chan struct{})
+			gotContinue.Store(strconv.Itoa(id), done)
+			var once sync.Once
+			var n100, n103 atomic.Int32
+			ctx := httptrace.WithClientTrace(context.Background(), &httptrace.ClientTrace{
+				Got1xxResponse: func(code int, h textproto.MIMEHeader) error {
+					switch code {
+					case http.StatusContinue:
+						n100.Add(1)
+						once.Do(func() { close(done) })
+					case http.StatusEarlyHints:
+						if got, want := h.Get("Link"), "</a.css>; rel=preload"; got != want {
+							t.Errorf("%s, %s: 103 with Link %q, want %q", pc.name, tc.name, got, want)
+						}
+						n103.Add(1)
+					}
+					return nil
+				},
+			})
+			req, err := http.NewRequestWithContext(ctx, http.MethodPut, tp.URL+tc.path, &pattern{n: size})
+			if err != nil {
+				t.Fatal(err)
+			}
+			req.ContentLength = size
+			req.Header.Set("X-Test-Id", strconv.Itoa(id))
+			if tc.expect {
+				req.Header.Set("Expect", "100-continue")
+			}
+			res, err := c.Do(req)
+			if err != nil {
+				t.Fatalf("%s, %s: %v", pc.name, tc.name, err)
+			}
+			b, _ := io.ReadAll(res.Body)
+			res.Body.Close()
+			if got, want := res.StatusCode, http.StatusOK; got != want {
+				t.Fatalf("%s, %s: status = %d (%s), want %d", pc.name, tc.name, got, b, want)
+			}
+			if got, want := <-bodyRead, hashCopy(&pattern{n: size}); got != want {
+				t.Errorf("%s, %s: Cells read %v, want %v", pc.name, tc.name, got, want)
+			}
+			if got, want := string(b), strconv.Itoa(size); got != want {
+				t.Errorf("%s, %s: response = %q, want %q", pc.name, tc.name, got, want)
+			}
+			if got, want := n100.Load(), tc.want100; got != want {
+				t.Errorf("%s, %s: client got %d 100 Continue, want %d", pc.name, tc.name, got, want)
+			}
+			if got, want := n103.Load(), tc.want103; got != want {
+				t.Errorf("%s, %s: client got %d 103 Early Hints, want %d", pc.name, tc.name, got, want)
 			}
 		}
 	}

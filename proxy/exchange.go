@@ -77,6 +77,16 @@ func (e *exchange) WriteHeader(code int) {
 		// and gets none of it.
 		e.touch()
 	}
+	if code == http.StatusContinue {
+		// Cells' 100 Continue answers the proxy's Expect, not the
+		// client's: the client's comes from the proxy's own server (net/
+		// http's, HTTP/1.1 and HTTP/2) when the proxy first reads the
+		// body, which http.Transport does once Cells' 100 has come or
+		// ExpectContinueTimeout has passed. Passed on as well, it made a
+		// second 100 whenever the proxy's went first, which older S3
+		// SDKs and proxies in front mishandle.
+		return
+	}
 	if code < 200 && code != http.StatusSwitchingProtocols && e.req != nil && !e.req.ProtoAtLeast(1, 1) {
 		// RFC 9110, section 15.2: no 1xx to an HTTP/1.0 client, which
 		// would take it for the answer. Cells got HTTP/1.1 from us.

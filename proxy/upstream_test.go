@@ -977,7 +977,8 @@ func TestNo1xxToHTTP10Client(t *testing.T) {
 // not the 1xx's to take away.
 func TestCloseAfterSurvives1xx(t *testing.T) {
 	t.Parallel()
-	tp := answeringProxy(t, "HTTP/1.1 100 Continue\r\n\r\n")
+	// A 1xx that reaches the client: the proxy drops Cells' 100 Continue.
+	tp := answeringProxy(t, "HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n")
 	for _, tc := range []struct{ name, req string }{
 		// The direct path: a small body of known length.
 		{"HTTP/1.0 keep-alive with body", "POST /x HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: keep-alive\r\nContent-Length: 5\r\n\r\nhello"},
