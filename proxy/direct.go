@@ -197,12 +197,17 @@ type cutShortBody struct {
 	f   *forwarder
 	r   *http.Request
 	res *http.Response
+	ex  *exchange // the client's response, nil if not found
 }
 
 func (b *cutShortBody) Read(p []byte) (int, error) {
 	n, err := b.ReadCloser.Read(p)
 	if err == io.EOF {
 		dropForbiddenTrailers(b.res.Trailer) // read with the body's end
+		if b.ex != nil {
+			// ReverseProxy adds the trailers to the header map next.
+			clearTrailerNames(b.ex.Header(), b.res.Trailer)
+		}
 	} else if err != nil {
 		b.f.logCutShort(b.r, err)
 	}
@@ -272,6 +277,7 @@ func dropBodilessLength(res *http.Response) {
 //
 //go:noinline
 func relayTrailer(h http.Header, res *http.Response, announced int) {
+	clearTrailerNames(h, res.Trailer)
 	if len(res.Trailer) == announced {
 		copyHeader(h, res.Trailer)
 		return
@@ -281,6 +287,21 @@ func relayTrailer(h http.Header, res *http.Response, announced int) {
 		for _, v := range vv {
 			h.Add(k, v)
 		}
+	}
+}
+
+// clearTrailerNames deletes from h, the client's response header, the
+// names Cells declared or sent as trailers, before its trailers go in.
+// At the handler's end net/http's servers and the front send, for a
+// declared trailer, whatever h holds under its name, and add the values
+// under http.TrailerPrefix: a field Cells sent in its header as well
+// (X-Foo: a, then X-Foo: b as a trailer) reached the client with a and b
+// in its trailers. The header has left by then (net/http's servers copy
+// h at WriteHeader; relay flushes the front's before the trailers), so
+// this changes the trailers only, as http.ResponseWriter's Header says.
+func clearTrailerNames(h, trailer http.Header) {
+	for k := range trailer {
+		delete(h, k)
 	}
 }
 

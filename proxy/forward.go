@@ -194,7 +194,8 @@ func (f *forwarder) reverseProxy(target *url.URL, t http.RoundTripper) *httputil
 				return context.Cause(ctx)
 			}
 			if res.Body != http.NoBody && res.StatusCode != http.StatusSwitchingProtocols {
-				res.Body = &cutShortBody{ReadCloser: res.Body, f: f, r: res.Request, res: res}
+				ex, _ := res.Request.Context().Value(exchangeKey{}).(*exchange)
+				res.Body = &cutShortBody{ReadCloser: res.Body, f: f, r: res.Request, res: res, ex: ex}
 			}
 			return nil
 		},
@@ -850,8 +851,14 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool)
 		f.direct(ex, r)
 		return
 	}
-	f.http.ServeHTTP(ex, r)
+	// ReverseProxy does not tell its ModifyResponse which ResponseWriter
+	// the response goes to: cutShortBody needs it for the trailers.
+	f.http.ServeHTTP(ex, r.WithContext(context.WithValue(r.Context(), exchangeKey{}, ex)))
 }
+
+// exchangeKey is the request context key under which ReverseProxy's
+// response body finds the exchange.
+type exchangeKey struct{}
 
 // finish ends an exchange: its watchdog, its access log line, and the
 // HTTP/2 rapid-reset bookkeeping.

@@ -1041,3 +1041,74 @@ func okCount(outcomes ...string) int {
 	}
 	return n
 }
+
+// TestTrailerAlsoInHeader: a field Cells sends in its header and again as
+// a trailer (X-Foo: a in the header, X-Foo: b after the body) reaches the
+// client as Cells sent it, over HTTP/1.1 (chunked) and HTTP/2, on the
+// direct path and through ReverseProxy: the header's value in the header,
+// the trailer's alone in the trailers. Cells may declare every trailer in
+// Trailer, or not all of them (X-Bar), which the proxy passes on under
+// http.TrailerPrefix.
+func TestTrailerAlsoInHeader(t *testing.T) {
+	t.Parallel()
+	up := newUpstream(t, upPlain, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		h := w.Header()
+		h.Set("Trailer", "X-Foo")
+		h.Set("X-Foo", "a")
+		if r.URL.Path == "/undeclared" {
+			h.Set("X-Bar", "a")
+		}
+		w.WriteHeader(http.StatusOK)
+		io.WriteString(w, "body")
+		h.Set("X-Foo", "b")
+		if r.URL.Path == "/undeclared" {
+			h.Set(http.TrailerPrefix+"X-Bar", "b")
+		}
+	}))
+	check := func(name string, c *http.Client, url string, size int) {
+		t.Helper()
+		var body io.Reader
+		if size > 0 {
+			body = bytes.NewReader(bytes.Repeat([]byte("u"), size))
+		}
+		req, err := http.NewRequest("POST", url, body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// A connection of its own: the proxy's HTTP/1.1 front hands a
+		// connection to net/http for good at its first upload.
+		tr := c.Transport.(*http.Transport).Clone()
+		defer tr.CloseIdleConnections()
+		res, err := (&http.Client{Transport: tr}).Do(req)
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		b, err := io.ReadAll(res.Body)
+		res.Body.Close()
+		if err != nil || string(b) != "body" {
+			t.Fatalf("%s: body %q, %v", name, b, err)
+		}
+		names := []string{"X-Foo"}
+		if strings.HasSuffix(url, "/undeclared") {
+			names = append(names, "X-Bar")
+		}
+		for _, k := range names {
+			if got, want := res.Header[k], []string{"a"}; !slices.Equal(got, want) {
+				t.Errorf("%s: header %s = %q, want %q", name, k, got, want)
+			}
+			if got, want := res.Trailer[k], []string{"b"}; !slices.Equal(got, want) {
+				t.Errorf("%s: trailer %s = %q, want %q", name, k, got, want)
+			}
+		}
+	}
+	tp := startProxy(t, testConfig(up))
+	for _, path := range []string{"/declared", "/undeclared"} {
+		// What Cells sends, seen without the proxy.
+		check("Cells itself "+path, &http.Client{Transport: &http.Transport{}}, up.URL.String()+path, 0)
+		for _, pc := range h1h2Clients(tp) {
+			check(pc.name+", direct path "+path, pc.c, tp.URL+path, 0)
+			check(pc.name+", ReverseProxy "+path, pc.c, tp.URL+path, 64<<10)
+		}
+	}
+}
