@@ -796,8 +796,14 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool)
 	// other way would read the bytes after it differently; RFC 9112,
 	// section 6.1 requires closing the connection after answering. The
 	// proxy cannot tell whether the header was there, so it closes after
-	// every chunked HTTP/1.1 request and every HTTP/1.0 request with a body.
-	if len(r.TransferEncoding) > 0 || (r.ProtoMajor == 1 && r.ProtoMinor == 0 && r.ContentLength != 0) {
+	// every chunked HTTP/1.1 request and every HTTP/1.0 request: Go takes
+	// an HTTP/1.0 request with Transfer-Encoding and no Content-Length for
+	// one without a body, and deletes the field, so the handler cannot
+	// tell it from a plain GET; kept alive, the connection read the bytes
+	// a front took for its chunks as the next request. Only HTTP/1.0
+	// clients that asked for keep-alive lose it, which RFC 9112 never
+	// promised them (appendix C.2.2).
+	if len(r.TransferEncoding) > 0 || (r.ProtoMajor == 1 && r.ProtoMinor == 0) {
 		closeAfter(ex, r)
 	}
 

@@ -194,6 +194,14 @@ func TestH1Smuggling(t *testing.T) {
 		// Transfer-Encoding on HTTP/1.0 is ignored by Go (it frames by
 		// Content-Length); a front that honoured it would frame otherwise.
 		{"HTTP/1.0 TE+CL keep-alive", "POST /a HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n", "cells-proxy", []int{200}, upReframed, "0\r\n"},
+		// Without Content-Length, Go takes such a request for one without
+		// a body, and nothing the handler sees tells it from one that
+		// never had Transfer-Encoding (net/http deletes the field): a
+		// front that honoured it would take what follows for the body.
+		// RFC 9112, section 6.1: the framing is faulty, the connection
+		// MUST close after the answer.
+		{"HTTP/1.0 TE keep-alive", "POST /a HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n", "cells-proxy", []int{200}, upReframed, ""},
+		{"HTTP/1.0 GET TE keep-alive", "GET /a HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n", "cells-proxy", []int{200}, upReframed, ""},
 		// Chunk extensions are ignored (RFC 9112, section 7.1.1) and never
 		// forwarded: the upstream sees the chunks re-framed.
 		{"chunk extension junk", head + "Transfer-Encoding: chunked\r\n\r\n5;\x01x=\"\x7f\r\nhello\r\n0\r\n\r\n", "cells-proxy", []int{200}, upReframed, "hello"},
