@@ -653,6 +653,42 @@ func parseGRPCTimeout(s string) (time.Duration, bool) {
 	return time.Duration(n) * unit, true
 }
 
+// grpcTimeoutUnits are grpc-timeout's units, finest first.
+var grpcTimeoutUnits = [...]struct {
+	d    time.Duration
+	name string
+}{
+	{time.Nanosecond, "n"}, {time.Microsecond, "u"}, {time.Millisecond, "m"},
+	{time.Second, "S"}, {time.Minute, "M"}, {time.Hour, "H"},
+}
+
+// encodeGRPCTimeout writes d, which must be positive, as a grpc-timeout:
+// at most 8 digits and a unit (gRPC's PROTOCOL-HTTP2.md), in the finest
+// unit d fits in, rounded up, as grpc-go's client encodes it
+// (internal/grpcutil/encode_duration.go). Rounded down, a call with time
+// left could reach Cells as "0n", already expired, or expire there before
+// its client gives up on it.
+func encodeGRPCTimeout(d time.Duration) string {
+	units := grpcTimeoutUnits[:]
+	for _, u := range units[:len(units)-1] {
+		if n := ceilDiv(d, u.d); n <= 99999999 {
+			return strconv.FormatInt(n, 10) + u.name
+		}
+	}
+	// The longest Duration is about 2.6 million hours: in hours, any d
+	// fits.
+	return strconv.FormatInt(ceilDiv(d, time.Hour), 10) + "H"
+}
+
+// ceilDiv is d/unit rounded up, without the overflow of (d+unit-1)/unit.
+func ceilDiv(d, unit time.Duration) int64 {
+	n := int64(d / unit)
+	if d%unit > 0 {
+		n++
+	}
+	return n
+}
+
 // bufferPool lends ReverseProxy the 32 KiB copy buffers, so a download
 // does not allocate one per request.
 type bufferPool struct{}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/tls"
 	"io"
+	"math"
 	"net/http"
 	"net/netip"
 	"net/url"
@@ -1109,6 +1110,39 @@ func TestTrailerAlsoInHeader(t *testing.T) {
 		for _, pc := range h1h2Clients(tp) {
 			check(pc.name+", direct path "+path, pc.c, tp.URL+path, 0)
 			check(pc.name+", ReverseProxy "+path, pc.c, tp.URL+path, 64<<10)
+		}
+	}
+}
+
+// TestEncodeGRPCTimeout: the time left that a call sent again carries to
+// Cells is written as grpc-go's client writes a grpc-timeout: at most 8
+// digits, the finest unit that fits, rounded up, so that a call with time
+// left never reaches Cells as expired, nor with less time than it has.
+func TestEncodeGRPCTimeout(t *testing.T) {
+	for _, c := range []struct {
+		d    time.Duration
+		want string
+	}{
+		{1, "1n"},
+		{99999999, "99999999n"},
+		{100 * time.Millisecond, "100000u"},
+		{100*time.Millisecond + 1, "100001u"},
+		{30*time.Second - 1, "30000000u"},
+		{30 * time.Second, "30000000u"},
+		{100 * time.Second, "100000m"},
+		{time.Hour, "3600000m"},
+		{28 * time.Hour, "100800S"},
+		{1200 * 24 * time.Hour, "1728000M"},
+		{math.MaxInt64, "2562048H"},
+	} {
+		got := encodeGRPCTimeout(c.d)
+		if got != c.want {
+			t.Errorf("encodeGRPCTimeout(%v) = %q, want %q", c.d, got, c.want)
+		}
+		// Beyond what a Duration holds, the proxy reads no deadline:
+		// grpc-go's server takes the longest one.
+		if back, ok := parseGRPCTimeout(got); c.d != math.MaxInt64 && (!ok || back < c.d) {
+			t.Errorf("encodeGRPCTimeout(%v) = %q, which reads back as %v (ok %v): less than the time left", c.d, got, back, ok)
 		}
 	}
 }

@@ -45,10 +45,10 @@ import (
 // of silence), GOAWAY honoured (no new calls on the connection; calls above
 // its last stream ID, like those refused with REFUSED_STREAM, sent again on
 // another connection, up to three attempts, while at most 64 KiB of their
-// body was read), the 1 MiB response header limit, header fields
-// checked both ways, trailers handed to the forwarder at the end of the
-// body, and the request's context resetting the stream (RST_STREAM
-// CANCEL). It speaks only what gRPC needs: no server push (disabled in
+// body was read, with the time left before their deadline as grpc-timeout),
+// the 1 MiB response header limit, header fields checked both ways,
+// trailers handed to the forwarder at the end of the body, and the
+// request's context resetting the stream (RST_STREAM CANCEL). It speaks only what gRPC needs: no server push (disabled in
 // SETTINGS), no 1xx responses passed on, no priorities.
 type grpcUpstream struct {
 	addr             string
@@ -252,6 +252,33 @@ type grpcCall struct {
 	req        *http.Request
 	host, path string
 	fw         forwarded
+	// timeout, when set, is the grpc-timeout sent in place of the
+	// client's: the time left, on an attempt after the first (retime).
+	timeout string
+}
+
+// retime sets the grpc-timeout of the call's next attempt to the time left
+// before its deadline, which serveGRPC set from the client's grpc-timeout.
+// The client's value counts from when it sent the call: sent again as it
+// came, it would tell Cells it has more time than its client waits, and
+// Cells would go on with work nobody takes. It reports false when no time
+// is left: the deadline has passed, though the proxy's timer may not have
+// fired yet. A call without a grpc-timeout the proxy took keeps the
+// client's fields as they came.
+func (call *grpcCall) retime(ctx context.Context) bool {
+	if _, ok := parseGRPCTimeout(call.req.Header.Get("Grpc-Timeout")); !ok {
+		return true
+	}
+	deadline, ok := ctx.Deadline()
+	if !ok {
+		return true
+	}
+	left := time.Until(deadline)
+	if left <= 0 {
+		return false
+	}
+	call.timeout = encodeGRPCTimeout(left)
+	return true
 }
 
 // do sends the call as a new stream and returns when the response header
@@ -266,6 +293,14 @@ func (u *grpcUpstream) do(call *grpcCall) (*http.Response, error) {
 		body = nil
 	}
 	for attempt := 1; ; attempt++ {
+		if attempt > 1 && !call.retime(ctx) {
+			// Not sent again with no time left: grpcDeadline sees the
+			// deadline passed, and the client gets DEADLINE_EXCEEDED.
+			if body != nil {
+				body.Close()
+			}
+			return nil, errGRPCDeadline
+		}
 		s, err := u.start(ctx, call, body)
 		if err != nil {
 			if body != nil {
@@ -1007,7 +1042,10 @@ func (c *grpcConn) writeRequest(call *grpcCall, hasBody bool) {
 	c.writeField(":scheme", c.u.scheme)
 	c.writeField(":authority", call.host)
 	c.writeField(":path", call.path)
-	c.encodeFields(req.Header)
+	c.encodeFields(req.Header, call.timeout != "")
+	if call.timeout != "" {
+		c.writeField("grpc-timeout", call.timeout)
+	}
 	if fw := &call.fw; fw.ok {
 		c.writeField("x-forwarded-for", fw.xff)
 		c.writeField("x-real-ip", fw.realIP)
@@ -1036,11 +1074,15 @@ func validPseudo(v string) bool {
 // hop-by-hop fields, none of the forwarding fields the proxy replaces, no
 // Host or Content-Length; writeRequest writes its own), except that te is
 // kept as "trailers" when the client said it, and every User-Agent value
-// is kept, as ReverseProxy passed them to an HTTP/2 transport.
-func (c *grpcConn) encodeFields(h http.Header) {
+// is kept, as ReverseProxy passed them to an HTTP/2 transport. With
+// retimed, the client's grpc-timeout is left out: writeRequest writes the
+// time left instead.
+func (c *grpcConn) encodeFields(h http.Header, retimed bool) {
 	for k, vv := range h {
 		name := lowerName(k)
 		switch {
+		case retimed && name == "grpc-timeout":
+			continue
 		case name == "te":
 			if httpguts.HeaderValuesContainsToken(vv, "trailers") {
 				c.writeField("te", "trailers")

@@ -10,6 +10,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/url"
 	"runtime"
 	"slices"
@@ -1557,6 +1558,121 @@ func TestGRPCUpstreamRefusedSentAgain(t *testing.T) {
 				t.Error("a body the upstream received differs from the one sent")
 			}
 		})
+	}
+}
+
+// TestGRPCUpstreamRetryTimeLeft: a call with a grpc-timeout that Cells
+// refused (REFUSED_STREAM, or above a GOAWAY's last stream ID) is sent
+// again with the time left before its deadline, not with the client's
+// grpc-timeout, which counts from when the client sent the call: Cells
+// would take the call for having more time than its client waits. The
+// first attempt carries the client's value as it came.
+func TestGRPCUpstreamRetryTimeLeft(t *testing.T) {
+	t.Parallel()
+	for _, how := range []string{"refused-stream", "goaway"} {
+		t.Run(how, func(t *testing.T) {
+			t.Parallel()
+			var mu sync.Mutex
+			var timeouts []string // each attempt's grpc-timeout
+			p := newH2Peer(t, h2PeerConfig{}, func(s *h2Stream) {
+				body, err := s.readBody()
+				if err != nil {
+					return
+				}
+				mu.Lock()
+				timeouts = append(timeouts, s.Get("grpc-timeout"))
+				first := len(timeouts) == 1
+				mu.Unlock()
+				switch {
+				case !first:
+					s.respond(body)
+				case how == "refused-stream":
+					s.reset(http2.ErrCodeRefusedStream)
+				default:
+					s.c.goAway(0, http2.ErrCodeNo)
+					s.c.close()
+				}
+			})
+			tp := startPeerProxy(t, p)
+			want := grpcMsg([]byte("time left"))
+			checkOK(t, "call", callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Echo", want, "grpc-timeout", "30S"), want)
+			mu.Lock()
+			defer mu.Unlock()
+			if len(timeouts) != 2 {
+				t.Fatalf("the upstream saw the call %d times, want 2", len(timeouts))
+			}
+			if got, want := timeouts[0], "30S"; got != want {
+				t.Errorf("first attempt: grpc-timeout %q, want the client's %q", got, want)
+			}
+			left, ok := parseGRPCTimeout(timeouts[1])
+			switch {
+			case !ok:
+				t.Errorf("second attempt: grpc-timeout %q is not one (at most 8 digits and a unit)", timeouts[1])
+			case left <= 0 || left >= 30*time.Second:
+				t.Errorf("second attempt: grpc-timeout %q (%v), want the time left: above 0 and below the client's 30S", timeouts[1], left)
+			case !strings.HasSuffix(timeouts[1], "u"):
+				// Just under 30 s is 3e10 ns, more than 8 digits: in
+				// microseconds it fits.
+				t.Errorf("second attempt: grpc-timeout %q, want it in microseconds, the finest unit it fits in", timeouts[1])
+			}
+		})
+	}
+}
+
+// lateCtx is a call's context in the moment between its deadline and its
+// timer: the deadline has passed, but context.WithDeadline's timer, which
+// a loaded machine may run late, has not ended it yet. Deadline reports the
+// deadline; Done stays open until the test ends.
+type lateCtx struct {
+	context.Context
+	deadline time.Time
+}
+
+func (c lateCtx) Deadline() (time.Time, bool) { return c.deadline, true }
+
+// TestGRPCUpstreamRetryPastDeadline: Cells refuses a call once its deadline
+// has passed, before the proxy's own timer has ended the call (lateCtx).
+// There is no time left to give Cells: the call is not sent again, and its
+// client gets DEADLINE_EXCEEDED.
+func TestGRPCUpstreamRetryPastDeadline(t *testing.T) {
+	t.Parallel()
+	deadline := time.Now().Add(50 * time.Millisecond)
+	var attempts atomic.Int32
+	p := newH2Peer(t, h2PeerConfig{}, func(s *h2Stream) {
+		if _, err := s.readBody(); err != nil {
+			return
+		}
+		attempts.Add(1)
+		// Not a timing margin: the call's deadline is a fixed time,
+		// and lateCtx never ends the call at it.
+		select {
+		case <-time.After(time.Until(deadline)):
+		case <-s.Done():
+			return
+		}
+		s.reset(http2.ErrCodeRefusedStream)
+	})
+	tp := startPeerProxy(t, p)
+	req, err := grpcRequest(lateCtx{t.Context(), deadline}, "http://cells/pkg.Svc/Echo", grpcMsg([]byte("too late")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// As the proxy's HTTP/2 server hands a gRPC call over.
+	req.Proto, req.ProtoMajor, req.ProtoMinor = "HTTP/2.0", 2, 0
+	req.ContentLength = -1
+	req.Header.Set("Grpc-Timeout", "50m")
+	res, err := tp.fwd.startGRPC(req)
+	if err == nil {
+		res.Body.Close()
+		t.Fatal("the call was answered; want it ended at its deadline")
+	}
+	w := httptest.NewRecorder()
+	tp.fwd.errorHandler(w, req, err)
+	if got, want := w.Header().Get("Grpc-Status"), "4"; got != want {
+		t.Errorf("grpc-status = %q (%q), want %q (DEADLINE_EXCEEDED)", got, w.Header().Get("Grpc-Message"), want)
+	}
+	if n := attempts.Load(); n != 1 {
+		t.Errorf("the upstream saw the call %d times, want once: no time was left to send it again", n)
 	}
 }
 
