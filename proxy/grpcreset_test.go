@@ -3,9 +3,12 @@ package proxy
 import (
 	"fmt"
 	"io"
+	"net/http/httptest"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"golang.org/x/net/http2"
 	"google.golang.org/grpc/codes"
@@ -197,6 +200,124 @@ func TestGRPCStreamFaultStatus(t *testing.T) {
 			}
 			if n := calls.Load() - before; n != 1 {
 				t.Errorf("Cells saw the call %d times, want once", n)
+			}
+		})
+	}
+}
+
+// deadlinePeer is a Cells that, as grpc-go's server does, resets a call
+// with CANCEL once its copy of the call's grpc-timeout has passed, counted
+// from when the call's HEADERS arrived: by then the proxy's deadline,
+// counted from before it sent them, has passed too. With x-fate "mid" it
+// first sends the response header and a message.
+func deadlinePeer(t *testing.T) *h2Peer {
+	return newH2Peer(t, h2PeerConfig{}, func(s *h2Stream) {
+		arrived := time.Now()
+		d, ok := parseGRPCTimeout(s.Get("grpc-timeout"))
+		if !ok {
+			s.reset(http2.ErrCodeInternal)
+			return
+		}
+		if _, err := s.readBody(); err != nil {
+			return
+		}
+		if s.Get("x-fate") == "mid" {
+			if s.writeHeaders(false, 1, ":status", "200", "content-type", "application/grpc") != nil ||
+				s.writeData(grpcMsg([]byte("first")), false) != nil {
+				return
+			}
+		}
+		select {
+		case <-time.After(time.Until(arrived.Add(d))):
+		case <-s.Done():
+			return
+		}
+		s.reset(http2.ErrCodeCancel)
+	})
+}
+
+// TestGRPCResetAfterDeadline: Cells resets a call with CANCEL when its copy
+// of the deadline passes, before its response header or in the middle of
+// the answer. The client gets DEADLINE_EXCEEDED, as grpc-go's client
+// connected to Cells would, not the CANCELLED that CANCEL maps to
+// otherwise (TestGRPCResetStatus): whether the proxy's own timer or Cells'
+// reset ends the call first. The client is net/http's and sets no deadline
+// of its own, so that the status it reads is the proxy's (a grpc-go client
+// would give DEADLINE_EXCEEDED by itself, its deadline being the first to
+// pass). TestGRPCResetPastDeadlineBeforeTimer makes sure of the case where
+// the reset comes first.
+func TestGRPCResetAfterDeadline(t *testing.T) {
+	t.Parallel()
+	tp := startPeerProxy(t, deadlinePeer(t))
+	for _, fate := range []string{"before", "mid"} {
+		t.Run(fate, func(t *testing.T) {
+			t.Parallel()
+			r := callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Stream", grpcMsg(nil), "grpc-timeout", "100m", "x-fate", fate)
+			if r.Err != nil {
+				t.Fatal(r.Err)
+			}
+			status, msg := r.Trailer.Get("Grpc-Status"), r.Trailer.Get("Grpc-Message")
+			if status == "" { // Trailers-Only
+				status, msg = r.Header.Get("Grpc-Status"), r.Header.Get("Grpc-Message")
+			}
+			if status != "4" {
+				t.Errorf("grpc-status = %q (%q), want \"4\" (DEADLINE_EXCEEDED)", status, msg)
+			}
+		})
+	}
+}
+
+// TestGRPCResetPastDeadlineBeforeTimer: Cells' reset (CANCEL, its copy of
+// the deadline passed) arrives once the call's deadline has passed but
+// before the proxy's timer for it has fired (lateCtx: a loaded machine
+// runs timers late), before the response header and after it. The call
+// still ends DEADLINE_EXCEEDED: pastDeadline, not the timer, decides.
+func TestGRPCResetPastDeadlineBeforeTimer(t *testing.T) {
+	t.Parallel()
+	tp := startPeerProxy(t, deadlinePeer(t))
+	for _, fate := range []string{"before", "mid"} {
+		t.Run(fate, func(t *testing.T) {
+			t.Parallel()
+			// The peer's copy of the deadline is 50 ms from the HEADERS'
+			// arrival, after the call's.
+			ctx := lateCtx{t.Context(), time.Now().Add(50 * time.Millisecond)}
+			req, err := grpcRequest(ctx, "http://cells/pkg.Svc/Stream", grpcMsg(nil))
+			if err != nil {
+				t.Fatal(err)
+			}
+			// As the proxy's HTTP/2 server hands a gRPC call over.
+			req.Proto, req.ProtoMajor, req.ProtoMinor = "HTTP/2.0", 2, 0
+			req.ContentLength = -1
+			req.Header.Set("Grpc-Timeout", "50m")
+			req.Header.Set("X-Fate", fate)
+			res, err := tp.fwd.startGRPC(req)
+			var code int
+			var msg string
+			if fate == "before" {
+				if err == nil {
+					res.Body.Close()
+					t.Fatal("Cells' answer came through; want the call reset before its header")
+				}
+				w := httptest.NewRecorder()
+				tp.fwd.errorHandler(w, req, err)
+				code, _ = strconv.Atoi(w.Header().Get("Grpc-Status"))
+				msg = w.Header().Get("Grpc-Message")
+			} else {
+				if err != nil {
+					t.Fatal(err)
+				}
+				_, err := io.ReadAll(res.Body)
+				res.Body.Close()
+				if err == nil {
+					t.Fatal("Cells' answer came complete; want it reset")
+				}
+				var ok bool
+				if code, msg, ok = grpcBroken(ctx, err); !ok {
+					t.Fatalf("grpcBroken(%v): the client taken for gone", err)
+				}
+			}
+			if code != 4 {
+				t.Errorf("grpc-status = %d (%q), want 4 (DEADLINE_EXCEEDED)", code, msg)
 			}
 		})
 	}
