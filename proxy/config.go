@@ -532,7 +532,15 @@ func (e *env) parse() (*Config, error) {
 			// A Host has brackets only around an IPv6 address
 			// (RFC 3986, section 3.2.2): this would match none.
 			bad("PROXY_SERVER_NAMES takes brackets only around an IPv6 address, got %q", n)
-		case strings.ContainsAny(n, "/\"'") || n == "":
+		case strings.Contains(n, ";"):
+			// nginx's server_name may end with one; the names
+			// would be taken as one, which no Host matches.
+			bad("PROXY_SERVER_NAMES separates names with commas, not semicolons, got %q", n)
+		case strings.HasPrefix(n, "."):
+			// nginx's ".example.com" is example.com and every name
+			// under it; compared whole, it matched no Host.
+			bad("PROXY_SERVER_NAMES takes whole host names, no wildcard (nginx's .example.com): list each name, such as example.com,www.example.com, got %q", n)
+		case !hostName(n):
 			bad("PROXY_SERVER_NAMES takes host names such as cells.example.com, got %q", n)
 		default:
 			c.ServerNames = append(c.ServerNames, n)
@@ -697,6 +705,20 @@ func splitList(s string) []string {
 		}
 	}
 	return out
+}
+
+// hostName reports whether n, in lower case, is dot-separated labels of
+// letters, digits, '-' and '_' (Docker's service names have them), none
+// empty: the only Host values a client sends for a name.
+func hostName(n string) bool {
+	for l := range strings.SplitSeq(n, ".") {
+		if l == "" || strings.IndexFunc(l, func(r rune) bool {
+			return !('a' <= r && r <= 'z' || '0' <= r && r <= '9' || r == '-' || r == '_')
+		}) >= 0 {
+			return false
+		}
+	}
+	return true
 }
 
 func off(s string) bool { return strings.EqualFold(strings.TrimSpace(s), "off") }

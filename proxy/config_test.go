@@ -303,6 +303,14 @@ func TestServerNamesForms(t *testing.T) {
 		{"[192.0.2.7]", "brackets", false, "port"},
 		{"[cells.example.com]", "brackets", false, "port"},
 		{"cells.example.com]", "brackets", false, "port"},
+		{"cells_app, cells-2.example.com", "cells_app,cells-2.example.com", true, ""},
+		// nginx's server_name takes both: a list separated by ';' was
+		// one name, and .example.com (example.com and every name under
+		// it) matched no Host: every request got 421.
+		{"cells.example.com;www.cells.example.com", "commas", false, "port"},
+		{".example.com", "wildcard", false, "port"},
+		{"cells..example.com", "host names such as", false, "port"},
+		{"cells.example.com?", "host names such as", false, "port"},
 	} {
 		setEnv(t, map[string]string{"CELLS_UPSTREAM": "https://cells:8080", "PROXY_SERVER_NAMES": tc.in})
 		c, err := Load()
