@@ -611,6 +611,17 @@ func (e *env) parse() (*Config, error) {
 // parseUpstream accepts an absolute URL with one of schemes, a host and no
 // path, query or credentials. Its error never repeats a password.
 func parseUpstream(s string, schemes ...string) (*url.URL, error) {
+	if hp := hostPort(s); strings.Count(hp, ":") > 1 && !strings.HasPrefix(hp, "[") {
+		// An IPv6 address without brackets, or a port written twice
+		// (Docker's 33060:33060). url.Parse refuses it for http and
+		// https without saying why, and takes it for h2c, the host
+		// being all before the last ':', which no dial resolves.
+		scheme, _, _ := strings.Cut(s, "://")
+		if !slices.Contains(schemes, strings.ToLower(scheme)) {
+			scheme = schemes[0]
+		}
+		return nil, fmt.Errorf("has more than one ':' in its host and port, got %q: write an IPv6 address in brackets, as in %s://[2001:db8::1]:8080, and the port once", redactURL(s), strings.ToLower(scheme))
+	}
 	u, err := url.Parse(s)
 	if err != nil || u.Host == "" || u.Hostname() == "" {
 		return nil, fmt.Errorf("must be a URL (%s) with a host, got %q", strings.Join(schemes, ":// or ")+"://", redactURL(s))
@@ -638,6 +649,22 @@ func parseUpstream(s string, schemes ...string) (*url.URL, error) {
 		return nil, fmt.Errorf("has no port after its ':' (a variable left unset?), got %q", redactURL(s))
 	}
 	return &url.URL{Scheme: u.Scheme, Host: u.Host}, nil
+}
+
+// hostPort is the host and port of the URL s as written, without the user
+// information; empty without "://".
+func hostPort(s string) string {
+	_, rest, ok := strings.Cut(s, "://")
+	if !ok {
+		return ""
+	}
+	if i := strings.IndexAny(rest, "/?#"); i >= 0 {
+		rest = rest[:i]
+	}
+	if i := strings.LastIndexByte(rest, '@'); i >= 0 {
+		rest = rest[i+1:]
+	}
+	return rest
 }
 
 // redactURL hides a password so that an error line never leaks it. The
@@ -770,6 +797,10 @@ func samePort(addr, port string) bool {
 // listener, which may have to resolve it.
 func checkListenAddr(s string) error {
 	_, port, err := net.SplitHostPort(s)
+	if err != nil && strings.Count(s, ":") > 1 && !strings.HasPrefix(s, "[") {
+		// net's "too many colons in address" does not say the fix.
+		return errors.New("an IPv6 address goes in brackets, as in [::]:8443 or [::1]:8443")
+	}
 	if err != nil {
 		return err
 	}

@@ -420,3 +420,41 @@ func linesNaming(t *testing.T, sink *logSink, name string) []map[string]string {
 	}
 	return out
 }
+
+// TestUnbracketedIPv6: an IPv6 address written without brackets, or a port
+// written twice (h2c://cells:33060:33060, Docker's ports syntax), leaves
+// more than one ':' beside the host. An h2c CELLS_GRPC_UPSTREAM took it,
+// the host being all before the last ':', and every gRPC call then failed
+// with UNAVAILABLE and "lookup cells:33060: no such host"; the https URLs
+// and the listeners were refused with a line that did not say what to
+// write instead. Each is now refused with a line saying it.
+func TestUnbracketedIPv6(t *testing.T) {
+	for _, tc := range []struct{ name, value string }{
+		{"CELLS_UPSTREAM", "https://::1:8080"},
+		{"CELLS_UPSTREAM", "http://2001:db8::1:8080"},
+		{"CELLS_UPSTREAM", "https://cells:8080:8080"},
+		{"CELLS_GRPC_UPSTREAM", "h2c://cells:33060:33060"},
+		{"CELLS_GRPC_UPSTREAM", "h2c://cells::33060"},
+		{"CELLS_GRPC_UPSTREAM", "h2c://2001:db8::1:33060"},
+		{"CELLS_GRPC_UPSTREAM", "https://::1:8443"},
+		{"PROXY_HTTPS_ADDR", "::1:8443"},
+		{"PROXY_HTTP_ADDR", "::"},
+		{"PROXY_HEALTH_ADDR", "::1:8099"},
+	} {
+		setEnv(t, map[string]string{"CELLS_UPSTREAM": "http://cells:8080", tc.name: tc.value})
+		_, err := Load()
+		if err == nil || !strings.HasPrefix(err.Error(), tc.name) || !strings.Contains(err.Error(), "in brackets") {
+			t.Errorf("%s=%s: err = %v, want one line saying to write an IPv6 address in brackets", tc.name, tc.value, err)
+		}
+	}
+	for name, value := range map[string]string{
+		"CELLS_UPSTREAM":      "https://[2001:db8::1]:8080",
+		"CELLS_GRPC_UPSTREAM": "h2c://[2001:db8::1]:33060",
+		"PROXY_HTTPS_ADDR":    "[::1]:8443",
+	} {
+		setEnv(t, map[string]string{"CELLS_UPSTREAM": "http://cells:8080", name: value})
+		if _, err := Load(); err != nil {
+			t.Errorf("%s=%s: %v", name, value, err)
+		}
+	}
+}
