@@ -210,6 +210,19 @@ func (c *Config) noEffect(lookup func(string) (string, bool)) {
 			Variable: "PROXY_REDIRECT_HTTPS_PORT", Value: v,
 		})
 	}
+	// Cells in clear and gRPC with it (topology B): nothing verifies a
+	// certificate of Cells. compose.example.yml says to drop the CA file
+	// when switching to it; one left in place is read and used by nothing.
+	if c.Upstream.Scheme == "http" && (c.GRPCUpstream == nil || c.GRPCUpstream.Scheme == "h2c") {
+		for _, name := range []string{"CELLS_UPSTREAM_CA_FILE", "CELLS_UPSTREAM_SERVER_NAME"} {
+			if v, ok := set(name); ok {
+				c.Warnings = append(c.Warnings, Warning{
+					Msg:      name + " does nothing: no connection to Cells uses TLS (http:// CELLS_UPSTREAM, gRPC in clear); unset it",
+					Variable: name, Value: v,
+				})
+			}
+		}
+	}
 }
 
 // ignoredVariables lists the variables of environ that cells-proxy does not

@@ -289,7 +289,8 @@ func TestServerNamesExactHost(t *testing.T) {
 // configuration leaves without effect is warned of at start, naming it and
 // what turns it off, with no taken_as: PROXY_HSTS with PROXY_TLS=off (HSTS
 // goes over HTTPS only), PROXY_REDIRECT_HTTPS_PORT with PROXY_HTTP_ADDR=off
-// (no redirects). Where they apply, or are empty or off, nothing is said.
+// (no redirects), CELLS_UPSTREAM_CA_FILE and CELLS_UPSTREAM_SERVER_NAME with
+// no TLS to Cells. Where they apply, or are empty or off, nothing is said.
 func TestNoEffectWarnings(t *testing.T) {
 	up := newUpstream(t, upPlain, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
 	for _, tc := range []struct {
@@ -302,6 +303,14 @@ func TestNoEffectWarnings(t *testing.T) {
 		{map[string]string{"PROXY_TLS": "off", "PROXY_HSTS": "auto"}, nil}, // auto: none without a certificate file
 		{map[string]string{"PROXY_HSTS": "max-age=63072000", "PROXY_HTTP_ADDR": "127.0.0.1:0", "PROXY_REDIRECT_HTTPS_PORT": "8443"}, nil},
 		{map[string]string{"PROXY_REDIRECT_HTTPS_PORT": "443"}, []string{"PROXY_REDIRECT_HTTPS_PORT"}}, // the default, written: still nothing
+		// Cells in clear (topology B, as upPlain), gRPC with it: no TLS to
+		// Cells to verify. compose.example.yml says to drop the CA file
+		// when switching; one left in place was used by nothing, unsaid.
+		{map[string]string{"CELLS_UPSTREAM_CA_FILE": "/cells/certs/rootCA.pem", "CELLS_UPSTREAM_SERVER_NAME": "localhost"},
+			[]string{"CELLS_UPSTREAM_CA_FILE", "CELLS_UPSTREAM_SERVER_NAME"}},
+		{map[string]string{"CELLS_UPSTREAM_CA_FILE": "/cells/certs/rootCA.pem", "PYDIO_GRPC_EXTERNAL": "33060"},
+			[]string{"CELLS_UPSTREAM_CA_FILE"}},
+		{map[string]string{"CELLS_UPSTREAM_CA_FILE": "/cells/certs/rootCA.pem", "CELLS_GRPC_UPSTREAM": "https://cells:8443"}, nil},
 	} {
 		cfg, err := loadFor(t, up, tc.env)
 		if err != nil {
