@@ -310,8 +310,21 @@ func unquote(s string) (string, bool) {
 	return s, false
 }
 
+// cutComment returns s without a comment after it, a '#' that a space or
+// tab precedes, and whether it had one. No value cells-proxy reads holds
+// one: a URL's fragment has no space before it, and none is allowed.
+func cutComment(s string) (string, bool) {
+	for i := 1; i < len(s); i++ {
+		if s[i] == '#' && (s[i-1] == ' ' || s[i-1] == '\t') {
+			return strings.TrimRight(s[:i], " \t"), true
+		}
+	}
+	return s, false
+}
+
 // unpad reports every value written in quotes, which docker run --env-file
-// and compose's list form (- NAME="value") keep as part of the value, and
+// and compose's list form (- NAME="value") keep as part of the value, every
+// value followed by a comment, which docker run --env-file keeps too, and
 // every path or URL with a space, tab or line break at an end (an .env file's trailing
 // space), one line each naming the fix. It takes each value as meant, so
 // that the other problems are reported with them. Any other value, a
@@ -325,6 +338,10 @@ func (e *env) unpad() []error {
 	v := reflect.ValueOf(e).Elem()
 	for i, f := range reflect.VisibleFields(v.Type()) {
 		name, s := f.Tag.Get("envconfig"), v.Field(i).String()
+		if c, ok := cutComment(s); ok {
+			errs = append(errs, fmt.Errorf("%s has a comment after its value, got %q: put the comment on a line of its own (docker run --env-file keeps it as part of the value, docker/cli#4404)", name, redactURL(s)))
+			s = c
+		}
 		if u, ok := unquote(s); ok {
 			errs = append(errs, fmt.Errorf("%s is written in quotes, got %q: remove them (docker run --env-file and compose's - NAME=value list keep quotes as part of the value)", name, redactURL(s)))
 			s = u

@@ -508,6 +508,41 @@ func TestQuotedValues(t *testing.T) {
 	}
 }
 
+// TestCommentAfterValue: docker run --env-file keeps a comment written
+// after a value as part of it (docker/cli#4404; compose's .env files drop
+// it). It gave a line quoting the value, or a wrong fix: "PROXY_SERVER_NAMES
+// separates names with commas, not spaces". It is now one line naming the
+// variable and the comment.
+func TestCommentAfterValue(t *testing.T) {
+	for _, tc := range []struct{ name, value string }{
+		{"PROXY_SERVER_NAMES", "files.example.com # the public name"},
+		{"PROXY_TRUSTED_PROXIES", "10.0.0.0/8 # the load balancer"},
+		{"PROXY_IDLE_TIMEOUT", "10m\t# ten minutes"},
+		{"CELLS_UPSTREAM", "https://cells:8080 # Cells"},
+		{"TLS_CERT_FILE", "/certs/fullchain.pem # certbot's"},
+	} {
+		t.Run(tc.name+"="+tc.value, func(t *testing.T) {
+			vars := map[string]string{"CELLS_UPSTREAM": "https://cells:8080", tc.name: tc.value}
+			if strings.HasPrefix(tc.name, "TLS_") {
+				vars["TLS_KEY_FILE"] = "/certs/privkey.pem"
+			}
+			setEnv(t, vars)
+			_, err := Load()
+			if err == nil {
+				t.Fatalf("Load accepted %s=%s", tc.name, tc.value)
+			}
+			got := strings.Split(err.Error(), "\n")
+			if len(got) != 1 || !strings.HasPrefix(got[0], tc.name+" ") || !strings.Contains(got[0], "comment") || strings.Contains(got[0], "commas") {
+				t.Errorf("%s=%s: err = %q, want one line naming it and its comment", tc.name, tc.value, err)
+			}
+		})
+	}
+	setEnv(t, map[string]string{"CELLS_UPSTREAM": "https://admin:s3cret@cells:8080 # Cells"})
+	if _, err := Load(); err == nil || strings.Contains(err.Error(), "s3cret") {
+		t.Errorf("CELLS_UPSTREAM with a password and a comment: err = %v, want one that hides the password", err)
+	}
+}
+
 // TestValueEndsTrimmed: a line break, carriage return, space or tab at the
 // ends of a value that is no path or URL (a YAML "|" block keeps a
 // newline, a .env file saved on Windows a carriage return) is not part of
