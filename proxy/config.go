@@ -823,16 +823,27 @@ func samePort(addr, port string) bool {
 
 // checkListenAddr finds, before anything listens, the mistakes in a
 // listener's address that net.Listen would only report once the proxy is
-// starting: no port, or a port out of range. The host is left to the
-// listener, which may have to resolve it.
+// starting: no port, a port out of range, a host that is no IP address or
+// host name (nginx's '*'). A host name is left to the listener, which may
+// have to resolve it.
 func checkListenAddr(s string) error {
-	_, port, err := net.SplitHostPort(s)
+	host, port, err := net.SplitHostPort(s)
 	if err != nil && strings.Count(s, ":") > 1 && !strings.HasPrefix(s, "[") {
 		// net's "too many colons in address" does not say the fix.
 		return errors.New("an IPv6 address goes in brackets, as in [::]:8443 or [::1]:8443")
 	}
 	if err != nil {
 		return err
+	}
+	switch _, ipErr := netip.ParseAddr(host); {
+	case strings.Contains(host, "*"):
+		// nginx's listen *:443, Apache's <VirtualHost *:443>.
+		return fmt.Errorf("'*' is no host here: write :%s for every address, or an address such as 127.0.0.1:%s", port, port)
+	case host == "" || ipErr == nil:
+	case !hostName(strings.ToLower(strings.TrimSuffix(host, "."))):
+		// The listener would look it up and stop the start with
+		// "no such host", not a configuration line.
+		return fmt.Errorf("host %q is no IP address or host name", host)
 	}
 	if port == "" {
 		return errors.New("no port")

@@ -211,6 +211,33 @@ func TestListenAddrs(t *testing.T) {
 	}
 }
 
+// TestListenAddrStar: nginx's listen *:443 and Apache's <VirtualHost *:443>
+// write every address as '*'. PROXY_HTTPS_ADDR=*:9443 passed the
+// configuration and stopped the start at listen, exit 1, with "lookup *: no
+// such host" and no fix; a host that is no IP address or host name did the
+// same. Each is now a configuration line naming the variable and the form.
+func TestListenAddrStar(t *testing.T) {
+	for _, tc := range []struct{ value, want string }{
+		{"*:9443", "every address"},
+		{"cells proxy:9443", "host name"},
+		{"cells.example.com/:9443", "host name"},
+	} {
+		for _, name := range []string{"PROXY_HTTPS_ADDR", "PROXY_HTTP_ADDR", "PROXY_HEALTH_ADDR"} {
+			setEnv(t, map[string]string{"CELLS_UPSTREAM": "https://cells:8080", name: tc.value})
+			_, err := Load()
+			if err == nil || !strings.HasPrefix(err.Error(), name+" ") || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("%s=%s: err = %v, want a line naming it and saying %q", name, tc.value, err, tc.want)
+			}
+		}
+	}
+	for _, v := range []string{"cells-proxy:8443", "cells_proxy.local:8443", "LOCALHOST:8443", "localhost.:8443", "[::]:8443", "[fe80::1%eth0]:8443", "0.0.0.0:8443"} {
+		setEnv(t, map[string]string{"CELLS_UPSTREAM": "https://cells:8080", "PROXY_HTTPS_ADDR": v})
+		if _, err := Load(); err != nil {
+			t.Errorf("PROXY_HTTPS_ADDR=%s: %v", v, err)
+		}
+	}
+}
+
 // TestGRPCExternalOnThePublicPort: the public port serves gRPC already, and
 // two listeners on one port would stop the proxy at start with "address
 // already in use"; the operator is told which setting to change instead.
