@@ -828,6 +828,11 @@ func samePort(addr, port string) bool {
 // have to resolve it.
 func checkListenAddr(s string) error {
 	host, port, err := net.SplitHostPort(s)
+	if _, errN := strconv.ParseUint(s, 10, 16); err != nil && errN == nil {
+		// A port alone, as PYDIO_GRPC_EXTERNAL takes it: net says
+		// "missing port in address" of it.
+		return fmt.Errorf("a port alone takes a ':' before it: write :%s", s)
+	}
 	if err != nil && strings.Count(s, ":") > 1 && !strings.HasPrefix(s, "[") {
 		// net's "too many colons in address" does not say the fix.
 		return errors.New("an IPv6 address goes in brackets, as in [::]:8443 or [::1]:8443")

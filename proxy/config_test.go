@@ -215,7 +215,8 @@ func TestListenAddrs(t *testing.T) {
 // write every address as '*'. PROXY_HTTPS_ADDR=*:9443 passed the
 // configuration and stopped the start at listen, exit 1, with "lookup *: no
 // such host" and no fix; a host that is no IP address or host name did the
-// same. Each is now a configuration line naming the variable and the form.
+// same. Each is now a configuration line naming the variable and the form,
+// and so is a port alone.
 func TestListenAddrStar(t *testing.T) {
 	for _, tc := range []struct{ value, want string }{
 		{"*:9443", "every address"},
@@ -228,6 +229,15 @@ func TestListenAddrStar(t *testing.T) {
 			if err == nil || !strings.HasPrefix(err.Error(), name+" ") || !strings.Contains(err.Error(), tc.want) {
 				t.Errorf("%s=%s: err = %v, want a line naming it and saying %q", name, tc.value, err, tc.want)
 			}
+		}
+	}
+	// A port alone, as PYDIO_GRPC_EXTERNAL and PROXY_REDIRECT_HTTPS_PORT
+	// take it: net said "missing port in address" of the port given.
+	for _, name := range []string{"PROXY_HTTPS_ADDR", "PROXY_HTTP_ADDR", "PROXY_HEALTH_ADDR"} {
+		setEnv(t, map[string]string{"CELLS_UPSTREAM": "https://cells:8080", name: "9443"})
+		_, err := Load()
+		if err == nil || !strings.HasPrefix(err.Error(), name+" ") || !strings.Contains(err.Error(), "write :9443") || strings.Contains(err.Error(), "missing port") {
+			t.Errorf("%s=9443: err = %v, want a line naming it and saying to write :9443", name, err)
 		}
 	}
 	for _, v := range []string{"cells-proxy:8443", "cells_proxy.local:8443", "LOCALHOST:8443", "localhost.:8443", "[::]:8443", "[fe80::1%eth0]:8443", "0.0.0.0:8443"} {
