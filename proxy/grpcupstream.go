@@ -48,8 +48,9 @@ import (
 // body was read, with the time left before their deadline as grpc-timeout),
 // the 1 MiB response header limit, header fields checked both ways,
 // trailers handed to the forwarder at the end of the body, and the
-// request's context resetting the stream (RST_STREAM CANCEL). It speaks only what gRPC needs: no server push (disabled in
-// SETTINGS), no 1xx responses passed on, no priorities.
+// request's context resetting the stream (RST_STREAM CANCEL). It speaks
+// only what gRPC needs: no server push (disabled in SETTINGS), no 1xx
+// responses passed on, no priorities.
 type grpcUpstream struct {
 	addr             string
 	scheme           string      // :scheme sent: "https" or "http"
