@@ -38,7 +38,7 @@ type env struct {
 	RedirectPort       string `envconfig:"PROXY_REDIRECT_HTTPS_PORT" default:"443" desc:"port written in redirects: the one users reach from outside, not the container's. The first HTTPS request whose Host names another port is logged as a warning"`
 	ServerNames        string `envconfig:"PROXY_SERVER_NAMES" desc:"comma list of public host names, each whole (no wildcard; an internationalized name in its xn-- form), or IP addresses (IPv6 with or without brackets: ::1 or [2001:db8::1]); any port passes; other Host values get 421 on HTTPS and 404 on the redirect port. Empty: any"`
 	TLS                string `envconfig:"PROXY_TLS" default:"on" desc:"off: the public port speaks cleartext (a load balancer terminates TLS in front) and cmux splits h2c prior knowledge from HTTP/1; Cells is then told X-Forwarded-Proto: http unless PROXY_TRUSTED_PROXIES names the load balancer, whose https it believes: set it, or Cells builds http:// links"`
-	TrustedProxies     string `envconfig:"PROXY_TRUSTED_PROXIES" desc:"comma list of CIDRs whose X-Forwarded-Proto and X-Forwarded-For are believed: the chain is followed from the right past them to the client, and Cells gets it from there on. A CIDR with host bits set (10.0.0.1/8) is taken as its network, with a warning at start. Empty: none"`
+	TrustedProxies     string `envconfig:"PROXY_TRUSTED_PROXIES" desc:"comma list of CIDRs (an IPv6 one bare or in brackets: fd00::/8, [fd00::]/8) whose X-Forwarded-Proto and X-Forwarded-For are believed: the chain is followed from the right past them to the client, and Cells gets it from there on. A CIDR with host bits set (10.0.0.1/8) is taken as its network, with a warning at start. Empty: none"`
 	MaxBodySize        string `envconfig:"PROXY_MAX_BODY_SIZE" default:"0" desc:"largest request body, e.g. 200MiB or 1G; larger bodies get 413. 0: no limit"`
 	IdleTimeout        string `envconfig:"PROXY_IDLE_TIMEOUT" default:"10m" desc:"a proxied HTTP exchange with no byte moving either way for this long is cut (nginx proxy_read_timeout and proxy_send_timeout): 504 if Cells never answered, 408 if the client stopped sending its body; an HTTP/2 connection whose client takes no byte for this long, or 60s if shorter (nginx send_timeout), is closed"`
 	WSIdleTimeout      string `envconfig:"PROXY_WS_IDLE_TIMEOUT" default:"24h" desc:"the same for websockets (Cells pings every 54 s)"`
@@ -577,16 +577,23 @@ func (e *env) parse() (*Config, error) {
 		}
 	}
 	for _, s := range splitList(e.TrustedProxies) {
-		p, err := parsePrefix(s)
+		bare, bracketed := unbracket(s)
+		p, err := parsePrefix(bare)
 		if err != nil && strings.ContainsAny(s, " \t\r\n") {
 			bad("PROXY_TRUSTED_PROXIES separates CIDRs with commas, not spaces, got %q", s)
+			continue
+		}
+		if err == nil && bracketed && !strings.Contains(bare, ":") {
+			// As in PROXY_SERVER_NAMES: no URL puts an IPv4
+			// address in brackets (RFC 3986, section 3.2.2).
+			bad("PROXY_TRUSTED_PROXIES takes brackets only around an IPv6 address, got %q: write %s", s, bare)
 			continue
 		}
 		if err != nil {
 			bad("PROXY_TRUSTED_PROXIES takes CIDRs or addresses such as 10.0.0.0/8, got %q", s)
 			continue
 		}
-		if q, err := netip.ParsePrefix(s); err == nil && unmap(q) != p {
+		if q, err := netip.ParsePrefix(bare); err == nil && unmap(q) != p {
 			// nginx warns too: "low address bits of 10.0.0.1/8 are
 			// meaningless". The operator may have meant the address.
 			c.Warnings = append(c.Warnings, Warning{
@@ -730,6 +737,22 @@ func isScheme(s string) bool {
 		}
 	}
 	return s != ""
+}
+
+// unbracket is s, an address or CIDR of PROXY_TRUSTED_PROXIES, without the
+// brackets an IPv6 address has in a URL or a Host header, where operators
+// copy it from: [::1], [fd00::]/8, and [fd00::/8] as well. Anything else
+// is s unchanged, and bracketed false.
+func unbracket(s string) (bare string, bracketed bool) {
+	rest, ok := strings.CutPrefix(s, "[")
+	if !ok {
+		return s, false
+	}
+	addr, bits, ok := strings.Cut(rest, "]")
+	if !ok || bits != "" && !strings.HasPrefix(bits, "/") || strings.ContainsAny(addr, "[]") {
+		return s, false
+	}
+	return addr + bits, true
 }
 
 func parsePrefix(s string) (netip.Prefix, error) {

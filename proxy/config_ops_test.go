@@ -467,3 +467,38 @@ func TestUnbracketedIPv6(t *testing.T) {
 		}
 	}
 }
+
+// TestTrustedProxyBracketed: an IPv6 address is written in brackets in
+// URLs and Host headers, and PROXY_SERVER_NAMES takes it so; an operator
+// who copies [::1] or [fd00::]/8 from there into PROXY_TRUSTED_PROXIES got
+// "takes CIDRs or addresses" and no word about the brackets. Each form is
+// taken as the bare one; brackets around an IPv4 address, which no URL
+// has, are refused saying so.
+func TestTrustedProxyBracketed(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want string // the prefix taken, or a part of the error
+		ok   bool
+	}{
+		{"[::1]", "::1/128", true},
+		{"[fd00::]/8", "fd00::/8", true},
+		{"[fd00::/8]", "fd00::/8", true},
+		{"[2001:DB8::7]/64", "2001:db8::/64", true},
+		{"[::ffff:10.0.0.1]", "10.0.0.1/32", true},
+		{"[127.0.0.1]", "brackets only around an IPv6 address", false},
+		{"[10.0.0.0]/8", "brackets only around an IPv6 address", false},
+		{"[::1", "takes CIDRs or addresses", false},
+		{"[::1]x", "takes CIDRs or addresses", false},
+	} {
+		setEnv(t, map[string]string{"CELLS_UPSTREAM": "https://cells:8080", "PROXY_TRUSTED_PROXIES": tc.in})
+		c, err := Load()
+		switch {
+		case tc.ok && err != nil:
+			t.Errorf("PROXY_TRUSTED_PROXIES=%s: %v", tc.in, err)
+		case tc.ok && (len(c.TrustedProxies) != 1 || c.TrustedProxies[0].String() != tc.want):
+			t.Errorf("PROXY_TRUSTED_PROXIES=%s: TrustedProxies = %v, want [%s]", tc.in, c.TrustedProxies, tc.want)
+		case !tc.ok && (err == nil || !strings.HasPrefix(err.Error(), "PROXY_TRUSTED_PROXIES") || !strings.Contains(err.Error(), tc.want)):
+			t.Errorf("PROXY_TRUSTED_PROXIES=%s: err = %v, want a line with %q", tc.in, err, tc.want)
+		}
+	}
+}
