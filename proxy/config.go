@@ -28,7 +28,7 @@ type env struct {
 	UpstreamInsecure   string `envconfig:"CELLS_UPSTREAM_INSECURE" default:"false" desc:"true: do not verify the upstream certificate (logged as a warning at start)"`
 	GRPCUpstream       string `envconfig:"CELLS_GRPC_UPSTREAM" desc:"where gRPC goes: https://host:port (h2 over TLS) or h2c://host:port (cleartext HTTP/2). Default: CELLS_UPSTREAM when it is https; when it is http and PYDIO_GRPC_EXTERNAL is set, h2c://<upstream host>:<that port>"`
 	GRPCExternal       string `envconfig:"PYDIO_GRPC_EXTERNAL" desc:"a port: also serve gRPC over TLS on it, on the host of PROXY_HTTPS_ADDR (the classic 33060 setup for Cells Sync)"`
-	GRPCExternalAlias  string `envconfig:"CELLS_GRPC_EXTERNAL" desc:"alias of PYDIO_GRPC_EXTERNAL (the Cells v3+ name); if both are set they must agree"`
+	GRPCExternalAlias  string `envconfig:"CELLS_GRPC_EXTERNAL" desc:"alias of PYDIO_GRPC_EXTERNAL (the Cells v3+ name); if both are set they must give the same port (33060 and 033060 do)"`
 	CertFile           string `envconfig:"TLS_CERT_FILE" desc:"public certificate chain (PEM). With TLS_KEY_FILE; both absent: a self-signed certificate is generated in memory"`
 	KeyFile            string `envconfig:"TLS_KEY_FILE" desc:"private key of TLS_CERT_FILE (PEM)"`
 	ACMEWebroot        string `envconfig:"PROXY_ACME_WEBROOT" desc:"directory given to certbot --webroot -w (or acme.sh --webroot, lego --http.webroot): the plain HTTP port answers /.well-known/acme-challenge/<token> from <dir>/.well-known/acme-challenge/, on any Host, instead of redirecting it, so that HTTP-01 renewals pass while cells-proxy holds port 80. Empty: everything is redirected"`
@@ -419,7 +419,11 @@ func (e *env) parse() (*Config, error) {
 	// Errors name the variable the operator set.
 	grpcPort, grpcVar := e.GRPCExternal, "PYDIO_GRPC_EXTERNAL"
 	if e.GRPCExternalAlias != "" {
-		if grpcPort != "" && grpcPort != e.GRPCExternalAlias {
+		// Compared as the port numbers they are taken as below:
+		// 33060 and 033060 agree.
+		a, errA := strconv.Atoi(grpcPort)
+		b, errB := strconv.Atoi(e.GRPCExternalAlias)
+		if grpcPort != "" && grpcPort != e.GRPCExternalAlias && (errA != nil || errB != nil || a != b) {
 			bad("PYDIO_GRPC_EXTERNAL=%q and CELLS_GRPC_EXTERNAL=%q disagree: set only one", e.GRPCExternal, e.GRPCExternalAlias)
 		}
 		grpcPort, grpcVar = e.GRPCExternalAlias, "CELLS_GRPC_EXTERNAL"

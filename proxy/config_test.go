@@ -126,6 +126,20 @@ func TestLoadGRPCAlias(t *testing.T) {
 	if _, err := Load(); err == nil || !strings.Contains(err.Error(), "CELLS_GRPC_EXTERNAL") {
 		t.Errorf("Load with disagreeing aliases: err = %v, want one naming both", err)
 	}
+
+	// The two are compared as the port numbers they are taken as: 033060
+	// and +33060 are 33060, and were reported as "disagreeing" with it.
+	for _, v := range []string{"033060", "+33060"} {
+		setEnv(t, map[string]string{"CELLS_UPSTREAM": "http://cells:8080", "PYDIO_GRPC_EXTERNAL": "33060", "CELLS_GRPC_EXTERNAL": v})
+		c, err := Load()
+		if err != nil {
+			t.Errorf("PYDIO_GRPC_EXTERNAL=33060 CELLS_GRPC_EXTERNAL=%s: %v", v, err)
+			continue
+		}
+		if got, want := c.GRPCAddr, ":33060"; got != want {
+			t.Errorf("PYDIO_GRPC_EXTERNAL=33060 CELLS_GRPC_EXTERNAL=%s: GRPCAddr = %q, want %q", v, got, want)
+		}
+	}
 }
 
 // TestLoadReportsEveryProblem: an operator fixes everything in one go.
