@@ -280,3 +280,25 @@ func TestFileIsADirectory(t *testing.T) {
 		}
 	}
 }
+
+// TestHealthAddrPortZero: PROXY_HEALTH_ADDR=:0 served on a port the kernel
+// chose, which cells-proxy healthcheck (the image's HEALTHCHECK, another
+// process reading the same environment) cannot know: it asked port 0, got
+// "connection refused", and Docker marked a working proxy unhealthy for
+// ever. The proxy and the healthcheck now refuse it at start, in one line
+// naming the variable.
+func TestHealthAddrPortZero(t *testing.T) {
+	for _, args := range [][]string{nil, {"healthcheck"}} {
+		for _, v := range []string{":0", "127.0.0.1:0", "[::1]:00"} {
+			cmd := command(args, "CELLS_UPSTREAM=https://cells:8080", "PROXY_HTTPS_ADDR="+freeAddr(t),
+				"PROXY_HTTP_ADDR=off", "PROXY_HEALTH_ADDR="+v)
+			stop := time.AfterFunc(15*time.Second, func() { cmd.Process.Kill() })
+			out, errOut, status := result(t, cmd)
+			stop.Stop()
+			noStackTrace(t, "output", out+errOut)
+			if l := lines(errOut); status != 2 || len(l) != 1 || !strings.Contains(l[0], "config: PROXY_HEALTH_ADDR="+v+" ") {
+				t.Errorf("%v PROXY_HEALTH_ADDR=%s: status %d, stdout %q, stderr %q; want 2 and one line naming PROXY_HEALTH_ADDR", args, v, status, out, errOut)
+			}
+		}
+	}
+}

@@ -45,7 +45,7 @@ type env struct {
 	ShutdownTimeout    string `envconfig:"PROXY_SHUTDOWN_TIMEOUT" default:"30s" desc:"how long in-flight requests may finish after SIGTERM before connections are closed; gRPC calls Cells has not finished get at most 5s of it"`
 	ReadHeaderTimeout  string `envconfig:"PROXY_READ_HEADER_TIMEOUT" default:"30s" desc:"a client must send a whole request head (request line and headers) within this, or its connection is closed (slowloris)"`
 	MaxHeaderBytes     string `envconfig:"PROXY_MAX_HEADER_BYTES" default:"64KiB" desc:"largest request head, HTTP/1.1 and HTTP/2 alike; larger heads get 431 (nginx allows 32 KiB)"`
-	HealthAddr         string `envconfig:"PROXY_HEALTH_ADDR" default:"127.0.0.1:8099" desc:"plain HTTP listener for /livez and /readyz, used by cells-proxy healthcheck; on loopback by default, so never published; another address (0.0.0.0:8099 for kubelet probes of the pod IP) exposes them, and /readyz says why Cells does not answer: its address, Go's errors; off disables it, and then cells-proxy healthcheck (the image's HEALTHCHECK) always reports unhealthy: disable the container's healthcheck too"`
+	HealthAddr         string `envconfig:"PROXY_HEALTH_ADDR" default:"127.0.0.1:8099" desc:"plain HTTP listener for /livez and /readyz, used by cells-proxy healthcheck; on loopback by default, so never published; another address (0.0.0.0:8099 for kubelet probes of the pod IP) exposes them, and /readyz says why Cells does not answer: its address, Go's errors; off disables it, and then cells-proxy healthcheck (the image's HEALTHCHECK) always reports unhealthy: disable the container's healthcheck too. Port 0 (any free port) is refused: the healthcheck could not find it"`
 	LogLevel           string `envconfig:"PROXY_LOG_LEVEL" default:"info" desc:"debug, info, warn or error"`
 	LogFormat          string `envconfig:"PROXY_LOG_FORMAT" default:"json" desc:"json or text"`
 	AccessLog          string `envconfig:"PROXY_ACCESS_LOG" default:"true" desc:"true: one log line per request"`
@@ -505,6 +505,15 @@ func (e *env) parse() (*Config, error) {
 		c.HealthAddr = ""
 	} else if err := checkListenAddr(c.HealthAddr); err != nil {
 		bad("PROXY_HEALTH_ADDR must be host:port or off, got %q: %v", c.HealthAddr, err)
+	} else if _, port, _ := net.SplitHostPort(c.HealthAddr); isPortZero(port) {
+		// Port 0 is any free port: the listener gets one, and says
+		// which in its log, but cells-proxy healthcheck, another
+		// process reading this same variable, asks port 0, and Docker
+		// marks a working proxy unhealthy for ever. The public
+		// listeners take it (their "listening" line gives the port,
+		// and the CI scripts read it there): nothing else must find
+		// them.
+		bad("PROXY_HEALTH_ADDR=%s asks for any free port, which cells-proxy healthcheck (the image's HEALTHCHECK) and a kubelet probe cannot know: give a port, such as 127.0.0.1:8099, or off", c.HealthAddr)
 	}
 	// Two listeners on one port: the second would stop the start with
 	// "address already in use". (The gRPC port on the public one has its
@@ -846,6 +855,13 @@ func samePort(addr, port string) bool {
 	a, errA := net.LookupPort("tcp", p)
 	b, errB := strconv.Atoi(port)
 	return errA == nil && errB == nil && a != 0 && a == b
+}
+
+// isPortZero reports whether port, of a listener address that passed
+// checkListenAddr, is 0 (or 00, 000: net.LookupPort reads it as a number).
+func isPortZero(port string) bool {
+	p, err := net.LookupPort("tcp", port)
+	return err == nil && p == 0
 }
 
 // checkListenAddr finds, before anything listens, the mistakes in a

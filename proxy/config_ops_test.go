@@ -6,6 +6,8 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
+
+	"github.com/cells-proxy/cells-proxy/internal/testport"
 )
 
 // loadFor sets the environment for an upstream under test, every listener
@@ -16,7 +18,7 @@ func loadFor(t *testing.T, up *testUpstream, extra map[string]string) (*Config, 
 		"CELLS_UPSTREAM":    up.URL.String(),
 		"PROXY_HTTPS_ADDR":  "127.0.0.1:0",
 		"PROXY_HTTP_ADDR":   "off",
-		"PROXY_HEALTH_ADDR": "127.0.0.1:0",
+		"PROXY_HEALTH_ADDR": testport.Reserve(t),
 		"PROXY_ACCESS_LOG":  "false",
 	}
 	if up.CAFile != "" {

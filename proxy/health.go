@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -316,6 +317,14 @@ func Probe(ctx context.Context, healthAddr string) (string, error) {
 	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
 		host = "127.0.0.1"
 	}
+	// The listener takes a service name as its port (net.Listen looks
+	// :http up as :80), as the other listeners do; a URL takes only a
+	// number, and the same lookup gives it.
+	p, err := net.LookupPort("tcp", port)
+	if err != nil {
+		return "", fmt.Errorf("PROXY_HEALTH_ADDR %q: %w", healthAddr, err)
+	}
+	port = strconv.Itoa(p)
 	ctx, cancel := context.WithTimeout(ctx, ProbeTimeout)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+net.JoinHostPort(host, port)+"/readyz", nil)

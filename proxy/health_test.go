@@ -114,6 +114,19 @@ func TestReadyzNamesTheFix(t *testing.T) {
 	}
 }
 
+// TestProbeServiceName: the health listener takes a service name as its
+// port (net.Listen looks it up: 127.0.0.1:http is 127.0.0.1:80), as every
+// listener does, and so must the healthcheck; it put the name in its URL
+// and answered `parse "http://127.0.0.1:http/readyz": invalid port`, with
+// the proxy serving there. No test may listen on port 80: the probe must
+// reach the dial to port 80, or whatever answers there.
+func TestProbeServiceName(t *testing.T) {
+	_, err := Probe(context.Background(), "127.0.0.1:http")
+	if err != nil && !strings.Contains(err.Error(), "127.0.0.1:80") && !strings.HasPrefix(err.Error(), "not ready") {
+		t.Errorf("Probe(127.0.0.1:http): %v, want it to ask 127.0.0.1:80", err)
+	}
+}
+
 // TestListeningLines: every listener says where it listens at start, the
 // health listener too (an operator whose healthcheck fails looks for it).
 func TestListeningLines(t *testing.T) {
