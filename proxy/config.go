@@ -302,6 +302,16 @@ func editDistance(a, b string, rows *[2][]int) int {
 // the error about it would not show why.
 var padded = []string{"CELLS_UPSTREAM", "CELLS_GRPC_UPSTREAM", "CELLS_UPSTREAM_CA_FILE", "TLS_CERT_FILE", "TLS_KEY_FILE", "PROXY_ACME_WEBROOT"}
 
+// onDisk reports whether the variable name takes a path and s names a file
+// or directory as written: then a " #" in it is part of the name.
+func onDisk(name, s string) bool {
+	if !slices.Contains(padded, name) || strings.Contains(s, "://") {
+		return false
+	}
+	_, err := os.Stat(s)
+	return err == nil
+}
+
 // unquote returns s without the quotes around it, and whether it had them.
 func unquote(s string) (string, bool) {
 	if len(s) >= 2 && (s[0] == '"' || s[0] == '\'') && s[len(s)-1] == s[0] {
@@ -311,8 +321,9 @@ func unquote(s string) (string, bool) {
 }
 
 // cutComment returns s without a comment after it, a '#' that a space or
-// tab precedes, and whether it had one. No value cells-proxy reads holds
-// one: a URL's fragment has no space before it, and none is allowed.
+// tab precedes, and whether it had one. A URL's fragment has no space
+// before it, and none is allowed; a path may hold one (a folder "certs
+// #2"), so unpad takes a path that names something on disk as written.
 func cutComment(s string) (string, bool) {
 	for i := 1; i < len(s); i++ {
 		if s[i] == '#' && (s[i-1] == ' ' || s[i-1] == '\t') {
@@ -338,7 +349,7 @@ func (e *env) unpad() []error {
 	v := reflect.ValueOf(e).Elem()
 	for i, f := range reflect.VisibleFields(v.Type()) {
 		name, s := f.Tag.Get("envconfig"), v.Field(i).String()
-		if c, ok := cutComment(s); ok {
+		if c, ok := cutComment(s); ok && !onDisk(name, s) {
 			errs = append(errs, fmt.Errorf("%s has a comment after its value, got %q: put the comment on a line of its own (docker run --env-file keeps it as part of the value, docker/cli#4404)", name, redactURL(s)))
 			s = c
 		}

@@ -3,6 +3,8 @@ package proxy
 import (
 	"log/slog"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -627,5 +629,24 @@ func TestValueEndsTrimmed(t *testing.T) {
 	}
 	if c.HTTPSAddr != "127.0.0.1:9443" {
 		t.Errorf("PROXY_HTTPS_ADDR = %q, want 127.0.0.1:9443", c.HTTPSAddr)
+	}
+}
+
+// TestPathWithSpaceHash: a path whose directory or file name holds " #"
+// (a folder "certs #2") is a path, not a value with a comment: it names
+// something on disk, which a comment never does. The comment check refused
+// it, where 9c2d728 took it.
+func TestPathWithSpaceHash(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "www #1")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	setEnv(t, map[string]string{"CELLS_UPSTREAM": "https://cells:8080", "PROXY_ACME_WEBROOT": dir})
+	c, err := Load()
+	if err != nil {
+		t.Fatalf("Load with PROXY_ACME_WEBROOT=%q: %v", dir, err)
+	}
+	if got, want := c.ACMEWebroot, dir; got != want {
+		t.Errorf("ACMEWebroot = %q, want %q", got, want)
 	}
 }
