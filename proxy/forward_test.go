@@ -339,6 +339,53 @@ func TestRequestTargetH1(t *testing.T) { testRequestTarget(t, "h1") }
 // frame and compares the upstream's RequestURI with it.
 func TestRequestTargetH2(t *testing.T) { testRequestTarget(t, "h2") }
 
+// TestRequestTargetOtherPaths sends each target on the paths that
+// TestRequestTargetH1 and H2 (GETs, the direct path) do not take: an
+// HTTP/1.1 chunked upload and an HTTP/2 upload of unknown length, both
+// through net/http's servers and ReverseProxy, and an HTTP/1.1 websocket
+// upgrade, which the tunnel sends to Cells itself. S3 uploads to /io and
+// /data carry %2F and raw UTF-8 in their keys, and a websocket URL may
+// carry pydio_jwt in its query.
+func TestRequestTargetOtherPaths(t *testing.T) {
+	t.Parallel()
+	rec := &recorder{}
+	up := newUpstream(t, upTLS, rec)
+	tp := startProxy(t, testConfig(up))
+	host := tp.Addr().String()
+	for _, tt := range requestTargets {
+		for _, via := range []struct {
+			name string
+			send func() int
+		}{
+			{"h1 chunked upload", func() int {
+				res, _ := rawH1(t, tp, "PUT "+tt.target+" HTTP/1.1\r\nHost: "+host+"\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+				return res.StatusCode
+			}},
+			{"h2 upload", func() int {
+				return rawH2(t, tp, h2Fields("PUT", host, tt.target), []byte("hello")).Status
+			}},
+			{"h1 websocket", func() int {
+				res, _ := rawH1(t, tp, "GET "+tt.target+" HTTP/1.1\r\nHost: "+host+"\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"+
+					"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+				return res.StatusCode
+			}},
+		} {
+			t.Run(via.name+"/"+tt.name, func(t *testing.T) {
+				before := rec.count()
+				// The recorder answers 200, not 101: Cells refusing the
+				// upgrade, which the proxy passes on.
+				if status := via.send(); status != http.StatusOK {
+					t.Fatalf("status = %d, want 200", status)
+				}
+				if rec.count() == before {
+					t.Fatal("Cells got no request")
+				}
+				checkTarget(t, rec.last(t).RequestURI, tt.target)
+			})
+		}
+	}
+}
+
 // TestRequestTargetOpaqueClient checks the case net/http clients produce
 // themselves: a URL.Opaque request-target over h1 and h2.
 func TestRequestTargetOpaqueClient(t *testing.T) {

@@ -92,7 +92,9 @@ func (ts *tunnels) serve(f *forwarder, ex *exchange, r *http.Request) (detached 
 
 	out := r.Clone(ctx)
 	out.RequestURI = ""
-	out.URL = &url.URL{Scheme: f.httpTarget.Scheme, Host: f.httpTarget.Host, RawQuery: r.URL.RawQuery}
+	// ForceQuery: a target ending in a bare "?" reaches Cells with it, as
+	// on every other path (the request-target goes byte for byte).
+	out.URL = &url.URL{Scheme: f.httpTarget.Scheme, Host: f.httpTarget.Host, RawQuery: r.URL.RawQuery, ForceQuery: r.URL.ForceQuery}
 	setTarget(out.URL, requestPath(r))
 	out.Host = r.Host
 	removeHopByHop(out.Header)
