@@ -309,3 +309,30 @@ func TestWatchStart(t *testing.T) {
 		})
 	}
 }
+
+// TestReadyzCellsStarting: a Cells that is still starting answers its main
+// port with 303 to starting.html. That is an answer, but not "ready": the
+// proxy says 503, and the healthcheck says why.
+func TestReadyzCellsStarting(t *testing.T) {
+	var started atomic.Bool
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !started.Load() {
+			http.Redirect(w, r, "/starting.html", http.StatusSeeOther)
+			return
+		}
+		io.WriteString(w, "ok")
+	}))
+	tp := startProxy(t, testConfig(up))
+	if got, want := readyz(t, tp), http.StatusServiceUnavailable; got != want {
+		t.Errorf("/readyz while Cells answers 303 to starting.html = %d, want %d", got, want)
+	}
+	if _, err := Probe(context.Background(), tp.HealthAddr().String()); err == nil || !strings.Contains(err.Error(), "starting") {
+		t.Errorf("healthcheck while Cells starts: %v, want a line saying Cells is starting", err)
+	}
+	// The control, on a proxy of its own (the first keeps its answer for
+	// readyCache): the same Cells, started, is ready.
+	started.Store(true)
+	if got, want := readyz(t, startProxy(t, testConfig(up))), http.StatusOK; got != want {
+		t.Errorf("/readyz once Cells serves = %d, want %d", got, want)
+	}
+}
