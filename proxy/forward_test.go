@@ -345,7 +345,8 @@ func TestRequestTargetH2(t *testing.T) { testRequestTarget(t, "h2") }
 // through net/http's servers and ReverseProxy, and an HTTP/1.1 websocket
 // upgrade, which the tunnel sends to Cells itself. S3 uploads to /io and
 // /data carry %2F and raw UTF-8 in their keys, and a websocket URL may
-// carry pydio_jwt in its query.
+// carry pydio_jwt in its query. Host and X-Forwarded-For are checked on
+// the way: TestHostExact and TestSpoofedForwardingHeaders send GETs only.
 func TestRequestTargetOtherPaths(t *testing.T) {
 	t.Parallel()
 	rec := &recorder{}
@@ -358,14 +359,14 @@ func TestRequestTargetOtherPaths(t *testing.T) {
 			send func() int
 		}{
 			{"h1 chunked upload", func() int {
-				res, _ := rawH1(t, tp, "PUT "+tt.target+" HTTP/1.1\r\nHost: "+host+"\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+				res, _ := rawH1(t, tp, "PUT "+tt.target+" HTTP/1.1\r\nHost: "+host+"\r\nTransfer-Encoding: chunked\r\nX-Forwarded-For: 203.0.113.7\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
 				return res.StatusCode
 			}},
 			{"h2 upload", func() int {
-				return rawH2(t, tp, h2Fields("PUT", host, tt.target), []byte("hello")).Status
+				return rawH2(t, tp, h2Fields("PUT", host, tt.target, "x-forwarded-for", "203.0.113.7"), []byte("hello")).Status
 			}},
 			{"h1 websocket", func() int {
-				res, _ := rawH1(t, tp, "GET "+tt.target+" HTTP/1.1\r\nHost: "+host+"\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"+
+				res, _ := rawH1(t, tp, "GET "+tt.target+" HTTP/1.1\r\nHost: "+host+"\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nX-Forwarded-For: 203.0.113.7\r\n"+
 					"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
 				return res.StatusCode
 			}},
@@ -380,7 +381,14 @@ func TestRequestTargetOtherPaths(t *testing.T) {
 				if rec.count() == before {
 					t.Fatal("Cells got no request")
 				}
-				checkTarget(t, rec.last(t).RequestURI, tt.target)
+				got := rec.last(t)
+				if got.Host != host {
+					t.Errorf("upstream Host = %q, want %q", got.Host, host)
+				}
+				if xff := strings.Join(got.Header.Values("X-Forwarded-For"), ", "); xff != "127.0.0.1" {
+					t.Errorf("upstream X-Forwarded-For = %q, want %q (the client's replaced)", xff, "127.0.0.1")
+				}
+				checkTarget(t, got.RequestURI, tt.target)
 			})
 		}
 	}
