@@ -1201,3 +1201,47 @@ func TestEncodeGRPCTimeout(t *testing.T) {
 		}
 	}
 }
+
+// TestRequestTargetGRPC sends each target as the :path of a gRPC call, on
+// the public port and on the PYDIO_GRPC_EXTERNAL port, and compares the
+// :path Cells' gRPC server receives with it. The other request-target
+// tests only reach CELLS_UPSTREAM; gRPC goes through the proxy's own
+// HTTP/2 client (grpcupstream.go).
+func TestRequestTargetGRPC(t *testing.T) {
+	t.Parallel()
+	paths := make(chan string, 1)
+	p := newH2Peer(t, h2PeerConfig{}, func(s *h2Stream) {
+		for _, f := range s.Header {
+			if f.Name == ":path" {
+				paths <- f.Value
+			}
+		}
+		echo(s)
+	})
+	cfg := testConfig(newUpstream(t, upPlain, &recorder{}))
+	cfg.GRPCUpstream = &url.URL{Scheme: "h2c", Host: p.Addr}
+	cfg.GRPCAddr = "127.0.0.1:0"
+	tp := startProxy(t, cfg)
+	msg := grpcMsg([]byte("x"))
+	for _, port := range []struct{ name, addr string }{
+		{"public", tp.Addr().String()},
+		{"PYDIO_GRPC_EXTERNAL", tp.GRPCAddr().String()},
+	} {
+		for _, tt := range requestTargets {
+			t.Run(port.name+"/"+tt.name, func(t *testing.T) {
+				res := rawH2At(t, tp, port.addr, h2Fields("POST", port.addr, tt.target, "content-type", "application/grpc", "te", "trailers"), msg)
+				if res.Status != http.StatusOK || !bytes.Equal(res.Body, msg) {
+					t.Fatalf("status %d, body %q; want 200 and the message echoed", res.Status, res.Body)
+				}
+				select {
+				case got := <-paths:
+					if got != tt.target {
+						t.Errorf("upstream :path = %q, want %q", got, tt.target)
+					}
+				default:
+					t.Fatal("Cells' gRPC server got no call")
+				}
+			})
+		}
+	}
+}
