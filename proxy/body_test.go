@@ -596,7 +596,7 @@ func TestExpectContinueOnce(t *testing.T) {
 			case <-ch.(chan struct{}):
 			case <-time.After(10 * time.Second): // bounded: the counts say what went wrong
 			}
-		} else {
+		} else if r.URL.Path == "/io/hints" {
 			w.Header().Set("Link", "</a.css>; rel=preload")
 			w.WriteHeader(http.StatusEarlyHints)
 			w.Header().Del("Link")
@@ -614,16 +614,31 @@ func TestExpectContinueOnce(t *testing.T) {
 		tr.ExpectContinueTimeout = 10 * time.Second
 		c := &http.Client{Transport: tr}
 		t.Cleanup(tr.CloseIdleConnections)
-		for _, tc := range []struct {
+		cases := []struct {
 			name             string
 			path             string
 			expect           bool
 			want100, want103 int32
 		}{
-			{"Cells reads at once", "/io/now", true, 1, 1},
+			{"Cells reads at once", "/io/now", true, 1, 0},
 			{"Cells reads late", "/io/late", true, 1, 0},
-			{"no Expect", "/io/now", false, 0, 1},
-		} {
+			{"no Expect, Cells sends 103", "/io/hints", false, 0, 1},
+		}
+		if pc.name == "h1" {
+			// On HTTP/2, net/http's server sends no 100 once any header
+			// frame has gone out on the stream, a 103 included
+			// (golang.org/issue/14030's rule), and it takes the Expect
+			// out of the request, so neither the proxy nor Cells can
+			// tell: a 103 Cells sends before reading races the proxy's
+			// first read of the body. Cells sends no Early Hints.
+			cases = append(cases, struct {
+				name             string
+				path             string
+				expect           bool
+				want100, want103 int32
+			}{"Cells sends 103, then reads", "/io/hints", true, 1, 1})
+		}
+		for _, tc := range cases {
 			id++
 			done := make(chan struct{})
 			gotContinue.Store(strconv.Itoa(id), done)
