@@ -527,6 +527,23 @@ func TestVariablesDocumented(t *testing.T) {
 	}
 }
 
+// refusedWith loads a configuration of CELLS_UPSTREAM (and TLS_KEY_FILE
+// for a TLS_ variable) with name set to value, and returns the lines of
+// the error; the test ends if Load accepts it.
+func refusedWith(t *testing.T, name, value string) []string {
+	t.Helper()
+	vars := map[string]string{"CELLS_UPSTREAM": "https://cells:8080", name: value}
+	if strings.HasPrefix(name, "TLS_") {
+		vars["TLS_KEY_FILE"] = "/certs/privkey.pem"
+	}
+	setEnv(t, vars)
+	_, err := Load()
+	if err == nil {
+		t.Fatalf("Load accepted %s=%s", name, value)
+	}
+	return strings.Split(err.Error(), "\n")
+}
+
 // TestQuotedValues: docker run --env-file and compose's list form
 // (- NAME="value") keep quotes as part of the value, and an .env file keeps
 // a trailing space. Each is one line naming the variable and saying to
@@ -545,18 +562,9 @@ func TestQuotedValues(t *testing.T) {
 		{"TLS_CERT_FILE", " /certs/fullchain.pem", "space"},
 	} {
 		t.Run(tc.name+"="+tc.value, func(t *testing.T) {
-			vars := map[string]string{"CELLS_UPSTREAM": "https://cells:8080", tc.name: tc.value}
-			if strings.HasPrefix(tc.name, "TLS_") {
-				vars["TLS_KEY_FILE"] = "/certs/privkey.pem"
-			}
-			setEnv(t, vars)
-			_, err := Load()
-			if err == nil {
-				t.Fatalf("Load accepted %s=%s", tc.name, tc.value)
-			}
-			got := strings.Split(err.Error(), "\n")
+			got := refusedWith(t, tc.name, tc.value)
 			if len(got) != 1 || !strings.HasPrefix(got[0], tc.name+" ") || !strings.Contains(got[0], tc.want) || !strings.Contains(got[0], "remove") {
-				t.Errorf("%s=%s: err = %q, want one line naming it and saying to remove the %s", tc.name, tc.value, err, tc.want)
+				t.Errorf("%s=%s: err = %q, want one line naming it and saying to remove the %s", tc.name, tc.value, got, tc.want)
 			}
 		})
 	}
@@ -580,18 +588,9 @@ func TestCommentAfterValue(t *testing.T) {
 		{"TLS_CERT_FILE", "/certs/fullchain.pem # certbot's"},
 	} {
 		t.Run(tc.name+"="+tc.value, func(t *testing.T) {
-			vars := map[string]string{"CELLS_UPSTREAM": "https://cells:8080", tc.name: tc.value}
-			if strings.HasPrefix(tc.name, "TLS_") {
-				vars["TLS_KEY_FILE"] = "/certs/privkey.pem"
-			}
-			setEnv(t, vars)
-			_, err := Load()
-			if err == nil {
-				t.Fatalf("Load accepted %s=%s", tc.name, tc.value)
-			}
-			got := strings.Split(err.Error(), "\n")
+			got := refusedWith(t, tc.name, tc.value)
 			if len(got) != 1 || !strings.HasPrefix(got[0], tc.name+" ") || !strings.Contains(got[0], "comment") || strings.Contains(got[0], "commas") {
-				t.Errorf("%s=%s: err = %q, want one line naming it and its comment", tc.name, tc.value, err)
+				t.Errorf("%s=%s: err = %q, want one line naming it and its comment", tc.name, tc.value, got)
 			}
 		})
 	}

@@ -1516,6 +1516,42 @@ func TestGRPCUpstreamSlowClients(t *testing.T) {
 	}
 }
 
+// refusedAttempts is what a refusingPeer saw of each attempt of its calls.
+type refusedAttempts struct {
+	mu       sync.Mutex
+	bodies   [][]byte
+	timeouts []string // grpc-timeout
+}
+
+// refusingPeer is a Cells that leaves the first call it gets unprocessed,
+// with RST_STREAM REFUSED_STREAM (how "refused-stream") or with a GOAWAY
+// below it and the connection closed (how "goaway"), and echoes the body
+// of every later one.
+func refusingPeer(t *testing.T, how string) (*h2Peer, *refusedAttempts) {
+	seen := &refusedAttempts{}
+	p := newH2Peer(t, h2PeerConfig{}, func(s *h2Stream) {
+		body, err := s.readBody()
+		if err != nil {
+			return
+		}
+		seen.mu.Lock()
+		seen.bodies = append(seen.bodies, body)
+		seen.timeouts = append(seen.timeouts, s.Get("grpc-timeout"))
+		first := len(seen.bodies) == 1
+		seen.mu.Unlock()
+		switch {
+		case !first:
+			s.respond(body)
+		case how == "refused-stream":
+			s.reset(http2.ErrCodeRefusedStream)
+		default:
+			s.c.goAway(0, http2.ErrCodeNo)
+			s.c.close()
+		}
+	})
+	return p, seen
+}
+
 // TestGRPCUpstreamRefusedSentAgain: a call Cells did not process, refused
 // with RST_STREAM REFUSED_STREAM or left above the last stream ID of a
 // GOAWAY, is sent again with its body (RFC 9113 §8.7), on a new connection
@@ -1525,32 +1561,13 @@ func TestGRPCUpstreamRefusedSentAgain(t *testing.T) {
 	for _, how := range []string{"refused-stream", "goaway"} {
 		t.Run(how, func(t *testing.T) {
 			t.Parallel()
-			var mu sync.Mutex
-			var bodies [][]byte
-			p := newH2Peer(t, h2PeerConfig{}, func(s *h2Stream) {
-				body, err := s.readBody()
-				if err != nil {
-					return
-				}
-				mu.Lock()
-				bodies = append(bodies, body)
-				first := len(bodies) == 1
-				mu.Unlock()
-				switch {
-				case !first:
-					s.respond(body)
-				case how == "refused-stream":
-					s.reset(http2.ErrCodeRefusedStream)
-				default:
-					s.c.goAway(0, http2.ErrCodeNo)
-					s.c.close()
-				}
-			})
+			p, seen := refusingPeer(t, how)
 			tp := startPeerProxy(t, p)
 			want := grpcMsg(randomBytes(3000, 3))
 			checkOK(t, "call", callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Echo", want), want)
-			mu.Lock()
-			defer mu.Unlock()
+			seen.mu.Lock()
+			defer seen.mu.Unlock()
+			bodies := seen.bodies
 			if len(bodies) != 2 {
 				t.Fatalf("the upstream saw the call %d times, want 2", len(bodies))
 			}
@@ -1572,32 +1589,13 @@ func TestGRPCUpstreamRetryTimeLeft(t *testing.T) {
 	for _, how := range []string{"refused-stream", "goaway"} {
 		t.Run(how, func(t *testing.T) {
 			t.Parallel()
-			var mu sync.Mutex
-			var timeouts []string // each attempt's grpc-timeout
-			p := newH2Peer(t, h2PeerConfig{}, func(s *h2Stream) {
-				body, err := s.readBody()
-				if err != nil {
-					return
-				}
-				mu.Lock()
-				timeouts = append(timeouts, s.Get("grpc-timeout"))
-				first := len(timeouts) == 1
-				mu.Unlock()
-				switch {
-				case !first:
-					s.respond(body)
-				case how == "refused-stream":
-					s.reset(http2.ErrCodeRefusedStream)
-				default:
-					s.c.goAway(0, http2.ErrCodeNo)
-					s.c.close()
-				}
-			})
+			p, seen := refusingPeer(t, how)
 			tp := startPeerProxy(t, p)
 			want := grpcMsg([]byte("time left"))
 			checkOK(t, "call", callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Echo", want, "grpc-timeout", "30S"), want)
-			mu.Lock()
-			defer mu.Unlock()
+			seen.mu.Lock()
+			defer seen.mu.Unlock()
+			timeouts := seen.timeouts
 			if len(timeouts) != 2 {
 				t.Fatalf("the upstream saw the call %d times, want 2", len(timeouts))
 			}
