@@ -613,6 +613,12 @@ func (e *env) parse() (*Config, error) {
 			bad("PROXY_TRUSTED_PROXIES takes brackets only around an IPv6 address, got %q: write %s", s, bare)
 			continue
 		}
+		if ap, perr := netip.ParseAddrPort(s); err != nil && perr == nil {
+			// Copied from a log line or an upstream address: the
+			// load balancer's connections come from any port.
+			bad("PROXY_TRUSTED_PROXIES takes addresses without a port, got %q: write %s", s, ap.Addr().Unmap())
+			continue
+		}
 		if err != nil {
 			bad("PROXY_TRUSTED_PROXIES takes CIDRs or addresses such as 10.0.0.0/8, got %q", s)
 			continue

@@ -491,6 +491,9 @@ func TestTrustedProxyBracketed(t *testing.T) {
 		{"[10.0.0.0]/8", "brackets only around an IPv6 address", false},
 		{"[::1", "takes CIDRs or addresses", false},
 		{"[::1]x", "takes CIDRs or addresses", false},
+		// With a port, copied from a log line: said so, with the fix.
+		{"[::1]:443", "without a port, got \"[::1]:443\": write ::1", false},
+		{"10.0.0.1:8080", "without a port, got \"10.0.0.1:8080\": write 10.0.0.1", false},
 	} {
 		setEnv(t, map[string]string{"CELLS_UPSTREAM": "https://cells:8080", "PROXY_TRUSTED_PROXIES": tc.in})
 		c, err := Load()
