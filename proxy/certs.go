@@ -145,22 +145,6 @@ func readableBy(err error) string {
 	return ""
 }
 
-// upstreamRoots reads CELLS_UPSTREAM_CA_FILE; nil means the system roots.
-func upstreamRoots(caFile string) (*x509.CertPool, error) {
-	if caFile == "" {
-		return nil, nil
-	}
-	pem, err := os.ReadFile(caFile)
-	if err != nil {
-		return nil, fmt.Errorf("CELLS_UPSTREAM_CA_FILE must name a PEM bundle cells-proxy can read (Cells' certs/rootCA.pem): %w%s", err, readableBy(err))
-	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(pem) {
-		return nil, fmt.Errorf("CELLS_UPSTREAM_CA_FILE must name a PEM bundle (Cells' certs/rootCA.pem), got %q with no PEM certificate in it", caFile)
-	}
-	return pool, nil
-}
-
 // CheckFiles reads the files the environment names (CELLS_UPSTREAM_CA_FILE,
 // TLS_CERT_FILE, TLS_KEY_FILE and the PROXY_ACME_WEBROOT directory), so that a start stopped by a bad
 // variable reports them in the same run.
@@ -173,7 +157,7 @@ func CheckFiles() error {
 	}
 	e.unpad()
 	var errs []error
-	if _, err := upstreamRoots(e.UpstreamCAFile); err != nil {
+	if _, err := newUpstreamCA(e.UpstreamCAFile, nil); err != nil {
 		errs = append(errs, err)
 	}
 	if cert, key := e.CertFile, e.KeyFile; cert != "" && key != "" {

@@ -57,6 +57,10 @@ type forwarder struct {
 
 	ws *tunnels
 
+	// ca is CELLS_UPSTREAM_CA_FILE, kept current; nil: none (the system
+	// roots, or CELLS_UPSTREAM_INSECURE).
+	ca *upstreamCA
+
 	// probeToken marks the readiness probe's request (probeHeader), so
 	// that one arriving back here is recognised; random per process.
 	probeToken string
@@ -73,7 +77,7 @@ type forwarder struct {
 }
 
 func newForwarder(cfg *Config, log *slog.Logger) (*forwarder, error) {
-	roots, err := upstreamRoots(cfg.UpstreamCAFile)
+	ca, err := newUpstreamCA(cfg.UpstreamCAFile, log)
 	if err != nil {
 		if cfg.Upstream != nil && cfg.Upstream.Scheme == "http" && (cfg.GRPCUpstream == nil || cfg.GRPCUpstream.Scheme == "h2c") {
 			// Topology B: a Cells run with CELLS_SITE_NO_TLS=1 writes
@@ -83,7 +87,7 @@ func newForwarder(cfg *Config, log *slog.Logger) (*forwarder, error) {
 		}
 		return nil, err
 	}
-	f := &forwarder{cfg: cfg, log: log, proto: "https", ws: newTunnels(), probeToken: rand.Text()}
+	f := &forwarder{cfg: cfg, log: log, proto: "https", ws: newTunnels(), probeToken: rand.Text(), ca: ca}
 	f.grpcCut, f.cutGRPC = context.WithCancel(context.Background())
 	if !cfg.TLS {
 		f.proto = "http"
@@ -93,8 +97,7 @@ func newForwarder(cfg *Config, log *slog.Logger) (*forwarder, error) {
 		if name == "" {
 			name = u.Hostname()
 		}
-		return &tls.Config{
-			RootCAs:            roots,
+		c := &tls.Config{
 			ServerName:         name,
 			InsecureSkipVerify: cfg.UpstreamInsecure,
 			MinVersion:         tls.VersionTLS12,
@@ -103,6 +106,13 @@ func newForwarder(cfg *Config, log *slog.Logger) (*forwarder, error) {
 			// connection is replaced.
 			ClientSessionCache: tls.NewLRUClientSessionCache(64),
 		}
+		if ca != nil {
+			// Every connection to Cells, HTTP/1.1, websocket, gRPC
+			// and the readiness probe's, is made with one of these:
+			// all verify with the CA file as it is now.
+			ca.configure(c, name)
+		}
+		return c
 	}
 	dialer := &net.Dialer{
 		// Cells is next door: a connect that takes this long will not succeed.

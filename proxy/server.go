@@ -596,6 +596,10 @@ func (s *Server) Run(ctx context.Context) error {
 	if s.certFiles != nil {
 		sv.wg.Go(func() { s.certFiles.watch(watchCtx) })
 	}
+	// So is Cells' (CELLS_UPSTREAM_CA_FILE) re-issued under a new root.
+	if s.fwd.ca != nil {
+		sv.wg.Go(func() { s.fwd.ca.watch(watchCtx) })
+	}
 	// What /readyz would say of Cells is logged from the start.
 	if s.watchEvery > 0 {
 		sv.wg.Go(func() { s.health.watchStart(watchCtx, s.watchEvery) })

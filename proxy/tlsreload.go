@@ -312,8 +312,18 @@ func (c *certFiles) watch(ctx context.Context) {
 // handshakes get the new certificate, open connections keep theirs. A pair
 // that does not load is refused, logged and returned, and the current
 // certificate keeps serving. With the self-signed certificate there is
-// nothing to reload.
+// nothing to reload. CELLS_UPSTREAM_CA_FILE is read again too, the same
+// way: new connections to Cells verify with it.
 func (s *Server) Reload() error {
+	err := s.reloadCert()
+	if s.fwd.ca != nil {
+		err = errors.Join(err, s.fwd.ca.reload())
+	}
+	return err
+}
+
+// reloadCert is Reload for TLS_CERT_FILE and TLS_KEY_FILE.
+func (s *Server) reloadCert() error {
 	switch {
 	case s.certFiles == nil && s.cfg.CertFile != "":
 		s.log.Info("TLS certificate not reloaded: nothing serves TLS (PROXY_TLS=off and no PYDIO_GRPC_EXTERNAL)")

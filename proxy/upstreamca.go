@@ -1,0 +1,252 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// upstreamCA keeps the pool read from CELLS_UPSTREAM_CA_FILE current, as
+// certFiles keeps the public certificate: polled every certPollInterval and
+// read again at SIGHUP, so that an operator who replaces Cells' certificate
+// (and the file holding it, or its root) does not have to restart the
+// proxy, whose every request would fail until then (502, certificate not
+// trusted). A file that does not load leaves the current pool in place.
+//
+// Each tls.Config to Cells verifies with the current pool in
+// VerifyConnection (configure), not with RootCAs: a tls.Config may not be
+// modified once in use, and the transports hold theirs for the process's
+// life. Connections already open stay as they are, idle ones included:
+// they were verified against a root the operator trusted when they were
+// made, Cells presents a new certificate only on a new handshake anyway,
+// and HTTP/1.1 ones are closed after an idle minute. Closing them would
+// only cost handshakes; a root removed because it is no longer to be
+// trusted at all calls for a restart.
+type upstreamCA struct {
+	file string
+	log  *slog.Logger
+	pool atomic.Pointer[x509.CertPool]
+	// sessions are the TLS session caches of the tls.Configs to Cells,
+	// emptied when the pool changes: a resumed session brings the
+	// certificate of its first handshake, not the one Cells serves now.
+	sessions []*upstreamSessions
+
+	mu     sync.Mutex
+	served [sha256.Size]byte // the content of the file the pool was made from
+	failed [sha256.Size]byte // the content (or error) last refused, not to log it at every poll
+}
+
+// newUpstreamCA reads file; nil with no error when file is empty (the
+// system roots, which are not reloaded).
+func newUpstreamCA(file string, log *slog.Logger) (*upstreamCA, error) {
+	if file == "" {
+		return nil, nil
+	}
+	sum, pool, _, err := readUpstreamCA(file)
+	if err != nil {
+		return nil, err
+	}
+	a := &upstreamCA{file: file, log: log, served: sum}
+	a.pool.Store(pool)
+	return a, nil
+}
+
+// readUpstreamCA reads and parses a CA file; sum identifies the content
+// read (or the error), n counts the certificates in the pool.
+func readUpstreamCA(file string) (sum [sha256.Size]byte, pool *x509.CertPool, n int, err error) {
+	data, err := os.ReadFile(file)
+	if err != nil {
+		err = fmt.Errorf("CELLS_UPSTREAM_CA_FILE must name a PEM bundle cells-proxy can read (Cells' certs/rootCA.pem): %w%s", err, readableBy(err))
+		return sha256.Sum256([]byte(err.Error())), nil, 0, err
+	}
+	sum = sha256.Sum256(data)
+	pool = x509.NewCertPool()
+	// As AppendCertsFromPEM: other blocks, and certificates that do not
+	// parse, are skipped; the certificates are counted for the log.
+	for rest := data; ; {
+		var b *pem.Block
+		if b, rest = pem.Decode(rest); b == nil {
+			break
+		}
+		if b.Type != "CERTIFICATE" || len(b.Headers) != 0 {
+			continue
+		}
+		if c, err := x509.ParseCertificate(b.Bytes); err == nil {
+			pool.AddCert(c)
+			n++
+		}
+	}
+	switch {
+	case n == 0:
+		return sum, nil, 0, fmt.Errorf("CELLS_UPSTREAM_CA_FILE must name a PEM bundle (Cells' certs/rootCA.pem), got %q with no PEM certificate in it", file)
+	case unfinishedPEM(data):
+		// A bundle caught while being rewritten in place would lose
+		// the roots after the cut.
+		return sum, nil, 0, fmt.Errorf("CELLS_UPSTREAM_CA_FILE must name a PEM bundle (Cells' certs/rootCA.pem), got %q with a PEM block that is unfinished or does not decode (a file still being written?)", file)
+	}
+	return sum, pool, n, nil
+}
+
+// load reads the file and, if it changed and is good, verifies new
+// connections with it.
+func (a *upstreamCA) load() (out outcome, n int, err error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	sum, pool, n, err := readUpstreamCA(a.file)
+	switch {
+	case err == nil && sum == a.served:
+		// Back to the pool in use: the next breakage is news, even if
+		// it is the same as the last one.
+		a.failed = [sha256.Size]byte{}
+		return unchanged, n, nil
+	case err == nil:
+		a.served, a.failed = sum, [sha256.Size]byte{}
+		a.pool.Store(pool)
+		for _, s := range a.sessions {
+			s.reset()
+		}
+		return reloaded, n, nil
+	case sum == a.failed:
+		return refusedAgain, 0, err
+	}
+	a.failed = sum
+	return refused, 0, err
+}
+
+// poll is one periodic check. A file that does not load is logged once,
+// at WARN (the pool in use still verifies Cells), until its content
+// changes again.
+func (a *upstreamCA) poll() {
+	switch out, n, err := a.load(); out {
+	case reloaded:
+		a.log.Info("CELLS_UPSTREAM_CA_FILE reloaded: new connections to Cells verify with it", "trigger", "poll", "file", a.file, "certificates", n)
+	case refused:
+		a.log.Warn("CELLS_UPSTREAM_CA_FILE not reloaded, the CA read before keeps verifying Cells", "trigger", "poll", "err", err)
+	}
+}
+
+// reload is SIGHUP's check: what it finds is logged whatever it is.
+func (a *upstreamCA) reload() error {
+	out, n, err := a.load()
+	switch {
+	case err != nil:
+		a.log.Error("CELLS_UPSTREAM_CA_FILE not reloaded, the CA read before keeps verifying Cells", "trigger", "reload", "err", err)
+		return err
+	case out == reloaded:
+		a.log.Info("CELLS_UPSTREAM_CA_FILE reloaded: new connections to Cells verify with it", "trigger", "reload", "file", a.file, "certificates", n)
+	default:
+		a.log.Info("CELLS_UPSTREAM_CA_FILE unchanged", "trigger", "reload", "file", a.file)
+	}
+	return nil
+}
+
+// watch polls the file until ctx ends.
+func (a *upstreamCA) watch(ctx context.Context) {
+	t := time.NewTicker(certPollInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			a.poll()
+		}
+	}
+}
+
+// configure makes c verify Cells' certificate for name with the current
+// pool. It is what crypto/tls does with RootCAs (verifyServerCertificate:
+// the same options, name and key usage), done in VerifyConnection, which
+// Go calls on every handshake, resumed ones included, where
+// VerifyPeerCertificate is skipped; InsecureSkipVerify only turns off the
+// check against RootCAs that this replaces (the crypto/tls example
+// "Config (VerifyConnection)"). Called before c is used.
+func (a *upstreamCA) configure(c *tls.Config, name string) {
+	s := newUpstreamSessions()
+	a.mu.Lock()
+	a.sessions = append(a.sessions, s)
+	a.mu.Unlock()
+	c.ClientSessionCache = s
+	c.InsecureSkipVerify = true
+	// The last certificate verified for name, and the pool that did.
+	var last atomic.Pointer[verifiedLeaf]
+	c.VerifyConnection = func(cs tls.ConnectionState) error {
+		certs := cs.PeerCertificates
+		if len(certs) == 0 {
+			return errors.New("tls: cells sent no certificate")
+		}
+		pool := a.pool.Load()
+		if v := last.Load(); cs.DidResume && v != nil && v.pool == pool && bytes.Equal(v.raw, certs[0].Raw) && time.Now().Before(certs[0].NotAfter) {
+			// A resumed session brings the certificate of its first
+			// handshake, verified then for name: crypto/tls checks
+			// only that it has not expired since (loadSession), and
+			// so does this, sparing the chain's signature checks
+			// (about 0.1 ms) on each new connection to Cells. A
+			// session verified with another pool is verified again.
+			return nil
+		}
+		opts := x509.VerifyOptions{Roots: pool, DNSName: name}
+		if len(certs) > 1 {
+			opts.Intermediates = x509.NewCertPool()
+			for _, c := range certs[1:] {
+				opts.Intermediates.AddCert(c)
+			}
+		}
+		if _, err := certs[0].Verify(opts); err != nil {
+			// The error crypto/tls returns: classify finds the
+			// x509 error inside.
+			return &tls.CertificateVerificationError{UnverifiedCertificates: certs, Err: err}
+		}
+		if v := last.Load(); v == nil || v.pool != pool || !bytes.Equal(v.raw, certs[0].Raw) {
+			last.Store(&verifiedLeaf{pool: pool, raw: certs[0].Raw})
+		}
+		return nil
+	}
+}
+
+// verifiedLeaf is a certificate of Cells found good with pool.
+type verifiedLeaf struct {
+	pool *x509.CertPool
+	raw  []byte
+}
+
+// upstreamSessions is a client session cache that reset empties: one
+// Get or Put more, an atomic load, per handshake.
+type upstreamSessions struct {
+	c atomic.Pointer[sessionLRU]
+}
+
+type sessionLRU struct{ tls.ClientSessionCache }
+
+func newUpstreamSessions() *upstreamSessions {
+	s := &upstreamSessions{}
+	s.reset()
+	return s
+}
+
+// reset drops every session. A handshake verified with the old pool that
+// ends after it may still store its session in the new cache: resuming
+// it later verifies it with the pool then current all the same.
+func (s *upstreamSessions) reset() {
+	// Resumption saves a full handshake when a pooled connection is
+	// replaced.
+	s.c.Store(&sessionLRU{tls.NewLRUClientSessionCache(64)})
+}
+
+func (s *upstreamSessions) Get(key string) (*tls.ClientSessionState, bool) {
+	return s.c.Load().Get(key)
+}
+
+func (s *upstreamSessions) Put(key string, cs *tls.ClientSessionState) {
+	s.c.Load().Put(key, cs)
+}
