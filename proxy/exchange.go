@@ -92,6 +92,19 @@ func (e *exchange) WriteHeader(code int) {
 		// would take it for the answer. Cells got HTTP/1.1 from us.
 		return
 	}
+	if code < 200 && e.req != nil && e.req.ProtoMajor == 2 && e.bodyOpen.Load() && e.bytesIn.Load() == 0 {
+		// net/http's HTTP/2 server sends the client's 100 Continue at
+		// the first read of the body, and none once a header frame has
+		// gone out on the stream, a 1xx included (golang.org/issue/
+		// 14030); it also takes Expect out of the request, so the
+		// proxy cannot tell who asked. A 1xx from Cells that beat the
+		// proxy's first read would leave a client that waits for its
+		// 100 (curl, S3 SDKs) waiting for its own timeout. Until a read
+		// has returned body bytes, and so the 100 went first, a 1xx is
+		// dropped: the final response still comes, and Cells sends no
+		// 103 Early Hints, whose use is for pages, not uploads.
+		return
+	}
 	if code < 200 && code != http.StatusSwitchingProtocols {
 		// A 1xx from Cells, passed on by either path with Cells' header
 		// (ReverseProxy's rule, which leaves out the hop-by-hop step it
