@@ -408,6 +408,7 @@ type frameConn struct {
 	readErr error           // why reading ended, valid once events is closed
 
 	stopped   atomic.Bool   // stopReading: the read loop reads no more
+	noPingAck atomic.Bool   // the read loop leaves the server's PINGs unanswered
 	closing   chan struct{} // closed by Close
 	closeOnce sync.Once
 }
@@ -495,7 +496,7 @@ func (c *frameConn) readLoop() {
 			}
 			continue
 		case *http2.PingFrame:
-			if !f.IsAck() {
+			if !f.IsAck() && !c.noPingAck.Load() {
 				c.wmu.Lock()
 				c.fr.WritePing(true, f.Data)
 				c.wmu.Unlock()

@@ -56,6 +56,11 @@ type Server struct {
 	// watchEvery spaces the probes of Cells from the start until it
 	// answers (health.watchStart); 0: none (tests that count requests).
 	watchEvery time.Duration
+	// keepAlive, pingAfter and pingWait are the servers' IdleTimeout and
+	// HTTP/2 SendPingTimeout and PingTimeout (keepAliveTimeout,
+	// h2PingAfter, h2PingWait): they alone end an HTTP/2 connection whose
+	// client never finishes a request head. Tests shorten them.
+	keepAlive, pingAfter, pingWait time.Duration
 }
 
 // grpcDrainGrace is how long gRPC calls may still run once the drain has
@@ -76,7 +81,8 @@ func New(cfg *Config, log *slog.Logger) (*Server, error) {
 	if err != nil {
 		files = append(files, err)
 	}
-	s := &Server{cfg: cfg, log: log, fwd: fwd, grpcGrace: grpcDrainGrace, handshake: handshakeTimeout, watchEvery: startProbeEvery}
+	s := &Server{cfg: cfg, log: log, fwd: fwd, grpcGrace: grpcDrainGrace, handshake: handshakeTimeout, watchEvery: startProbeEvery,
+		keepAlive: keepAliveTimeout, pingAfter: h2PingAfter, pingWait: h2PingWait}
 	s.baseCtx, s.cancelBase = context.WithCancelCause(context.Background())
 	s.cut, s.cutDrain = context.WithCancel(context.Background())
 	if cfg.TLS || cfg.GRPCAddr != "" {
@@ -300,7 +306,14 @@ func (s *Server) newHTTPServer(h http.Handler, protos func(*http.Protocols)) *ht
 		// (PROXY_READ_HEADER_TIMEOUT).
 		ReadHeaderTimeout: readHeader,
 		// Keep-alive between requests, as nginx's keepalive_timeout.
-		IdleTimeout: 75 * time.Second,
+		// On HTTP/2 it is also what closes a connection whose client
+		// never finishes a request head (nothing else does: net/http's
+		// HTTP/2 server reads no ReadHeaderTimeout), whether it sends
+		// nothing after its SETTINGS or a HEADERS frame whose
+		// CONTINUATION never comes or trickles: the block opens no
+		// stream, so the connection counts as idle from its last
+		// stream's end, whatever frames arrive.
+		IdleTimeout: s.keepAlive,
 		// Cells' cookies and JWTs fit well within the default 64 KiB; nginx
 		// allows 32 KiB. The HTTP/2 server derives SETTINGS_MAX_HEADER_LIST_SIZE
 		// from it and closes a connection whose CONTINUATION frames go past it.
@@ -327,9 +340,14 @@ func (s *Server) newHTTPServer(h http.Handler, protos func(*http.Protocols)) *ht
 			MaxReceiveBufferPerConnection: 8 << 20,
 			MaxReceiveBufferPerStream:     4 << 20,
 			// Keep NAT paths of idle Cells Sync connections open and
-			// notice dead clients.
-			SendPingTimeout: 60 * time.Second,
-			PingTimeout:     20 * time.Second,
+			// notice dead clients. It also closes a connection whose
+			// header block does not end while another stream is open
+			// (the idle limit does not run then): the server counts
+			// only whole frames as read, and in the middle of a block
+			// the client cannot answer the PING, any frame but
+			// CONTINUATION being a connection error (RFC 9113 §6.10).
+			SendPingTimeout: s.pingAfter,
+			PingTimeout:     s.pingWait,
 		},
 	}
 	srv.Protocols = new(http.Protocols)
@@ -340,6 +358,15 @@ func (s *Server) newHTTPServer(h http.Handler, protos func(*http.Protocols)) *ht
 // handshakeTimeout bounds a new connection's TLS handshake and first bytes
 // on both TLS ports.
 const handshakeTimeout = 10 * time.Second
+
+// keepAliveTimeout is nginx's keepalive_timeout default; h2PingAfter and
+// h2PingWait are how long an HTTP/2 connection may read no frame before the
+// server sends a PING, and then wait for its answer.
+const (
+	keepAliveTimeout = 75 * time.Second
+	h2PingAfter      = 60 * time.Second
+	h2PingWait       = 20 * time.Second
+)
 
 // maxFrameSize is the HTTP/2 servers' SETTINGS_MAX_FRAME_SIZE.
 const maxFrameSize = 16 << 10

@@ -15,6 +15,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
 )
 
 // raiseFileLimit lifts RLIMIT_NOFILE to its hard limit: the slow-client
@@ -364,4 +367,217 @@ func TestClientAbortsUpload(t *testing.T) {
 			t.Errorf("client: %v, want context.Canceled", err)
 		}
 	})
+}
+
+// TestH2UnfinishedHeadClosed: net/http's HTTP/2 server reads no
+// ReadHeaderTimeout, so what ends a connection whose client never finishes
+// a request head is its idle limit (IdleTimeout: the unfinished block opens
+// no stream) or, when another stream is open, its PING, which the client
+// cannot answer in the middle of a header block (RFC 9113 §6.10). Each case
+// is a connection that must be closed, without a GOAWAY other than
+// NO_ERROR: preface and SETTINGS then nothing; a HEADERS frame without
+// END_HEADERS and no CONTINUATION; CONTINUATION frames trickled; the
+// unfinished block while a stream is open. A connection whose streams are
+// open and wait for their bodies (an upload not started, a gRPC stream:
+// Cells Sync's stay quiet for hours) and that answers PINGs is not cut:
+// once every other connection is closed, its streams still complete. The
+// limits are shortened here (75 s, 60 s and 20 s in the proxy); the test
+// fails if either goes.
+func TestH2UnfinishedHeadClosed(t *testing.T) {
+	t.Parallel()
+	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		n, _ := io.Copy(io.Discard, r.Body)
+		if r.Header.Get("Content-Type") == "application/grpc" {
+			w.Header().Set("Content-Type", "application/grpc")
+			w.Header().Set("Trailer", "Grpc-Status")
+			w.WriteHeader(http.StatusOK)
+			w.Header().Set("Grpc-Status", "0")
+			return
+		}
+		fmt.Fprint(w, n)
+	}))
+	cfg := testConfig(up)
+	cfg.IdleTimeout = time.Hour // PROXY_IDLE_TIMEOUT, for bodies: not tested here
+	var limits time.Duration
+	tp := startProxy(t, cfg, func(s *Server) {
+		s.keepAlive, s.pingAfter, s.pingWait = time.Second, 2*time.Second, time.Second
+		limits = s.keepAlive + s.pingAfter + s.pingWait
+	})
+	guard := 10*limits + 30*time.Second // a failure guard, not a measure
+
+	// upload opens stream id with a PUT of 5 bytes whose body has not
+	// started.
+	upload := func(c *frameConn, id uint32) error {
+		c.wmu.Lock()
+		defer c.wmu.Unlock()
+		return c.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, EndHeaders: true,
+			BlockFragment: c.block(pseudo(tp, "PUT", "/io/up", "content-length", "5")...)})
+	}
+	// first makes a request on stream 1 and waits for its answer: by then
+	// the client has acknowledged the server's SETTINGS, which it cannot do
+	// in the middle of a header block.
+	first := func(c *frameConn) error {
+		if err := c.request(1, pseudo(tp, "GET", "/first")...); err != nil {
+			return err
+		}
+		if ev, ok := c.waitAnswer(1); !ok || ev.Status != "200" {
+			return fmt.Errorf("the first request got %v", ev)
+		}
+		return nil
+	}
+	// unfinished sends the first part of a request head on stream id,
+	// without END_HEADERS; the client then answers no PING, as one in the
+	// middle of a header block cannot.
+	unfinished := func(c *frameConn, id uint32) error {
+		c.noPingAck.Store(true)
+		c.wmu.Lock()
+		defer c.wmu.Unlock()
+		return c.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, EndStream: true,
+			BlockFragment: c.block(pseudo(tp, "GET", "/never")...)})
+	}
+
+	type result struct {
+		name string
+		err  error // nil: closed as it should be
+	}
+	cases := []struct {
+		name string
+		open func(*frameConn) error
+	}{
+		{"preface and SETTINGS, then nothing", func(*frameConn) error { return nil }},
+		{"HEADERS without END_HEADERS", func(c *frameConn) error {
+			if err := first(c); err != nil {
+				return err
+			}
+			return unfinished(c, 3)
+		}},
+		{"CONTINUATION trickled", func(c *frameConn) error {
+			if err := first(c); err != nil {
+				return err
+			}
+			if err := unfinished(c, 3); err != nil {
+				return err
+			}
+			go func() {
+				// A field a frame, until the proxy cuts the
+				// connection (or the test ends: Close).
+				for {
+					select {
+					case <-c.closing:
+						return
+					case <-time.After(100 * time.Millisecond):
+					}
+					c.wmu.Lock()
+					c.ebuf.Reset()
+					c.enc.WriteField(hpack.HeaderField{Name: "x-trickle", Value: "t", Sensitive: true})
+					err := c.fr.WriteContinuation(3, false, c.ebuf.Bytes())
+					c.wmu.Unlock()
+					if err != nil {
+						return
+					}
+				}
+			}()
+			return nil
+		}},
+		{"HEADERS without END_HEADERS, another stream open", func(c *frameConn) error {
+			if err := first(c); err != nil {
+				return err
+			}
+			if err := upload(c, 3); err != nil {
+				return err
+			}
+			return unfinished(c, 5)
+		}},
+	}
+
+	// The connection that must stay: an upload and a gRPC call, both
+	// waiting for their bodies.
+	keep := dialH2(t, tp)
+	if err := upload(keep, 1); err != nil {
+		t.Fatal(err)
+	}
+	keep.wmu.Lock()
+	err := keep.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 3, EndHeaders: true,
+		BlockFragment: keep.block(pseudo(tp, "POST", "/tree.NodeChangesStreamer/StreamChanges",
+			"content-type", "application/grpc", "te", "trailers")...)})
+	keep.wmu.Unlock()
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	results := make(chan result, len(cases))
+	for _, tc := range cases {
+		c := dialH2(t, tp)
+		go func() {
+			if err := tc.open(c); err != nil {
+				results <- result{tc.name, fmt.Errorf("sending: %v", err)}
+				return
+			}
+			timeout := time.After(guard)
+			for {
+				select {
+				case ev, ok := <-c.events:
+					if !ok {
+						results <- result{tc.name, nil}
+						return
+					}
+					if ev.Type == http2.FrameGoAway && ev.Code != http2.ErrCodeNo {
+						results <- result{tc.name, fmt.Errorf("got %v, want the connection closed as idle", ev)}
+						return
+					}
+				case <-timeout:
+					results <- result{tc.name, fmt.Errorf("connection still open after %v", guard)}
+					return
+				}
+			}
+		}()
+	}
+	for range cases {
+		if r := <-results; r.err != nil {
+			t.Errorf("%s: %v", r.name, r.err)
+		}
+	}
+
+	// Every other connection is closed: the one whose streams wait for
+	// their bodies still carries them.
+	keep.wmu.Lock()
+	err = keep.fr.WriteData(1, true, []byte("hello"))
+	if err == nil {
+		err = keep.fr.WriteData(3, true, []byte{0, 0, 0, 0, 0}) // an empty gRPC message
+	}
+	keep.wmu.Unlock()
+	if err != nil {
+		t.Fatalf("the connection with open streams: %v", err)
+	}
+	// Both answers, in whatever order they come.
+	got := map[uint32]string{}
+	for ended := 0; ended < 2; {
+		ev := keep.wait(t, "the answers on the connection with open streams", func(ev frameEvent) bool {
+			return ev.Type == http2.FrameGoAway || ev.Type == http2.FrameRSTStream ||
+				ev.Type == http2.FrameHeaders || ev.Type == http2.FrameData
+		})
+		if ev.Type == http2.FrameGoAway {
+			t.Fatalf("the connection with open streams: got %v; answers so far %v", ev, got)
+		}
+		switch ev.Type {
+		case http2.FrameData:
+			got[ev.StreamID] += " " + string(ev.Data)
+		case http2.FrameHeaders:
+			if ev.Status != "" {
+				got[ev.StreamID] += ev.String()
+			}
+		default:
+			got[ev.StreamID] += ev.String()
+		}
+		if ev.End || ev.Type == http2.FrameRSTStream {
+			ended++
+		}
+	}
+	// Cells read the upload's 5 bytes; the gRPC call's answer is its
+	// status alone, in trailers.
+	for id, want := range map[uint32]string{1: ":status 200 5", 3: ":status 200"} {
+		if got[id] != want {
+			t.Errorf("the connection with open streams, stream %d: got %q, want %q", id, got[id], want)
+		}
+	}
 }
