@@ -45,7 +45,8 @@ import (
 // of silence), GOAWAY honoured (no new calls on the connection; calls above
 // its last stream ID, like those refused with REFUSED_STREAM, sent again on
 // another connection, up to three attempts, while at most 64 KiB of their
-// body was read, with the time left before their deadline as grpc-timeout),
+// body was read, with the time left before their deadline as grpc-timeout,
+// as a call that first waited for a dial or for a stream is sent),
 // the 1 MiB response header limit, header fields checked both ways,
 // trailers handed to the forwarder at the end of the body, and the
 // request's context resetting the stream (RST_STREAM CANCEL). It speaks
@@ -254,18 +255,23 @@ type grpcCall struct {
 	host, path string
 	fw         forwarded
 	// timeout, when set, is the grpc-timeout sent in place of the
-	// client's: the time left, on an attempt after the first (retime).
+	// client's: the time left, on an attempt that did not leave at once
+	// (retime).
 	timeout string
 }
 
 // retime sets the grpc-timeout of the call's next attempt to the time left
-// before its deadline, which serveGRPC set from the client's grpc-timeout.
-// The client's value counts from when it sent the call: sent again as it
-// came, it would tell Cells it has more time than its client waits, and
-// Cells would go on with work nobody takes. It reports false when no time
-// is left: the deadline has passed, though the proxy's timer may not have
-// fired yet. A call without a grpc-timeout the proxy took keeps the
-// client's fields as they came.
+// before its deadline, which serveGRPC set from the client's grpc-timeout:
+// for an attempt after the first, and for a first one that waited (for a
+// connection to be dialled, or for Cells to allow a stream on one; see
+// grpcUpstream.open). The client's value counts from when it sent the
+// call: sent as it came after such a wait, it would tell Cells it has more
+// time than its client waits, and Cells would go on with work nobody
+// takes. It reports false when no time is left: the deadline has passed,
+// though the proxy's timer may not have fired yet. A call without a
+// grpc-timeout the proxy took keeps the client's fields as they came, and
+// so does a first attempt that went at once (no time worth telling Cells
+// of has passed, and the common path allocates no new field).
 func (call *grpcCall) retime(ctx context.Context) bool {
 	if _, ok := parseGRPCTimeout(call.req.Header.Get("Grpc-Timeout")); !ok {
 		return true
@@ -385,9 +391,15 @@ var (
 // client) and the connection, of no use, is closed. A connection that
 // takes streams but has none free does not count: another is dialled, as
 // when calls outnumber the limit.
+//
+// A call that waited for a dial or for streams goes with the time left
+// before its deadline (retime), or, with none left, not at all
+// (errGRPCDeadline): a dial may take up to handshakeTimeout, a wait for
+// streams noStreamsWait.
 func (u *grpcUpstream) open(ctx context.Context, call *grpcCall, body io.ReadCloser) (*grpcStream, error) {
 	var fresh *grpcConn       // a connection that takes no stream, to wait on
 	var wait <-chan time.Time // the end of noStreamsWait, once started
+	waited := false
 	for {
 		if ctx.Err() != nil {
 			return nil, context.Cause(ctx)
@@ -402,6 +414,7 @@ func (u *grpcUpstream) open(ctx context.Context, call *grpcCall, body io.ReadClo
 			if err != nil && err != errH2GoAway && err != errH2Drained {
 				return nil, err
 			}
+			waited = true
 			// Cells raised its limit, or the connection is going away
 			// (the call was never sent: another connection takes it).
 			fresh = nil
@@ -423,6 +436,9 @@ func (u *grpcUpstream) open(ctx context.Context, call *grpcCall, body io.ReadClo
 		}
 		if c != nil {
 			u.mu.Unlock()
+			if waited && !call.retime(ctx) {
+				return nil, errGRPCDeadline
+			}
 			s, err := c.open(call, body)
 			if err != errH2Full {
 				return s, err
@@ -441,6 +457,7 @@ func (u *grpcUpstream) open(ctx context.Context, call *grpcCall, body io.ReadClo
 				if d.err != nil {
 					return nil, d.err
 				}
+				waited = true
 				continue
 			case <-ctx.Done():
 				return nil, context.Cause(ctx)
@@ -463,10 +480,15 @@ func (u *grpcUpstream) open(ctx context.Context, call *grpcCall, body io.ReadClo
 		// client reset it or its deadline passed, and was told so. It
 		// is not sent then (the loop returns its cause): Cells would do
 		// a call whose client may send it again, or did already.
+		waited = true
 		if err == nil && ctx.Err() == nil {
 			// Before the others see the connection: had another call
 			// taken its only stream, this one would dial again.
-			s, openErr = c.open(call, body)
+			if call.retime(ctx) {
+				s, openErr = c.open(call, body)
+			} else {
+				openErr = errGRPCDeadline
+			}
 		}
 		u.mu.Lock()
 		u.dialing = nil

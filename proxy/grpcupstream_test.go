@@ -1302,7 +1302,7 @@ func TestGRPCUpstreamBadResponseHeaders(t *testing.T) {
 // included) first, te: trailers, the client's metadata untouched,
 // forwarding fields set by the proxy (a client's forwarded, x-forwarded-*
 // and x-real-ip replaced), no connection-specific or other hop-by-hop
-// field, every name in lower case.
+// field, every name in lower case, grpc-timeout as the client sent it.
 func TestGRPCUpstreamRequestHeaders(t *testing.T) {
 	t.Parallel()
 	headers := make(chan []hpack.HeaderField, 1)
@@ -1311,6 +1311,12 @@ func TestGRPCUpstreamRequestHeaders(t *testing.T) {
 		echo(s)
 	})
 	tp := startPeerProxy(t, p)
+	// A call first, so that the one pinned goes at once on an open
+	// connection: one that waited for the dial carries the time left as
+	// its grpc-timeout (TestGRPCUpstreamWaitTimeLeft).
+	warm := grpcMsg([]byte("warm"))
+	checkOK(t, "first call", callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Echo", warm), warm)
+	recv(t, headers, "the first call at the upstream")
 
 	const authority = "cells.example.com:443"
 	body := grpcMsg([]byte("headers"))
@@ -1583,7 +1589,9 @@ func TestGRPCUpstreamRefusedSentAgain(t *testing.T) {
 // again with the time left before its deadline, not with the client's
 // grpc-timeout, which counts from when the client sent the call: Cells
 // would take the call for having more time than its client waits. The
-// first attempt carries the client's value as it came.
+// first attempt waited for the proxy to dial Cells, so it carries the time
+// left too (TestGRPCUpstreamWaitTimeLeft: one that went at once keeps the
+// client's value as it came); the second carries no more than the first.
 func TestGRPCUpstreamRetryTimeLeft(t *testing.T) {
 	t.Parallel()
 	for _, how := range []string{"refused-stream", "goaway"} {
@@ -1599,15 +1607,16 @@ func TestGRPCUpstreamRetryTimeLeft(t *testing.T) {
 			if len(timeouts) != 2 {
 				t.Fatalf("the upstream saw the call %d times, want 2", len(timeouts))
 			}
-			if got, want := timeouts[0], "30S"; got != want {
-				t.Errorf("first attempt: grpc-timeout %q, want the client's %q", got, want)
+			first, ok := parseGRPCTimeout(timeouts[0])
+			if !ok || first <= 0 || first > 30*time.Second {
+				t.Errorf("first attempt: grpc-timeout %q, want the time left: above 0 and at most the client's 30S", timeouts[0])
 			}
 			left, ok := parseGRPCTimeout(timeouts[1])
 			switch {
 			case !ok:
 				t.Errorf("second attempt: grpc-timeout %q is not one (at most 8 digits and a unit)", timeouts[1])
-			case left <= 0 || left >= 30*time.Second:
-				t.Errorf("second attempt: grpc-timeout %q (%v), want the time left: above 0 and below the client's 30S", timeouts[1], left)
+			case left <= 0 || left >= 30*time.Second || left > first:
+				t.Errorf("second attempt: grpc-timeout %q (%v), want the time left: above 0, below the client's 30S and at most the first attempt's %q", timeouts[1], left, timeouts[0])
 			case !strings.HasSuffix(timeouts[1], "u"):
 				// Just under 30 s is 3e10 ns, more than 8 digits: in
 				// microseconds it fits.
