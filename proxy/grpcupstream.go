@@ -49,9 +49,12 @@ import (
 // as a call that first waited for a dial or for a stream is sent),
 // the 1 MiB response header limit, header fields checked both ways,
 // trailers handed to the forwarder at the end of the body, and the
-// request's context resetting the stream (RST_STREAM CANCEL). It speaks
-// only what gRPC needs: no server push (disabled in SETTINGS), no 1xx
-// responses passed on, no priorities.
+// request's context resetting the stream (RST_STREAM CANCEL). Beyond what
+// that Transport did, a connection that carried no call for a minute is
+// closed (GOAWAY, then close; never one with a call open), as
+// IdleConnTimeout closes the HTTP/1.1 ones. It speaks only what gRPC
+// needs: no server push (disabled in SETTINGS), no 1xx responses passed
+// on, no priorities.
 type grpcUpstream struct {
 	addr             string
 	scheme           string      // :scheme sent: "https" or "http"
@@ -66,6 +69,9 @@ type grpcUpstream struct {
 	// How long a call waits on the connection it dialled when Cells lets
 	// no stream open on it (SETTINGS_MAX_CONCURRENT_STREAMS 0).
 	noStreamsWait time.Duration
+	// A connection that carried no call for this long, and at most twice
+	// as long, is closed (GOAWAY, then close); 0: never (idleCheck).
+	idleTimeout time.Duration
 
 	mu      sync.Mutex
 	conns   []*grpcConn
@@ -121,6 +127,16 @@ func newGRPCUpstream(addr string, tlsConf *tls.Config, dialer *net.Dialer) *grpc
 		// of its own (grpc-go sets none unless asked) is not held
 		// indefinitely.
 		noStreamsWait: 10 * time.Second,
+		// As the HTTP/1.1 pool to Cells (IdleConnTimeout in forward.go),
+		// and x/net's Transport with net/http's IdleConnTimeout. Without
+		// it a connection nothing uses stays open for good: those a burst
+		// of calls opened beyond Cells' stream limit, and one whose Cells
+		// went away without a FIN (a restarted container), which the
+		// next call would find dead only when its PING goes unanswered,
+		// 20 s later (UNAVAILABLE), or TCP keepalive minutes later. A
+		// connection with a call open is never idle: Cells Sync's
+		// StreamChanges keeps its own open for hours.
+		idleTimeout: 60 * time.Second,
 	}
 	if tlsConf != nil {
 		u.scheme = "https"
@@ -245,6 +261,7 @@ var (
 	errH2BodyClose = errors.New("cells-proxy: response body closed")
 	errH2PingLost  = errors.New("cells-proxy: upstream connection lost (PING not answered)")
 	errH2Drained   = errors.New("cells-proxy: connection drained after GOAWAY")
+	errH2Idle      = errors.New("cells-proxy: connection closed after carrying no call for its idle timeout")
 )
 
 // grpcCall is a client's call as it goes to Cells: the client's request
@@ -609,6 +626,9 @@ func (u *grpcUpstream) dial(ctx context.Context) (*grpcConn, error) {
 	nc.SetDeadline(time.Time{})
 	c.wbuf = appendFrameHeader(c.wbuf, 0, frameSettings, flagAck, 0)
 	c.ping = time.AfterFunc(u.pingEvery, c.health)
+	if u.idleTimeout > 0 {
+		c.idleTimer = time.AfterFunc(u.idleTimeout, c.idleCheck)
+	}
 	return c, nil
 }
 
@@ -620,6 +640,8 @@ type grpcConn struct {
 	br    *bufio.Reader
 	stamp atomic.Int64 // UnixNano of the last read from Cells
 	ping  *time.Timer
+	// idleCheck's timer; nil when idleTimeout is 0.
+	idleTimer *time.Timer
 
 	// Read loop only.
 	head       [9]byte // a frame header; here, not on readFrame's stack, where io.ReadFull would move it to the heap
@@ -658,6 +680,10 @@ type grpcConn struct {
 	recvConn   int64 // connection receive window left
 	recvAcked  int64 // bytes read by clients not yet given back on the connection
 	goaway     bool
+	// Streams opened and ended, counted (a wrapping counter): idleCheck
+	// compares it with its value at the previous check, idleMark.
+	activity uint32
+	idleMark uint32
 	// Closed when SETTINGS arrive or the connection fails, for a call
 	// waiting for Cells to allow streams (awaitStreams); nil when none
 	// waits.
@@ -893,6 +919,9 @@ func (c *grpcConn) failLocked(err error) {
 	if c.ping != nil {
 		c.ping.Stop()
 	}
+	if c.idleTimer != nil {
+		c.idleTimer.Stop()
+	}
 	for _, s := range c.streams {
 		s.failLocked(err)
 	}
@@ -903,7 +932,8 @@ func (c *grpcConn) failLocked(err error) {
 	go c.u.remove(c)
 }
 
-// goAwayLocked answers a protocol error of Cells' with GOAWAY and closes.
+// goAwayLocked answers a protocol error of Cells' with GOAWAY and closes;
+// idleCheck closes an idle connection with it too (NO_ERROR).
 func (c *grpcConn) goAwayLocked(code uint32, err error) {
 	if c.err == nil {
 		b := appendFrameHeader(nil, 8, frameGoAway, 0, 0)
@@ -915,6 +945,28 @@ func (c *grpcConn) goAwayLocked(code uint32, err error) {
 		}
 	}
 	c.failLocked(err)
+}
+
+// idleCheck runs every idleTimeout: it closes c, with GOAWAY NO_ERROR
+// (RFC 9113 §6.8: a graceful close), when c carried no call since the
+// previous check (no stream open now, none opened or ended since) and no
+// call waits on it for streams. A connection is so closed between one and
+// two idleTimeouts after its last call ended; counting streams rather than
+// taking the time when the last one ends keeps the clock, and the timer,
+// off the calls' path. Under c.mu, a call cannot open a stream meanwhile:
+// one that finds c closed goes on another connection (errH2Full).
+func (c *grpcConn) idleCheck() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.err != nil {
+		return
+	}
+	if len(c.streams) == 0 && c.waiting == 0 && c.activity == c.idleMark {
+		c.goAwayLocked(0, errH2Idle)
+		return
+	}
+	c.idleMark = c.activity
+	c.idleTimer.Reset(c.u.idleTimeout)
 }
 
 // health runs pingEvery after Cells was last heard from: while calls are
@@ -981,6 +1033,7 @@ func (c *grpcConn) open(call *grpcCall, body io.ReadCloser) (*grpcStream, error)
 	c.nextID += 2
 	c.lastID = s.id
 	c.streams[s.id] = s
+	c.activity++
 	c.appendHeaderBlock(s.id, body == nil)
 	if len(c.streams) == 1 && c.pingSent.IsZero() && time.Since(time.Unix(0, c.stamp.Load())) >= c.u.pingEvery {
 		// The first call on a connection Cells has been quiet on for
@@ -1705,6 +1758,7 @@ func (c *grpcConn) dropLocked(s *grpcStream) {
 	s.sentEnd, s.remoteEnd = true, true
 	if c.streams[s.id] == s {
 		delete(c.streams, s.id)
+		c.activity++
 	}
 	s.cond.Broadcast()
 	c.sendWait.Broadcast()
