@@ -43,10 +43,11 @@ import (
 // was heard for 5 min while calls are open and the connection dropped if
 // it is not answered in 20 s (and at once for the first call after 5 min
 // of silence), GOAWAY honoured (no new calls on the connection; calls above
-// its last stream ID, like those refused with REFUSED_STREAM, sent again on
-// another connection, up to three attempts, while at most 64 KiB of their
-// body was read, with the time left before their deadline as grpc-timeout,
-// as a call that first waited for a dial or for a stream is sent),
+// its last stream ID sent again on another connection, and those refused
+// with REFUSED_STREAM at once on whichever has room, up to three attempts,
+// while at most 64 KiB of their body was read, with the time left before
+// their deadline as grpc-timeout, as a call that first waited for a dial or
+// for a stream is sent),
 // the 1 MiB response header limit, header fields checked both ways,
 // trailers handed to the forwarder at the end of the body, and the
 // request's context resetting the stream (RST_STREAM CANCEL). Beyond what
@@ -338,7 +339,19 @@ func (u *grpcUpstream) do(call *grpcCall) (*http.Response, error) {
 		}
 		s.stop()
 		// Cells did not process the call (RFC 9113 §8.7): send it again,
-		// with what was read of the body and the rest as it comes.
+		// with what was read of the body and the rest as it comes. At
+		// once, and on whichever connection has room, which may be the
+		// one that refused it: grpc-go's client retries such a call once,
+		// at once, on the connection its picker gives (stream.go's
+		// shouldRetry), x/net's Transport at once then after 1 s, 2 s...,
+		// on its pool's connection. A server says why it refuses: a
+		// grpc-go server (Cells) refuses only streams beyond the limit its
+		// SETTINGS announced (its operateHeaders), which the proxy keeps
+		// to, and a connection that is going away sends GOAWAY, which
+		// makes the proxy use another. A server that lowers its limit
+		// sends the SETTINGS before the reset, so a connection the new
+		// limit fills takes no attempt either
+		// (TestGRPCUpstreamRefusedLimitLowered).
 		next, ok := s.handOver(attempt < 3)
 		if !ok {
 			return nil, s.err

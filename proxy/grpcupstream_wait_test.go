@@ -248,3 +248,59 @@ func TestGRPCUpstreamWaitPastDeadline(t *testing.T) {
 		t.Errorf("the upstream saw the call (grpc-timeout %q), want it not sent: no time was left", got)
 	}
 }
+
+// TestGRPCUpstreamRefusedLimitLowered: Cells lowers its stream limit
+// (SETTINGS_MAX_CONCURRENT_STREAMS 2, then 1) while a call is on its way,
+// and refuses that call (REFUSED_STREAM), the one above its new limit: a
+// server refuses a stream beyond the limit it announced (a grpc-go server,
+// Cells, for no other reason: its operateHeaders), and the SETTINGS reach
+// the proxy before the reset. The call is sent again, not on the
+// connection that refused it, which the new limit fills, but on a new one;
+// the client sees one successful call.
+func TestGRPCUpstreamRefusedLimitLowered(t *testing.T) {
+	t.Parallel()
+	held, release := make(chan *h2Stream, 1), make(chan struct{})
+	t.Cleanup(func() { close(release) })
+	var mu sync.Mutex
+	refused := 0
+	p := newH2Peer(t, h2PeerConfig{Settings: []http2.Setting{{ID: http2.SettingMaxConcurrentStreams, Val: 2}}}, func(s *h2Stream) {
+		body, err := s.readBody()
+		if err != nil {
+			return
+		}
+		if s.Get(":path") == "/pkg.Svc/Hold" {
+			held <- s
+			select {
+			case <-release:
+			case <-s.Done():
+				return
+			}
+			s.respond(body)
+			return
+		}
+		if s.c.N == 1 {
+			mu.Lock()
+			refused++
+			mu.Unlock()
+			s.c.write(func(fr *http2.Framer) error {
+				return fr.WriteSettings(http2.Setting{ID: http2.SettingMaxConcurrentStreams, Val: 1})
+			})
+			s.reset(http2.ErrCodeRefusedStream)
+			return
+		}
+		s.respond(body)
+	})
+	tp := startPeerProxy(t, p)
+	go callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Hold", grpcMsg(nil))
+	recv(t, held, "the held call at the upstream")
+	want := grpcMsg([]byte("refused once"))
+	checkOK(t, "call", callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Echo", want), want)
+	mu.Lock()
+	defer mu.Unlock()
+	if refused != 1 {
+		t.Errorf("the first connection refused the call %d times, want once", refused)
+	}
+	if n := p.Accepted.Load(); n != 2 {
+		t.Errorf("the upstream accepted %d connections, want 2 (the call sent again on a new one)", n)
+	}
+}
