@@ -81,9 +81,10 @@ type grpcUpstream struct {
 }
 
 type grpcDial struct {
-	done   chan struct{}
-	err    error
-	cancel context.CancelCauseFunc // Close ends the dial with errShutdown
+	done    chan struct{}
+	err     error
+	cancel  context.CancelCauseFunc // Close ends the dial with errShutdown
+	waiters int                     // calls that came to wait for it, under grpcUpstream.mu
 }
 
 func newGRPCUpstream(addr string, tlsConf *tls.Config, dialer *net.Dialer) *grpcUpstream {
@@ -481,6 +482,7 @@ func (u *grpcUpstream) open(ctx context.Context, call *grpcCall, body io.ReadClo
 			continue
 		}
 		if d := u.dialing; d != nil {
+			d.waiters++
 			u.mu.Unlock()
 			select {
 			case <-d.done:

@@ -55,6 +55,23 @@ func waitGRPCConn(t *testing.T, u *grpcUpstream, what string, cond func(c *grpcC
 	}
 }
 
+// waitGRPCDialWaiter waits, up to 10 s, until a call waits for the dial
+// another call started on u.
+func waitGRPCDialWaiter(t *testing.T, u *grpcUpstream) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+		u.mu.Lock()
+		ok := u.dialing != nil && u.dialing.waiters > 0
+		u.mu.Unlock()
+		if ok {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("timed out waiting for a call to wait for the dial")
+		}
+	}
+}
+
 // raiseStreams sends SETTINGS_MAX_CONCURRENT_STREAMS 100 on c.
 func raiseStreams(t *testing.T, c *h2PeerConn) {
 	t.Helper()
@@ -190,13 +207,23 @@ func TestGRPCUpstreamWaitTimeLeft(t *testing.T) {
 		cfg := testConfig(newUpstream(t, upPlain, &recorder{}))
 		cfg.GRPCUpstream = &url.URL{Scheme: "h2c", Host: relay}
 		tp := startProxy(t, cfg)
-		res := make(chan grpcResult, 1)
-		go func() { res <- callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Echo", want, "grpc-timeout", "30S") }()
+		res := make(chan grpcResult, 2)
+		call := func() { res <- callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Echo", want, "grpc-timeout", "30S") }
+		go call()
 		recv(t, accepted, "the proxy's dial")
+		// A second call, which waits for the first one's dial.
+		go call()
+		waitGRPCDialWaiter(t, tp.fwd.grpcUp)
 		time.Sleep(held) // a lower bound on the wait, not a bound on the proxy
 		close(release)
 		checkOK(t, "call", recv(t, res, "the call"), want)
-		checkLeft(t, seen.all())
+		checkOK(t, "call", recv(t, res, "the call"), want)
+		got := seen.all()
+		if len(got) != 2 {
+			t.Fatalf("the upstream saw %d calls, want 2", len(got))
+		}
+		checkLeft(t, got[:1])
+		checkLeft(t, got[1:])
 	})
 }
 
