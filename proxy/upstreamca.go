@@ -178,7 +178,13 @@ func (a *upstreamCA) configure(c *tls.Config, name string) {
 	a.mu.Unlock()
 	c.ClientSessionCache = s
 	c.InsecureSkipVerify = true
-	// The last certificate verified for name, and the pool that did.
+	// crypto/tls's config.time(): Config.Time, set only by tests.
+	now := time.Now
+	if c.Time != nil {
+		now = c.Time
+	}
+	// The last certificate verified for name, the pool that did, and
+	// when its chain is valid.
 	var last atomic.Pointer[verifiedLeaf]
 	c.VerifyConnection = func(cs tls.ConnectionState) error {
 		certs := cs.PeerCertificates
@@ -186,38 +192,67 @@ func (a *upstreamCA) configure(c *tls.Config, name string) {
 			return errors.New("tls: cells sent no certificate")
 		}
 		pool := a.pool.Load()
-		if v := last.Load(); cs.DidResume && v != nil && v.pool == pool && bytes.Equal(v.raw, certs[0].Raw) && time.Now().Before(certs[0].NotAfter) {
+		t := now()
+		if v := last.Load(); cs.DidResume && v != nil && v.pool == pool && bytes.Equal(v.raw, certs[0].Raw) && !t.Before(v.from) && !t.After(v.until) {
 			// A resumed session brings the certificate of its first
-			// handshake, verified then for name: crypto/tls checks
-			// only that it has not expired since (loadSession), and
-			// so does this, sparing the chain's signature checks
-			// (about 0.1 ms) on each new connection to Cells. A
-			// session verified with another pool is verified again.
+			// handshake, verified then for name. crypto/tls checks,
+			// before resuming, that a chain it verified then is still
+			// valid now with RootCAs (loadSession,
+			// anyValidVerifiedChain): so does this, with the chain
+			// found for this certificate with the current pool,
+			// sparing the chain's signature checks (about 0.1 ms) on
+			// each new connection to Cells. A session verified with
+			// another pool is verified again.
 			return nil
 		}
-		opts := x509.VerifyOptions{Roots: pool, DNSName: name}
+		opts := x509.VerifyOptions{Roots: pool, DNSName: name, CurrentTime: t}
 		if len(certs) > 1 {
 			opts.Intermediates = x509.NewCertPool()
 			for _, c := range certs[1:] {
 				opts.Intermediates.AddCert(c)
 			}
 		}
-		if _, err := certs[0].Verify(opts); err != nil {
+		chains, err := certs[0].Verify(opts)
+		if err != nil {
 			// The error crypto/tls returns: classify finds the
 			// x509 error inside.
 			return &tls.CertificateVerificationError{UnverifiedCertificates: certs, Err: err}
 		}
-		if v := last.Load(); v == nil || v.pool != pool || !bytes.Equal(v.raw, certs[0].Raw) {
-			last.Store(&verifiedLeaf{pool: pool, raw: certs[0].Raw})
+		from, until := validity(chains)
+		if v := last.Load(); v == nil || v.pool != pool || !bytes.Equal(v.raw, certs[0].Raw) || !v.from.Equal(from) || !v.until.Equal(until) {
+			last.Store(&verifiedLeaf{pool: pool, raw: certs[0].Raw, from: from, until: until})
 		}
 		return nil
 	}
 }
 
-// verifiedLeaf is a certificate of Cells found good with pool.
+// validity is when the longest lasting of chains is valid: every
+// certificate in it is, from the latest NotBefore to the earliest NotAfter.
+// An intermediate or a root may end before the leaf it signed.
+func validity(chains [][]*x509.Certificate) (from, until time.Time) {
+	for i, chain := range chains {
+		f, u := chain[0].NotBefore, chain[0].NotAfter
+		for _, c := range chain[1:] {
+			if c.NotBefore.After(f) {
+				f = c.NotBefore
+			}
+			if c.NotAfter.Before(u) {
+				u = c.NotAfter
+			}
+		}
+		if i == 0 || u.After(until) {
+			from, until = f, u
+		}
+	}
+	return from, until
+}
+
+// verifiedLeaf is a certificate of Cells found good with pool, through a
+// chain valid from from to until.
 type verifiedLeaf struct {
-	pool *x509.CertPool
-	raw  []byte
+	pool        *x509.CertPool
+	raw         []byte
+	from, until time.Time
 }
 
 // upstreamSessions is a client session cache that reset empties: one
