@@ -7,8 +7,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -578,6 +580,38 @@ func TestH2UnfinishedHeadClosed(t *testing.T) {
 	for id, want := range map[uint32]string{1: ":status 200 5", 3: ":status 200"} {
 		if got[id] != want {
 			t.Errorf("the connection with open streams, stream %d: got %q, want %q", id, got[id], want)
+		}
+	}
+}
+
+// TestServerTimeoutsAsBefore: the limits 4d8a295 made Server fields so
+// that tests shorten them keep their values in production: New sets them,
+// and every server of the proxy is made by newHTTPServer (the public
+// HTTP/2 and HTTP/1.1 ones, the PYDIO_GRPC_EXTERNAL one, the redirect),
+// but the health port's, which sets none of them.
+func TestServerTimeoutsAsBefore(t *testing.T) {
+	cfg := testConfig(nil)
+	cfg.Upstream = &url.URL{Scheme: "https", Host: "cells:8080"}
+	s, err := New(cfg, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name   string
+		protos func(*http.Protocols)
+	}{
+		{"HTTP/2 (public, PYDIO_GRPC_EXTERNAL)", func(p *http.Protocols) { p.SetUnencryptedHTTP2(true) }},
+		{"HTTP/1.1 (public, redirect)", func(p *http.Protocols) { p.SetHTTP1(true) }},
+	} {
+		srv := s.newHTTPServer(http.NotFoundHandler(), tc.protos)
+		if got, want := srv.IdleTimeout, 75*time.Second; got != want {
+			t.Errorf("%s: IdleTimeout %v, want %v", tc.name, got, want)
+		}
+		if got, want := srv.HTTP2.SendPingTimeout, 60*time.Second; got != want {
+			t.Errorf("%s: HTTP2.SendPingTimeout %v, want %v", tc.name, got, want)
+		}
+		if got, want := srv.HTTP2.PingTimeout, 20*time.Second; got != want {
+			t.Errorf("%s: HTTP2.PingTimeout %v, want %v", tc.name, got, want)
 		}
 	}
 }
