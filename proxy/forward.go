@@ -77,15 +77,23 @@ type forwarder struct {
 }
 
 func newForwarder(cfg *Config, log *slog.Logger) (*forwarder, error) {
+	inClear := cfg.Upstream != nil && cfg.Upstream.Scheme == "http" && (cfg.GRPCUpstream == nil || cfg.GRPCUpstream.Scheme == "h2c")
 	ca, err := newUpstreamCA(cfg.UpstreamCAFile, log)
 	if err != nil {
-		if cfg.Upstream != nil && cfg.Upstream.Scheme == "http" && (cfg.GRPCUpstream == nil || cfg.GRPCUpstream.Scheme == "h2c") {
+		if inClear {
 			// Topology B: a Cells run with CELLS_SITE_NO_TLS=1 writes
 			// no certs/rootCA.pem, and a restarted proxy would wait
 			// for it for ever.
 			err = fmt.Errorf("%w; nothing uses it with an http:// CELLS_UPSTREAM and gRPC in clear: unset CELLS_UPSTREAM_CA_FILE", err)
 		}
 		return nil, err
+	}
+	if inClear {
+		// Topology B: no connection to Cells verifies a certificate
+		// (Validate warns that the file does nothing). Not watched:
+		// Cells may remove or rewrite it, which is no news, and its
+		// lines would say it "keeps verifying Cells".
+		ca = nil
 	}
 	f := &forwarder{cfg: cfg, log: log, proto: "https", ws: newTunnels(), probeToken: rand.Text(), ca: ca}
 	f.grpcCut, f.cutGRPC = context.WithCancel(context.Background())

@@ -12,8 +12,10 @@ import (
 	"io"
 	"math/big"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -224,4 +226,42 @@ func handshakeAt(t *testing.T, addr string, conf *tls.Config) (resumed bool, err
 		t.Fatalf("reading the server's byte: %v", err)
 	}
 	return tc.ConnectionState().DidResume, nil
+}
+
+// TestUpstreamCAUnusedNotWatched: with Cells in clear and gRPC with it
+// (topology B), nothing verifies a certificate of Cells, and a
+// CELLS_UPSTREAM_CA_FILE left set gets one warning at start ("does
+// nothing"). The file is not watched then: Cells run with
+// CELLS_SITE_NO_TLS=1 may remove or rewrite it, and SIGHUP must not
+// answer with an error, nor a poll log that it "keeps verifying Cells".
+func TestUpstreamCAUnusedNotWatched(t *testing.T) {
+	setCertPollInterval(t, time.Hour)
+	up := newUpstream(t, upPlain, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") }))
+	caFile := filepath.Join(t.TempDir(), "rootCA.pem")
+	if err := os.WriteFile(caFile, newTestCA(t, "cells root").PEM(), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg := testConfig(up)
+	cfg.UpstreamCAFile = caFile
+	p := startProxy(t, cfg)
+	if err := os.Remove(caFile); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Reload(); err != nil {
+		t.Errorf("Reload() with the unused CA file removed = %v, want nil", err)
+	}
+	if p.fwd.ca != nil {
+		p.fwd.ca.poll()
+	}
+	if log := p.Log.String(); strings.Contains(log, "CELLS_UPSTREAM_CA_FILE") {
+		t.Errorf("log names the unused CELLS_UPSTREAM_CA_FILE:\n%s", log)
+	}
+	res, err := p.H1.Get(p.URL + "/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Body.Close()
+	if got, want := res.StatusCode, http.StatusOK; got != want {
+		t.Errorf("GET through the proxy: status %d, want %d", got, want)
+	}
 }
