@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"os"
 	"strings"
 	"time"
 
@@ -29,6 +30,16 @@ import (
 //     (§6.5.3). net/http hangs up on any repeat. h2conn keeps the last value
 //     of each setting, which is what processing them in order leaves. An
 //     invalid value still reaches net/http, with nothing after it.
+//   - A request head must arrive within PROXY_READ_HEADER_TIMEOUT, as on
+//     HTTP/1.1 and as nginx applies client_header_timeout to an HTTP/2
+//     header block (ngx_http_v2_state_headers_save). net/http's HTTP/2
+//     server has no such limit: a HEADERS frame whose CONTINUATION never
+//     comes, or trickles, held the connection until its idle limit (75 s)
+//     or, with another stream open, its PING (80 s). h2conn gives a block
+//     left open by its HEADERS frame a read deadline, counted from that
+//     frame and not renewed by CONTINUATIONs; when it passes, net/http gets
+//     a frame that is a connection error in the middle of a block, and
+//     closes the connection with GOAWAY (readHeaderExpired).
 //
 // To know a header block's fields h2conn decodes every block with its own
 // HPACK decoder, in step with net/http's: both see the same bytes, and the
@@ -44,6 +55,12 @@ type h2conn struct {
 	net.Conn
 	maxFrame int // the largest frame payload h2conn inspects
 	maxList  int // the server's header list limit, as its framer counts it
+	// readHeader bounds a header block left open by its HEADERS frame
+	// (PROXY_READ_HEADER_TIMEOUT); 0: no bound. Only an open block arms
+	// the read deadline: a HEADERS frame with END_HEADERS, nearly every
+	// request, costs nothing more.
+	readHeader time.Duration
+	armed      bool // the read deadline bounds the open block
 
 	pass int    // bytes to pass through before the next frame header
 	out  []byte // inspected bytes not yet read
@@ -95,12 +112,25 @@ var malformedField = func() []byte {
 	return append([]byte{0x00, byte(len(name))}, append([]byte(name), 0x00)...)
 }()
 
+// readHeaderExpired is what net/http reads in place of the rest of a
+// header block that did not arrive within readHeader: a frame of an unknown
+// type, empty, which in the middle of a block is a connection error of type
+// PROTOCOL_ERROR (RFC 9113 §5.5, §6.10). net/http sends GOAWAY with it, the
+// last stream it opened, so the client knows the unfinished request was not
+// processed (§6.8), and closes the connection a second later. RFC 9113 has
+// no code for a timeout; nginx ends an HTTP/2 connection whose read timed
+// out with PROTOCOL_ERROR (ngx_http_v2_read_handler), and resets a stream
+// whose head timed out with it (ngx_http_v2_close_stream). NO_ERROR would
+// announce a graceful shutdown, and net/http cannot be made to send it.
+var readHeaderExpired = []byte{0, 0, 0, 0xff, 0, 0, 0, 0, 0}
+
 // newH2Conn filters c, whose reader is about to send the client preface.
 // maxFrame is the server's SETTINGS_MAX_FRAME_SIZE, maxString the longest
 // header string it accepts (net/http: MaxHeaderBytes and a little) and
-// maxList its header list limit (h2MaxHeaderList).
-func newH2Conn(c net.Conn, maxFrame, maxString, maxList int) *h2conn {
-	h := &h2conn{Conn: c, maxFrame: maxFrame, maxList: maxList, pass: len(clientPreface)}
+// maxList its header list limit (h2MaxHeaderList). readHeader bounds a
+// header block (PROXY_READ_HEADER_TIMEOUT); 0: no bound.
+func newH2Conn(c net.Conn, maxFrame, maxString, maxList int, readHeader time.Duration) *h2conn {
+	h := &h2conn{Conn: c, maxFrame: maxFrame, maxList: maxList, pass: len(clientPreface), readHeader: readHeader}
 	h.dec = hpack.NewDecoder(hpackTableSize, h.field)
 	h.dec.SetMaxStringLength(maxString)
 	return h
@@ -117,6 +147,9 @@ func (h *h2conn) Read(p []byte) (int, error) {
 			}
 			return n, nil
 		case h.off:
+			if h.armed {
+				h.disarm() // net/http ends the connection: no block to bound
+			}
 			return h.Conn.Read(p)
 		case h.pass > 0:
 			if len(p) > h.pass {
@@ -186,6 +219,15 @@ func (h *h2conn) frame() error {
 		h.bad, h.invalid, h.regular, h.sawTE = false, false, false, false
 		h.remain, h.truncated = h.maxList, false
 		h.decode(frag, flags)
+		if h.inBlock && !h.off && h.readHeader > 0 {
+			// The block goes on in CONTINUATION frames: all of it
+			// within readHeader from here, however they trickle.
+			// Nothing else reads the connection meanwhile (net/http's
+			// reader is in this Read), and net/http's HTTP/2 server
+			// sets no read deadline of its own (ReadTimeout is 0).
+			h.Conn.SetReadDeadline(time.Now().Add(h.readHeader))
+			h.armed = true
+		}
 	case frameContinuation:
 		if !h.inBlock || stream != h.stream {
 			h.off = true // a connection error for net/http
@@ -208,6 +250,9 @@ func (h *h2conn) decode(frag []byte, flags byte) {
 		return
 	}
 	h.inBlock = false
+	if h.armed {
+		h.disarm()
+	}
 	if err := h.dec.Close(); err != nil {
 		h.off = true
 		return
@@ -295,9 +340,21 @@ func validWireName(name string) bool {
 	return true
 }
 
+// disarm lifts the read deadline of an open block.
+func (h *h2conn) disarm() {
+	h.armed = false
+	h.Conn.SetReadDeadline(time.Time{})
+}
+
 // giveUp hands on the bytes read before err and passes everything after.
+// If err is the open block's deadline, net/http gets readHeaderExpired
+// instead: a frame read in part is dropped with the connection.
 func (h *h2conn) giveUp(read []byte, err error) error {
 	h.off = true
+	if h.armed && errors.Is(err, os.ErrDeadlineExceeded) {
+		h.out = readHeaderExpired
+		return nil
+	}
 	if len(read) == 0 {
 		return err
 	}
@@ -414,6 +471,7 @@ func putLength(hdr []byte, n int) {
 type h2Listener struct {
 	net.Listener
 	maxFrame, maxString, maxList int
+	readHeader                   time.Duration // h2conn's
 	stall                        time.Duration // writeBehind's
 }
 
@@ -422,5 +480,5 @@ func (l h2Listener) Accept() (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	return newWriteBehind(newH2Conn(c, l.maxFrame, l.maxString, l.maxList), l.stall), nil
+	return newWriteBehind(newH2Conn(c, l.maxFrame, l.maxString, l.maxList, l.readHeader), l.stall), nil
 }

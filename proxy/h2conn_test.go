@@ -321,7 +321,7 @@ func filterBytes(t testing.TB, in []byte) []byte {
 		client.Write(in)
 		client.(*net.TCPConn).CloseWrite()
 	}()
-	out, err := io.ReadAll(newH2Conn(server, maxFrameSize, 1<<20, 1<<20))
+	out, err := io.ReadAll(newH2Conn(server, maxFrameSize, 1<<20, 1<<20, 0))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -58,8 +58,7 @@ type Server struct {
 	watchEvery time.Duration
 	// keepAlive, pingAfter and pingWait are the servers' IdleTimeout and
 	// HTTP/2 SendPingTimeout and PingTimeout (keepAliveTimeout,
-	// h2PingAfter, h2PingWait): they alone end an HTTP/2 connection whose
-	// client never finishes a request head. Tests shorten them.
+	// h2PingAfter, h2PingWait). Tests change them.
 	keepAlive, pingAfter, pingWait time.Duration
 }
 
@@ -296,28 +295,23 @@ func addrOf(ln net.Listener) net.Addr {
 // several GB and gRPC streams that live for hours cross these servers; the
 // exchange watchdog and PROXY_WS_IDLE_TIMEOUT bound idleness instead.
 func (s *Server) newHTTPServer(h http.Handler, protos func(*http.Protocols)) *http.Server {
-	readHeader, maxHeader := s.cfg.ReadHeaderTimeout, s.maxHeaderBytes()
-	if readHeader <= 0 {
-		readHeader = 30 * time.Second
-	}
 	srv := &http.Server{
 		Handler: h,
 		// Slowloris: the request line and headers must all arrive in time
-		// (PROXY_READ_HEADER_TIMEOUT).
-		ReadHeaderTimeout: readHeader,
+		// (PROXY_READ_HEADER_TIMEOUT). net/http's HTTP/2 server does not
+		// read it: h2conn bounds an HTTP/2 header block with it.
+		ReadHeaderTimeout: s.readHeaderTimeout(),
 		// Keep-alive between requests, as nginx's keepalive_timeout.
 		// On HTTP/2 it is also what closes a connection whose client
-		// never finishes a request head (nothing else does: net/http's
-		// HTTP/2 server reads no ReadHeaderTimeout), whether it sends
-		// nothing after its SETTINGS or a HEADERS frame whose
-		// CONTINUATION never comes or trickles: the block opens no
-		// stream, so the connection counts as idle from its last
-		// stream's end, whatever frames arrive.
+		// sends nothing after its preface and SETTINGS, as nginx's
+		// keepalive_timeout does once it has read them: a preconnected
+		// browser connection gets the same 75 s as one that has served
+		// requests.
 		IdleTimeout: s.keepAlive,
 		// Cells' cookies and JWTs fit well within the default 64 KiB; nginx
 		// allows 32 KiB. The HTTP/2 server derives SETTINGS_MAX_HEADER_LIST_SIZE
 		// from it and closes a connection whose CONTINUATION frames go past it.
-		MaxHeaderBytes: maxHeader,
+		MaxHeaderBytes: s.maxHeaderBytes(),
 		ErrorLog:       serverErrorLog(s.log),
 		BaseContext:    func(net.Listener) context.Context { return s.baseCtx },
 		// Per-connection state for the HTTP/2 rapid-reset guard (forward.go).
@@ -340,12 +334,7 @@ func (s *Server) newHTTPServer(h http.Handler, protos func(*http.Protocols)) *ht
 			MaxReceiveBufferPerConnection: 8 << 20,
 			MaxReceiveBufferPerStream:     4 << 20,
 			// Keep NAT paths of idle Cells Sync connections open and
-			// notice dead clients. It also closes a connection whose
-			// header block does not end while another stream is open
-			// (the idle limit does not run then): the server counts
-			// only whole frames as read, and in the middle of a block
-			// the client cannot answer the PING, any frame but
-			// CONTINUATION being a connection error (RFC 9113 §6.10).
+			// notice dead clients.
 			SendPingTimeout: s.pingAfter,
 			PingTimeout:     s.pingWait,
 		},
@@ -371,6 +360,14 @@ const (
 // maxFrameSize is the HTTP/2 servers' SETTINGS_MAX_FRAME_SIZE.
 const maxFrameSize = 16 << 10
 
+// readHeaderTimeout is PROXY_READ_HEADER_TIMEOUT, 30 s if unset.
+func (s *Server) readHeaderTimeout() time.Duration {
+	if d := s.cfg.ReadHeaderTimeout; d > 0 {
+		return d
+	}
+	return 30 * time.Second
+}
+
 func (s *Server) maxHeaderBytes() int {
 	if s.cfg.MaxHeaderBytes > 0 {
 		return s.cfg.MaxHeaderBytes
@@ -380,10 +377,12 @@ func (s *Server) maxHeaderBytes() int {
 
 // h2Listener puts h2conn's filter in front of an HTTP/2 server. Its HPACK
 // strings may be as long as net/http's (MaxHeaderBytes and 4 KiB) and more;
-// its header list limit is the server's, to the byte.
+// its header list limit is the server's, to the byte. A header block must
+// end within PROXY_READ_HEADER_TIMEOUT, on the gRPC port too (whose
+// server's ReadHeaderTimeout bounds the handshake instead).
 func (s *Server) h2Listener(ln net.Listener) net.Listener {
 	return h2Listener{Listener: ln, maxFrame: maxFrameSize, maxString: 2*s.maxHeaderBytes() + 8<<10,
-		maxList: h2MaxHeaderList(s.maxHeaderBytes()), stall: s.h2WriteStall()}
+		maxList: h2MaxHeaderList(s.maxHeaderBytes()), readHeader: s.readHeaderTimeout(), stall: s.h2WriteStall()}
 }
 
 // h2SendTimeout is nginx's send_timeout: an HTTP/2 client whose socket

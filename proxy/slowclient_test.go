@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -371,23 +372,11 @@ func TestClientAbortsUpload(t *testing.T) {
 	})
 }
 
-// TestH2UnfinishedHeadClosed: net/http's HTTP/2 server reads no
-// ReadHeaderTimeout, so what ends a connection whose client never finishes
-// a request head is its idle limit (IdleTimeout: the unfinished block opens
-// no stream) or, when another stream is open, its PING, which the client
-// cannot answer in the middle of a header block (RFC 9113 §6.10). Each case
-// is a connection that must be closed, without a GOAWAY other than
-// NO_ERROR: preface and SETTINGS then nothing; a HEADERS frame without
-// END_HEADERS and no CONTINUATION; CONTINUATION frames trickled; the
-// unfinished block while a stream is open. A connection whose streams are
-// open and wait for their bodies (an upload not started, a gRPC stream:
-// Cells Sync's stay quiet for hours) and that answers PINGs is not cut:
-// once every other connection is closed, its streams still complete. The
-// limits are shortened here (75 s, 60 s and 20 s in the proxy); the test
-// fails if either goes.
-func TestH2UnfinishedHeadClosed(t *testing.T) {
-	t.Parallel()
-	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+// h2HeadUpstream is Cells for the unfinished-head tests: it reads the
+// body, answers a gRPC call with its status alone, in trailers, and any
+// other request with the length of its body.
+func h2HeadUpstream(t *testing.T) *testUpstream {
+	return newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		n, _ := io.Copy(io.Discard, r.Body)
 		if r.Header.Get("Content-Type") == "application/grpc" {
 			w.Header().Set("Content-Type", "application/grpc")
@@ -398,163 +387,100 @@ func TestH2UnfinishedHeadClosed(t *testing.T) {
 		}
 		fmt.Fprint(w, n)
 	}))
-	cfg := testConfig(up)
-	cfg.IdleTimeout = time.Hour // PROXY_IDLE_TIMEOUT, for bodies: not tested here
-	var limits time.Duration
-	tp := startProxy(t, cfg, func(s *Server) {
-		s.keepAlive, s.pingAfter, s.pingWait = time.Second, 2*time.Second, time.Second
-		limits = s.keepAlive + s.pingAfter + s.pingWait
-	})
-	guard := 10*limits + 30*time.Second // a failure guard, not a measure
+}
 
-	// upload opens stream id with a PUT of 5 bytes whose body has not
-	// started.
-	upload := func(c *frameConn, id uint32) error {
-		c.wmu.Lock()
-		defer c.wmu.Unlock()
-		return c.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, EndHeaders: true,
-			BlockFragment: c.block(pseudo(tp, "PUT", "/io/up", "content-length", "5")...)})
+// h2Upload opens stream id with a PUT of 5 bytes whose body has not
+// started.
+func h2Upload(tp *testProxy, c *frameConn, id uint32) error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	return c.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, EndHeaders: true,
+		BlockFragment: c.block(pseudo(tp, "PUT", "/io/up", "content-length", "5")...)})
+}
+
+// h2First makes a request on stream 1 and waits for its answer: by then
+// the client has acknowledged the server's SETTINGS, which it cannot do in
+// the middle of a header block.
+func h2First(tp *testProxy, c *frameConn) error {
+	if err := c.request(1, pseudo(tp, "GET", "/first")...); err != nil {
+		return err
 	}
-	// first makes a request on stream 1 and waits for its answer: by then
-	// the client has acknowledged the server's SETTINGS, which it cannot do
-	// in the middle of a header block.
-	first := func(c *frameConn) error {
-		if err := c.request(1, pseudo(tp, "GET", "/first")...); err != nil {
-			return err
+	if ev, ok := c.waitAnswer(1); !ok || ev.Status != "200" {
+		return fmt.Errorf("the first request got %v", ev)
+	}
+	return nil
+}
+
+// h2Unfinished sends the first part of a request head on stream id,
+// without END_HEADERS; the client then answers no PING, as one in the
+// middle of a header block cannot.
+func h2Unfinished(tp *testProxy, c *frameConn, id uint32) error {
+	c.noPingAck.Store(true)
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	return c.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, EndStream: true,
+		BlockFragment: c.block(pseudo(tp, "GET", "/never")...)})
+}
+
+// h2Trickle sends a CONTINUATION frame of one field on stream id every
+// 100 ms, never ending the block, until the proxy cuts the connection or
+// the test ends (Close).
+func h2Trickle(c *frameConn, id uint32) {
+	go func() {
+		for {
+			select {
+			case <-c.closing:
+				return
+			case <-time.After(100 * time.Millisecond):
+			}
+			c.wmu.Lock()
+			c.ebuf.Reset()
+			c.enc.WriteField(hpack.HeaderField{Name: "x-trickle", Value: "t", Sensitive: true})
+			err := c.fr.WriteContinuation(id, false, c.ebuf.Bytes())
+			c.wmu.Unlock()
+			if err != nil {
+				return
+			}
 		}
-		if ev, ok := c.waitAnswer(1); !ok || ev.Status != "200" {
-			return fmt.Errorf("the first request got %v", ev)
-		}
-		return nil
-	}
-	// unfinished sends the first part of a request head on stream id,
-	// without END_HEADERS; the client then answers no PING, as one in the
-	// middle of a header block cannot.
-	unfinished := func(c *frameConn, id uint32) error {
-		c.noPingAck.Store(true)
-		c.wmu.Lock()
-		defer c.wmu.Unlock()
-		return c.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, EndStream: true,
-			BlockFragment: c.block(pseudo(tp, "GET", "/never")...)})
-	}
+	}()
+}
 
-	type result struct {
-		name string
-		err  error // nil: closed as it should be
-	}
-	cases := []struct {
-		name string
-		open func(*frameConn) error
-	}{
-		{"preface and SETTINGS, then nothing", func(*frameConn) error { return nil }},
-		{"HEADERS without END_HEADERS", func(c *frameConn) error {
-			if err := first(c); err != nil {
-				return err
-			}
-			return unfinished(c, 3)
-		}},
-		{"CONTINUATION trickled", func(c *frameConn) error {
-			if err := first(c); err != nil {
-				return err
-			}
-			if err := unfinished(c, 3); err != nil {
-				return err
-			}
-			go func() {
-				// A field a frame, until the proxy cuts the
-				// connection (or the test ends: Close).
-				for {
-					select {
-					case <-c.closing:
-						return
-					case <-time.After(100 * time.Millisecond):
-					}
-					c.wmu.Lock()
-					c.ebuf.Reset()
-					c.enc.WriteField(hpack.HeaderField{Name: "x-trickle", Value: "t", Sensitive: true})
-					err := c.fr.WriteContinuation(3, false, c.ebuf.Bytes())
-					c.wmu.Unlock()
-					if err != nil {
-						return
-					}
-				}
-			}()
-			return nil
-		}},
-		{"HEADERS without END_HEADERS, another stream open", func(c *frameConn) error {
-			if err := first(c); err != nil {
-				return err
-			}
-			if err := upload(c, 3); err != nil {
-				return err
-			}
-			return unfinished(c, 5)
-		}},
-	}
-
-	// The connection that must stay: an upload and a gRPC call, both
-	// waiting for their bodies.
-	keep := dialH2(t, tp)
-	if err := upload(keep, 1); err != nil {
+// h2OpenWaiting opens an upload on stream 1 and a gRPC call on stream 3,
+// both waiting for their bodies (Cells Sync's streams stay quiet for
+// hours).
+func h2OpenWaiting(t *testing.T, tp *testProxy, c *frameConn) {
+	t.Helper()
+	if err := h2Upload(tp, c, 1); err != nil {
 		t.Fatal(err)
 	}
-	keep.wmu.Lock()
-	err := keep.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 3, EndHeaders: true,
-		BlockFragment: keep.block(pseudo(tp, "POST", "/tree.NodeChangesStreamer/StreamChanges",
+	c.wmu.Lock()
+	err := c.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 3, EndHeaders: true,
+		BlockFragment: c.block(pseudo(tp, "POST", "/tree.NodeChangesStreamer/StreamChanges",
 			"content-type", "application/grpc", "te", "trailers")...)})
-	keep.wmu.Unlock()
+	c.wmu.Unlock()
 	if err != nil {
 		t.Fatal(err)
 	}
+}
 
-	results := make(chan result, len(cases))
-	for _, tc := range cases {
-		c := dialH2(t, tp)
-		go func() {
-			if err := tc.open(c); err != nil {
-				results <- result{tc.name, fmt.Errorf("sending: %v", err)}
-				return
-			}
-			timeout := time.After(guard)
-			for {
-				select {
-				case ev, ok := <-c.events:
-					if !ok {
-						results <- result{tc.name, nil}
-						return
-					}
-					if ev.Type == http2.FrameGoAway && ev.Code != http2.ErrCodeNo {
-						results <- result{tc.name, fmt.Errorf("got %v, want the connection closed as idle", ev)}
-						return
-					}
-				case <-timeout:
-					results <- result{tc.name, fmt.Errorf("connection still open after %v", guard)}
-					return
-				}
-			}
-		}()
-	}
-	for range cases {
-		if r := <-results; r.err != nil {
-			t.Errorf("%s: %v", r.name, r.err)
-		}
-	}
-
-	// Every other connection is closed: the one whose streams wait for
-	// their bodies still carries them.
-	keep.wmu.Lock()
-	err = keep.fr.WriteData(1, true, []byte("hello"))
+// h2FinishWaiting sends the bodies of h2OpenWaiting's streams and checks
+// both answers: Cells read the upload's 5 bytes; the gRPC call's answer is
+// its status alone, in trailers.
+func h2FinishWaiting(t *testing.T, c *frameConn) {
+	t.Helper()
+	c.wmu.Lock()
+	err := c.fr.WriteData(1, true, []byte("hello"))
 	if err == nil {
-		err = keep.fr.WriteData(3, true, []byte{0, 0, 0, 0, 0}) // an empty gRPC message
+		err = c.fr.WriteData(3, true, []byte{0, 0, 0, 0, 0}) // an empty gRPC message
 	}
-	keep.wmu.Unlock()
+	c.wmu.Unlock()
 	if err != nil {
 		t.Fatalf("the connection with open streams: %v", err)
 	}
 	// Both answers, in whatever order they come.
 	got := map[uint32]string{}
 	for ended := 0; ended < 2; {
-		ev := keep.wait(t, "the answers on the connection with open streams", func(ev frameEvent) bool {
+		ev := c.wait(t, "the answers on the connection with open streams", func(ev frameEvent) bool {
 			return ev.Type == http2.FrameGoAway || ev.Type == http2.FrameRSTStream ||
 				ev.Type == http2.FrameHeaders || ev.Type == http2.FrameData
 		})
@@ -575,8 +501,6 @@ func TestH2UnfinishedHeadClosed(t *testing.T) {
 			ended++
 		}
 	}
-	// Cells read the upload's 5 bytes; the gRPC call's answer is its
-	// status alone, in trailers.
 	for id, want := range map[uint32]string{1: ":status 200 5", 3: ":status 200"} {
 		if got[id] != want {
 			t.Errorf("the connection with open streams, stream %d: got %q, want %q", id, got[id], want)
@@ -614,4 +538,255 @@ func TestServerTimeoutsAsBefore(t *testing.T) {
 			t.Errorf("%s: HTTP2.PingTimeout %v, want %v", tc.name, got, want)
 		}
 	}
+}
+
+// h2AwaitClose waits, up to guard, for the server to close c. It returns
+// the error code of the server's GOAWAY (-1: none came) or an error if the
+// connection is still open.
+func h2AwaitClose(c *frameConn, guard time.Duration) (goaway int64, err error) {
+	goaway = -1
+	timeout := time.After(guard)
+	for {
+		select {
+		case ev, ok := <-c.events:
+			if !ok {
+				return goaway, nil
+			}
+			if ev.Type == http2.FrameGoAway && goaway < 0 {
+				goaway = int64(ev.Code)
+			}
+		case <-timeout:
+			return goaway, fmt.Errorf("connection still open after %v", guard)
+		}
+	}
+}
+
+// TestH2UnfinishedHeadClosed: when PROXY_READ_HEADER_TIMEOUT is longer,
+// what ends a connection whose client never finishes a request head is
+// its idle limit (IdleTimeout: the unfinished block opens no stream) or,
+// when another stream is open, its PING, which the client cannot answer in
+// the middle of a header block (RFC 9113 §6.10). Each case is a connection
+// that must be closed, without a GOAWAY other than NO_ERROR: preface and
+// SETTINGS then nothing; a HEADERS frame without END_HEADERS and no
+// CONTINUATION; CONTINUATION frames trickled; the unfinished block while a
+// stream is open. A connection whose streams are open and wait for their
+// bodies (an upload not started, a gRPC stream: Cells Sync's stay quiet
+// for hours) and that answers PINGs is not cut: once every other
+// connection is closed, its streams still complete. The limits are
+// shortened here (75 s, 60 s and 20 s in the proxy); the test fails if
+// either goes. TestH2HeadTimeout has PROXY_READ_HEADER_TIMEOUT shorter.
+func TestH2UnfinishedHeadClosed(t *testing.T) {
+	t.Parallel()
+	up := h2HeadUpstream(t)
+	cfg := testConfig(up)
+	cfg.IdleTimeout = time.Hour       // PROXY_IDLE_TIMEOUT, for bodies: not tested here
+	cfg.ReadHeaderTimeout = time.Hour // longer than the limits tested here
+	var limits time.Duration
+	tp := startProxy(t, cfg, func(s *Server) {
+		s.keepAlive, s.pingAfter, s.pingWait = time.Second, 2*time.Second, time.Second
+		limits = s.keepAlive + s.pingAfter + s.pingWait
+	})
+	guard := 10*limits + 30*time.Second // a failure guard, not a measure
+
+	type result struct {
+		name string
+		err  error // nil: closed as it should be
+	}
+	cases := []struct {
+		name string
+		open func(*frameConn) error
+	}{
+		{"preface and SETTINGS, then nothing", func(*frameConn) error { return nil }},
+		{"HEADERS without END_HEADERS", func(c *frameConn) error {
+			if err := h2First(tp, c); err != nil {
+				return err
+			}
+			return h2Unfinished(tp, c, 3)
+		}},
+		{"CONTINUATION trickled", func(c *frameConn) error {
+			if err := h2First(tp, c); err != nil {
+				return err
+			}
+			if err := h2Unfinished(tp, c, 3); err != nil {
+				return err
+			}
+			h2Trickle(c, 3)
+			return nil
+		}},
+		{"HEADERS without END_HEADERS, another stream open", func(c *frameConn) error {
+			if err := h2First(tp, c); err != nil {
+				return err
+			}
+			if err := h2Upload(tp, c, 3); err != nil {
+				return err
+			}
+			return h2Unfinished(tp, c, 5)
+		}},
+	}
+
+	// The connection that must stay: an upload and a gRPC call, both
+	// waiting for their bodies.
+	keep := dialH2(t, tp)
+	h2OpenWaiting(t, tp, keep)
+
+	results := make(chan result, len(cases))
+	for _, tc := range cases {
+		c := dialH2(t, tp)
+		go func() {
+			if err := tc.open(c); err != nil {
+				results <- result{tc.name, fmt.Errorf("sending: %v", err)}
+				return
+			}
+			goaway, err := h2AwaitClose(c, guard)
+			if err == nil && goaway > 0 {
+				err = fmt.Errorf("got GOAWAY %v, want the connection closed as idle", http2.ErrCode(goaway))
+			}
+			results <- result{tc.name, err}
+		}()
+	}
+	for range cases {
+		if r := <-results; r.err != nil {
+			t.Errorf("%s: %v", r.name, r.err)
+		}
+	}
+
+	// Every other connection is closed: the one whose streams wait for
+	// their bodies still carries them.
+	h2FinishWaiting(t, keep)
+}
+
+// TestH2HeadTimeout: an HTTP/2 request head must arrive within
+// PROXY_READ_HEADER_TIMEOUT, as an HTTP/1.1 one, counted from its HEADERS
+// frame and not renewed by CONTINUATION frames (nginx's
+// client_header_timeout); the connection is then closed with GOAWAY
+// PROTOCOL_ERROR. The idle and PING limits are an hour here: only that
+// bound can close a connection in time. A head split over CONTINUATION
+// frames that ends in time is served, and its connection then kept past
+// the bound; an upload and a gRPC call that wait for their bodies longer
+// than it are not cut. Before h2conn bounded the block, the first three
+// cases stayed open until the guard.
+func TestH2HeadTimeout(t *testing.T) {
+	t.Parallel()
+	const readHeader = 300 * time.Millisecond
+	up := h2HeadUpstream(t)
+	cfg := testConfig(up)
+	cfg.IdleTimeout = time.Hour // PROXY_IDLE_TIMEOUT, for bodies: not tested here
+	cfg.ReadHeaderTimeout = readHeader
+	tp := startProxy(t, cfg, func(s *Server) {
+		s.keepAlive, s.pingAfter, s.pingWait = time.Hour, time.Hour, time.Hour
+	})
+	const guard = 30 * time.Second // a failure guard, not a measure
+
+	for _, tc := range []struct {
+		name string
+		open func(*frameConn) error
+	}{
+		{"HEADERS without END_HEADERS", func(c *frameConn) error {
+			if err := h2First(tp, c); err != nil {
+				return err
+			}
+			return h2Unfinished(tp, c, 3)
+		}},
+		{"CONTINUATION trickled", func(c *frameConn) error {
+			if err := h2First(tp, c); err != nil {
+				return err
+			}
+			if err := h2Unfinished(tp, c, 3); err != nil {
+				return err
+			}
+			h2Trickle(c, 3) // every 100 ms: a bound renewed by each would never pass
+			return nil
+		}},
+		{"HEADERS without END_HEADERS, another stream open", func(c *frameConn) error {
+			if err := h2First(tp, c); err != nil {
+				return err
+			}
+			if err := h2Upload(tp, c, 3); err != nil {
+				return err
+			}
+			return h2Unfinished(tp, c, 5)
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			c := dialH2(t, tp)
+			if err := tc.open(c); err != nil {
+				t.Fatalf("sending: %v", err)
+			}
+			goaway, err := h2AwaitClose(c, guard)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got, want := goaway, int64(http2.ErrCodeProtocol); got != want {
+				t.Errorf("GOAWAY code: got %d, want %d (PROTOCOL_ERROR)", got, want)
+			}
+		})
+	}
+
+	t.Run("head in CONTINUATION frames, in time, then a slow body", func(t *testing.T) {
+		t.Parallel()
+		c := dialH2(t, tp)
+		if err := h2First(tp, c); err != nil { // SETTINGS exchanged
+			t.Fatal(err)
+		}
+		// The whole head in one write, so that it arrives in time on a
+		// loaded machine: HEADERS and two CONTINUATION frames. Then a
+		// DATA frame begun, and its end only once the bound is well
+		// past: the bound of a head that ended must not cut its body.
+		blk := c.block(pseudo(tp, "PUT", "/split", "content-length", "5", "x-a", "1", "x-b", "2")...)
+		var buf bytes.Buffer
+		fr := http2.NewFramer(&buf, nil)
+		third := len(blk) / 3
+		fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 3, BlockFragment: blk[:third]})
+		fr.WriteContinuation(3, false, blk[third:2*third])
+		fr.WriteContinuation(3, true, blk[2*third:])
+		fr.WriteData(3, true, []byte("hello"))
+		wire := buf.Bytes()
+		// No other frame (a PING's answer) between the two parts.
+		c.wmu.Lock()
+		_, err := c.conn.Write(wire[:len(wire)-3])
+		if err == nil {
+			time.Sleep(5 * readHeader)
+			_, err = c.conn.Write(wire[len(wire)-3:])
+		}
+		c.wmu.Unlock()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got string
+		for {
+			ev := c.wait(t, "the answer to the split head", func(ev frameEvent) bool {
+				return ev.Type == http2.FrameGoAway || ev.StreamID == 3
+			})
+			switch ev.Type {
+			case http2.FrameData:
+				got += " " + string(ev.Data)
+			default:
+				got += ev.String()
+			}
+			if ev.End || ev.Type == http2.FrameGoAway || ev.Type == http2.FrameRSTStream {
+				break
+			}
+		}
+		if want := ":status 200 5"; got != want {
+			t.Fatalf("the split head and its slow body: got %q, want %q", got, want)
+		}
+		// Idle for several times the bound: the keep-alive (an hour
+		// here) applies.
+		time.Sleep(5 * readHeader)
+		if err := c.request(5, pseudo(tp, "GET", "/after")...); err != nil {
+			t.Fatalf("the next request: %v", err)
+		}
+		if got, want := c.answer(t, 5).String(), ":status 200"; got != want {
+			t.Errorf("the next request: got %s, want %s", got, want)
+		}
+	})
+
+	t.Run("upload and gRPC call waiting for their bodies", func(t *testing.T) {
+		t.Parallel()
+		c := dialH2(t, tp)
+		h2OpenWaiting(t, tp, c)
+		time.Sleep(5 * readHeader) // their heads ended: no bound runs
+		h2FinishWaiting(t, c)
+	})
 }
