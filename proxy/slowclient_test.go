@@ -663,7 +663,7 @@ func TestH2UnfinishedHeadClosed(t *testing.T) {
 // bound can close a connection in time. A head split over CONTINUATION
 // frames that ends in time is served, and its connection then kept past
 // the bound; an upload and a gRPC call that wait for their bodies longer
-// than it are not cut. Before h2conn bounded the block, the first three
+// than it are not cut. Before h2conn bounded the block, the first four
 // cases stayed open until the guard.
 func TestH2HeadTimeout(t *testing.T) {
 	t.Parallel()
@@ -672,6 +672,7 @@ func TestH2HeadTimeout(t *testing.T) {
 	cfg := testConfig(up)
 	cfg.IdleTimeout = time.Hour // PROXY_IDLE_TIMEOUT, for bodies: not tested here
 	cfg.ReadHeaderTimeout = readHeader
+	cfg.GRPCAddr = "127.0.0.1:0"
 	tp := startProxy(t, cfg, func(s *Server) {
 		s.keepAlive, s.pingAfter, s.pingWait = time.Hour, time.Hour, time.Hour
 	})
@@ -679,15 +680,28 @@ func TestH2HeadTimeout(t *testing.T) {
 
 	for _, tc := range []struct {
 		name string
+		grpc bool // on the PYDIO_GRPC_EXTERNAL port
 		open func(*frameConn) error
 	}{
-		{"HEADERS without END_HEADERS", func(c *frameConn) error {
+		{"HEADERS without END_HEADERS", false, func(c *frameConn) error {
 			if err := h2First(tp, c); err != nil {
 				return err
 			}
 			return h2Unfinished(tp, c, 3)
 		}},
-		{"CONTINUATION trickled", func(c *frameConn) error {
+		{"HEADERS without END_HEADERS, gRPC port", true, func(c *frameConn) error {
+			// Any answer: the client has acknowledged the server's
+			// SETTINGS by then (h2First).
+			if err := c.request(1, h2Fields("POST", tp.GRPCAddr().String(), "/a.B/C",
+				"content-type", "application/grpc", "te", "trailers")...); err != nil {
+				return err
+			}
+			if ev, ok := c.waitAnswer(1); !ok {
+				return fmt.Errorf("the first call got %v", ev)
+			}
+			return h2Unfinished(tp, c, 3)
+		}},
+		{"CONTINUATION trickled", false, func(c *frameConn) error {
 			if err := h2First(tp, c); err != nil {
 				return err
 			}
@@ -697,7 +711,7 @@ func TestH2HeadTimeout(t *testing.T) {
 			h2Trickle(c, 3) // every 100 ms: a bound renewed by each would never pass
 			return nil
 		}},
-		{"HEADERS without END_HEADERS, another stream open", func(c *frameConn) error {
+		{"HEADERS without END_HEADERS, another stream open", false, func(c *frameConn) error {
 			if err := h2First(tp, c); err != nil {
 				return err
 			}
@@ -709,7 +723,11 @@ func TestH2HeadTimeout(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
-			c := dialH2(t, tp)
+			addr := tp.Addr().String()
+			if tc.grpc {
+				addr = tp.GRPCAddr().String()
+			}
+			c := dialH2At(t, tp, addr)
 			if err := tc.open(c); err != nil {
 				t.Fatalf("sending: %v", err)
 			}
