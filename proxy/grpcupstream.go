@@ -73,6 +73,9 @@ type grpcUpstream struct {
 	// A connection that carried no call for this long, and at most twice
 	// as long, is closed (GOAWAY, then close); 0: never (idleCheck).
 	idleTimeout time.Duration
+	// Tests only: called once a call has picked a connection that takes
+	// no stream, to wait on, before it waits; read under mu.
+	pickedNone func(*grpcConn)
 
 	mu      sync.Mutex
 	conns   []*grpcConn
@@ -442,12 +445,14 @@ func (u *grpcUpstream) open(ctx context.Context, call *grpcCall, body io.ReadClo
 				wait = t.C
 			}
 			err := fresh.awaitStreams(ctx, wait)
-			if err != nil && err != errH2GoAway && err != errH2Drained {
+			if err != nil && err != errH2GoAway && err != errH2Drained && err != errH2Idle {
 				return nil, err
 			}
 			waited = true
 			// Cells raised its limit, or the connection is going away
 			// (the call was never sent: another connection takes it).
+			// errH2Idle: idleCheck closed it after this call picked it
+			// and before the call counted as waiting on it.
 			fresh = nil
 		}
 		u.mu.Lock()
@@ -477,7 +482,11 @@ func (u *grpcUpstream) open(ctx context.Context, call *grpcCall, body io.ReadClo
 			continue // taken meanwhile
 		}
 		if none != nil {
+			picked := u.pickedNone
 			u.mu.Unlock()
+			if picked != nil {
+				picked(none)
+			}
 			fresh = none
 			continue
 		}
@@ -969,7 +978,8 @@ func (c *grpcConn) goAwayLocked(code uint32, err error) {
 // two idleTimeouts after its last call ended; counting streams rather than
 // taking the time when the last one ends keeps the clock, and the timer,
 // off the calls' path. Under c.mu, a call cannot open a stream meanwhile:
-// one that finds c closed goes on another connection (errH2Full).
+// one that finds c closed goes on another connection (errH2Full, or
+// errH2Idle from awaitStreams for one that picked c to wait on).
 func (c *grpcConn) idleCheck() {
 	c.mu.Lock()
 	defer c.mu.Unlock()

@@ -65,3 +65,41 @@ func TestGRPCUpstreamIdleClosed(t *testing.T) {
 		}
 	})
 }
+
+// TestGRPCUpstreamIdleClosedWhilePicked: a call picks a connection to
+// Cells that takes no stream (Cells lowered its limit to 0, then its calls
+// ended) to wait on it, and the idle check closes that connection before
+// the call counts itself as waiting (c.waiting). The call was never sent:
+// it must go on another connection, as one that finds its picked
+// connection closed when it opens its stream does (errH2Full), and not
+// reach its client as UNAVAILABLE (errH2Idle). The hook runs the check
+// exactly in that window.
+func TestGRPCUpstreamIdleClosedWhilePicked(t *testing.T) {
+	t.Parallel()
+	p, tp, want, c := startEchoPeer(t, "hello")
+	pc := p.Conns()[0]
+	pc.write(func(fr *http2.Framer) error {
+		return fr.WriteSettings(http2.Setting{ID: http2.SettingMaxConcurrentStreams, Val: 0})
+	})
+	up := tp.Server.fwd.grpcUp
+	waitNoneTakes(t, up)
+	up.mu.Lock()
+	up.pickedNone = func(picked *grpcConn) {
+		if picked != c {
+			t.Errorf("the call picked %p to wait on, want the connection that takes none, %p", picked, c)
+		}
+		// Two checks: the first notes the call before, the second
+		// finds nothing since.
+		c.idleCheck()
+		c.idleCheck()
+	}
+	up.mu.Unlock()
+	checkOK(t, "call that picked the connection the idle check closed", callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Echo", want), want)
+	waitPeerClosed(t, pc, "the connection the idle check closed")
+	if got := pc.Stats().GoAways; len(got) != 1 || got[0] != http2.ErrCodeNo {
+		t.Errorf("the first connection got GOAWAY %v, want [NO_ERROR] from the idle check", got)
+	}
+	if n := p.Accepted.Load(); n != 2 {
+		t.Errorf("the upstream accepted %d connections, want 2 (the call on a new one)", n)
+	}
+}
