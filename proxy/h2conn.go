@@ -71,6 +71,7 @@ type h2conn struct {
 	dec     *hpack.Decoder
 	inBlock bool   // inside a header block that has not ended
 	stream  uint32 // the stream of that block
+	skip    bool   // that block's HEADERS was reset by net/http, undecoded: so are its CONTINUATIONs
 	bad     bool   // the block holds a connection-specific field
 	invalid bool   // net/http resets the block's stream without help
 	regular bool   // a regular field was seen (pseudo fields come first)
@@ -213,24 +214,38 @@ func (h *h2conn) frame() error {
 			return nil
 		case err != nil:
 			// net/http resets the stream without decoding the block.
+			// Its framer still takes a block without END_HEADERS as
+			// open (checkFrameOrder runs on the frame header, before
+			// the payload is parsed) and ignores its CONTINUATION
+			// frames one by one, which reset no timer of net/http's:
+			// trickled, they held the connection past the bound.
+			if flags&flagEndHeaders == 0 {
+				h.inBlock, h.stream, h.skip = true, stream, true
+				h.arm()
+			}
 			return nil
 		}
 		h.inBlock, h.stream = true, stream
 		h.bad, h.invalid, h.regular, h.sawTE = false, false, false, false
 		h.remain, h.truncated = h.maxList, false
 		h.decode(frag, flags)
-		if h.inBlock && !h.off && h.readHeader > 0 {
+		if h.inBlock && !h.off {
 			// The block goes on in CONTINUATION frames: all of it
 			// within readHeader from here, however they trickle.
-			// Nothing else reads the connection meanwhile (net/http's
-			// reader is in this Read), and net/http's HTTP/2 server
-			// sets no read deadline of its own (ReadTimeout is 0).
-			h.Conn.SetReadDeadline(time.Now().Add(h.readHeader))
-			h.armed = true
+			h.arm()
 		}
 	case frameContinuation:
 		if !h.inBlock || stream != h.stream {
 			h.off = true // a connection error for net/http
+			return nil
+		}
+		if h.skip {
+			if flags&flagEndHeaders != 0 {
+				h.inBlock, h.skip = false, false
+				if h.armed {
+					h.disarm()
+				}
+			}
 			return nil
 		}
 		h.decode(f[frameHeaderLen:], flags)
@@ -338,6 +353,17 @@ func validWireName(name string) bool {
 		}
 	}
 	return true
+}
+
+// arm gives the open block readHeader to end. Nothing else reads the
+// connection meanwhile (net/http's reader is in h2conn's Read), and
+// net/http's HTTP/2 server sets no read deadline of its own (ReadTimeout
+// is 0).
+func (h *h2conn) arm() {
+	if h.readHeader > 0 {
+		h.Conn.SetReadDeadline(time.Now().Add(h.readHeader))
+		h.armed = true
+	}
 }
 
 // disarm lifts the read deadline of an open block.

@@ -711,6 +711,23 @@ func TestH2HeadTimeout(t *testing.T) {
 			h2Trickle(c, 3) // every 100 ms: a bound renewed by each would never pass
 			return nil
 		}},
+		{"HEADERS with bad padding, CONTINUATION trickled", false, func(c *frameConn) error {
+			// Padding longer than the payload: net/http resets the
+			// stream, but its framer takes the block as open and
+			// ignores the CONTINUATION frames that follow, one by one.
+			if err := h2First(tp, c); err != nil {
+				return err
+			}
+			c.noPingAck.Store(true)
+			c.wmu.Lock()
+			err := c.fr.WriteRawFrame(http2.FrameHeaders, http2.FlagHeadersPadded, 3, append([]byte{200}, make([]byte, 10)...))
+			c.wmu.Unlock()
+			if err != nil {
+				return err
+			}
+			h2Trickle(c, 3)
+			return nil
+		}},
 		{"HEADERS without END_HEADERS, another stream open", false, func(c *frameConn) error {
 			if err := h2First(tp, c); err != nil {
 				return err
@@ -740,6 +757,48 @@ func TestH2HeadTimeout(t *testing.T) {
 			}
 		})
 	}
+
+	t.Run("HEADERS with bad padding, its block ended in time, then idle past the bound", func(t *testing.T) {
+		t.Parallel()
+		c := dialH2(t, tp)
+		if err := h2First(tp, c); err != nil {
+			t.Fatal(err)
+		}
+		// Both frames in one write, so that the block ends in time on a
+		// loaded machine; net/http resets stream 3 and ignores the
+		// CONTINUATION, which must lift the bound.
+		var buf bytes.Buffer
+		fr := http2.NewFramer(&buf, nil)
+		fr.WriteRawFrame(http2.FrameHeaders, http2.FlagHeadersPadded, 3, append([]byte{200}, make([]byte, 10)...))
+		fr.WriteContinuation(3, true, nil)
+		c.wmu.Lock()
+		_, err := c.conn.Write(buf.Bytes())
+		c.wmu.Unlock()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ev, ok := c.waitAnswer(3); !ok || ev.Type != http2.FrameRSTStream {
+			t.Fatalf("the HEADERS frame with bad padding got %v, want RST_STREAM", ev)
+		}
+		time.Sleep(5 * readHeader)
+		// A deadline left armed would not end the connection: the
+		// frame net/http then reads, of an unknown type, is ignored
+		// between blocks (RFC 9113 §5.5), but h2conn stops inspecting,
+		// and net/http answers a connection-specific field with 400
+		// where h2conn has the stream reset (§8.2.2).
+		if err := c.request(5, pseudo(tp, "GET", "/after", "connection", "keep-alive")...); err != nil {
+			t.Fatal(err)
+		}
+		if ev, ok := c.waitAnswer(5); !ok || ev.Type != http2.FrameRSTStream {
+			t.Fatalf("a request with a connection-specific field after the bound got %v, want RST_STREAM (h2conn still inspecting)", ev)
+		}
+		if err := c.request(7, pseudo(tp, "GET", "/after")...); err != nil {
+			t.Fatal(err)
+		}
+		if ev, ok := c.waitAnswer(7); !ok || ev.Status != "200" {
+			t.Fatalf("the request after the bound got %v, want 200", ev)
+		}
+	})
 
 	t.Run("head in CONTINUATION frames, in time, then a slow body", func(t *testing.T) {
 		t.Parallel()
