@@ -649,10 +649,14 @@ func (u *grpcUpstream) dial(ctx context.Context) (*grpcConn, error) {
 	}
 	nc.SetDeadline(time.Time{})
 	c.wbuf = appendFrameHeader(c.wbuf, 0, frameSettings, flagAck, 0)
+	// Under c.mu, which the timers' functions take: a timer that fires
+	// before its field is set finds it set.
+	c.mu.Lock()
 	c.ping = time.AfterFunc(u.pingEvery, c.health)
 	if u.idleTimeout > 0 {
 		c.idleTimer = time.AfterFunc(u.idleTimeout, c.idleCheck)
 	}
+	c.mu.Unlock()
 	return c, nil
 }
 
@@ -961,7 +965,9 @@ func (c *grpcConn) failLocked(err error) {
 func (c *grpcConn) goAwayLocked(code uint32, err error) {
 	if c.err == nil {
 		b := appendFrameHeader(nil, 8, frameGoAway, 0, 0)
-		b = binary.BigEndian.AppendUint32(b, c.lastID)
+		// Last-Stream-ID counts the streams Cells opened (RFC 9113
+		// §6.8): none, push being off. The proxy's own are its to end.
+		b = binary.BigEndian.AppendUint32(b, 0)
 		b = binary.BigEndian.AppendUint32(b, code)
 		c.nc.SetWriteDeadline(time.Now().Add(time.Second))
 		if !c.writing {

@@ -369,6 +369,12 @@ func (c *h2PeerConn) readLoop() {
 				c.write(func(fr *http2.Framer) error { return fr.WritePing(true, f.Data) })
 			}
 		case *http2.GoAwayFrame:
+			if f.LastStreamID != 0 {
+				// RFC 9113 §6.8: the last stream the sender may act
+				// on, of those its peer opened; Cells opens none of
+				// the proxy's (push is off).
+				c.violate("GOAWAY with last stream %d, want 0: the proxy's own streams are not Cells' to open", f.LastStreamID)
+			}
 			c.mu.Lock()
 			c.rec.GoAways = append(c.rec.GoAways, f.ErrCode)
 			c.mu.Unlock()
