@@ -911,6 +911,17 @@ func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, grpcOnly bool)
 		f.direct(ex, r)
 		return
 	}
+	if r.ProtoMajor == 1 && ex.bodyOpen.Load() {
+		// Cells' answer and the upload go both ways at once. Otherwise
+		// net/http's HTTP/1 server, as the answer's header goes out,
+		// reads away what is left of the body (up to 256 KiB: bytes
+		// http.Transport is copying to Cells) and closes it, under the
+		// Transport's read for the body's end after its last byte,
+		// which then closes the connection to Cells with the answer
+		// still coming. The HTTP/1.1 front's own writer never reads the
+		// body: ErrNotSupported there is as good.
+		_ = http.NewResponseController(ex).EnableFullDuplex()
+	}
 	// ReverseProxy does not tell its ModifyResponse which ResponseWriter
 	// the response goes to: cutShortBody needs it for the trailers.
 	f.http.ServeHTTP(ex, r.WithContext(context.WithValue(r.Context(), exchangeKey{}, ex)))

@@ -281,3 +281,62 @@ func TestUploadH2StreamEndBeforeComplete(t *testing.T) {
 		}
 	}
 }
+
+// TestUploadCellsAnswersWhileReading: Cells answers an upload after its
+// first part and reads the rest after (a Go handler with full duplex on),
+// and the client sends the rest only once the answer has begun. Every byte
+// must reach Cells, in order, and the answer must not wait for the body.
+// net/http's HTTP/1 server, unless the handler is full duplex, reads away
+// what is left of the client's body (up to 256 KiB) when the answer's header
+// goes out, and closes the body: here that held the header back until the
+// client sent the rest, which it would not; with the client sending anyway,
+// the bytes read away never reached Cells. And the body closed under
+// http.Transport's copy raced with its read for the body's end after the
+// last byte: on a loaded machine, the connection to Cells of an upload whose
+// answer had begun was closed under it (TestLogReviewCutShortBothPaths).
+func TestUploadCellsAnswersWhileReading(t *testing.T) {
+	const first, rest = 10000, 100000
+	for _, kind := range []upstreamKind{upTLS, upPlain} {
+		t.Run(fmt.Sprintf("k%d", kind), func(t *testing.T) {
+			up := newUpstream(t, kind, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				if err := http.NewResponseController(w).EnableFullDuplex(); err != nil {
+					t.Errorf("Cells stand-in: %v", err)
+				}
+				h := sha256.New()
+				n, err := io.CopyN(h, r.Body, first)
+				io.WriteString(w, "started\n")
+				w.(http.Flusher).Flush()
+				if err == nil {
+					var m int64
+					m, err = io.Copy(h, r.Body)
+					n += m
+				}
+				fmt.Fprintf(w, "%d %s %v", n, hex.EncodeToString(h.Sum(nil)), err)
+			}))
+			tp := startProxy(t, testConfig(up))
+			body := patternBody(first + rest)
+			conn := tp.dialTLS(t, tp.Addr().String(), "http/1.1")
+			conn.SetDeadline(time.Now().Add(10 * time.Second))
+			io.WriteString(conn, "PUT /duplex HTTP/1.1\r\nHost: x\r\nContent-Length: "+strconv.Itoa(len(body))+"\r\n\r\n")
+			conn.Write(body[:first])
+			br := bufio.NewReader(conn)
+			res, err := http.ReadResponse(br, &http.Request{Method: "PUT"})
+			if err != nil {
+				t.Fatalf("no answer from Cells before the rest of the body: %v", err)
+			}
+			rb := bufio.NewReader(res.Body)
+			line, err := rb.ReadString('\n')
+			if line != "started\n" {
+				t.Fatalf("first line of the answer %q (%v), want %q", line, err, "started\n")
+			}
+			if _, err := conn.Write(body[first:]); err != nil {
+				t.Fatal(err)
+			}
+			got, err := io.ReadAll(rb)
+			want := fmt.Sprintf("%d %s <nil>", len(body), sha(body))
+			if res.StatusCode != 200 || string(got) != want || err != nil {
+				t.Errorf("Cells answered %d %q (%v), want %q", res.StatusCode, got, err, want)
+			}
+		})
+	}
+}
