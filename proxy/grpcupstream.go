@@ -572,31 +572,46 @@ func (u *grpcUpstream) remove(c *grpcConn) {
 	}
 }
 
+// connect dials Cells and, with conf, makes the TLS handshake, all before
+// deadline, which stays set on raw for the HTTP/2 handshake; nc is raw or
+// the TLS connection over it.
+func (u *grpcUpstream) connect(ctx context.Context, deadline time.Time, conf *tls.Config) (raw, nc net.Conn, err error) {
+	if raw, err = u.dialer.DialContext(ctx, "tcp", u.addr); err != nil {
+		return nil, nil, err
+	}
+	raw.SetDeadline(deadline)
+	if conf == nil {
+		return raw, raw, nil
+	}
+	tc := tls.Client(raw, conf)
+	if err := tc.HandshakeContext(ctx); err != nil {
+		raw.Close()
+		return nil, nil, err
+	}
+	if p := tc.ConnectionState().NegotiatedProtocol; p != "h2" {
+		raw.Close()
+		return nil, nil, fmt.Errorf("cells-proxy: upstream %s did not negotiate HTTP/2 (ALPN %q): gRPC needs h2", u.addr, p)
+	}
+	return raw, tc, nil
+}
+
 // dial connects, sends the preface and SETTINGS and reads Cells' SETTINGS,
 // which must come first, before any call goes out: a call sent before
 // them could exceed a lower stream limit and be refused.
 func (u *grpcUpstream) dial(ctx context.Context) (*grpcConn, error) {
-	raw, err := u.dialer.DialContext(ctx, "tcp", u.addr)
+	deadline := time.Now().Add(u.handshakeTimeout)
+	raw, nc, err := u.connect(ctx, deadline, u.tls)
+	if conf := fullHandshakeAfter(err); conf != nil {
+		// A resumed session refused: once more, with a full
+		// handshake (resumeRefused), within the same deadline.
+		raw, nc, err = u.connect(ctx, deadline, conf)
+	}
 	if err != nil {
 		return nil, err
 	}
-	nc := raw
-	deadline := time.Now().Add(u.handshakeTimeout)
-	nc.SetDeadline(deadline)
-	// Close during the handshake (the drain's grace) ends it.
+	// Close during the handshake (the drain's grace) ends it; connect
+	// has honoured ctx so far.
 	defer context.AfterFunc(ctx, func() { raw.SetDeadline(time.Now()) })()
-	if u.tls != nil {
-		tc := tls.Client(raw, u.tls)
-		if err := tc.HandshakeContext(ctx); err != nil {
-			raw.Close()
-			return nil, err
-		}
-		if p := tc.ConnectionState().NegotiatedProtocol; p != "h2" {
-			raw.Close()
-			return nil, fmt.Errorf("cells-proxy: upstream %s did not negotiate HTTP/2 (ALPN %q): gRPC needs h2", u.addr, p)
-		}
-		nc = tc
-	}
 	c := &grpcConn{
 		u:          u,
 		nc:         nc,

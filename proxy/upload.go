@@ -281,20 +281,26 @@ func (b *recordBatch) release() error {
 // dialUpload is http.Transport's dial: DialTLSContext for an https://
 // upstream, DialContext for an http:// one.
 func (u *h1Upstream) dialUpload(ctx context.Context, network, addr string) (net.Conn, error) {
-	raw, err := u.dialer.DialContext(ctx, network, addr)
-	if err != nil {
-		return nil, err
-	}
-	if u.tls == nil {
-		return &uploadConn{Conn: raw}, nil
-	}
-	b := &recordBatch{Conn: raw}
-	tc, err := u.handshake(ctx, b)
-	if err != nil {
+	for conf := u.tls; ; {
+		raw, err := u.dialer.DialContext(ctx, network, addr)
+		if err != nil {
+			return nil, err
+		}
+		if conf == nil {
+			return &uploadConn{Conn: raw}, nil
+		}
+		b := &recordBatch{Conn: raw}
+		tc, err := u.handshake(ctx, b, conf)
+		if err == nil {
+			return &uploadConn{Conn: tc, batch: b}, nil
+		}
 		raw.Close()
-		return nil, err
+		// A resumed session refused: once more, with a full
+		// handshake (resumeRefused).
+		if conf = fullHandshakeAfter(err); conf == nil {
+			return nil, err
+		}
 	}
-	return &uploadConn{Conn: tc, batch: b}, nil
 }
 
 // streamEnd is an HTTP/2 request body of declared length. An HTTP/2

@@ -354,18 +354,27 @@ func (u *h1Upstream) dial(ctx context.Context) (*upConn, error) {
 }
 
 func (u *h1Upstream) dialSized(ctx context.Context, rsize, wsize int) (*upConn, error) {
-	raw, err := u.dialer.DialContext(ctx, u.network, u.addr)
-	if err != nil {
-		return nil, err
-	}
-	nc := raw
-	if u.tls != nil {
-		tc, err := u.handshake(ctx, &tlsSocket{Conn: nc})
-		if err != nil {
-			nc.Close()
+	var raw, nc net.Conn
+	for conf := u.tls; ; {
+		var err error
+		if raw, err = u.dialer.DialContext(ctx, u.network, u.addr); err != nil {
 			return nil, err
 		}
-		nc = tc
+		nc = raw
+		if conf == nil {
+			break
+		}
+		tc, err := u.handshake(ctx, &tlsSocket{Conn: raw}, conf)
+		if err == nil {
+			nc = tc
+			break
+		}
+		raw.Close()
+		// A resumed session refused: once more, with a full
+		// handshake (resumeRefused).
+		if conf = fullHandshakeAfter(err); conf == nil {
+			return nil, err
+		}
 	}
 	c := &upConn{u: u, nc: nc}
 	if sc, ok := raw.(syscall.Conn); ok {
@@ -385,10 +394,10 @@ func (u *h1Upstream) dialSized(ctx context.Context, rsize, wsize int) (*upConn, 
 	return c, nil
 }
 
-// handshake runs TLS with Cells over nc, within the Transport's
-// TLSHandshakeTimeout.
-func (u *h1Upstream) handshake(ctx context.Context, nc net.Conn) (*tls.Conn, error) {
-	tc := tls.Client(nc, u.tls)
+// handshake runs TLS with Cells over nc with conf (u.tls, or the config
+// fullHandshakeAfter gives), within the Transport's TLSHandshakeTimeout.
+func (u *h1Upstream) handshake(ctx context.Context, nc net.Conn, conf *tls.Config) (*tls.Conn, error) {
+	tc := tls.Client(nc, conf)
 	if u.handshakeTimeout > 0 {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, u.handshakeTimeout)

@@ -186,6 +186,14 @@ func (a *upstreamCA) configure(c *tls.Config, name string) {
 	// The last certificate verified for name, the pool that did, and
 	// when its chain is valid.
 	var last atomic.Pointer[verifiedLeaf]
+	// c without a session cache: a connection whose resumed session is
+	// refused is made again with it (resumeRefused). Cloned at the first
+	// refusal: Clone is safe on a config in use.
+	full := sync.OnceValue(func() *tls.Config {
+		f := c.Clone()
+		f.ClientSessionCache = nil
+		return f
+	})
 	c.VerifyConnection = func(cs tls.ConnectionState) error {
 		certs := cs.PeerCertificates
 		if len(certs) == 0 {
@@ -216,7 +224,11 @@ func (a *upstreamCA) configure(c *tls.Config, name string) {
 		if err != nil {
 			// The error crypto/tls returns: classify finds the
 			// x509 error inside.
-			return &tls.CertificateVerificationError{UnverifiedCertificates: certs, Err: err}
+			err = &tls.CertificateVerificationError{UnverifiedCertificates: certs, Err: err}
+			if cs.DidResume {
+				return &resumeRefused{err: err, full: full}
+			}
+			return err
 		}
 		from, until := validity(chains)
 		if v := last.Load(); v == nil || v.pool != pool || !bytes.Equal(v.raw, certs[0].Raw) || !v.from.Equal(from) || !v.until.Equal(until) {
@@ -224,6 +236,37 @@ func (a *upstreamCA) configure(c *tls.Config, name string) {
 		}
 		return nil
 	}
+}
+
+// resumeRefused is VerifyConnection's error for a resumed session whose
+// certificate the current pool does not accept. With RootCAs, crypto/tls
+// would not have offered that session (loadSession skips one whose chains
+// are no longer valid with RootCAs, anyValidVerifiedChain) and would have
+// made a full handshake, which succeeds if Cells now serves a certificate
+// the pool trusts. Here the session is only checked once resumed, and may
+// still be in a cache emptied when the pool changed: a handshake verified
+// with the old pool that ends just after stores it there (TLS 1.2: in the
+// handshake; TLS 1.3: when its ticket arrives, at the connection's first
+// read). So the dialers to Cells make the connection again, once, with
+// full(): no session, a full handshake, verified as any other. crypto/tls
+// has by then deleted the refused session (RFC 5077 §3.2). Only this
+// failure costs anything: one more connection.
+type resumeRefused struct {
+	err  error // *tls.CertificateVerificationError
+	full func() *tls.Config
+}
+
+func (e *resumeRefused) Error() string { return e.err.Error() }
+func (e *resumeRefused) Unwrap() error { return e.err }
+
+// fullHandshakeAfter is the config to dial Cells again with after err, a
+// handshake's error, when err is a resumed session refused; nil otherwise.
+func fullHandshakeAfter(err error) *tls.Config {
+	var r *resumeRefused
+	if errors.As(err, &r) {
+		return r.full()
+	}
+	return nil
 }
 
 // validity is when the longest lasting of chains is valid: every
@@ -271,7 +314,8 @@ func newUpstreamSessions() *upstreamSessions {
 
 // reset drops every session. A handshake verified with the old pool that
 // ends after it may still store its session in the new cache: resuming
-// it later verifies it with the pool then current all the same.
+// it later verifies it with the pool then current all the same, and a
+// refusal makes a full handshake (resumeRefused).
 func (s *upstreamSessions) reset() {
 	// Resumption saves a full handshake when a pooled connection is
 	// replaced.

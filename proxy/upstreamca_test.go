@@ -9,6 +9,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
+	"fmt"
 	"io"
 	"log/slog"
 	"math/big"
@@ -79,12 +80,22 @@ type caCells struct {
 	*testUpstream
 	cert    atomic.Pointer[tls.Certificate]
 	resumed atomic.Int64 // requests that came over a resumed TLS session
+	// tickets counts the session tickets Cells took back from the
+	// proxy, each to resume a session: counted before Cells answers
+	// the handshake, so before the proxy can accept or refuse it.
+	tickets atomic.Int64
 
 	mu    sync.Mutex
 	conns map[net.Conn]bool
 }
 
 func newCACells(t *testing.T, cert *tls.Certificate) *caCells {
+	t.Helper()
+	return newCACellsUpTo(t, cert, 0)
+}
+
+// newCACellsUpTo is a caCells that speaks TLS up to maxVersion (0: 1.3).
+func newCACellsUpTo(t *testing.T, cert *tls.Certificate, maxVersion uint16) *caCells {
 	t.Helper()
 	c := &caCells{conns: make(map[net.Conn]bool)}
 	c.cert.Store(cert)
@@ -119,6 +130,15 @@ func newCACells(t *testing.T, cert *tls.Certificate) *caCells {
 	c.testUpstream = newUpstreamWith(t, upTLS, h, func(s *http.Server) {
 		s.TLSConfig.Certificates = nil
 		s.TLSConfig.GetCertificate = func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return c.cert.Load(), nil }
+		s.TLSConfig.MaxVersion = maxVersion
+		conf := s.TLSConfig
+		conf.UnwrapSession = func(ticket []byte, cs tls.ConnectionState) (*tls.SessionState, error) {
+			ss, err := conf.DecryptTicket(ticket, cs)
+			if ss != nil {
+				c.tickets.Add(1)
+			}
+			return ss, err
+		}
 		s.ConnState = func(nc net.Conn, st http.ConnState) {
 			c.mu.Lock()
 			defer c.mu.Unlock()
@@ -417,6 +437,118 @@ func TestUpstreamCAReloadResumption(t *testing.T) {
 	replaceFile(t, p.caFile, ca2.PEM(), true)
 	p.fwd.ca.poll()
 	p.check(t, true, "the file replaced with the new CA")
+}
+
+// TestUpstreamCAStaleSession: a handshake to Cells verified with the old
+// CA that ends just after the file changed stores its session in the
+// emptied cache (TLS 1.2: within the handshake; TLS 1.3: when its ticket
+// arrives, at the connection's first read). Cells, which still takes that
+// ticket, resumes it; the proxy refuses its certificate, from the old CA.
+// With RootCAs crypto/tls would not have offered the session and would have
+// made a full handshake: so must the proxy, on each path that dials Cells
+// (a GET: the direct path; an upload: http.Transport's dial; a gRPC call).
+// The request then succeeds with a certificate from the new CA, and is still
+// refused (502) if Cells serves one from the old CA. The test makes the late
+// store itself, with a session captured before the change, before each
+// request; Cells counts the tickets it takes, to show the session was used.
+func TestUpstreamCAStaleSession(t *testing.T) {
+	for _, v := range []struct {
+		name string
+		max  uint16
+	}{{"TLS 1.2", tls.VersionTLS12}, {"TLS 1.3", tls.VersionTLS13}} {
+		t.Run(v.name, func(t *testing.T) {
+			setCertPollInterval(t, time.Hour)
+			ca1, ca2 := newTestCA(t, "cells root 1"), newTestCA(t, "cells root 2")
+			cert1 := ca1.issue(t, true, "localhost")
+			cells := newCACellsUpTo(t, cert1, v.max)
+			p := startCAProxy(t, cells, ca1.PEM())
+			p.check(t, true, "Cells' certificate from the CA in the file")
+
+			// The sessions of the handshakes above, verified with CA1.
+			stale := func(conf *tls.Config) *tls.ClientSessionState {
+				t.Helper()
+				cs, ok := conf.ClientSessionCache.Get(conf.ServerName)
+				if !ok || cs == nil {
+					t.Fatal("no session to Cells in the proxy's cache after a request")
+				}
+				return cs
+			}
+			paths := []struct {
+				name string
+				conf *tls.Config
+				cs   *tls.ClientSessionState
+				do   func() (ok bool, got string)
+			}{{
+				name: "GET",
+				conf: p.fwd.httpUp.tls,
+				do: func() (bool, string) {
+					res, err := p.H1.Get(p.URL + "/a/frontend/bootconf")
+					if err != nil {
+						t.Fatalf("GET: %v", err)
+					}
+					res.Body.Close()
+					return res.StatusCode == http.StatusOK, res.Status
+				},
+			}, {
+				name: "upload",
+				conf: p.fwd.httpUp.tls,
+				do: func() (bool, string) {
+					// Of unknown length: sent chunked, to http.Transport.
+					req, err := http.NewRequest("PUT", p.URL+"/io/personal-files/a.bin", io.MultiReader(strings.NewReader("data")))
+					if err != nil {
+						t.Fatal(err)
+					}
+					res, err := p.H1.Do(req)
+					if err != nil {
+						t.Fatalf("PUT: %v", err)
+					}
+					res.Body.Close()
+					return res.StatusCode == http.StatusOK, res.Status
+				},
+			}, {
+				name: "gRPC",
+				conf: p.fwd.grpcUp.tls,
+				do: func() (bool, string) {
+					ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+					defer cancel()
+					cc := newGRPCClient(t, p.testProxy, p.Addr().String())
+					defer cc.Close()
+					_, err := testgrpc.NewTestServiceClient(cc).EmptyCall(ctx, &testgrpc.Empty{})
+					return err == nil, fmt.Sprint(err)
+				},
+			}}
+			for i := range paths {
+				paths[i].cs = stale(paths[i].conf)
+			}
+
+			cells.serve(t, cert1, true)
+			p.waitNoGRPCConns(t)
+			replaceFile(t, p.caFile, ca2.PEM(), true)
+			p.fwd.ca.poll()
+			run := func(ok bool, when string) {
+				t.Helper()
+				for _, pa := range paths {
+					pa.conf.ClientSessionCache.Put(pa.conf.ServerName, pa.cs)
+					before := cells.tickets.Load()
+					if got, status := pa.do(); got != ok {
+						t.Errorf("%s: %s with a session from the old CA in the cache: %s, want success %v", when, pa.name, status, ok)
+					}
+					if cells.tickets.Load() == before {
+						t.Errorf("%s: %s: Cells took no session ticket: the test does not cover the stale session", when, pa.name)
+					}
+				}
+			}
+			run(false, "Cells still serving the old CA's certificate")
+
+			cells.serve(t, ca2.issue(t, true, "localhost"), true)
+			p.waitNoGRPCConns(t)
+			refused := p.untrusted()
+			run(true, "Cells serving the new CA's certificate")
+			if got := p.untrusted() - refused; got != 0 {
+				t.Errorf("with Cells serving the new CA's certificate, %d lines say it is not trusted, want 0", got)
+			}
+		})
+	}
 }
 
 // TestUpstreamCAReloadSIGHUP: Reload, what SIGHUP calls, reads the file at
