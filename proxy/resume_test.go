@@ -90,11 +90,11 @@ type resumeUpstream struct {
 	*testUpstream
 	mu      sync.Mutex
 	resumed map[string][]bool // by path (gRPC: "grpc")
-	conns   map[net.Conn]bool
+	conns   connSet
 }
 
 func newResumeUpstream(t *testing.T, v uint16) *resumeUpstream {
-	u := &resumeUpstream{resumed: map[string][]bool{}, conns: map[net.Conn]bool{}}
+	u := &resumeUpstream{resumed: map[string][]bool{}}
 	gs := grpc.NewServer()
 	testgrpc.RegisterTestServiceServer(gs, newProbeService())
 	t.Cleanup(gs.Stop)
@@ -120,28 +120,13 @@ func newResumeUpstream(t *testing.T, v uint16) *resumeUpstream {
 		}
 	}), func(srv *http.Server) {
 		srv.TLSConfig.MaxVersion = v
-		srv.ConnState = func(c net.Conn, s http.ConnState) {
-			u.mu.Lock()
-			defer u.mu.Unlock()
-			switch s {
-			case http.StateNew:
-				u.conns[c] = true
-			case http.StateClosed, http.StateHijacked:
-				delete(u.conns, c)
-			}
-		}
+		srv.ConnState = u.conns.track
 	})
 	return u
 }
 
 // drop closes every connection to the upstream.
-func (u *resumeUpstream) drop() {
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	for c := range u.conns {
-		c.Close()
-	}
-}
+func (u *resumeUpstream) drop() { u.conns.closeAll() }
 
 func (u *resumeUpstream) seen(key string) []bool {
 	u.mu.Lock()
@@ -220,5 +205,36 @@ func waitGRPCConns(t *testing.T, tp *testProxy, n int) {
 		if time.Now().After(deadline) {
 			t.Fatalf("proxy holds %d gRPC connections to Cells, want %d", got, n)
 		}
+	}
+}
+
+// connSet is the connections a test server has open, kept by its
+// ConnState hook (track), so that the test can drop them all as a Cells
+// closing its connections does.
+type connSet struct {
+	mu sync.Mutex
+	m  map[net.Conn]bool
+}
+
+func (s *connSet) track(c net.Conn, st http.ConnState) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	switch st {
+	case http.StateNew:
+		if s.m == nil {
+			s.m = map[net.Conn]bool{}
+		}
+		s.m[c] = true
+	case http.StateClosed, http.StateHijacked:
+		delete(s.m, c)
+	}
+}
+
+// closeAll closes every connection open.
+func (s *connSet) closeAll() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for c := range s.m {
+		c.Close()
 	}
 }

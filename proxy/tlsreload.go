@@ -295,7 +295,11 @@ func (c *certFiles) checkName(name string, cert *tls.Certificate) {
 }
 
 // watch polls the files until ctx ends.
-func (c *certFiles) watch(ctx context.Context) {
+func (c *certFiles) watch(ctx context.Context) { pollFiles(ctx, c.poll) }
+
+// pollFiles calls poll every certPollInterval until ctx ends: the public
+// certificate's files and CELLS_UPSTREAM_CA_FILE are watched alike.
+func pollFiles(ctx context.Context, poll func()) {
 	t := time.NewTicker(certPollInterval)
 	defer t.Stop()
 	for {
@@ -303,7 +307,7 @@ func (c *certFiles) watch(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
-			c.poll()
+			poll()
 		}
 	}
 }

@@ -151,18 +151,7 @@ func (a *upstreamCA) reload() error {
 }
 
 // watch polls the file until ctx ends.
-func (a *upstreamCA) watch(ctx context.Context) {
-	t := time.NewTicker(certPollInterval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-			a.poll()
-		}
-	}
-}
+func (a *upstreamCA) watch(ctx context.Context) { pollFiles(ctx, a.poll) }
 
 // configure makes c verify Cells' certificate for name with the current
 // pool. It is what crypto/tls does with RootCAs (verifyServerCertificate:

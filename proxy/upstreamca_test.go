@@ -18,7 +18,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -85,8 +84,7 @@ type caCells struct {
 	// the handshake, so before the proxy can accept or refuse it.
 	tickets atomic.Int64
 
-	mu    sync.Mutex
-	conns map[net.Conn]bool
+	conns connSet
 }
 
 func newCACells(t *testing.T, cert *tls.Certificate) *caCells {
@@ -97,7 +95,7 @@ func newCACells(t *testing.T, cert *tls.Certificate) *caCells {
 // newCACellsUpTo is a caCells that speaks TLS up to maxVersion (0: 1.3).
 func newCACellsUpTo(t *testing.T, cert *tls.Certificate, maxVersion uint16) *caCells {
 	t.Helper()
-	c := &caCells{conns: make(map[net.Conn]bool)}
+	c := &caCells{}
 	c.cert.Store(cert)
 	gs := grpc.NewServer()
 	testgrpc.RegisterTestServiceServer(gs, newProbeService())
@@ -139,16 +137,7 @@ func newCACellsUpTo(t *testing.T, cert *tls.Certificate, maxVersion uint16) *caC
 			}
 			return ss, err
 		}
-		s.ConnState = func(nc net.Conn, st http.ConnState) {
-			c.mu.Lock()
-			defer c.mu.Unlock()
-			switch st {
-			case http.StateNew:
-				c.conns[nc] = true
-			case http.StateClosed, http.StateHijacked:
-				delete(c.conns, nc)
-			}
-		}
+		s.ConnState = c.conns.track
 	})
 	return c
 }
@@ -166,11 +155,7 @@ func (c *caCells) serve(t *testing.T, cert *tls.Certificate, keepTickets bool) {
 		c.Srv.TLSConfig.SetSessionTicketKeys([][32]byte{key})
 	}
 	c.cert.Store(cert)
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	for nc := range c.conns {
-		nc.Close()
-	}
+	c.conns.closeAll()
 }
 
 // caProxy is a proxy in front of a caCells, trusting caFile.
@@ -196,18 +181,7 @@ func startCAProxy(t *testing.T, cells *caCells, ca []byte) *caProxy {
 // not for the certificate.
 func (p *caProxy) waitNoGRPCConns(t *testing.T) {
 	t.Helper()
-	up := p.fwd.grpcUp
-	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(time.Millisecond) {
-		up.mu.Lock()
-		n := len(up.conns)
-		up.mu.Unlock()
-		if n == 0 {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the proxy still holds %d gRPC connections 20s after Cells closed them", n)
-		}
-	}
+	waitGRPCConns(t, p.testProxy, 0)
 }
 
 // newConns has Cells, restarted, serve cert from now on, on connections
