@@ -11,29 +11,37 @@ import (
 	"syscall"
 )
 
-// Uploads from HTTP/1.1 clients go to Cells in writes of up to 32 KiB, and
+// Uploads from HTTP/1.1 clients go to Cells in writes of up to 64 KiB, and
 // no byte waits for the next.
 //
 // crypto/tls returns one record (16 KiB at most) per Read and makes one
 // write(2) per record it writes, so a plain copy from the client to Cells
 // costs a system call per record, and wakes Cells once per record. The
 // copy here (uploadConn.ReadFrom, which http.Transport calls for a request
-// body of known length) reads what the client has sent into a 32 KiB
+// body of known length) reads what the client has sent into a 64 KiB
 // buffer and hands it to Cells' TLS in one Write, whose records leave in
 // one write(2) (recordBatch). It never waits for bytes to fill the buffer:
 // when the next read from the client would wait, the socket tells the copy
 // first (clientSocket.beforeWait), and the copy sends what it holds. That
 // is what nginx does with proxy_request_buffering off: read what has
 // arrived without waiting, send it. A client that keeps ahead of the proxy
-// gets 32 KiB writes; one that the proxy keeps up with gets each record
-// sent as it arrives, as before, and so do the last 32 KiB of every body.
+// gets 64 KiB writes; one that the proxy keeps up with gets each record
+// sent as it arrives, as before, and so do the last 64 KiB of every body.
 //
 // Measured alone (a 1 GiB curl -T through the proxy, ten alternating runs,
 // medians): 613 -> 666 MB/s, 8% less proxy CPU and 8% less for Cells;
-// write(2) to Cells 65,580 -> 33,009 per GiB. The bodies of HTTP/2 clients
+// write(2) to Cells 65,580 -> 33,009 per GiB, with 32 KiB writes (4f15a4e).
+// 64 KiB, the most loopback TCP sends as one segment, halved them again:
+// 1 GiB curl --http1.1 -T uploads, three alternating sets of three,
+// 1.52-1.71 -> 1.36-1.47 proxy CPU-s per GiB, 489-597 -> 516-639 MB/s
+// (128 KiB did no better). The bodies of HTTP/2 clients
 // reach the handler through a pipe that net/http's HTTP/2 server fills, not
-// from the socket; a read of it returns all it holds, and goes to Cells in
-// one write(2).
+// from the socket; a read of it returns all it holds (up to 64 KiB), and
+// goes to Cells in one write(2).
+
+// uploadBuffers hold what an upload's copy has read (uploadCopy) and the
+// records TLS makes of it (recordBatch): 128 KiB per upload being written.
+var uploadBuffers = newPool(func() *[64 << 10]byte { return new([64 << 10]byte) })
 
 // clientSocket is a connection accepted on the public port, under its TLS
 // and cmux. Whoever reads it may set beforeWait: a read that finds nothing
@@ -100,9 +108,9 @@ type uploadConn struct {
 	batch    *recordBatch // nil without TLS
 }
 
-// uploadReserve is the room left in a 32 KiB batch for the TLS overhead of
-// the two records a 32 KiB write makes (RFC 8446 allows 256 bytes each).
-const uploadReserve = 2 * 256
+// uploadReserve is the room left in a 64 KiB batch for the TLS overhead of
+// the four records a 64 KiB write makes (RFC 8446 allows 256 bytes each).
+const uploadReserve = 4 * 256
 
 // ReadFrom is http.Transport's copy of a request body to Cells.
 func (c *uploadConn) ReadFrom(r io.Reader) (int64, error) {
@@ -113,8 +121,8 @@ func (c *uploadConn) ReadFrom(r io.Reader) (int64, error) {
 	}
 	// Any other body (an HTTP/2 client's, read from net/http's pipe,
 	// which returns all it holds): each read's bytes in one write(2).
-	arr := copyBuffers.Get()
-	defer copyBuffers.Put(arr)
+	arr := uploadBuffers.Get()
+	defer uploadBuffers.Put(arr)
 	buf := arr[:len(arr)-uploadReserve]
 	var sent int64
 	for {
@@ -137,8 +145,8 @@ func (c *uploadConn) ReadFrom(r io.Reader) (int64, error) {
 
 // readFromClient copies lr, a body read from sock, to Cells.
 func (c *uploadConn) readFromClient(lr *io.LimitedReader, sock *clientSocket) (int64, error) {
-	arr := copyBuffers.Get()
-	defer copyBuffers.Put(arr)
+	arr := uploadBuffers.Get()
+	defer uploadBuffers.Put(arr)
 	u := &uploadCopy{conn: c, buf: arr[:len(arr)-uploadReserve]}
 	u.send = func() {
 		u.mu.Lock()
@@ -225,19 +233,19 @@ func (c *uploadConn) write(p []byte) (int, error) {
 }
 
 // recordBatch is the TCP connection under an uploadConn's TLS. Between
-// hold and release, what TLS writes is gathered in a 32 KiB buffer and
+// hold and release, what TLS writes is gathered in a 64 KiB buffer and
 // written at release (or when the next record would not fit).
 type recordBatch struct {
 	net.Conn
 
 	mu   sync.Mutex // the Transport may close the connection (close_notify) while an upload writes
-	buf  *[32 << 10]byte
+	buf  *[64 << 10]byte
 	used int
 }
 
 func (b *recordBatch) hold() {
 	b.mu.Lock()
-	b.buf = copyBuffers.Get()
+	b.buf = uploadBuffers.Get()
 	b.used = 0
 	b.mu.Unlock()
 }
@@ -273,7 +281,7 @@ func (b *recordBatch) release() error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	err := b.flushLocked()
-	copyBuffers.Put(b.buf)
+	uploadBuffers.Put(b.buf)
 	b.buf = nil
 	return err
 }

@@ -68,13 +68,13 @@ func TestUploadBatched(t *testing.T) {
 			}
 		}
 		body := &sourceBody{ReadCloser: io.NopCloser(public), sock: sock}
-		copyToCells(t, cert, &io.LimitedReader{R: body, N: size}, size, 12)
+		copyToCells(t, cert, &io.LimitedReader{R: body, N: size}, size, 6)
 	})
 
 	// Any other body, such as an HTTP/2 client's from net/http's pipe:
 	// each read in one write(2) (25 writes unbatched).
 	t.Run("other", func(t *testing.T) {
-		copyToCells(t, cert, &io.LimitedReader{R: &pattern{n: size}, N: size}, size, 12)
+		copyToCells(t, cert, &io.LimitedReader{R: &pattern{n: size}, N: size}, size, 6)
 	})
 }
 
@@ -122,7 +122,7 @@ func copyToCells(t *testing.T, cert tls.Certificate, body io.Reader, size int64,
 		t.Fatalf("Cells received %v, want %v", got, want)
 	}
 	if writes > maxWrites {
-		t.Errorf("%d write(2) to Cells for %d KiB, want at most %d (9: 32 KiB each)", writes, size>>10, maxWrites)
+		t.Errorf("%d write(2) to Cells for %d KiB, want at most %d (5: 64 KiB each)", writes, size>>10, maxWrites)
 	}
 	t.Logf("%d write(2) to Cells for %d KiB", writes, size>>10)
 }
