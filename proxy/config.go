@@ -504,6 +504,20 @@ func (e *env) parse() (*Config, error) {
 			Fix: "PYDIO_GRPC_EXTERNAL=" + u.Port(),
 		})
 	}
+	if u := c.GRPCUpstream; u != nil && u.Scheme == "h2c" && grpcNum != 0 && c.TLS {
+		// The same trap with the port set, to another number: Cells
+		// listens for gRPC on its CELLS_GRPC_EXTERNAL port and advertises
+		// that one, so Sync dials it, not the port served here. A host
+		// that publishes Cells' port to this one makes it work, hence a
+		// warning, not an error.
+		if p, err := strconv.Atoi(u.Port()); err == nil && p != grpcNum {
+			c.Warnings = append(c.Warnings, Warning{
+				Msg:      "the gRPC port served here is not the port of CELLS_GRPC_UPSTREAM (Cells in clear, topology B): Cells' discovery sends Cells Sync to this host on Cells' own gRPC port, with TLS, so Sync connects only if that port reaches this one; unless the host publishes it to this port, serve Cells' port here (fix)",
+				Variable: grpcVar, Value: grpcPort,
+				Fix: grpcVar + "=" + u.Port(),
+			})
+		}
+	}
 	if off(c.HTTPAddr) {
 		c.HTTPAddr = ""
 		if c.ACMEWebroot != "" {

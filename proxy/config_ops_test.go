@@ -354,7 +354,9 @@ func TestNoEffectWarnings(t *testing.T) {
 // connect and nothing saying why: the start now warns, naming the variable
 // to set and the port. Not when the port is set (under either name), when
 // gRPC goes over TLS to Cells' main port, when the public port is that port,
-// or with PROXY_TLS=off, where the front before cells-proxy serves it.
+// or with PROXY_TLS=off, where the front before cells-proxy serves it. With
+// the port set to another number than Cells' the same trap awaits (unless the
+// host publishes Cells' port to this one): a warning names the port to set.
 func TestGRPCExternalWarning(t *testing.T) {
 	up := newUpstream(t, upPlain, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
 	for _, tc := range []struct {
@@ -370,6 +372,12 @@ func TestGRPCExternalWarning(t *testing.T) {
 		{"https", map[string]string{"CELLS_GRPC_UPSTREAM": "https://cells:8080"}, ""},
 		{"public port is Cells' gRPC port", map[string]string{"CELLS_GRPC_UPSTREAM": "h2c://cells:8443", "PROXY_HTTPS_ADDR": "127.0.0.1:8443"}, ""},
 		{"PROXY_TLS=off", map[string]string{"CELLS_GRPC_UPSTREAM": "h2c://cells:33060", "PROXY_TLS": "off"}, ""},
+		{"PROXY_TLS=off, other ports", map[string]string{"CELLS_GRPC_UPSTREAM": "h2c://cells:33061", "PYDIO_GRPC_EXTERNAL": "33060", "PROXY_TLS": "off"}, ""},
+		{"https, other port", map[string]string{"CELLS_GRPC_UPSTREAM": "https://cells:8080", "PYDIO_GRPC_EXTERNAL": "33060"}, ""},
+		{"same port written otherwise", map[string]string{"CELLS_GRPC_UPSTREAM": "h2c://cells:33060", "PYDIO_GRPC_EXTERNAL": "033060"}, ""},
+		// The port set, but not Cells' (which its discovery advertises).
+		{"PYDIO_GRPC_EXTERNAL not Cells' port", map[string]string{"CELLS_GRPC_UPSTREAM": "h2c://cells:33061", "PYDIO_GRPC_EXTERNAL": "33060"}, "PYDIO_GRPC_EXTERNAL=33061"},
+		{"CELLS_GRPC_EXTERNAL not Cells' port", map[string]string{"CELLS_GRPC_UPSTREAM": "h2c://cells:33061", "CELLS_GRPC_EXTERNAL": "33060"}, "CELLS_GRPC_EXTERNAL=33061"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg, err := loadFor(t, up, tc.env)
@@ -378,7 +386,7 @@ func TestGRPCExternalWarning(t *testing.T) {
 			}
 			var got []Warning
 			for _, w := range cfg.Warnings {
-				if w.Variable == "CELLS_GRPC_UPSTREAM" {
+				if w.Variable == "CELLS_GRPC_UPSTREAM" || strings.HasSuffix(w.Variable, "_GRPC_EXTERNAL") {
 					got = append(got, w)
 				}
 			}
@@ -390,11 +398,15 @@ func TestGRPCExternalWarning(t *testing.T) {
 				t.Errorf("warnings %+v, want one about CELLS_GRPC_UPSTREAM", got)
 			default:
 				w := got[0]
-				if w.Fix != tc.fix || w.Value != tc.env["CELLS_GRPC_UPSTREAM"] || w.TakenAs != "" {
-					t.Errorf("warning %+v, want fix %s, value %s, no taken_as", w, tc.fix, tc.env["CELLS_GRPC_UPSTREAM"])
+				variable, _, _ := strings.Cut(tc.fix, "=")
+				if variable == "PYDIO_GRPC_EXTERNAL" && tc.env[variable] == "" {
+					variable = "CELLS_GRPC_UPSTREAM" // the port not set: the upstream is what warns
 				}
-				if !strings.Contains(w.Msg, "PYDIO_GRPC_EXTERNAL") || !strings.Contains(w.Msg, "Cells Sync") {
-					t.Errorf("warning message %q does not name PYDIO_GRPC_EXTERNAL and Cells Sync", w.Msg)
+				if w.Fix != tc.fix || w.Variable != variable || w.Value != tc.env[variable] || w.TakenAs != "" {
+					t.Errorf("warning %+v, want variable %s, fix %s, value %s, no taken_as", w, variable, tc.fix, tc.env[variable])
+				}
+				if !strings.Contains(w.Msg, "CELLS_GRPC_UPSTREAM") || !strings.Contains(w.Msg, "Cells Sync") {
+					t.Errorf("warning message %q does not name CELLS_GRPC_UPSTREAM and Cells Sync", w.Msg)
 				}
 			}
 		})
