@@ -23,7 +23,7 @@ import (
 // `cells-proxy env` prints them and the README table is checked against them.
 type env struct {
 	Upstream           string `envconfig:"CELLS_UPSTREAM" desc:"Cells main port: https://cells:8080 (Cells keeps TLS, recommended) or http://cells:8080 (Cells with CELLS_SITE_NO_TLS=1). Required"`
-	UpstreamCAFile     string `envconfig:"CELLS_UPSTREAM_CA_FILE" desc:"PEM bundle that verifies the upstream certificate (Cells writes its self-signed root to <working dir>/certs/rootCA.pem); re-read when it changes (checked every 5 s, and at SIGHUP): new connections to Cells verify with it"`
+	UpstreamCAFile     string `envconfig:"CELLS_UPSTREAM_CA_FILE" desc:"PEM bundle that verifies the upstream certificate (Cells writes its self-signed root to <working dir>/certs/rootCA.pem); re-read when it changes (checked every 5 s, and at SIGHUP): new connections to Cells verify with it, and those made before take no new request"`
 	UpstreamServerName string `envconfig:"CELLS_UPSTREAM_SERVER_NAME" desc:"name verified in the upstream certificate, without scheme or port; default: the host of CELLS_UPSTREAM (for gRPC, of CELLS_GRPC_UPSTREAM when it is set)"`
 	UpstreamInsecure   string `envconfig:"CELLS_UPSTREAM_INSECURE" default:"false" desc:"true: do not verify the upstream certificate (logged as a warning at start)"`
 	GRPCUpstream       string `envconfig:"CELLS_GRPC_UPSTREAM" desc:"where gRPC goes: https://host:port (h2 over TLS) or h2c://host:port (cleartext HTTP/2). Default: CELLS_UPSTREAM when it is https; when it is http and PYDIO_GRPC_EXTERNAL is set, h2c://<upstream host>:<that port>"`

@@ -44,8 +44,8 @@ type forwarder struct {
 	proto string // X-Forwarded-Proto told to Cells for untrusted peers
 
 	httpTarget    *url.URL
-	httpTransport *http.Transport
-	httpUp        *h1Upstream // small requests and websocket handshakes; the rest to httpTransport
+	httpTransport *upstreamTransport // http.Transport, renewed when CELLS_UPSTREAM_CA_FILE changes
+	httpUp        *h1Upstream        // small requests and websocket handshakes; the rest to httpTransport
 	http          *httputil.ReverseProxy
 
 	grpcTarget *url.URL      // nil: no gRPC upstream
@@ -129,7 +129,7 @@ func newForwarder(cfg *Config, log *slog.Logger) (*forwarder, error) {
 	}
 
 	f.httpTarget = cfg.Upstream
-	f.httpTransport = &http.Transport{
+	tr := &http.Transport{
 		DialContext:     dialer.DialContext,
 		TLSClientConfig: upTLS(cfg.Upstream, "http/1.1"),
 		// A stuck TLS handshake with Cells is an upstream failure (502), not
@@ -157,15 +157,17 @@ func newForwarder(cfg *Config, log *slog.Logger) (*forwarder, error) {
 	}
 	// One connection per exchange: websocket and idle handling stay per
 	// request, and Cells' HTTP/1.1 server is what its docs proxy to.
-	f.httpTransport.Protocols = new(http.Protocols)
-	f.httpTransport.Protocols.SetHTTP1(true)
-	f.httpUp = newH1Upstream(f.httpTarget, f.httpTransport, dialer)
+	tr.Protocols = new(http.Protocols)
+	tr.Protocols.SetHTTP1(true)
+	f.httpUp = newH1Upstream(f.httpTarget, tr, dialer)
 	// The Transport's connections batch uploads (upload.go).
 	if f.httpUp.tls != nil {
-		f.httpTransport.DialTLSContext = f.httpUp.dialUpload
+		tr.DialTLSContext = f.httpUp.dialUpload
 	} else {
-		f.httpTransport.DialContext = f.httpUp.dialUpload
+		tr.DialContext = f.httpUp.dialUpload
 	}
+	f.httpTransport = newUpstreamTransport(tr)
+	f.httpUp.fallback = f.httpTransport
 	f.http = f.reverseProxy(f.httpTarget, f.httpTransport)
 
 	if u := cfg.GRPCUpstream; u != nil {
@@ -178,6 +180,16 @@ func newForwarder(cfg *Config, log *slog.Logger) (*forwarder, error) {
 		}
 		f.grpcTarget = target
 		f.grpcUp = newGRPCUpstream(hostPortDefault(target), conf, dialer)
+	}
+	// A change of CELLS_UPSTREAM_CA_FILE retires the connections made
+	// before it (upstreamCA), on each path that verifies with it.
+	if ca != nil && f.httpUp.tls != nil {
+		f.httpUp.ca = ca
+		ca.onChange(f.httpUp.dropStale, f.httpTransport.renew)
+	}
+	if ca != nil && f.grpcUp != nil && f.grpcUp.tls != nil {
+		f.grpcUp.ca = ca
+		ca.onChange(f.grpcUp.dropStale)
 	}
 	return f, nil
 }

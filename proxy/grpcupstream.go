@@ -53,7 +53,8 @@ import (
 // request's context resetting the stream (RST_STREAM CANCEL). Beyond what
 // that Transport did, a connection that carried no call for a minute is
 // closed (GOAWAY, then close; never one with a call open), as
-// IdleConnTimeout closes the HTTP/1.1 ones. It speaks only what gRPC
+// IdleConnTimeout closes the HTTP/1.1 ones, and a connection made before
+// CELLS_UPSTREAM_CA_FILE changed takes no new call (dropStale). It speaks only what gRPC
 // needs: no server push (disabled in SETTINGS), no 1xx responses passed
 // on, no priorities.
 type grpcUpstream struct {
@@ -76,6 +77,9 @@ type grpcUpstream struct {
 	// Tests only: called once a call has picked a connection that takes
 	// no stream, to wait on, before it waits; read under mu.
 	pickedNone func(*grpcConn)
+	// ca is CELLS_UPSTREAM_CA_FILE: a connection dialled before its last
+	// change takes no new call (dropStale); nil: none.
+	ca *upstreamCA
 
 	mu      sync.Mutex
 	conns   []*grpcConn
@@ -267,6 +271,7 @@ var (
 	errH2PingLost  = errors.New("cells-proxy: upstream connection lost (PING not answered)")
 	errH2Drained   = errors.New("cells-proxy: connection drained after GOAWAY")
 	errH2Idle      = errors.New("cells-proxy: connection closed after carrying no call for its idle timeout")
+	errH2Stale     = errors.New("cells-proxy: connection closed after CELLS_UPSTREAM_CA_FILE changed")
 )
 
 // grpcCall is a client's call as it goes to Cells: the client's request
@@ -445,14 +450,15 @@ func (u *grpcUpstream) open(ctx context.Context, call *grpcCall, body io.ReadClo
 				wait = t.C
 			}
 			err := fresh.awaitStreams(ctx, wait)
-			if err != nil && err != errH2GoAway && err != errH2Drained && err != errH2Idle {
+			if err != nil && err != errH2GoAway && err != errH2Drained && err != errH2Idle && err != errH2Stale {
 				return nil, err
 			}
 			waited = true
 			// Cells raised its limit, or the connection is going away
 			// (the call was never sent: another connection takes it).
 			// errH2Idle: idleCheck closed it after this call picked it
-			// and before the call counted as waiting on it.
+			// and before the call counted as waiting on it. errH2Stale:
+			// CELLS_UPSTREAM_CA_FILE changed (dropStale).
 			fresh = nil
 		}
 		u.mu.Lock()
@@ -539,6 +545,14 @@ func (u *grpcUpstream) open(ctx context.Context, call *grpcCall, body io.ReadClo
 			err = errShutdown
 			c.close(err)
 		}
+		if err == nil && c.gen != u.ca.generation() {
+			// Dialled before CELLS_UPSTREAM_CA_FILE changed, and not
+			// seen by dropStale: this call goes on, no other does.
+			// Under u.mu, which dropStale takes after the change.
+			c.mu.Lock()
+			c.retireLocked()
+			c.mu.Unlock()
+		}
 		if err == nil && c.alive() {
 			// Under u.mu: should the connection fail after alive, its
 			// removal (failLocked) waits for u.mu, so comes after this.
@@ -599,6 +613,7 @@ func (u *grpcUpstream) connect(ctx context.Context, deadline time.Time, conf *tl
 // which must come first, before any call goes out: a call sent before
 // them could exceed a lower stream limit and be refused.
 func (u *grpcUpstream) dial(ctx context.Context) (*grpcConn, error) {
+	gen := u.ca.generation() // before the handshake: see upstreamCA.gen
 	deadline := time.Now().Add(u.handshakeTimeout)
 	raw, nc, err := u.connect(ctx, deadline, u.tls)
 	if conf := fullHandshakeAfter(err); conf != nil {
@@ -614,6 +629,7 @@ func (u *grpcUpstream) dial(ctx context.Context) (*grpcConn, error) {
 	defer context.AfterFunc(ctx, func() { raw.SetDeadline(time.Now()) })()
 	c := &grpcConn{
 		u:          u,
+		gen:        gen,
 		nc:         nc,
 		raw:        raw,
 		streams:    make(map[uint32]*grpcStream),
@@ -678,6 +694,7 @@ func (u *grpcUpstream) dial(ctx context.Context) (*grpcConn, error) {
 // grpcConn is one HTTP/2 connection to Cells.
 type grpcConn struct {
 	u     *grpcUpstream
+	gen   uint64 // u.ca's generation when dialled
 	nc    net.Conn
 	raw   net.Conn // nc's TCP connection: closed without TLS's close_notify, which could block
 	br    *bufio.Reader
@@ -973,6 +990,41 @@ func (c *grpcConn) failLocked(err error) {
 	c.wake.Signal()
 	c.notifyLocked()
 	go c.u.remove(c)
+}
+
+// dropStale has the connections dialled before CELLS_UPSTREAM_CA_FILE
+// last changed take no new call (upstreamCA.onChange): the calls go on a
+// new connection, verified with the file as it is now.
+func (u *grpcUpstream) dropStale() {
+	gen := u.ca.generation()
+	// A connection added after this look checks gen itself (open).
+	// Outside u.mu: a GOAWAY may take up to a second to write.
+	u.mu.Lock()
+	conns := append([]*grpcConn(nil), u.conns...)
+	u.mu.Unlock()
+	for _, c := range conns {
+		if c.gen != gen {
+			c.mu.Lock()
+			c.retireLocked()
+			c.mu.Unlock()
+		}
+	}
+}
+
+// retireLocked has c take no new call, as a GOAWAY from Cells does: the
+// calls open on it go on to their end, the last one closes it
+// (dropLocked), and calls waiting for Cells to allow streams on it go
+// elsewhere. Without calls it is closed at once, as idleCheck closes an
+// idle one (GOAWAY NO_ERROR).
+func (c *grpcConn) retireLocked() {
+	if c.err != nil {
+		return
+	}
+	c.goaway = true
+	c.notifyLocked()
+	if len(c.streams) == 0 {
+		c.goAwayLocked(0, errH2Stale)
+	}
 }
 
 // goAwayLocked answers a protocol error of Cells' with GOAWAY and closes;

@@ -317,7 +317,8 @@ func pollFiles(ctx context.Context, poll func()) {
 // that does not load is refused, logged and returned, and the current
 // certificate keeps serving. With the self-signed certificate there is
 // nothing to reload. CELLS_UPSTREAM_CA_FILE is read again too, the same
-// way: new connections to Cells verify with it.
+// way: new connections to Cells verify with it, and those made before
+// take no new request.
 func (s *Server) Reload() error {
 	err := s.reloadCert()
 	if s.fwd.ca != nil {

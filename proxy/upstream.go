@@ -40,11 +40,14 @@ import (
 // by Cells, a peek at the socket before reuse does (nginx watches its
 // cached upstream connections the same way).
 type h1Upstream struct {
-	fallback *http.Transport
+	fallback interface{ CloseIdleConnections() } // http.Transport's pool (upstreamTransport)
 	network  string
 	addr     string
 	dialer   *net.Dialer
 	tls      *tls.Config // nil: cleartext
+	// ca is CELLS_UPSTREAM_CA_FILE: a connection dialled before its
+	// last change is not pooled (put, dropStale); nil: none.
+	ca *upstreamCA
 
 	handshakeTimeout time.Duration
 	idleTimeout      time.Duration
@@ -109,6 +112,7 @@ type upConn struct {
 	read  int64           // bytes read from nc in the current exchange
 	limit int64           // bytes the response header may still take
 	reuse bool            // taken from the idle list
+	gen   uint64          // u.ca's generation when dialled
 
 	idleAt time.Time
 	timer  *time.Timer // closes the connection once idle too long
@@ -354,6 +358,7 @@ func (u *h1Upstream) dial(ctx context.Context) (*upConn, error) {
 }
 
 func (u *h1Upstream) dialSized(ctx context.Context, rsize, wsize int) (*upConn, error) {
+	gen := u.ca.generation() // before the handshake: see upstreamCA.gen
 	var raw, nc net.Conn
 	for conf := u.tls; ; {
 		var err error
@@ -376,7 +381,7 @@ func (u *h1Upstream) dialSized(ctx context.Context, rsize, wsize int) (*upConn, 
 			return nil, err
 		}
 	}
-	c := &upConn{u: u, nc: nc}
+	c := &upConn{u: u, nc: nc, gen: gen}
 	if sc, ok := raw.(syscall.Conn); ok {
 		c.raw = rawConnOf(sc)
 	}
@@ -575,7 +580,10 @@ func (c *upConn) quiet() bool {
 
 func (u *h1Upstream) put(c *upConn) {
 	u.mu.Lock()
-	if len(u.idle) >= u.maxIdle {
+	// Made before CELLS_UPSTREAM_CA_FILE last changed: done with, as
+	// dropStale did with the idle ones. Under mu, so that a connection
+	// put here before dropStale is dropped there.
+	if len(u.idle) >= u.maxIdle || c.gen != u.ca.generation() {
 		u.mu.Unlock()
 		c.close()
 		return
@@ -608,6 +616,30 @@ func (c *upConn) expire() {
 	c.pooled = false
 	u.mu.Unlock()
 	c.close()
+}
+
+// dropStale closes the idle connections dialled before
+// CELLS_UPSTREAM_CA_FILE last changed (upstreamCA.onChange).
+func (u *h1Upstream) dropStale() {
+	u.mu.Lock()
+	gen := u.ca.generation()
+	var stale []*upConn
+	kept := u.idle[:0]
+	for _, c := range u.idle {
+		if c.gen == gen {
+			kept = append(kept, c)
+			continue
+		}
+		c.pooled = false
+		c.timer.Stop()
+		stale = append(stale, c)
+	}
+	clear(u.idle[len(kept):])
+	u.idle = kept
+	u.mu.Unlock()
+	for _, c := range stale {
+		c.close()
+	}
 }
 
 // CloseIdleConnections closes the idle connections of both paths.

@@ -9,7 +9,9 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
+	"net/http"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -26,20 +28,37 @@ import (
 // Each tls.Config to Cells verifies with the current pool in
 // VerifyConnection (configure), not with RootCAs: a tls.Config may not be
 // modified once in use, and the transports hold theirs for the process's
-// life. Connections already open stay as they are, idle ones included:
-// they were verified against a root the operator trusted when they were
-// made, Cells presents a new certificate only on a new handshake anyway,
-// and HTTP/1.1 ones are closed after an idle minute. Closing them would
-// only cost handshakes; a root removed because it is no longer to be
-// trusted at all calls for a restart.
+// life.
+//
+// A connection to Cells made before the pool changed takes no new request
+// after it: an operator replaces the file because the old root is no
+// longer to be trusted, or to rotate it, and a pooled connection verified
+// under the old root would otherwise carry requests for up to a minute
+// (HTTP/1.1) or for good (a gRPC connection kept busy). At the change
+// (changed, called after the new pool is in use), idle connections are
+// closed, busy HTTP/1.1 ones when their exchange ends (gen, checked when
+// one would go back to its pool), and gRPC ones take no new call and close
+// when their last call ends, as after a GOAWAY. What is in flight goes on
+// to its end, on the connection it started on: an upload, a websocket, a
+// Cells Sync stream of hours, which a routine rotation must not cut. A
+// restart cuts everything.
 type upstreamCA struct {
 	file string
 	log  *slog.Logger
 	pool atomic.Pointer[x509.CertPool]
+	// gen counts the pools loaded after the first. It is raised after
+	// the new pool is stored: a connection that read gen before its
+	// handshake and finds it unchanged later was verified with the
+	// current pool (or a newer one).
+	gen atomic.Uint64
 	// sessions are the TLS session caches of the tls.Configs to Cells,
 	// emptied when the pool changes: a resumed session brings the
 	// certificate of its first handshake, not the one Cells serves now.
 	sessions []*upstreamSessions
+	// changed are called after each change of pool, outside mu, to
+	// retire the connections made before it; set up before the file is
+	// watched, read-only after.
+	changed []func()
 
 	mu     sync.Mutex
 	served [sha256.Size]byte // the content of the file the pool was made from
@@ -97,9 +116,35 @@ func readUpstreamCA(file string) (sum [sha256.Size]byte, pool *x509.CertPool, n 
 	return sum, pool, n, nil
 }
 
+// onChange has f called after each change of pool: f stops the
+// connections made before it from taking new requests. Called before the
+// file is watched.
+func (a *upstreamCA) onChange(f ...func()) { a.changed = append(a.changed, f...) }
+
+// generation is the number of the pool in use, which connections note
+// before their handshake; 0 on a nil a (no CA file: nothing changes).
+func (a *upstreamCA) generation() uint64 {
+	if a == nil {
+		return 0
+	}
+	return a.gen.Load()
+}
+
 // load reads the file and, if it changed and is good, verifies new
-// connections with it.
+// connections with it and retires those made before.
 func (a *upstreamCA) load() (out outcome, n int, err error) {
+	out, n, err = a.read()
+	if out == reloaded {
+		// Outside mu: closing a connection may write to it (a GOAWAY),
+		// which must not hold up a SIGHUP's check waiting on mu.
+		for _, f := range a.changed {
+			f()
+		}
+	}
+	return out, n, err
+}
+
+func (a *upstreamCA) read() (out outcome, n int, err error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	sum, pool, n, err := readUpstreamCA(a.file)
@@ -112,6 +157,7 @@ func (a *upstreamCA) load() (out outcome, n int, err error) {
 	case err == nil:
 		a.served, a.failed = sum, [sha256.Size]byte{}
 		a.pool.Store(pool)
+		a.gen.Add(1) // after the pool: see gen
 		for _, s := range a.sessions {
 			s.reset()
 		}
@@ -129,7 +175,7 @@ func (a *upstreamCA) load() (out outcome, n int, err error) {
 func (a *upstreamCA) poll() {
 	switch out, n, err := a.load(); out {
 	case reloaded:
-		a.log.Info("CELLS_UPSTREAM_CA_FILE reloaded: new connections to Cells verify with it", "trigger", "poll", "file", a.file, "certificates", n)
+		a.log.Info("CELLS_UPSTREAM_CA_FILE reloaded: new connections to Cells verify with it; those open take no new request", "trigger", "poll", "file", a.file, "certificates", n)
 	case refused:
 		a.log.Warn("CELLS_UPSTREAM_CA_FILE not reloaded, the CA read before keeps verifying Cells", "trigger", "poll", "err", err)
 	}
@@ -143,7 +189,7 @@ func (a *upstreamCA) reload() error {
 		a.log.Error("CELLS_UPSTREAM_CA_FILE not reloaded, the CA read before keeps verifying Cells", "trigger", "reload", "err", err)
 		return err
 	case out == reloaded:
-		a.log.Info("CELLS_UPSTREAM_CA_FILE reloaded: new connections to Cells verify with it", "trigger", "reload", "file", a.file, "certificates", n)
+		a.log.Info("CELLS_UPSTREAM_CA_FILE reloaded: new connections to Cells verify with it; those open take no new request", "trigger", "reload", "file", a.file, "certificates", n)
 	default:
 		a.log.Info("CELLS_UPSTREAM_CA_FILE unchanged", "trigger", "reload", "file", a.file)
 	}
@@ -317,4 +363,101 @@ func (s *upstreamSessions) Get(key string) (*tls.ClientSessionState, bool) {
 
 func (s *upstreamSessions) Put(key string, cs *tls.ClientSessionState) {
 	s.c.Load().Put(key, cs)
+}
+
+// upstreamTransport is the http.Transport to Cells (uploads and other
+// large or unsized bodies, the readiness probe), replaced by a clone at
+// each change of CELLS_UPSTREAM_CA_FILE (renew), so that no new request
+// goes on a connection made before it. http.Transport has no hook for a
+// connection going back to its pool: the old Transport, which takes no
+// new request, has its idle connections closed at the change and again
+// each time one of its exchanges ends (ended), once the connection is
+// back in its pool. An upload on it goes on to its end. (A connection the
+// old Transport was still dialling for a request that took another one
+// goes idle after the last exchange: it carries nothing, and
+// IdleConnTimeout closes it.)
+type upstreamTransport struct {
+	cur atomic.Pointer[transportGen]
+	mu  sync.Mutex // renew
+}
+
+// transportGen is one Transport of an upstreamTransport.
+type transportGen struct {
+	*http.Transport
+	retired atomic.Bool // replaced: its connections are closed once idle
+}
+
+func newUpstreamTransport(t *http.Transport) *upstreamTransport {
+	u := &upstreamTransport{}
+	u.cur.Store(&transportGen{Transport: t})
+	return u
+}
+
+// RoundTrip sends r with the current Transport. Its response body notes
+// the exchange's end: one allocation per request on this path, which
+// carries uploads (http.Transport makes a dozen), not the direct path's
+// small ones.
+func (u *upstreamTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	g := u.cur.Load()
+	res, err := g.RoundTrip(r)
+	if err != nil || res.Body == nil || res.Body == http.NoBody || res.StatusCode == http.StatusSwitchingProtocols {
+		// Over: a response without a body is back in the pool
+		// before RoundTrip returns (http.Transport's readLoop). A 101's
+		// connection is the caller's.
+		g.ended()
+		return res, err
+	}
+	res.Body = &transportBody{ReadCloser: res.Body, g: g}
+	return res, nil
+}
+
+// CloseIdleConnections closes the current Transport's idle connections;
+// a replaced one's close as they become idle.
+func (u *upstreamTransport) CloseIdleConnections() { u.cur.Load().CloseIdleConnections() }
+
+// renew has new requests go to a clone of the current Transport, whose
+// connections are dialled, and so verified, from now on.
+func (u *upstreamTransport) renew() {
+	u.mu.Lock()
+	old := u.cur.Load()
+	u.cur.Store(&transportGen{Transport: old.Clone()})
+	u.mu.Unlock()
+	// A request that took old just before the Store, and whose
+	// exchange ends before retired is set, left its connection in the
+	// pool: closed here.
+	old.retired.Store(true)
+	old.CloseIdleConnections()
+}
+
+// ended is called when an exchange on g ends.
+func (g *transportGen) ended() {
+	if g.retired.Load() {
+		g.CloseIdleConnections()
+	}
+}
+
+// transportBody is a response body of a transportGen. The exchange ends at
+// the body's first error or at Close: at io.EOF, http.Transport has put the
+// connection back in its pool before Read returns (readLoop's eofc); at
+// Close before the end, it has closed it.
+type transportBody struct {
+	io.ReadCloser
+	g    *transportGen
+	done atomic.Bool // Close may come while a Read runs
+}
+
+func (b *transportBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if err != nil && b.done.CompareAndSwap(false, true) {
+		b.g.ended()
+	}
+	return n, err
+}
+
+func (b *transportBody) Close() error {
+	err := b.ReadCloser.Close()
+	if b.done.CompareAndSwap(false, true) {
+		b.g.ended()
+	}
+	return err
 }

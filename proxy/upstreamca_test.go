@@ -95,6 +95,13 @@ func newCACells(t *testing.T, cert *tls.Certificate) *caCells {
 // newCACellsUpTo is a caCells that speaks TLS up to maxVersion (0: 1.3).
 func newCACellsUpTo(t *testing.T, cert *tls.Certificate, maxVersion uint16) *caCells {
 	t.Helper()
+	return newCACellsServing(t, cert, maxVersion, nil)
+}
+
+// newCACellsServing is a caCells whose answers but gRPC's are h's (nil:
+// "ok", and one message echoed on a websocket).
+func newCACellsServing(t *testing.T, cert *tls.Certificate, maxVersion uint16, other http.Handler) *caCells {
+	t.Helper()
 	c := &caCells{}
 	c.cert.Store(cert)
 	gs := grpc.NewServer()
@@ -107,6 +114,8 @@ func newCACellsUpTo(t *testing.T, cert *tls.Certificate, maxVersion uint16) *caC
 		switch {
 		case r.ProtoMajor == 2 && strings.HasPrefix(r.Header.Get("Content-Type"), "application/grpc"):
 			gs.ServeHTTP(w, r)
+		case other != nil:
+			other.ServeHTTP(w, r)
 		case r.Header.Get("Upgrade") != "":
 			ws, err := websocket.Accept(w, r, nil)
 			if err != nil {
