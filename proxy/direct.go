@@ -99,11 +99,12 @@ func (f *forwarder) startGRPC(r *http.Request) (*http.Response, error) {
 // FlushInterval -1 does: hop-by-hop fields out, each of Cells' fields
 // handed over without a copy, the header sent at once (exchange.FlushError
 // leaves it for the first body bytes when it may: a declared length, a
-// gRPC Trailers-Only answer), every chunk flushed as it comes, then the
-// trailers. A body that breaks off aborts the response, so the client
-// cannot take it for complete; a gRPC call whose stream breaks ends with a
-// gRPC status in the trailers instead (grpcBroken), unless its client is
-// gone.
+// gRPC Trailers-Only answer), every chunk flushed as it comes (from Cells
+// over HTTP/1.1: all that has come once the next read would wait, in
+// writes of up to 63 KiB, download.go), then the trailers. A body that
+// breaks off aborts the response, so the client cannot take it for
+// complete; a gRPC call whose stream breaks ends with a gRPC status in the
+// trailers instead (grpcBroken), unless its client is gone.
 func (f *forwarder) relay(ex *exchange, r *http.Request, res *http.Response) {
 	announced := relayHeader(ex.Header(), r, res)
 	ex.WriteHeader(res.StatusCode)
@@ -114,6 +115,25 @@ func (f *forwarder) relay(ex *exchange, r *http.Request, res *http.Response) {
 	// stream): its header leaves now, not with the first bytes Cells
 	// sends.
 	ex.FlushError()
+	if body, ok := res.Body.(*upBody); ok {
+		// From Cells over HTTP/1.1: in writes of up to 63 KiB
+		// (download.go).
+		f.relayGathered(ex, r, res, body)
+	} else {
+		f.relayEach(ex, r, res)
+	}
+	res.Body.Close() // sets res.Trailer
+	if len(res.Trailer) > 0 {
+		dropForbiddenTrailers(res.Trailer)
+		// Chunked, so that the trailers can follow the body.
+		ex.FlushError()
+		relayTrailer(ex.Header(), res, announced)
+	}
+}
+
+// relayEach copies a response body (a gRPC call's) to the client, each
+// read in a write of its own, flushed.
+func (f *forwarder) relayEach(ex *exchange, r *http.Request, res *http.Response) {
 	buf := copyBuffers.Get()
 	defer copyBuffers.Put(buf)
 	for {
@@ -139,13 +159,6 @@ func (f *forwarder) relay(ex *exchange, r *http.Request, res *http.Response) {
 			res.Body.Close()
 			panic(http.ErrAbortHandler)
 		}
-	}
-	res.Body.Close() // sets res.Trailer
-	if len(res.Trailer) > 0 {
-		dropForbiddenTrailers(res.Trailer)
-		// Chunked, so that the trailers can follow the body.
-		ex.FlushError()
-		relayTrailer(ex.Header(), res, announced)
 	}
 }
 

@@ -14,7 +14,8 @@
 // frame-aware tunnel, and everything else goes to CELLS_UPSTREAM, with the
 // Host, the request target and the body passed on unchanged and the
 // forwarding headers replaced: on the direct path (direct.go) when it has
-// no body or a small one of known length, through an httputil.ReverseProxy
+// no body or a small one of known length (its answer relayed in batches of
+// what Cells has sent, download.go), through an httputil.ReverseProxy
 // when it has a body to stream (in batches of what the client has sent,
 // upload.go). The dedicated gRPC listener
 // (PYDIO_GRPC_EXTERNAL) is TLS and HTTP/2 only and sends everything to the

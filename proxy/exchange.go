@@ -60,7 +60,8 @@ type exchange struct {
 	// gRPC cut leaves a call whose answer from Cells is complete).
 	grpc atomic.Pointer[grpcStream]
 
-	out outbound // the request to Cells, on the direct path
+	out    outbound // the request to Cells, on the direct path
+	gather gather   // its response body on the way (relayGathered)
 
 	// closeConn: the proxy decided that the client's HTTP/1 connection
 	// closes after this answer (closeAfter); the final header says so

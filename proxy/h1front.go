@@ -171,6 +171,7 @@ const (
 type h1Conn struct {
 	front  *h1Front
 	nc     net.Conn
+	sock   *clientSocket // under nc's TLS, for relay's record batch; nil without TLS
 	br     *bufio.Reader
 	bw     *bufio.Writer
 	state  atomic.Int32
@@ -225,6 +226,7 @@ func (c *h1Conn) serve() {
 		}
 		f.untrack(c)
 	}()
+	c.sock = recordSocket(c.nc)
 	c.br = bufio.NewReaderSize(c, h1HeadMax)
 	c.bw = bufio.NewWriterSize(c.nc, 4<<10)
 	c.watchCond.L = &c.watchMu

@@ -50,9 +50,10 @@ func rawConnOf(c syscall.Conn) syscall.RawConn {
 	return rc
 }
 
-// waitReader reads a public socket for clientSocket.Read while beforeWait
-// is set. Made at the first such read and kept with the socket, so that a
-// read allocates nothing.
+// waitReader reads a socket for clientSocket.Read while beforeWait is set,
+// and for cellsSocket.Read while a response body's bytes are gathered
+// (download.go). Made at the first such read and kept with the socket, so
+// that a read allocates nothing.
 type waitReader struct {
 	rc   syscall.RawConn // nil: no socket found, reads go to the connection
 	read func(fd uintptr) bool
@@ -88,20 +89,13 @@ func newWaitReader(c net.Conn) *waitReader {
 	return w
 }
 
-// readNotifying reads from the socket into p; when nothing is there to
-// read it calls before, once, then waits as c.Conn.Read would. Errors are
-// c.Conn.Read's.
-func (c *clientSocket) readNotifying(p []byte, before func()) (int, error) {
-	w := c.wr.Load()
-	if w == nil {
-		w = newWaitReader(c.Conn)
-		if !c.wr.CompareAndSwap(nil, w) {
-			w = c.wr.Load()
-		}
-	}
+// readNotifying reads from c, w's socket, into p; when nothing is there to
+// read it calls before, once, then waits as c.Read would. Errors are
+// c.Read's.
+func (w *waitReader) readNotifying(c net.Conn, p []byte, before func()) (int, error) {
 	if w.rc == nil || len(p) == 0 {
 		before()
-		return c.Conn.Read(p)
+		return c.Read(p)
 	}
 	w.mu.Lock()
 	w.p, w.before = p, before

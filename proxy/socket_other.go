@@ -20,9 +20,12 @@ func rawConnOf(syscall.Conn) syscall.RawConn { return nil }
 // waitReader has nothing to keep where the socket is not looked at.
 type waitReader struct{}
 
+func newWaitReader(net.Conn) *waitReader { return &waitReader{} }
+
 // readNotifying calls before, then reads: without a look at the socket, the
-// upload's copy sends what it holds before every read of the socket.
-func (c *clientSocket) readNotifying(p []byte, before func()) (int, error) {
+// upload's copy sends what it holds before every read of the socket, and so
+// does a download's (download.go).
+func (w *waitReader) readNotifying(c net.Conn, p []byte, before func()) (int, error) {
 	before()
-	return c.Conn.Read(p)
+	return c.Read(p)
 }

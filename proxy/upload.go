@@ -45,11 +45,14 @@ var uploadBuffers = newPool(func() *[64 << 10]byte { return new([64 << 10]byte) 
 
 // clientSocket is a connection accepted on the public port, under its TLS
 // and cmux. Whoever reads it may set beforeWait: a read that finds nothing
-// to read then calls it once before it waits for the client.
+// to read then calls it once before it waits for the client. Whoever
+// writes a response through its TLS may hold its writes in batch, so that
+// the records of one large write leave in one write(2) (download.go).
 type clientSocket struct {
 	net.Conn
 	beforeWait atomic.Pointer[func()]
 	wr         atomic.Pointer[waitReader] // made at the first read with beforeWait
+	batch      recordBatch                // over the same connection
 }
 
 type socketListener struct{ net.Listener }
@@ -59,7 +62,13 @@ func (l socketListener) Accept() (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &clientSocket{Conn: c}, nil
+	return newClientSocket(c), nil
+}
+
+func newClientSocket(c net.Conn) *clientSocket {
+	s := &clientSocket{Conn: c}
+	s.batch.Conn = c
+	return s
 }
 
 func (c *clientSocket) Read(p []byte) (int, error) {
@@ -67,6 +76,21 @@ func (c *clientSocket) Read(p []byte) (int, error) {
 		return c.readNotifying(p, *f)
 	}
 	return c.Conn.Read(p)
+}
+
+func (c *clientSocket) Write(p []byte) (int, error) { return c.batch.Write(p) }
+
+// readNotifying reads into p; when nothing is there to read it calls
+// before, once, then waits for the client.
+func (c *clientSocket) readNotifying(p []byte, before func()) (int, error) {
+	w := c.wr.Load()
+	if w == nil {
+		w = newWaitReader(c.Conn)
+		if !c.wr.CompareAndSwap(nil, w) {
+			w = c.wr.Load()
+		}
+	}
+	return w.readNotifying(c.Conn, p, before)
 }
 
 // SyscallConn is the socket's, for websocket pumps to park on.
@@ -232,28 +256,59 @@ func (c *uploadConn) write(p []byte) (int, error) {
 	return n, err
 }
 
-// recordBatch is the TCP connection under an uploadConn's TLS. Between
-// hold and release, what TLS writes is gathered in a 64 KiB buffer and
-// written at release (or when the next record would not fit).
+// recordBatch is the TCP connection under an uploadConn's TLS, and the
+// writes to a client's (clientSocket.batch). Between hold and release,
+// what TLS writes is gathered in a 64 KiB buffer and written at release
+// (or when the next record would not fit). One goroutine at a time holds.
+//
+// Everything the TLS above writes goes through it, and crypto/tls writes
+// under a lock of its own (Conn.out): a write that found the batch not
+// held ends before a holder's records are gathered, and one that finds it
+// held (a close_notify from another goroutine, the answer to a KeyUpdate)
+// is gathered behind them, under mu, so the bytes keep their order. One
+// made while the holder's system call runs (which may wait on a peer that
+// reads nothing) is written right after it, by the holder, and returns at
+// once: so tls.Conn.Close, whose close_notify would otherwise wait for
+// that call, closes the socket and ends it, as it does when it finds a
+// Write of its own in progress.
 type recordBatch struct {
 	net.Conn
 
-	mu   sync.Mutex // the Transport may close the connection (close_notify) while an upload writes
-	buf  *[64 << 10]byte
-	used int
+	// held is set from hold to release, and for good once a write failed:
+	// writes that find it clear go straight to the connection, without mu.
+	held     atomic.Bool
+	mu       sync.Mutex
+	buf      *[64 << 10]byte
+	used     int
+	flushing bool   // the holder writes, without mu
+	late     []byte // written by others meanwhile, for the holder to write next
+	// err is the write that failed: crypto/tls took the records it held
+	// for written, so no later record may follow them (the peer would
+	// read a gap as a bad record MAC); every write returns it.
+	err error
 }
 
 func (b *recordBatch) hold() {
 	b.mu.Lock()
 	b.buf = uploadBuffers.Get()
 	b.used = 0
+	b.held.Store(true)
 	b.mu.Unlock()
 }
 
 func (b *recordBatch) Write(p []byte) (int, error) {
+	if !b.held.Load() {
+		return b.Conn.Write(p)
+	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if b.buf == nil {
+	switch {
+	case b.err != nil:
+		return 0, b.err
+	case b.flushing:
+		b.late = append(b.late, p...)
+		return len(p), nil
+	case b.buf == nil: // released meanwhile
 		return b.Conn.Write(p)
 	}
 	if b.used+len(p) > len(b.buf) {
@@ -261,7 +316,10 @@ func (b *recordBatch) Write(p []byte) (int, error) {
 			return 0, err
 		}
 		if len(p) > len(b.buf) {
-			return b.Conn.Write(p)
+			if err := b.writeLocked(p); err != nil {
+				return 0, err
+			}
+			return len(p), nil
 		}
 	}
 	b.used += copy(b.buf[b.used:], p)
@@ -269,20 +327,39 @@ func (b *recordBatch) Write(p []byte) (int, error) {
 }
 
 func (b *recordBatch) flushLocked() error {
-	if b.used == 0 {
-		return nil
+	if b.used > 0 {
+		b.writeLocked(b.buf[:b.used])
+		b.used = 0
 	}
-	_, err := b.Conn.Write(b.buf[:b.used])
-	b.used = 0
-	return err
+	return b.err
 }
 
+// writeLocked writes p, then what others wrote meanwhile; mu is let go
+// during each system call.
+func (b *recordBatch) writeLocked(p []byte) error {
+	for len(p) > 0 && b.err == nil {
+		b.flushing = true
+		b.mu.Unlock()
+		_, err := b.Conn.Write(p)
+		b.mu.Lock()
+		b.flushing = false
+		b.err = err
+		p, b.late = b.late, nil
+	}
+	return b.err
+}
+
+// release writes what is held and returns the error of any write made
+// since hold.
 func (b *recordBatch) release() error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	err := b.flushLocked()
 	uploadBuffers.Put(b.buf)
 	b.buf = nil
+	if err == nil {
+		b.held.Store(false)
+	}
 	return err
 }
 

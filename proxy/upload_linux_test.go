@@ -41,7 +41,7 @@ func TestUploadBatched(t *testing.T) {
 		if err := accepted.(*net.TCPConn).SetReadBuffer(4 << 20); err != nil {
 			t.Fatal(err)
 		}
-		sock := &clientSocket{Conn: accepted}
+		sock := newClientSocket(accepted)
 		public := tls.Server(sock, &tls.Config{Certificates: []tls.Certificate{cert}})
 		client := tls.Client(dialled, &tls.Config{InsecureSkipVerify: true})
 		sent := make(chan error, 1)

@@ -105,7 +105,8 @@ func hostPortDefault(u *url.URL) string {
 // upConn is one connection to Cells, owned by one exchange at a time.
 type upConn struct {
 	u     *h1Upstream
-	nc    net.Conn
+	nc    net.Conn     // *tls.Conn over sock, or sock
+	sock  *cellsSocket // the TCP connection
 	br    *bufio.Reader
 	bw    *bufio.Writer
 	raw   syscall.RawConn // nc's socket, for the idle check; nil if none
@@ -360,16 +361,18 @@ func (u *h1Upstream) dial(ctx context.Context) (*upConn, error) {
 func (u *h1Upstream) dialSized(ctx context.Context, rsize, wsize int) (*upConn, error) {
 	gen := u.ca.generation() // before the handshake: see upstreamCA.gen
 	var raw, nc net.Conn
+	var sock *cellsSocket
 	for conf := u.tls; ; {
 		var err error
 		if raw, err = u.dialer.DialContext(ctx, u.network, u.addr); err != nil {
 			return nil, err
 		}
-		nc = raw
+		sock = newCellsSocket(raw)
+		nc = sock
 		if conf == nil {
 			break
 		}
-		tc, err := u.handshake(ctx, &tlsSocket{Conn: raw}, conf)
+		tc, err := u.handshake(ctx, sock, conf)
 		if err == nil {
 			nc = tc
 			break
@@ -381,7 +384,7 @@ func (u *h1Upstream) dialSized(ctx context.Context, rsize, wsize int) (*upConn, 
 			return nil, err
 		}
 	}
-	c := &upConn{u: u, nc: nc, gen: gen}
+	c := &upConn{u: u, nc: nc, sock: sock, gen: gen}
 	if sc, ok := raw.(syscall.Conn); ok {
 		c.raw = rawConnOf(sc)
 	}
@@ -528,7 +531,7 @@ func (c *upConn) tlsHolds() bool {
 	if !ok {
 		return false
 	}
-	s := tc.NetConn().(*tlsSocket)
+	s := c.sock
 	var b [1]byte
 	s.probing = true
 	n, err := tc.Read(b[:])
@@ -536,18 +539,44 @@ func (c *upConn) tlsHolds() bool {
 	return n > 0 || err != errProbe
 }
 
-// tlsSocket is the connection under an upstream tls.Conn. While probing,
-// a read returns errProbe at once instead of asking the socket: tlsHolds
-// sees what crypto/tls holds without a system call, a deadline to set and
-// clear, or the error a deadline allocates.
-type tlsSocket struct {
+// cellsSocket is the TCP connection to Cells, under its TLS if any. While
+// probing, a read returns errProbe at once instead of asking the socket:
+// tlsHolds sees what crypto/tls holds without a system call, a deadline to
+// set and clear, or the error a deadline allocates. While relay gathers a
+// response body (download.go), a read that finds nothing to read first
+// has it send what it holds. Both are set and cleared by the goroutine
+// that owns the exchange, around its reads.
+type cellsSocket struct {
 	net.Conn
-	probing bool // only on the goroutine that owns the exchange
+	probing bool
+	gather  *gather
+	notify  func()      // gather.send, made once
+	wr      *waitReader // made at the first read while gathering
 }
 
-func (s *tlsSocket) Read(p []byte) (int, error) {
+func newCellsSocket(c net.Conn) *cellsSocket {
+	s := &cellsSocket{Conn: c}
+	s.notify = func() {
+		g := s.gather
+		g.send()
+		if g.err != nil {
+			// The client is gone: this read must not wait for Cells,
+			// and relay aborts once it returns.
+			s.SetReadDeadline(aLongTimeAgo)
+		}
+	}
+	return s
+}
+
+func (s *cellsSocket) Read(p []byte) (int, error) {
 	if s.probing {
 		return 0, errProbe
+	}
+	if s.gather != nil {
+		if s.wr == nil {
+			s.wr = newWaitReader(s.Conn)
+		}
+		return s.wr.readNotifying(s.Conn, p, s.notify)
 	}
 	return s.Conn.Read(p)
 }
@@ -663,14 +692,19 @@ type upBody struct {
 	c        *upConn
 	stop     func() bool
 	reusable bool
-	err      error // the error that ended the body; the connection is gone
+	err      error   // the error that ended the body; the connection is gone
+	gather   *gather // relay's, while it reads the body (download.go)
 }
 
 func (b *upBody) Read(p []byte) (int, error) {
 	if b.err != nil {
 		return 0, b.err
 	}
+	// Set for this read only: once the body ends, the connection goes
+	// back to the idle list, for another exchange to use.
+	b.c.sock.gather = b.gather
 	n, err := b.body.Read(p)
+	b.c.sock.gather = nil
 	if err != nil {
 		b.err = err
 		if err == io.EOF {

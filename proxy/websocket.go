@@ -645,7 +645,7 @@ func rawConn(c net.Conn) syscall.RawConn {
 // wrapped is the connection under c when c is one of the layers a
 // connection goes through (TLS, cmux's, the HTTP/1.1 front's hand-over, the
 // public port's accepted socket, HTTP/2's filter and write-behind, the socket
-// under TLS to Cells), else nil.
+// to Cells, under its TLS if any), else nil.
 func wrapped(c net.Conn) net.Conn {
 	switch x := c.(type) {
 	case *tls.Conn:
@@ -654,7 +654,7 @@ func wrapped(c net.Conn) net.Conn {
 		return x.Conn
 	case *replayConn:
 		return x.Conn
-	case *tlsSocket:
+	case *cellsSocket:
 		return x.Conn
 	case *clientSocket:
 		return x.Conn
