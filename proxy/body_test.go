@@ -318,59 +318,6 @@ func TestUploadReachesUpstreamBeforeItEnds(t *testing.T) {
 	}
 }
 
-// TestSlowResponseFlushedAsItArrives has the upstream write a first chunk
-// and wait until the client has it before writing the rest: a proxy that
-// waits for more bytes, or for the end, before passing the chunk on
-// deadlocks here (zips Cells builds on the fly, server-sent events).
-func TestSlowResponseFlushedAsItArrives(t *testing.T) {
-	const first, rest = "PK\x03\x04 first entry of a zip\n", "the rest of the archive\n"
-	for _, withLength := range []bool{false, true} {
-		clientGot := make(chan struct{}, 1)
-		up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			if withLength {
-				w.Header().Set("Content-Length", strconv.Itoa(len(first)+len(rest)))
-			}
-			io.WriteString(w, first)
-			http.NewResponseController(w).Flush()
-			select {
-			case <-clientGot:
-				io.WriteString(w, rest)
-			case <-r.Context().Done():
-			case <-time.After(20 * time.Second):
-				// Break the response, so that the client sees an error
-				// rather than waiting or a body that looks complete.
-				panic(http.ErrAbortHandler)
-			}
-		}))
-		settle(t, up)
-		tp := startProxy(t, testConfig(up))
-		for _, pc := range h1h2Clients(tp) {
-			t.Run(pc.name+"/"+map[bool]string{false: "no-content-length", true: "content-length"}[withLength], func(t *testing.T) {
-				res, err := pc.c.Get(tp.URL + "/a/tree/zip")
-				if err != nil {
-					t.Fatal(err)
-				}
-				defer res.Body.Close()
-				got := make([]byte, len(first))
-				if _, err := io.ReadFull(res.Body, got); err != nil {
-					t.Fatalf("reading the first chunk: %v", err)
-				}
-				if string(got) != first {
-					t.Fatalf("first chunk = %q, want %q", got, first)
-				}
-				clientGot <- struct{}{}
-				tail, err := io.ReadAll(res.Body)
-				if err != nil {
-					t.Fatalf("reading the rest: %v", err)
-				}
-				if string(tail) != rest {
-					t.Errorf("rest = %q, want %q", tail, rest)
-				}
-			})
-		}
-	}
-}
-
 // TestMaxBodySize checks PROXY_MAX_BODY_SIZE: a declared length above it
 // gets 413 without the upstream being contacted; a body without a length
 // that grows past it is cut, so that the upstream sees a failed read and

@@ -24,7 +24,10 @@ var downloadKinds = []struct {
 // the client has it before it sends the rest: a proxy that holds bytes
 // until its buffer fills, or until the body's end, deadlocks here (Cells
 // then breaks the response after 20 s). The first parts are smaller than
-// a TLS record, between a record and the proxy's 63 KiB, and beyond it.
+// a TLS record, between a record and the proxy's 63 KiB, and beyond it:
+// zips Cells builds on the fly, server-sent events. (It took over from
+// TestSlowResponseFlushedAsItArrives, which had one small first part, from
+// Cells over TLS only.)
 func TestDownloadChunkNotHeld(t *testing.T) {
 	const rest = "the rest of the archive\n"
 	firsts := []int{1, 40000, 100000}
