@@ -92,9 +92,24 @@ func TestH2StallSteadySlowReader(t *testing.T) {
 			t.Logf("received %d KiB in %v", got>>10, time.Since(start).Round(time.Millisecond))
 			// The proxy's handler of the call ends (and writes its access
 			// line) only when the call does: it must still be running.
-			for _, l := range strings.Split(e.tp.Log.String(), "\n")[from-1:] {
-				if isAccess(t, "/grpc.testing.TestService/StreamingOutputCall")(l) {
-					t.Fatalf("the proxy ended the call while its client was reading: %s", l)
+			ended := func() string {
+				for _, l := range strings.Split(e.tp.Log.String(), "\n")[from-1:] {
+					if isAccess(t, "/grpc.testing.TestService/StreamingOutputCall")(l) {
+						return l
+					}
+				}
+				return ""
+			}
+			if l := ended(); l != "" {
+				t.Fatalf("the proxy ended the call while its client was reading: %s", l)
+			}
+			// The client gives up: the call ends, and its access line is
+			// written before the next port's subtest counts the lines it
+			// must not see.
+			cancel()
+			for deadline := time.Now().Add(10 * time.Second); ended() == ""; time.Sleep(10 * time.Millisecond) {
+				if time.Now().After(deadline) {
+					t.Fatal("no access line for the call 10 s after its client cancelled it")
 				}
 			}
 		})
