@@ -14,6 +14,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"google.golang.org/grpc"
+	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 )
 
 // countingListener counts the writes made on the connections it accepts;
@@ -134,4 +137,96 @@ func TestDownloadBatched(t *testing.T) {
 			t.Logf("%d writes to the client for %d KiB", writes, size>>10)
 		})
 	}
+}
+
+// TestH2DownloadBatched streams 1 MiB of gRPC messages from Cells to a
+// client on each port and counts the writes made on the client's
+// connection. The HTTP/2 server's writes pass through writeBehind, which
+// sends what is pending in one TLS write; the records of each such write
+// must leave in one write(2). A 16 KiB DATA frame and its 9-byte header
+// make two records, so unbatched the stream costs at least 128 write(2);
+// batched, one per pending batch: about 66 (writeBehindMax holds one such
+// frame and the small ones beside it). The client takes its socket's bytes
+// slowly and steadily, so that the proxy's writes wait for it and the
+// frames queue behind them. On the dedicated gRPC port (Cells Sync's 33060)
+// the connection had no clientSocket under its TLS: 133 write(2).
+func TestH2DownloadBatched(t *testing.T) {
+	t.Parallel()
+	conns := map[grpcPort]chan *countingConn{portMain: make(chan *countingConn, 1), portDedicated: make(chan *countingConn, 1)}
+	e := startGRPC(t, topoH2C, nil, func(s *Server) {
+		s.mainLn = countingListener{Listener: s.mainLn, conns: conns[portMain]}
+		s.grpcLn = countingListener{Listener: s.grpcLn, conns: conns[portDedicated]}
+	})
+	const msgs, size = 256, 4 << 10
+	for _, port := range grpcPorts {
+		t.Run(string(port), func(t *testing.T) {
+			dialer := &net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
+				// A small receive buffer: the client's TCP holds little
+				// that the client has not read.
+				rc.Control(func(fd uintptr) {
+					syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4<<10)
+				})
+				return nil
+			}}
+			cc := e.dial(t, port,
+				grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) {
+					c, err := dialer.DialContext(ctx, "tcp", addr)
+					if err != nil {
+						return nil, err
+					}
+					return &steadyConn{Conn: c}, nil
+				}),
+				// Large windows: the client's socket is what holds the
+				// stream back, not flow control.
+				grpc.WithInitialWindowSize(32<<20), grpc.WithInitialConnWindowSize(64<<20))
+			tc := testgrpc.NewTestServiceClient(cc)
+			var params []*testgrpc.ResponseParameters
+			for range msgs {
+				params = append(params, &testgrpc.ResponseParameters{Size: size})
+			}
+			stream, err := tc.StreamingOutputCall(testCtx(t), &testgrpc.StreamingOutputCallRequest{ResponseParameters: params})
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := 0
+			for {
+				res, err := stream.Recv()
+				if err == io.EOF {
+					break
+				}
+				if err != nil {
+					t.Fatalf("Recv after %d KiB: %v", got>>10, err)
+				}
+				got += len(res.GetPayload().GetBody())
+			}
+			if got != msgs*size {
+				t.Fatalf("received %d bytes, want %d", got, msgs*size)
+			}
+			counted := <-conns[port]
+			// The handshake's and the call's other frames included.
+			writes := counted.writes.Load()
+			if max := int64(96); writes > max {
+				t.Errorf("%d writes to the client for %d KiB, want at most %d (one per 16 KiB frame, and a few; 128 or more unbatched)", writes, got>>10, max)
+			}
+			t.Logf("%d writes to the client for %d KiB", writes, got>>10)
+		})
+	}
+}
+
+// steadyConn is a client that takes at most 16 KiB from its socket at a
+// time, and reads again 5 ms later: about 3 MB/s, slower than the proxy
+// writes on loopback.
+type steadyConn struct {
+	net.Conn
+	next time.Time
+}
+
+func (c *steadyConn) Read(p []byte) (int, error) {
+	time.Sleep(time.Until(c.next))
+	if len(p) > 16<<10 {
+		p = p[:16<<10]
+	}
+	n, err := c.Conn.Read(p)
+	c.next = time.Now().Add(5 * time.Millisecond)
+	return n, err
 }

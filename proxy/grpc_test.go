@@ -78,8 +78,8 @@ type grpcEnv struct {
 
 // startGRPC starts a test Cells in topology topo and a proxy in front of
 // it, with the dedicated gRPC port on. configure, if not nil, adjusts the
-// proxy's configuration before it starts.
-func startGRPC(t *testing.T, topo grpcTopology, configure func(*Config)) *grpcEnv {
+// proxy's configuration before it starts; setup is startProxy's.
+func startGRPC(t *testing.T, topo grpcTopology, configure func(*Config), setup ...func(*Server)) *grpcEnv {
 	t.Helper()
 	e := &grpcEnv{svc: newProbeService(), rec: &recorder{}}
 	// The interop server's own options: per-call ORCA metrics in trailers.
@@ -114,7 +114,7 @@ func startGRPC(t *testing.T, topo grpcTopology, configure func(*Config)) *grpcEn
 	if configure != nil {
 		configure(cfg)
 	}
-	e.tp = startProxy(t, cfg)
+	e.tp = startProxy(t, cfg, setup...)
 	return e
 }
 

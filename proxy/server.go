@@ -575,7 +575,9 @@ func (s *Server) Run(ctx context.Context) error {
 		tc := s.tls.Clone()
 		tc.NextProtos = []string{"h2"}
 		// net/http waits too when accepting fails, but logs it at debug.
-		ln := &retryListener{Listener: s.grpcLn, log: s.log, done: acceptDone}
+		// Under TLS, the socket whose batch sends the records of each of
+		// writeBehind's writes in one write(2), as on the public port.
+		ln := &retryListener{Listener: socketListener{s.grpcLn}, log: s.log, done: acceptDone}
 		srv.ConnState = pending.connState
 		sv.serve(srv, s.h2Listener(tls.NewListener(ln, tc)))
 		up := "none" // calls get UNAVAILABLE naming PYDIO_GRPC_EXTERNAL
