@@ -467,7 +467,14 @@ func (u *grpcUpstream) open(ctx context.Context, call *grpcCall, body io.ReadClo
 			return nil, errShutdown
 		}
 		var c, none *grpcConn
+		// A connection made before CELLS_UPSTREAM_CA_FILE last changed
+		// may still be here between the change and dropStale: passed
+		// over, as dropStale will retire it.
+		gen := u.ca.generation()
 		for _, x := range u.conns {
+			if x.gen != gen {
+				continue
+			}
 			if x.canTake() {
 				c = x
 				break

@@ -342,12 +342,15 @@ func (u *h1Upstream) get(ctx context.Context) (*upConn, error) {
 		c.timer.Stop()
 		fresh := time.Since(c.idleAt) < u.idleTimeout
 		u.mu.Unlock()
-		if fresh && c.quiet() {
+		// A connection made before CELLS_UPSTREAM_CA_FILE last changed
+		// may still be here between the change and dropStale.
+		if fresh && c.gen == u.ca.generation() && c.quiet() {
 			c.reuse, c.read = true, 0
 			return c, nil
 		}
-		// Expired (its timer is about to close it), closed by Cells, or
-		// sent something unasked: done with.
+		// Expired (its timer is about to close it), verified with a CA
+		// file since replaced, closed by Cells, or sent something
+		// unasked: done with.
 		c.close()
 	}
 }

@@ -174,6 +174,18 @@ func TestUpstreamCAChangeHTTP(t *testing.T) {
 		cells.waitClosed(t, first, "idle")
 	})
 
+	// Between the counter's rise and the close of the idle connections
+	// (changed), a request that takes one must not go out on it.
+	t.Run("idle before its close", func(t *testing.T) {
+		first := p.get(t, "/conn")
+		p.waitIdle(t, 1)
+		p.fwd.ca.gen.Add(1) // the change, before changed runs
+		if got := p.get(t, "/conn"); got == first {
+			t.Errorf("GET after the CA change went over %s, the connection made before it", got)
+		}
+		cells.waitClosed(t, first, "idle")
+	})
+
 	t.Run("busy", func(t *testing.T) {
 		type result struct {
 			body, conn string
@@ -317,6 +329,23 @@ func TestUpstreamCAChangeGRPC(t *testing.T) {
 		if got := conns(); len(got) != 1 || got[0] == before[0] {
 			t.Errorf("after the CA change the proxy holds %d gRPC connections (the one made before among them: %v), want one new one", len(got), slices.Contains(got, before[0]))
 		}
+	})
+
+	// Between the counter's rise and dropStale (changed), a call must
+	// not go out on a connection made before.
+	t.Run("idle before its retirement", func(t *testing.T) {
+		call(t, "before the CA change")
+		before := conns()
+		if len(before) != 1 {
+			t.Fatalf("the proxy holds %d gRPC connections to Cells after a call, want 1", len(before))
+		}
+		p.fwd.ca.gen.Add(1) // the change, before changed runs
+		call(t, "after the CA change")
+		if got := conns(); len(got) != 2 || !slices.Contains(got, before[0]) {
+			t.Errorf("after the CA change the proxy holds %d gRPC connections (the one made before among them: %v), want it and a new one for the call", len(got), slices.Contains(got, before[0]))
+		}
+		p.fwd.grpcUp.dropStale() // what changed does
+		waitGRPCConns(t, p.testProxy, 1)
 	})
 
 	t.Run("stream", func(t *testing.T) {
