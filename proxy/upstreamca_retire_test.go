@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"os"
 	"slices"
 	"strings"
@@ -15,6 +16,7 @@ import (
 	"time"
 
 	"github.com/coder/websocket"
+	"golang.org/x/net/http2"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 )
 
@@ -478,5 +480,50 @@ func TestUpstreamCAUnchangedKeepsConns(t *testing.T) {
 	}
 	if strings.Contains(p.Log.String(), "CELLS_UPSTREAM_CA_FILE reloaded") {
 		t.Errorf("a line says CELLS_UPSTREAM_CA_FILE was reloaded, its content unchanged:\n%s", p.Log)
+	}
+}
+
+// TestUpstreamCAChangeGRPCWaiting: a gRPC call that waits for Cells to
+// allow a stream on a connection (SETTINGS_MAX_CONCURRENT_STREAMS 0) when
+// CELLS_UPSTREAM_CA_FILE changes was never sent: it must not stay on that
+// connection, which takes no new call, but go on a new one, and reach
+// Cells once that allows streams. The upstream is an h2c peer whose
+// SETTINGS the test controls; the proxy's gRPC pool is given a CA whose
+// change the test makes (the counter, then the pool's retirement, as
+// upstreamCA.load does), since the certificate plays no part here.
+func TestUpstreamCAChangeGRPCWaiting(t *testing.T) {
+	t.Parallel()
+	want := grpcMsg([]byte("after the change"))
+	var seen timeoutsSeen
+	zero := h2PeerConfig{Settings: []http2.Setting{{ID: http2.SettingMaxConcurrentStreams, Val: 0}}}
+	p := newH2Peer(t, zero, seen.echo)
+	cfg := testConfig(newUpstream(t, upPlain, &recorder{}))
+	cfg.GRPCUpstream = &url.URL{Scheme: "h2c", Host: p.Addr}
+	ca := &upstreamCA{}
+	tp := startProxy(t, cfg, func(s *Server) { s.fwd.grpcUp.ca = ca })
+	u := tp.fwd.grpcUp
+
+	res := make(chan grpcResult, 1)
+	go func() { res <- callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Echo", want) }()
+	old := waitGRPCConn(t, u, "the call to wait for Cells to allow a stream", func(c *grpcConn) bool { return c.waiting > 0 })
+	ca.gen.Add(1)
+	u.dropStale()
+	// The call dials again; Cells allows no stream there either at first.
+	for deadline := time.Now().Add(10 * time.Second); p.Accepted.Load() < 2; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the waiting call did not dial a new connection 10 s after the CA change")
+		}
+	}
+	waitGRPCConn(t, u, "the call to wait on the new connection", func(c *grpcConn) bool { return c != old && c.waiting > 0 })
+	raiseStreams(t, p.Conns()[1])
+	checkOK(t, "call waiting across the CA change", recv(t, res, "the call"), want)
+	if got := len(seen.all()); got != 1 {
+		t.Errorf("Cells saw %d calls, want 1", got)
+	}
+	u.mu.Lock()
+	held := slices.Contains(u.conns, old)
+	u.mu.Unlock()
+	if held {
+		t.Errorf("the connection made before the CA change is still held")
 	}
 }
