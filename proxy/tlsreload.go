@@ -24,6 +24,31 @@ import (
 // itself would miss. Tests shorten it.
 var certPollInterval = 5 * time.Second
 
+// fileSettle is how long a poll that finds new content in a watched file
+// (TLS_CERT_FILE, TLS_KEY_FILE, CELLS_UPSTREAM_CA_FILE) waits before it
+// reads the files again: only content read the same both times is used. A
+// writer that writes a file in parts can be caught between two of its
+// writes with a file that loads: cat cert.pem chain.pem > fullchain.pem
+// writes the leaf, then the chain, and the leaf alone would be served, which
+// Go's clients (Cells Sync) and curl refuse for want of the intermediate; a
+// CA bundle would lose the roots after the cut. A SIGHUP, which the
+// operator sends once the files are written, does not wait.
+var fileSettle = 200 * time.Millisecond
+
+// testHookSettle, if not nil, runs after a poll's first read of new
+// content, before the second.
+var testHookSettle func()
+
+// settled waits fileSettle and reports whether sum, the content a poll
+// read, is what again reads now.
+func settled(sum [sha256.Size]byte, again func() [sha256.Size]byte) bool {
+	if testHookSettle != nil {
+		testHookSettle()
+	}
+	time.Sleep(fileSettle)
+	return again() == sum
+}
+
 // certFiles keeps the certificate served from TLS_CERT_FILE and TLS_KEY_FILE
 // current. A new pair replaces the old one only once it parses and its key
 // matches its certificate: a half-written or mismatched pair is refused with
@@ -57,6 +82,7 @@ const (
 	refused                     // a new pair did not load
 	refusedOnce                 // a new pair did not load at a poll that followed a good check
 	refusedAgain                // the pair refused at the previous check, still
+	changing                    // new content, changed again while it was read: the next poll decides
 )
 
 // load reads both files and, if they make a usable pair, serves it. With
@@ -70,6 +96,9 @@ func (c *certFiles) load(force bool) (outcome, error) {
 		// news, even if it is the same as the last one.
 		c.failed, c.warned = [sha256.Size]byte{}, false
 		return unchanged, nil
+	}
+	if err == nil && !force && !settled(sum, func() [sha256.Size]byte { again, _, _ := c.read(); return again }) {
+		return changing, nil
 	}
 	if err == nil {
 		c.served, c.failed, c.warned = sum, [sha256.Size]byte{}, false
@@ -189,6 +218,8 @@ func (c *certFiles) poll() {
 			"trigger", "poll", "err", err)
 	case refused:
 		c.log.Error("TLS certificate not reloaded, the current one keeps serving", "trigger", "poll", "err", err)
+	case changing:
+		c.log.Debug("TLS certificate files changed while being read (still being written?), checked again at the next poll", "trigger", "poll")
 	default:
 		// A certificate served for weeks reaches its end while no renewal
 		// came: say so once a day.

@@ -164,6 +164,56 @@ func TestCertReloadRewrite(t *testing.T) {
 	}
 }
 
+// TestCertReloadWrittenInParts: a poll that catches TLS_CERT_FILE between
+// two writes of its writer (cat cert.pem chain.pem > fullchain.pem writes
+// the leaf, then the intermediate) reads a pair that loads: the leaf alone,
+// which Go's clients (Cells Sync) and curl refuse for want of the
+// intermediate. It must not be served: the certificate served before stays
+// until the next poll, which serves the whole chain.
+func TestCertReloadWrittenInParts(t *testing.T) {
+	setCertPollInterval(t, time.Hour) // the test drives the polls
+	dir := t.TempDir()
+	certFile, keyFile := filepath.Join(dir, "fullchain.pem"), filepath.Join(dir, "privkey.pem")
+	a := newCert(t)
+	writePair(t, a, certFile, keyFile)
+	rp := startReloadProxy(t, certFile, keyFile, a)
+	addr := rp.Addr().String()
+	served := func() []*x509.Certificate {
+		t.Helper()
+		st, err := handshake(addr, &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"h2"}})
+		if err != nil {
+			t.Fatalf("handshake: %v", err)
+		}
+		return st.PeerCertificates
+	}
+
+	leaf, inter, key := chainCerts(t, "R3", time.Now().Add(48*time.Hour), nil)
+	whole := tls.Certificate{Certificate: [][]byte{leaf.Raw, inter.Raw}, PrivateKey: key, Leaf: leaf}
+	half := tls.Certificate{Certificate: [][]byte{leaf.Raw}, PrivateKey: key, Leaf: leaf}
+	// The key, and the first write; the second comes while the poll reads.
+	writePair(t, half, certFile, keyFile)
+	testHookSettle = func() {
+		certPEM, _ := pemPair(t, whole)
+		if err := os.WriteFile(certFile, certPEM, 0o600); err != nil {
+			t.Error(err)
+		}
+	}
+	t.Cleanup(func() { testHookSettle = nil })
+	rp.certFiles.poll()
+	if got := served(); got[0].SerialNumber.Cmp(a.Leaf.SerialNumber) != 0 {
+		t.Errorf("after a poll that read the chain half written, %d certificate(s) served, leaf serial %x; want the one served before (%x)", len(got), got[0].SerialNumber, a.Leaf.SerialNumber)
+	}
+
+	testHookSettle = nil
+	rp.certFiles.poll()
+	if got := served(); len(got) != 2 || !got[0].Equal(leaf) || !got[1].Equal(inter) {
+		t.Errorf("after the next poll, %d certificate(s) served, want the leaf and its intermediate", len(got))
+	}
+	if !strings.Contains(rp.Log.String(), "TLS certificate reloaded") {
+		t.Errorf("no \"TLS certificate reloaded\" in the log:\n%s", rp.Log)
+	}
+}
+
 // TestCertReloadSymlinks replays how certbot and cert-manager renew: the
 // files named in TLS_CERT_FILE and TLS_KEY_FILE are symlinks, and a renewal
 // repoints them without touching the old files.

@@ -131,9 +131,10 @@ func (a *upstreamCA) generation() uint64 {
 }
 
 // load reads the file and, if it changed and is good, verifies new
-// connections with it and retires those made before.
-func (a *upstreamCA) load() (out outcome, n int, err error) {
-	out, n, err = a.read()
+// connections with it and retires those made before. A poll's new content
+// is used only if it reads the same after fileSettle.
+func (a *upstreamCA) load(poll bool) (out outcome, n int, err error) {
+	out, n, err = a.read(poll)
 	if out == reloaded {
 		// Outside mu: closing a connection may write to it (a GOAWAY),
 		// which must not hold up a SIGHUP's check waiting on mu.
@@ -144,7 +145,7 @@ func (a *upstreamCA) load() (out outcome, n int, err error) {
 	return out, n, err
 }
 
-func (a *upstreamCA) read() (out outcome, n int, err error) {
+func (a *upstreamCA) read(poll bool) (out outcome, n int, err error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	sum, pool, n, err := readUpstreamCA(a.file)
@@ -154,6 +155,8 @@ func (a *upstreamCA) read() (out outcome, n int, err error) {
 		// it is the same as the last one.
 		a.failed = [sha256.Size]byte{}
 		return unchanged, n, nil
+	case err == nil && poll && !settled(sum, func() [sha256.Size]byte { again, _, _, _ := readUpstreamCA(a.file); return again }):
+		return changing, 0, nil
 	case err == nil:
 		a.served, a.failed = sum, [sha256.Size]byte{}
 		a.pool.Store(pool)
@@ -173,17 +176,19 @@ func (a *upstreamCA) read() (out outcome, n int, err error) {
 // at WARN (the pool in use still verifies Cells), until its content
 // changes again.
 func (a *upstreamCA) poll() {
-	switch out, n, err := a.load(); out {
+	switch out, n, err := a.load(true); out {
 	case reloaded:
 		a.log.Info("CELLS_UPSTREAM_CA_FILE reloaded: new connections to Cells verify with it; those open take no new request", "trigger", "poll", "file", a.file, "certificates", n)
 	case refused:
 		a.log.Warn("CELLS_UPSTREAM_CA_FILE not reloaded, the CA read before keeps verifying Cells", "trigger", "poll", "err", err)
+	case changing:
+		a.log.Debug("CELLS_UPSTREAM_CA_FILE changed while being read (still being written?), checked again at the next poll", "trigger", "poll")
 	}
 }
 
 // reload is SIGHUP's check: what it finds is logged whatever it is.
 func (a *upstreamCA) reload() error {
-	out, n, err := a.load()
+	out, n, err := a.load(false)
 	switch {
 	case err != nil:
 		a.log.Error("CELLS_UPSTREAM_CA_FILE not reloaded, the CA read before keeps verifying Cells", "trigger", "reload", "err", err)

@@ -322,6 +322,38 @@ func TestUpstreamCAReload(t *testing.T) {
 	}
 }
 
+// TestUpstreamCAWrittenInParts: a poll that catches the CA file between
+// two writes of its writer (cat other-root.pem cells-root.pem >
+// rootCA.pem) reads a bundle that loads but lacks Cells' root. It must not
+// be used: the pool read before keeps verifying Cells, and the next poll
+// takes the whole bundle.
+func TestUpstreamCAWrittenInParts(t *testing.T) {
+	setCertPollInterval(t, time.Hour) // the test drives the checks
+	ca, other := newTestCA(t, "cells root"), newTestCA(t, "another root")
+	cells := newCACells(t, ca.issue(t, true, "localhost"))
+	p := startCAProxy(t, cells, ca.PEM())
+	p.check(t, true, "before the rewrite")
+
+	// The first write; the second comes while the poll reads.
+	replaceFile(t, p.caFile, other.PEM(), false)
+	testHookSettle = func() {
+		replaceFile(t, p.caFile, append(other.PEM(), ca.PEM()...), false)
+	}
+	t.Cleanup(func() { testHookSettle = nil })
+	p.fwd.ca.poll()
+	if got := p.fwd.ca.generation(); got != 0 {
+		t.Errorf("after a poll that read the bundle half written, pool %d in use, want the first (0)", got)
+	}
+	p.check(t, true, "after a poll that read the bundle half written")
+
+	testHookSettle = nil
+	p.fwd.ca.poll()
+	if got := p.fwd.ca.generation(); got != 1 {
+		t.Errorf("after the next poll, pool %d in use, want the whole bundle's (1)", got)
+	}
+	p.check(t, true, "after the next poll")
+}
+
 // TestUpstreamCAReloadWatched: the proxy polls the file by itself.
 func TestUpstreamCAReloadWatched(t *testing.T) {
 	setCertPollInterval(t, 5*time.Millisecond)
