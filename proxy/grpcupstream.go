@@ -1614,14 +1614,7 @@ func (c *grpcConn) handleData(flags byte, id uint32, p []byte) error {
 		c.consumedLocked(nil, size)
 		return nil
 	}
-	if s.off == len(s.buf) {
-		s.buf, s.off = s.buf[:0], 0
-	} else if s.off > 0 && len(s.buf)+len(data) > cap(s.buf) {
-		// Not grown by what was read already: the unread part moves down.
-		n := copy(s.buf, s.buf[s.off:])
-		s.buf, s.off = s.buf[:n], 0
-	}
-	s.buf = append(s.buf, data...)
+	s.buf.Write(data)
 	if flags&flagEndStream != 0 {
 		s.remoteEnd = true
 		c.endLocked(s)
@@ -1893,10 +1886,9 @@ type grpcStream struct {
 	cond      sync.Cond
 	ready     chan struct{} // closed when res or err is set
 	res       *http.Response
-	err       error  // what do returns when res is nil
-	failed    error  // the call broke: reads return it after buf
-	buf       []byte // response body received; buf[off:] not yet read
-	off       int
+	err       error      // what do returns when res is nil
+	failed    error      // the call broke: reads return it after buf
+	buf       recvBuffer // response body received, not yet read
 	trailer   http.Header
 	send      int64 // send window
 	recv      int64 // receive window left
@@ -2019,17 +2011,11 @@ func (s *grpcStream) Read(p []byte) (int, error) {
 	c := s.c
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	for s.off == len(s.buf) && !s.remoteEnd && s.failed == nil {
+	for s.buf.Len() == 0 && !s.remoteEnd && s.failed == nil {
 		s.cond.Wait()
 	}
-	if s.off < len(s.buf) {
-		n := copy(p, s.buf[s.off:])
-		if s.off += n; s.off == len(s.buf) {
-			s.buf, s.off = s.buf[:0], 0
-			if cap(s.buf) > 64<<10 {
-				s.buf = nil
-			}
-		}
+	if s.buf.Len() > 0 {
+		n := s.buf.Read(p)
 		c.consumedLocked(s, int64(n))
 		return n, nil
 	}
@@ -2059,9 +2045,10 @@ func (s *grpcStream) Close() error {
 			c.resetLocked(s, codeCancel)
 		}
 	}
-	if n := int64(len(s.buf) - s.off); n > 0 && c.err == nil {
+	n := int64(s.buf.Len())
+	s.buf.Reset() // its chunks back to their pools
+	if n > 0 && c.err == nil {
 		// Unread: its connection window comes back now.
-		s.buf, s.off = nil, 0
 		c.consumedLocked(nil, n)
 	}
 	c.mu.Unlock()

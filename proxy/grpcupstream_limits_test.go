@@ -88,7 +88,7 @@ func TestGRPCUpstreamSlowReaderBufferBounded(t *testing.T) {
 		for {
 			c.mu.Lock()
 			done := s.recv == 0 || s.remoteEnd || s.failed != nil
-			maxCap = max(maxCap, cap(s.buf))
+			maxCap = max(maxCap, s.buf.Cap())
 			c.mu.Unlock()
 			if done {
 				break

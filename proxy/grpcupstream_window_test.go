@@ -171,9 +171,9 @@ func unreadCallsHeld(t *testing.T, window uint32, calls, conns int) {
 		c.mu.Lock()
 		for _, s := range c.streams {
 			open++
-			held += int64(len(s.buf) - s.off)
-			capSum += int64(cap(s.buf))
-			maxCap = max(maxCap, cap(s.buf))
+			held += int64(s.buf.Len())
+			capSum += int64(s.buf.Cap())
+			maxCap = max(maxCap, s.buf.Cap())
 		}
 		c.mu.Unlock()
 	}

@@ -827,7 +827,7 @@ func TestShutdownEndsGRPCStreams(t *testing.T) {
 // unreadUpstream is how many response bytes the gRPC upstream has delivered
 // to the proxy that the proxy has not yet passed on to its client.
 func unreadUpstream(u *grpcUpstream) int {
-	return upstreamCount(u, func(s *grpcStream) int { return len(s.buf) - s.off })
+	return upstreamCount(u, func(s *grpcStream) int { return s.buf.Len() })
 }
 
 // upstreamCount sums f over the calls open on u's connections, each under
