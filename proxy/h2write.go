@@ -21,12 +21,12 @@ import (
 // 50,000 leave.
 //
 // A client that does not read still holds the server back: writeBehind
-// takes at most writeBehindMax (32 KiB) beyond the one write in progress,
+// takes at most writeBehindMax (65 KiB) beyond the one write in progress,
 // then Write waits, as the system call did. What the server wrote before it
 // closed the connection (a GOAWAY, the last answers) is still written, for
 // at most writeBehindLinger, then the connection closes. (The servers set no
 // HTTP2Config.WriteByteTimeout: it would time writeBehind's Write, which
-// waits only when 32 KiB are pending, not the writes to the socket.)
+// waits only when 65 KiB are pending, not the writes to the socket.)
 //
 // A client whose socket takes no byte for stall (nginx's send_timeout; at
 // most 1.5 times as long) has its connection closed: its streams' handlers
@@ -40,9 +40,10 @@ import (
 // stall/4, and the deadline moves on as long as the client's TCP has
 // acknowledged bytes since the last look (ackedBytes). Without that, a
 // client that took bytes all the time lost its connection once one write
-// of up to 32 KiB took longer than the bound: below about 500 bytes/s at
-// 60 s, 20 KiB/s at PROXY_IDLE_TIMEOUT=1s. Where the socket cannot be
-// looked at, each write must end within the bound.
+// took longer than the bound: at 32 KiB a write (writeBehindMax then),
+// below about 500 bytes/s at 60 s, 20 KiB/s at PROXY_IDLE_TIMEOUT=1s.
+// Where the socket cannot be looked at, each write must end within the
+// bound.
 type writeBehind struct {
 	net.Conn
 	sock     *clientSocket // under the connection's TLS: its records leave in one write(2); nil without
@@ -68,10 +69,14 @@ type writeBehind struct {
 const (
 	// writeBehindMax bounds the bytes taken and not yet written, beyond
 	// those of the write in progress: a connection whose client reads
-	// slowly holds two such buffers (copyBuffers' arrays), and while the
-	// write's system call waits, the 64 KiB of its records (recordBatch)
-	// instead of the second.
-	writeBehindMax = 32 << 10
+	// slowly holds two such buffers (writeBehindBuffers' arrays) and, while
+	// the write's system call waits, the 64 KiB of its records
+	// (recordBatch). It holds the four DATA frames of one 63 KiB write of
+	// a download (relayGathered) and a few small frames: at 32 KiB the
+	// server waited for room in the middle of each such write, and each
+	// frame left in a write(2) of its own; at 65 KiB an HTTP/2 download
+	// costs about a fifth less CPU (see the commit that set it).
+	writeBehindMax = 65 << 10
 	// writeBehindLinger bounds the write of what is pending at Close, as
 	// crypto/tls bounds its close_notify.
 	writeBehindLinger = 5 * time.Second
@@ -129,10 +134,10 @@ func (w *writeBehind) Write(p []byte) (int, error) {
 		return 0, err
 	}
 	if w.pending == nil {
-		// A p larger than the buffer (a DATA frame over 32 KiB, only
+		// A p larger than the buffer (a DATA frame over 65 KiB, only
 		// for a client that allows such frames) makes append allocate;
 		// putWriteBehind then leaves that array to the collector.
-		w.pending = copyBuffers.Get()[:0]
+		w.pending = writeBehindBuffers.Get()[:0]
 	}
 	w.pending = append(w.pending, p...)
 	if !w.writing {
@@ -215,9 +220,11 @@ func (w *writeBehind) writer() {
 	}
 }
 
+var writeBehindBuffers = newPool(func() *[writeBehindMax]byte { return new([writeBehindMax]byte) })
+
 func putWriteBehind(b []byte) {
 	if cap(b) == writeBehindMax {
-		copyBuffers.Put((*[writeBehindMax]byte)(b[:writeBehindMax]))
+		writeBehindBuffers.Put((*[writeBehindMax]byte)(b[:writeBehindMax]))
 	}
 }
 
