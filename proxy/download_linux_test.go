@@ -94,13 +94,7 @@ func TestDownloadBatched(t *testing.T) {
 			})
 			// A small receive buffer: the client's TCP takes little
 			// while it reads nothing.
-			dialer := &net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
-				rc.Control(func(fd uintptr) {
-					syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4<<10)
-				})
-				return nil
-			}}
-			raw, err := dialer.Dial("tcp", tp.Addr().String())
+			raw, err := smallReceiveDialer().Dial("tcp", tp.Addr().String())
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -160,21 +154,13 @@ func TestH2DownloadBatched(t *testing.T) {
 	const msgs, size = 256, 4 << 10
 	for _, port := range grpcPorts {
 		t.Run(string(port), func(t *testing.T) {
-			dialer := &net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
-				// A small receive buffer: the client's TCP holds little
-				// that the client has not read.
-				rc.Control(func(fd uintptr) {
-					syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4<<10)
-				})
-				return nil
-			}}
 			cc := e.dial(t, port,
 				grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) {
-					c, err := dialer.DialContext(ctx, "tcp", addr)
+					c, err := smallReceiveDialer().DialContext(ctx, "tcp", addr)
 					if err != nil {
 						return nil, err
 					}
-					return &steadyConn{Conn: c}, nil
+					return steadyReader(c), nil
 				}),
 				// Large windows: the client's socket is what holds the
 				// stream back, not flow control.
@@ -213,22 +199,21 @@ func TestH2DownloadBatched(t *testing.T) {
 	}
 }
 
-// steadyConn is a client that takes at most 16 KiB from its socket at a
-// time, and reads again 5 ms later: about 3 MB/s, slower than the proxy
-// writes on loopback.
-type steadyConn struct {
-	net.Conn
-	next time.Time
+// smallReceiveDialer dials with a 4 KiB receive buffer: the client's TCP
+// holds little that the client has not read.
+func smallReceiveDialer() *net.Dialer {
+	return &net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
+		rc.Control(func(fd uintptr) {
+			syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4<<10)
+		})
+		return nil
+	}}
 }
 
-func (c *steadyConn) Read(p []byte) (int, error) {
-	time.Sleep(time.Until(c.next))
-	if len(p) > 16<<10 {
-		p = p[:16<<10]
-	}
-	n, err := c.Conn.Read(p)
-	c.next = time.Now().Add(5 * time.Millisecond)
-	return n, err
+// steadyReader paces a client at 16 KiB every 5 ms, about 3 MB/s: slower
+// than the proxy writes on loopback.
+func steadyReader(c net.Conn) net.Conn {
+	return &pacedConn{Conn: c, chunk: 16 << 10, every: 5 * time.Millisecond}
 }
 
 // TestH2DownloadWrites: a 1 MiB download from Cells to an HTTP/2 client
@@ -249,19 +234,13 @@ func TestH2DownloadWrites(t *testing.T) {
 	tp := startProxy(t, testConfig(up), func(s *Server) {
 		s.mainLn = countingListener{Listener: s.mainLn, conns: conns}
 	})
-	dialer := &net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
-		rc.Control(func(fd uintptr) {
-			syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4<<10)
-		})
-		return nil
-	}}
 	c := tp.client(true)
 	c.Transport.(*http.Transport).DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
-		conn, err := dialer.DialContext(ctx, network, addr)
+		conn, err := smallReceiveDialer().DialContext(ctx, network, addr)
 		if err != nil {
 			return nil, err
 		}
-		return &steadyConn{Conn: conn}, nil
+		return steadyReader(conn), nil
 	}
 	defer c.CloseIdleConnections()
 	res, err := c.Get(tp.URL + "/file")

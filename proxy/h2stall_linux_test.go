@@ -12,20 +12,22 @@ import (
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 )
 
-// pacedConn is a client on a slow but steady link: it takes at most 1 KiB
-// from its socket every 200 ms (5 KiB/s), under its TLS.
+// pacedConn is a client on a slow but steady link: it takes at most chunk
+// bytes from its socket every so often, under its TLS.
 type pacedConn struct {
 	net.Conn
-	next time.Time
+	chunk int
+	every time.Duration
+	next  time.Time
 }
 
 func (c *pacedConn) Read(p []byte) (int, error) {
 	time.Sleep(time.Until(c.next))
-	if len(p) > 1<<10 {
-		p = p[:1<<10]
+	if len(p) > c.chunk {
+		p = p[:c.chunk]
 	}
 	n, err := c.Conn.Read(p)
-	c.next = time.Now().Add(200 * time.Millisecond)
+	c.next = time.Now().Add(c.every)
 	return n, err
 }
 
@@ -64,7 +66,8 @@ func TestH2StallSteadySlowReader(t *testing.T) {
 					if err != nil {
 						return nil, err
 					}
-					return &pacedConn{Conn: c}, nil
+					// 1 KiB every 200 ms: 5 KiB/s.
+					return &pacedConn{Conn: c, chunk: 1 << 10, every: 200 * time.Millisecond}, nil
 				}),
 				// Large windows, as browsers and grpc-go's BDP estimator
 				// grant: the client's socket is what holds the data back.
