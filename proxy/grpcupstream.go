@@ -535,7 +535,10 @@ func (u *grpcUpstream) open(ctx context.Context, call *grpcCall, body io.ReadClo
 		// is not sent then (the loop returns its cause): Cells would do
 		// a call whose client may send it again, or did already.
 		waited = true
-		if err == nil && ctx.Err() == nil {
+		// Dialled across a change of CELLS_UPSTREAM_CA_FILE: verified,
+		// if at all, with the file being replaced. Retired below; the
+		// call dials again.
+		if err == nil && ctx.Err() == nil && c.gen == u.ca.generation() {
 			// Before the others see the connection: had another call
 			// taken its only stream, this one would dial again.
 			if call.retime(ctx) {
@@ -554,8 +557,10 @@ func (u *grpcUpstream) open(ctx context.Context, call *grpcCall, body io.ReadClo
 		}
 		if err == nil && c.gen != u.ca.generation() {
 			// Dialled before CELLS_UPSTREAM_CA_FILE changed, and not
-			// seen by dropStale: this call goes on, no other does.
-			// Under u.mu, which dropStale takes after the change.
+			// seen by dropStale: it takes no call (should the change
+			// have come after the look above, the call goes on, as
+			// one open at a change does). Under u.mu, which dropStale
+			// takes after the change.
 			c.mu.Lock()
 			c.retireLocked()
 			c.mu.Unlock()

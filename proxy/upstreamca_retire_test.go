@@ -527,3 +527,39 @@ func TestUpstreamCAChangeGRPCWaiting(t *testing.T) {
 		t.Errorf("the connection made before the CA change is still held")
 	}
 }
+
+// TestUpstreamCAChangeGRPCDialing: a gRPC call whose connection to Cells
+// is being dialled when CELLS_UPSTREAM_CA_FILE changes was verified, if
+// at all, with the file being replaced. The connection is retired as soon
+// as the dial ends, and the call goes on a new one, dialled after the
+// change. Cells is an h2c peer behind a relay that holds the first dial
+// until the test has made the change.
+func TestUpstreamCAChangeGRPCDialing(t *testing.T) {
+	t.Parallel()
+	want := grpcMsg([]byte("after the change"))
+	var seen timeoutsSeen
+	p := newH2Peer(t, h2PeerConfig{}, seen.echo)
+	accepted, release := make(chan struct{}, 2), make(chan struct{})
+	relay := holdingRelay(t, p.Addr, accepted, release)
+	cfg := testConfig(newUpstream(t, upPlain, &recorder{}))
+	cfg.GRPCUpstream = &url.URL{Scheme: "h2c", Host: relay}
+	ca := &upstreamCA{}
+	tp := startProxy(t, cfg, func(s *Server) { s.fwd.grpcUp.ca = ca })
+
+	res := make(chan grpcResult, 1)
+	go func() { res <- callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Echo", want) }()
+	recv(t, accepted, "the proxy's dial")
+	ca.gen.Add(1) // the change, while the dial waits for Cells
+	close(release)
+	checkOK(t, "call dialled across the CA change", recv(t, res, "the call"), want)
+	if got := p.Accepted.Load(); got != 2 {
+		t.Errorf("Cells accepted %d connections, want 2: the one dialled across the change, retired, and a new one for the call", got)
+	}
+	u := tp.fwd.grpcUp
+	u.mu.Lock()
+	conns := slices.Clone(u.conns)
+	u.mu.Unlock()
+	if len(conns) != 1 || conns[0].gen != 1 {
+		t.Errorf("after the call the proxy holds %d gRPC connections, want one dialled after the change", len(conns))
+	}
+}
