@@ -497,10 +497,7 @@ func TestUpstreamCAChangeGRPCWaiting(t *testing.T) {
 	var seen timeoutsSeen
 	zero := h2PeerConfig{Settings: []http2.Setting{{ID: http2.SettingMaxConcurrentStreams, Val: 0}}}
 	p := newH2Peer(t, zero, seen.echo)
-	cfg := testConfig(newUpstream(t, upPlain, &recorder{}))
-	cfg.GRPCUpstream = &url.URL{Scheme: "h2c", Host: p.Addr}
-	ca := &upstreamCA{}
-	tp := startProxy(t, cfg, func(s *Server) { s.fwd.grpcUp.ca = ca })
+	tp, ca := startH2CCAProxy(t, p.Addr)
 	u := tp.fwd.grpcUp
 
 	res := make(chan grpcResult, 1)
@@ -541,10 +538,7 @@ func TestUpstreamCAChangeGRPCDialing(t *testing.T) {
 	p := newH2Peer(t, h2PeerConfig{}, seen.echo)
 	accepted, release := make(chan struct{}, 2), make(chan struct{})
 	relay := holdingRelay(t, p.Addr, accepted, release)
-	cfg := testConfig(newUpstream(t, upPlain, &recorder{}))
-	cfg.GRPCUpstream = &url.URL{Scheme: "h2c", Host: relay}
-	ca := &upstreamCA{}
-	tp := startProxy(t, cfg, func(s *Server) { s.fwd.grpcUp.ca = ca })
+	tp, ca := startH2CCAProxy(t, relay)
 
 	res := make(chan grpcResult, 1)
 	go func() { res <- callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Echo", want) }()
@@ -562,4 +556,16 @@ func TestUpstreamCAChangeGRPCDialing(t *testing.T) {
 	if len(conns) != 1 || conns[0].gen != 1 {
 		t.Errorf("after the call the proxy holds %d gRPC connections, want one dialled after the change", len(conns))
 	}
+}
+
+// startH2CCAProxy is a proxy whose gRPC upstream is the h2c server at addr,
+// its pool given a CA whose changes the test makes (raising its counter,
+// and calling dropStale where the change's retirement is wanted): over h2c
+// the certificate plays no part, the connections' generations do.
+func startH2CCAProxy(t *testing.T, addr string) (*testProxy, *upstreamCA) {
+	t.Helper()
+	cfg := testConfig(newUpstream(t, upPlain, &recorder{}))
+	cfg.GRPCUpstream = &url.URL{Scheme: "h2c", Host: addr}
+	ca := &upstreamCA{}
+	return startProxy(t, cfg, func(s *Server) { s.fwd.grpcUp.ca = ca }), ca
 }
