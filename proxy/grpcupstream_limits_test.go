@@ -16,8 +16,8 @@ import (
 func upstreamStream(t *testing.T, tp *testProxy) *grpcStream {
 	t.Helper()
 	up := tp.Server.fwd.grpcUp
-	deadline := time.Now().Add(10 * time.Second)
-	for time.Now().Before(deadline) {
+	var open *grpcStream
+	waitFor(t, 10*time.Second, func() bool {
 		up.mu.Lock()
 		conns := append([]*grpcConn(nil), up.conns...)
 		up.mu.Unlock()
@@ -25,16 +25,18 @@ func upstreamStream(t *testing.T, tp *testProxy) *grpcStream {
 			c.mu.Lock()
 			for _, s := range c.streams {
 				if s.res != nil {
-					c.mu.Unlock()
-					return s
+					open = s
+					break
 				}
 			}
 			c.mu.Unlock()
+			if open != nil {
+				return true
+			}
 		}
-		time.Sleep(time.Millisecond)
-	}
-	t.Fatal("no call open on the gRPC upstream")
-	return nil
+		return false
+	}, func() string { return "no call open on the gRPC upstream" })
+	return open
 }
 
 // TestGRPCUpstreamSlowReaderBufferBounded: a long server stream whose client
@@ -145,24 +147,19 @@ func TestGRPCUpstreamGoAwayWhileWaitingForStreams(t *testing.T) {
 	pc.write(func(fr *http2.Framer) error {
 		return fr.WriteSettings(http2.Setting{ID: http2.SettingMaxConcurrentStreams, Val: 0})
 	})
-	waitFor := func(what string, cond func() bool) {
+	// waitConn waits until cond holds of c, under c's lock.
+	waitConn := func(what string, cond func() bool) {
 		t.Helper()
-		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+		waitFor(t, 10*time.Second, func() bool {
 			c.mu.Lock()
-			ok := cond()
-			c.mu.Unlock()
-			if ok {
-				return
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("timed out waiting for %s", what)
-			}
-		}
+			defer c.mu.Unlock()
+			return cond()
+		}, func() string { return "timed out waiting for " + what })
 	}
-	waitFor("the proxy to apply SETTINGS_MAX_CONCURRENT_STREAMS 0", func() bool { return c.maxStreams == 0 })
+	waitConn("the proxy to apply SETTINGS_MAX_CONCURRENT_STREAMS 0", func() bool { return c.maxStreams == 0 })
 	res := make(chan grpcResult, 1)
 	go func() { res <- callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Echo", want) }()
-	waitFor("the call to wait for streams", func() bool { return c.changed != nil })
+	waitConn("the call to wait for streams", func() bool { return c.changed != nil })
 	pc.goAway(1, http2.ErrCodeNo)
 	r := recv(t, res, "the second call")
 	checkOK(t, "call waiting when GOAWAY came", r, want)

@@ -428,20 +428,15 @@ func TestGRPCUpstreamManyConcurrentCalls(t *testing.T) {
 	t.Logf("upstream connections: %d", p.Accepted.Load())
 	tp.H2.CloseIdleConnections()
 	// A generous bound: they end within milliseconds.
-	deadline := time.Now().Add(10 * time.Second)
-	for {
+	var n int
+	waitFor(t, 10*time.Second, func() bool {
 		buf := make([]byte, 1<<20)
 		st := string(buf[:runtime.Stack(buf, true)])
-		n := strings.Count(st, "(*grpcStream).writeBody") + strings.Count(st, "(*grpcUpstream).do")
-		if n == 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Errorf("%d proxy stream goroutines still running 10 s after all calls ended", n)
-			break
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+		n = strings.Count(st, "(*grpcStream).writeBody") + strings.Count(st, "(*grpcUpstream).do")
+		return n == 0
+	}, func() string {
+		return fmt.Sprintf("%d proxy stream goroutines still running 10 s after all calls ended", n)
+	})
 }
 
 // TestGRPCUpstreamMaxStreamsZero: Cells announces
@@ -563,17 +558,12 @@ func TestGRPCUpstreamMaxStreamsZero(t *testing.T) {
 // away, failed or removed).
 func waitNoneTakes(t *testing.T, u *grpcUpstream) {
 	t.Helper()
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+	waitFor(t, 10*time.Second, func() bool {
 		u.mu.Lock()
 		conns := append([]*grpcConn(nil), u.conns...)
 		u.mu.Unlock()
-		if !slices.ContainsFunc(conns, (*grpcConn).canTake) {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("a connection to Cells still takes calls 10 s after its GOAWAY")
-		}
-	}
+		return !slices.ContainsFunc(conns, (*grpcConn).canTake)
+	}, func() string { return "a connection to Cells still takes calls 10 s after its GOAWAY" })
 }
 
 func waitPeerClosed(t *testing.T, c *h2PeerConn, what string) {

@@ -37,7 +37,8 @@ func (s *timeoutsSeen) echo(st *h2Stream) {
 // connections, and returns it.
 func waitGRPCConn(t *testing.T, u *grpcUpstream, what string, cond func(c *grpcConn) bool) *grpcConn {
 	t.Helper()
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+	var found *grpcConn
+	waitFor(t, 10*time.Second, func() bool {
 		u.mu.Lock()
 		conns := append([]*grpcConn(nil), u.conns...)
 		u.mu.Unlock()
@@ -46,30 +47,24 @@ func waitGRPCConn(t *testing.T, u *grpcUpstream, what string, cond func(c *grpcC
 			ok := cond(c)
 			c.mu.Unlock()
 			if ok {
-				return c
+				found = c
+				return true
 			}
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-	}
+		return false
+	}, func() string { return "timed out waiting for " + what })
+	return found
 }
 
 // waitGRPCDialWaiter waits, up to 10 s, until a call waits for the dial
 // another call started on u.
 func waitGRPCDialWaiter(t *testing.T, u *grpcUpstream) {
 	t.Helper()
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+	waitFor(t, 10*time.Second, func() bool {
 		u.mu.Lock()
-		ok := u.dialing != nil && u.dialing.waiters > 0
-		u.mu.Unlock()
-		if ok {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("timed out waiting for a call to wait for the dial")
-		}
-	}
+		defer u.mu.Unlock()
+		return u.dialing != nil && u.dialing.waiters > 0
+	}, func() string { return "timed out waiting for a call to wait for the dial" })
 }
 
 // raiseStreams sends SETTINGS_MAX_CONCURRENT_STREAMS 100 on c.

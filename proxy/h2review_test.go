@@ -591,30 +591,25 @@ func TestH2ReviewLargeMetadata(t *testing.T) {
 func TestH2ReviewNoStreamsOneClientGivesUp(t *testing.T) {
 	p := newH2Peer(t, h2PeerConfig{Settings: []http2.Setting{{ID: http2.SettingMaxConcurrentStreams, Val: 0}}}, echo)
 	tp := startPeerProxy(t, p)
-	// waitFor waits until cond holds of the number of calls waiting.
-	waitFor := func(what string, cond func(n int) bool) {
+	// waitCalls waits until cond holds of the number of calls waiting.
+	waitCalls := func(what string, cond func(n int) bool) {
 		t.Helper()
 		buf := make([]byte, 1<<20)
-		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
-			if cond(bytes.Count(buf[:runtime.Stack(buf, true)], []byte("(*grpcConn).awaitStreams("))) {
-				return
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("waiting 10 s for %s", what)
-			}
-		}
+		waitFor(t, 10*time.Second, func() bool {
+			return cond(bytes.Count(buf[:runtime.Stack(buf, true)], []byte("(*grpcConn).awaitStreams(")))
+		}, func() string { return "waiting 10 s for " + what })
 	}
 	want := grpcMsg([]byte("the call that waits"))
 	stays := make(chan grpcResult, 1)
 	go func() { stays <- callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Stays", want) }()
-	waitFor("one call to wait for Cells to allow streams", func(n int) bool { return n >= 1 })
+	waitCalls("one call to wait for Cells to allow streams", func(n int) bool { return n >= 1 })
 	ctx, cancel := context.WithCancel(testCtx(t))
 	leaves := make(chan grpcResult, 1)
 	go func() { leaves <- callGRPC(ctx, tp.H2, tp.URL+"/pkg.Svc/Leaves", grpcMsg(nil)) }()
-	waitFor("two calls to wait for Cells to allow streams", func(n int) bool { return n >= 2 })
+	waitCalls("two calls to wait for Cells to allow streams", func(n int) bool { return n >= 2 })
 	cancel()
 	recv(t, leaves, "the call whose client gave up")
-	waitFor("the proxy to end the call whose client gave up", func(n int) bool { return n <= 1 })
+	waitCalls("the proxy to end the call whose client gave up", func(n int) bool { return n <= 1 })
 	// Cells raises its limit (on a connection still open, if it is).
 	p.Conns()[0].write(func(fr *http2.Framer) error {
 		return fr.WriteSettings(http2.Setting{ID: http2.SettingMaxConcurrentStreams, Val: 100})
@@ -837,24 +832,23 @@ func TestH2ReviewCancelWhileCellsBlocked(t *testing.T) {
 // receive window: Cells may send nothing more on it.
 func waitHeldBack(t *testing.T, u *grpcUpstream) {
 	t.Helper()
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+	waitFor(t, 10*time.Second, func() bool {
 		u.mu.Lock()
 		conns := append([]*grpcConn(nil), u.conns...)
 		u.mu.Unlock()
 		for _, c := range conns {
 			c.mu.Lock()
+			full := false
 			for _, s := range c.streams {
-				if s.recv < 16<<10 {
-					c.mu.Unlock()
-					return
-				}
+				full = full || s.recv < 16<<10
 			}
 			c.mu.Unlock()
+			if full {
+				return true
+			}
 		}
-		if time.Now().After(deadline) {
-			t.Fatal("no stream's receive window filled up within 10 s")
-		}
-	}
+		return false
+	}, func() string { return "no stream's receive window filled up within 10 s" })
 }
 
 // TestH2ReviewIgnoredFrames: Cells sends, between the frames of an answer,
@@ -950,11 +944,9 @@ func TestH2ReviewPingOnCallAfterIdle(t *testing.T) {
 
 	res := make(chan grpcResult, 1)
 	go func() { res <- callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Watch", grpcMsg(nil)) }()
-	for deadline := time.Now().Add(10 * time.Second); pingsSeen(p) == 0; time.Sleep(time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("no PING within 10 s of a call on a connection quiet for two hours (pingEvery 1 h)")
-		}
-	}
+	waitFor(t, 10*time.Second, func() bool { return pingsSeen(p) > 0 }, func() string {
+		return "no PING within 10 s of a call on a connection quiet for two hours (pingEvery 1 h)"
+	})
 	r := recv(t, res, "the call on the dead connection")
 	if r.Err != nil {
 		t.Fatal(r.Err)

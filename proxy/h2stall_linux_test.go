@@ -110,11 +110,9 @@ func TestH2StallSteadySlowReader(t *testing.T) {
 			// written before the next port's subtest counts the lines it
 			// must not see.
 			cancel()
-			for deadline := time.Now().Add(10 * time.Second); ended() == ""; time.Sleep(10 * time.Millisecond) {
-				if time.Now().After(deadline) {
-					t.Fatal("no access line for the call 10 s after its client cancelled it")
-				}
-			}
+			waitFor(t, 10*time.Second, func() bool { return ended() != "" }, func() string {
+				return "no access line for the call 10 s after its client cancelled it"
+			})
 		})
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -140,11 +141,9 @@ func TestH2ClientNotReading(t *testing.T) {
 		conn, _, _ := stall(t)
 		endedBefore := ended.Load()
 		conn.Close()
-		for deadline := time.Now().Add(30 * time.Second); ended.Load() == endedBefore; time.Sleep(20 * time.Millisecond) {
-			if time.Now().After(deadline) {
-				t.Fatal("Cells' download still running 30 s after the client went away")
-			}
-		}
+		waitFor(t, 30*time.Second, func() bool { return ended.Load() != endedBefore }, func() string {
+			return "Cells' download still running 30 s after the client went away"
+		})
 	})
 
 	t.Run("shutdown", func(t *testing.T) {
@@ -158,11 +157,10 @@ func TestH2ClientNotReading(t *testing.T) {
 		}
 		// The writer gives up writeBehindLinger after the close; the
 		// client has still read nothing.
-		for deadline := time.Now().Add(writeBehindLinger + 20*time.Second); writers() > 0; time.Sleep(50 * time.Millisecond) {
-			if time.Now().After(deadline) {
-				t.Fatalf("%d writeBehind writers left %v after the shutdown", writers(), writeBehindLinger+20*time.Second)
-			}
-		}
+		var n int
+		waitFor(t, writeBehindLinger+20*time.Second, func() bool { n = writers(); return n == 0 }, func() string {
+			return fmt.Sprintf("%d writeBehind writers left %v after the shutdown", n, writeBehindLinger+20*time.Second)
+		})
 		conn.SetReadDeadline(time.Now().Add(30 * time.Second))
 		_, err := io.Copy(io.Discard, conn)
 		var ne interface{ Timeout() bool }
@@ -306,17 +304,11 @@ func TestWriteBehindIdleNoDeadline(t *testing.T) {
 	if _, err := io.ReadFull(peer, make([]byte, 1)); err != nil {
 		t.Fatal(err)
 	}
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+	waitFor(t, 10*time.Second, func() bool {
 		w.mu.Lock()
-		writing := w.writing
-		w.mu.Unlock()
-		if !writing {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the writer still runs 10 s after its write")
-		}
-	}
+		defer w.mu.Unlock()
+		return !w.writing
+	}, func() string { return "the writer still runs 10 s after its write" })
 	time.Sleep(2 * stall)
 	// As crypto/tls writes, under writeBehind.
 	if _, err := sc.Write([]byte("y")); err != nil {
@@ -435,11 +427,9 @@ func TestH2KeyUpdateAfterIdle(t *testing.T) {
 	// from stdin, and drops the rest of that read: the next request must
 	// not be written until it has read the command, and said so.
 	io.WriteString(stdin, "K\n")
-	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(stderr.String(), "KEYUPDATE"); time.Sleep(5 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("s_client did not take the KeyUpdate command within 10 s")
-		}
-	}
+	waitFor(t, 10*time.Second, func() bool { return strings.Contains(stderr.String(), "KEYUPDATE") }, func() string {
+		return "s_client did not take the KeyUpdate command within 10 s"
+	})
 	get(3, "/after")
 	answer(3)
 }

@@ -270,6 +270,24 @@ func (b *syncBuffer) String() string {
 	return b.b.String()
 }
 
+// waitFor calls cond until it holds, and fails t with failure's message if
+// it still does not after timeout: a guard, generous for a loaded machine,
+// never a measure. cond runs on the caller's goroutine, every millisecond
+// at first, then less often (every 20 ms at most) as the wait goes on, so
+// that a long wait on a costly cond (a goroutine dump, a copy of the log)
+// does not load the machine. failure is called only on the failure, so
+// its message can say what cond saw last.
+func waitFor(t testing.TB, timeout time.Duration, cond func() bool, failure func() string) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for pause := time.Millisecond; !cond(); pause = min(2*pause, 20*time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal(failure())
+		}
+		time.Sleep(pause)
+	}
+}
+
 // seen is what a recording upstream saw of one request.
 type seen struct {
 	Method     string

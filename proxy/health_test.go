@@ -3,6 +3,7 @@ package proxy
 import (
 	"bufio"
 	"context"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -132,20 +133,16 @@ func TestProbeServiceName(t *testing.T) {
 func TestListeningLines(t *testing.T) {
 	tp := startProxy(t, testConfig(newUpstream(t, upTLS, &recorder{})))
 	// Run logs them as it starts each server, after startProxy returns.
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		logged, missing := tp.Log.String(), ""
+	var logged, missing string
+	waitFor(t, 10*time.Second, func() bool {
+		logged, missing = tp.Log.String(), ""
 		for _, addr := range []net.Addr{tp.Addr(), tp.RedirectAddr(), tp.HealthAddr()} {
 			if !strings.Contains(logged, "msg=listening addr="+addr.String()+" ") {
 				missing = addr.String()
 			}
 		}
-		if missing == "" {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("no listening line for %s within 10 s:\n%s", missing, logged)
-		}
-	}
+		return missing == ""
+	}, func() string { return fmt.Sprintf("no listening line for %s within 10 s:\n%s", missing, logged) })
 }
 
 // TestReadyzGRPCPortRefused: topology B, Cells in clear answering on its
@@ -198,11 +195,9 @@ func TestWatchStart(t *testing.T) {
 	watch := func(s *Server) { s.watchEvery = every }
 	logged := func(t *testing.T, tp *testProxy, line string) {
 		t.Helper()
-		for deadline := time.Now().Add(10 * time.Second); !strings.Contains(tp.Log.String(), line); time.Sleep(5 * time.Millisecond) {
-			if time.Now().After(deadline) {
-				t.Fatalf("never logged %q:\n%s", line, tp.Log)
-			}
-		}
+		waitFor(t, 10*time.Second, func() bool { return strings.Contains(tp.Log.String(), line) }, func() string {
+			return fmt.Sprintf("never logged %q:\n%s", line, tp.Log)
+		})
 	}
 	// ok is a Cells that counts the probes it answers.
 	ok := func(probes *atomic.Int32) http.Handler {

@@ -64,11 +64,9 @@ func TestOpsReviewShutdownRedirectStalledBody(t *testing.T) {
 	c := stalledUpload(t, tp)
 	// The access line is written by the handler, once the head is read:
 	// the connection is the server's, past the head.
-	for deadline := time.Now().Add(30 * time.Second); !strings.Contains(tp.Log.String(), "proto=redirect"); time.Sleep(5 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("the stalled upload's head did not reach the redirect handler")
-		}
-	}
+	waitFor(t, 30*time.Second, func() bool { return strings.Contains(tp.Log.String(), "proto=redirect") }, func() string {
+		return "the stalled upload's head did not reach the redirect handler"
+	})
 	if err := tp.Shutdown(); err != nil {
 		t.Errorf("Run: %v", err)
 	}

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"crypto/tls"
+	"fmt"
 	"net"
 	"net/http"
 	"slices"
@@ -195,17 +196,13 @@ func TestTLSResumptionUpstream(t *testing.T) {
 func waitGRPCConns(t *testing.T, tp *testProxy, n int) {
 	t.Helper()
 	up := tp.fwd.grpcUp
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+	var got int
+	waitFor(t, 10*time.Second, func() bool {
 		up.mu.Lock()
-		got := len(up.conns)
+		got = len(up.conns)
 		up.mu.Unlock()
-		if got == n {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("proxy holds %d gRPC connections to Cells, want %d", got, n)
-		}
-	}
+		return got == n
+	}, func() string { return fmt.Sprintf("proxy holds %d gRPC connections to Cells, want %d", got, n) })
 }
 
 // connSet is the connections a test server has open, kept by its

@@ -589,18 +589,15 @@ func keptAlive(t *testing.T, tp *testProxy) (*tls.Conn, *bufio.Reader) {
 // serving a request.
 func waitFrontBusy(t *testing.T, f *h1Front) {
 	t.Helper()
-	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(2 * time.Millisecond) {
+	waitFor(t, 10*time.Second, func() bool {
 		f.mu.Lock()
+		defer f.mu.Unlock()
 		busy := false
 		for c := range f.conns {
 			busy = busy || c.state.Load() == h1Busy
 		}
-		f.mu.Unlock()
-		if busy {
-			return
-		}
-	}
-	t.Fatal("no connection of the front began a request")
+		return busy
+	}, func() string { return "no connection of the front began a request" })
 }
 
 // TestShutdownRequestMidHead: on a kept-alive HTTP/1.1 connection, a
@@ -884,11 +881,10 @@ func TestShutdownGRPCClientNotReading(t *testing.T) {
 	// Wait until the proxy holds a quarter of its stream window (128 KiB at
 	// 512 KiB) of the answer it cannot pass on.
 	held := heldUnread(tp.fwd.grpcUp)
-	for deadline := time.Now().Add(20 * time.Second); unreadUpstream(tp.fwd.grpcUp) < held; time.Sleep(10 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("the proxy never held %d bytes unread (%d)", held, unreadUpstream(tp.fwd.grpcUp))
-		}
-	}
+	var unread int
+	waitFor(t, 20*time.Second, func() bool { unread = unreadUpstream(tp.fwd.grpcUp); return unread >= held }, func() string {
+		return fmt.Sprintf("the proxy never held %d bytes unread (%d)", held, unread)
+	})
 	stopped := shutdownAsync(tp)
 	select {
 	case err := <-stopped:
@@ -1010,11 +1006,9 @@ func TestShutdownGRPCAnsweredCallSlowReader(t *testing.T) {
 			t.Fatalf("the proxy never held %d bytes unread (%d)", held, unreadUpstream(tp.fwd.grpcUp))
 		}
 	}
-	for deadline := time.Now().Add(20 * time.Second); upstreamCount(tp.fwd.grpcUp, func(*grpcStream) int { return 1 }) > 0; time.Sleep(5 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("Cells never ended the call")
-		}
-	}
+	waitFor(t, 20*time.Second, func() bool { return upstreamCount(tp.fwd.grpcUp, func(*grpcStream) int { return 1 }) == 0 }, func() string {
+		return "Cells never ended the call"
+	})
 	stopped := shutdownAsync(tp)
 	select {
 	case <-tp.fwd.grpcCut.Done():

@@ -184,12 +184,9 @@ func TestSlowClients(t *testing.T) {
 	t.Logf("%d slowloris and %d slow uploads open in %v", n, n, time.Since(start).Round(time.Millisecond))
 
 	// Every upload reached Cells and is held there, at once.
-	for deadline := time.Now().Add(30 * time.Second); int(inflight.Load()) < n; {
-		if time.Now().After(deadline) {
-			t.Fatalf("%d slow uploads in flight at the upstream, want %d", inflight.Load(), n)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	waitFor(t, 30*time.Second, func() bool { return int(inflight.Load()) >= n }, func() string {
+		return fmt.Sprintf("%d slow uploads in flight at the upstream, want %d", inflight.Load(), n)
+	})
 
 	// Meanwhile a normal client is served, over HTTP/1.1 and HTTP/2.
 	for i := range 60 {

@@ -4,6 +4,7 @@ package proxy
 
 import (
 	"crypto/tls"
+	"fmt"
 	"io"
 	"net"
 	"sync/atomic"
@@ -62,11 +63,10 @@ func TestUploadBatched(t *testing.T) {
 		}
 		// And the body is in the public side's socket: nothing is left
 		// unacknowledged on the client's.
-		for deadline := time.Now().Add(20 * time.Second); unsent(t, dialled) > 0; time.Sleep(time.Millisecond) {
-			if time.Now().After(deadline) {
-				t.Fatalf("%d bytes still unsent by the client", unsent(t, dialled))
-			}
-		}
+		var n int
+		waitFor(t, 20*time.Second, func() bool { n = unsent(t, dialled); return n == 0 }, func() string {
+			return fmt.Sprintf("%d bytes still unsent by the client", n)
+		})
 		body := &sourceBody{ReadCloser: io.NopCloser(public), sock: sock}
 		copyToCells(t, cert, &io.LimitedReader{R: body, N: size}, size, 6)
 	})

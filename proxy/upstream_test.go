@@ -505,13 +505,10 @@ func TestUpstreamStatusBelow100(t *testing.T) {
 		}
 	}
 	// Every connection the proxy opened is closed.
-	deadline := time.Now().Add(10 * time.Second)
-	for up.openConns() > 0 && time.Now().Before(deadline) {
-		time.Sleep(10 * time.Millisecond)
-	}
-	if n := up.openConns(); n > 0 {
-		t.Errorf("Cells still holds %d of the proxy's %d connections open", n, up.conns.Load())
-	}
+	var n int
+	waitFor(t, 10*time.Second, func() bool { n = up.openConns(); return n == 0 }, func() string {
+		return fmt.Sprintf("Cells still holds %d of the proxy's %d connections open", n, up.conns.Load())
+	})
 }
 
 // TestUpstreamEarlyHints: a 103 Early Hints before the response reaches
@@ -620,11 +617,9 @@ func TestUpstreamIdleExpiry(t *testing.T) {
 		t.Fatalf("body %q", b)
 	}
 	res.Body.Close()
-	for deadline := time.Now().Add(10 * time.Second); up.openConns() > 0; time.Sleep(5 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("the idle connection is still open after 10 s")
-		}
-	}
+	waitFor(t, 10*time.Second, func() bool { return up.openConns() == 0 }, func() string {
+		return "the idle connection is still open after 10 s"
+	})
 	u.mu.Lock()
 	n := len(u.idle)
 	u.mu.Unlock()

@@ -97,11 +97,9 @@ func (c *retireCells) open(addr string) bool {
 // Cells sees it.
 func (c *retireCells) waitClosed(t *testing.T, addr, what string) {
 	t.Helper()
-	for deadline := time.Now().Add(10 * time.Second); c.open(addr); time.Sleep(time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: the proxy's connection to Cells from %s, made before CELLS_UPSTREAM_CA_FILE changed, still open 10s on", what, addr)
-		}
-	}
+	waitFor(t, 10*time.Second, func() bool { return !c.open(addr) }, func() string {
+		return fmt.Sprintf("%s: the proxy's connection to Cells from %s, made before CELLS_UPSTREAM_CA_FILE changed, still open 10s on", what, addr)
+	})
 }
 
 // get sends GET path through the proxy and returns the connection to
@@ -127,17 +125,13 @@ func (p *caProxy) get(t *testing.T, path string) string {
 func (p *caProxy) waitIdle(t *testing.T, n int) {
 	t.Helper()
 	u := p.fwd.httpUp
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+	var got int
+	waitFor(t, 10*time.Second, func() bool {
 		u.mu.Lock()
-		got := len(u.idle)
+		got = len(u.idle)
 		u.mu.Unlock()
-		if got == n {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the proxy holds %d idle connections to Cells, want %d", got, n)
-		}
-	}
+		return got == n
+	}, func() string { return fmt.Sprintf("the proxy holds %d idle connections to Cells, want %d", got, n) })
 }
 
 // changeCA replaces the CA file with ca's root and another one's (Cells'
@@ -506,11 +500,9 @@ func TestUpstreamCAChangeGRPCWaiting(t *testing.T) {
 	ca.gen.Add(1)
 	u.dropStale()
 	// The call dials again; Cells allows no stream there either at first.
-	for deadline := time.Now().Add(10 * time.Second); p.Accepted.Load() < 2; time.Sleep(time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("the waiting call did not dial a new connection 10 s after the CA change")
-		}
-	}
+	waitFor(t, 10*time.Second, func() bool { return p.Accepted.Load() >= 2 }, func() string {
+		return "the waiting call did not dial a new connection 10 s after the CA change"
+	})
 	waitGRPCConn(t, u, "the call to wait on the new connection", func(c *grpcConn) bool { return c != old && c.waiting > 0 })
 	raiseStreams(t, p.Conns()[1])
 	checkOK(t, "call waiting across the CA change", recv(t, res, "the call"), want)

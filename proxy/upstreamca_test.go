@@ -363,11 +363,9 @@ func TestUpstreamCAReloadWatched(t *testing.T) {
 	p.check(t, true, "Cells' certificate from the CA in the file")
 	p.newConns(t, ca2.issue(t, true, "localhost"))
 	replaceFile(t, p.caFile, ca2.PEM(), true)
-	for deadline := time.Now().Add(20 * time.Second); !strings.Contains(p.Log.String(), "CELLS_UPSTREAM_CA_FILE reloaded"); time.Sleep(5 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("CELLS_UPSTREAM_CA_FILE not reloaded 20s after it changed:\n%s", p.Log)
-		}
-	}
+	waitFor(t, 20*time.Second, func() bool { return strings.Contains(p.Log.String(), "CELLS_UPSTREAM_CA_FILE reloaded") }, func() string {
+		return fmt.Sprintf("CELLS_UPSTREAM_CA_FILE not reloaded 20s after it changed:\n%s", p.Log)
+	})
 	p.check(t, true, "the file replaced with the new CA")
 }
 

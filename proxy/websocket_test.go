@@ -612,16 +612,14 @@ func TestWebSocketAccessLog(t *testing.T) {
 	wsUp.end(t)
 
 	var line string
-	for deadline := time.Now().Add(10 * time.Second); line == "" && time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+	waitFor(t, 10*time.Second, func() bool {
 		for l := range strings.SplitSeq(tp.Log.String(), "\n") {
 			if strings.Contains(l, "msg=request") && strings.Contains(l, "proto=ws") {
 				line = l
 			}
 		}
-	}
-	if line == "" {
-		t.Fatal("no access log line for the websocket")
-	}
+		return line != ""
+	}, func() string { return "no access log line for the websocket" })
 	for _, want := range []string{"status=101", "path=/ws/chat", fmt.Sprintf("bytes_in=%d", in), fmt.Sprintf("bytes_out=%d", out)} {
 		if !strings.Contains(line, " "+want+" ") {
 			t.Errorf("access log line %q: want %s", line, want)
@@ -1008,13 +1006,10 @@ func TestWebSocketChurn(t *testing.T) {
 		})
 	}
 	wg.Wait()
-	deadline := time.Now().Add(10 * time.Second)
-	for tp.fwd.ws.count() > 0 && time.Now().Before(deadline) {
-		time.Sleep(10 * time.Millisecond)
-	}
-	if n := tp.fwd.ws.count(); n > 0 {
-		t.Errorf("%d tunnels still open after every client ended", n)
-	}
+	var n int
+	waitFor(t, 10*time.Second, func() bool { n = tp.fwd.ws.count(); return n == 0 }, func() string {
+		return fmt.Sprintf("%d tunnels still open after every client ended", n)
+	})
 }
 
 // stallWatch measures how long the test process stood still: a goroutine
@@ -1179,26 +1174,22 @@ func TestWebSocketCloseBeforePayload(t *testing.T) {
 	// The tunnel's last activity, once it runs: reading a frame's first
 	// byte touches it.
 	var tun *tunnel
-	for deadline := time.Now().Add(10 * time.Second); tun == nil; time.Sleep(time.Millisecond) {
+	waitFor(t, 10*time.Second, func() bool {
 		tp.fwd.ws.mu.Lock()
+		defer tp.fwd.ws.mu.Unlock()
 		for x := range tp.fwd.ws.open {
 			tun = x
 		}
-		tp.fwd.ws.mu.Unlock()
-		if time.Now().After(deadline) {
-			t.Fatal("no tunnel")
-		}
-	}
+		return tun != nil
+	}, func() string { return "no tunnel" })
 	before := tun.last.Load()
 	frame := wsFrame("hello", true)
 	if _, err := conn.Write(frame[:6]); err != nil { // header and mask key only
 		t.Fatal(err)
 	}
-	for deadline := time.Now().Add(10 * time.Second); tun.last.Load() == before; time.Sleep(time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("the proxy did not read the frame header")
-		}
-	}
+	waitFor(t, 10*time.Second, func() bool { return tun.last.Load() != before }, func() string {
+		return "the proxy did not read the frame header"
+	})
 
 	stopped := shutdownAsync(tp)
 	wantGoingAway(t, wsUp.end(t), "Cells")

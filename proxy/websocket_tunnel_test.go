@@ -303,13 +303,10 @@ func TestWebSocketNoLeaks(t *testing.T) {
 	settleTunnels(t, tp)
 	tp.H1.CloseIdleConnections()
 	var fd1, g1 int
-	for deadline := time.Now().Add(15 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+	waitFor(t, 15*time.Second, func() bool {
 		fd1, g1 = countFDs(t), runtime.NumGoroutine()
-		if fd1 <= fd0+2 && g1 <= g0+4 {
-			break
-		}
-	}
-	if fd1 > fd0+2 || g1 > g0+4 {
+		return fd1 <= fd0+2 && g1 <= g0+4
+	}, func() string {
 		buf := make([]byte, 1<<20)
 		n := runtime.Stack(buf, true)
 		var gs []string
@@ -318,16 +315,16 @@ func TestWebSocketNoLeaks(t *testing.T) {
 				gs = append(gs, g)
 			}
 		}
-		t.Errorf("after 80 tunnels: fds %d -> %d, goroutines %d -> %d\n%s", fd0, fd1, g0, g1, strings.Join(gs, "\n\n"))
-	}
+		return fmt.Sprintf("after 80 tunnels: fds %d -> %d, goroutines %d -> %d\n%s", fd0, fd1, g0, g1, strings.Join(gs, "\n\n"))
+	})
 }
 
 func settleTunnels(t *testing.T, tp *testProxy) {
-	for deadline := time.Now().Add(15 * time.Second); tp.fwd.ws.count() > 0; time.Sleep(20 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("%d tunnels still open", tp.fwd.ws.count())
-		}
-	}
+	t.Helper()
+	var n int
+	waitFor(t, 15*time.Second, func() bool { n = tp.fwd.ws.count(); return n == 0 }, func() string {
+		return fmt.Sprintf("%d tunnels still open", n)
+	})
 }
 
 var _ = fmt.Sprint
@@ -557,11 +554,7 @@ func cutWebSocketWrite(t *testing.T, tp *testProxy) ([]byte, error) {
 	defer conn.Close()
 	conn.SetDeadline(time.Now().Add(30 * time.Second))
 	readWS101(t, tp, conn)
-	for deadline := time.Now().Add(20 * time.Second); !tp.fwd.ws.stopping(); time.Sleep(5 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("the idle timeout never stopped the tunnel")
-		}
-	}
+	waitFor(t, 20*time.Second, tp.fwd.ws.stopping, func() string { return "the idle timeout never stopped the tunnel" })
 	_, err := io.Copy(io.Discard, conn)
 	return tap.got.Bytes(), err
 }
