@@ -18,10 +18,7 @@ func upstreamStream(t *testing.T, tp *testProxy) *grpcStream {
 	up := tp.Server.fwd.grpcUp
 	var open *grpcStream
 	waitFor(t, 10*time.Second, func() bool {
-		up.mu.Lock()
-		conns := append([]*grpcConn(nil), up.conns...)
-		up.mu.Unlock()
-		for _, c := range conns {
+		for _, c := range grpcConns(up) {
 			c.mu.Lock()
 			for _, s := range c.streams {
 				if s.res != nil {
@@ -175,10 +172,7 @@ func startEchoPeer(t *testing.T, msg string) (*h2Peer, *testProxy, []byte, *grpc
 	tp := startPeerProxy(t, p)
 	want := grpcMsg([]byte(msg))
 	checkOK(t, "first call", callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Echo", want), want)
-	up := tp.Server.fwd.grpcUp
-	up.mu.Lock()
-	defer up.mu.Unlock()
-	return p, tp, want, up.conns[0]
+	return p, tp, want, grpcConns(tp.Server.fwd.grpcUp)[0]
 }
 
 // TestGRPCUpstreamUnreadPingsBounded: a Cells connection that stops reading

@@ -156,6 +156,14 @@ func short(values ...string) string {
 	return b.String()
 }
 
+// grpcConns is a copy of u's connections to Cells, taken under u's lock:
+// each one's own state is still to be read under its own lock.
+func grpcConns(u *grpcUpstream) []*grpcConn {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return slices.Clone(u.conns)
+}
+
 // recv waits up to 10 s for a value from c.
 func recv[T any](t testing.TB, c <-chan T, what string) T {
 	t.Helper()
@@ -558,12 +566,9 @@ func TestGRPCUpstreamMaxStreamsZero(t *testing.T) {
 // away, failed or removed).
 func waitNoneTakes(t *testing.T, u *grpcUpstream) {
 	t.Helper()
-	waitFor(t, 10*time.Second, func() bool {
-		u.mu.Lock()
-		conns := append([]*grpcConn(nil), u.conns...)
-		u.mu.Unlock()
-		return !slices.ContainsFunc(conns, (*grpcConn).canTake)
-	}, func() string { return "a connection to Cells still takes calls 10 s after its GOAWAY" })
+	waitFor(t, 10*time.Second, func() bool { return !slices.ContainsFunc(grpcConns(u), (*grpcConn).canTake) }, func() string {
+		return "a connection to Cells still takes calls 10 s after its GOAWAY"
+	})
 }
 
 func waitPeerClosed(t *testing.T, c *h2PeerConn, what string) {

@@ -39,10 +39,7 @@ func waitGRPCConn(t *testing.T, u *grpcUpstream, what string, cond func(c *grpcC
 	t.Helper()
 	var found *grpcConn
 	waitFor(t, 10*time.Second, func() bool {
-		u.mu.Lock()
-		conns := append([]*grpcConn(nil), u.conns...)
-		u.mu.Unlock()
-		for _, c := range conns {
+		for _, c := range grpcConns(u) {
 			c.mu.Lock()
 			ok := cond(c)
 			c.mu.Unlock()

@@ -163,11 +163,7 @@ func unreadCallsHeld(t *testing.T, window uint32, calls, conns int) {
 	heap := int64(h2HeapInUse()) - int64(base)
 	var held, capSum int64
 	var open, maxCap int
-	up := tp.fwd.grpcUp
-	up.mu.Lock()
-	upConns := slices.Clone(up.conns)
-	up.mu.Unlock()
-	for _, c := range upConns {
+	for _, c := range grpcConns(tp.fwd.grpcUp) {
 		c.mu.Lock()
 		for _, s := range c.streams {
 			open++

@@ -833,10 +833,7 @@ func TestH2ReviewCancelWhileCellsBlocked(t *testing.T) {
 func waitHeldBack(t *testing.T, u *grpcUpstream) {
 	t.Helper()
 	waitFor(t, 10*time.Second, func() bool {
-		u.mu.Lock()
-		conns := append([]*grpcConn(nil), u.conns...)
-		u.mu.Unlock()
-		for _, c := range conns {
+		for _, c := range grpcConns(u) {
 			c.mu.Lock()
 			full := false
 			for _, s := range c.streams {
@@ -935,10 +932,7 @@ func TestH2ReviewPingOnCallAfterIdle(t *testing.T) {
 	tp := startPingProxy(t, p, time.Hour, 200*time.Millisecond)
 	want := grpcMsg([]byte("before the idle hour"))
 	checkOK(t, "first call", callGRPC(testCtx(t), tp.H2, tp.URL+"/pkg.Svc/Echo", want), want)
-	u := tp.fwd.grpcUp
-	u.mu.Lock()
-	c := u.conns[0]
-	u.mu.Unlock()
+	c := grpcConns(tp.fwd.grpcUp)[0]
 	// Two hours without a frame from Cells, without the wait.
 	c.stamp.Store(time.Now().Add(-2 * time.Hour).UnixNano())
 

@@ -195,14 +195,10 @@ func TestTLSResumptionUpstream(t *testing.T) {
 // side.
 func waitGRPCConns(t *testing.T, tp *testProxy, n int) {
 	t.Helper()
-	up := tp.fwd.grpcUp
 	var got int
-	waitFor(t, 10*time.Second, func() bool {
-		up.mu.Lock()
-		got = len(up.conns)
-		up.mu.Unlock()
-		return got == n
-	}, func() string { return fmt.Sprintf("proxy holds %d gRPC connections to Cells, want %d", got, n) })
+	waitFor(t, 10*time.Second, func() bool { got = len(grpcConns(tp.fwd.grpcUp)); return got == n }, func() string {
+		return fmt.Sprintf("proxy holds %d gRPC connections to Cells, want %d", got, n)
+	})
 }
 
 // connSet is the connections a test server has open, kept by its

@@ -830,11 +830,8 @@ func unreadUpstream(u *grpcUpstream) int {
 // upstreamCount sums f over the calls open on u's connections, each under
 // its connection's lock.
 func upstreamCount(u *grpcUpstream, f func(*grpcStream) int) int {
-	u.mu.Lock()
-	conns := append([]*grpcConn(nil), u.conns...)
-	u.mu.Unlock()
 	n := 0
-	for _, c := range conns {
+	for _, c := range grpcConns(u) {
 		c.mu.Lock()
 		for _, s := range c.streams {
 			n += f(s)

@@ -300,12 +300,7 @@ func TestUpstreamCAChangeGRPC(t *testing.T) {
 	cc := newGRPCClient(t, p.testProxy, p.Addr().String())
 	defer cc.Close()
 	tc := testgrpc.NewTestServiceClient(cc)
-	conns := func() []*grpcConn {
-		u := p.fwd.grpcUp
-		u.mu.Lock()
-		defer u.mu.Unlock()
-		return slices.Clone(u.conns)
-	}
+	conns := func() []*grpcConn { return grpcConns(p.fwd.grpcUp) }
 	call := func(t *testing.T, when string) {
 		t.Helper()
 		if _, err := tc.EmptyCall(testCtx(t), &testgrpc.Empty{}); err != nil {
@@ -438,13 +433,11 @@ func TestUpstreamCAUnchangedKeepsConns(t *testing.T) {
 		if _, err := tc.EmptyCall(testCtx(t), &testgrpc.Empty{}); err != nil {
 			t.Fatalf("EmptyCall: %v", err)
 		}
-		u := p.fwd.grpcUp
-		u.mu.Lock()
-		defer u.mu.Unlock()
-		if len(u.conns) != 1 {
-			t.Fatalf("the proxy holds %d gRPC connections to Cells, want 1", len(u.conns))
+		conns := grpcConns(p.fwd.grpcUp)
+		if len(conns) != 1 {
+			t.Fatalf("the proxy holds %d gRPC connections to Cells, want 1", len(conns))
 		}
-		return u.conns[0]
+		return conns[0]
 	}
 	h1, g := p.get(t, "/conn"), grpcConn()
 	p.waitIdle(t, 1)
@@ -509,10 +502,7 @@ func TestUpstreamCAChangeGRPCWaiting(t *testing.T) {
 	if got := len(seen.all()); got != 1 {
 		t.Errorf("Cells saw %d calls, want 1", got)
 	}
-	u.mu.Lock()
-	held := slices.Contains(u.conns, old)
-	u.mu.Unlock()
-	if held {
+	if slices.Contains(grpcConns(u), old) {
 		t.Errorf("the connection made before the CA change is still held")
 	}
 }
@@ -541,11 +531,7 @@ func TestUpstreamCAChangeGRPCDialing(t *testing.T) {
 	if got := p.Accepted.Load(); got != 2 {
 		t.Errorf("Cells accepted %d connections, want 2: the one dialled across the change, retired, and a new one for the call", got)
 	}
-	u := tp.fwd.grpcUp
-	u.mu.Lock()
-	conns := slices.Clone(u.conns)
-	u.mu.Unlock()
-	if len(conns) != 1 || conns[0].gen != 1 {
+	if conns := grpcConns(tp.fwd.grpcUp); len(conns) != 1 || conns[0].gen != 1 {
 		t.Errorf("after the call the proxy holds %d gRPC connections, want one dialled after the change", len(conns))
 	}
 }
