@@ -867,13 +867,7 @@ func TestGRPCUpstreamGoAwayBetweenCalls(t *testing.T) {
 			return
 		}
 		if s.c.N == 1 && s.Get(":path") == "/pkg.Svc/First" {
-			first <- s
-			select {
-			case <-release:
-			case <-s.Done():
-				return
-			}
-			s.respond(body)
+			s.holdEcho(first, release, body)
 			return
 		}
 		if s.c.N == 1 {

@@ -288,13 +288,7 @@ func TestGRPCUpstreamRefusedLimitLowered(t *testing.T) {
 			return
 		}
 		if s.Get(":path") == "/pkg.Svc/Hold" {
-			held <- s
-			select {
-			case <-release:
-			case <-s.Done():
-				return
-			}
-			s.respond(body)
+			s.holdEcho(held, release, body)
 			return
 		}
 		if s.c.N == 1 {

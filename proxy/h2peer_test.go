@@ -819,13 +819,21 @@ func newHoldingPeer(t testing.TB, path string, held chan<- *h2Stream, release <-
 			return
 		}
 		if s.Get(":path") == path {
-			held <- s
-			select {
-			case <-release:
-			case <-s.Done():
-				return
-			}
+			s.holdEcho(held, release, body)
+			return
 		}
 		s.respond(body)
 	})
+}
+
+// holdEcho hands s over to held, then answers it with body once release
+// is closed; it drops the call if the stream ends first.
+func (s *h2Stream) holdEcho(held chan<- *h2Stream, release <-chan struct{}, body []byte) {
+	held <- s
+	select {
+	case <-release:
+	case <-s.Done():
+		return
+	}
+	s.respond(body)
 }
