@@ -459,6 +459,16 @@ func TestGRPCUpstreamMaxStreamsZero(t *testing.T) {
 	t.Parallel()
 	zero := h2PeerConfig{Settings: []http2.Setting{{ID: http2.SettingMaxConcurrentStreams, Val: 0}}}
 	want := grpcMsg([]byte("x"))
+	// oneConnClosed checks that the call dialled one connection to Cells,
+	// and that the proxy closed it, having taken no stream, once the call
+	// ended.
+	oneConnClosed := func(t *testing.T, p *h2Peer) {
+		t.Helper()
+		waitPeerClosed(t, p.Conns()[0], "the connection that took no stream")
+		if n := p.Accepted.Load(); n != 1 {
+			t.Errorf("the upstream accepted %d connections for one call, want 1", n)
+		}
+	}
 
 	t.Run("unavailable", func(t *testing.T) {
 		t.Parallel()
@@ -470,10 +480,7 @@ func TestGRPCUpstreamMaxStreamsZero(t *testing.T) {
 			t.Errorf("call: err %v, status %d, grpc-status %q (%q), want 200 and grpc-status 14 (UNAVAILABLE)",
 				r.Err, r.Status, r.Header.Get("Grpc-Status"), r.Header.Get("Grpc-Message"))
 		}
-		waitPeerClosed(t, p.Conns()[0], "the connection that took no stream")
-		if n := p.Accepted.Load(); n != 1 {
-			t.Errorf("the upstream accepted %d connections for one call, want 1", n)
-		}
+		oneConnClosed(t, p)
 	})
 
 	t.Run("concurrent calls", func(t *testing.T) {
@@ -509,10 +516,7 @@ func TestGRPCUpstreamMaxStreamsZero(t *testing.T) {
 		}
 		// Closed when the proxy's call ends: whatever it dialled, it
 		// dialled by then.
-		waitPeerClosed(t, p.Conns()[0], "the connection that took no stream")
-		if n := p.Accepted.Load(); n != 1 {
-			t.Errorf("the upstream accepted %d connections for one call, want 1", n)
-		}
+		oneConnClosed(t, p)
 	})
 
 	t.Run("limit raised", func(t *testing.T) {
