@@ -565,7 +565,6 @@ func TestGRPCUpstreamMaxStreamsZero(t *testing.T) {
 	})
 }
 
-// waitPeerClosed waits up to 10 s for the proxy to close c, what.
 // waitNoneTakes waits until no connection of u takes a new call (each gone
 // away, failed or removed).
 func waitNoneTakes(t *testing.T, u *grpcUpstream) {
@@ -575,6 +574,7 @@ func waitNoneTakes(t *testing.T, u *grpcUpstream) {
 	})
 }
 
+// waitPeerClosed waits up to 10 s for the proxy to close c, what.
 func waitPeerClosed(t *testing.T, c *h2PeerConn, what string) {
 	t.Helper()
 	timeout := time.After(10 * time.Second)
