@@ -61,6 +61,15 @@ func frontOf(t *testing.T, tp *testProxy) *h1Front {
 	return nil
 }
 
+// startFront starts a proxy for frontUpstream, which records into rec,
+// and returns them with the proxy's HTTP/1.1 front.
+func startFront(t *testing.T) (rec *recorder, tp *testProxy, front *h1Front) {
+	t.Helper()
+	rec = &recorder{}
+	tp = startProxy(t, testConfig(frontUpstream(t, rec)))
+	return rec, tp, frontOf(t, tp)
+}
+
 // readResponse reads one response and its body from br.
 func readResponse(t *testing.T, br *bufio.Reader, method string) (*http.Response, string) {
 	t.Helper()
@@ -82,10 +91,7 @@ func readResponse(t *testing.T, br *bufio.Reader, method string) (*http.Response
 // order, the framing is right for each kind of response, and Cells sees
 // each request once with the proxy's forwarding fields.
 func TestFrontOneConnection(t *testing.T) {
-	rec := &recorder{}
-	up := frontUpstream(t, rec)
-	tp := startProxy(t, testConfig(up))
-	front := frontOf(t, tp)
+	rec, tp, front := startFront(t)
 
 	conn := tp.dialRaw(t, tp.Addr().String(), "http/1.1")
 	br := bufio.NewReader(conn)
@@ -170,10 +176,7 @@ func TestFrontOneConnection(t *testing.T) {
 // server with every byte the client sent, and get its answer (the first
 // response: 100 Continue to an Expect).
 func TestFrontHandsOver(t *testing.T) {
-	rec := &recorder{}
-	up := frontUpstream(t, rec)
-	tp := startProxy(t, testConfig(up))
-	front := frontOf(t, tp)
+	_, tp, front := startFront(t)
 
 	bigHead := "GET /small HTTP/1.1\r\nHost: cells.example\r\nX-Big: " + strings.Repeat("x", h1HeadMax) + "\r\n\r\n"
 	for _, tc := range []struct {
@@ -211,10 +214,7 @@ func TestFrontHandsOver(t *testing.T) {
 // TestFrontSlowHead: a head that arrives a few bytes at a time, and a
 // request split between two writes, are read whole.
 func TestFrontSlowHead(t *testing.T) {
-	rec := &recorder{}
-	up := frontUpstream(t, rec)
-	tp := startProxy(t, testConfig(up))
-	front := frontOf(t, tp)
+	_, tp, front := startFront(t)
 
 	conn := tp.dialRaw(t, tp.Addr().String(), "http/1.1")
 	br := bufio.NewReader(conn)
