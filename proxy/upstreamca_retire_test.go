@@ -102,6 +102,18 @@ func (c *retireCells) waitClosed(t *testing.T, addr, what string) {
 	})
 }
 
+// startRetireProxy starts, for a CA-change test, a Cells whose
+// certificate a new CA issues and a proxy that trusts that CA's file. The
+// file is polled hourly: the test drives the checks (changeCA). A test
+// that calls it must not be parallel (setCertPollInterval).
+func startRetireProxy(t *testing.T) (*testCA, *retireCells, *caProxy) {
+	t.Helper()
+	setCertPollInterval(t, time.Hour)
+	ca := newTestCA(t, "cells root")
+	cells := newRetireCells(t, ca)
+	return ca, cells, startCAProxy(t, cells.caCells, ca.PEM())
+}
+
 // get sends GET path through the proxy and returns the connection to
 // Cells that carried it.
 func (p *caProxy) get(t *testing.T, path string) string {
@@ -151,10 +163,7 @@ func (p *caProxy) changeCA(t *testing.T, ca *testCA) {
 // an idle one is closed at once, one busy with a response across the
 // change finishes it intact and is then closed rather than pooled.
 func TestUpstreamCAChangeHTTP(t *testing.T) {
-	setCertPollInterval(t, time.Hour) // the test drives the checks
-	ca := newTestCA(t, "cells root")
-	cells := newRetireCells(t, ca)
-	p := startCAProxy(t, cells.caCells, ca.PEM())
+	ca, cells, p := startRetireProxy(t)
 
 	t.Run("idle", func(t *testing.T) {
 		first := p.get(t, "/conn")
@@ -221,10 +230,7 @@ func TestUpstreamCAChangeHTTP(t *testing.T) {
 // reaches Cells intact; its connection is then closed, and the next upload
 // goes over a new one.
 func TestUpstreamCAChangeUpload(t *testing.T) {
-	setCertPollInterval(t, time.Hour)
-	ca := newTestCA(t, "cells root")
-	cells := newRetireCells(t, ca)
-	p := startCAProxy(t, cells.caCells, ca.PEM())
+	ca, cells, p := startRetireProxy(t)
 
 	// upload sends body, of unknown length (so through http.Transport),
 	// and returns what Cells answered and the connection that carried it.
@@ -293,10 +299,7 @@ func TestUpstreamCAChangeUpload(t *testing.T) {
 // keeps working to its end, new calls go on a new connection, and the old
 // one closes once the stream has ended.
 func TestUpstreamCAChangeGRPC(t *testing.T) {
-	setCertPollInterval(t, time.Hour)
-	ca := newTestCA(t, "cells root")
-	cells := newRetireCells(t, ca)
-	p := startCAProxy(t, cells.caCells, ca.PEM())
+	ca, _, p := startRetireProxy(t)
 	cc := newGRPCClient(t, p.testProxy, p.Addr().String())
 	defer cc.Close()
 	tc := testgrpc.NewTestServiceClient(cc)
@@ -388,10 +391,7 @@ func TestUpstreamCAChangeGRPC(t *testing.T) {
 // CELLS_UPSTREAM_CA_FILE keeps echoing (its connection is its own, never
 // pooled): a routine rotation does not cut the web UI's events.
 func TestUpstreamCAChangeWebsocket(t *testing.T) {
-	setCertPollInterval(t, time.Hour)
-	ca := newTestCA(t, "cells root")
-	cells := newRetireCells(t, ca)
-	p := startCAProxy(t, cells.caCells, ca.PEM())
+	ca, _, p := startRetireProxy(t)
 	ctx := testCtx(t)
 	ws, _, err := websocket.Dial(ctx, "wss://"+p.Addr().String()+"/ws/event", &websocket.DialOptions{HTTPClient: p.H1})
 	if err != nil {
@@ -421,10 +421,7 @@ func TestUpstreamCAChangeWebsocket(t *testing.T) {
 // same content (touched, or written again with the same bytes), or one
 // that does not load, retires no connection.
 func TestUpstreamCAUnchangedKeepsConns(t *testing.T) {
-	setCertPollInterval(t, time.Hour)
-	ca := newTestCA(t, "cells root")
-	cells := newRetireCells(t, ca)
-	p := startCAProxy(t, cells.caCells, ca.PEM())
+	ca, _, p := startRetireProxy(t)
 	cc := newGRPCClient(t, p.testProxy, p.Addr().String())
 	defer cc.Close()
 	tc := testgrpc.NewTestServiceClient(cc)
