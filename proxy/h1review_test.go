@@ -7,7 +7,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"net/url"
 	"strconv"
 	"strings"
 	"testing"
@@ -131,36 +130,18 @@ func TestH1TransferEncodingListedTwice(t *testing.T) {
 // response's own. The upstream is raw: Go's server would not send it.
 func TestFrontForbiddenTrailer(t *testing.T) {
 	t.Parallel()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() {
+	up := newConnUpstream(t, false, func(_ int64, c net.Conn, br *bufio.Reader) {
 		for {
-			c, err := ln.Accept()
+			r, err := http.ReadRequest(br)
 			if err != nil {
 				return
 			}
-			go func() {
-				defer c.Close()
-				br := bufio.NewReader(c)
-				for {
-					r, err := http.ReadRequest(br)
-					if err != nil {
-						return
-					}
-					io.Copy(io.Discard, r.Body)
-					io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTrailer: Content-Type, X-Sum\r\nTransfer-Encoding: chunked\r\n\r\n"+
-						"2\r\nok\r\n0\r\nContent-Type: evil/x\r\nX-Sum: 1\r\n\r\n")
-				}
-			}()
+			io.Copy(io.Discard, r.Body)
+			io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTrailer: Content-Type, X-Sum\r\nTransfer-Encoding: chunked\r\n\r\n"+
+				"2\r\nok\r\n0\r\nContent-Type: evil/x\r\nX-Sum: 1\r\n\r\n")
 		}
-	}()
-	up := newUpstream(t, upPlain, http.NotFoundHandler())
-	cfg := testConfig(up)
-	cfg.Upstream = &url.URL{Scheme: "http", Host: ln.Addr().String()}
-	tp := startProxy(t, cfg)
+	})
+	tp := up.proxy(t)
 
 	conn := tp.dialRaw(t, tp.Addr().String(), "http/1.1")
 	if _, err := io.WriteString(conn, "GET /t HTTP/1.1\r\nHost: cells.example\r\nConnection: close\r\n\r\n"); err != nil {
