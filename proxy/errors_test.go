@@ -685,13 +685,10 @@ func TestClientStopsReading(t *testing.T) {
 	wait := func(t *testing.T, i int) {
 		t.Helper()
 		start := time.Now()
-		for !ended[i].Load() {
-			if time.Since(start) > 20*time.Second {
-				t.Fatalf("Cells still held %v after the client stopped reading (it sent %d MiB); idle timeout %v",
-					time.Since(start).Round(time.Second), started[i].Load()>>20, cfg.IdleTimeout)
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
+		waitFor(t, 20*time.Second, ended[i].Load, func() string {
+			return fmt.Sprintf("Cells still held %v after the client stopped reading (it sent %d MiB); idle timeout %v",
+				time.Since(start).Round(time.Second), started[i].Load()>>20, cfg.IdleTimeout)
+		})
 		t.Logf("Cells' write failed %v after the request (%d MiB sent)", time.Since(start).Round(time.Millisecond), started[i].Load()>>20)
 		// The proxy's handler ends too (its access line is written as it
 		// does): it must not stay blocked writing to the client.
