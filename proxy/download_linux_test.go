@@ -166,14 +166,7 @@ func TestH2DownloadBatched(t *testing.T) {
 				// stream back, not flow control.
 				grpc.WithInitialWindowSize(32<<20), grpc.WithInitialConnWindowSize(64<<20))
 			tc := testgrpc.NewTestServiceClient(cc)
-			var params []*testgrpc.ResponseParameters
-			for range msgs {
-				params = append(params, &testgrpc.ResponseParameters{Size: size})
-			}
-			stream, err := tc.StreamingOutputCall(testCtx(t), &testgrpc.StreamingOutputCallRequest{ResponseParameters: params})
-			if err != nil {
-				t.Fatal(err)
-			}
+			stream := streamingCall(t, testCtx(t), tc, msgs, size)
 			got := 0
 			for {
 				res, err := stream.Recv()

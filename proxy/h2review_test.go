@@ -1191,6 +1191,21 @@ func TestH2ReviewRefusedLargeBody(t *testing.T) {
 	}
 }
 
+// streamingCall opens a StreamingOutputCall through tc for n answers of
+// size bytes each; the caller reads them, or not.
+func streamingCall(t *testing.T, ctx context.Context, tc testgrpc.TestServiceClient, n int, size int32) testgrpc.TestService_StreamingOutputCallClient {
+	t.Helper()
+	params := make([]*testgrpc.ResponseParameters, n)
+	for i := range params {
+		params[i] = &testgrpc.ResponseParameters{Size: size}
+	}
+	stream, err := tc.StreamingOutputCall(ctx, &testgrpc.StreamingOutputCallRequest{ResponseParameters: params})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return stream
+}
+
 // streamingRecv opens a StreamingOutputCall through tc and receives the
 // messages want, in order; the caller checks how the stream ends.
 func streamingRecv(t *testing.T, ctx context.Context, tc testgrpc.TestServiceClient, want ...string) testgrpc.TestService_StreamingOutputCallClient {

@@ -75,14 +75,8 @@ func TestH2StallSteadySlowReader(t *testing.T) {
 			tc := testgrpc.NewTestServiceClient(cc)
 			ctx, cancel := context.WithCancel(testCtx(t))
 			defer cancel()
-			var params []*testgrpc.ResponseParameters
-			for range 4096 { // 16 MiB, far more than the socket buffers hold
-				params = append(params, &testgrpc.ResponseParameters{Size: 4 << 10})
-			}
-			stream, err := tc.StreamingOutputCall(ctx, &testgrpc.StreamingOutputCallRequest{ResponseParameters: params})
-			if err != nil {
-				t.Fatal(err)
-			}
+			// 16 MiB, far more than the socket buffers hold.
+			stream := streamingCall(t, ctx, tc, 4096, 4<<10)
 			start := time.Now()
 			got := 0
 			for time.Since(start) < 3*idle {

@@ -866,15 +866,7 @@ func drainingGRPC(t *testing.T) (*testProxy, testgrpc.TestServiceClient, *grpc.C
 func TestShutdownGRPCClientNotReading(t *testing.T) {
 	t.Parallel()
 	tp, tc, cc := drainingGRPC(t)
-	var params []*testgrpc.ResponseParameters
-	for range 32 {
-		params = append(params, &testgrpc.ResponseParameters{Size: 256 << 10})
-	}
-	stream, err := tc.StreamingOutputCall(testCtx(t), &testgrpc.StreamingOutputCallRequest{ResponseParameters: params})
-	if err != nil {
-		t.Fatal(err)
-	}
-	_ = stream // never read
+	streamingCall(t, testCtx(t), tc, 32, 256<<10) // never read
 	// Wait until the proxy holds a quarter of its stream window (128 KiB at
 	// 512 KiB) of the answer it cannot pass on.
 	held := heldUnread(tp.fwd.grpcUp)
@@ -980,14 +972,7 @@ func TestShutdownGRPCAnsweredCallSlowReader(t *testing.T) {
 	held := heldUnread(tp.fwd.grpcUp)
 	const msgs = 64
 	size := int32((int(tp.fwd.grpcUp.streamWindow)/2 + 64<<10) / msgs)
-	var params []*testgrpc.ResponseParameters
-	for range msgs {
-		params = append(params, &testgrpc.ResponseParameters{Size: size})
-	}
-	stream, err := tc.StreamingOutputCall(testCtx(t), &testgrpc.StreamingOutputCallRequest{ResponseParameters: params})
-	if err != nil {
-		t.Fatal(err)
-	}
+	stream := streamingCall(t, testCtx(t), tc, msgs, size)
 	// Wait until the proxy holds a quarter of its window unread, or until a
 	// call seen on the connection has left it (with a small window, Cells
 	// sends the answer in less time than a poll), then until Cells'
