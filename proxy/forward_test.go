@@ -1169,6 +1169,73 @@ func TestTrailerAlsoInHeader(t *testing.T) {
 	}
 }
 
+// TestTrailerDeclaredNotSent: Cells declares a trailer and then sends none
+// (a Go handler that sets Trailer and returns early on an error: net/http
+// sends the field and an empty trailer section), or sends one empty. The
+// response reaches the client whole and ends, over HTTP/1.1 and HTTP/2,
+// on the direct path and through ReverseProxy. net/http's HTTP/2 server
+// leaves a stream open for good when a declared trailer's name is in the
+// handler's header with no value: the direct path put it there, and an
+// HTTP/2 client (every browser) waited for the response's end until it
+// gave up. Found by FuzzUpstreamResponse.
+func TestTrailerDeclaredNotSent(t *testing.T) {
+	t.Parallel()
+	up := newUpstream(t, upPlain, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		if r.URL.Path == "/none" {
+			w.Header().Set("Trailer", "X-Sum")
+		} else {
+			w.Header().Set("Trailer", "X-Sum, X-Empty")
+		}
+		w.WriteHeader(http.StatusOK)
+		io.WriteString(w, "body")
+		if r.URL.Path == "/empty" {
+			w.Header().Set("X-Empty", "")
+		}
+	}))
+	tp := startProxy(t, testConfig(up))
+	for _, pc := range h1h2Clients(tp) {
+		for _, size := range []int{0, 64 << 10} {
+			for _, cells := range []string{"/none", "/empty"} {
+				path := "direct path " + cells
+				if size > 0 {
+					path = "ReverseProxy " + cells
+				}
+				var body io.Reader
+				if size > 0 {
+					body = bytes.NewReader(bytes.Repeat([]byte("u"), size))
+				}
+				ctx, cancel := context.WithTimeout(testCtx(t), 10*time.Second)
+				req, err := http.NewRequestWithContext(ctx, "POST", tp.URL+cells, body)
+				if err != nil {
+					t.Fatal(err)
+				}
+				// A connection of its own: the proxy's HTTP/1.1 front hands a
+				// connection to net/http for good at its first upload.
+				tr := pc.c.Transport.(*http.Transport).Clone()
+				res, err := (&http.Client{Transport: tr}).Do(req)
+				if err != nil {
+					t.Fatalf("%s, %s: %v", pc.name, path, err)
+				}
+				b, err := io.ReadAll(res.Body)
+				res.Body.Close()
+				tr.CloseIdleConnections()
+				cancel()
+				if err != nil || string(b) != "body" {
+					t.Errorf("%s, %s: body %q, %v; want the whole body and its end", pc.name, path, b, err)
+					continue
+				}
+				if v := res.Trailer["X-Sum"]; len(v) > 0 {
+					t.Errorf("%s, %s: trailer X-Sum %q, want none", pc.name, path, v)
+				}
+				if v, ok := res.Trailer["X-Empty"]; cells == "/empty" && (!ok || !slices.Equal(v, []string{""})) {
+					t.Errorf("%s, %s: trailer X-Empty %q (present %v), want one empty value", pc.name, path, v, ok)
+				}
+			}
+		}
+	}
+}
+
 // TestEncodeGRPCTimeout: the time left that a call sent again carries to
 // Cells is written as grpc-go's client writes a grpc-timeout: at most 8
 // digits, the finest unit that fits, rounded up, so that a call with time

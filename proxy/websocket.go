@@ -687,8 +687,15 @@ func removeHopByHop(h http.Header) {
 	}
 }
 
+// copyHeader adds src's fields to dst. A name with no value is left out:
+// it stands for nothing on the wire, and net/http's HTTP/2 server, finding
+// a declared trailer's name in a handler's header with no value, sends
+// neither trailers nor END_STREAM, and the stream never ends (a trailer
+// that Cells declared and did not send: TestTrailerDeclaredNotSent).
 func copyHeader(dst, src http.Header) {
 	for k, vv := range src {
-		dst[k] = append(dst[k], vv...)
+		if len(vv) > 0 {
+			dst[k] = append(dst[k], vv...)
+		}
 	}
 }
