@@ -124,7 +124,6 @@ func (f *forwarder) relay(ex *exchange, r *http.Request, res *http.Response) {
 	}
 	res.Body.Close() // sets res.Trailer
 	if len(res.Trailer) > 0 {
-		dropForbiddenTrailers(res.Trailer)
 		// Chunked, so that the trailers can follow the body.
 		ex.FlushError()
 		relayTrailer(ex.Header(), res, announced)
@@ -216,11 +215,12 @@ type cutShortBody struct {
 func (b *cutShortBody) Read(p []byte) (int, error) {
 	n, err := b.ReadCloser.Read(p)
 	if err == io.EOF {
-		dropForbiddenTrailers(b.res.Trailer) // read with the body's end
+		// Read with the body's end. ReverseProxy adds the trailers to the
+		// header map next.
 		if b.ex != nil {
-			// ReverseProxy adds the trailers to the header map next.
 			clearTrailerNames(b.ex.Header(), b.res.Trailer)
 		}
+		dropForbiddenTrailers(b.res.Trailer)
 	} else if err != nil {
 		b.f.logCutShort(b.r, err)
 	}
@@ -229,14 +229,21 @@ func (b *cutShortBody) Read(p []byte) (int, error) {
 
 // dropForbiddenTrailers deletes from Cells' trailers the fields that may
 // not be trailers (RFC 9110, section 6.5.1: Content-Length, Content-Type,
-// Host...). net/http's servers and the front drop such a field when Cells
-// declares it in Trailer, but one Cells did not declare is passed on under
-// http.TrailerPrefix, which net/http's HTTP/1 server and the front write
-// after the body as it stands: a lenient client or cache could take it for
-// the response's own.
+// Host...), and those whose name is not a field name (a space in it, which
+// Go's reader takes: go.dev/issue/34540). net/http's servers and the front
+// drop a forbidden field when Cells declares it in Trailer, but one Cells
+// did not declare is passed on under http.TrailerPrefix, which net/http's
+// HTTP/1 server and the front write after the body as it stands: a
+// lenient client or cache could take it for the response's own. An
+// invalid name, net/http's HTTP/2 server leaves out as it encodes the
+// trailers, and when that leaves them empty it sends nothing, not even
+// END_STREAM: the stream never ended (TestTrailerDeclaredNotSent). Called
+// once the client's header has been cleared of the trailers' names
+// (clearTrailerNames), so that a name dropped here cannot leave a header
+// value behind to be sent as a trailer.
 func dropForbiddenTrailers(t http.Header) {
 	for k := range t {
-		if !httpguts.ValidTrailerHeader(k) {
+		if !httpguts.ValidTrailerHeader(k) || !httpguts.ValidHeaderFieldName(k) {
 			delete(t, k)
 		}
 	}
@@ -291,6 +298,7 @@ func dropBodilessLength(res *http.Response) {
 //go:noinline
 func relayTrailer(h http.Header, res *http.Response, announced int) {
 	clearTrailerNames(h, res.Trailer)
+	dropForbiddenTrailers(res.Trailer)
 	if len(res.Trailer) == announced {
 		copyHeader(h, res.Trailer)
 		return

@@ -1,11 +1,13 @@
 package proxy
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/tls"
 	"io"
 	"math"
+	"net"
 	"net/http"
 	"net/netip"
 	"net/url"
@@ -1169,44 +1171,47 @@ func TestTrailerAlsoInHeader(t *testing.T) {
 	}
 }
 
-// TestTrailerDeclaredNotSent: Cells declares a trailer and then sends none
-// (a Go handler that sets Trailer and returns early on an error: net/http
-// sends the field and an empty trailer section), or sends one empty. The
-// response reaches the client whole and ends, over HTTP/1.1 and HTTP/2,
-// on the direct path and through ReverseProxy. net/http's HTTP/2 server
-// leaves a stream open for good when a declared trailer's name is in the
-// handler's header with no value: the direct path put it there, and an
-// HTTP/2 client (every browser) waited for the response's end until it
-// gave up. Found by FuzzUpstreamResponse.
+// TestTrailerDeclaredNotSent: Cells declares a trailer and sends none (a
+// Go handler that sets Trailer and returns early on an error: net/http
+// sends the field and an empty trailer section), or sends one empty, or
+// one whose name holds a space (which Go's reader takes, go.dev/issue/
+// 34540). The response reaches the client whole and ends, over HTTP/1.1
+// and HTTP/2, on the direct path and through ReverseProxy; no trailer
+// whose name is not a field name reaches it.
+// net/http's HTTP/2 server sends nothing, not even END_STREAM, when the
+// trailers it has are all left out as it encodes them (a name with no
+// value, an invalid name): the stream stayed open for good, and the
+// client (every browser) waited for the response's end until it gave up.
+// Found by FuzzUpstreamResponse.
 func TestTrailerDeclaredNotSent(t *testing.T) {
 	t.Parallel()
-	up := newUpstream(t, upPlain, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		io.Copy(io.Discard, r.Body)
-		if r.URL.Path == "/none" {
-			w.Header().Set("Trailer", "X-Sum")
-		} else {
-			w.Header().Set("Trailer", "X-Sum, X-Empty")
+	trailers := map[string]string{
+		"/none":    "Trailer: X-Sum\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+		"/empty":   "Trailer: X-Sum, X-Empty\r\n\r\n2\r\nok\r\n0\r\nX-Empty: \r\n\r\n",
+		"/invalid": "Trailer: X-Sum\r\n\r\n2\r\nok\r\n0\r\nX Sum: 1\r\n\r\n",
+	}
+	up := newConnUpstream(t, false, func(_ int64, c net.Conn, br *bufio.Reader) {
+		for {
+			r, err := http.ReadRequest(br)
+			if err != nil {
+				return
+			}
+			io.Copy(io.Discard, r.Body)
+			io.WriteString(c, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"+trailers[r.URL.Path])
 		}
-		w.WriteHeader(http.StatusOK)
-		io.WriteString(w, "body")
-		if r.URL.Path == "/empty" {
-			w.Header().Set("X-Empty", "")
-		}
-	}))
-	tp := startProxy(t, testConfig(up))
+	})
+	tp := up.proxy(t)
 	for _, pc := range h1h2Clients(tp) {
 		for _, size := range []int{0, 64 << 10} {
-			for _, cells := range []string{"/none", "/empty"} {
+			for _, cells := range []string{"/none", "/empty", "/invalid"} {
 				path := "direct path " + cells
-				if size > 0 {
-					path = "ReverseProxy " + cells
-				}
 				var body io.Reader
 				if size > 0 {
+					path = "ReverseProxy " + cells
 					body = bytes.NewReader(bytes.Repeat([]byte("u"), size))
 				}
 				ctx, cancel := context.WithTimeout(testCtx(t), 10*time.Second)
-				req, err := http.NewRequestWithContext(ctx, "POST", tp.URL+cells, body)
+				req, err := http.NewRequestWithContext(ctx, "PUT", tp.URL+cells, body)
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -1221,12 +1226,14 @@ func TestTrailerDeclaredNotSent(t *testing.T) {
 				res.Body.Close()
 				tr.CloseIdleConnections()
 				cancel()
-				if err != nil || string(b) != "body" {
+				if err != nil || string(b) != "ok" {
 					t.Errorf("%s, %s: body %q, %v; want the whole body and its end", pc.name, path, b, err)
 					continue
 				}
-				if v := res.Trailer["X-Sum"]; len(v) > 0 {
-					t.Errorf("%s, %s: trailer X-Sum %q, want none", pc.name, path, v)
+				for k, v := range res.Trailer {
+					if strings.Contains(k, " ") {
+						t.Errorf("%s, %s: trailer %q: %q, want no name with a space", pc.name, path, k, v)
+					}
 				}
 				if v, ok := res.Trailer["X-Empty"]; cells == "/empty" && (!ok || !slices.Equal(v, []string{""})) {
 					t.Errorf("%s, %s: trailer X-Empty %q (present %v), want one empty value", pc.name, path, v, ok)
