@@ -23,31 +23,28 @@ import (
 // scripted Cells on 127.0.0.1 in front of a new grpcUpstream for every
 // input (cleartext HTTP/2, as CELLS_GRPC_UPSTREAM=h2c://...).
 
-// scriptedCells listens on 127.0.0.1:0. On each connection it reads the
-// client preface, sends a SETTINGS frame whose payload is the round's
-// settings as given, reads frames until the first HEADERS (the call's;
-// none comes when the client refuses the SETTINGS), then sends the round's
-// rest as it is and ends its side of the connection. It reads on until
-// the client closes. One listener serves every round of a fuzz target: a
-// listener per input, with the connections' TIME_WAIT, ran out of
-// loopback ports within seconds.
+// scriptedCells is a Cells on 127.0.0.1:0 that serves each connection
+// with serve and the round's script (a and b, as set by round). One
+// listener serves every round of a fuzz target: a listener per input, with
+// the connections' TIME_WAIT, ran out of loopback ports within seconds.
 type scriptedCells struct {
 	ln       net.Listener
+	serve    func(nc net.Conn, a, b []byte)
 	accepted sync.WaitGroup
 
-	mu             sync.Mutex
-	settings, rest []byte
-	conns          []net.Conn      // the round's
-	serving        *sync.WaitGroup // the round's connections
+	mu      sync.Mutex
+	a, b    []byte
+	conns   []net.Conn      // the round's
+	serving *sync.WaitGroup // the round's connections
 }
 
-func newScriptedCells(t testing.TB) *scriptedCells {
+func newScriptedCells(t testing.TB, serve func(nc net.Conn, a, b []byte)) *scriptedCells {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := &scriptedCells{ln: ln, serving: new(sync.WaitGroup)}
+	c := &scriptedCells{ln: ln, serve: serve, serving: new(sync.WaitGroup)}
 	c.accepted.Go(c.accept)
 	t.Cleanup(func() {
 		ln.Close()
@@ -56,11 +53,11 @@ func newScriptedCells(t testing.TB) *scriptedCells {
 	return c
 }
 
-// round sets what the connections from now on get.
-func (c *scriptedCells) round(settings, rest []byte) {
+// round sets the script of the connections from now on.
+func (c *scriptedCells) round(a, b []byte) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.settings, c.rest = settings, rest
+	c.a, c.b = a, b
 	c.conns, c.serving = nil, new(sync.WaitGroup)
 }
 
@@ -71,14 +68,19 @@ func (c *scriptedCells) accept() {
 			return
 		}
 		c.mu.Lock()
-		settings, rest := c.settings, c.rest
+		a, b := c.a, c.b
 		c.conns = append(c.conns, nc)
-		c.serving.Go(func() { serveScript(nc, settings, rest) })
+		c.serving.Go(func() { c.serve(nc, a, b) })
 		c.mu.Unlock()
 	}
 }
 
-func serveScript(nc net.Conn, settings, rest []byte) {
+// serveGRPCScript reads the client preface, sends a SETTINGS frame whose
+// payload is settings as given, reads frames until the first HEADERS (the
+// call's; none comes when the client refuses the SETTINGS), then sends
+// rest as it is and ends its side of the connection. It reads on until
+// the client closes.
+func serveGRPCScript(nc net.Conn, settings, rest []byte) {
 	defer nc.Close()
 	// A guard: the test fails on its own bound first (endRound).
 	nc.SetDeadline(time.Now().Add(time.Minute))
@@ -232,7 +234,7 @@ var scriptOK = cellsScript(func(fr *http2.Framer, block func(kv ...string) []byt
 // nothing.
 func TestScriptedCellsAnswer(t *testing.T) {
 	t.Parallel()
-	cells := newScriptedCells(t)
+	cells := newScriptedCells(t, serveGRPCScript)
 	r := scriptedCall(t, cells, nil, scriptOK)
 	if r.Err != nil || r.Status != 200 || !bytes.Equal(r.Body, grpcMsg([]byte("pong"))) || r.Trailer.Get("Grpc-Status") != "0" {
 		t.Errorf("whole answer: status %d, body %q, trailers %v, err %v; want 200, the message pong, grpc-status 0", r.Status, r.Body, r.Trailer, r.Err)
@@ -334,7 +336,7 @@ func FuzzGRPCUpstreamResponse(f *testing.F) {
 	for _, st := range settings[1:] {
 		f.Add(st, scriptOK)
 	}
-	cells := newScriptedCells(f)
+	cells := newScriptedCells(f, serveGRPCScript)
 	f.Fuzz(func(t *testing.T, settings, rest []byte) {
 		r := scriptedCall(t, cells, settings, rest)
 		if r.Err == nil && r.Status == 0 {
