@@ -1,13 +1,11 @@
 package proxy
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/tls"
 	"io"
 	"math"
-	"net"
 	"net/http"
 	"net/netip"
 	"net/url"
@@ -1190,15 +1188,8 @@ func TestTrailerDeclaredNotSent(t *testing.T) {
 		"/empty":   "Trailer: X-Sum, X-Empty\r\n\r\n2\r\nok\r\n0\r\nX-Empty: \r\n\r\n",
 		"/invalid": "Trailer: X-Sum\r\n\r\n2\r\nok\r\n0\r\nX Sum: 1\r\n\r\n",
 	}
-	up := newConnUpstream(t, false, func(_ int64, c net.Conn, br *bufio.Reader) {
-		for {
-			r, err := http.ReadRequest(br)
-			if err != nil {
-				return
-			}
-			io.Copy(io.Discard, r.Body)
-			io.WriteString(c, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"+trailers[r.URL.Path])
-		}
+	up := newAnsweringUpstream(t, func(r *http.Request) string {
+		return "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n" + trailers[r.URL.Path]
 	})
 	tp := up.proxy(t)
 	for _, pc := range h1h2Clients(tp) {

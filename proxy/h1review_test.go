@@ -5,7 +5,6 @@ import (
 	"bytes"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"strconv"
 	"strings"
@@ -130,16 +129,9 @@ func TestH1TransferEncodingListedTwice(t *testing.T) {
 // response's own. The upstream is raw: Go's server would not send it.
 func TestFrontForbiddenTrailer(t *testing.T) {
 	t.Parallel()
-	up := newConnUpstream(t, false, func(_ int64, c net.Conn, br *bufio.Reader) {
-		for {
-			r, err := http.ReadRequest(br)
-			if err != nil {
-				return
-			}
-			io.Copy(io.Discard, r.Body)
-			io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTrailer: Content-Type, X-Sum\r\nTransfer-Encoding: chunked\r\n\r\n"+
-				"2\r\nok\r\n0\r\nContent-Type: evil/x\r\nX-Sum: 1\r\n\r\n")
-		}
+	up := newAnsweringUpstream(t, func(*http.Request) string {
+		return "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTrailer: Content-Type, X-Sum\r\nTransfer-Encoding: chunked\r\n\r\n" +
+			"2\r\nok\r\n0\r\nContent-Type: evil/x\r\nX-Sum: 1\r\n\r\n"
 	})
 	tp := up.proxy(t)
 

@@ -51,6 +51,24 @@ func newConnUpstream(t *testing.T, withTLS bool, serve func(n int64, c net.Conn,
 	return u
 }
 
+// newAnsweringUpstream is a raw Cells over cleartext HTTP/1.1 that reads
+// each request and its body, then writes answer(r) as it is.
+func newAnsweringUpstream(t *testing.T, answer func(r *http.Request) string) *connUpstream {
+	t.Helper()
+	return newConnUpstream(t, false, func(_ int64, c net.Conn, br *bufio.Reader) {
+		for {
+			r, err := http.ReadRequest(br)
+			if err != nil {
+				return
+			}
+			io.Copy(io.Discard, r.Body)
+			if _, err := io.WriteString(c, answer(r)); err != nil {
+				return
+			}
+		}
+	})
+}
+
 func (u *connUpstream) proxy(t *testing.T) *testProxy {
 	cfg := testConfig(nil)
 	scheme := "http"
