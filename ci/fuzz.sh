@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs each fuzz target of ./proxy for a bounded number of inputs (FUZZTIME,
-# default 40000x: 5 to 60 s per target on two cores; nine targets, about four
+# default 40000x: 5 to 60 s per target on two cores; ten targets, about five
 # minutes with the builds). The committed corpus in proxy/testdata/fuzz/ runs
 # first; a failure leaves the failing input there, to be committed with the
 # fix.

@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"io"
 	"net"
+	"net/url"
 	"sync"
 	"testing"
 	"time"
@@ -29,16 +30,45 @@ import (
 // the connections' TIME_WAIT, ran out of loopback ports within seconds.
 type scriptedCells struct {
 	ln       net.Listener
-	serve    func(nc net.Conn, a, b []byte)
+	serve    func(sc *scriptConn, a, b []byte)
 	accepted sync.WaitGroup
 
 	mu      sync.Mutex
 	a, b    []byte
-	conns   []net.Conn      // the round's
+	conns   []*scriptConn   // the round's
 	serving *sync.WaitGroup // the round's connections
 }
 
-func newScriptedCells(t testing.TB, serve func(nc net.Conn, a, b []byte)) *scriptedCells {
+// scriptConn is a connection of a scriptedCells. It starts waiting for the
+// client's request, with a minute's deadline as a guard: endRound cuts that
+// wait short (a serve function that sees its read time out goes on to send
+// its script), so that Cells ends its side even to a client that sends no
+// request (a call that the SETTINGS sent forbid). What follows the wait
+// (sending) is not cut short: whether the client then closes is what
+// endRound checks.
+type scriptConn struct {
+	*net.TCPConn
+	mu      sync.Mutex
+	waiting bool
+}
+
+// sending ends the wait; reads from here on have a minute, a guard.
+func (sc *scriptConn) sending() {
+	sc.mu.Lock()
+	sc.waiting = false
+	sc.SetReadDeadline(time.Now().Add(time.Minute))
+	sc.mu.Unlock()
+}
+
+func (sc *scriptConn) cutWait() {
+	sc.mu.Lock()
+	if sc.waiting {
+		sc.SetReadDeadline(time.Now())
+	}
+	sc.mu.Unlock()
+}
+
+func newScriptedCells(t testing.TB, serve func(sc *scriptConn, a, b []byte)) *scriptedCells {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -67,23 +97,24 @@ func (c *scriptedCells) accept() {
 		if err != nil {
 			return
 		}
+		sc := &scriptConn{TCPConn: nc.(*net.TCPConn), waiting: true}
+		sc.SetDeadline(time.Now().Add(time.Minute))
 		c.mu.Lock()
 		a, b := c.a, c.b
-		c.conns = append(c.conns, nc)
-		c.serving.Go(func() { c.serve(nc, a, b) })
+		c.conns = append(c.conns, sc)
+		c.serving.Go(func() { c.serve(sc, a, b) })
 		c.mu.Unlock()
 	}
 }
 
 // serveGRPCScript reads the client preface, sends a SETTINGS frame whose
 // payload is settings as given, reads frames until the first HEADERS (the
-// call's; none comes when the client refuses the SETTINGS), then sends
-// rest as it is and ends its side of the connection. It reads on until
-// the client closes.
-func serveGRPCScript(nc net.Conn, settings, rest []byte) {
+// call's; none comes when the client refuses the SETTINGS, or when the
+// SETTINGS forbid the call: then until endRound cuts the wait short), then
+// sends rest as it is and ends its side of the connection. It reads on
+// until the client closes.
+func serveGRPCScript(nc *scriptConn, settings, rest []byte) {
 	defer nc.Close()
-	// A guard: the test fails on its own bound first (endRound).
-	nc.SetDeadline(time.Now().Add(time.Minute))
 	if _, err := io.ReadFull(nc, make([]byte, len(http2.ClientPreface))); err != nil {
 		return
 	}
@@ -94,27 +125,35 @@ func serveGRPCScript(nc net.Conn, settings, rest []byte) {
 	}
 	var h [frameHeaderLen]byte
 	for {
-		if _, err := io.ReadFull(nc, h[:]); err != nil {
-			return
+		_, err := io.ReadFull(nc, h[:])
+		if err == nil {
+			_, err = io.CopyN(io.Discard, nc, int64(h[0])<<16|int64(h[1])<<8|int64(h[2]))
 		}
-		size := int64(h[0])<<16 | int64(h[1])<<8 | int64(h[2])
-		if _, err := io.CopyN(io.Discard, nc, size); err != nil {
+		if ne, ok := err.(net.Error); ok && ne.Timeout() {
+			break // cut short by endRound
+		}
+		if err != nil {
 			return
 		}
 		if h[3] == frameHeaders {
 			break
 		}
 	}
+	nc.sending()
 	nc.Write(rest)
-	nc.(*net.TCPConn).CloseWrite()
+	nc.CloseWrite()
 	io.Copy(io.Discard, nc)
 }
 
-// endRound waits, at most d, for the client to close every connection of
-// the round; it reports whether it did, and closes them if not.
+// endRound has every connection of the round that still waits for the
+// client's request send its script, then waits, at most d, for the client
+// to close them all; it reports whether it did, and closes them if not.
 func (c *scriptedCells) endRound(d time.Duration) bool {
 	c.mu.Lock()
 	serving := c.serving
+	for _, sc := range c.conns {
+		sc.cutWait()
+	}
 	c.mu.Unlock()
 	done := make(chan struct{})
 	go func() {
@@ -256,11 +295,11 @@ func TestScriptedCellsAnswer(t *testing.T) {
 	}
 }
 
-// FuzzGRPCUpstreamResponse: whatever Cells' gRPC port sends, in its
-// SETTINGS and after the call's HEADERS, the proxy's client must not
-// panic, the call must end (with an answer or an error) once Cells has
-// ended its side, and the upstream's Close must close the connection.
-func FuzzGRPCUpstreamResponse(f *testing.F) {
+// addGRPCSeeds adds to f, as (SETTINGS payload, what follows the call's
+// HEADERS), answers of Cells' gRPC port: whole, Trailers-Only, split,
+// padded, with control frames, GOAWAY, resets, frames out of place; and
+// SETTINGS of several shapes before a whole answer.
+func addGRPCSeeds(f *testing.F) {
 	ok := func(write func(fr *http2.Framer, block func(kv ...string) []byte)) []byte { return cellsScript(write) }
 	seeds := [][]byte{
 		scriptOK,
@@ -336,11 +375,50 @@ func FuzzGRPCUpstreamResponse(f *testing.F) {
 	for _, st := range settings[1:] {
 		f.Add(st, scriptOK)
 	}
+}
+
+// FuzzGRPCUpstreamResponse: whatever Cells' gRPC port sends, in its
+// SETTINGS and after the call's HEADERS, the proxy's client must not
+// panic, the call must end (with an answer or an error) once Cells has
+// ended its side, and the upstream's Close must close the connection.
+func FuzzGRPCUpstreamResponse(f *testing.F) {
+	addGRPCSeeds(f)
 	cells := newScriptedCells(f, serveGRPCScript)
 	f.Fuzz(func(t *testing.T, settings, rest []byte) {
 		r := scriptedCall(t, cells, settings, rest)
 		if r.Err == nil && r.Status == 0 {
 			t.Fatalf("a call with neither an answer nor an error\nSETTINGS payload %x\nthen %x", settings, rest)
+		}
+	})
+}
+
+// FuzzGRPCRelay: the same answers from Cells' gRPC port (CELLS_GRPC_UPSTREAM
+// =h2c://), through a whole proxy to an HTTP/2 client (net/http's, as
+// gRPC clients call): the relay of the answer's header, messages and
+// trailers, and net/http's HTTP/2 server after it. The proxy must not
+// panic, the client must get an answer or an error within 20 s once Cells
+// has ended its side, and the proxy must close its connections to Cells
+// within 10 s after that. A proxy that stopped serving fails the next input.
+func FuzzGRPCRelay(f *testing.F) {
+	addGRPCSeeds(f)
+	cells := newScriptedCells(f, serveGRPCScript)
+	cfg := testConfig(nil)
+	cfg.Upstream = &url.URL{Scheme: "http", Host: cells.ln.Addr().String()}
+	cfg.GRPCUpstream = &url.URL{Scheme: "h2c", Host: cells.ln.Addr().String()}
+	tp := startProxy(f, cfg)
+	f.Fuzz(func(t *testing.T, settings, rest []byte) {
+		cells.round(settings, rest)
+		ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+		defer cancel()
+		// grpc-timeout: the proxy ends the call itself within 2 s, where
+		// Cells keeps it waiting by right (SETTINGS_MAX_CONCURRENT_STREAMS
+		// 0: up to 10 s for a stream); 20 s without an answer is a hang.
+		r := callGRPC(ctx, tp.H2, tp.URL+"/pkg.Svc/Method", grpcMsg([]byte("ping")), "grpc-timeout", "2S")
+		if ctx.Err() != nil {
+			t.Fatalf("no answer within 20 s (%v)\nSETTINGS payload %x\nthen %x", r.Err, settings, rest)
+		}
+		if !cells.endRound(10 * time.Second) {
+			t.Fatalf("a connection to Cells still open 10 s after Cells ended its side\nSETTINGS payload %x\nthen %x", settings, rest)
 		}
 	})
 }

@@ -5,7 +5,6 @@ import (
 	"bytes"
 	"context"
 	"io"
-	"net"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -24,7 +23,7 @@ import (
 // serveH1Script reads one request head, to its blank line, and the body
 // its Content-Length declares, sends answer as it is and closes the
 // connection.
-func serveH1Script(nc net.Conn, answer, _ []byte) {
+func serveH1Script(nc *scriptConn, answer, _ []byte) {
 	defer nc.Close()
 	// A guard: the test fails on its own bound first.
 	nc.SetDeadline(time.Now().Add(time.Minute))
