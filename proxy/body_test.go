@@ -79,6 +79,14 @@ func hashCopy(r io.Reader) checksum {
 	return checksum{n, h.Sum32(), err}
 }
 
+// matchesPattern reports whether got holds the first n bytes of pattern,
+// whatever error ended its read (a deadline, a reset after the last byte),
+// and returns the checksum it was compared with.
+func matchesPattern(got checksum, n int64) (want checksum, ok bool) {
+	want = hashCopy(&pattern{n: n})
+	return want, got.N == want.N && got.Sum == want.Sum
+}
+
 // heapWatch samples the heap in use by live and not yet swept objects. The
 // proxy runs in this process, with the test's clients and upstreams: they
 // all stream through small fixed buffers, so whatever the heap grows by
