@@ -213,6 +213,9 @@ func (f *forwarder) reverseProxy(target *url.URL, t http.RoundTripper) *httputil
 			if res.StatusCode < 100 {
 				return errStatus(res.StatusCode)
 			}
+			if err := checkFieldNames(res.Header); err != nil {
+				return err
+			}
 			dropBodilessLength(res)
 			// The exchange ended (the idle watchdog, the drain, the
 			// client gone) before Cells' answer was taken. http.Transport

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/tls"
@@ -1231,6 +1232,80 @@ func TestTrailerDeclaredNotSent(t *testing.T) {
 				}
 			}
 		}
+	}
+}
+
+// TestInvalidFieldNameFromCells: a response header from Cells with a space
+// in a field name, before the colon or inside the name, is answered 502
+// as nginx answers it ("upstream sent invalid header"), on both protocols,
+// on the direct path, through ReverseProxy and for a websocket handshake.
+// Go's reader takes such a name (go.dev/issue/34540): the field used to be
+// left out unsaid, and "Content-Length : 2" on a kept-alive connection,
+// which Go's reader does not take for a length, left the client waiting
+// for the body's end until Cells closed. The next request is served.
+func TestInvalidFieldNameFromCells(t *testing.T) {
+	t.Parallel()
+	answers := map[string]string{
+		"/before-colon": "HTTP/1.1 200 OK\r\nX-Foo : v\r\nContent-Length: 2\r\n\r\nok",
+		"/inside":       "HTTP/1.1 200 OK\r\nX Foo: v\r\nContent-Length: 2\r\n\r\nok",
+		"/length":       "HTTP/1.1 200 OK\r\nContent-Length : 2\r\n\r\nok",
+		"/ok":           "HTTP/1.1 200 OK\r\nX-Foo: v\r\nContent-Length: 2\r\n\r\nok",
+	}
+	up := newAnsweringUpstream(t, func(r *http.Request) string {
+		if r.URL.Path == "/ws/event" {
+			return "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nX Foo: v\r\n" +
+				"Sec-WebSocket-Accept: " + wsAccept(r.Header.Get("Sec-WebSocket-Key")) + "\r\n\r\n"
+		}
+		return answers[r.URL.Path]
+	})
+	tp := up.proxy(t)
+	for _, pc := range h1h2Clients(tp) {
+		for _, size := range []int{0, 64 << 10} {
+			for _, cells := range []string{"/before-colon", "/inside", "/length", "/ok"} {
+				path := "direct path " + cells
+				var body io.Reader
+				if size > 0 {
+					path = "ReverseProxy " + cells
+					body = bytes.NewReader(bytes.Repeat([]byte("u"), size))
+				}
+				ctx, cancel := context.WithTimeout(testCtx(t), 10*time.Second)
+				req, err := http.NewRequestWithContext(ctx, "PUT", tp.URL+cells, body)
+				if err != nil {
+					t.Fatal(err)
+				}
+				res, err := pc.c.Do(req)
+				if err != nil {
+					cancel()
+					t.Fatalf("%s, %s: %v", pc.name, path, err)
+				}
+				b, err := io.ReadAll(res.Body)
+				res.Body.Close()
+				cancel()
+				want := http.StatusBadGateway
+				if cells == "/ok" {
+					want = http.StatusOK
+				}
+				if err != nil || res.StatusCode != want {
+					t.Errorf("%s, %s: status %d, body %q, %v; want %d and the whole body", pc.name, path, res.StatusCode, b, err, want)
+				}
+				if cells == "/ok" && (string(b) != "ok" || res.Header.Get("X-Foo") != "v") {
+					t.Errorf("%s, %s: body %q, X-Foo %q; want \"ok\" and \"v\"", pc.name, path, b, res.Header.Get("X-Foo"))
+				}
+			}
+		}
+	}
+	conn := tp.dialTLS(t, tp.Addr().String(), "http/1.1")
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	io.WriteString(conn, "GET /ws/event HTTP/1.1\r\nHost: "+tp.Addr().String()+
+		"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
+		"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+	res, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		t.Fatalf("websocket handshake: %v", err)
+	}
+	if res.StatusCode != http.StatusBadGateway {
+		t.Errorf("websocket handshake: status %d, want %d", res.StatusCode, http.StatusBadGateway)
 	}
 }
 

@@ -454,6 +454,12 @@ func (c *upConn) roundTrip(r *http.Request, out headWriter, info http.ResponseWr
 			stop()
 			return nil, errStatus(code)
 		}
+		if code >= 200 || code == http.StatusSwitchingProtocols {
+			if err := checkFieldNames(res.Header); err != nil {
+				stop()
+				return nil, err
+			}
+		}
 		if code >= 200 {
 			break
 		}
@@ -508,6 +514,24 @@ func (c *upConn) roundTrip(r *http.Request, out headWriter, info http.ResponseWr
 // errStatus is a status from Cells that is not one: below 100.
 func errStatus(code int) error {
 	return fmt.Errorf("cells-proxy: upstream answered status %03d, not an HTTP status", code)
+}
+
+// checkFieldNames refuses a response header from Cells that holds a field
+// name with a space in it ("X-Foo : v", "X Foo: v"), as nginx answers 502
+// ("upstream sent invalid header"). Go's reader takes such a name
+// (go.dev/issue/34540) where it refuses every other byte that is not a
+// token's, and both writers to the client would leave the field out
+// unsaid; RFC 9112, section 5.1, has a proxy remove the space instead, but
+// "Content-Length : 5" is then a framing that Go's reader did not use (it
+// reads such a body until Cells closes): no guess is safe, and Cells, a Go
+// server, never sends one.
+func checkFieldNames(h http.Header) error {
+	for k := range h {
+		if !httpguts.ValidHeaderFieldName(k) {
+			return fmt.Errorf("cells-proxy: upstream sent invalid header field name %q", k)
+		}
+	}
+	return nil
 }
 
 // release ends an exchange whose response was read in full.
