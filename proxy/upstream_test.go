@@ -42,7 +42,7 @@ type connServer struct {
 	open  map[net.Conn]bool
 }
 
-func startConnServer(t *testing.T, handle func(n int64, c net.Conn)) *connServer {
+func startConnServer(t testing.TB, handle func(n int64, c net.Conn)) *connServer {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

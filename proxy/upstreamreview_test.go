@@ -25,7 +25,7 @@ type connUpstream struct {
 	tls    bool
 }
 
-func newConnUpstream(t *testing.T, withTLS bool, serve func(n int64, c net.Conn, br *bufio.Reader)) *connUpstream {
+func newConnUpstream(t testing.TB, withTLS bool, serve func(n int64, c net.Conn, br *bufio.Reader)) *connUpstream {
 	t.Helper()
 	u := &connUpstream{tls: withTLS}
 	var conf *tls.Config
@@ -69,7 +69,7 @@ func newAnsweringUpstream(t *testing.T, answer func(r *http.Request) string) *co
 	})
 }
 
-func (u *connUpstream) proxy(t *testing.T) *testProxy {
+func (u *connUpstream) proxy(t testing.TB) *testProxy {
 	cfg := testConfig(nil)
 	scheme := "http"
 	if u.tls {

@@ -1,0 +1,380 @@
+package proxy
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"sync"
+	"testing"
+	"time"
+)
+
+// A websocket's bytes go through the proxy's own code, not net/http's: each
+// pump reads frame headers to know where frames start (so that it can add a
+// close frame of its own at a boundary), copies payloads as they come,
+// parks between frames with no goroutine, and is woken by the parker's
+// epoll set. FuzzWebSocketTunnel sends arbitrary bytes both ways at once,
+// cut into arbitrary writes (TLS records), with pauses that let the pumps
+// park, and checks that every byte arrives, unchanged and in order.
+
+// wsDeliverable is how much of s, the bytes one end of a websocket sent,
+// the tunnel passes on once it has read them all: whole frames, and of a
+// frame cut short the header with the payload bytes that came, never a
+// header alone (the pump writes a header with its first payload bytes,
+// copyFrame) nor part of a header. stop: a frame declares more than 2^62
+// bytes, which no websocket sends; the tunnel ends there (pump.frames).
+func wsDeliverable(s []byte) (n int, stop bool) {
+	pos := 0
+	for {
+		rest := s[pos:]
+		if len(rest) < 2 {
+			return pos, false
+		}
+		h := 2
+		switch rest[1] & 0x7f {
+		case 126:
+			h += 2
+		case 127:
+			h += 8
+		}
+		if rest[1]&0x80 != 0 {
+			h += 4
+		}
+		if len(rest) < h {
+			return pos, false
+		}
+		var length uint64
+		switch l := rest[1] & 0x7f; l {
+		case 126:
+			length = uint64(binary.BigEndian.Uint16(rest[2:4]))
+		case 127:
+			length = binary.BigEndian.Uint64(rest[2:10])
+		default:
+			length = uint64(l)
+		}
+		if length > 1<<62 {
+			return pos, true
+		}
+		if have := uint64(len(rest) - h); have < length {
+			if have == 0 {
+				return pos, false
+			}
+			return len(s), false
+		}
+		pos += h + int(length)
+	}
+}
+
+// wsEnd is what one end of a fuzzed websocket has read, until its read
+// fails.
+type wsEnd struct {
+	mu   sync.Mutex
+	got  []byte
+	err  error
+	more chan struct{} // closed, and replaced, at each read
+	done chan struct{}
+}
+
+func readWSEnd(r io.Reader) *wsEnd {
+	e := &wsEnd{more: make(chan struct{}), done: make(chan struct{})}
+	go func() {
+		defer close(e.done)
+		buf := make([]byte, 32<<10)
+		for {
+			n, err := r.Read(buf)
+			e.mu.Lock()
+			e.got = append(e.got, buf[:n]...)
+			if err != nil {
+				e.err = err
+			}
+			close(e.more)
+			e.more = make(chan struct{})
+			e.mu.Unlock()
+			if err != nil {
+				return
+			}
+		}
+	}()
+	return e
+}
+
+func (e *wsEnd) count() int {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return len(e.got)
+}
+
+// wait waits until e has read n bytes, and reports whether it has: false
+// when its read ended first, quit was closed, or 10 s passed.
+func (e *wsEnd) wait(n int, quit <-chan struct{}) bool {
+	timeout := time.NewTimer(10 * time.Second)
+	defer timeout.Stop()
+	for {
+		e.mu.Lock()
+		got, more := len(e.got), e.more
+		e.mu.Unlock()
+		if got >= n {
+			return true
+		}
+		select {
+		case <-more:
+		case <-e.done:
+			return e.count() >= n
+		case <-quit:
+			return false
+		case <-timeout.C:
+			return false
+		}
+	}
+}
+
+func (e *wsEnd) bytes() []byte {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return bytes.Clone(e.got)
+}
+
+// writeWSScript writes data to w in pieces whose sizes cuts gives, each a
+// write of its own (over TLS a record of its own). After a piece whose cut
+// has its top bit set, it waits until the peer (peerOf) has read all that the tunnel
+// passes on of what was written so far: the pumps have copied everything
+// and may park, and the next piece must wake them. A wait that passes
+// 10 s is an error: bytes the proxy had read stayed with it. It stops
+// after a frame the tunnel stops at, or when quit is closed. So that an
+// input takes well under the fuzzer's 10 s, the 32 first pauses are made
+// and the 512th write takes all that is left.
+func writeWSScript(w io.Writer, data, cuts []byte, peerOf func() *wsEnd, quit <-chan struct{}) error {
+	sent, pauses := 0, 0
+	for k := 0; sent < len(data); k++ {
+		c := byte(0x45)
+		if len(cuts) > 0 {
+			c = cuts[k%len(cuts)]
+		}
+		size := 1 + int(c&0x3f)
+		if c&0x40 == 0 {
+			size = 1 + int(c&0x3f)*512
+		}
+		if k == 511 {
+			size = len(data)
+		}
+		size = min(size, len(data)-sent)
+		if _, err := w.Write(data[sent : sent+size]); err != nil {
+			return err
+		}
+		sent += size
+		want, stop := wsDeliverable(data[:sent])
+		if stop {
+			return nil
+		}
+		if c&0x80 == 0 || pauses == 32 {
+			continue
+		}
+		pauses++
+		if peer := peerOf(); !peer.wait(want, quit) {
+			select {
+			case <-quit:
+				return nil
+			case <-peer.done:
+				return fmt.Errorf("the other end's read ended (%v) after %d of the %d bytes the tunnel passes on of the first %d written", peer.err, peer.count(), want, sent)
+			default:
+				return fmt.Errorf("after a pause, the other end has read %d of the %d bytes the tunnel passes on of the first %d written, for 10 s", peer.count(), want, sent)
+			}
+		}
+	}
+	return nil
+}
+
+// wsScript is one input's part for Cells: what Cells sends, and the
+// results of its side.
+type wsScript struct {
+	data, cuts []byte
+	clientEnd  chan *wsEnd // the client's reads, for Cells' pauses, once it has read the 101
+	quit       chan struct{}
+	ready      chan *wsEnd // Cells' reads, once it has answered 101
+	written    chan error  // Cells' writer's end
+}
+
+// wsScriptedCells is a Cells whose websocket handshakes take the next
+// wsScript: it answers 101, then writes the script's bytes while it reads
+// what comes, until its read fails; then it closes the connection. Other
+// requests are answered 200.
+func wsScriptedCells(t testing.TB, withTLS bool, scripts <-chan *wsScript) *connUpstream {
+	return newConnUpstream(t, withTLS, func(_ int64, c net.Conn, br *bufio.Reader) {
+		c.SetDeadline(time.Now().Add(time.Minute)) // a guard: the test fails on its own bound first
+		for {
+			r, err := http.ReadRequest(br)
+			if err != nil {
+				return
+			}
+			if r.Header.Get("Upgrade") == "" {
+				io.Copy(io.Discard, r.Body)
+				io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+				continue
+			}
+			var s *wsScript
+			select {
+			case s = <-scripts:
+			case <-time.After(10 * time.Second):
+				return
+			}
+			if _, err := io.WriteString(c, accept101(r)); err != nil {
+				s.ready <- nil
+				return
+			}
+			cells := readWSEnd(br)
+			s.ready <- cells
+			var client *wsEnd
+			clientOf := func() *wsEnd {
+				if client == nil {
+					client = <-s.clientEnd
+				}
+				return client
+			}
+			s.written <- writeWSScript(c, s.data, s.cuts, clientOf, s.quit)
+			<-cells.done
+			return
+		}
+	})
+}
+
+// FuzzWebSocketTunnel: whatever bytes a client and Cells send each other
+// over a websocket, in whatever pieces, through a cleartext or a TLS Cells,
+// each end receives what the tunnel passes on (wsDeliverable) of what the
+// other sent, byte for byte, in order, and nothing more; after a pause, the
+// bytes written before it arrive without the next write to wake the pump;
+// and once the client closes (or the tunnel stops at a frame no websocket
+// sends) both connections end.
+func FuzzWebSocketTunnel(f *testing.F) {
+	text := func(s string, mask bool) []byte { return shortFrame(0x1, []byte(s), mask) }
+	mid := make([]byte, 300)
+	for i := range mid {
+		mid[i] = byte(i)
+	}
+	medium := func(mask bool) []byte { // a 126-length frame
+		b := []byte{0x82, 126, 0, 0}
+		binary.BigEndian.PutUint16(b[2:], uint16(len(mid)))
+		if mask {
+			b[1] |= 0x80
+			b = append(b, 1, 2, 3, 4)
+		}
+		return append(b, mid...)
+	}
+	cat := func(parts ...[]byte) []byte { return bytes.Join(parts, nil) }
+	for _, s := range []struct {
+		up, down, upCuts, downCuts []byte
+	}{
+		{text(`{"jwt":"x"}`, true), text(`{"event":"y"}`, false), nil, nil},
+		{cat(text("a", true), text("bb", true), medium(true), frameOf(0x2, bytes.Repeat([]byte("u"), 40000), true), closeFrame(1000, "", true)),
+			cat(text("c", false), medium(false), shortFrame(0x9, nil, false), frameOf(0x2, bytes.Repeat([]byte("d"), 40000), false)),
+			[]byte{0xc0, 0x41, 0x02, 0x83}, []byte{0xff, 0x01}},
+		// A message in fragments, a ping and a pong between them, every
+		// byte a write of its own, with pauses.
+		{cat(frag(false, 0x1, []byte("he"), true), shortFrame(0xa, nil, true), frag(true, 0x0, []byte("llo"), true)),
+			cat(shortFrame(0x9, []byte("p"), false), text("z", false)),
+			[]byte{0xc0}, []byte{0xc0, 0x40}},
+		// A frame cut short at the end: its header and the bytes that came
+		// reach the other end; a header cut short does not.
+		{cat(text("x", true), medium(true)[:100]), cat(text("y", false), []byte{0x82, 126, 0}), []byte{0xc0 | 7}, nil},
+		// Zero-length frames, pauses after each.
+		{cat(shortFrame(0x1, nil, true), shortFrame(0x2, nil, true)), cat(shortFrame(0x1, nil, false), shortFrame(0x9, nil, false)), []byte{0x80}, []byte{0x80}},
+		// A frame that declares more than 2^62 bytes: the tunnel stops.
+		{cat(text("x", true), []byte{0x82, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4}, text("lost", true)), text("y", false), []byte{0xc5}, nil},
+		{nil, cat(text("only Cells speaks", false), closeFrame(1001, "going away", false)), nil, []byte{0x81}},
+	} {
+		for _, withTLS := range []bool{false, true} {
+			f.Add(withTLS, s.up, s.down, s.upCuts, s.downCuts)
+		}
+	}
+	type side struct {
+		tp      *testProxy
+		scripts chan *wsScript
+	}
+	var sides [2]side
+	for i, withTLS := range []bool{false, true} {
+		scripts := make(chan *wsScript, 1)
+		sides[i] = side{wsScriptedCells(f, withTLS, scripts).proxy(f), scripts}
+	}
+	f.Fuzz(func(t *testing.T, withTLS bool, up, down, upCuts, downCuts []byte) {
+		sd := sides[0]
+		if withTLS {
+			sd = sides[1]
+		}
+		quit := make(chan struct{})
+		defer close(quit)
+		conn := sd.tp.dialTLS(t, sd.tp.Addr().String(), "http/1.1")
+		conn.SetDeadline(time.Now().Add(time.Minute)) // a guard: the test fails on its own bound first
+		br := bufio.NewReader(conn)
+		s := &wsScript{data: down, cuts: downCuts, quit: quit, clientEnd: make(chan *wsEnd, 1), ready: make(chan *wsEnd, 1), written: make(chan error, 1)}
+		sd.scripts <- s
+		fmt.Fprintf(conn, "GET /ws/event HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
+			"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n", sd.tp.Addr())
+		res, err := http.ReadResponse(br, nil)
+		if err != nil || res.StatusCode != http.StatusSwitchingProtocols {
+			t.Fatalf("handshake: %v, %v; want 101", res, err)
+		}
+		clientEnd := readWSEnd(br)
+		s.clientEnd <- clientEnd
+		var cellsEnd *wsEnd
+		select {
+		case cellsEnd = <-s.ready:
+		case <-time.After(10 * time.Second):
+			t.Fatal("Cells did not get the handshake")
+		}
+		if cellsEnd == nil {
+			t.Fatal("Cells could not answer the handshake")
+		}
+		upWritten := make(chan error, 1)
+		go func() { upWritten <- writeWSScript(conn, up, upCuts, func() *wsEnd { return cellsEnd }, quit) }()
+
+		upWant, upStop := wsDeliverable(up)
+		downWant, downStop := wsDeliverable(down)
+		stop := upStop || downStop
+		for _, w := range []struct {
+			who string
+			c   chan error
+		}{{"the client's", upWritten}, {"Cells'", s.written}} {
+			select {
+			case err := <-w.c:
+				if err != nil && !stop {
+					t.Errorf("%s writes: %v", w.who, err)
+				}
+			case <-time.After(30 * time.Second):
+				t.Fatalf("%s writes: not done after 30 s", w.who)
+			}
+		}
+		if !stop {
+			// Everything arrives while the websocket stays open.
+			if !cellsEnd.wait(upWant, quit) || !clientEnd.wait(downWant, quit) {
+				t.Fatalf("Cells has read %d of the %d bytes the tunnel passes on, the client %d of %d",
+					cellsEnd.count(), upWant, clientEnd.count(), downWant)
+			}
+			conn.Close()
+		}
+		for _, e := range []struct {
+			who string
+			e   *wsEnd
+		}{{"Cells'", cellsEnd}, {"the client's", clientEnd}} {
+			select {
+			case <-e.e.done:
+			case <-time.After(10 * time.Second):
+				t.Fatalf("%s connection still open 10 s after the tunnel's end", e.who)
+			}
+		}
+		check := func(who string, got, sent []byte, want int) {
+			if !bytes.Equal(got, sent[:want]) && !(stop && bytes.HasPrefix(sent[:want], got)) {
+				i := 0
+				for i < len(got) && i < want && got[i] == sent[i] {
+					i++
+				}
+				t.Errorf("%s got %d bytes, want the %d the tunnel passes on of the %d sent (stop %v); first difference at %d",
+					who, len(got), want, len(sent), stop, i)
+			}
+		}
+		check("Cells", cellsEnd.bytes(), up, upWant)
+		check("the client", clientEnd.bytes(), down, downWant)
+	})
+}
