@@ -33,7 +33,7 @@ type hashedUpload struct {
 	te  []string
 }
 
-func hashingUpstream(t *testing.T, kind upstreamKind) (*testUpstream, *sync.Mutex, *[]hashedUpload) {
+func hashingUpstream(t testing.TB, kind upstreamKind) (*testUpstream, *sync.Mutex, *[]hashedUpload) {
 	var mu sync.Mutex
 	var seenAll []hashedUpload
 	up := newUpstream(t, kind, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
