@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Runs each fuzz target of ./proxy for a bounded number of inputs (FUZZTIME,
-# default 40000x: 5 to 60 s per target on two cores; twelve targets, about
-# seven minutes with the builds). Two targets send each input through a
-# connection of its own with a body or a websocket to check byte for byte,
-# and take fewer inputs: FuzzWebSocketTunnel 10000 (about 45 s), FuzzUpload
-# 5000 (about 45 s). The committed corpus in proxy/testdata/fuzz/ runs
-# first; a failure leaves the failing input there, to be committed with the
-# fix.
+# default 40000x: 5 to 60 s per target on two cores; fourteen targets, about
+# nine minutes with the builds). Four targets send each input through the
+# proxy with a body, a stream or a websocket to check byte for byte, and
+# take fewer inputs: FuzzWebSocketTunnel 10000 (about 45 s), FuzzUpload 5000
+# (about 45 s), FuzzDownload 20000 (about 35 s), FuzzGRPCStream 10000 (about
+# 30 s). The committed corpus in proxy/testdata/fuzz/ runs first; a failure
+# leaves the failing input there, to be committed with the fix.
 #
 # A count, not a duration: with a duration, Go's fuzzing coordinator can
 # report its own deadline as a failure ("context deadline exceeded", no
@@ -29,6 +29,8 @@ for t in $targets; do
 		case $t in
 		FuzzWebSocketTunnel) n=10000x ;;
 		FuzzUpload) n=5000x ;;
+		FuzzDownload) n=20000x ;;
+		FuzzGRPCStream) n=10000x ;;
 		esac
 	fi
 	echo "=== $t ($n)"

@@ -40,7 +40,7 @@ import (
 
 // startPeerProxy starts a proxy whose gRPC upstream is p over h2c (Cells'
 // gRPC port in topology B); its HTTP upstream is a recorder.
-func startPeerProxy(t *testing.T, p *h2Peer) *testProxy {
+func startPeerProxy(t testing.TB, p *h2Peer) *testProxy {
 	t.Helper()
 	cfg := testConfig(newUpstream(t, upPlain, &recorder{}))
 	cfg.GRPCUpstream = &url.URL{Scheme: "h2c", Host: p.Addr}

@@ -18,11 +18,11 @@ import (
 // writes to Cells (upload.go). FuzzUpload sends bodies of any size in
 // pieces of any size, with pauses, and checks that Cells gets every byte.
 
-// uploadPieces cuts body into the pieces that cuts gives: a cut's low six
+// cutPieces cuts body into the pieces that cuts gives: a cut's low six
 // bits are the piece's size (in bytes with bit 6 set, else in KiB, plus
 // one), and bit 7 asks for a pause before the next piece. The 256th piece
 // takes all that is left.
-func uploadPieces(body, cuts []byte) (pieces [][]byte, pauses []bool) {
+func cutPieces(body, cuts []byte) (pieces [][]byte, pauses []bool) {
 	for k := 0; len(body) > 0; k++ {
 		c := byte(0x48)
 		if len(cuts) > 0 {
@@ -100,7 +100,7 @@ func rawUpload(t *testing.T, tp *testProxy, mode string, body, cuts []byte) (put
 		}
 	}
 	next := "GET /after HTTP/1.1\r\nHost: cells.example\r\n\r\n"
-	pieces, pauses := uploadPieces(body, cuts)
+	pieces, pauses := cutPieces(body, cuts)
 	var out []byte
 	for i, p := range pieces {
 		out = out[:0]
@@ -211,7 +211,7 @@ func FuzzUpload(f *testing.F) {
 		}
 		ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
 		defer cancel()
-		pieces, pauses := uploadPieces(body, cuts)
+		pieces, pauses := cutPieces(body, cuts)
 		req, err := http.NewRequestWithContext(ctx, "PUT", tp.URL+"/up", &pieceReader{pieces, pauses})
 		if err != nil {
 			t.Fatal(err)

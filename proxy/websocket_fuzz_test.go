@@ -69,9 +69,9 @@ func wsDeliverable(s []byte) (n int, stop bool) {
 	}
 }
 
-// wsEnd is what one end of a fuzzed websocket has read, until its read
-// fails.
-type wsEnd struct {
+// collected is what a reader (an end of a fuzzed websocket, a client's
+// download) has read, until its read fails.
+type collected struct {
 	mu   sync.Mutex
 	got  []byte
 	err  error
@@ -79,8 +79,8 @@ type wsEnd struct {
 	done chan struct{}
 }
 
-func readWSEnd(r io.Reader) *wsEnd {
-	e := &wsEnd{more: make(chan struct{}), done: make(chan struct{})}
+func collect(r io.Reader) *collected {
+	e := &collected{more: make(chan struct{}), done: make(chan struct{})}
 	go func() {
 		defer close(e.done)
 		buf := make([]byte, 32<<10)
@@ -102,7 +102,7 @@ func readWSEnd(r io.Reader) *wsEnd {
 	return e
 }
 
-func (e *wsEnd) count() int {
+func (e *collected) count() int {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	return len(e.got)
@@ -110,7 +110,7 @@ func (e *wsEnd) count() int {
 
 // wait waits until e has read n bytes, and reports whether it has: false
 // when its read ended first, quit was closed, or 10 s passed.
-func (e *wsEnd) wait(n int, quit <-chan struct{}) bool {
+func (e *collected) wait(n int, quit <-chan struct{}) bool {
 	timeout := time.NewTimer(10 * time.Second)
 	defer timeout.Stop()
 	for {
@@ -132,7 +132,7 @@ func (e *wsEnd) wait(n int, quit <-chan struct{}) bool {
 	}
 }
 
-func (e *wsEnd) bytes() []byte {
+func (e *collected) bytes() []byte {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	return bytes.Clone(e.got)
@@ -147,7 +147,7 @@ func (e *wsEnd) bytes() []byte {
 // after a frame the tunnel stops at, or when quit is closed. So that an
 // input takes well under the fuzzer's 10 s, the 32 first pauses are made
 // and the 512th write takes all that is left.
-func writeWSScript(w io.Writer, data, cuts []byte, peerOf func() *wsEnd, quit <-chan struct{}) error {
+func writeWSScript(w io.Writer, data, cuts []byte, peerOf func() *collected, quit <-chan struct{}) error {
 	sent, pauses := 0, 0
 	for k := 0; sent < len(data); k++ {
 		c := byte(0x45)
@@ -192,10 +192,10 @@ func writeWSScript(w io.Writer, data, cuts []byte, peerOf func() *wsEnd, quit <-
 // results of its side.
 type wsScript struct {
 	data, cuts []byte
-	clientEnd  chan *wsEnd // the client's reads, for Cells' pauses, once it has read the 101
+	clientEnd  chan *collected // the client's reads, for Cells' pauses, once it has read the 101
 	quit       chan struct{}
-	ready      chan *wsEnd // Cells' reads, once it has answered 101
-	written    chan error  // Cells' writer's end
+	ready      chan *collected // Cells' reads, once it has answered 101
+	written    chan error      // Cells' writer's end
 }
 
 // wsScriptedCells is a Cells whose websocket handshakes take the next
@@ -225,10 +225,10 @@ func wsScriptedCells(t testing.TB, withTLS bool, scripts <-chan *wsScript) *conn
 				s.ready <- nil
 				return
 			}
-			cells := readWSEnd(br)
+			cells := collect(br)
 			s.ready <- cells
-			var client *wsEnd
-			clientOf := func() *wsEnd {
+			var client *collected
+			clientOf := func() *collected {
 				if client == nil {
 					client = <-s.clientEnd
 				}
@@ -308,7 +308,7 @@ func FuzzWebSocketTunnel(f *testing.F) {
 		conn := sd.tp.dialTLS(t, sd.tp.Addr().String(), "http/1.1")
 		conn.SetDeadline(time.Now().Add(time.Minute)) // a guard: the test fails on its own bound first
 		br := bufio.NewReader(conn)
-		s := &wsScript{data: down, cuts: downCuts, quit: quit, clientEnd: make(chan *wsEnd, 1), ready: make(chan *wsEnd, 1), written: make(chan error, 1)}
+		s := &wsScript{data: down, cuts: downCuts, quit: quit, clientEnd: make(chan *collected, 1), ready: make(chan *collected, 1), written: make(chan error, 1)}
 		sd.scripts <- s
 		fmt.Fprintf(conn, "GET /ws/event HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
 			"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n", sd.tp.Addr())
@@ -316,9 +316,9 @@ func FuzzWebSocketTunnel(f *testing.F) {
 		if err != nil || res.StatusCode != http.StatusSwitchingProtocols {
 			t.Fatalf("handshake: %v, %v; want 101", res, err)
 		}
-		clientEnd := readWSEnd(br)
+		clientEnd := collect(br)
 		s.clientEnd <- clientEnd
-		var cellsEnd *wsEnd
+		var cellsEnd *collected
 		select {
 		case cellsEnd = <-s.ready:
 		case <-time.After(10 * time.Second):
@@ -328,7 +328,7 @@ func FuzzWebSocketTunnel(f *testing.F) {
 			t.Fatal("Cells could not answer the handshake")
 		}
 		upWritten := make(chan error, 1)
-		go func() { upWritten <- writeWSScript(conn, up, upCuts, func() *wsEnd { return cellsEnd }, quit) }()
+		go func() { upWritten <- writeWSScript(conn, up, upCuts, func() *collected { return cellsEnd }, quit) }()
 
 		upWant, upStop := wsDeliverable(up)
 		downWant, downStop := wsDeliverable(down)
@@ -356,7 +356,7 @@ func FuzzWebSocketTunnel(f *testing.F) {
 		}
 		for _, e := range []struct {
 			who string
-			e   *wsEnd
+			e   *collected
 		}{{"Cells'", cellsEnd}, {"the client's", clientEnd}} {
 			select {
 			case <-e.e.done:

@@ -1,0 +1,220 @@
+package proxy
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"testing"
+	"time"
+)
+
+// A response body from Cells goes through the proxy's own code on the
+// direct path: relay gathers what Cells has sent into writes of up to
+// 63 KiB, and sends what it holds as soon as its next read from Cells would
+// wait (download.go); to an HTTP/2 client, the write-behind holds the
+// frames (h2write.go). FuzzDownload sends bodies of any size in pieces of
+// any size with pauses, and checks both promises: every byte arrives, and
+// none waits for the next (a zip Cells builds on the fly, server-sent
+// events).
+
+// downloadModes are the ways Cells frames a body.
+var downloadModes = []string{"sized", "chunked", "close"}
+
+// downloadScript is one response for downloadCells to send.
+type downloadScript struct {
+	mode    string
+	body    []byte
+	cuts    []byte
+	client  chan *collected // what the client has read, once it has the header
+	quit    chan struct{}
+	written chan error
+	cancel  func() // the client's request, when Cells' writes fail
+}
+
+// downloadCells is a Cells that answers each request with the next script:
+// the header, then the body in the script's pieces, each a write of its
+// own (a chunk of its own when chunked). After a piece that asks for a
+// pause, it waits until the client has read every body byte sent so far:
+// over 10 s is an error, a byte the proxy held back.
+func downloadCells(t testing.TB, withTLS bool, scripts <-chan *downloadScript) *connUpstream {
+	return newConnUpstream(t, withTLS, func(_ int64, c net.Conn, br *bufio.Reader) {
+		c.SetDeadline(time.Now().Add(time.Minute)) // a guard: the test fails on its own bound first
+		for {
+			r, err := http.ReadRequest(br)
+			if err != nil {
+				return
+			}
+			io.Copy(io.Discard, r.Body)
+			var s *downloadScript
+			select {
+			case s = <-scripts:
+			case <-time.After(10 * time.Second):
+				return
+			}
+			err = s.write(c)
+			s.written <- err
+			if err != nil {
+				s.cancel() // the client may be waiting for the header
+			}
+			if s.mode == "close" {
+				return
+			}
+		}
+	})
+}
+
+func (s *downloadScript) write(w io.Writer) error {
+	head := "HTTP/1.1 200 OK\r\nContent-Type: application/zip\r\n"
+	switch s.mode {
+	case "sized":
+		head += fmt.Sprintf("Content-Length: %d\r\n", len(s.body))
+	case "chunked":
+		head += "Transfer-Encoding: chunked\r\n"
+	case "close":
+		head += "Connection: close\r\n"
+	}
+	if _, err := io.WriteString(w, head+"\r\n"); err != nil {
+		return err
+	}
+	var client *collected
+	pieces, pauses := cutPieces(s.body, s.cuts)
+	sent := 0
+	var out []byte
+	for i, p := range pieces {
+		out = out[:0]
+		if s.mode == "chunked" {
+			out = fmt.Appendf(out, "%x\r\n", len(p))
+		}
+		out = append(out, p...)
+		if s.mode == "chunked" {
+			out = append(out, "\r\n"...)
+		}
+		if _, err := w.Write(out); err != nil {
+			return err
+		}
+		sent += len(p)
+		if !pauses[i] {
+			continue
+		}
+		if client == nil {
+			select {
+			case client = <-s.client:
+			case <-s.quit:
+				return nil
+			case <-time.After(10 * time.Second):
+				return fmt.Errorf("after a pause, the client has had no response header for 10 s, with %d body bytes sent", sent)
+			}
+		}
+		if !client.wait(sent, s.quit) {
+			select {
+			case <-s.quit:
+				return nil
+			default:
+			}
+			return fmt.Errorf("after a pause, the client has read %d of the %d body bytes Cells sent (%v)", client.count(), sent, client.err)
+		}
+	}
+	if s.mode == "chunked" {
+		if _, err := io.WriteString(w, "0\r\n\r\n"); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// FuzzDownload: a body of any size, that Cells sends in pieces of any size
+// with pauses, with a length, chunked or until it closes, through a
+// cleartext or a TLS Cells, to an HTTP/1.1 or HTTP/2 client: the client
+// reads every byte, in order, and at each pause it has read every byte
+// Cells sent before it.
+func FuzzDownload(f *testing.F) {
+	for _, s := range []struct {
+		size uint32
+		cuts []byte
+	}{
+		{0, nil},
+		{1, []byte{0x80}},
+		{3, []byte{0xc0}},                       // a byte a write, a pause after each
+		{64 << 10, []byte{0x0f, 0x0f, 0x8f}},    // 16 KiB pieces
+		{63<<10 + 1, []byte{0x3e, 0x80 | 0x40}}, // 63 KiB and a byte
+		{200001, []byte{0x41, 0x80 | 0x07, 0x7f, 0x1f}},
+		{300 << 10, []byte{0x80 | 0x3f}},
+	} {
+		for mode := range downloadModes {
+			for _, h2 := range []bool{false, true} {
+				for _, withTLS := range []bool{false, true} {
+					f.Add(withTLS, h2, uint8(mode), s.size, s.cuts)
+				}
+			}
+		}
+	}
+	type side struct {
+		tp      *testProxy
+		scripts chan *downloadScript
+	}
+	var sides [2]side
+	for i, withTLS := range []bool{false, true} {
+		scripts := make(chan *downloadScript, 1)
+		sides[i] = side{downloadCells(f, withTLS, scripts).proxy(f), scripts}
+	}
+	f.Fuzz(func(t *testing.T, withTLS, h2 bool, modeN uint8, size uint32, cuts []byte) {
+		sd := sides[0]
+		if withTLS {
+			sd = sides[1]
+		}
+		s := &downloadScript{
+			mode: downloadModes[int(modeN)%len(downloadModes)],
+			body: patternBody(int(size % (512 << 10))),
+			cuts: cuts, client: make(chan *collected, 1), quit: make(chan struct{}), written: make(chan error, 1),
+		}
+		defer close(s.quit)
+		ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+		defer cancel()
+		s.cancel = cancel
+		sd.scripts <- s
+		req, err := http.NewRequestWithContext(ctx, "GET", sd.tp.URL+"/zip", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := sd.tp.H1
+		if h2 {
+			c = sd.tp.H2
+		}
+		what := fmt.Sprintf("HTTP/2 %v, %s, %d bytes in pieces %x", h2, s.mode, len(s.body), cuts)
+		res, err := c.Do(req)
+		if err != nil {
+			select {
+			case werr := <-s.written:
+				if werr != nil {
+					t.Fatalf("%s: Cells: %v", what, werr)
+				}
+			default:
+			}
+			t.Fatalf("%s: %v", what, err)
+		}
+		defer res.Body.Close()
+		client := collect(res.Body)
+		s.client <- client
+		select {
+		case err := <-s.written:
+			if err != nil {
+				t.Fatalf("%s: Cells: %v", what, err)
+			}
+		case <-time.After(30 * time.Second):
+			t.Fatalf("%s: Cells' writes not done after 30 s", what)
+		}
+		select {
+		case <-client.done:
+		case <-time.After(10 * time.Second):
+			t.Fatalf("%s: the body has not ended 10 s after Cells sent it all; the client has read %d bytes", what, client.count())
+		}
+		if got := client.bytes(); client.err != io.EOF || !bytes.Equal(got, s.body) {
+			t.Fatalf("%s: the client read %d bytes (the body's first %d: %v), then %v; want the whole body and its end",
+				what, len(got), len(got), bytes.HasPrefix(s.body, got), client.err)
+		}
+	})
+}
