@@ -152,20 +152,9 @@ func FuzzDownload(f *testing.F) {
 			}
 		}
 	}
-	type side struct {
-		tp      *testProxy
-		scripts chan *downloadScript
-	}
-	var sides [2]side
-	for i, withTLS := range []bool{false, true} {
-		scripts := make(chan *downloadScript, 1)
-		sides[i] = side{downloadCells(f, withTLS, scripts).proxy(f), scripts}
-	}
+	sides := startScriptedSides(f, downloadCells)
 	f.Fuzz(func(t *testing.T, withTLS, h2 bool, modeN uint8, size uint32, cuts []byte) {
-		sd := sides[0]
-		if withTLS {
-			sd = sides[1]
-		}
+		sd := sides.pick(withTLS)
 		s := &downloadScript{
 			mode: downloadModes[int(modeN)%len(downloadModes)],
 			body: patternBody(int(size % (512 << 10))),

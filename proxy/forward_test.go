@@ -1192,44 +1192,55 @@ func TestTrailerDeclaredNotSent(t *testing.T) {
 	up := newAnsweringUpstream(t, func(r *http.Request) string {
 		return "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n" + trailers[r.URL.Path]
 	})
-	tp := up.proxy(t)
+	putBothPaths(t, up.proxy(t), []string{"/none", "/empty", "/invalid"}, func(what, cells string, res *http.Response, b []byte, err error) {
+		if err != nil || string(b) != "ok" {
+			t.Errorf("%s: body %q, %v; want the whole body and its end", what, b, err)
+			return
+		}
+		for k, v := range res.Trailer {
+			if strings.Contains(k, " ") {
+				t.Errorf("%s: trailer %q: %q, want no name with a space", what, k, v)
+			}
+		}
+		if v, ok := res.Trailer["X-Empty"]; cells == "/empty" && (!ok || !slices.Equal(v, []string{""})) {
+			t.Errorf("%s: trailer X-Empty %q (present %v), want one empty value", what, v, ok)
+		}
+	})
+}
+
+// putBothPaths sends a PUT to each of paths through tp, over HTTP/1.1 and
+// HTTP/2, each once without a body (the direct path) and once with 64 KiB
+// (ReverseProxy), and hands each answer, its whole body read, to check
+// with a description (what) of how it went. Each request has a connection
+// of its own: the proxy's HTTP/1.1 front hands a connection to net/http for
+// good at its first upload. A request that gets no response fails t.
+func putBothPaths(t *testing.T, tp *testProxy, paths []string, check func(what, path string, res *http.Response, body []byte, err error)) {
+	t.Helper()
 	for _, pc := range h1h2Clients(tp) {
 		for _, size := range []int{0, 64 << 10} {
-			for _, cells := range []string{"/none", "/empty", "/invalid"} {
-				path := "direct path " + cells
+			for _, path := range paths {
+				what := pc.name + ", direct path " + path
 				var body io.Reader
 				if size > 0 {
-					path = "ReverseProxy " + cells
+					what = pc.name + ", ReverseProxy " + path
 					body = bytes.NewReader(bytes.Repeat([]byte("u"), size))
 				}
 				ctx, cancel := context.WithTimeout(testCtx(t), 10*time.Second)
-				req, err := http.NewRequestWithContext(ctx, "PUT", tp.URL+cells, body)
+				req, err := http.NewRequestWithContext(ctx, "PUT", tp.URL+path, body)
 				if err != nil {
 					t.Fatal(err)
 				}
-				// A connection of its own: the proxy's HTTP/1.1 front hands a
-				// connection to net/http for good at its first upload.
 				tr := pc.c.Transport.(*http.Transport).Clone()
 				res, err := (&http.Client{Transport: tr}).Do(req)
 				if err != nil {
-					t.Fatalf("%s, %s: %v", pc.name, path, err)
+					cancel()
+					t.Fatalf("%s: %v", what, err)
 				}
 				b, err := io.ReadAll(res.Body)
 				res.Body.Close()
 				tr.CloseIdleConnections()
 				cancel()
-				if err != nil || string(b) != "ok" {
-					t.Errorf("%s, %s: body %q, %v; want the whole body and its end", pc.name, path, b, err)
-					continue
-				}
-				for k, v := range res.Trailer {
-					if strings.Contains(k, " ") {
-						t.Errorf("%s, %s: trailer %q: %q, want no name with a space", pc.name, path, k, v)
-					}
-				}
-				if v, ok := res.Trailer["X-Empty"]; cells == "/empty" && (!ok || !slices.Equal(v, []string{""})) {
-					t.Errorf("%s, %s: trailer X-Empty %q (present %v), want one empty value", pc.name, path, v, ok)
-				}
+				check(what, path, res, b, err)
 			}
 		}
 	}
@@ -1259,41 +1270,18 @@ func TestInvalidFieldNameFromCells(t *testing.T) {
 		return answers[r.URL.Path]
 	})
 	tp := up.proxy(t)
-	for _, pc := range h1h2Clients(tp) {
-		for _, size := range []int{0, 64 << 10} {
-			for _, cells := range []string{"/before-colon", "/inside", "/length", "/ok"} {
-				path := "direct path " + cells
-				var body io.Reader
-				if size > 0 {
-					path = "ReverseProxy " + cells
-					body = bytes.NewReader(bytes.Repeat([]byte("u"), size))
-				}
-				ctx, cancel := context.WithTimeout(testCtx(t), 10*time.Second)
-				req, err := http.NewRequestWithContext(ctx, "PUT", tp.URL+cells, body)
-				if err != nil {
-					t.Fatal(err)
-				}
-				res, err := pc.c.Do(req)
-				if err != nil {
-					cancel()
-					t.Fatalf("%s, %s: %v", pc.name, path, err)
-				}
-				b, err := io.ReadAll(res.Body)
-				res.Body.Close()
-				cancel()
-				want := http.StatusBadGateway
-				if cells == "/ok" {
-					want = http.StatusOK
-				}
-				if err != nil || res.StatusCode != want {
-					t.Errorf("%s, %s: status %d, body %q, %v; want %d and the whole body", pc.name, path, res.StatusCode, b, err, want)
-				}
-				if cells == "/ok" && (string(b) != "ok" || res.Header.Get("X-Foo") != "v") {
-					t.Errorf("%s, %s: body %q, X-Foo %q; want \"ok\" and \"v\"", pc.name, path, b, res.Header.Get("X-Foo"))
-				}
-			}
+	putBothPaths(t, tp, []string{"/before-colon", "/inside", "/length", "/ok"}, func(what, cells string, res *http.Response, b []byte, err error) {
+		want := http.StatusBadGateway
+		if cells == "/ok" {
+			want = http.StatusOK
 		}
-	}
+		if err != nil || res.StatusCode != want {
+			t.Errorf("%s: status %d, body %q, %v; want %d and the whole body", what, res.StatusCode, b, err, want)
+		}
+		if cells == "/ok" && (string(b) != "ok" || res.Header.Get("X-Foo") != "v") {
+			t.Errorf("%s: body %q, X-Foo %q; want \"ok\" and \"v\"", what, b, res.Header.Get("X-Foo"))
+		}
+	})
 	conn := tp.dialTLS(t, tp.Addr().String(), "http/1.1")
 	defer conn.Close()
 	conn.SetDeadline(time.Now().Add(10 * time.Second))

@@ -241,6 +241,35 @@ func wsScriptedCells(t testing.TB, withTLS bool, scripts <-chan *wsScript) *conn
 	})
 }
 
+// scriptedSide is a proxy in front of a Cells that takes a script of type S
+// for each request it serves, from scripts.
+type scriptedSide[S any] struct {
+	tp      *testProxy
+	scripts chan S
+}
+
+// scriptedSides are two: one in front of a cleartext Cells, one in front
+// of a TLS Cells.
+type scriptedSides[S any] [2]scriptedSide[S]
+
+// startScriptedSides starts the two Cells with start, and a proxy in front
+// of each.
+func startScriptedSides[S any](f *testing.F, start func(t testing.TB, withTLS bool, scripts <-chan S) *connUpstream) scriptedSides[S] {
+	var sides scriptedSides[S]
+	for i, withTLS := range []bool{false, true} {
+		scripts := make(chan S, 1)
+		sides[i] = scriptedSide[S]{start(f, withTLS, scripts).proxy(f), scripts}
+	}
+	return sides
+}
+
+func (s *scriptedSides[S]) pick(withTLS bool) scriptedSide[S] {
+	if withTLS {
+		return s[1]
+	}
+	return s[0]
+}
+
 // FuzzWebSocketTunnel: whatever bytes a client and Cells send each other
 // over a websocket, in whatever pieces, through a cleartext or a TLS Cells,
 // each end receives what the tunnel passes on (wsDeliverable) of what the
@@ -289,20 +318,9 @@ func FuzzWebSocketTunnel(f *testing.F) {
 			f.Add(withTLS, s.up, s.down, s.upCuts, s.downCuts)
 		}
 	}
-	type side struct {
-		tp      *testProxy
-		scripts chan *wsScript
-	}
-	var sides [2]side
-	for i, withTLS := range []bool{false, true} {
-		scripts := make(chan *wsScript, 1)
-		sides[i] = side{wsScriptedCells(f, withTLS, scripts).proxy(f), scripts}
-	}
+	sides := startScriptedSides(f, wsScriptedCells)
 	f.Fuzz(func(t *testing.T, withTLS bool, up, down, upCuts, downCuts []byte) {
-		sd := sides[0]
-		if withTLS {
-			sd = sides[1]
-		}
+		sd := sides.pick(withTLS)
 		quit := make(chan struct{})
 		defer close(quit)
 		conn := sd.tp.dialTLS(t, sd.tp.Addr().String(), "http/1.1")
