@@ -80,43 +80,15 @@ func (s *downloadScript) write(w io.Writer) error {
 	if _, err := io.WriteString(w, head+"\r\n"); err != nil {
 		return err
 	}
-	var client *collected
-	pieces, pauses := cutPieces(s.body, s.cuts)
-	sent := 0
-	var out []byte
-	for i, p := range pieces {
-		out = out[:0]
-		if s.mode == "chunked" {
-			out = fmt.Appendf(out, "%x\r\n", len(p))
-		}
-		out = append(out, p...)
-		if s.mode == "chunked" {
-			out = append(out, "\r\n"...)
-		}
-		if _, err := w.Write(out); err != nil {
+	write := writeTo(w)
+	if s.mode == "chunked" {
+		write = func(p []byte) error {
+			_, err := fmt.Fprintf(w, "%x\r\n%s\r\n", len(p), p)
 			return err
 		}
-		sent += len(p)
-		if !pauses[i] {
-			continue
-		}
-		if client == nil {
-			select {
-			case client = <-s.client:
-			case <-s.quit:
-				return nil
-			case <-time.After(10 * time.Second):
-				return fmt.Errorf("after a pause, the client has had no response header for 10 s, with %d body bytes sent", sent)
-			}
-		}
-		if !client.wait(sent, s.quit) {
-			select {
-			case <-s.quit:
-				return nil
-			default:
-			}
-			return fmt.Errorf("after a pause, the client has read %d of the %d body bytes Cells sent (%v)", client.count(), sent, client.err)
-		}
+	}
+	if err := writePieces(s.body, s.cuts, write, allArrive, s.client, s.quit); err != nil {
+		return err
 	}
 	if s.mode == "chunked" {
 		if _, err := io.WriteString(w, "0\r\n\r\n"); err != nil {

@@ -94,31 +94,11 @@ func FuzzGRPCStream(f *testing.F) {
 		written := make(chan error, 1)
 		client := make(chan *collected, 1)
 		go func() {
-			written <- func() error {
-				var back *collected
-				pieces, pauses := cutPieces(body, cuts)
-				sent := 0
-				for k, p := range pieces {
-					if _, err := pw.Write(p); err != nil {
-						return err
-					}
-					sent += len(p)
-					if !pauses[k] {
-						continue
-					}
-					if back == nil {
-						select {
-						case back = <-client:
-						case <-quit:
-							return nil
-						}
-					}
-					if !back.wait(sent, quit) {
-						return fmt.Errorf("after a pause, %d of the %d bytes sent have come back (%v)", back.count(), sent, back.err)
-					}
-				}
-				return pw.Close()
-			}()
+			err := writePieces(body, cuts, writeTo(pw), allArrive, client, quit)
+			if err == nil {
+				err = pw.Close()
+			}
+			written <- err
 		}()
 		res, err := tp.H2.Do(req)
 		if err != nil {

@@ -18,31 +18,6 @@ import (
 // writes to Cells (upload.go). FuzzUpload sends bodies of any size in
 // pieces of any size, with pauses, and checks that Cells gets every byte.
 
-// cutPieces cuts body into the pieces that cuts gives: a cut's low six
-// bits are the piece's size (in bytes with bit 6 set, else in KiB, plus
-// one), and bit 7 asks for a pause before the next piece. The 256th piece
-// takes all that is left.
-func cutPieces(body, cuts []byte) (pieces [][]byte, pauses []bool) {
-	for k := 0; len(body) > 0; k++ {
-		c := byte(0x48)
-		if len(cuts) > 0 {
-			c = cuts[k%len(cuts)]
-		}
-		size := 1 + int(c&0x3f)
-		if c&0x40 == 0 {
-			size = 1 + int(c&0x3f)<<10
-		}
-		if k == 255 {
-			size = len(body)
-		}
-		size = min(size, len(body))
-		pieces = append(pieces, body[:size])
-		pauses = append(pauses, c&0x80 != 0)
-		body = body[size:]
-	}
-	return pieces, pauses
-}
-
 // pause is the gap a piece asks for: long enough for the proxy to copy
 // what it has and wait for more.
 const uploadPause = time.Millisecond

@@ -8,7 +8,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"sync"
 	"testing"
 	"time"
 )
@@ -69,123 +68,18 @@ func wsDeliverable(s []byte) (n int, stop bool) {
 	}
 }
 
-// collected is what a reader (an end of a fuzzed websocket, a client's
-// download) has read, until its read fails.
-type collected struct {
-	mu   sync.Mutex
-	got  []byte
-	err  error
-	more chan struct{} // closed, and replaced, at each read
-	done chan struct{}
+// wsArrives is writePieces' arrived for a websocket's bytes: what the
+// tunnel passes on of data's first bytes.
+func wsArrives(data []byte) func(sent int) (int, bool) {
+	return func(sent int) (int, bool) { return wsDeliverable(data[:sent]) }
 }
 
-func collect(r io.Reader) *collected {
-	e := &collected{more: make(chan struct{}), done: make(chan struct{})}
-	go func() {
-		defer close(e.done)
-		buf := make([]byte, 32<<10)
-		for {
-			n, err := r.Read(buf)
-			e.mu.Lock()
-			e.got = append(e.got, buf[:n]...)
-			if err != nil {
-				e.err = err
-			}
-			close(e.more)
-			e.more = make(chan struct{})
-			e.mu.Unlock()
-			if err != nil {
-				return
-			}
-		}
-	}()
-	return e
-}
-
-func (e *collected) count() int {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	return len(e.got)
-}
-
-// wait waits until e has read n bytes, and reports whether it has: false
-// when its read ended first, quit was closed, or 10 s passed.
-func (e *collected) wait(n int, quit <-chan struct{}) bool {
-	timeout := time.NewTimer(10 * time.Second)
-	defer timeout.Stop()
-	for {
-		e.mu.Lock()
-		got, more := len(e.got), e.more
-		e.mu.Unlock()
-		if got >= n {
-			return true
-		}
-		select {
-		case <-more:
-		case <-e.done:
-			return e.count() >= n
-		case <-quit:
-			return false
-		case <-timeout.C:
-			return false
-		}
+// writeTo is writePieces' write for a piece that is a write of its own.
+func writeTo(w io.Writer) func(p []byte) error {
+	return func(p []byte) error {
+		_, err := w.Write(p)
+		return err
 	}
-}
-
-func (e *collected) bytes() []byte {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	return bytes.Clone(e.got)
-}
-
-// writeWSScript writes data to w in pieces whose sizes cuts gives, each a
-// write of its own (over TLS a record of its own). After a piece whose cut
-// has its top bit set, it waits until the peer (peerOf) has read all that the tunnel
-// passes on of what was written so far: the pumps have copied everything
-// and may park, and the next piece must wake them. A wait that passes
-// 10 s is an error: bytes the proxy had read stayed with it. It stops
-// after a frame the tunnel stops at, or when quit is closed. So that an
-// input takes well under the fuzzer's 10 s, the 32 first pauses are made
-// and the 512th write takes all that is left.
-func writeWSScript(w io.Writer, data, cuts []byte, peerOf func() *collected, quit <-chan struct{}) error {
-	sent, pauses := 0, 0
-	for k := 0; sent < len(data); k++ {
-		c := byte(0x45)
-		if len(cuts) > 0 {
-			c = cuts[k%len(cuts)]
-		}
-		size := 1 + int(c&0x3f)
-		if c&0x40 == 0 {
-			size = 1 + int(c&0x3f)*512
-		}
-		if k == 511 {
-			size = len(data)
-		}
-		size = min(size, len(data)-sent)
-		if _, err := w.Write(data[sent : sent+size]); err != nil {
-			return err
-		}
-		sent += size
-		want, stop := wsDeliverable(data[:sent])
-		if stop {
-			return nil
-		}
-		if c&0x80 == 0 || pauses == 32 {
-			continue
-		}
-		pauses++
-		if peer := peerOf(); !peer.wait(want, quit) {
-			select {
-			case <-quit:
-				return nil
-			case <-peer.done:
-				return fmt.Errorf("the other end's read ended (%v) after %d of the %d bytes the tunnel passes on of the first %d written", peer.err, peer.count(), want, sent)
-			default:
-				return fmt.Errorf("after a pause, the other end has read %d of the %d bytes the tunnel passes on of the first %d written, for 10 s", peer.count(), want, sent)
-			}
-		}
-	}
-	return nil
 }
 
 // wsScript is one input's part for Cells: what Cells sends, and the
@@ -227,47 +121,11 @@ func wsScriptedCells(t testing.TB, withTLS bool, scripts <-chan *wsScript) *conn
 			}
 			cells := collect(br)
 			s.ready <- cells
-			var client *collected
-			clientOf := func() *collected {
-				if client == nil {
-					client = <-s.clientEnd
-				}
-				return client
-			}
-			s.written <- writeWSScript(c, s.data, s.cuts, clientOf, s.quit)
+			s.written <- writePieces(s.data, s.cuts, writeTo(c), wsArrives(s.data), s.clientEnd, s.quit)
 			<-cells.done
 			return
 		}
 	})
-}
-
-// scriptedSide is a proxy in front of a Cells that takes a script of type S
-// for each request it serves, from scripts.
-type scriptedSide[S any] struct {
-	tp      *testProxy
-	scripts chan S
-}
-
-// scriptedSides are two: one in front of a cleartext Cells, one in front
-// of a TLS Cells.
-type scriptedSides[S any] [2]scriptedSide[S]
-
-// startScriptedSides starts the two Cells with start, and a proxy in front
-// of each.
-func startScriptedSides[S any](f *testing.F, start func(t testing.TB, withTLS bool, scripts <-chan S) *connUpstream) scriptedSides[S] {
-	var sides scriptedSides[S]
-	for i, withTLS := range []bool{false, true} {
-		scripts := make(chan S, 1)
-		sides[i] = scriptedSide[S]{start(f, withTLS, scripts).proxy(f), scripts}
-	}
-	return sides
-}
-
-func (s *scriptedSides[S]) pick(withTLS bool) scriptedSide[S] {
-	if withTLS {
-		return s[1]
-	}
-	return s[0]
 }
 
 // FuzzWebSocketTunnel: whatever bytes a client and Cells send each other
@@ -346,7 +204,9 @@ func FuzzWebSocketTunnel(f *testing.F) {
 			t.Fatal("Cells could not answer the handshake")
 		}
 		upWritten := make(chan error, 1)
-		go func() { upWritten <- writeWSScript(conn, up, upCuts, func() *collected { return cellsEnd }, quit) }()
+		cellsReads := make(chan *collected, 1)
+		cellsReads <- cellsEnd
+		go func() { upWritten <- writePieces(up, upCuts, writeTo(conn), wsArrives(up), cellsReads, quit) }()
 
 		upWant, upStop := wsDeliverable(up)
 		downWant, downStop := wsDeliverable(down)
