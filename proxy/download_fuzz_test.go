@@ -41,29 +41,13 @@ type downloadScript struct {
 // pause, it waits until the client has read every body byte sent so far:
 // over 10 s is an error, a byte the proxy held back.
 func downloadCells(t testing.TB, withTLS bool, scripts <-chan *downloadScript) *connUpstream {
-	return newConnUpstream(t, withTLS, func(_ int64, c net.Conn, br *bufio.Reader) {
-		c.SetDeadline(time.Now().Add(time.Minute)) // a guard: the test fails on its own bound first
-		for {
-			r, err := http.ReadRequest(br)
-			if err != nil {
-				return
-			}
-			io.Copy(io.Discard, r.Body)
-			var s *downloadScript
-			select {
-			case s = <-scripts:
-			case <-time.After(10 * time.Second):
-				return
-			}
-			err = s.write(c)
-			s.written <- err
-			if err != nil {
-				s.cancel() // the client may be waiting for the header
-			}
-			if s.mode == "close" {
-				return
-			}
+	return scriptedConnCells(t, withTLS, scripts, func(c net.Conn, _ *bufio.Reader, _ *http.Request, s *downloadScript) bool {
+		err := s.write(c)
+		s.written <- err
+		if err != nil {
+			s.cancel() // the client may be waiting for the header
 		}
+		return s.mode != "close"
 	})
 }
 

@@ -1,9 +1,12 @@
 package proxy
 
 import (
+	"bufio"
 	"bytes"
 	"fmt"
 	"io"
+	"net"
+	"net/http"
 	"sync"
 	"testing"
 	"time"
@@ -183,4 +186,30 @@ func (s *scriptedSides[S]) pick(withTLS bool) scriptedSide[S] {
 		return s[1]
 	}
 	return s[0]
+}
+
+// scriptedConnCells is a Cells that reads each request on a connection and
+// its body, then serves it with the next script from scripts (none within
+// 10 s: it closes the connection); serve reports whether the connection
+// carries another request.
+func scriptedConnCells[S any](t testing.TB, withTLS bool, scripts <-chan S, serve func(c net.Conn, br *bufio.Reader, r *http.Request, s S) (more bool)) *connUpstream {
+	return newConnUpstream(t, withTLS, func(_ int64, c net.Conn, br *bufio.Reader) {
+		c.SetDeadline(time.Now().Add(time.Minute)) // a guard: the test fails on its own bound first
+		for {
+			r, err := http.ReadRequest(br)
+			if err != nil {
+				return
+			}
+			io.Copy(io.Discard, r.Body)
+			var s S
+			select {
+			case s = <-scripts:
+			case <-time.After(10 * time.Second):
+				return
+			}
+			if !serve(c, br, r, s) {
+				return
+			}
+		}
+	})
 }

@@ -94,37 +94,18 @@ type wsScript struct {
 
 // wsScriptedCells is a Cells whose websocket handshakes take the next
 // wsScript: it answers 101, then writes the script's bytes while it reads
-// what comes, until its read fails; then it closes the connection. Other
-// requests are answered 200.
+// what comes, until its read fails; then it closes the connection.
 func wsScriptedCells(t testing.TB, withTLS bool, scripts <-chan *wsScript) *connUpstream {
-	return newConnUpstream(t, withTLS, func(_ int64, c net.Conn, br *bufio.Reader) {
-		c.SetDeadline(time.Now().Add(time.Minute)) // a guard: the test fails on its own bound first
-		for {
-			r, err := http.ReadRequest(br)
-			if err != nil {
-				return
-			}
-			if r.Header.Get("Upgrade") == "" {
-				io.Copy(io.Discard, r.Body)
-				io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-				continue
-			}
-			var s *wsScript
-			select {
-			case s = <-scripts:
-			case <-time.After(10 * time.Second):
-				return
-			}
-			if _, err := io.WriteString(c, accept101(r)); err != nil {
-				s.ready <- nil
-				return
-			}
-			cells := collect(br)
-			s.ready <- cells
-			s.written <- writePieces(s.data, s.cuts, writeTo(c), wsArrives(s.data), s.clientEnd, s.quit)
-			<-cells.done
-			return
+	return scriptedConnCells(t, withTLS, scripts, func(c net.Conn, br *bufio.Reader, r *http.Request, s *wsScript) bool {
+		if _, err := io.WriteString(c, accept101(r)); err != nil {
+			s.ready <- nil
+			return false
 		}
+		cells := collect(br)
+		s.ready <- cells
+		s.written <- writePieces(s.data, s.cuts, writeTo(c), wsArrives(s.data), s.clientEnd, s.quit)
+		<-cells.done
+		return false
 	})
 }
 
