@@ -2,12 +2,23 @@ package proxy
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/hex"
+	"encoding/pem"
 	"fmt"
 	"io"
+	"math/big"
+	"net"
 	"net/http"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -87,25 +98,16 @@ main();
 </script>
 `
 
-// TestBrowserChromium loads a page through the proxy in Chromium, as
-// Cells' users load the web UI: over HTTP/2 (ALPN), 64 requests at once
-// on the page's connection, an upload and a download of some MiB, and a
-// websocket (which browsers open over HTTP/1.1 on a connection of their
-// own: the proxy offers no extended CONNECT). The page reports what it saw;
-// Cells checks what it got. Skips where Chromium is not installed;
-// .ci/run installs it.
-func TestBrowserChromium(t *testing.T) {
-	chromium := ""
-	for _, name := range []string{"chromium", "chromium-browser", "google-chrome"} {
-		if p, err := exec.LookPath(name); err == nil {
-			chromium = p
-			break
-		}
-	}
-	if chromium == "" {
-		t.Skip("Chromium is not installed (apt-get install chromium; .ci/run installs it)")
-	}
-
+// TestBrowsers loads a page through the proxy in headless Chromium and
+// Firefox, as Cells' users load the web UI: over HTTP/2 (ALPN), 64
+// requests at once on the page's connection, an upload and a download of
+// some MiB, and a websocket (which browsers open over HTTP/1.1 on a
+// connection of their own: the proxy offers no extended CONNECT); then
+// again with the browser's HTTP/2 turned off. The two engines' HTTP/2
+// stacks are their own (SETTINGS, windows, priorities). The page reports
+// what it saw; Cells checks what it got. A browser that is not installed
+// is skipped; .ci/run installs both.
+func TestBrowsers(t *testing.T) {
 	report := make(chan string, 1)
 	var mu sync.Mutex
 	handshakes := 0 // websocket handshakes that reached Cells
@@ -172,65 +174,175 @@ func TestBrowserChromium(t *testing.T) {
 		}
 	})
 	up := newUpstream(t, upTLS, mux)
-	tp := startProxy(t, testConfig(up))
+	cfg := testConfig(up)
+	var caFile string
+	caFile, cfg.CertFile, cfg.KeyFile = browserCerts(t)
+	tp := startProxy(t, cfg)
 
-	for _, tc := range []struct {
-		name  string
-		flags []string
-		proto string // what the page's requests went over
+	pages := 0
+	for _, b := range []struct {
+		name string
+		bin  []string // the program's names, the first found is run
+		run  func(t *testing.T, bin, caFile string, h2 bool, url string, report chan string) string
 	}{
-		{"HTTP/2", nil, "h2"},
-		{"HTTP/1.1", []string{"--disable-http2"}, "http/1.1"},
+		{"Chromium", []string{"chromium", "chromium-browser", "google-chrome"}, runChromium},
+		{"Firefox", []string{"firefox-esr", "firefox"}, runFirefox},
 	} {
-		t.Run(tc.name, func(t *testing.T) {
-			got := runChromium(t, chromium, tc.flags, tp.URL+"/index.html?proto="+tc.proto, report)
-			lines := strings.Split(got, "\n")
-			var bad []string
-			for _, step := range []string{"parallel", "protocol", "upload", "download", "websocket"} {
-				if !slices.Contains(lines, step+" ok") {
-					bad = append(bad, step)
+		t.Run(b.name, func(t *testing.T) {
+			bin := ""
+			for _, name := range b.bin {
+				if p, err := exec.LookPath(name); err == nil {
+					bin = p
+					break
 				}
 			}
-			if len(bad) > 0 {
-				t.Errorf("the page reports %q: want %v ok", got, bad)
+			if bin == "" {
+				t.Skipf("%s is not installed (apt-get install %s; .ci/run installs it)", b.name, b.bin[0])
+			}
+			if _, err := exec.LookPath("certutil"); err != nil {
+				t.Skip("certutil is not installed (apt-get install libnss3-tools; .ci/run installs it)")
+			}
+			for _, proto := range []string{"h2", "http/1.1"} {
+				t.Run(proto, func(t *testing.T) {
+					pages++
+					got := b.run(t, bin, caFile, proto == "h2", tp.URL+"/index.html?proto="+proto, report)
+					lines := strings.Split(got, "\n")
+					var bad []string
+					for _, step := range []string{"parallel", "protocol", "upload", "download", "websocket"} {
+						if !slices.Contains(lines, step+" ok") {
+							bad = append(bad, step)
+						}
+					}
+					if len(bad) > 0 {
+						t.Errorf("the page reports %q: want %v ok", got, bad)
+					}
+				})
 			}
 		})
 	}
 	mu.Lock()
 	defer mu.Unlock()
-	if handshakes != 2 {
-		t.Errorf("Cells got %d websocket handshakes, want one per page (2): a page's websocket was opened again", handshakes)
+	if handshakes != pages {
+		t.Errorf("Cells got %d websocket handshakes, want one per page (%d): a page's websocket was opened again", handshakes, pages)
 	}
 }
 
-// runChromium opens url in a headless Chromium with flags, and returns
-// what the page posts to report; Chromium is stopped then.
-func runChromium(t *testing.T, chromium string, flags []string, url string, report chan string) string {
+// runChromium opens url in a headless Chromium whose NSS database
+// ($HOME/.pki/nssdb) trusts caFile, and returns what the page posts to
+// report; Chromium is stopped then.
+func runChromium(t *testing.T, chromium, caFile string, h2 bool, url string, report chan string) string {
 	t.Helper()
 	dir := t.TempDir()
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	args := append([]string{
+	nssTrust(t, filepath.Join(dir, ".pki", "nssdb"), caFile)
+	args := []string{
 		"--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
 		"--disable-background-networking", "--disable-component-update", "--disable-sync",
-		"--ignore-certificate-errors", // the proxy's self-signed certificate
-		"--user-data-dir=" + dir}, flags...)
-	cmd := exec.CommandContext(ctx, chromium, append(args, url)...)
+		"--user-data-dir=" + filepath.Join(dir, "profile")}
+	if !h2 {
+		args = append(args, "--disable-http2")
+	}
+	return runBrowser(t, exec.Command(chromium, append(args, url)...), dir, report)
+}
+
+// runFirefox opens url in a headless Firefox with a profile of its own
+// that trusts caFile, and returns what the page posts to report.
+func runFirefox(t *testing.T, firefox, caFile string, h2 bool, url string, report chan string) string {
+	t.Helper()
+	dir := t.TempDir()
+	nssTrust(t, dir, caFile)
+	prefs := []string{
+		`user_pref("browser.shell.checkDefaultBrowser", false);`,
+		`user_pref("browser.startup.homepage_override.mstone", "ignore");`,
+		`user_pref("datareporting.policy.dataSubmissionEnabled", false);`,
+		`user_pref("toolkit.telemetry.reportingpolicy.firstRun", false);`,
+		`user_pref("app.update.disabledForTesting", true);`,
+		`user_pref("network.captive-portal-service.enabled", false);`,
+		`user_pref("network.connectivity-service.enabled", false);`,
+		`user_pref("browser.safebrowsing.update.enabled", false);`,
+		`user_pref("extensions.update.enabled", false);`,
+		`user_pref("network.http.http2.enabled", ` + fmt.Sprint(h2) + `);`,
+	}
+	if err := os.WriteFile(filepath.Join(dir, "user.js"), []byte(strings.Join(prefs, "\n")+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return runBrowser(t, exec.Command(firefox, "--headless", "--no-remote", "--profile", dir, url), dir, report)
+}
+
+// nssTrust makes an NSS certificate database in dir (as Firefox's profile
+// and Chromium's ~/.pki/nssdb hold them) that trusts caFile to issue
+// server certificates.
+func nssTrust(t *testing.T, dir, caFile string) {
+	t.Helper()
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	for _, args := range [][]string{
+		{"-N", "-d", "sql:" + dir, "--empty-password"},
+		{"-A", "-d", "sql:" + dir, "-n", "cells-proxy test root", "-t", "C,,", "-i", caFile},
+	} {
+		if out, err := runClient(t, dir, clientEnv(dir), "certutil", args...); err != nil {
+			t.Fatalf("certutil %v: %v\n%s", args, err, out)
+		}
+	}
+}
+
+// browserCerts makes a root CA and a certificate for 127.0.0.1 that it
+// issued, as an operator's TLS_CERT_FILE and TLS_KEY_FILE: browsers do
+// not take a self-signed server certificate for a root, whatever trust it
+// is given. It returns the files of the root, the certificate and its key.
+func browserCerts(t *testing.T) (caFile, certFile, keyFile string) {
+	t.Helper()
+	key := func() *ecdsa.PrivateKey {
+		k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return k
+	}
+	now := time.Now()
+	rootKey, leafKey := key(), key()
+	rootTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "cells-proxy test root"},
+		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(24 * time.Hour), IsCA: true, BasicConstraintsValid: true,
+		KeyUsage: x509.KeyUsageCertSign}
+	root := signCert(t, rootTmpl, rootTmpl, &rootKey.PublicKey, rootKey)
+	leaf := signCert(t, &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "127.0.0.1"},
+		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(24 * time.Hour), IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)},
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}},
+		root, &leafKey.PublicKey, rootKey)
+	certPEM, keyPEM := pemPair(t, tls.Certificate{Certificate: [][]byte{leaf.Raw, root.Raw}, PrivateKey: leafKey})
+	dir := t.TempDir()
+	caFile, certFile, keyFile = filepath.Join(dir, "root.pem"), filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+	for f, b := range map[string][]byte{
+		caFile:   pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: root.Raw}),
+		certFile: certPEM,
+		keyFile:  keyPEM,
+	} {
+		if err := os.WriteFile(f, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return caFile, certFile, keyFile
+}
+
+// runBrowser starts cmd in dir, waits for what the page posts to report,
+// and stops the browser.
+func runBrowser(t *testing.T, cmd *exec.Cmd, dir string, report chan string) string {
+	t.Helper()
 	cmd.Dir, cmd.Env = dir, clientEnv(dir)
 	out := &syncBuffer{}
 	cmd.Stdout, cmd.Stderr = out, out
 	if err := cmd.Start(); err != nil {
-		t.Fatalf("starting %s: %v", chromium, err)
+		t.Fatalf("starting %s: %v", cmd.Path, err)
 	}
 	defer func() {
-		cancel()
+		cmd.Process.Kill()
 		cmd.Wait()
 	}()
 	select {
 	case got := <-report:
 		return got
 	case <-time.After(2 * time.Minute):
-		t.Fatalf("no report from the page within 2 minutes; Chromium printed:\n%s", out.String())
+		t.Fatalf("no report from the page within 2 minutes; %s printed:\n%s", filepath.Base(cmd.Path), out.String())
 		return ""
 	}
 }
