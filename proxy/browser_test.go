@@ -189,19 +189,8 @@ func TestBrowsers(t *testing.T) {
 		{"Firefox", []string{"firefox-esr", "firefox"}, runFirefox},
 	} {
 		t.Run(b.name, func(t *testing.T) {
-			bin := ""
-			for _, name := range b.bin {
-				if p, err := exec.LookPath(name); err == nil {
-					bin = p
-					break
-				}
-			}
-			if bin == "" {
-				t.Skipf("%s is not installed (apt-get install %s; .ci/run installs it)", b.name, b.bin[0])
-			}
-			if _, err := exec.LookPath("certutil"); err != nil {
-				t.Skip("certutil is not installed (apt-get install libnss3-tools; .ci/run installs it)")
-			}
+			bin := needProgram(t, b.bin[0], b.bin...)
+			needProgram(t, "libnss3-tools", "certutil")
 			for _, proto := range []string{"h2", "http/1.1"} {
 				t.Run(proto, func(t *testing.T) {
 					pages++

@@ -50,6 +50,19 @@ func runClient(t *testing.T, dir string, env []string, name string, args ...stri
 	return string(out), err
 }
 
+// needProgram is the path of the first of names found in PATH; without
+// any, the test is skipped, naming pkg, the Debian package that has it.
+func needProgram(t *testing.T, pkg string, names ...string) string {
+	t.Helper()
+	for _, name := range names {
+		if p, err := exec.LookPath(name); err == nil {
+			return p
+		}
+	}
+	t.Skipf("%s is not installed (apt-get install %s; .ci/run installs it)", names[0], pkg)
+	return ""
+}
+
 // proxyCA writes the certificate the proxy serves to a PEM file, for the
 // client programs to verify it with.
 func proxyCA(t *testing.T, tp *testProxy) string {
@@ -74,10 +87,7 @@ func proxyCA(t *testing.T, tp *testProxy) string {
 // certificate, and skips its expect100 test over TLS: the cleartext case
 // runs it through the proxy.
 func TestLitmusWebDAV(t *testing.T) {
-	litmus, err := exec.LookPath("litmus")
-	if err != nil {
-		t.Skip("litmus is not installed (apt-get install litmus; .ci/run installs it)")
-	}
+	litmus := needProgram(t, "litmus", "litmus")
 	for _, tc := range []struct {
 		name      string
 		kind      upstreamKind
@@ -155,6 +165,14 @@ type s3Cells struct {
 	checked int
 	bad     []string
 	methods map[string]int
+}
+
+// startS3Cells starts an s3Cells as a TLS Cells (the recommended
+// topology) and a proxy in front of it.
+func startS3Cells(t *testing.T) (*s3Cells, *testProxy) {
+	t.Helper()
+	cells, h := newS3Cells()
+	return cells, startProxy(t, testConfig(newUpstream(t, upTLS, h)))
 }
 
 func newS3Cells() (*s3Cells, http.Handler) {
@@ -250,13 +268,8 @@ const s3Prefix = "dir with space/é+;x&y=1"
 // multipart upload, a small PUT with an unsigned payload, listings, HEADs
 // and downloads that rclone check compares byte for byte.
 func TestS3ClientRclone(t *testing.T) {
-	rclone, err := exec.LookPath("rclone")
-	if err != nil {
-		t.Skip("rclone is not installed (apt-get install rclone; .ci/run installs it)")
-	}
-	cells, h := newS3Cells()
-	up := newUpstream(t, upTLS, h)
-	tp := startProxy(t, testConfig(up))
+	rclone := needProgram(t, "rclone", "rclone")
+	cells, tp := startS3Cells(t)
 	src, big, small := s3Files(t)
 	home := t.TempDir()
 	env := clientEnv(home,
@@ -300,13 +313,8 @@ func TestS3ClientRclone(t *testing.T) {
 // over HTTP/1.1, verifying the proxy's certificate: a multipart upload,
 // a download compared byte for byte, a listing.
 func TestS3ClientS3cmd(t *testing.T) {
-	s3cmd, err := exec.LookPath("s3cmd")
-	if err != nil {
-		t.Skip("s3cmd is not installed (apt-get install s3cmd; .ci/run installs it)")
-	}
-	cells, h := newS3Cells()
-	up := newUpstream(t, upTLS, h)
-	tp := startProxy(t, testConfig(up))
+	s3cmd := needProgram(t, "s3cmd", "s3cmd")
+	cells, tp := startS3Cells(t)
 	src, big, small := s3Files(t)
 	home := t.TempDir()
 	host := strings.TrimPrefix(tp.URL, "https://")
