@@ -103,7 +103,9 @@ main();
 // requests at once on the page's connection, an upload and a download of
 // some MiB, and a websocket (which browsers open over HTTP/1.1 on a
 // connection of their own: the proxy offers no extended CONNECT); then
-// again with the browser's HTTP/2 turned off. The two engines' HTTP/2
+// again with the browser's HTTP/2 turned off. The HTTP/2 page is opened
+// at http:// on the redirect port, whose 301 sends the browser on to the
+// public port. The two engines' HTTP/2
 // stacks are their own (SETTINGS, windows, priorities). The page reports
 // what it saw; Cells checks what it got. A browser that is not installed
 // is skipped; .ci/run installs both.
@@ -177,7 +179,10 @@ func TestBrowsers(t *testing.T) {
 	cfg := testConfig(up)
 	var caFile string
 	caFile, cfg.CertFile, cfg.KeyFile = browserCerts(t)
-	tp := startProxy(t, cfg)
+	tp := startProxy(t, cfg, func(s *Server) {
+		// Redirects name the public port, as users reach it.
+		s.cfg.RedirectPort = s.Addr().(*net.TCPAddr).Port
+	})
 
 	pages := 0
 	for _, b := range []struct {
@@ -194,7 +199,14 @@ func TestBrowsers(t *testing.T) {
 			for _, proto := range []string{"h2", "http/1.1"} {
 				t.Run(proto, func(t *testing.T) {
 					pages++
-					got := b.run(t, bin, caFile, proto == "h2", tp.URL+"/index.html?proto="+proto, report)
+					// The HTTP/2 page is typed as users do, http://
+					// (the redirect port's 301 takes the browser to
+					// https://); the other straight as https://.
+					url := tp.URL + "/index.html?proto=" + proto
+					if proto == "h2" {
+						url = "http://" + tp.RedirectAddr().String() + "/index.html?proto=" + proto
+					}
+					got := b.run(t, bin, caFile, proto == "h2", url, report)
 					lines := strings.Split(got, "\n")
 					var bad []string
 					for _, step := range []string{"parallel", "protocol", "upload", "download", "websocket"} {
