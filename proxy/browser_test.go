@@ -2,18 +2,10 @@ package proxy
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/sha256"
-	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/hex"
-	"encoding/pem"
 	"fmt"
 	"io"
-	"math/big"
 	"net"
 	"net/http"
 	"os"
@@ -287,37 +279,18 @@ func nssTrust(t *testing.T, dir, caFile string) {
 	}
 }
 
-// browserCerts makes a root CA and a certificate for 127.0.0.1 that it
-// issued, as an operator's TLS_CERT_FILE and TLS_KEY_FILE: browsers do
-// not take a self-signed server certificate for a root, whatever trust it
-// is given. It returns the files of the root, the certificate and its key.
+// browserCerts makes a root (newTestCA) and a certificate for 127.0.0.1
+// that it issued, as an operator's TLS_CERT_FILE and TLS_KEY_FILE:
+// browsers do not take a self-signed server certificate for a root,
+// whatever trust it is given. It returns the files of the root, the
+// certificate and its key.
 func browserCerts(t *testing.T) (caFile, certFile, keyFile string) {
 	t.Helper()
-	key := func() *ecdsa.PrivateKey {
-		k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return k
-	}
-	now := time.Now()
-	rootKey, leafKey := key(), key()
-	rootTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "cells-proxy test root"},
-		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(24 * time.Hour), IsCA: true, BasicConstraintsValid: true,
-		KeyUsage: x509.KeyUsageCertSign}
-	root := signCert(t, rootTmpl, rootTmpl, &rootKey.PublicKey, rootKey)
-	leaf := signCert(t, &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "127.0.0.1"},
-		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(24 * time.Hour), IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)},
-		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}},
-		root, &leafKey.PublicKey, rootKey)
-	certPEM, keyPEM := pemPair(t, tls.Certificate{Certificate: [][]byte{leaf.Raw, root.Raw}, PrivateKey: leafKey})
+	ca := newTestCA(t, "cells-proxy test root")
+	certPEM, keyPEM := pemPair(t, *ca.issue(t, true))
 	dir := t.TempDir()
 	caFile, certFile, keyFile = filepath.Join(dir, "root.pem"), filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
-	for f, b := range map[string][]byte{
-		caFile:   pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: root.Raw}),
-		certFile: certPEM,
-		keyFile:  keyPEM,
-	} {
+	for f, b := range map[string][]byte{caFile: ca.PEM(), certFile: certPEM, keyFile: keyPEM} {
 		if err := os.WriteFile(f, b, 0o600); err != nil {
 			t.Fatal(err)
 		}

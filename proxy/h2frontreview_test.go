@@ -3,7 +3,6 @@ package proxy
 import (
 	"bytes"
 	"context"
-	"encoding/pem"
 	"fmt"
 	"io"
 	"net/http"
@@ -481,11 +480,7 @@ func TestH2FrontReviewCurl(t *testing.T) {
 	up := newUpstream(t, upTLS, rec)
 	tp := startProxy(t, testConfig(up))
 	dir := t.TempDir()
-	ca := filepath.Join(dir, "ca.pem")
-	cert := tp.cert.Load()
-	if err := os.WriteFile(ca, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Leaf.Raw}), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	ca := proxyCA(t, tp)
 	file := filepath.Join(dir, "f")
 	body := patternBody(3 << 20)
 	if err := os.WriteFile(file, body, 0o600); err != nil {
