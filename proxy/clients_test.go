@@ -5,8 +5,11 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
+	"encoding/base64"
+	"encoding/binary"
 	"encoding/pem"
 	"fmt"
+	"hash/crc32"
 	"io"
 	"net/http"
 	"net/url"
@@ -14,6 +17,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -165,6 +169,8 @@ type s3Cells struct {
 	checked int
 	bad     []string
 	methods map[string]int
+	expect  int // requests that came with Expect: 100-continue
+	chunked int // requests whose body was aws-chunked
 }
 
 // startS3Cells starts an s3Cells as a TLS Cells (the recommended
@@ -188,6 +194,9 @@ func newS3Cells() (*s3Cells, http.Handler) {
 		c.mu.Lock()
 		c.checked++
 		c.methods[r.Method]++
+		if strings.EqualFold(r.Header.Get("Expect"), "100-continue") {
+			c.expect++
+		}
 		if err != nil {
 			c.bad = append(c.bad, fmt.Sprintf("%s %s: %v", r.Method, r.RequestURI, err))
 		}
@@ -198,9 +207,96 @@ func newS3Cells() (*s3Cells, http.Handler) {
 			fmt.Fprintf(w, "<Error><Code>SignatureDoesNotMatch</Code><Message>%s</Message></Error>", err)
 			return
 		}
+		if slices.Contains(strings.Split(r.Header.Get("Content-Encoding"), ","), "aws-chunked") {
+			if body, err = decodeAWSChunked(r, body); err != nil {
+				c.mu.Lock()
+				c.bad = append(c.bad, fmt.Sprintf("%s %s: aws-chunked body: %v", r.Method, r.RequestURI, err))
+				c.mu.Unlock()
+				http.Error(w, err.Error(), http.StatusBadRequest)
+				return
+			}
+			c.mu.Lock()
+			c.chunked++
+			c.mu.Unlock()
+			r.Header.Del("Content-Encoding")
+			r.Header.Set("Content-Length", strconv.Itoa(len(body)))
+			r.ContentLength = int64(len(body))
+		}
 		r.Body = io.NopCloser(bytes.NewReader(body))
 		s3.ServeHTTP(w, r)
 	})
+}
+
+// decodeAWSChunked is the object an aws-chunked body carries, as S3 decodes
+// it: chunks of "<hex size>\r\n<data>\r\n", then "0\r\n", the trailer
+// fields and "\r\n". It checks the length against
+// X-Amz-Decoded-Content-Length and the data against the checksum the
+// trailer that X-Amz-Trailer names carries: a byte changed, lost or added
+// on the way fails, as it fails at Cells.
+func decodeAWSChunked(r *http.Request, body []byte) ([]byte, error) {
+	var data []byte
+	rest := body
+	line := func() (string, error) {
+		l, after, ok := bytes.Cut(rest, []byte("\r\n"))
+		if !ok {
+			return "", fmt.Errorf("no CRLF after %q", rest[:min(len(rest), 40)])
+		}
+		rest = after
+		return string(l), nil
+	}
+	for {
+		l, err := line()
+		if err != nil {
+			return nil, err
+		}
+		size, _, _ := strings.Cut(l, ";") // signed variants add ;chunk-signature=
+		n, err := strconv.ParseUint(size, 16, 31)
+		if err != nil {
+			return nil, fmt.Errorf("chunk size %q: %v", l, err)
+		}
+		if n == 0 {
+			break
+		}
+		if uint64(len(rest)) < n+2 || string(rest[n:n+2]) != "\r\n" {
+			return nil, fmt.Errorf("a chunk of %d bytes not followed by CRLF", n)
+		}
+		data, rest = append(data, rest[:n]...), rest[n+2:]
+	}
+	trailer := map[string]string{}
+	for {
+		l, err := line()
+		if err != nil {
+			return nil, err
+		}
+		if l == "" {
+			break
+		}
+		k, v, _ := strings.Cut(l, ":")
+		trailer[strings.ToLower(k)] = strings.TrimSpace(v)
+	}
+	if len(rest) != 0 {
+		return nil, fmt.Errorf("%d bytes after the trailer", len(rest))
+	}
+	if want := r.Header.Get("X-Amz-Decoded-Content-Length"); want != strconv.Itoa(len(data)) {
+		return nil, fmt.Errorf("%d bytes decoded, X-Amz-Decoded-Content-Length %q", len(data), want)
+	}
+	name := strings.ToLower(r.Header.Get("X-Amz-Trailer"))
+	var table *crc32.Table
+	switch name {
+	case "":
+		return data, nil
+	case "x-amz-checksum-crc32":
+		table = crc32.IEEETable
+	case "x-amz-checksum-crc32c":
+		table = crc32.MakeTable(crc32.Castagnoli)
+	default:
+		return nil, fmt.Errorf("trailer %q: not a checksum this test computes", name)
+	}
+	sum := binary.BigEndian.AppendUint32(nil, crc32.Checksum(data, table))
+	if got, want := trailer[name], base64.StdEncoding.EncodeToString(sum); got != want {
+		return nil, fmt.Errorf("%s in the trailer %q, the data's %q", name, got, want)
+	}
+	return data, nil
 }
 
 // checkSignatures fails t if any request's signature did not verify, or
@@ -359,4 +455,93 @@ func TestS3ClientS3cmd(t *testing.T) {
 	cells.checkSignatures(t, 8)
 	cells.checkObject(t, s3Prefix+"/big.bin", big)
 	cells.checkObject(t, s3Prefix+"/small.txt", small)
+}
+
+// TestS3ClientAWSCLI: the AWS CLI, on botocore (as boto3 programs are),
+// over HTTP/1.1, verifying the proxy's certificate: a multipart upload
+// whose parts go at once on several connections, those over 1 MB with
+// Expect: 100-continue (botocore sends the body after the 100, or after a
+// second without one), a small PUT, a HEAD, a download compared byte for
+// byte, a listing. It runs every aws found: Debian's (awscli: AWS CLI v2
+// on its 2023 botocore, Content-MD5 on each part) and the one first in
+// PATH when that is another (this machine's pip AWS CLI v1 on a current
+// botocore: its parts are chunked, aws-chunked inside, with a CRC32 in
+// the aws-chunked trailer, as AWS SDKs send uploads since 2025).
+func TestS3ClientAWSCLI(t *testing.T) {
+	clis := map[string]string{} // subtest name: the program
+	if _, err := os.Stat("/usr/bin/aws"); err == nil {
+		clis["debian"] = "/usr/bin/aws"
+	}
+	if p, err := exec.LookPath("aws"); err == nil {
+		if r, err := filepath.EvalSymlinks(p); err != nil || r != "/usr/bin/aws" {
+			clis["path"] = p
+		}
+	}
+	if len(clis) == 0 {
+		needProgram(t, "awscli", "aws")
+	}
+	for name, aws := range clis {
+		t.Run(name, func(t *testing.T) {
+			cells, tp := startS3Cells(t)
+			src, big, small := s3Files(t)
+			home := t.TempDir()
+			conf := filepath.Join(home, "config")
+			if err := os.WriteFile(conf, []byte(strings.Join([]string{
+				"[default]",
+				"region = " + s3Region,
+				"s3 =",
+				"  addressing_style = path",
+				"  multipart_threshold = 5MB",
+				"  multipart_chunksize = 5MB",
+				"",
+			}, "\n")), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			env := clientEnv(home,
+				"AWS_CONFIG_FILE="+conf,
+				"AWS_SHARED_CREDENTIALS_FILE="+filepath.Join(home, "none"),
+				"AWS_ACCESS_KEY_ID="+s3Creds.AccessKeyID,
+				"AWS_SECRET_ACCESS_KEY="+s3Creds.SecretAccessKey,
+				"AWS_CA_BUNDLE="+proxyCA(t, tp),
+				"AWS_EC2_METADATA_DISABLED=true",
+				"AWS_MAX_ATTEMPTS=1", // a request the proxy spoilt must fail, not be sent again
+				"AWS_PAGER=",
+			)
+			dst := "s3://data/" + s3Prefix + "/"
+			got := filepath.Join(home, "got.bin")
+			for _, args := range [][]string{
+				{"s3", "cp", filepath.Join(src, "big.bin"), dst + "big.bin"},
+				{"s3", "cp", filepath.Join(src, "small.txt"), dst + "small.txt"},
+				{"s3api", "head-object", "--bucket", "data", "--key", s3Prefix + "/big.bin"},
+				{"s3", "cp", dst + "big.bin", got},
+				{"s3", "ls", "--recursive", "s3://data/"},
+			} {
+				out, err := runClient(t, home, env, aws, append(args, "--endpoint-url", tp.URL)...)
+				if err != nil {
+					t.Fatalf("aws %s: %v\n%s\nsignatures Cells refused: %q", strings.Join(args[:2], " "), err, out, cells.refused())
+				}
+				if args[1] == "ls" && (!strings.Contains(out, s3Prefix+"/big.bin") || !strings.Contains(out, s3Prefix+"/small.txt")) {
+					t.Errorf("aws s3 ls does not list both files:\n%s", out)
+				}
+				if args[1] == "head-object" && !strings.Contains(out, fmt.Sprintf(`"ContentLength": %d`, len(big))) {
+					t.Errorf("aws s3api head-object does not give the length %d:\n%s", len(big), out)
+				}
+			}
+			if b, err := os.ReadFile(got); err != nil || !bytes.Equal(b, big) {
+				t.Errorf("aws s3 cp from Cells: %d bytes (%v), want the %d uploaded", len(b), err, len(big))
+			}
+			cells.checkSignatures(t, 10)
+			cells.checkObject(t, s3Prefix+"/big.bin", big)
+			cells.checkObject(t, s3Prefix+"/small.txt", small)
+			cells.mu.Lock()
+			defer cells.mu.Unlock()
+			if cells.methods[http.MethodPost] < 2 || cells.methods[http.MethodPut] < 5 {
+				t.Errorf("requests by method %v: want a multipart upload (two POSTs and a PUT per part)", cells.methods)
+			}
+			if cells.expect < 5 {
+				t.Errorf("%d requests reached Cells with Expect: 100-continue, want one per part at least", cells.expect)
+			}
+			t.Logf("%d requests at Cells, %d with Expect: 100-continue, %d with an aws-chunked body", cells.checked, cells.expect, cells.chunked)
+		})
+	}
 }

@@ -75,8 +75,11 @@ func verifyHeaderSig(r *http.Request, u *url.URL, auth string, body []byte) erro
 	}
 	payloadHash := r.Header.Get("X-Amz-Content-Sha256")
 	// UNSIGNED-PAYLOAD: the signature covers the head only (rclone's
-	// small uploads over HTTPS).
-	if sum := sha256.Sum256(body); payloadHash != "UNSIGNED-PAYLOAD" && payloadHash != hex.EncodeToString(sum[:]) {
+	// small uploads over HTTPS). STREAMING-UNSIGNED-PAYLOAD-TRAILER too: an
+	// aws-chunked body whose trailer carries its checksum (botocore's
+	// uploads over HTTPS since 1.36), which s3Cells checks as it decodes.
+	unsigned := payloadHash == "UNSIGNED-PAYLOAD" || payloadHash == "STREAMING-UNSIGNED-PAYLOAD-TRAILER"
+	if sum := sha256.Sum256(body); !unsigned && payloadHash != hex.EncodeToString(sum[:]) {
 		return fmt.Errorf("payload hash %q does not match the body", payloadHash)
 	}
 	when, err := time.Parse(amzDate, r.Header.Get("X-Amz-Date"))
