@@ -1,6 +1,7 @@
 # ci/lib.sh: what ci/h2spec.sh and ci/tlsscan.sh share. Sourced, not run.
 #
 # Gives: TMP (a temporary directory, removed at exit with every process in PIDS killed), step, wait_for,
+# need_tools,
 # start_upstream (builds cells-proxy and cmd/stub-upstream into TMP and starts the stub as a TLS upstream:
 # sets UPSTREAM) and start_proxy (sets PROXY_PID, MAIN and GRPC). The caller defines die.
 
@@ -29,6 +30,19 @@ wait_for() {
 		sleep 0.1
 	done
 	return 1
+}
+
+# need_tools COMMAND:PACKAGE...: apt-get install the package of each command that is missing (apt-get update
+# first only if the install fails: a fresh machine's lists may be empty or stale).
+need_tools() {
+	local tool need=()
+	for tool in "$@"; do
+		command -v "${tool%%:*}" >/dev/null || need+=("${tool#*:}")
+	done
+	[ ${#need[@]} -gt 0 ] || return 0
+	export DEBIAN_FRONTEND=noninteractive # no debconf question may wait for an answer
+	apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null 2>&1 ||
+		{ apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null; }
 }
 
 # start_upstream: build both binaries from ROOT and start the stub on 127.0.0.1 with TLS; sets UPSTREAM

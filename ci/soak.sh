@@ -37,15 +37,7 @@ die() {
 }
 
 step "tools"
-need=()
-for tool in wrk:wrk h2load:nghttp2-client curl:curl openssl:openssl; do
-	command -v "${tool%%:*}" >/dev/null || need+=("${tool#*:}")
-done
-if [ ${#need[@]} -gt 0 ]; then
-	export DEBIAN_FRONTEND=noninteractive
-	apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null 2>&1 ||
-		{ apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null; }
-fi
+need_tools wrk:wrk h2load:nghttp2-client curl:curl openssl:openssl
 
 step "build (cells-proxy with -race) and start"
 start_upstream
