@@ -119,6 +119,20 @@ func (e *exchange) WriteHeader(code int) {
 		}
 		e.status, e.wroteHeader = code, true
 		e.declared = -1
+		if _, typed := e.Header()["Content-Type"]; !typed {
+			// Cells gave no type: none goes to the client. net/http's
+			// servers (HTTP/1.1 after a hand-over, HTTP/2) sniff one
+			// for a body written without the key, and leave it out
+			// when the key is there with no value. RFC 9110, section
+			// 8.3 leaves the guess to the recipient, nosniff asks that
+			// none be made, and a guessed text/html renders what Cells
+			// served as data. Every path, ReverseProxy's included (its
+			// copy of the header drops a key without values, so
+			// ModifyResponse cannot do this), writes the header here;
+			// the proxy's own answers set their type. Cells' usual
+			// answer has one: a map look-up, nothing stored.
+			e.Header()["Content-Type"] = nil
+		}
 		if cl := e.Header().Get("Content-Length"); cl != "" {
 			if n, err := strconv.ParseInt(cl, 10, 64); err == nil {
 				e.declared = n

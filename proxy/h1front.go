@@ -695,11 +695,9 @@ func (w *h1Response) Write(p []byte) (int, error) {
 		return 0, nil
 	}
 	if !w.headSent {
-		// No type: net/http's servers (HTTP/1.1 after a hand-over, and
-		// HTTP/2) sniff one from the first bytes; so does the front.
-		if _, typed := w.header["Content-Type"]; !typed && w.header.Get("Content-Encoding") == "" {
-			w.header["Content-Type"] = []string{http.DetectContentType(p)}
-		}
+		// No type is sniffed for a body without one: the header goes
+		// as the handler left it (the exchange keeps net/http's
+		// servers from sniffing too, see exchange.WriteHeader).
 		w.sendHead()
 	}
 	bw := w.c.bw

@@ -564,9 +564,9 @@ func answerTo(t *testing.T, tp *testProxy, req string) string {
 // upstream address, or one answering for Cells). The front leaves them out
 // where net/http's server does: Content-Length and Transfer-Encoding on a
 // 1xx, a 204 and a 304 (RFC 9110 forbids Content-Length on the 1xx and the
-// 204), Content-Type on a 304; and where a body comes without a type, the
-// front sniffs one as net/http's server does. The client gets the same
-// answer whichever of the two served it.
+// 204), Content-Type on a 304; and where a body comes without a type,
+// neither adds one (TestUntypedAnswer has the other paths). The client
+// gets the same answer whichever of the two served it.
 func TestFrontBodilessFraming(t *testing.T) {
 	t.Parallel()
 	up := newRawUpstream(t, func(conn int64, req *http.Request, w *bufio.Writer) bool {
@@ -594,6 +594,9 @@ func TestFrontBodilessFraming(t *testing.T) {
 		}
 		if first, _, _ := strings.Cut(front, "\n"); path != "/untyped" && strings.Contains(first, "Content-Length") {
 			t.Errorf("%s: Content-Length on a response without a body:\n%s", path, front)
+		}
+		if path == "/untyped" && strings.Contains(front, "Content-Type") {
+			t.Errorf("%s: a Content-Type Cells did not send:\n%s", path, front)
 		}
 	}
 }
