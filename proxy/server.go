@@ -47,6 +47,9 @@ type Server struct {
 
 	health *health
 	front  atomic.Pointer[h1Front] // the public port's HTTP/1.1 connections; set by Run
+	// pending is Run's connections not yet matched or with no request
+	// begun (matching); set by Run, for tests to see what it holds.
+	pending atomic.Pointer[matching]
 
 	// grpcGrace is how much of the drain gRPC calls get (grpcDrainGrace).
 	grpcGrace time.Duration
@@ -519,6 +522,7 @@ func (s *Server) Run(ctx context.Context) error {
 		root = tls.NewListener(root, s.tls)
 	}
 	pending := &matching{conns: make(map[net.Conn]struct{})}
+	s.pending.Store(pending)
 	mux := cmux.New(pending.listener(root))
 	// A connection must finish its TLS handshake and show its first bytes
 	// within this, or it is dropped before it costs a server goroutine.
