@@ -116,9 +116,9 @@ func liveHeap() uint64 {
 // idleTimer.Stop runs before its deferred closeAllStreamsOnConnClose,
 // whose closeStream resets the timer once no stream is left, and the timer
 // keeps the whole connection (framer, buffers, TLS state) reachable until
-// it fires. writeBehind's watch (a quarter of PROXY_IDLE_TIMEOUT: 15 s by
-// default, 1 s here) holds a connection closed while it is armed. bkLapse
-// is longer than both.
+// it fires. bkLapse is longer than that. (writeBehind's watch, a quarter
+// of PROXY_IDLE_TIMEOUT, held a closed connection too until Close stopped
+// it: TestWriteBehindCloseLetsGo.)
 const (
 	bkKeepAlive = 2 * time.Second
 	bkIdle      = 4 * time.Second

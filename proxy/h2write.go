@@ -240,6 +240,12 @@ func (w *writeBehind) Close() error {
 		return net.ErrClosed
 	}
 	w.closed = true
+	// The watch, armed by the last write for up to stall/4 (15 s by
+	// default), would hold the connection, its buffers and TLS state,
+	// until it fired; the writer stops it when it ends after Close.
+	if w.watching && w.watch.Stop() {
+		w.watching = false
+	}
 	writing := w.writing
 	if writing {
 		now := time.Now()

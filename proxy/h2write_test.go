@@ -17,6 +17,7 @@ import (
 	"syscall"
 	"testing"
 	"time"
+	"weak"
 
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
@@ -315,6 +316,48 @@ func TestWriteBehindIdleNoDeadline(t *testing.T) {
 		t.Fatalf("a write to the connection %v after writeBehind's last: %v", 2*stall, err)
 	}
 	w.Close()
+}
+
+// TestWriteBehindCloseLetsGo: once closed, a writeBehind is garbage at the
+// next collection, with the connection, its buffers and TLS state it holds.
+// The watch its last write armed (stall/4 ahead: 15 s with the default
+// PROXY_IDLE_TIMEOUT, here an hour) held it until it fired: for every
+// HTTP/2 connection, up to 15 s of its memory after it had gone.
+func TestWriteBehindCloseLetsGo(t *testing.T) {
+	const stall = 4 * time.Hour
+	peer, sc := loopbackPair(t)
+	// Built, written to and closed in a function of its own, so that no
+	// variable of the test's keeps it.
+	closed := func() weak.Pointer[writeBehind] {
+		w := newWriteBehind(sc, stall)
+		if w.acked == nil {
+			t.Skip("the socket cannot be looked at here: no watch is armed")
+		}
+		if _, err := w.Write([]byte("x")); err != nil {
+			t.Fatal(err)
+		}
+		peer.SetReadDeadline(time.Now().Add(10 * time.Second))
+		if _, err := io.ReadFull(peer, make([]byte, 1)); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, 10*time.Second, func() bool {
+			w.mu.Lock()
+			defer w.mu.Unlock()
+			return !w.writing
+		}, func() string { return "the writer still runs 10 s after its write" })
+		w.mu.Lock()
+		watching := w.watching
+		w.mu.Unlock()
+		if !watching {
+			t.Fatal("no watch armed by the write: the test would prove nothing")
+		}
+		w.Close()
+		return weak.Make(w)
+	}()
+	waitFor(t, 10*time.Second, func() bool {
+		runtime.GC()
+		return closed.Value() == nil
+	}, func() string { return "the closed writeBehind is still reachable 10 s after Close" })
 }
 
 // TestH2KeyUpdateAfterIdle: an HTTP/2 client over TLS 1.3 (OpenSSL's
