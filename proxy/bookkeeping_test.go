@@ -838,40 +838,38 @@ func (p *bkH2) roundTrip() error {
 	})
 }
 
+// onH2 is a kind that opens an HTTP/2 connection to addr, runs f on it
+// and drops it (drop).
+func (e *bkEnv) onH2(addr string, f func(p *bkH2) error) func(int) error {
+	return func(i int) error {
+		p, err := e.dialH2(addr)
+		if err != nil {
+			return err
+		}
+		defer drop(p.conn, i)
+		return f(p)
+	}
+}
+
 // h2Kinds: HTTP/2 streams and connections cut by the client, or by Cells.
 func (e *bkEnv) h2Kinds() []bkKind {
 	addr := e.tp.Addr().String()
 	return []bkKind{
-		{"HTTP/2 RST_STREAM mid-upload", 6, func(i int) error {
-			p, err := e.dialH2(addr)
-			if err != nil {
-				return err
-			}
-			defer drop(p.conn, i)
+		{"HTTP/2 RST_STREAM mid-upload", 6, e.onH2(addr, func(p *bkH2) error {
 			p.request(1, "PUT", "/upload", false, "content-length", "1048576")
 			p.fr.WriteData(1, false, make([]byte, 16<<10))
 			p.fr.WriteRSTStream(1, http2.ErrCodeCancel)
 			return p.roundTrip()
-		}},
-		{"HTTP/2 RST_STREAM mid-download", 6, func(i int) error {
-			p, err := e.dialH2(addr)
-			if err != nil {
-				return err
-			}
-			defer drop(p.conn, i)
+		})},
+		{"HTTP/2 RST_STREAM mid-download", 6, e.onH2(addr, func(p *bkH2) error {
 			p.request(1, "GET", "/download", true)
 			if err := p.dataOn(1); err != nil {
 				return err
 			}
 			p.fr.WriteRSTStream(1, http2.ErrCodeCancel)
 			return p.roundTrip()
-		}},
-		{"HTTP/2 connection closed with streams open", 6, func(i int) error {
-			p, err := e.dialH2(addr)
-			if err != nil {
-				return err
-			}
-			defer drop(p.conn, i)
+		})},
+		{"HTTP/2 connection closed with streams open", 6, e.onH2(addr, func(p *bkH2) error {
 			p.request(1, "GET", "/download", true)
 			p.request(3, "PUT", "/upload", false, "content-length", "1048576")
 			p.fr.WriteData(3, false, make([]byte, 16<<10))
@@ -879,13 +877,8 @@ func (e *bkEnv) h2Kinds() []bkKind {
 			p.fr.WriteData(5, false, make([]byte, 4096))
 			p.request(7, "GET", "/a/frontend/state", true)
 			return p.dataOn(1)
-		}},
-		{"HTTP/2 client GOAWAY mid-download", 6, func(i int) error {
-			p, err := e.dialH2(addr)
-			if err != nil {
-				return err
-			}
-			defer drop(p.conn, i)
+		})},
+		{"HTTP/2 client GOAWAY mid-download", 6, e.onH2(addr, func(p *bkH2) error {
 			p.request(1, "GET", "/download", true)
 			if err := p.dataOn(1); err != nil {
 				return err
@@ -893,16 +886,11 @@ func (e *bkEnv) h2Kinds() []bkKind {
 			p.fr.WriteGoAway(0, http2.ErrCodeNo, nil)
 			p.roundTrip() // the server may have closed at once
 			return nil
-		}},
-		{"HTTP/2 download that Cells cuts", 4, func(i int) error {
-			p, err := e.dialH2(addr)
-			if err != nil {
-				return err
-			}
-			defer drop(p.conn, i)
+		})},
+		{"HTTP/2 download that Cells cuts", 4, e.onH2(addr, func(p *bkH2) error {
 			p.request(1, "GET", "/cut", true)
 			var ended bool
-			err = p.until(func(f http2.Frame) bool {
+			err := p.until(func(f http2.Frame) bool {
 				if f.Header().StreamID != 1 {
 					return false
 				}
@@ -922,7 +910,7 @@ func (e *bkEnv) h2Kinds() []bkKind {
 				return errors.New("a download Cells cut ended well")
 			}
 			return err
-		}},
+		})},
 	}
 }
 
@@ -942,38 +930,36 @@ func (e *bkEnv) wsOpen(path string) (*tls.Conn, *bufio.Reader, error) {
 	return c, br, nil
 }
 
+// onWS is a kind that opens a websocket to path, runs f on it and drops
+// it (drop).
+func (e *bkEnv) onWS(path string, f func(c *tls.Conn, br *bufio.Reader) error) func(int) error {
+	return func(i int) error {
+		c, br, err := e.wsOpen(path)
+		if err != nil {
+			return err
+		}
+		defer drop(c, i)
+		return f(c, br)
+	}
+}
+
 // wsKinds: websockets dropped by the client mid-message and while parked,
 // and ended or cut by Cells while the client is idle.
 func (e *bkEnv) wsKinds() []bkKind {
 	return []bkKind{
-		{"websocket dropped mid-message to Cells", 6, func(i int) error {
-			c, _, err := e.wsOpen("/ws/echo")
-			if err != nil {
-				return err
-			}
-			defer drop(c, i)
+		{"websocket dropped mid-message to Cells", 6, e.onWS("/ws/echo", func(c *tls.Conn, _ *bufio.Reader) error {
 			frame := frameOf(0x2, make([]byte, 64<<10), true)
-			_, err = c.Write(frame[:4<<10])
+			_, err := c.Write(frame[:4<<10])
 			return err
-		}},
-		{"websocket dropped mid-message from Cells", 6, func(i int) error {
-			c, br, err := e.wsOpen("/ws/echo")
-			if err != nil {
-				return err
-			}
-			defer drop(c, i)
+		})},
+		{"websocket dropped mid-message from Cells", 6, e.onWS("/ws/echo", func(c *tls.Conn, br *bufio.Reader) error {
 			if _, err := c.Write(frameOf(0x2, make([]byte, 1<<20), true)); err != nil {
 				return err
 			}
-			_, err = io.ReadFull(br, make([]byte, 4<<10))
+			_, err := io.ReadFull(br, make([]byte, 4<<10))
 			return err
-		}},
-		{"websocket dropped while parked", 6, func(i int) error {
-			c, _, err := e.wsOpen("/ws/echo")
-			if err != nil {
-				return err
-			}
-			defer drop(c, i)
+		})},
+		{"websocket dropped while parked", 6, e.onWS("/ws/echo", func(c *tls.Conn, _ *bufio.Reader) error {
 			// Idle, both pumps wait in the parker: wait until they do.
 			deadline := time.Now().Add(bkDeadline)
 			for !tunnelParked(e.tp.fwd.ws, c.LocalAddr().String()) {
@@ -983,7 +969,7 @@ func (e *bkEnv) wsKinds() []bkKind {
 				time.Sleep(5 * time.Millisecond)
 			}
 			return nil
-		}},
+		})},
 		{"websocket ended by Cells while the client is idle", 4, func(i int) error {
 			ctx, cancel := context.WithTimeout(context.Background(), bkDeadline)
 			defer cancel()
@@ -997,16 +983,27 @@ func (e *bkEnv) wsKinds() []bkKind {
 			}
 			return nil
 		}},
-		{"websocket cut by Cells while the client is idle", 4, func(i int) error {
-			c, br, err := e.wsOpen("/ws/cellsdrop")
-			if err != nil {
-				return err
-			}
-			defer drop(c, i)
+		{"websocket cut by Cells while the client is idle", 4, e.onWS("/ws/cellsdrop", func(c *tls.Conn, br *bufio.Reader) error {
 			io.Copy(io.Discard, br) // until the proxy closes
 			return nil
-		}},
+		})},
 	}
+}
+
+// echoOnce opens a FullDuplexCall and sends msg, and returns the stream
+// once its echo is back.
+func echoOnce(ctx context.Context, tc testgrpc.TestServiceClient, msg *testgrpc.StreamingOutputCallRequest) (testgrpc.TestService_FullDuplexCallClient, error) {
+	st, err := tc.FullDuplexCall(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if err := st.Send(msg); err != nil {
+		return nil, err
+	}
+	if _, err := st.Recv(); err != nil {
+		return nil, err
+	}
+	return st, nil
 }
 
 // grpcKinds: gRPC calls cancelled, timed out, cut with their connection,
@@ -1022,14 +1019,8 @@ func (e *bkEnv) grpcKinds(port, addr string, tc testgrpc.TestServiceClient) []bk
 		{"gRPC bidi stream cancelled mid-stream, " + port, 6, func(i int) error {
 			ctx, cancel := callCtx("echo")
 			defer cancel()
-			st, err := tc.FullDuplexCall(ctx)
+			st, err := echoOnce(ctx, tc, msg)
 			if err != nil {
-				return err
-			}
-			if err := st.Send(msg); err != nil {
-				return err
-			}
-			if _, err := st.Recv(); err != nil {
 				return err
 			}
 			st.Send(msg)
@@ -1051,14 +1042,7 @@ func (e *bkEnv) grpcKinds(port, addr string, tc testgrpc.TestServiceClient) []bk
 			ctx, cancel := callCtx("echo")
 			defer cancel()
 			for range 2 {
-				st, err := c.FullDuplexCall(ctx)
-				if err != nil {
-					return err
-				}
-				if err := st.Send(msg); err != nil {
-					return err
-				}
-				if _, err := st.Recv(); err != nil {
+				if _, err := echoOnce(ctx, c, msg); err != nil {
 					return err
 				}
 			}

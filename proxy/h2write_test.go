@@ -290,14 +290,10 @@ func TestWriteBehindStall(t *testing.T) {
 	}
 }
 
-// TestWriteBehindIdleNoDeadline: once the writer has stopped, no write
-// deadline is left on the connection to pass while it idles. crypto/tls
-// writes to the socket on its own (the answer to a client's KeyUpdate), and
-// a write that fails on a deadline leaves it unusable.
-func TestWriteBehindIdleNoDeadline(t *testing.T) {
-	const stall = 100 * time.Millisecond
-	peer, sc := loopbackPair(t)
-	w := newWriteBehind(sc, stall)
+// writeOne writes a byte through w, reads it at peer, and returns once
+// the writer has stopped.
+func writeOne(t *testing.T, w *writeBehind, peer net.Conn) {
+	t.Helper()
 	if _, err := w.Write([]byte("x")); err != nil {
 		t.Fatal(err)
 	}
@@ -310,6 +306,17 @@ func TestWriteBehindIdleNoDeadline(t *testing.T) {
 		defer w.mu.Unlock()
 		return !w.writing
 	}, func() string { return "the writer still runs 10 s after its write" })
+}
+
+// TestWriteBehindIdleNoDeadline: once the writer has stopped, no write
+// deadline is left on the connection to pass while it idles. crypto/tls
+// writes to the socket on its own (the answer to a client's KeyUpdate), and
+// a write that fails on a deadline leaves it unusable.
+func TestWriteBehindIdleNoDeadline(t *testing.T) {
+	const stall = 100 * time.Millisecond
+	peer, sc := loopbackPair(t)
+	w := newWriteBehind(sc, stall)
+	writeOne(t, w, peer)
 	time.Sleep(2 * stall)
 	// As crypto/tls writes, under writeBehind.
 	if _, err := sc.Write([]byte("y")); err != nil {
@@ -333,18 +340,7 @@ func TestWriteBehindCloseLetsGo(t *testing.T) {
 		if w.acked == nil {
 			t.Skip("the socket cannot be looked at here: no watch is armed")
 		}
-		if _, err := w.Write([]byte("x")); err != nil {
-			t.Fatal(err)
-		}
-		peer.SetReadDeadline(time.Now().Add(10 * time.Second))
-		if _, err := io.ReadFull(peer, make([]byte, 1)); err != nil {
-			t.Fatal(err)
-		}
-		waitFor(t, 10*time.Second, func() bool {
-			w.mu.Lock()
-			defer w.mu.Unlock()
-			return !w.writing
-		}, func() string { return "the writer still runs 10 s after its write" })
+		writeOne(t, w, peer)
 		w.mu.Lock()
 		watching := w.watching
 		w.mu.Unlock()
