@@ -597,8 +597,8 @@ func TestUpstreamReviewProcessingKeepsExchange(t *testing.T) {
 				return
 			}
 			io.Copy(io.Discard, req.Body)
-			// 1 s of 102s, twice the idle timeout, 10 ms apart.
-			for range 100 {
+			// 3 s of 102s, twice the idle timeout, 10 ms apart.
+			for range 300 {
 				if _, err := io.WriteString(c, "HTTP/1.1 102 Processing\r\n\r\n"); err != nil {
 					return
 				}
@@ -609,7 +609,10 @@ func TestUpstreamReviewProcessingKeepsExchange(t *testing.T) {
 	})
 	cfg := testConfig(nil)
 	cfg.Upstream = &url.URL{Scheme: "http", Host: up.ln.Addr().String()}
-	cfg.IdleTimeout = 500 * time.Millisecond
+	// Long enough that no pause of a loaded machine's scheduler between
+	// two 102s passes for idleness: at 500 ms one did, at a load
+	// average of 16 (a 504 instead of the 201).
+	cfg.IdleTimeout = 1500 * time.Millisecond
 	tp := startProxy(t, cfg)
 	for _, cl := range h1h2Clients(tp) {
 		for _, body := range []string{"", strings.Repeat("m", 64<<10)} {
