@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/net/http/httpguts"
@@ -493,7 +494,7 @@ func putLength(hdr []byte, n int) {
 	hdr[0], hdr[1], hdr[2] = byte(n>>16), byte(n>>8), byte(n)
 }
 
-// h2Listener hands out h2conns.
+// h2Listener hands out h2conns, behind a writeBehind and a servedConn.
 type h2Listener struct {
 	net.Listener
 	maxFrame, maxString, maxList int
@@ -506,5 +507,75 @@ func (l h2Listener) Accept() (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	return newWriteBehind(newH2Conn(c, l.maxFrame, l.maxString, l.maxList, l.readHeader), l.stall), nil
+	sc := &servedConn{local: c.LocalAddr(), remote: c.RemoteAddr()}
+	sc.c.Store(newWriteBehind(newH2Conn(c, l.maxFrame, l.maxString, l.maxList, l.readHeader), l.stall))
+	return sc, nil
+}
+
+// servedConn is the connection net/http's HTTP/2 server is given: the
+// connection until Close, and after it nothing but its addresses, so
+// that what the server keeps of a connection after its end keeps none of
+// the connection's own state.
+//
+// The server keeps a closed connection for its IdleTimeout (75 s) when
+// the client left with streams open: serve's deferred idleTimer.Stop runs
+// before its deferred closeAllStreamsOnConnClose, whose closeStream
+// re-arms the timer once the last stream is gone (src/net/http/
+// h2_bundle.go, Go 1.26), and the timer's function holds the whole
+// serverConn. Through the connection, that was its TLS state and
+// buffers, h2conn's HPACK table, cmux's sniffed bytes and the socket:
+// of the 60 KiB a connection cut in the middle of an upload held for
+// 75 s, 35 KiB (of 16 KiB for one cut while its request waited for
+// Cells, 8 KiB). What the server keeps itself (its framer's read buffer,
+// HPACK tables, channels) the proxy cannot reach.
+type servedConn struct {
+	c             atomic.Pointer[writeBehind] // nil once closed
+	local, remote net.Addr
+}
+
+func (s *servedConn) Read(p []byte) (int, error) {
+	if c := s.c.Load(); c != nil {
+		return c.Read(p)
+	}
+	return 0, net.ErrClosed
+}
+
+func (s *servedConn) Write(p []byte) (int, error) {
+	if c := s.c.Load(); c != nil {
+		return c.Write(p)
+	}
+	return 0, net.ErrClosed
+}
+
+// Close closes the connection and lets it go: a Read or Write already
+// in its call holds it until that returns, as the Close makes it do.
+func (s *servedConn) Close() error {
+	if c := s.c.Swap(nil); c != nil {
+		return c.Close()
+	}
+	return net.ErrClosed
+}
+
+func (s *servedConn) LocalAddr() net.Addr  { return s.local }
+func (s *servedConn) RemoteAddr() net.Addr { return s.remote }
+
+func (s *servedConn) SetDeadline(t time.Time) error {
+	if c := s.c.Load(); c != nil {
+		return c.SetDeadline(t)
+	}
+	return net.ErrClosed
+}
+
+func (s *servedConn) SetReadDeadline(t time.Time) error {
+	if c := s.c.Load(); c != nil {
+		return c.SetReadDeadline(t)
+	}
+	return net.ErrClosed
+}
+
+func (s *servedConn) SetWriteDeadline(t time.Time) error {
+	if c := s.c.Load(); c != nil {
+		return c.SetWriteDeadline(t)
+	}
+	return net.ErrClosed
 }

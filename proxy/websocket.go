@@ -662,6 +662,10 @@ func wrapped(c net.Conn) net.Conn {
 		return x.Conn
 	case *writeBehind:
 		return x.Conn
+	case *servedConn:
+		if w := x.c.Load(); w != nil {
+			return w
+		}
 	}
 	return nil
 }
