@@ -116,7 +116,7 @@ func liveHeap() uint64 {
 // idleTimer.Stop runs before its deferred closeAllStreamsOnConnClose,
 // whose closeStream resets the timer once no stream is left, and the timer
 // keeps the server's state of the connection (its framer, HPACK tables;
-// servedConn lets go of the rest: TestH2CutConnLetsGo) reachable until it
+// servedConn lets go of the rest: TestCutConnLetsGo) reachable until it
 // fires. bkLapse is longer than that. (writeBehind's watch, a quarter
 // of PROXY_IDLE_TIMEOUT, held a closed connection too until Close stopped
 // it: TestWriteBehindCloseLetsGo.)

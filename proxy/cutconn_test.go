@@ -14,17 +14,18 @@ import (
 	"golang.org/x/net/http2"
 )
 
-// TestH2CutConnLetsGo: a client that cuts its HTTP/2 connection while a
-// request is open (waiting for Cells, or in the middle of its upload)
-// leaves nothing of that connection reachable once the exchange has
-// ended: not its socket, and so neither its TLS state, buffers nor HPACK
-// table. net/http's HTTP/2 server re-arms its idle timer after such a
+// TestCutConnLetsGo: a client that cuts its connection while a request
+// is open (waiting for Cells, or in the middle of its upload) leaves
+// nothing of that connection reachable once the exchange has ended: not
+// its socket, and so neither its TLS state, buffers nor HPACK table.
+// net/http's HTTP/2 server re-arms its idle timer after such a
 // connection's end (servedConn says how) and keeps the connection for its
 // IdleTimeout, set to an hour here so that it cannot pass during the
 // test; servedConn lets go of the connection at Close. Without it the
 // socket was reachable for that hour, about 60 KiB held per cut
-// connection. On the public port and on the dedicated gRPC port.
-func TestH2CutConnLetsGo(t *testing.T) {
+// connection. HTTP/2 on the public port and on the dedicated gRPC port;
+// HTTP/1.1 too, served by the front and handed over (a body to stream).
+func TestCutConnLetsGo(t *testing.T) {
 	t.Parallel()
 	arrived := make(chan struct{}, 1)
 	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -42,37 +43,63 @@ func TestH2CutConnLetsGo(t *testing.T) {
 		main.Listener, s.mainLn = s.mainLn, main
 		grpcPort.Listener, s.grpcLn = s.grpcLn, grpcPort
 	})
-	for _, port := range []struct {
-		name string
-		ln   *weakListener
-		kv   []string
-	}{
-		{"public", main, pseudo(tp, "POST", "/io/personal-files/a.bin", "content-type", "application/octet-stream")},
-		{"gRPC", grpcPort, pseudo(tp, "POST", "/cells.sync.Sync/Watch", "content-type", "application/grpc", "te", "trailers")},
-	} {
-		for _, body := range []bool{false, true} {
-			name := port.name + "/waiting"
-			if body {
-				name = port.name + "/mid-upload"
-			}
-			t.Run(name, func(t *testing.T) {
-				before := port.ln.accepted()
-				cutMidStream(t, port.ln.Addr().String(), tp.TLSConfig("h2"), port.kv, body, arrived)
-				waitFor(t, 10*time.Second, func() bool { return tp.fwd.live.Load() == 0 },
-					func() string { return "the exchange did not end after the client cut its connection" })
-				socket, n := port.ln.last()
-				if n != before+1 {
-					t.Fatalf("the port accepted %d connections for the test's one", n-before)
-				}
-				waitFor(t, 10*time.Second, func() bool {
-					runtime.GC()
-					return socket.Value() == nil
-				}, func() string {
-					return "the socket of the cut connection is still reachable 10 s after its exchange ended"
-				})
-			})
+	upload := pseudo(tp, "POST", "/io/personal-files/a.bin", "content-type", "application/octet-stream")
+	call := pseudo(tp, "POST", "/cells.sync.Sync/Watch", "content-type", "application/grpc", "te", "trailers")
+	h1 := func(head string, body int) func(*testing.T) {
+		return func(t *testing.T) {
+			cutMidRequest(t, main.Addr().String(), tp.TLSConfig("http/1.1"), head+string(make([]byte, body)), arrived)
 		}
 	}
+	h2 := func(addr string, kv []string, body bool) func(*testing.T) {
+		return func(t *testing.T) { cutMidStream(t, addr, tp.TLSConfig("h2"), kv, body, arrived) }
+	}
+	for _, c := range []struct {
+		name string
+		ln   *weakListener
+		cut  func(*testing.T)
+	}{
+		{"h2/waiting", main, h2(main.Addr().String(), upload, false)},
+		{"h2/mid-upload", main, h2(main.Addr().String(), upload, true)},
+		{"h2-gRPC-port/waiting", grpcPort, h2(grpcPort.Addr().String(), call, false)},
+		{"h2-gRPC-port/mid-upload", grpcPort, h2(grpcPort.Addr().String(), call, true)},
+		{"h1/waiting", main, h1("GET /a HTTP/1.1\r\nHost: cells.example\r\n\r\n", 0)},
+		{"h1/mid-upload", main, h1("PUT /a HTTP/1.1\r\nHost: cells.example\r\nContent-Length: 1000000\r\n\r\n", 40000)},
+		{"h1/mid-upload-chunked", main, h1("PUT /a HTTP/1.1\r\nHost: cells.example\r\nTransfer-Encoding: chunked\r\n\r\n9c40\r\n", 40000)},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			before := c.ln.accepted()
+			c.cut(t)
+			waitFor(t, 10*time.Second, func() bool { return tp.fwd.live.Load() == 0 },
+				func() string { return "the exchange did not end after the client cut its connection" })
+			socket, n := c.ln.last()
+			if n != before+1 {
+				t.Fatalf("the port accepted %d connections for the test's one", n-before)
+			}
+			waitFor(t, 10*time.Second, func() bool {
+				runtime.GC()
+				return socket.Value() == nil
+			}, func() string {
+				return "the socket of the cut connection is still reachable 10 s after its exchange ended"
+			})
+		})
+	}
+}
+
+// cutMidRequest sends raw, the start of an HTTP/1.1 request, on a new TLS
+// connection to addr, waits for Cells to have the request, and closes the
+// connection.
+func cutMidRequest(t *testing.T, addr string, cfg *tls.Config, raw string, arrived <-chan struct{}) {
+	t.Helper()
+	conn, err := tls.Dial("tcp", addr, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.WriteString(conn, raw); err != nil {
+		t.Fatal(err)
+	}
+	waitArrived(t, arrived)
 }
 
 // cutMidStream opens an HTTP/2 connection to addr, sends the request head
@@ -104,6 +131,11 @@ func cutMidStream(t *testing.T, addr string, cfg *tls.Config, kv []string, body 
 			}
 		}
 	}
+	waitArrived(t, arrived)
+}
+
+func waitArrived(t *testing.T, arrived <-chan struct{}) {
+	t.Helper()
 	select {
 	case <-arrived:
 	case <-time.After(10 * time.Second):
