@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bufio"
 	"crypto/tls"
 	"io"
 	"net"
@@ -11,6 +12,7 @@ import (
 	"time"
 	"weak"
 
+	"github.com/coder/websocket"
 	"golang.org/x/net/http2"
 )
 
@@ -29,6 +31,15 @@ func TestCutConnLetsGo(t *testing.T) {
 	t.Parallel()
 	arrived := make(chan struct{}, 1)
 	up := newUpstream(t, upTLS, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Upgrade") != "" {
+			c, err := websocket.Accept(w, r, nil)
+			if err != nil {
+				return
+			}
+			defer c.CloseNow()
+			c.Read(r.Context()) // until the proxy closes the tunnel
+			return
+		}
 		arrived <- struct{}{}
 		// Both end when the proxy drops the request: HTTP/1.1 closes
 		// the connection, HTTP/2 (gRPC) resets the stream.
@@ -37,6 +48,15 @@ func TestCutConnLetsGo(t *testing.T) {
 	}))
 	cfg := testConfig(up)
 	cfg.GRPCAddr = "127.0.0.1:0"
+	// The runtime keeps a stopped timer, and what its function holds,
+	// until the time it was set for (a "zombie" in the timer heap of its
+	// P, removed early only once zombies are a quarter of that heap): the
+	// exchange's and the tunnel's idle watchdogs, stopped when the
+	// exchange ends, hold it for what was left of PROXY_IDLE_TIMEOUT and
+	// PROXY_WS_IDLE_TIMEOUT. Short ones here, so that the test sees what
+	// the proxy holds, not the runtime's bounded delay (a busy server's
+	// heaps are cleaned all the time).
+	cfg.IdleTimeout, cfg.WSIdleTimeout = 2*time.Second, 2*time.Second
 	main, grpcPort := &weakListener{}, &weakListener{}
 	tp := startProxy(t, cfg, func(s *Server) {
 		s.keepAlive = time.Hour
@@ -64,25 +84,60 @@ func TestCutConnLetsGo(t *testing.T) {
 		{"h2-gRPC-port/mid-upload", grpcPort, h2(grpcPort.Addr().String(), call, true)},
 		{"h1/waiting", main, h1("GET /a HTTP/1.1\r\nHost: cells.example\r\n\r\n", 0)},
 		{"h1/mid-upload", main, h1("PUT /a HTTP/1.1\r\nHost: cells.example\r\nContent-Length: 1000000\r\n\r\n", 40000)},
+		{"websocket/idle", main, func(t *testing.T) { cutIdleWebsocket(t, tp) }},
 		{"h1/mid-upload-chunked", main, h1("PUT /a HTTP/1.1\r\nHost: cells.example\r\nTransfer-Encoding: chunked\r\n\r\n9c40\r\n", 40000)},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			before := c.ln.accepted()
 			c.cut(t)
-			waitFor(t, 10*time.Second, func() bool { return tp.fwd.live.Load() == 0 },
+			waitFor(t, 10*time.Second, func() bool { return tp.fwd.live.Load() == 0 && openTunnels(tp.fwd.ws) == 0 },
 				func() string { return "the exchange did not end after the client cut its connection" })
 			socket, n := c.ln.last()
 			if n != before+1 {
 				t.Fatalf("the port accepted %d connections for the test's one", n-before)
 			}
-			waitFor(t, 10*time.Second, func() bool {
+			waitFor(t, 30*time.Second, func() bool {
 				runtime.GC()
 				return socket.Value() == nil
 			}, func() string {
-				return "the socket of the cut connection is still reachable 10 s after its exchange ended"
+				return "the socket of the cut connection is still reachable 30 s after its exchange ended"
 			})
 		})
 	}
+}
+
+// cutIdleWebsocket opens a websocket to /ws/event through tp, waits until
+// both of its pumps wait for data (in the parker, where there is one),
+// and closes the client's connection.
+func cutIdleWebsocket(t *testing.T, tp *testProxy) {
+	t.Helper()
+	conn, err := tls.Dial("tcp", tp.Addr().String(), tp.TLSConfig("http/1.1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	io.WriteString(conn, "GET /ws/event HTTP/1.1\r\nHost: "+tp.Addr().String()+
+		"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
+		"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+	res, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		t.Fatalf("websocket handshake: %v", err)
+	}
+	if res.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("websocket handshake: status %d, want 101", res.StatusCode)
+	}
+	if _, ok := parkedPumps(tp.fwd.ws); ok {
+		waitFor(t, 10*time.Second, func() bool { n, _ := parkedPumps(tp.fwd.ws); return n == 2 },
+			func() string { return "the idle websocket's pumps did not park" })
+	}
+}
+
+// openTunnels is how many websockets ts holds open.
+func openTunnels(ts *tunnels) int {
+	ts.mu.Lock()
+	defer ts.mu.Unlock()
+	return len(ts.open)
 }
 
 // cutMidRequest sends raw, the start of an HTTP/1.1 request, on a new TLS
