@@ -1,7 +1,6 @@
 package proxy
 
 import (
-	"bufio"
 	"crypto/tls"
 	"io"
 	"net"
@@ -111,20 +110,9 @@ func TestCutConnLetsGo(t *testing.T) {
 // and closes the client's connection.
 func cutIdleWebsocket(t *testing.T, tp *testProxy) {
 	t.Helper()
-	conn, err := tls.Dial("tcp", tp.Addr().String(), tp.TLSConfig("http/1.1"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	conn := dialUnkept(t, tp.Addr().String(), tp.TLSConfig("http/1.1"))
 	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(10 * time.Second))
-	io.WriteString(conn, "GET /ws/event HTTP/1.1\r\nHost: "+tp.Addr().String()+
-		"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
-		"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
-	res, err := http.ReadResponse(bufio.NewReader(conn), nil)
-	if err != nil {
-		t.Fatalf("websocket handshake: %v", err)
-	}
-	if res.StatusCode != http.StatusSwitchingProtocols {
+	if res := wsHandshake(t, conn, tp.Addr().String()); res.StatusCode != http.StatusSwitchingProtocols {
 		t.Fatalf("websocket handshake: status %d, want 101", res.StatusCode)
 	}
 	if _, ok := parkedPumps(tp.fwd.ws); ok {
@@ -145,12 +133,8 @@ func openTunnels(ts *tunnels) int {
 // connection.
 func cutMidRequest(t *testing.T, addr string, cfg *tls.Config, raw string, arrived <-chan struct{}) {
 	t.Helper()
-	conn, err := tls.Dial("tcp", addr, cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
+	conn := dialUnkept(t, addr, cfg)
 	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(10 * time.Second))
 	if _, err := io.WriteString(conn, raw); err != nil {
 		t.Fatal(err)
 	}
@@ -163,19 +147,9 @@ func cutMidRequest(t *testing.T, addr string, cfg *tls.Config, raw string, arriv
 // keeps the client's side.
 func cutMidStream(t *testing.T, addr string, cfg *tls.Config, kv []string, body bool, arrived <-chan struct{}) {
 	t.Helper()
-	conn, err := tls.Dial("tcp", addr, cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
+	conn := dialUnkept(t, addr, cfg)
 	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(10 * time.Second))
-	fr := http2.NewFramer(conn, conn)
-	if _, err := io.WriteString(conn, http2.ClientPreface); err != nil {
-		t.Fatal(err)
-	}
-	if err := fr.WriteSettings(); err != nil {
-		t.Fatal(err)
-	}
+	fr := h2Start(t, conn)
 	if err := fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: hpackBlock(kv...), EndStream: !body, EndHeaders: true}); err != nil {
 		t.Fatal(err)
 	}
@@ -230,4 +204,16 @@ func (l *weakListener) last() (weak.Pointer[net.TCPConn], int) {
 		return weak.Pointer[net.TCPConn]{}, 0
 	}
 	return l.conns[len(l.conns)-1], len(l.conns)
+}
+
+// dialUnkept is a TLS connection to addr with a 10 s deadline, which,
+// unlike dialTLS's, nothing of the test's keeps: the caller closes it.
+func dialUnkept(t *testing.T, addr string, cfg *tls.Config) *tls.Conn {
+	t.Helper()
+	conn, err := tls.Dial("tcp", addr, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	return conn
 }

@@ -1,7 +1,6 @@
 package proxy
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/tls"
@@ -46,15 +45,9 @@ func rawH2At(t testing.TB, tp *testProxy, addr string, fields []string, body []b
 	conn := tp.dialTLSH2(t, addr)
 	defer conn.Close()
 	conn.SetDeadline(time.Now().Add(10 * time.Second))
-	if _, err := io.WriteString(conn, http2.ClientPreface); err != nil {
-		t.Fatal(err)
-	}
-	fr := http2.NewFramer(conn, conn)
+	fr := h2Start(t, conn)
 	fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
 	fr.MaxHeaderListSize = 1 << 20
-	if err := fr.WriteSettings(); err != nil {
-		t.Fatal(err)
-	}
 	if err := fr.WriteHeaders(http2.HeadersFrameParam{
 		StreamID:      1,
 		BlockFragment: hpackBlock(fields...),
@@ -1285,14 +1278,7 @@ func TestInvalidFieldNameFromCells(t *testing.T) {
 	conn := tp.dialTLS(t, tp.Addr().String(), "http/1.1")
 	defer conn.Close()
 	conn.SetDeadline(time.Now().Add(10 * time.Second))
-	io.WriteString(conn, "GET /ws/event HTTP/1.1\r\nHost: "+tp.Addr().String()+
-		"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
-		"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
-	res, err := http.ReadResponse(bufio.NewReader(conn), nil)
-	if err != nil {
-		t.Fatalf("websocket handshake: %v", err)
-	}
-	if res.StatusCode != http.StatusBadGateway {
+	if res := wsHandshake(t, conn, tp.Addr().String()); res.StatusCode != http.StatusBadGateway {
 		t.Errorf("websocket handshake: status %d, want %d", res.StatusCode, http.StatusBadGateway)
 	}
 }

@@ -567,13 +567,7 @@ func TestH2RepeatedHeaderTableSize(t *testing.T) {
 			conn := tp.dialTLSH2(t, addr)
 			defer conn.Close()
 			conn.SetDeadline(time.Now().Add(10 * time.Second))
-			fr := http2.NewFramer(conn, conn)
-			if _, err := io.WriteString(conn, http2.ClientPreface); err != nil {
-				t.Fatal(err)
-			}
-			if err := fr.WriteSettings(); err != nil {
-				t.Fatal(err)
-			}
+			fr := h2Start(t, conn)
 			// block returns the response header block of stream id,
 			// answering SETTINGS and counting SETTINGS ACKs on the way.
 			acks := 0

@@ -22,6 +22,7 @@ import (
 	"time"
 
 	"go.uber.org/goleak"
+	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
 )
 
@@ -513,4 +514,32 @@ func loopbackPair(t testing.TB) (dialled, accepted net.Conn) {
 	}
 	t.Cleanup(func() { accepted.Close() })
 	return dialled, accepted
+}
+
+// h2Start sends the client preface and an empty SETTINGS frame on conn,
+// and returns a framer over it.
+func h2Start(t testing.TB, conn net.Conn) *http2.Framer {
+	t.Helper()
+	if _, err := io.WriteString(conn, http2.ClientPreface); err != nil {
+		t.Fatal(err)
+	}
+	fr := http2.NewFramer(conn, conn)
+	if err := fr.WriteSettings(); err != nil {
+		t.Fatal(err)
+	}
+	return fr
+}
+
+// wsHandshake sends a websocket upgrade request for /ws/event at host on
+// conn, and reads the head of the answer.
+func wsHandshake(t testing.TB, conn net.Conn, host string) *http.Response {
+	t.Helper()
+	io.WriteString(conn, "GET /ws/event HTTP/1.1\r\nHost: "+host+
+		"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
+		"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+	res, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		t.Fatalf("websocket handshake: %v", err)
+	}
+	return res
 }
